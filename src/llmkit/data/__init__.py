@@ -1,0 +1,1 @@
+"""Text in, training shards out: sources, cleaning, de-duplication, splitting, tokenized shards, loaders."""

@@ -1,0 +1,89 @@
+"""Windows of tokens from a prepared shard folder: random ones for training, sequential ones for evaluation.
+
+Random windows are a pure function of (seed, step): the global batch of `batch_size * world_size` rows is
+drawn the same way on every rank and each rank takes its own `batch_size` rows. So a run on N processes
+sees exactly the batches of a run on one, and a resumed run continues from its step with nothing to restore.
+
+    global batch at step s   [row 0 | row 1 | row 2 | row 3]      (world_size 2, batch_size 2)
+                              rank 0 ^^^^^^^^^  rank 1 ^^^^^^^^^
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit import io
+from llmkit.errors import LlmkitError
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.exists():
+        raise LlmkitError(f"{data_dir} has no meta.json: it is not a prepared shard folder (or its preparation did not finish)",
+                          "run `llmkit data prepare --source ... --tokenizer ... --out DIR` first")
+    return io.read_json(meta_path)
+
+
+def open_shard(data_dir: str | Path, split: str) -> np.ndarray:
+    """The shard `split` ('train' or 'val') as a read-only memory map, checked against meta.json."""
+    meta = load_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.exists():
+        raise LlmkitError(f"{path} is missing", "run `llmkit data prepare` again into this folder")
+    dtype = np.dtype(meta["dtype"])
+    expected = meta[f"{split}_tokens"] * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise LlmkitError(f"{path} holds {path.stat().st_size} bytes, meta.json says {expected}: the shard is corrupt or from another run",
+                          "run `llmkit data prepare` again into this folder")
+    if expected == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_tokenizer(meta: dict, tokenizer) -> None:
+    """Refuse shards made with another tokenizer than the one the model will use."""
+    want = meta["tokenizer"]["fingerprint"]
+    if tokenizer.fingerprint() != want:
+        raise LlmkitError(f"the shards were made with tokenizer {want} ({meta['tokenizer']['kind']}, vocab {meta['tokenizer']['vocab_size']}), "
+                          f"not with this one ({tokenizer.fingerprint()}, {tokenizer.kind}, vocab {tokenizer.vocab_size})",
+                          "prepare the data again with this tokenizer, or use the tokenizer saved in the shard folder")
+
+
+class WindowLoader:
+    """(batch_size, window) int64 tensors of consecutive token ids from one shard.
+
+    `batch(step)` is random and reproducible; `sequential()` walks the shard in order for evaluation.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str = "train", *, window: int = 256, batch_size: int = 8, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, tokenizer=None):
+        self.meta = load_meta(data_dir)
+        if tokenizer is not None:
+            check_tokenizer(self.meta, tokenizer)
+        self.data = open_shard(data_dir, split)
+        self.split, self.window, self.batch_size, self.seed = split, window, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        if len(self.data) < window:
+            raise LlmkitError(f"the {split} shard has {len(self.data)} tokens, fewer than one window of {window}",
+                              "use a shorter window (--block-size) or more data")
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This rank's rows of the global batch for `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.data) - self.window + 1, size=self.batch_size * self.world_size)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        rows = np.stack([self.data[s:s + self.window] for s in mine]).astype(np.int64)
+        return torch.from_numpy(rows)  # (B, window)
+
+    def sequential(self, stride: int | None = None, max_windows: int | None = None):
+        """Windows from the start of the shard, `stride` apart (default: no overlap), this rank's share,
+        `batch_size` at a time. Yields (b, window) tensors; the last batch may be smaller."""
+        stride = stride or self.window
+        starts = list(range(0, len(self.data) - self.window + 1, stride))[:max_windows]
+        mine = starts[self.rank::self.world_size]
+        for i in range(0, len(mine), self.batch_size):
+            rows = [self.data[s:s + self.window] for s in mine[i:i + self.batch_size]]
+            yield torch.from_numpy(np.stack(rows).astype(np.int64))

@@ -1,0 +1,113 @@
+"""`llmkit data prepare`: a corpus becomes token shards a trainer can stream.
+
+    source ──► documents ──► normalize ──► de-duplicate ──► split by document ──► tokenize (parallel)
+                                                                                   │
+        out/train.bin, out/val.bin   one flat array of token ids: doc, eos, doc, eos, ...   ◄──┘
+        out/meta.json                tokenizer fingerprint, counts, dtype, source hashes, options
+        out/tokenizer.json (+config) the tokenizer, so the folder stands on its own
+
+Ids are uint16 when the vocabulary fits in 65,536, else uint32. Files are written atomically; a
+failure leaves no half-written shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmkit import io
+from llmkit.data.clean import drop_exact_duplicates, drop_near_duplicates, normalize
+from llmkit.data.sources import read_source
+from llmkit.data.split import split_documents
+from llmkit.errors import LlmkitError
+from llmkit.progress import progress
+from llmkit.tokenizer.core import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+def shard_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def tokenize_documents(tok: Tokenizer, texts: list[str], *, eos: bool = True, description: str = "tokenize",
+                       chunk_bytes: int = 4_000_000) -> np.ndarray:
+    """All `texts` encoded and joined (each followed by the eos token) into one flat id array."""
+    add_eos = eos and tok.eos_id is not None
+    pieces: list[np.ndarray] = []
+    dtype = shard_dtype(tok.vocab_size)
+    total = sum(len(t) for t in texts)
+    with progress("chars") as bar:
+        task = bar.add_task(description, total=total)
+        i = 0
+        while i < len(texts):
+            batch, size = [], 0
+            while i < len(texts) and (not batch or size < chunk_bytes):
+                batch.append(texts[i])
+                size += len(texts[i])
+                i += 1
+            for ids in tok.encode_batch(batch, add_eos=add_eos):
+                pieces.append(np.asarray(ids, dtype=dtype))
+            bar.advance(task, size)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def _write_shard(path: Path, ids: np.ndarray) -> None:
+    with io.atomic_open(path, "wb") as f:
+        f.write(ids.tobytes())
+
+
+def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, val_fraction: float = 0.1, seed: int = 1337,
+            unicode_form: str | None = "NFC", newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8,
+            field: str = "text", log=print) -> dict:
+    """Read, clean, split and tokenize `source` into `out/`; returns the `meta.json` contents."""
+    start = time.perf_counter()
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    corpus = read_source(source, field=field)
+    for w in corpus.warnings:
+        log(f"warning: {w}")
+    texts = [normalize(t, unicode_form, newlines) for t in corpus.texts]
+    texts = [t for t in texts if t.strip()]
+    keep, n_exact = drop_exact_duplicates(texts)
+    texts = [texts[i] for i in keep]
+    n_near = 0
+    if near_dedup:
+        keep, n_near = drop_near_duplicates(texts, near_threshold)
+        texts = [texts[i] for i in keep]
+    train, val = split_documents(texts, val_fraction, seed)
+    log(f"{len(corpus.documents)} documents read, {n_exact} exact and {n_near} near duplicates dropped, "
+        f"{len(train)} train / {len(val)} validation units")
+    train_ids = tokenize_documents(tok, train, description="tokenize train")
+    val_ids = tokenize_documents(tok, val, description="tokenize val")
+    if len(train_ids) == 0:
+        raise LlmkitError("the training split has no tokens", "give the source more text")
+    out = Path(out)
+    _write_shard(out / "train.bin", train_ids)
+    _write_shard(out / "val.bin", val_ids)
+    tok.save(out)
+    meta = {
+        "format": FORMAT_VERSION,
+        "dtype": np.dtype(train_ids.dtype).name,
+        "train_tokens": int(len(train_ids)),
+        "val_tokens": int(len(val_ids)),
+        "train_units": len(train),
+        "val_units": len(val),
+        "documents_read": len(corpus.documents),
+        "exact_duplicates_dropped": n_exact,
+        "near_duplicates_dropped": n_near,
+        "replaced_invalid_utf8_bytes": corpus.replaced_bytes,
+        "train_bytes": sum(len(t.encode("utf-8")) for t in train),
+        "val_bytes": sum(len(t.encode("utf-8")) for t in val),
+        "eos_between_documents": tok.eos_id is not None,
+        "tokenizer": {"fingerprint": tok.fingerprint(), "kind": tok.kind, "vocab_size": tok.vocab_size},
+        "source": source,
+        "source_sha256": hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest(),
+        "options": {"val_fraction": val_fraction, "seed": seed, "unicode_form": unicode_form, "newlines": newlines,
+                    "near_dedup": near_dedup, "near_threshold": near_threshold, "field": field},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    io.write_json(out / "meta.json", meta)  # written last: a folder with meta.json is complete
+    return meta
