@@ -1,0 +1,36 @@
+"""Shared fixtures: small real text (a few Shakespeare plays) and tokenizers trained on it once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmkit.data.clean import normalize
+from llmkit.data.sources import shakespeare
+from llmkit.tokenizer import KINDS, train_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+@pytest.fixture(scope="session")
+def plays() -> list[str]:
+    """Three short plays, cleaned: real text, small enough to train every kind in seconds."""
+    docs = shakespeare("the-comedy-of-errors") + shakespeare("macbeth") + shakespeare("the-tempest")
+    return [normalize(d.text) for d in docs]
+
+
+@pytest.fixture(scope="session")
+def tokenizers_by_kind(plays):
+    return {kind: train_tokenizer(plays, kind, 2048, min_frequency=1) for kind in KINDS}
+
+
+def run_cli(*args: str, input: str | None = None, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `llmkit ARGS` as a user would, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True, input=input, cwd=cwd,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llmkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

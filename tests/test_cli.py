@@ -1,0 +1,110 @@
+"""The `llmkit` command as a user runs it: help, config files, errors, and each README command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from llmkit.cli import build_parser, parse_args
+
+
+def test_help_lists_the_lifecycle_and_every_subcommand_has_examples():
+    out = run_cli("--help").stdout
+    for command in ("tokenizer", "data", "demo"):
+        assert command in out
+    for args in (["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "decode"], ["tokenizer", "info"],
+                 ["tokenizer", "compare"], ["data"], ["data", "prepare"], ["data", "info"], ["demo"]):
+        assert "examples:" in run_cli(*args, "--help").stdout, args
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path):
+    (tmp_path / "tok.yaml").write_text("kind: wordpiece\nvocab-size: 3000\nsource: shakespeare:macbeth\nlowercase: true\n")
+    args = parse_args(["tokenizer", "train", "--config", str(tmp_path / "tok.yaml"), "--vocab-size", "5000"])
+    assert (args.kind, args.vocab_size, args.source, args.lowercase) == ("wordpiece", 5000, ["shakespeare:macbeth"], True)
+    (tmp_path / "bad.json").write_text(json.dumps({"vocab_size": 10, "colour": "red"}))
+    proc = run_cli("tokenizer", "train", "--config", str(tmp_path / "bad.json"), check=False)
+    assert proc.returncode == 1 and "unknown option(s): colour" in proc.stderr
+    assert build_parser() is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "prepare", "--source", "/no/such/file.txt", "--tokenizer", "smollm2"], "is not a file, folder, glob"),
+    (["data", "prepare", "--source", "shakespeare"], "needs --tokenizer"),
+    (["tokenizer", "train", "--kind", "bpe", "--vocab-size", "50", "--source", "shakespeare:macbeth"], "too small"),
+    (["tokenizer", "encode", "--tokenizer", "/no/such/dir", "hi"], "no tokenizer at"),
+    (["data", "info", "/tmp"], "not a prepared shard folder"),
+    (["tokenizer", "decode", "--tokenizer", "smollm2", "12", "x"], "whole numbers"),
+])
+def test_errors_are_one_clear_line_without_traceback(args, message):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "fix:" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback():
+    proc = run_cli("--debug", "tokenizer", "encode", "--tokenizer", "/no/such/dir", "hi", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_train_encode_decode_info_round_trip(tmp_path):
+    out = tmp_path / "tok"
+    run_cli("tokenizer", "train", "--kind", "byte-bpe", "--vocab-size", "1000", "--source", "shakespeare:macbeth", "--out", str(out))
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    text = "Double, double toil and trouble; Fire burn and cauldron bubble. 🔥"
+    ids = run_cli("tokenizer", "encode", "--tokenizer", str(out), text).stdout.split()
+    assert len(ids) > 5 and all(i.isdigit() for i in ids)
+    assert run_cli("tokenizer", "decode", "--tokenizer", str(out), *ids).stdout == text + "\n"
+    assert run_cli("tokenizer", "decode", "--tokenizer", str(out), input=" ".join(ids)).stdout == text + "\n"
+    assert "'Ġthe'" in run_cli("tokenizer", "encode", "--tokenizer", str(out), "--tokens", "the the").stdout
+    info = run_cli("tokenizer", "info", "--tokenizer", str(out)).stdout
+    assert "byte-bpe" in info and "sentinels    100" in info
+
+
+def test_encode_with_the_embedded_tokenizers():
+    assert run_cli("tokenizer", "encode", "--tokenizer", "smollm2", "Hello world").stdout.split() == ["19556", "905"]
+    ids = run_cli("tokenizer", "encode", "--tokenizer", "minilm", "--add-special-tokens", "hello world").stdout.split()
+    assert ids == ["101", "7592", "2088", "102"]
+
+
+@pytest.mark.slow
+def test_compare_prints_the_table_for_all_six_kinds_with_json_and_png(tmp_path):
+    js = tmp_path / "cmp.json"
+    proc = run_cli("tokenizer", "compare", "--source", "shakespeare/tragedies", "--vocab-size", "2000", "--json", str(js))
+    for kind in ("word", "char", "bpe", "wordpiece", "byte-bpe", "unigram"):
+        assert kind in proc.stderr
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["word", "char", "bpe", "wordpiece", "byte-bpe", "unigram"]
+    by_kind = {r["kind"]: r for r in rows}
+    assert by_kind["byte-bpe"]["unk_rate"] == 0.0
+    assert by_kind["char"]["bytes_per_token"] == pytest.approx(1.0, abs=0.05)
+    assert by_kind["char"]["tokens_per_word"] > 2.5 * by_kind["bpe"]["tokens_per_word"]
+    for r in rows:
+        assert r["encode_mb_s"] > 0 and r["raw_tokenizers_mb_s"] > 0 and 0 < r["vocab_used"] <= 1
+    png = js.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_data_prepare_and_info_from_the_cli(tmp_path):
+    run_cli("tokenizer", "train", "--kind", "bpe", "--vocab-size", "1500", "--source", "shakespeare:hamlet", "--out", str(tmp_path / "tok"))
+    proc = run_cli("data", "prepare", "--source", "shakespeare/tragedies", "--tokenizer", str(tmp_path / "tok"),
+                   "--near-dedup", "--out", str(tmp_path / "data"))
+    assert "train and" in proc.stdout
+    meta = json.loads(run_cli("data", "info", str(tmp_path / "data")).stdout)
+    assert meta["documents_read"] == 6 and meta["train_tokens"] > 100_000 and meta["options"]["near_dedup"] is True
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--out", str(out), "--vocab-size", "2048")
+    assert "report" in proc.stderr
+    for name in ("report.md", "tokenizer_compare.json", "tokenizer_compare.png", "data/train.bin", "data/val.bin", "data/meta.json",
+                 "tokenizers/byte-bpe/tokenizer.json", "tokenizers/unigram/tokenizer.json"):
+        assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    assert "| byte-bpe |" in report and "validation tokens" in report

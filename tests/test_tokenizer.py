@@ -1,0 +1,204 @@
+"""Tokenizers: round trips, the ecosystem's loaders, and the real models' tokenizers against `transformers`."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+import tokenizers
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from llmkit.errors import LlmkitError
+from llmkit.tokenizer import KINDS, SpecialTokens, Tokenizer, train_tokenizer
+from llmkit.tokenizer.train import WORD_SPLIT
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(text=st.text(max_size=200))
+def test_byte_bpe_round_trips_any_unicode(tokenizers_by_kind, text):
+    tok = tokenizers_by_kind["byte-bpe"]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.unk_id is None  # byte-level: nothing is ever unknown
+
+
+def _alphabet(plays, min_count=50):
+    from collections import Counter
+
+    counts = Counter("".join(plays))
+    return "".join(sorted(c for c, n in counts.items() if n >= min_count and not c.isspace()))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_char_and_bpe_round_trip_text_in_their_alphabet(tokenizers_by_kind, plays, kind):
+    tok = tokenizers_by_kind[kind]
+    alphabet = _alphabet(plays, 1) + " \n"
+
+    @SETTINGS
+    @given(st.text(alphabet=alphabet, max_size=300))
+    def check(text):
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+
+    check()
+
+
+def test_unigram_round_trips_text_in_its_alphabet(tokenizers_by_kind, plays):
+    tok = tokenizers_by_kind["unigram"]
+    alphabet = _alphabet(plays) + " \n"
+
+    @SETTINGS
+    @given(st.text(alphabet=alphabet, max_size=300))
+    def check(text):
+        text = text.lstrip(" ")  # the documented exception: spaces at the very start are dropped
+        ids = tok.encode(text)
+        assume(tok.unk_id not in ids)
+        assert tok.decode(ids) == text
+
+    check()
+
+
+def test_word_round_trips_text_made_of_its_words(tokenizers_by_kind):
+    tok = tokenizers_by_kind["word"]
+    vocab = tok.backend.get_vocab()
+    words = sorted(w for w in vocab if w.isalpha() and " " + w in vocab)[:500]
+    split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(WORD_SPLIT), "isolated")
+    # A separator's trailing space joins the next word (" word"); the rest must be tokens of its own.
+    seps = [s for s in (" ", "\n", ", ", ".\n", "; ", "! ", "\n\n")
+            if all(piece in vocab for piece, _ in split.pre_tokenize_str(s.rstrip(" ")))]
+    assert len(words) > 100 and len(seps) >= 4
+
+    @SETTINGS
+    @given(st.lists(st.tuples(st.sampled_from(words), st.sampled_from(seps)), min_size=1, max_size=40))
+    def check(pairs):
+        text = "".join(w + s for w, s in pairs).rstrip(" ")  # a lone trailing space is no word
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids
+        assert tok.decode(ids) == text
+
+    check()
+
+
+def test_wordpiece_round_trip_is_bert_normalization(tokenizers_by_kind):
+    tok = tokenizers_by_kind["wordpiece"]
+    bert = tokenizers.pre_tokenizers.BertPreTokenizer()
+
+    @SETTINGS
+    @given(st.text(alphabet="abcdefghilmnoprstuwyABDEHMOT,.;:!? \n", max_size=200))
+    def check(text):
+        ids = tok.encode(text)
+        assume(tok.unk_id not in ids)
+        assert tok.decode(ids) == " ".join(piece for piece, _ in bert.pre_tokenize_str(text))
+
+    check()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_tokenizer_loads_in_tokenizers_and_transformers(tokenizers_by_kind, plays, tmp_path, kind):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = tokenizers_by_kind[kind]
+    tok.save(tmp_path)
+    text = plays[1][:3000] + " <|user|> hi <|end|> <extra_id_3>"
+    ours = tok.encode(text)
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text, add_special_tokens=False).ids == ours
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert fast(text, add_special_tokens=False)["input_ids"] == ours
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert auto(text, add_special_tokens=False)["input_ids"] == ours
+    assert auto.convert_tokens_to_ids(auto.eos_token) == tok.eos_id
+    assert auto.convert_tokens_to_ids(auto.pad_token) == tok.pad_id
+    reloaded = Tokenizer.load(tmp_path)
+    assert reloaded.encode(text) == ours and reloaded.special == tok.special and reloaded.kind == kind
+
+
+def test_special_tokens_are_whole_and_each_kind_keeps_those_it_needs(tokenizers_by_kind):
+    for kind, tok in tokenizers_by_kind.items():
+        assert len(tok.sentinel_ids) == 100
+        assert tok.encode("<extra_id_7>") == [tok.token_id("<extra_id_7>")]
+        assert tok.encode("<|assistant|>") == [tok.token_id("<|assistant|>")]
+        assert tok.mask_id is not None and tok.bos_id is not None and tok.pad_id is not None
+        assert (tok.unk_id is None) == (kind == "byte-bpe")
+    tok = train_tokenizer(["just a little text " * 20], "bpe", 200, special=SpecialTokens(sentinels=0, chat=False, extra=["<sep>"]))
+    assert tok.sentinel_ids == [] and tok.token_id("<sep>") is not None and tok.token_id("<|user|>") is None
+
+
+def test_lowercase_and_vocab_size(plays):
+    tok = train_tokenizer(plays, "wordpiece", 1000, lowercase=True)
+    assert tok.vocab_size <= 1000
+    assert tok.encode("MACBETH") == tok.encode("macbeth")
+
+
+def test_vocabulary_too_small_for_special_tokens_is_a_clear_error(plays):
+    with pytest.raises(LlmkitError, match="too small for the 109 special tokens"):
+        train_tokenizer(plays, "bpe", 100)
+    with pytest.raises(LlmkitError, match="too small"):
+        train_tokenizer(plays, "byte-bpe", 300)  # 256 bytes + 108 specials do not fit
+    with pytest.raises(LlmkitError, match="empty corpus"):
+        train_tokenizer(["", "  "], "bpe", 1000)
+    with pytest.raises(LlmkitError, match="unknown tokenizer kind"):
+        train_tokenizer(plays, "sentencepiece", 1000)
+
+
+def test_decode_refuses_ids_outside_the_vocabulary(tokenizers_by_kind):
+    tok = tokenizers_by_kind["bpe"]
+    with pytest.raises(LlmkitError, match="outside this tokenizer's vocabulary"):
+        tok.decode([1, tok.vocab_size + 5])
+
+
+def test_corrupt_tokenizer_json_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(LlmkitError, match="not a valid tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    with pytest.raises(LlmkitError, match="no tokenizer"):
+        Tokenizer.load(tmp_path / "missing")
+
+
+# --- the embedded real models' tokenizers --------------------------------------------------------------
+
+TRICKY = [
+    "Héllo wörld, café naïve façade — «quotes» and ‘curly’ ones.",
+    "Türkçe: ğüşıöç ĞÜŞİÖÇ, ıi İI.",
+    "Emoji 🤗🚀👩🏽‍💻 and flags 🇫🇷, CJK 日本語のテキスト, Arabic مرحبا.",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+    "numbers 1234567 3.14159 and   multiple   spaces\ttabs\n\n\nnewlines",
+    "<|endoftext|>text right after<|im_end|>",
+]
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer():
+    from transformers import AutoTokenizer
+
+    from llmkit.data.sources import shakespeare
+    from llmkit.embedded import embedded_path
+
+    path = embedded_path("smollm2")
+    ours = Tokenizer.load("smollm2")
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hamlet = shakespeare("hamlet")[0].text
+    raw_hamlet = shakespeare("hamlet", clean=False)[0].text
+    for text in [hamlet, raw_hamlet, *TRICKY]:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    for text in TRICKY:
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.vocab_size == 49152
+    assert ours.special["eos"] == "<|im_end|>" and "im_start" in ours.chat_template
+
+
+@pytest.mark.slow
+def test_minilm_tokenizer_equals_transformers():
+    from transformers import AutoTokenizer
+
+    from llmkit.embedded import embedded_path
+
+    ours = Tokenizer.load("minilm")
+    theirs = AutoTokenizer.from_pretrained(str(embedded_path("minilm")))
+    for text in TRICKY + ["A man is playing a guitar.", "The quick brown fox jumps over the lazy dog."]:
+        assert ours.encode(text, add_special_tokens=True) == theirs(text)["input_ids"]
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.kind == "wordpiece" and ours.special["mask"] == "[MASK]"
