@@ -79,7 +79,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def from_gguf(path: str | os.PathLike) -> Tokenizer:
-    meta = gguf_fields(path, "tokenizer.")
+    return tokenizer_from_gguf_fields(gguf_fields(path, "tokenizer."), str(path))
+
+
+def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
+    """The tokenizer described by a GGUF's `tokenizer.*` metadata (already read, as Python values)."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise LlmkitError(f"{path}: GGUF tokenizer model {model!r} is not supported yet", "use a GGUF with a byte-level BPE ('gpt2') tokenizer")

@@ -1,0 +1,28 @@
+"""The transformer: one config (`config.py`), one module of layers (`layers.py`), three families (`families.py`),
+weights in and out (`weights.py`: our run folders, Hugging Face folders, GGUF)."""
+
+from llmkit.model.config import PRESETS, ModelConfig, preset
+from llmkit.model.families import Decoder, Encoder, EncoderDecoder
+from llmkit.model.layers import KVCache
+
+
+def build_model(cfg: ModelConfig, *, empty: bool = False, **kwargs):
+    """A randomly initialized model of the config's family; `empty=True` skips the initialization (for
+    weights about to be loaded): parameters are allocated uninitialized, computed buffers are rebuilt."""
+    import torch
+
+    family = {"decoder": Decoder, "encoder": Encoder, "encoder-decoder": EncoderDecoder}[cfg.family]
+    if not empty:
+        return family(cfg, **kwargs)
+    with torch.device("meta"):
+        model = family(cfg, **kwargs)
+    model.to_empty(device="cpu")
+    if cfg.tie_embeddings and hasattr(model, "lm_head") and model.lm_head is not None:
+        model.lm_head.weight = (model.embed.tokens if hasattr(model, "embed") else model.enc_embed.tokens).weight
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    return model
+
+
+__all__ = ["PRESETS", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "ModelConfig", "build_model", "preset"]

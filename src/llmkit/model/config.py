@@ -1,0 +1,172 @@
+"""One config for every model, and the named presets as data.
+
+A preset is a dict of overrides on `ModelConfig`'s defaults; nothing about an architecture lives in a
+subclass. `flops_per_token` and `param_count` derive from the config alone (`llmkit model info PRESET`).
+
+    family            decoder (GPT/Llama) | encoder (BERT) | encoder-decoder (T5, the original Transformer)
+    position          sinusoidal | learned | rope | relative (T5's bucketed bias)
+    activation        relu | gelu | gelu_tanh | swiglu | geglu
+    norm              layernorm | rmsnorm, at norm_position pre | post
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from llmkit.errors import LlmkitError
+
+FAMILIES = ("decoder", "encoder", "encoder-decoder")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "decoder"
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    head_dim: int | None = None  # default d_model // n_heads
+    d_ff: int | None = None  # default 4 * d_model
+    n_decoder_layers: int | None = None  # encoder-decoder: default n_layers
+    max_seq_len: int = 512
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    bias: bool = True  # biases of the attention and feed-forward projections
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    type_vocab_size: int = 0  # BERT's token-type (segment) embeddings
+    embedding_norm: bool = False  # BERT: LayerNorm right after the embeddings
+    lm_head_bias: bool = False
+    mlm_transform: bool = False  # BERT: dense + activation + norm before the masked-LM decoder
+    scale_decoder_outputs: bool = False  # T5 (not v1.1): hidden states × d_model**-0.5 before the LM head
+    num_labels: int = 0  # encoder: a sequence-classification head with this many classes
+    pad_token_id: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    decoder_start_token_id: int = 0
+    extra: dict = field(default_factory=dict)  # provenance (source format, names) kept with the weights
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise LlmkitError(f"unknown model family {self.family!r}", f"use one of: {', '.join(FAMILIES)}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise LlmkitError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", "pick n_heads that divides d_model, or set head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise LlmkitError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}", "use n_kv_heads that divides n_heads")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
+        for name, allowed in (("position", ("sinusoidal", "learned", "rope", "relative")),
+                              ("activation", ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")),
+                              ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post"))):
+            if getattr(self, name) not in allowed:
+                raise LlmkitError(f"unknown {name} {getattr(self, name)!r}", f"use one of: {', '.join(allowed)}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LlmkitError(f"unknown model config key(s): {', '.join(unknown)}", "remove them, or check the spelling")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    # --- sizes -----------------------------------------------------------------------------------
+    def param_count(self) -> int:
+        """Parameters of the model this config builds (tied embeddings counted once)."""
+        from llmkit.model import build_model
+
+        import torch
+
+        with torch.device("meta"):
+            model = build_model(self)
+        return sum(p.numel() for p in model.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> dict:
+        """Training FLOPs per token, 6N + 12·L·d·T (Kaplan et al. 2020; PaLM appendix B), where N counts the
+        weights that take part in matrix multiplies (not position embeddings, not a lookup-only input embedding)."""
+        T = seq_len or self.max_seq_len
+        D, V, hd = self.d_model, self.vocab_size, self.head_dim
+        q_o = 2 * D * self.n_heads * hd
+        kv = 2 * D * self.n_kv_heads * hd
+        ff = (3 if self.gated else 2) * D * self.d_ff
+        self_layer = q_o + kv + ff
+        cross_layer = q_o + kv
+        if self.family == "encoder-decoder":
+            n_matmul = self.n_layers * self_layer + self.n_decoder_layers * (self_layer + cross_layer) + D * V
+            attn_layers = self.n_layers + 2 * self.n_decoder_layers
+        else:
+            n_matmul = self.n_layers * self_layer + D * V
+            attn_layers = self.n_layers
+        attention = 12 * attn_layers * self.n_heads * hd * T
+        return {"matmul_params": n_matmul, "forward": 2 * n_matmul + attention // 3, "train": 6 * n_matmul + attention}
+
+
+# --- presets: data, not subclasses -----------------------------------------------------------------
+
+_GPT = dict(family="decoder", position="learned", activation="gelu_tanh", norm="layernorm", norm_position="pre", bias=True)
+_LLAMA = dict(family="decoder", position="rope", activation="swiglu", norm="rmsnorm", norm_position="pre", bias=False,
+              tie_embeddings=False)
+_BERT = dict(family="encoder", position="learned", activation="gelu", norm="layernorm", norm_position="post", norm_eps=1e-12,
+             bias=True, type_vocab_size=2, embedding_norm=True, lm_head_bias=True, mlm_transform=True)
+_T5 = dict(family="encoder-decoder", position="relative", activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
+           bias=False, attn_scale=1.0, scale_decoder_outputs=True)
+
+PRESETS: dict[str, dict] = {
+    # Vaswani et al. 2017, "Attention Is All You Need", base model: sinusoidal positions, ReLU, post-norm.
+    "vaswani": dict(family="encoder-decoder", vocab_size=37000, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=512,
+                    position="sinusoidal", activation="relu", norm="layernorm", norm_eps=1e-6, norm_position="post", bias=True,
+                    dropout=0.1, scale_embeddings=True),
+    "gpt2": dict(_GPT, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "gpt2-medium": dict(_GPT, vocab_size=50257, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    "llama": dict(_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_seq_len=4096),  # Llama-2-7B
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, max_seq_len=8192,
+                         rope_theta=100000.0, tie_embeddings=True),
+    "bert": dict(_BERT, vocab_size=30522, d_model=768, n_layers=12, n_heads=12, max_seq_len=512),  # bert-base
+    "t5": dict(_T5, vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=512),  # t5-small
+    # Small ones that train in minutes on a laptop CPU.
+    "tiny-gpt": dict(_GPT, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, max_seq_len=256),
+    "tiny-llama": dict(_LLAMA, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=256,
+                       tie_embeddings=True),
+    "tiny-bert": dict(_BERT, vocab_size=8192, d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
+    "tiny-t5": dict(_T5, vocab_size=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256),
+    "tiny-vaswani": dict(family="encoder-decoder", vocab_size=8192, d_model=256, n_layers=3, n_heads=4, max_seq_len=256,
+                         position="sinusoidal", activation="relu", norm="layernorm", norm_position="post", scale_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The config of a named preset, with any field overridden."""
+    if name not in PRESETS:
+        raise LlmkitError(f"unknown preset {name!r}", f"use one of: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def load_config(path) -> ModelConfig:
+    with open(path, encoding="utf-8") as f:
+        return ModelConfig.from_dict(json.load(f))

@@ -1,0 +1,276 @@
+"""The three model families, each a thin assembly of the layers in `layers.py`.
+
+    Decoder          (GPT-2, Llama)  ids ─► embed ─► N × Block(causal) ─► norm ─► LM head ─► next-token logits
+    Encoder          (BERT)          ids ─► embed ─► N × Block(bidirectional) ─► MLM head | hidden states
+    EncoderDecoder   (T5, Vaswani)   source ─► encoder ─┐
+                                     target ─► embed ─► N × Block(causal + cross-attention) ─► LM head
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.model.config import ModelConfig
+from llmkit.model.layers import (
+    ACTIVATIONS,
+    AbsolutePosition,
+    Block,
+    KVCache,
+    RelativePositionBias,
+    Rotary,
+    attention_bias,
+    make_norm,
+)
+
+
+class Embedding(nn.Module):
+    """Token embedding (× sqrt(d) for Vaswani) + absolute position (+ token type) (+ norm for BERT)."""
+
+    def __init__(self, cfg: ModelConfig, tokens: nn.Embedding | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = tokens if tokens is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position = AbsolutePosition(cfg) if cfg.position in ("learned", "sinusoidal") else None
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg) if cfg.embedding_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids.numel() and (int(ids.max()) >= self.cfg.vocab_size or int(ids.min()) < 0):
+            raise LlmkitError(f"token id {int(ids.max())} is outside the model's vocabulary of {self.cfg.vocab_size}",
+                              "use the tokenizer that belongs to this model")
+        x = self.tokens(ids)  # (B, T, D)
+        if self.cfg.scale_embeddings:
+            x = x * math.sqrt(self.cfg.d_model)
+        if self.position is not None:
+            x = x + self.position(positions)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(ids))
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)
+
+
+def _check_length(cfg: ModelConfig, length: int) -> None:
+    if cfg.position in ("learned", "sinusoidal", "rope") and length > cfg.max_seq_len:
+        raise LlmkitError(f"the input is {length} tokens, longer than the model's context of {cfg.max_seq_len}",
+                          f"shorten or truncate it to {cfg.max_seq_len} tokens")
+
+
+def _init_weights(model: nn.Module, cfg: ModelConfig, n_residual_layers: int) -> None:
+    """N(0, 0.02) for weights, zero biases; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+    if any(p.is_meta for p in model.parameters()):
+        return  # built on the meta device for loading: the weights come from a file
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_residual_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model: `forward(ids (B, T)) -> logits (B, T, V)`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embedding(cfg)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        _init_weights(self, cfg, cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.tokens.weight
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache.for_model(self.config, batch, max_len, dtype=dtype or p.dtype, device=p.device)
+
+    def hidden_states(self, ids, attention_mask=None, cache: KVCache | None = None, position_ids=None, need_weights=False):
+        B, T = ids.shape  # (B, T)
+        start = cache.pos if cache is not None else 0
+        _check_length(self.config, start + T)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=ids.device)  # (T,)
+        x = self.embed(ids, position_ids)  # (B, T, D)
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        plain = attention_mask is None and start == 0
+        bias = None if plain else attention_bias(T, start + T, causal=True, key_padding=attention_mask, offset=start,
+                                                 dtype=x.dtype, device=ids.device)
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
+            maps.append(w)
+        if cache is not None:
+            cache.advance(T)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, maps
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V). `attention_mask` (B, cached + T) marks real tokens with 1; `cache` continues a decode."""
+        x, _ = self.hidden_states(ids, attention_mask, cache, position_ids)
+        return self.lm_head(x)  # (B, T, V)
+
+    def attention_maps(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights of every layer, each (B, n_heads, T, T) (the slow path)."""
+        return self.hidden_states(ids, need_weights=True)[1]
+
+
+class Encoder(nn.Module):
+    """Bidirectional encoder: `forward(ids)` -> masked-LM logits (B, T, V), or hidden states (B, T, D) without a head.
+
+    Also `embed_sentences` (mean / CLS pooling) and `classify` (a sequence-classification head when num_labels > 0).
+    """
+
+    def __init__(self, cfg: ModelConfig, mlm_head: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+        self.mlm_transform = None
+        self.lm_head = None
+        if mlm_head:
+            if cfg.mlm_transform:
+                self.mlm_transform = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), _Activation(cfg.activation), make_norm(cfg))
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.pooler = self.classifier = None
+        if cfg.num_labels:
+            self.pooler = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.Tanh())
+            self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, cfg.num_labels))
+        _init_weights(self, cfg, cfg.n_layers)
+        if self.lm_head is not None and cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.tokens.weight
+
+    def hidden_states(self, ids, attention_mask=None, token_type_ids=None, need_weights=False):
+        B, T = ids.shape
+        _check_length(self.config, T)
+        x = self.embed(ids, torch.arange(T, device=ids.device), token_type_ids)  # (B, T, D)
+        bias = attention_bias(T, T, causal=False, key_padding=attention_mask, dtype=x.dtype, device=ids.device)
+        maps = []
+        for block in self.blocks:
+            x, w = block(x, bias=bias, need_weights=need_weights)
+            maps.append(w)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, maps
+
+    def forward(self, ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        x, _ = self.hidden_states(ids, attention_mask, token_type_ids)
+        if self.lm_head is None:
+            return x  # (B, T, D)
+        if self.mlm_transform is not None:
+            x = self.mlm_transform(x)
+        return self.lm_head(x)  # (B, T, V)
+
+    def embed_sentences(self, ids, attention_mask=None, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """One vector per sequence (B, D): the mean of the real tokens' states, or the first ([CLS]) token's."""
+        x, _ = self.hidden_states(ids, attention_mask)
+        if pooling == "cls":
+            out = x[:, 0]
+        elif pooling == "mean":
+            m = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(x.dtype)[..., None]  # (B, T, 1)
+            out = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        else:
+            raise LlmkitError(f"unknown pooling {pooling!r}", "use 'mean' or 'cls'")
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def classify(self, ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Class logits (B, num_labels) from the first token's state."""
+        if self.classifier is None:
+            raise LlmkitError("this encoder has no classification head", "build it with num_labels > 0")
+        x, _ = self.hidden_states(ids, attention_mask, token_type_ids)
+        return self.classifier(self.pooler(x[:, 0]))
+
+    def attention_maps(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return self.hidden_states(ids, need_weights=True)[1]
+
+
+class _Activation(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.fn = ACTIVATIONS[name]
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder-decoder: `forward(ids, decoder_ids) -> logits (B, T_dec, V)`. Embeddings are shared."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.enc_embed, self.dec_embed = Embedding(cfg, shared), Embedding(cfg, shared)
+        relative = cfg.position == "relative"
+        self.enc_bias = RelativePositionBias(cfg, bidirectional=True) if relative else None
+        self.dec_bias = RelativePositionBias(cfg, bidirectional=False) if relative else None
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_decoder_layers))
+        pre = cfg.norm_position == "pre"
+        self.enc_norm, self.dec_norm = (make_norm(cfg), make_norm(cfg)) if pre else (None, None)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        _init_weights(self, cfg, cfg.n_layers + cfg.n_decoder_layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = shared.weight
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache.for_model(self.config, batch, max_len, n_layers=self.config.n_decoder_layers, dtype=dtype or p.dtype, device=p.device)
+
+    def encode(self, ids, attention_mask=None, need_weights=False):
+        B, T = ids.shape
+        _check_length(self.config, T)
+        positions = torch.arange(T, device=ids.device)
+        x = self.enc_embed(ids, positions)  # (B, T, D)
+        rel = self.enc_bias(T, T) if self.enc_bias is not None else None
+        bias = attention_bias(T, T, causal=False, key_padding=attention_mask, position_bias=rel, dtype=x.dtype, device=ids.device)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        maps = []
+        for block in self.encoder:
+            x, w = block(x, bias=bias, rope=rope, need_weights=need_weights)
+            maps.append(w)
+        return (self.enc_norm(x) if self.enc_norm is not None else x), maps
+
+    def decode(self, decoder_ids, encoder_out, attention_mask=None, cache: KVCache | None = None, need_weights=False):
+        """Logits (B, T_dec, V) of the decoder given the encoder's output (B, T_enc, D)."""
+        B, T = decoder_ids.shape
+        start = cache.pos if cache is not None else 0
+        _check_length(self.config, start + T)
+        positions = torch.arange(start, start + T, device=decoder_ids.device)
+        x = self.dec_embed(decoder_ids, positions)  # (B, T, D)
+        rel = self.dec_bias(T, start + T, offset=start) if self.dec_bias is not None else None
+        bias = attention_bias(T, start + T, causal=True, offset=start, position_bias=rel, dtype=x.dtype, device=x.device)
+        context_bias = attention_bias(T, encoder_out.shape[1], causal=False, key_padding=attention_mask, dtype=x.dtype, device=x.device)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        maps = []
+        for i, block in enumerate(self.decoder):
+            x, w = block(x, bias=bias, rope=rope, cache=cache, layer=i, context=encoder_out, context_bias=context_bias,
+                         need_weights=need_weights)
+            maps.append(w)
+        if cache is not None:
+            cache.advance(T)
+        if self.dec_norm is not None:
+            x = self.dec_norm(x)
+        if self.config.scale_decoder_outputs:
+            x = x * self.config.d_model ** -0.5
+        return self.lm_head(x), maps
+
+    def forward(self, ids, decoder_ids, attention_mask=None, cache: KVCache | None = None, encoder_out=None) -> torch.Tensor:
+        if encoder_out is None:
+            encoder_out, _ = self.encode(ids, attention_mask)
+        return self.decode(decoder_ids, encoder_out, attention_mask, cache)[0]
+
+    def attention_maps(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder self-attention weights of every layer, each (B, n_heads, T, T)."""
+        return self.encode(ids, need_weights=True)[1]

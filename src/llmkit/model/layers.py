@@ -1,0 +1,310 @@
+"""The layers of the Transformer, in the order of the diagram (Vaswani et al. 2017, fig. 1):
+
+    token embedding ─► positional encoding ─► [ attention ─► add & norm ─► feed-forward ─► add & norm ] × N
+
+Positional encodings: sinusoidal (the paper's, added to the embeddings), learned absolute (GPT-2, BERT),
+rotary (RoPE, Su et al. 2021: rotates q and k), and T5's bucketed relative bias (Raffel et al. 2020, added to
+the attention scores). Attention is multi-head or grouped-query (Ainslie et al. 2023), computed by
+`torch.nn.functional.scaled_dot_product_attention`, with a slow path that returns the attention weights.
+
+Attention masks are additive (0 = attend, a very negative number = do not), built by `attention_bias`:
+
+    causal (decoder)      padding (key 3 is pad)   cross (decoder -> encoder)
+      k0 k1 k2 k3           k0 k1 k2 k3              every decoder query sees every
+    q0 ■  ·  ·  ·         q0 ■  ■  ■  ·              non-padded encoder position
+    q1 ■  ■  ·  ·         q1 ■  ■  ■  ·
+    q2 ■  ■  ■  ·         q2 ■  ■  ■  ·
+    q3 ■  ■  ■  ■         q3 ■  ■  ■  ·
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.model.config import ModelConfig
+
+# --- normalization -------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019), computed in float32 as Llama and T5 do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+# --- positional encodings --------------------------------------------------------------------------------
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))  -> (n_positions, dim)"""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (P, 1)
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table
+
+
+class AbsolutePosition(nn.Module):
+    """Learned (GPT-2, BERT) or fixed sinusoidal position vectors, added to the token embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.learned = cfg.position == "learned"
+        self.n, self.dim = cfg.max_seq_len, cfg.d_model
+        if self.learned:
+            self.weight = nn.Parameter(torch.zeros(cfg.max_seq_len, cfg.d_model))
+        else:
+            self.register_buffer("weight", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+
+    def init_buffers(self) -> None:
+        if not self.learned:
+            self.weight = sinusoidal_table(self.n, self.dim).to(self.weight.device)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)  # (..., T, D)
+
+
+class Rotary(nn.Module):
+    """RoPE: rotate pairs of q/k features by position-dependent angles (the `rotate_half` layout of Llama)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))  # (hd/2,)
+
+    def init_buffers(self) -> None:
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd); cos/sin: (T, hd) or (B, T, hd)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative attention bias: one learned scalar per (bucket, head), buckets exact for near distances
+    and logarithmic up to `max_distance`; bidirectional in the encoder, looking back only in the decoder."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.n_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.embedding = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
+
+    def bucket(self, relative: torch.Tensor) -> torch.Tensor:
+        n_buckets, out = self.n_buckets, torch.zeros_like(relative)
+        if self.bidirectional:
+            n_buckets //= 2
+            out = out + (relative > 0).long() * n_buckets
+            distance = relative.abs()
+        else:
+            distance = -torch.clamp(relative, max=0)
+        exact = n_buckets // 2
+        log_bucket = exact + (torch.log(distance.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                              * (n_buckets - exact)).long()
+        log_bucket = torch.clamp(log_bucket, max=n_buckets - 1)
+        return out + torch.where(distance < exact, distance, log_bucket)
+
+    def forward(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+        q_pos = torch.arange(offset, offset + q_len, device=self.embedding.weight.device)[:, None]
+        k_pos = torch.arange(k_len, device=self.embedding.weight.device)[None, :]
+        values = self.embedding(self.bucket(k_pos - q_pos))  # (Tq, Tk, nh)
+        return values.permute(2, 0, 1)[None]  # (1, nh, Tq, Tk)
+
+
+# --- masks -----------------------------------------------------------------------------------------------
+
+
+def attention_bias(q_len: int, k_len: int, *, causal: bool, key_padding: torch.Tensor | None = None, offset: int = 0,
+                   position_bias: torch.Tensor | None = None, dtype=torch.float32, device=None) -> torch.Tensor | None:
+    """Additive mask (B|1, nh|1, Tq, Tk), or None when every query may see every key.
+
+    `key_padding` is (B, Tk) with 1 for real tokens and 0 for padding; `offset` is the position of the first
+    query (keys before it come from a KV cache).
+    """
+    allowed = None
+    if causal:
+        q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+        allowed = (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+    if key_padding is not None:
+        pad = key_padding[:, None, None, :].bool()  # (B, 1, 1, Tk)
+        allowed = pad if allowed is None else allowed & pad
+    if allowed is None:
+        return position_bias.to(dtype) if position_bias is not None else None
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if position_bias is not None:
+        bias = bias + position_bias.to(dtype)
+    return bias
+
+
+# --- KV cache --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to `max_len`: (B, n_kv_heads, max_len, head_dim) each.
+
+    Decoding writes each new step in place (no re-allocation per token); `pos` is the number of cached positions.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype=torch.float32, device=None):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len, self.pos = max_len, 0
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, batch: int, max_len: int | None = None, *, n_layers: int | None = None, dtype=torch.float32, device=None):
+        return cls(n_layers or cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, dtype=dtype, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full ({self.pos} + {T})")
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]  # (B, nkv, pos+T, hd)
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+# --- attention -------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head (n_kv_heads == n_heads) or grouped-query attention; self- or cross-attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        self.dropout = cfg.dropout
+        inner, kv_inner = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                is_causal: bool = False, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        src = x if context is None else context
+        S = src.shape[1]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, pos+T, hd)
+        if self.n_kv_heads != self.n_heads:  # each group of n_heads/n_kv_heads query heads shares one k/v head
+            rep = self.n_heads // self.n_kv_heads
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])  # (B, nh, S, hd)
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
+        weights = None
+        if need_weights:  # the slow path: the same math, with the attention weights kept
+            scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, nh, T, S)
+            if bias is not None:
+                scores = scores + bias.float()
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            weights = scores.softmax(-1)
+            y = (weights @ v.float()).to(q.dtype)  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=is_causal and bias is None, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y), weights
+
+
+# --- feed-forward ----------------------------------------------------------------------------------------
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class MLP(nn.Module):
+    """down(act(up(x))), or down(act(gate(x)) * up(x)) for the gated kinds (SwiGLU, GEGLU; Shazeer 2020)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+# --- the block -------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """One layer: self-attention, (cross-attention), feed-forward, each wrapped in a residual and a norm.
+
+        pre-norm (GPT-2, Llama, T5):   x = x + f(norm(x))
+        post-norm (Vaswani, BERT):     x = norm(x + f(x))
+    """
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg)) if cross else (None, None)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x, norm, fn):
+        if self.pre:
+            out, w = fn(norm(x))
+            return x + self.drop(out), w
+        out, w = fn(x)
+        return norm(x + self.drop(out)), w
+
+    def forward(self, x, *, bias=None, is_causal=False, rope=None, cache=None, layer=0, context=None, context_bias=None,
+                need_weights=False):
+        x, w = self._residual(x, self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal, rope=rope, cache=cache,
+                                                                    layer=layer, need_weights=need_weights))
+        if self.cross_attn is not None:
+            x, _ = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, context=context, bias=context_bias))
+        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+        return x, w

@@ -1,0 +1,488 @@
+"""Weights in and out: our run folders, Hugging Face folders (GPT-2, BERT, Llama, T5) and GGUF (Llama family).
+
+    our folder     config.json (ModelConfig) + model.safetensors + tokenizer.json
+    Hugging Face   config.json (model_type) + model.safetensors, names mapped by NAME_MAPS below
+    GGUF           llama.cpp's names and quantized blocks (Q4_1, Q8_0, F32, ... dequantized by `gguf`)
+
+Nothing here unpickles: safetensors and GGUF only. `load(name_or_path)` is the one front door.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from llmkit import io
+from llmkit.embedded import EMBEDDED, embedded_path
+from llmkit.errors import LlmkitError
+from llmkit.model.config import ModelConfig
+
+FORMAT = "llmkit"
+
+# --- Hugging Face configs -> ModelConfig -----------------------------------------------------------------
+
+
+def _rope_theta(hf: dict, default: float = 10000.0) -> float:
+    return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or default)
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    t = hf.get("model_type")
+    if t == "gpt2":
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[hf.get("activation_function", "gelu_new")]
+        return ModelConfig(family="decoder", vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
+                           d_ff=hf.get("n_inner") or 4 * hf["n_embd"], max_seq_len=hf["n_positions"], position="learned", activation=act,
+                           norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre", bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
+                           eos_token_id=hf.get("eos_token_id"), extra={"hf_model_type": t})
+    if t == "llama":
+        d, nh = hf["hidden_size"], hf["num_attention_heads"]
+        return ModelConfig(family="decoder", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=nh,
+                           n_kv_heads=hf.get("num_key_value_heads") or nh, head_dim=hf.get("head_dim") or d // nh, d_ff=hf["intermediate_size"],
+                           max_seq_len=hf.get("max_position_embeddings", 2048), position="rope", rope_theta=_rope_theta(hf),
+                           activation="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_position="pre",
+                           bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
+                           bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")), extra={"hf_model_type": t})
+    if t == "bert":
+        return ModelConfig(family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                           n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+                           position="learned", activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hf.get("hidden_act", "gelu")],
+                           norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", bias=True,
+                           type_vocab_size=hf.get("type_vocab_size", 2), embedding_norm=True, lm_head_bias=True, mlm_transform=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True), pad_token_id=hf.get("pad_token_id") or 0,
+                           extra={"hf_model_type": t})
+    if t == "t5":
+        proj = hf.get("feed_forward_proj", "relu")
+        act = {"relu": "relu", "gated-gelu": "geglu"}.get(proj)
+        if act is None:
+            raise LlmkitError(f"T5 feed_forward_proj {proj!r} is not supported", "use a T5 with relu or gated-gelu feed-forward")
+        return ModelConfig(family="encoder-decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["num_layers"],
+                           n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], n_heads=hf["num_heads"], head_dim=hf["d_kv"],
+                           d_ff=hf["d_ff"], max_seq_len=hf.get("n_positions", 512), position="relative",
+                           relative_buckets=hf.get("relative_attention_num_buckets", 32),
+                           relative_max_distance=hf.get("relative_attention_max_distance", 128), activation=act, norm="rmsnorm",
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_position="pre", bias=False, attn_scale=1.0,
+                           tie_embeddings=hf.get("tie_word_embeddings", True),
+                           scale_decoder_outputs=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
+                           pad_token_id=hf.get("pad_token_id", 0), eos_token_id=hf.get("eos_token_id"),
+                           decoder_start_token_id=hf.get("decoder_start_token_id", 0), extra={"hf_model_type": t})
+    raise LlmkitError(f"Hugging Face model type {t!r} is not supported", "use a GPT-2, BERT, Llama or T5 checkpoint")
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+# --- Hugging Face names -> ours ---------------------------------------------------------------------------
+# Each rule: (regex on the HF name, our name template, transform). Conv1D (GPT-2) weights are (in, out): transposed.
+
+_T = "t"  # transpose
+
+NAME_MAPS = {
+    "gpt2": [
+        (r"transformer\.wte\.weight", "embed.tokens.weight", None),
+        (r"transformer\.wpe\.weight", "embed.position.weight", None),
+        (r"transformer\.h\.(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.attn_norm.\2", None),
+        (r"transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)", r"blocks.\1.attn.{q,k,v}_proj.\2", "split3"),
+        (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", r"blocks.\1.attn.o_proj.weight", _T),
+        (r"transformer\.h\.(\d+)\.attn\.c_proj\.bias", r"blocks.\1.attn.o_proj.bias", None),
+        (r"transformer\.h\.(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.mlp_norm.\2", None),
+        (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", r"blocks.\1.mlp.up_proj.weight", _T),
+        (r"transformer\.h\.(\d+)\.mlp\.c_fc\.bias", r"blocks.\1.mlp.up_proj.bias", None),
+        (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", r"blocks.\1.mlp.down_proj.weight", _T),
+        (r"transformer\.h\.(\d+)\.mlp\.c_proj\.bias", r"blocks.\1.mlp.down_proj.bias", None),
+        (r"transformer\.ln_f\.(weight|bias)", r"norm.\1", None),
+        (r"lm_head\.weight", "lm_head.weight", None),
+    ],
+    "llama": [
+        (r"model\.embed_tokens\.weight", "embed.tokens.weight", None),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.attn_norm.weight", None),
+        (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"blocks.\1.attn.\2_proj.\3", None),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.mlp_norm.weight", None),
+        (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"blocks.\1.mlp.\2_proj.\3", None),
+        (r"model\.norm\.weight", "norm.weight", None),
+        (r"lm_head\.weight", "lm_head.weight", None),
+    ],
+    "bert": [
+        (r"(?:bert\.)?embeddings\.word_embeddings\.weight", "embed.tokens.weight", None),
+        (r"(?:bert\.)?embeddings\.position_embeddings\.weight", "embed.position.weight", None),
+        (r"(?:bert\.)?embeddings\.token_type_embeddings\.weight", "embed.token_type.weight", None),
+        (r"(?:bert\.)?embeddings\.LayerNorm\.(weight|bias)", r"embed.norm.\1", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.attention\.self\.query\.(weight|bias)", r"blocks.\1.attn.q_proj.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.attention\.self\.key\.(weight|bias)", r"blocks.\1.attn.k_proj.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.attention\.self\.value\.(weight|bias)", r"blocks.\1.attn.v_proj.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.o_proj.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.attn_norm.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.up_proj.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.down_proj.\2", None),
+        (r"(?:bert\.)?encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.mlp_norm.\2", None),
+        (r"(?:bert\.)?pooler\.dense\.(weight|bias)", r"pooler.0.\1", None),
+        (r"cls\.predictions\.transform\.dense\.(weight|bias)", r"mlm_transform.0.\1", None),
+        (r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)", r"mlm_transform.2.\1", None),
+        (r"cls\.predictions\.decoder\.weight", "lm_head.weight", None),
+        (r"cls\.predictions\.(?:decoder\.)?bias", "lm_head.bias", None),
+        (r"classifier\.(weight|bias)", r"classifier.1.\1", None),
+    ],
+    "t5": [
+        (r"(?:shared|encoder\.embed_tokens|decoder\.embed_tokens)\.weight", "enc_embed.tokens.weight", None),
+        (r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "enc_bias.embedding.weight", None),
+        (r"decoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "dec_bias.embedding.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"encoder.\1.attn.\2_proj.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"encoder.\1.attn_norm.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi\.weight", r"encoder.\1.mlp.up_proj.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"encoder.\1.mlp.gate_proj.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"encoder.\1.mlp.up_proj.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"encoder.\1.mlp.down_proj.weight", None),
+        (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"encoder.\1.mlp_norm.weight", None),
+        (r"encoder\.final_layer_norm\.weight", "enc_norm.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"decoder.\1.attn.\2_proj.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"decoder.\1.attn_norm.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.([qkvo])\.weight", r"decoder.\1.cross_attn.\2_proj.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"decoder.\1.cross_norm.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.wi\.weight", r"decoder.\1.mlp.up_proj.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.wi_0\.weight", r"decoder.\1.mlp.gate_proj.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.wi_1\.weight", r"decoder.\1.mlp.up_proj.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.wo\.weight", r"decoder.\1.mlp.down_proj.weight", None),
+        (r"decoder\.block\.(\d+)\.layer\.2\.layer_norm\.weight", r"decoder.\1.mlp_norm.weight", None),
+        (r"decoder\.final_layer_norm\.weight", "dec_norm.weight", None),
+        (r"lm_head\.weight", "lm_head.weight", None),
+    ],
+}
+
+
+def map_hf_state_dict(model_type: str, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and split / transpose where the layout differs) a Hugging Face state dict into ours."""
+    rules = [(re.compile(p + "$"), out, how) for p, out, how in NAME_MAPS[model_type]]
+    ours: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_state.items():
+        for pattern, template, how in rules:
+            m = pattern.match(name)
+            if not m:
+                continue
+            target = m.expand(template)
+            if how == "split3":  # GPT-2's fused c_attn: (D, 3D) Conv1D weight or (3D,) bias -> q, k, v
+                parts = tensor.chunk(3, dim=-1)
+                for letter, part in zip("qkv", parts):
+                    ours[target.replace("{q,k,v}", letter)] = part.t().contiguous() if part.dim() == 2 else part.contiguous()
+            else:
+                ours[target] = tensor.t().contiguous() if how == _T else tensor
+            break
+    return ours
+
+
+# --- loading into a model --------------------------------------------------------------------------------
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Names of tensors that share storage with an earlier name (tied embeddings): alias -> first name."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy `state` into `model`, refusing missing, unexpected or mis-shaped tensors with a clear error.
+    A tied tensor (e.g. an LM head that is the token embedding) may be given under either name."""
+    own = model.state_dict()
+    aliases = _aliases(model)
+    missing = [k for k in own if k not in state and not (k in aliases and aliases[k] in state)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(filter(None, [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
+                                         f"shape mismatch {shapes[:3]}" if shapes else ""]))
+        raise LlmkitError(f"the weights in {source} do not fit the model ({detail})",
+                          "check that the checkpoint and its config.json belong together (re-export or re-train it)")
+    with torch.no_grad():
+        for k, v in state.items():
+            if k not in aliases:
+                own[k].copy_(v.to(own[k].dtype))
+
+
+# --- our own folders ---------------------------------------------------------------------------------------
+
+
+def save_model(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `config.json`, `model.safetensors` (and the tokenizer) into `directory`, each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    aliases = _aliases(model)  # a tied tensor is written once, under its first name
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+    with io.atomic_open(directory / "model.safetensors", "wb") as f:
+        f.write(_safetensors_bytes(state))
+    io.write_json(directory / "config.json", {"format": FORMAT, **model.config.to_dict()})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def _safetensors_bytes(state: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(state, metadata={"format": "pt"})
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LlmkitError(f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it") from None
+
+
+def _load_own(directory: Path) -> torch.nn.Module:
+    from llmkit.model import build_model
+
+    raw = io.read_json(directory / "config.json")
+    raw.pop("format", None)
+    cfg = ModelConfig.from_dict(raw)
+    model = build_model(cfg, empty=True, **({"mlm_head": cfg.extra.get("mlm_head", True)} if cfg.family == "encoder" else {}))
+    load_state(model, read_safetensors(directory / "model.safetensors"), source=str(directory))
+    return model
+
+
+def _load_hf(directory: Path, hf: dict) -> torch.nn.Module:
+    from llmkit.model import build_model
+
+    cfg = config_from_hf(hf)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise LlmkitError(f"{directory} has no .safetensors weights", "convert the checkpoint to safetensors (llmkit never unpickles .bin files)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(read_safetensors(f))
+    mapped = map_hf_state_dict(cfg.extra["hf_model_type"], state)
+    kwargs = {}
+    if cfg.family == "encoder":
+        kwargs["mlm_head"] = "lm_head.weight" in mapped or "lm_head.bias" in mapped
+        cfg.extra["mlm_head"] = kwargs["mlm_head"]
+        if "classifier.1.weight" in mapped:
+            cfg.num_labels = mapped["classifier.1.weight"].shape[0]
+        if "lm_head.weight" not in mapped and "lm_head.bias" in mapped:
+            mapped["lm_head.weight"] = mapped["embed.tokens.weight"]
+    if cfg.family == "decoder" and "lm_head.weight" not in mapped:
+        cfg.tie_embeddings = True
+    if cfg.family == "encoder-decoder":
+        cfg.tie_embeddings = "lm_head.weight" not in mapped  # older T5 v1.1 files carry their own LM head
+    model = build_model(cfg, empty=True, **kwargs)
+    if cfg.family == "encoder" and model.pooler is None:
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("pooler")}  # BERT's pooler serves only its NSP head
+    load_state(model, mapped, source=str(directory))
+    return model
+
+
+# --- GGUF (llama.cpp) --------------------------------------------------------------------------------------
+
+
+def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp stores q/k rows interleaved for its RoPE layout; undo it for the `rotate_half` layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[torch.nn.Module, object]:
+    """A Llama-architecture GGUF file -> (Decoder with dequantized float32 weights, Tokenizer)."""
+    import gguf
+
+    from llmkit.model import build_model
+    from llmkit.tokenizer.pretrained import tokenizer_from_gguf_fields
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise LlmkitError(f"{path} is not a readable GGUF file ({e})", "the file is corrupt or truncated: re-download or re-install it") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise LlmkitError(f"GGUF architecture {arch!r} is not supported", "use a Llama-family GGUF (SmolLM2, Llama, TinyLlama, ...)")
+    g = lambda key, default=None: fields.get(f"llama.{key}", default)  # noqa: E731
+    tokens = fields["tokenizer.ggml.tokens"]
+    d, nh = g("embedding_length"), g("attention.head_count")
+    cfg = ModelConfig(family="decoder", vocab_size=g("vocab_size") or len(tokens), d_model=d, n_layers=g("block_count"), n_heads=nh,
+                      n_kv_heads=g("attention.head_count_kv") or nh, head_dim=g("attention.key_length") or d // nh,
+                      d_ff=g("feed_forward_length"), max_seq_len=g("context_length", 2048), position="rope",
+                      rope_theta=g("rope.freq_base", 10000.0), activation="swiglu", norm="rmsnorm",
+                      norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), norm_position="pre", bias=False,
+                      bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+                      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+                      extra={"source": "gguf", "name": fields.get("general.name")})
+    names = {"token_embd.weight": "embed.tokens.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "attn_norm.weight", "attn_q": "attn.q_proj.weight", "attn_k": "attn.k_proj.weight",
+                 "attn_v": "attn.v_proj.weight", "attn_output": "attn.o_proj.weight", "ffn_norm": "mlp_norm.weight",
+                 "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight"}
+    state = {}
+    for t in reader.tensors:
+        m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
+        ours = f"blocks.{m.group(1)}.{per_layer[m.group(2)]}" if m and m.group(2) in per_layer else names.get(t.name)
+        if ours is None:
+            continue  # e.g. rope_freqs: derived from the config
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(tuple(reversed([int(x) for x in t.shape])))
+        if m and m.group(2) == "attn_q":
+            w = _unpermute_qk(w, cfg.n_heads)
+        elif m and m.group(2) == "attn_k":
+            w = _unpermute_qk(w, cfg.n_kv_heads)
+        state[ours] = w
+    model = build_model(cfg, empty=True)
+    load_state(model, state, source=str(path))
+    return model, tokenizer_from_gguf_fields(fields, str(path))
+
+
+# --- the front door --------------------------------------------------------------------------------------
+
+
+def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None) -> torch.nn.Module:
+    """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a Hugging Face folder or a GGUF file.
+
+    Returns the model (in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None) attached.
+    """
+    from llmkit.tokenizer import Tokenizer
+
+    spec = str(name_or_path)
+    path = embedded_path(spec) if spec in EMBEDDED else Path(spec)
+    tokenizer = None
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and list(path.glob("*.gguf"))):
+        model, tokenizer = load_gguf(path if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))[0])
+    elif path.is_dir() and (path / "config.json").exists():
+        raw = io.read_json(path / "config.json")
+        model = _load_own(path) if raw.get("format") == FORMAT else _load_hf(path, raw)
+        if (path / "tokenizer.json").exists():
+            tokenizer = Tokenizer.load(path)
+    elif path.exists():
+        raise LlmkitError(f"{path} is neither a model folder (config.json + safetensors) nor a GGUF file", "point at a run folder, a Hugging Face folder or a .gguf file")
+    else:
+        raise LlmkitError(f"no model at {spec!r}", f"give a run folder, a Hugging Face folder, a .gguf file, or one of: {', '.join(EMBEDDED)}")
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}",
+                          "use the tokenizer that was saved with this model")
+    model.tokenizer = tokenizer
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+# --- export to Hugging Face ----------------------------------------------------------------------------------
+
+
+def hf_config_for(cfg: ModelConfig) -> dict:
+    """The Hugging Face config.json that describes our model, or an error naming what has no HF equivalent."""
+    gpt2_like = (cfg.family == "decoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "pre"
+                 and cfg.bias and cfg.activation in ("gelu_tanh", "gelu", "relu") and cfg.n_kv_heads == cfg.n_heads and cfg.tie_embeddings)
+    llama_like = (cfg.family == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.norm_position == "pre"
+                  and cfg.activation == "swiglu")
+    bert_like = (cfg.family == "encoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "post"
+                 and cfg.bias and cfg.embedding_norm and cfg.type_vocab_size > 0)
+    if gpt2_like:
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
+                "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len,
+                "activation_function": act, "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "tie_word_embeddings": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    if llama_like:
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+                "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
+                "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": cfg.bias,
+                "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": cfg.eos_token_id}
+    if bert_like:
+        act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
+        return {"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff,
+                "hidden_act": act, "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
+                "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                "pad_token_id": cfg.pad_token_id, "tie_word_embeddings": cfg.tie_embeddings}
+    raise LlmkitError(f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
+                      f"{cfg.activation})", "export GPT-2-like or Llama-like decoders and BERT-like encoders, or keep llmkit's own format")
+
+
+def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a Hugging Face folder (`config.json`, `model.safetensors`, tokenizer) that `transformers` loads as is."""
+    cfg = model.config
+    hf = hf_config_for(cfg)
+    t = hf["model_type"]
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    if t == "gpt2":
+        for name, v in state.items():
+            m = re.match(r"blocks\.(\d+)\.(.+)$", name)
+            if m:
+                i, rest = m.groups()
+                p = f"transformer.h.{i}."
+                if rest.startswith("attn.q_proj"):
+                    kind = rest.rsplit(".", 1)[1]
+                    parts = [state[f"blocks.{i}.attn.{x}_proj.{kind}"] for x in "qkv"]
+                    out[p + f"attn.c_attn.{kind}"] = torch.cat([w.t() for w in parts], dim=1) if kind == "weight" else torch.cat(parts)
+                elif rest.startswith(("attn.k_proj", "attn.v_proj")):
+                    continue
+                else:
+                    hf_rest = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
+                               "mlp.down_proj": "mlp.c_proj"}
+                    mod, kind = rest.rsplit(".", 1)
+                    out[p + f"{hf_rest[mod]}.{kind}"] = v.t() if kind == "weight" and mod not in ("attn_norm", "mlp_norm") else v
+            elif name == "embed.tokens.weight":
+                out["transformer.wte.weight"] = v
+            elif name == "embed.position.weight":
+                out["transformer.wpe.weight"] = v
+            elif name.startswith("norm."):
+                out["transformer.ln_f." + name.split(".")[1]] = v
+    else:
+        for name, v in state.items():
+            hf_name = _invert_name(t, name)
+            if hf_name is not None:
+                out[hf_name] = v
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+        out.pop("cls.predictions.decoder.weight", None)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with io.atomic_open(directory / "model.safetensors", "wb") as f:
+        f.write(_safetensors_bytes({k: v.contiguous() for k, v in out.items()}))
+    io.write_json(directory / "config.json", hf)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def _invert_name(model_type: str, name: str) -> str | None:
+    """Our parameter name -> the Hugging Face name (Llama and BERT: one-to-one renames)."""
+    if model_type == "llama":
+        rules = [(r"embed\.tokens\.weight", "model.embed_tokens.weight"), (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+                 (r"blocks\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+                 (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+                 (r"blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+                 (r"norm\.weight", "model.norm.weight"), (r"lm_head\.weight", "lm_head.weight")]
+    else:  # bert
+        rules = [(r"embed\.tokens\.weight", "bert.embeddings.word_embeddings.weight"),
+                 (r"embed\.position\.weight", "bert.embeddings.position_embeddings.weight"),
+                 (r"embed\.token_type\.weight", "bert.embeddings.token_type_embeddings.weight"),
+                 (r"embed\.norm\.(weight|bias)", r"bert.embeddings.LayerNorm.\1"),
+                 (r"blocks\.(\d+)\.attn\.q_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.query.\2"),
+                 (r"blocks\.(\d+)\.attn\.k_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.key.\2"),
+                 (r"blocks\.(\d+)\.attn\.v_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.value.\2"),
+                 (r"blocks\.(\d+)\.attn\.o_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.output.dense.\2"),
+                 (r"blocks\.(\d+)\.attn_norm\.(weight|bias)", r"bert.encoder.layer.\1.attention.output.LayerNorm.\2"),
+                 (r"blocks\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"bert.encoder.layer.\1.intermediate.dense.\2"),
+                 (r"blocks\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"bert.encoder.layer.\1.output.dense.\2"),
+                 (r"blocks\.(\d+)\.mlp_norm\.(weight|bias)", r"bert.encoder.layer.\1.output.LayerNorm.\2"),
+                 (r"pooler\.0\.(weight|bias)", r"bert.pooler.dense.\1"),
+                 (r"mlm_transform\.0\.(weight|bias)", r"cls.predictions.transform.dense.\1"),
+                 (r"mlm_transform\.2\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
+                 (r"lm_head\.weight", "cls.predictions.decoder.weight"), (r"lm_head\.bias", "cls.predictions.bias")]
+    for pattern, template in rules:
+        m = re.match(pattern + "$", name)
+        if m:
+            return m.expand(template)
+    return None

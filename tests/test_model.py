@@ -1,0 +1,285 @@
+"""The transformer against the references: `transformers` on tiny random configs and on the real embedded models,
+KV-cache decoding against a full forward pass, causality, padding, export round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.errors import LlmkitError
+from llmkit.model import KVCache, ModelConfig, build_model, preset
+from llmkit.model.weights import export_hf, save_model
+
+torch.manual_seed(0)
+TOL = 1e-4
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _ids(vocab: int, shape=(2, 12), seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- equality with transformers on tiny random configs ---------------------------------------------------
+
+
+def test_gpt2_equals_transformers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    ids = _ids(101)
+    with torch.no_grad():
+        assert _max_diff(ours(ids), ref(ids).logits) <= TOL
+
+
+def test_llama_with_gqa_equals_transformers(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=False)
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    assert ours.config.n_kv_heads == 2 and ours.config.rope_theta == 500.0 and not ours.config.tie_embeddings
+    ids = _ids(101, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding
+    with torch.no_grad():
+        assert _max_diff(ours(ids), ref(ids).logits) <= TOL
+        assert _max_diff(ours(ids, attention_mask=mask)[1, :15], ref(ids, attention_mask=mask).logits[1, :15]) <= TOL
+
+
+@pytest.mark.parametrize("head", ["mlm", "none"])
+def test_bert_equals_transformers(tmp_path, head):
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    cfg = BertConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     max_position_embeddings=64)
+    ref = (BertForMaskedLM(cfg) if head == "mlm" else BertModel(cfg, add_pooling_layer=False)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    ids = _ids(101, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 8:] = 1
+    with torch.no_grad():
+        theirs = ref(ids, attention_mask=mask, token_type_ids=types)
+        theirs = theirs.logits if head == "mlm" else theirs.last_hidden_state
+        mine = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert mine.shape == theirs.shape
+    assert _max_diff(mine[0, :10], theirs[0, :10]) <= TOL and _max_diff(mine[1], theirs[1]) <= TOL
+
+
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+def test_t5_equals_transformers(tmp_path, ff):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=101, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=3, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj=ff,
+                   tie_word_embeddings=(ff == "relu"), decoder_start_token_id=0)
+    ref = T5ForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    src, tgt = _ids(101, (2, 30)), _ids(101, (2, 25), seed=1)
+    mask = torch.ones_like(src)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        theirs = ref(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+        assert _max_diff(ours(src, tgt, attention_mask=mask), theirs) <= TOL
+
+
+# --- the real embedded models ----------------------------------------------------------------------------
+
+SENTENCES = ["A man is eating food.", "A man is riding a horse.", "The new movie is awesome!", "Shall I compare thee to a summer's day?",
+             "Ein Mann isst Essen.", "Le café est très bon, n'est-ce pas ?", "🤗 emoji and numbers 12345"]
+
+
+@pytest.mark.slow
+def test_minilm_sentence_embeddings_equal_sentence_transformers():
+    from sentence_transformers import SentenceTransformer
+
+    from llmkit.embedded import embedded_path
+
+    model = llmkit.load("minilm")
+    tok = model.tokenizer
+    batch = [tok.encode(s, add_special_tokens=True) for s in SENTENCES]
+    width = max(map(len, batch))
+    ids = torch.tensor([b + [tok.pad_id] * (width - len(b)) for b in batch])
+    mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+    with torch.no_grad():
+        ours = model.embed_sentences(ids, mask, pooling="mean", normalize=True)
+    theirs = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+    cos = torch.nn.functional.cosine_similarity(ours, theirs.cpu(), dim=-1)
+    assert cos.min().item() >= 0.9999, cos
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_equals_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.embedded import embedded_path
+
+    path = embedded_path("smollm2")
+    ours = llmkit.load("smollm2")
+    theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = ours.tokenizer
+    prompts = ["The capital of France is", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+               "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"]
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok.encode(p)])
+            assert _max_diff(ours(ids), theirs(ids).logits) <= 1e-3, p
+    assert tok.decode([ours(torch.tensor([tok.encode(prompts[0])]))[0, -1].argmax().item()]) == " Paris"
+
+
+# --- decoding, causality, padding --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama", "tiny-vaswani", "tiny-t5"])
+def test_kv_cache_decoding_equals_full_forward(name):
+    cfg = preset(name, vocab_size=97, d_model=64, n_heads=4, n_kv_heads=2 if name == "tiny-llama" else None, max_seq_len=64)
+    model = build_model(cfg).eval()
+    ids = _ids(97, (2, 24))
+    with torch.no_grad():
+        if cfg.family == "decoder":
+            full = model(ids)
+            cache = model.new_cache(2, 40)
+            steps = [model(ids[:, :10], cache=cache)]  # a prompt, then one token at a time
+            steps += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 24)]
+        else:
+            src = _ids(97, (2, 15), seed=3)
+            enc, _ = model.encode(src)
+            full = model(src, ids)
+            cache = model.new_cache(2, 40)
+            steps = [model.decode(ids[:, :10], enc, cache=cache)[0]]
+            steps += [model.decode(ids[:, t:t + 1], enc, cache=cache)[0] for t in range(10, 24)]
+    assert cache.pos == 24
+    assert _max_diff(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama", "tiny-vaswani"])
+def test_a_future_token_never_changes_an_earlier_output(name):
+    cfg = preset(name, vocab_size=97, d_model=64, n_heads=4, max_seq_len=64)
+    model = build_model(cfg).eval()
+    a = _ids(97, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % 97
+    with torch.no_grad():
+        if cfg.family == "decoder":
+            out_a, out_b = model(a), model(b)
+        else:
+            src = _ids(97, (1, 8), seed=5)
+            out_a, out_b = model(src, a), model(src, b)
+    assert _max_diff(out_a[:, :10], out_b[:, :10]) == 0.0
+    assert _max_diff(out_a[:, 10:], out_b[:, 10:]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt", "tiny-t5"])
+def test_padding_never_changes_the_unpadded_positions(name):
+    cfg = preset(name, vocab_size=97, d_model=64, n_heads=4, max_seq_len=64)
+    model = build_model(cfg).eval()
+    real = _ids(97, (1, 9))
+    padded = torch.cat([real, torch.full((1, 5), 3)], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 5)], dim=1).long()
+    with torch.no_grad():
+        if cfg.family == "encoder-decoder":
+            tgt = _ids(97, (1, 6), seed=2)
+            assert _max_diff(model(real, tgt), model(padded, tgt, attention_mask=mask)) <= 1e-5
+        else:
+            assert _max_diff(model(real), model(padded, attention_mask=mask)[:, :9]) <= 1e-5
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    model = build_model(preset("tiny-llama", vocab_size=97, d_model=64, n_heads=4, max_seq_len=64)).eval()
+    short, long = _ids(97, (1, 6)), _ids(97, (1, 10), seed=1)
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])  # (2, 10), row 0 left-padded
+    mask = torch.tensor([[0] * 4 + [1] * 6, [1] * 10])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=positions)
+        assert _max_diff(out[0, 4:], model(short)[0]) <= 1e-5 and _max_diff(out[1], model(long)[0]) <= 1e-5
+
+
+def test_attention_maps_match_the_fast_path_and_are_distributions():
+    model = build_model(preset("tiny-llama", vocab_size=97, d_model=64, n_heads=4, max_seq_len=64)).eval()
+    ids = _ids(97, (1, 12))
+    with torch.no_grad():
+        maps = model.attention_maps(ids)
+        slow, _ = model.hidden_states(ids, need_weights=True)
+        fast, _ = model.hidden_states(ids)
+    assert len(maps) == 6 and maps[0].shape == (1, 4, 12, 12)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(1, 4, 12), atol=1e-5)
+    assert maps[0][0, :, 0, 1:].abs().max() == 0  # causal: the first token sees only itself
+    assert _max_diff(slow, fast) <= 1e-5
+
+
+# --- presets, sizes, files ------------------------------------------------------------------------------
+
+
+def test_presets_build_and_gpt2_has_the_published_124m_parameters():
+    assert preset("gpt2").param_count() == 124_439_808
+    assert preset("t5").param_count() == 60_506_624  # t5-small
+    assert preset("llama").param_count() == 6_738_415_616  # Llama-2-7B
+    assert preset("smollm2-135m").param_count() == 134_515_008
+    flops = preset("gpt2").flops_per_token(1024)
+    assert flops["train"] == 6 * flops["matmul_params"] + 12 * 12 * 768 * 1024
+    with pytest.raises(LlmkitError, match="unknown preset"):
+        preset("gpt5")
+    with pytest.raises(LlmkitError, match="not a multiple"):
+        ModelConfig(n_heads=6, n_kv_heads=4, d_model=96)
+
+
+@pytest.mark.parametrize("name, hf_class", [("tiny-gpt", "GPT2LMHeadModel"), ("tiny-llama", "LlamaForCausalLM"), ("tiny-bert", "BertForMaskedLM")])
+def test_export_round_trip_through_transformers(tmp_path, name, hf_class):
+    import transformers
+
+    cfg = preset(name, vocab_size=97, d_model=64, n_heads=4, max_seq_len=64)
+    model = build_model(cfg).eval()
+    export_hf(model, tmp_path)
+    ref = getattr(transformers, hf_class).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = _ids(97, (2, 16))
+    with torch.no_grad():
+        assert _max_diff(model(ids), ref(ids).logits) <= TOL
+        assert _max_diff(llmkit.load(tmp_path)(ids), model(ids)) <= TOL
+
+
+def test_export_refuses_architectures_transformers_lacks(tmp_path):
+    with pytest.raises(LlmkitError, match="no Hugging Face architecture"):
+        export_hf(build_model(preset("tiny-vaswani", vocab_size=97, d_model=64)), tmp_path)
+
+
+def test_own_format_round_trip_and_bad_files(tmp_path, tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-t5", vocab_size=tok.vocab_size, d_model=64, n_heads=4)).eval()
+    save_model(model, tmp_path / "run", tokenizer=tok)
+    loaded = llmkit.load(tmp_path / "run")
+    src, tgt = _ids(tok.vocab_size, (1, 8)), _ids(tok.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert _max_diff(loaded(src, tgt), model(src, tgt)) == 0.0
+    assert loaded.tokenizer.fingerprint() == tok.fingerprint() and not loaded.training
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(LlmkitError, match="not a readable safetensors"):
+        llmkit.load(tmp_path / "run")
+    with pytest.raises(LlmkitError, match="no model at"):
+        llmkit.load(tmp_path / "nothing")
+    small = build_model(preset("tiny-gpt", vocab_size=300, d_model=64, n_heads=4))
+    save_model(small, tmp_path / "small", tokenizer=tok)
+    with pytest.raises(LlmkitError, match="tokenizer has .* tokens but the model only 300"):
+        llmkit.load(tmp_path / "small")
+
+
+def test_inputs_longer_than_the_context_or_outside_the_vocabulary_are_refused():
+    model = build_model(preset("tiny-gpt", vocab_size=97, d_model=64, n_heads=4, max_seq_len=16))
+    with pytest.raises(LlmkitError, match="longer than the model's context of 16"):
+        model(_ids(97, (1, 17)))
+    with pytest.raises(LlmkitError, match="outside the model's vocabulary"):
+        model(torch.tensor([[5, 200]]))
+    cache = KVCache.for_model(model.config, 1, 4)
+    with pytest.raises(ValueError, match="full"):
+        model(_ids(97, (1, 5)), cache=cache)
