@@ -12,10 +12,11 @@ from llmkit.cli import build_parser, parse_args
 
 def test_help_lists_the_lifecycle_and_every_subcommand_has_examples():
     out = run_cli("--help").stdout
-    for command in ("tokenizer", "data", "demo"):
+    for command in ("tokenizer", "data", "model", "attention", "demo"):
         assert command in out
     for args in (["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "decode"], ["tokenizer", "info"],
-                 ["tokenizer", "compare"], ["data"], ["data", "prepare"], ["data", "info"], ["demo"]):
+                 ["tokenizer", "compare"], ["data"], ["data", "prepare"], ["data", "info"], ["model"], ["model", "info"],
+                 ["model", "export"], ["attention"], ["demo"]):
         assert "examples:" in run_cli(*args, "--help").stdout, args
 
 
@@ -108,3 +109,41 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "| byte-bpe |" in report and "validation tokens" in report
+
+
+def test_model_info_prints_every_preset_and_gpt2_has_124m():
+    out = run_cli("model", "info", "gpt2", "--json").stdout
+    row = json.loads(out)
+    assert row["params"] == 124_439_808 and row["flops_per_token_train"] > 6 * 124e6
+    table = run_cli("model", "info", "--all").stdout
+    for name in ("vaswani", "gpt2", "llama", "bert", "t5", "tiny-gpt", "tiny-llama", "tiny-bert", "tiny-t5"):
+        assert name in table
+    assert "124,439,808" in table
+    proc = run_cli("model", "info", "gpt5", check=False)
+    assert proc.returncode == 1 and "no model at 'gpt5'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_attention_writes_a_grid_png(tmp_path):
+    out = tmp_path / "attn.png"
+    proc = run_cli("attention", "--model", "minilm", "--layers", "0,5", "--heads", "0-3", "The cat sat on the mat.", "--out", str(out))
+    assert "6 layers x 12 heads" in proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_cli("attention", "--model", "minilm", "--layers", "9", "hi", "--out", str(out), check=False)
+    assert bad.returncode == 1 and "layer 9 does not exist" in bad.stderr
+
+
+@pytest.mark.slow
+def test_model_export_of_minilm_loads_in_transformers(tmp_path):
+    import torch
+    from transformers import BertModel
+
+    import llmkit
+
+    run_cli("model", "export", "--model", "minilm", "--out", str(tmp_path / "hf"))
+    ref = BertModel.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = llmkit.load("minilm")
+    ids = torch.tensor([ours.tokenizer.encode("Exported and loaded back.", add_special_tokens=True)])
+    with torch.no_grad():
+        assert (ref(ids).last_hidden_state - ours(ids)).abs().max().item() <= 1e-4
+    assert (tmp_path / "hf" / "tokenizer.json").exists()

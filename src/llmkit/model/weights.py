@@ -413,6 +413,8 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=No
     cfg = model.config
     hf = hf_config_for(cfg)
     t = hf["model_type"]
+    if t == "bert" and getattr(model, "lm_head", None) is None:
+        hf["architectures"] = ["BertModel"]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     if t == "gpt2":
