@@ -20,6 +20,8 @@ the lifecycle:
   tokenizer   train, inspect and compare tokenizers (word, char, bpe, wordpiece, byte-bpe, unigram)
   data        turn a corpus into token shards (clean, de-duplicate, split, tokenize)
   model       presets, parameter counts and FLOPs, export to Hugging Face format
+  pretrain    train a decoder (causal LM), encoder (masked LM) or encoder-decoder (span corruption) from scratch
+  eval        evaluate a model: perplexity and bits per byte on a text file
   attention   draw a model's attention maps for a sentence (layers x heads)
   demo        run every stage end to end on the embedded defaults
 
@@ -154,6 +156,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="layers to draw: '0,3,5' or '0-5' (default: all)")
     p.add_argument("--heads", default=None, help="heads to draw: '0,1' or '0-3' (default: all)")
     p.add_argument("--out", default="attention.png", help="the PNG to write (default: attention.png)")
+
+    # --- pretrain --------------------------------------------------------------------------------
+    from llmkit.train.pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = _sub(commands, "pretrain", "pretrain a model from random weights (causal LM, masked LM or span corruption)",
+             ("llmkit pretrain                                   # a small GPT on Shakespeare, about five minutes on 2 cores",
+              "llmkit pretrain --family encoder --budget 2m --out runs/bert",
+              "llmkit pretrain --family encoder-decoder --preset tiny-t5 --budget 1000steps --out runs/t5",
+              "llmkit pretrain --data runs/data --preset gpt2 --block-size 1024 --batch-size 16 --precision bf16 --compile",
+              "llmkit pretrain --out runs/gpt --resume          # continue a killed run exactly",
+              "torchrun --nproc_per_node 2 -m llmkit pretrain --batch-size 16 --out runs/ddp"), cmd_pretrain)
+    p.add_argument("--family", default=d.family, choices=["decoder", "encoder", "encoder-decoder"], help="model family (default: decoder)")
+    p.add_argument("--preset", default=None, help="model preset (default: tiny-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`")
+    p.add_argument("--d-model", type=int, default=None, help="override the preset's width")
+    p.add_argument("--n-layers", type=int, default=None, help="override the preset's depth")
+    p.add_argument("--n-heads", type=int, default=None, help="override the preset's number of heads")
+    p.add_argument("--data", default=d.data, help="a prepared shard folder, or a source to prepare: shakespeare (default), files, a glob")
+    p.add_argument("--tokenizer-kind", default=d.tokenizer_kind, help="tokenizer trained when --data is a source (default: byte-bpe)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"its vocabulary (default: {d.vocab_size})")
+    p.add_argument("--block-size", type=int, default=d.block_size, help=f"context length in tokens (default: {d.block_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per process and micro-step (default: {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step (default: 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a share of the peak (default: 0.1)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"warmup steps (default: {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices (default: 0.1)")
+    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (0: off; default: 1.0)")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--budget", default=d.budget, help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m)")
+    p.add_argument("--patience", type=int, default=d.patience, help="stop after N evaluations without improvement (0: never)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"evaluate every N steps (default: {d.eval_every})")
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help=f"validation windows per evaluation (default: {d.eval_windows})")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: bf16 where the hardware has it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: datasheet for known GPUs, else measured)")
+    p.add_argument("--no-samples", action="store_true", help="do not generate samples at each evaluation")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    # --- eval ------------------------------------------------------------------------------------
+    ev = commands.add_parser("eval", help="evaluate models", description="Evaluate models.",
+                             epilog=_examples("llmkit eval perplexity --model smollm2 --file hamlet.txt --window 512",
+                                              "llmkit eval perplexity --model runs/pretrain --file shakespeare:hamlet --window 128 --stride 64 --json"),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev_cmds = ev.add_subparsers(title="eval commands", metavar="ACTION")
+    ev.set_defaults(_parser=ev, _handler=None)
+    p = _sub(ev_cmds, "perplexity", "perplexity and bits per byte of a decoder on a text",
+             ("llmkit eval perplexity --model smollm2 --file hamlet.txt --window 512",
+              "llmkit eval perplexity --model runs/pretrain --file shakespeare:hamlet --window 128 --stride 64 --json"), cmd_eval_perplexity)
+    p.add_argument("--model", default="smollm2", help="a decoder: run folder, Hugging Face folder, GGUF, smollm2")
+    p.add_argument("--file", default=None, help="the text: a file, or any --source form (e.g. shakespeare:hamlet) (required)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--stride", type=int, default=None, help="start a window every S tokens (default: the window, no overlap)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     # --- demo ----------------------------------------------------------------------------------
     p = _sub(commands, "demo", "run the lifecycle end to end on the embedded defaults (Shakespeare)",
@@ -401,6 +466,51 @@ def cmd_attention(args) -> None:
     plot_attention(labels, maps, args.out, layers=_index_list(args.layers), heads=_index_list(args.heads),
                    title=f"{args.model}: attention of {len(labels)} tokens")
     print(f"{len(maps)} layers x {maps[0].shape[0]} heads, {len(labels)} tokens -> {args.out}")
+
+
+def cmd_pretrain(args) -> None:
+    import dataclasses
+
+    from llmkit.train.pretrain import PretrainConfig, pretrain
+
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["samples"] = not args.no_samples
+    pretrain(PretrainConfig(**values), log=lambda m: _console().print(m))
+
+
+def cmd_eval_perplexity(args) -> None:
+    import llmkit
+    from llmkit.evaluate.perplexity import score_tokens, summarize
+
+    if not args.file:
+        raise LlmkitError("`llmkit eval perplexity` needs --file", "e.g. --file hamlet.txt or --file shakespeare:hamlet")
+    model = llmkit.load(args.model)
+    if model.config.family != "decoder":
+        raise LlmkitError(f"perplexity needs a decoder; {args.model} is a {model.config.family}", "use a decoder model")
+    if model.tokenizer is None:
+        raise LlmkitError(f"{args.model} has no tokenizer", "use a model folder with tokenizer.json")
+    if args.window > model.config.max_seq_len:
+        raise LlmkitError(f"window {args.window} is longer than the model's context of {model.config.max_seq_len}",
+                          f"use --window {model.config.max_seq_len} or less")
+    from llmkit.data.sources import read_source
+
+    text = "\n\n".join(read_source(args.file).texts)
+    ids = model.tokenizer.encode(text)
+    if args.max_tokens:
+        text = model.tokenizer.decode(ids[: args.max_tokens])
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise LlmkitError("the text has fewer than 2 tokens", "give a longer text")
+    nats, count = score_tokens(model, ids, args.window, args.stride, batch_size=args.batch_size)
+    n_bytes = len(text.encode("utf-8")) * count / max(len(ids) - 1, 1)  # the bytes of the scored share of the text
+    out = {"model": args.model, "file": args.file, "window": args.window, "stride": args.stride or args.window,
+           **summarize(nats, count, n_bytes)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['tokens']:,} tokens scored: {out['nats_per_token']:.4f} nats/token, perplexity {out['perplexity']:.3f}, "
+              f"{out['bits_per_byte']:.4f} bits per byte")
 
 
 def cmd_demo(args) -> None:

@@ -1,0 +1,72 @@
+"""Perplexity and bits per byte of a decoder on a token stream: the one evaluation the trainer and
+`llmkit eval perplexity` share.
+
+Windows of N tokens start every S tokens. With S = N (no overlap) each window scores every token but its first,
+which has no context. With S < N every token after the first of the stream is scored exactly once, by the first
+window that holds it with context before it:
+
+    stream   t0 t1 t2 t3 t4 t5 t6 t7 t8          N = 4, S = 2
+    window   [t0 t1 t2 t3]                        scores t1 t2 t3
+                   [t2 t3 t4 t5]                  scores t4 t5 (t3 was scored with less context)
+                         [t4 t5 t6 t7]            scores t6 t7
+                               [t6 t7 t8]         scores t8
+
+nats/token is the mean negative log-likelihood; perplexity = exp(nats/token); bits per byte = total nats / ln 2 /
+the UTF-8 bytes of the text scored, which compares models across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_plan(n_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, n_scored) of each window: the last n_scored tokens of [start, end) are scored."""
+    stride = stride or window
+    if stride > window:
+        raise ValueError("the stride cannot be longer than the window")
+    plan, scored_to = [], 1  # token 0 has no context
+    start = 0
+    while scored_to < n_tokens:
+        end = min(start + window, n_tokens)
+        if end - start >= 2 and end > scored_to:
+            plan.append((start, end, end - max(scored_to, start + 1)))
+            scored_to = end
+        if end == n_tokens:
+            break
+        start += stride
+    return plan
+
+
+@torch.no_grad()
+def score_tokens(model, ids, window: int, stride: int | None = None, *, batch_size: int = 8, max_windows: int | None = None,
+                 autocast_dtype=None) -> tuple[float, int]:
+    """(total nats, tokens scored) of a decoder on the 1-D token sequence `ids`."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    plan = window_plan(len(ids), window, stride)[:max_windows]
+    nats, count = 0.0, 0
+    for i in range(0, len(plan), batch_size):
+        group = plan[i:i + batch_size]
+        width = max(e - s for s, e, _ in group) - 1  # a window of N tokens is N - 1 inputs predicting N - 1 next tokens
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        targets = torch.full((len(group), width), -100, dtype=torch.long)
+        for r, (s, e, n) in enumerate(group):
+            x[r, :e - s - 1] = ids[s:e - 1]
+            targets[r, e - s - 1 - n:e - s - 1] = ids[e - n:e]  # input position p predicts token p + 1
+        x, targets = x.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x)  # (b, width, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+        nats += loss.item()
+        count += int((targets != -100).sum())
+    return nats, count
+
+
+def summarize(nats: float, tokens: int, n_bytes: float) -> dict:
+    per_token = nats / max(tokens, 1)
+    return {"tokens": tokens, "nats_per_token": per_token, "perplexity": math.exp(min(per_token, 700)),
+            "bits_per_byte": nats / math.log(2) / max(n_bytes, 1e-9), "bytes": n_bytes}

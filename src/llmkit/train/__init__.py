@@ -1,0 +1,1 @@
+"""Training: the pretraining objectives, the trainer recipe, checkpoints that resume exactly."""

@@ -1,0 +1,108 @@
+"""Checkpoints that a kill at any moment cannot spoil, and that resume a run exactly.
+
+    run/checkpoint/        model.safetensors       weights
+                           optimizer.safetensors   AdamW moments and step counts, the torch RNG state
+                           state.json              step, tokens, elapsed time, best validation loss, optimizer
+                                                   hyper-parameters, model config, tokenizer fingerprint, and the
+                                                   SHA-256 of both tensor files (checked on resume)
+
+A new checkpoint is written to `checkpoint.tmp/`, then swapped in by two renames (the old one becomes
+`checkpoint.prev/` until the new one is in place). Resume takes `checkpoint/`, else `checkpoint.prev/`.
+No pickle anywhere: tensors in safetensors, the rest in JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmkit import io
+from llmkit.errors import LlmkitError
+
+NAMES = ("model.safetensors", "optimizer.safetensors", "state.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    with io.atomic_open(path, "wb") as f:
+        f.write(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+def flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for idx, st in opt_state["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(rest["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_state: dict, state: dict) -> Path:
+    run_dir = Path(run_dir)
+    tmp, final, prev = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.prev"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_tensors(tmp / "model.safetensors", model_state)
+    opt_tensors, opt_rest = flatten_optimizer(optimizer_state)
+    opt_tensors["rng.torch"] = torch.get_rng_state()
+    _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    state = dict(state, optimizer=opt_rest, sha256={n: _sha256(tmp / n) for n in NAMES[:2]})
+    io.write_json(tmp / "state.json", state)
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+    os.replace(tmp, final)
+    shutil.rmtree(prev, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    run_dir = Path(run_dir)
+    for name in ("checkpoint", "checkpoint.prev"):
+        if (run_dir / name / "state.json").exists():
+            return run_dir / name
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state_dict, run state), every file checked against its recorded hash."""
+    from safetensors.torch import load_file
+
+    try:
+        state = io.read_json(path / "state.json")
+    except (ValueError, OSError) as e:
+        raise LlmkitError(f"checkpoint {path} is corrupt: state.json does not read ({e})", "start the run again without --resume") from None
+    for name in NAMES[:2]:
+        file = path / name
+        if not file.exists() or _sha256(file) != state.get("sha256", {}).get(name):
+            raise LlmkitError(f"checkpoint {path} is corrupt: {name} is missing or does not match its recorded hash",
+                              "start the run again without --resume, or restore the checkpoint folder")
+    model_state = load_file(str(path / "model.safetensors"))
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    rng = opt_tensors.pop("rng.torch")
+    state["rng_torch"] = rng
+    return model_state, unflatten_optimizer(opt_tensors, state.pop("optimizer")), state
