@@ -67,6 +67,10 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _write_tensors(tmp / "model.safetensors", model_state)
+    if final.exists() and os.environ.get("LLMKIT_TEST_CHECKPOINT_PAUSE"):  # test hook: stall mid-write so a test can kill -9 here
+        import time
+
+        time.sleep(float(os.environ["LLMKIT_TEST_CHECKPOINT_PAUSE"]))
     opt_tensors, opt_rest = flatten_optimizer(optimizer_state)
     opt_tensors["rng.torch"] = torch.get_rng_state()
     _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
