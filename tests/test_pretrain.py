@@ -231,10 +231,13 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(small_d
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data, tmp_path, sharding):
     run_cli(*_pretrain_cmd(small_data, tmp_path / "one", "--budget", "10steps", "--batch-size", "8"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                           "-m", "llmkit", *_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--batch-size", "4")],
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    port = "29517" if sharding == "ddp" else "29518"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                           "-m", "llmkit", *_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--batch-size", "4", *extra)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
@@ -242,6 +245,9 @@ def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data,
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4), step
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["world_size"] == 2
+    m1, m2 = llmkit.load(tmp_path / "one"), llmkit.load(tmp_path / "two")  # the final weights, gathered whole under FSDP
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(v1, v2, atol=1e-4), k
 
 
 @pytest.mark.slow

@@ -212,12 +212,13 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source
 # --- our own folders ---------------------------------------------------------------------------------------
 
 
-def save_model(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write `config.json`, `model.safetensors` (and the tokenizer) into `directory`, each atomically."""
+def save_model(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=None, state: dict | None = None) -> Path:
+    """Write `config.json`, `model.safetensors` (and the tokenizer) into `directory`, each atomically.
+    `state` replaces `model.state_dict()` (e.g. the full weights gathered from a sharded model)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     aliases = _aliases(model)  # a tied tensor is written once, under its first name
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items() if k not in aliases}
     with io.atomic_open(directory / "model.safetensors", "wb") as f:
         f.write(_safetensors_bytes(state))
     io.write_json(directory / "config.json", {"format": FORMAT, **model.config.to_dict()})

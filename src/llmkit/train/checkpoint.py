@@ -42,22 +42,23 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    """An optimizer state_dict -> (tensors for safetensors, JSON-able rest). Parameters are keyed by index (a plain
+    optimizer) or by name (FSDP2's full state dict); `::` separates the key from the state's field."""
     tensors, scalars = {}, {}
     for idx, st in opt_state["state"].items():
         for key, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
+                tensors[f"{idx}::{key}"] = value.full_tensor() if hasattr(value, "full_tensor") else value
             else:
-                scalars[f"{idx}.{key}"] = value
+                scalars[f"{idx}::{key}"] = value
     return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in list(tensors.items()) + list(rest["scalars"].items()):
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        idx, key = name.split("::", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[key] = value
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

@@ -438,30 +438,37 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     objective = Objective(cfg, tok, d.rank)
     loader = WindowLoader(data_dir, "train", window=objective.window, batch_size=cfg.batch_size, seed=cfg.seed,
                           rank=d.rank, world_size=d.world)
-    optimizer = make_optimizer(model, cfg, d.device)
     step, tokens_seen, elapsed_before, best_val, bad_evals = 0, 0, 0.0, float("inf"), 0
+    opt_state = None
     if ckpt_path is not None:
         model_state, opt_state, state = load_checkpoint(ckpt_path)
         if state["model_config"] != mcfg.to_dict() or state["tokenizer"] != tok.fingerprint():
             raise LlmkitError(f"the checkpoint in {ckpt_path} belongs to another model or tokenizer than this command builds",
                               "resume with the same options as the original run (its train_config.json lists them)")
-        load_state(model, model_state, source=str(ckpt_path))
-        optimizer.load_state_dict(opt_state)
+        load_state(model, model_state, source=str(ckpt_path))  # full weights, before any sharding
         torch.set_rng_state(state["rng_torch"])
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
         say(f"resumed from {ckpt_path} at step {step}")
     amp = autocast_dtype(cfg.precision, d.device)
     train_model = model
-    if d.world > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+    sharded = d.world > 1 and cfg.fsdp
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
 
-            for block in getattr(model, "blocks", []) or []:
-                fully_shard(block)
-            train_model = fully_shard(model)
+        for block in getattr(model, "blocks", []) or []:
+            fully_shard(block)
+        train_model = fully_shard(model)
+    elif d.world > 1:
+        train_model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    optimizer = make_optimizer(model, cfg, d.device)  # after sharding: FSDP2 replaces the parameters
+    if opt_state is not None:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(train_model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
-            train_model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+            optimizer.load_state_dict(opt_state)
     if cfg.compile:
         train_model = torch.compile(train_model)
     flops = mcfg.flops_per_token(cfg.block_size)["train"]
@@ -475,15 +482,17 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         f"context {cfg.block_size}, {tokens_per_step:,} tokens/step, {d.world} process(es) on {d.device.type}, "
         f"precision {amp or 'fp32'}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
-    def checkpoint():
-        if d.world > 1 and cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    def full_state():
+        """(model state, optimizer state), gathered whole on every rank when the model is sharded."""
+        if not sharded:
+            return model.state_dict(), optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(train_model, options=opts)
-            opt_state = get_optimizer_state_dict(train_model, optimizer, options=opts)
-        else:
-            model_state, opt_state = model.state_dict(), optimizer.state_dict()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(train_model, options=opts), get_optimizer_state_dict(train_model, optimizer, options=opts)
+
+    def checkpoint():
+        model_state, opt_state = full_state()
         if d.main:
             aliases = _aliases(model)
             save_checkpoint(run_dir, model_state={k: v for k, v in model_state.items() if k not in aliases}, optimizer_state=opt_state,
@@ -543,7 +552,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             if evaluating:
                 last_val = evaluate(model, objective, cfg, data_dir, meta, d, amp)
                 metrics.log({"step": step, "split": "val", **last_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
-                if cfg.family == "decoder" and cfg.samples and d.main and not cfg.fsdp:
+                if cfg.family == "decoder" and cfg.samples and d.main and not sharded:
                     text = sample_text(model, tok, data_dir, cfg)
                     metrics.log({"step": step, "split": "sample", "text": text})
                     _append_sample(run_dir, step, text)
@@ -566,6 +575,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     if step % cfg.eval_every:
         metrics.log({"step": step, "split": "val", **final_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
     checkpoint()
+    final_state = full_state()[0]
     train_rows = [r for r in metrics.rows if r.get("split") == "train"]
     summary = {"stop_reason": stop_reason, "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 1),
                "tokens_per_s": tokens_seen / max(elapsed - elapsed_before, 1e-9) if step else 0.0,
@@ -573,8 +583,8 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                "val_loss": final_val["loss"], "val_ppl": final_val["ppl"], "val_bpb": final_val["bpb"], "parameters": n_params,
                "family": cfg.family, "preset": cfg.preset or DEFAULT_PRESETS[cfg.family], "world_size": d.world}
     if d.main:
-        save_model(model, run_dir, tokenizer=tok)
-        if cfg.family == "decoder" and cfg.samples and not cfg.fsdp:
+        save_model(model, run_dir, tokenizer=tok, state=final_state)
+        if cfg.family == "decoder" and cfg.samples and not sharded:
             summary["sample"] = sample_text(model, tok, data_dir, cfg)
         metrics.plot(run_dir / "loss.png")
         _write_report(run_dir, summary)
