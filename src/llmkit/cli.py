@@ -22,6 +22,8 @@ the lifecycle:
   model       presets, parameter counts and FLOPs, export to Hugging Face format
   pretrain    train a decoder (causal LM), encoder (masked LM) or encoder-decoder (span corruption) from scratch
   eval        evaluate a model: perplexity and bits per byte on a text file
+  generate    continue prompts (or answer them through the chat template), for scripts
+  chat        talk with a model in the terminal (SmolLM2-135M-Instruct by default), streaming
   attention   draw a model's attention maps for a sentence (layers x heads)
   demo        run every stage end to end on the embedded defaults
 
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
               "llmkit pretrain --out runs/gpt --resume          # continue a killed run exactly",
               "torchrun --nproc_per_node 2 -m llmkit pretrain --batch-size 16 --out runs/ddp"), cmd_pretrain)
     p.add_argument("--family", default=d.family, choices=["decoder", "encoder", "encoder-decoder"], help="model family (default: decoder)")
-    p.add_argument("--preset", default=None, help="model preset (default: tiny-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`")
+    p.add_argument("--preset", default=None, help="model preset (default: cpu-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`")
     p.add_argument("--d-model", type=int, default=None, help="override the preset's width")
     p.add_argument("--n-layers", type=int, default=None, help="override the preset's depth")
     p.add_argument("--n-heads", type=int, default=None, help="override the preset's number of heads")
@@ -220,12 +222,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    # --- generate and chat ------------------------------------------------------------------------
+    p = _sub(commands, "generate", "continue prompts, or answer them through the chat template (--chat)",
+             ("llmkit generate --model smollm2 --prompt 'Once upon a time' --max-new-tokens 50",
+              "llmkit generate --model smollm2 --chat --greedy --prompt 'What is the capital of France?'",
+              "llmkit generate --model runs/pretrain --prompt 'ROMEO:' --temperature 0.8 --top-k 50 --seed 1",
+              "echo 'To be, or not to be' | llmkit generate --model smollm2 --json",
+              "llmkit generate --model smollm2 --prompts-file prompts.jsonl --field prompt --json"), cmd_generate)
+    _generation_options(p)
+    p.add_argument("--prompt", default=None, help="the prompt (default: standard input, one prompt)")
+    p.add_argument("--prompts-file", default=None, help="a JSONL file of prompts (field --field), generated in batches")
+    p.add_argument("--field", default="prompt", help="the prompt field of --prompts-file rows (default: prompt)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user message through the chat template")
+    p.add_argument("--system", default=None, help="a system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="print JSON lines: prompt, new token ids, new text, finish reason")
+
+    p = _sub(commands, "chat", "talk with a model in the terminal; answers stream",
+             ("llmkit chat", "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7",
+              "llmkit chat --model runs/sft --greedy"), cmd_chat)
+    _generation_options(p, max_new_tokens=256)
+    p.add_argument("--system", default=None, help="the system message")
+
     # --- demo ----------------------------------------------------------------------------------
     p = _sub(commands, "demo", "run the lifecycle end to end on the embedded defaults (Shakespeare)",
-             ("llmkit demo", "llmkit demo --out runs/demo --vocab-size 4096"), cmd_demo)
+             ("llmkit demo", "llmkit demo --out runs/demo --vocab-size 2048 --pretrain-budget 5m"), cmd_demo)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of the tokenizers (default: 8192)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the tokenizers (default: 4096)")
+    p.add_argument("--pretrain-budget", default="2m", help="budget of the pretraining stage (default: 2m)")
     return parser
+
+
+def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    p.add_argument("--model", default="smollm2", help="a decoder or encoder-decoder: run folder, Hugging Face folder, GGUF, smollm2")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default: {max_new_tokens})")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample among the tokens holding this much probability (default: 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens already seen (1.0: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (encoder-decoders)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--truncate", action="store_true", help="cut a prompt that does not fit the context instead of refusing it")
+
+
+def _generation_config(args):
+    from llmkit.generate import GenerationConfig
+
+    if args.max_new_tokens < 1:
+        raise LlmkitError("--max-new-tokens must be at least 1", "e.g. --max-new-tokens 64")
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=list(args.stop),
+                            seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)
+
+
+def _load_for_generation(name: str):
+    import llmkit
+
+    model = llmkit.load(name)
+    if model.config.family == "encoder":
+        raise LlmkitError(f"{name} is an encoder; it does not generate text", "use a decoder or an encoder-decoder model")
+    if model.tokenizer is None:
+        raise LlmkitError(f"{name} has no tokenizer", "use a model folder with tokenizer.json")
+    return model
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
@@ -513,10 +573,96 @@ def cmd_eval_perplexity(args) -> None:
               f"{out['bits_per_byte']:.4f} bits per byte")
 
 
+def cmd_generate(args) -> None:
+    from llmkit.chat import render_chat
+    from llmkit.generate import generate, stream
+
+    cfg = _generation_config(args)
+    if args.prompts_file:
+        rows = [json.loads(line) for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        missing = [i for i, r in enumerate(rows, 1) if args.field not in r]
+        if missing:
+            raise LlmkitError(f"{args.prompts_file}: line {missing[0]} has no field {args.field!r}", "pass --field with the prompt field's name")
+        prompts = [str(r[args.field]) for r in rows]
+    else:
+        prompts = [args.prompt if args.prompt is not None else sys.stdin.read()]
+    if any(not p.strip() for p in prompts):
+        raise LlmkitError("a prompt is empty", "give every prompt some text")
+    model = _load_for_generation(args.model)
+    tok = model.tokenizer
+    if args.chat:
+        prompts = [render_chat(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
+                               [{"role": "user", "content": p}]) for p in prompts]
+    warn = lambda m: _console().print(f"[yellow]{m}[/]")  # noqa: E731
+    if len(prompts) == 1 and not args.json and model.config.family == "decoder":
+        for piece in stream(model, tok, prompts[0], cfg, warn=warn):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for i in range(0, len(prompts), args.batch_size):
+        for g in generate(model, tok, prompts[i:i + args.batch_size], cfg, warn=warn):
+            if args.json:
+                print(json.dumps({"prompt": tok.decode(g.prompt_ids), "ids": g.ids, "text": g.text, "finish_reason": g.finish_reason},
+                                 ensure_ascii=False))
+            else:
+                print(g.text)
+
+
+def cmd_chat(args) -> None:
+    from llmkit.chat import ChatSession
+
+    model = _load_for_generation(args.model)
+    console = _console()
+    session = ChatSession(model, model.tokenizer, system=args.system, config=_generation_config(args),
+                          warn=lambda m: console.print(f"[yellow]{m}[/]"))
+    console.print(f"[bold]chatting with {args.model}[/] — /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops an answer")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(type /exit or press Ctrl-D to leave)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            console.print("(conversation cleared)")
+            continue
+        if text.startswith("/system"):
+            session.system = text[len("/system"):].strip() or None
+            console.print(f"(system message {'set' if session.system else 'removed'})")
+            continue
+        if text.startswith("/save"):
+            path = text[len("/save"):].strip() or "chat.json"
+            session.save(path)
+            console.print(f"(saved to {path})")
+            continue
+        if text.startswith("/"):
+            console.print("(commands: /reset, /system TEXT, /save FILE, /exit)")
+            continue
+        sys.stdout.write("assistant> ")
+        try:
+            for piece in session.send(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except LlmkitError as e:
+            console.print(f"[red]{e.message}[/] — {e.fix}")
+        sys.stdout.write("\n")
+
+
 def cmd_demo(args) -> None:
     from llmkit.demo import run_demo
 
-    run_demo(args.out, vocab_size=args.vocab_size)
+    run_demo(args.out, vocab_size=args.vocab_size, pretrain_budget=args.pretrain_budget)
 
 
 # --- entry point ------------------------------------------------------------------------------------

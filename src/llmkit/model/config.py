@@ -151,6 +151,9 @@ PRESETS: dict[str, dict] = {
     "t5": dict(_T5, vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=512),  # t5-small
     # Small ones that train in minutes on a laptop CPU.
     "tiny-gpt": dict(_GPT, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, max_seq_len=256),
+    # `llmkit pretrain`'s default: the best validation bits per byte on Shakespeare in 5 minutes on 2 CPU cores among
+    # the shapes we measured (benchmarks/RESULTS.md).
+    "cpu-gpt": dict(_GPT, vocab_size=2048, d_model=192, n_layers=4, n_heads=4, max_seq_len=128),
     "tiny-llama": dict(_LLAMA, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=256,
                        tie_embeddings=True),
     "tiny-bert": dict(_BERT, vocab_size=8192, d_model=256, n_layers=4, n_heads=4, max_seq_len=256),

@@ -32,13 +32,13 @@ from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.train import objectives
 
-DEFAULT_PRESETS = {"decoder": "tiny-gpt", "encoder": "tiny-bert", "encoder-decoder": "tiny-t5"}
+DEFAULT_PRESETS = {"decoder": "cpu-gpt", "encoder": "tiny-bert", "encoder-decoder": "tiny-t5"}
 
 
 @dataclass
 class PretrainConfig:
     family: str = "decoder"
-    preset: str | None = None  # default: tiny-gpt / tiny-bert / tiny-t5
+    preset: str | None = None  # default: cpu-gpt / tiny-bert / tiny-t5
     d_model: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
@@ -48,9 +48,9 @@ class PretrainConfig:
     block_size: int = 128
     batch_size: int = 32  # per process and micro-step
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 100
+    warmup: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -342,14 +342,14 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, m
 
 def sample_text(model, tok, data_dir: Path, cfg: PretrainConfig, n_tokens: int = 120) -> str:
     from llmkit.data.loader import open_shard
-    from llmkit.generate import sample
+    from llmkit.generate import GenerationConfig, generate
 
-    prompt = [int(i) for i in open_shard(data_dir, "val")[:16]]
-    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = [int(i) for i in open_shard(data_dir, "val")[:min(16, model.config.max_seq_len // 4)]]
+    n_tokens = min(n_tokens, model.config.max_seq_len - len(prompt))
     model.eval()
-    new = sample(model, prompt, n_tokens, temperature=0.8, top_k=50, generator=g)
+    out = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=cfg.seed))[0]
     model.train()
-    return tok.decode(prompt) + tok.decode(new)
+    return tok.decode(prompt) + out.text
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------

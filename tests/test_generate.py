@@ -1,0 +1,216 @@
+"""Generation: greedy equal to transformers, seeded sampling, streaming equal to the whole text, beam search equal to
+transformers, chat templates equal to transformers, and clear messages for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+import llmkit
+from llmkit.chat import ChatSession, render_chat
+from llmkit.errors import LlmkitError
+from llmkit.generate import GenerationConfig, TextStream, filter_top_k_top_p, generate, stream
+from llmkit.model import build_model, preset
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return llmkit.load("smollm2")
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.embedded import embedded_path
+
+    path = embedded_path("smollm2")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
+           "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.mark.slow
+def test_greedy_smollm2_equals_transformers_generate(smollm2, hf_smollm2):
+    tok = smollm2.tokenizer
+    cfg = GenerationConfig(max_new_tokens=64, do_sample=False)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        ours = generate(smollm2, tok, [ids], cfg)[0]
+        theirs = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=2,
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2)[0, len(ids):].tolist()
+        if ours.finish_reason == "stop":  # transformers keeps the eos token it stopped on
+            assert theirs[-1] == 2
+            theirs = theirs[:-1]
+        assert ours.ids == theirs, prompt
+
+
+@pytest.mark.slow
+def test_batched_prompts_of_different_lengths_equal_each_alone(smollm2):
+    tok = smollm2.tokenizer
+    cfg = GenerationConfig(max_new_tokens=16, do_sample=False)
+    together = generate(smollm2, tok, PROMPTS[:2], cfg)
+    for prompt, result in zip(PROMPTS[:2], together):
+        assert result.ids == generate(smollm2, tok, [prompt], cfg)[0].ids
+
+
+@pytest.mark.slow
+def test_streaming_yields_exactly_the_text_and_seeds_reproduce(smollm2):
+    tok = smollm2.tokenizer
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0.9, top_p=0.95, top_k=40, seed=7, repetition_penalty=1.1)
+    prompt = "Write three emoji and a French sentence: "
+    whole = generate(smollm2, tok, [prompt], cfg)[0]
+    assert "".join(stream(smollm2, tok, prompt, cfg)) == whole.text
+    assert generate(smollm2, tok, [prompt], cfg)[0].ids == whole.ids  # same seed, same tokens
+    other = generate(smollm2, tok, [prompt], GenerationConfig(**{**cfg.__dict__, "seed": 8}))[0]
+    assert other.ids != whole.ids
+    stopped = GenerationConfig(**{**cfg.__dict__, "stop_strings": [whole.text[10:14]]})
+    cut = generate(smollm2, tok, [prompt], stopped)[0]
+    assert cut.finish_reason == "stop" and whole.text.startswith(cut.text) and len(cut.text) <= 10 + 3
+    assert "".join(stream(smollm2, tok, prompt, stopped)) == cut.text
+
+
+def test_text_stream_waits_for_whole_utf8_characters_and_stop_strings(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    text = "Fair 🌹 rose, café — 日本 stop here and more"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # the emoji and CJK are several byte tokens
+    s = TextStream(tok, [])
+    pieces = [s.push(i) for i in ids] + [s.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    s = TextStream(tok, ["stop here"])
+    pieces = []
+    for i in ids:
+        pieces.append(s.push(i))
+        if s.stopped:
+            break
+    assert "".join(pieces) == "Fair 🌹 rose, café — 日本 " and s.stopped
+
+
+def test_top_k_top_p_keep_the_right_tokens():
+    scores = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert torch.isfinite(filter_top_k_top_p(scores, 2, None)).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(filter_top_k_top_p(scores, None, 0.8)).tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(filter_top_k_top_p(scores, None, 0.01)).tolist() == [[True, False, False, False, False]]
+
+
+def test_seeded_sampling_reproduces_on_a_tiny_model(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=64)).eval()
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=3, stop_token_ids=[])
+    a, b = generate(model, tok, ["To be"], cfg)[0], generate(model, tok, ["To be"], cfg)[0]
+    assert a.ids == b.ids and len(a.ids) == 20 and a.finish_reason == "length"
+
+
+@pytest.mark.parametrize("beams, length_penalty, early", [(3, 1.0, False), (4, 0.6, True), (2, 2.0, False)])
+def test_beam_search_equals_transformers(tmp_path, beams, length_penalty, early):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from llmkit.generate import beam_search
+
+    torch.manual_seed(beams)
+    ref = T5ForConditionalGeneration(T5Config(vocab_size=24, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                              decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(8.0)  # sharper distributions, so eos and ties are realistic
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    src = torch.tensor([[5, 9, 3, 17, 8, 2, 11]])
+    with torch.no_grad():
+        theirs = ref.generate(src, num_beams=beams, max_new_tokens=12, do_sample=False, length_penalty=length_penalty,
+                              early_stopping=early)[0].tolist()
+        enc, _ = ours.encode(src)
+        mine = beam_search(ours, enc, GenerationConfig(num_beams=beams, max_new_tokens=12, length_penalty=length_penalty,
+                                                       early_stopping=early), start_id=0, eos_ids=[1])
+    theirs = theirs[1:]  # drop the decoder start token
+    if 1 in theirs:
+        theirs = theirs[:theirs.index(1) + 1]
+    assert mine == theirs
+
+
+@pytest.mark.slow
+def test_chat_template_renders_like_transformers(smollm2):
+    from transformers import AutoTokenizer
+
+    from llmkit.embedded import embedded_path
+
+    path = embedded_path("smollm2")
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    conversations = [[{"role": "user", "content": "Hi!"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
+    for messages in conversations:
+        for add in (True, False):
+            assert render_chat(smollm2.tokenizer, messages, add_generation_prompt=add) == \
+                ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+
+
+def test_default_chat_template_and_bad_templates(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    text = render_chat(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert tok.encode("<|user|>")[0] == tok.token_id("<|user|>")
+    with pytest.raises(LlmkitError, match="chat template failed to render"):
+        render_chat(tok, [{"role": "user", "content": "x"}], template="{% if %}")
+    with pytest.raises(LlmkitError, match="chat template failed to render: no system"):
+        render_chat(tok, [{"role": "user", "content": "x"}], template="{{ raise_exception('no system') }}")
+    with pytest.raises(LlmkitError, match="'role' and 'content'"):
+        render_chat(tok, [{"text": "x"}])
+
+
+def test_bad_input_gets_clear_messages(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval()
+    with pytest.raises(LlmkitError, match="the prompt is empty"):
+        generate(model, tok, [""])
+    with pytest.raises(LlmkitError, match="exceeds the model's context of 32"):
+        generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8))
+    warnings = []
+    out = generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8, truncate=True, stop_token_ids=[]), warn=warnings.append)[0]
+    assert len(out.prompt_ids) == 24 and "cut" in warnings[0]
+    generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2, stop_strings=["a rather long stop string"]), warn=warnings.append)
+    assert "can never stop the output" in warnings[-1]
+    with pytest.raises(LlmkitError, match="no model at 'gpt-17'"):
+        llmkit.load("gpt-17")
+
+
+def test_chat_session_keeps_turns_and_drops_old_ones_to_fit(tokenizers_by_kind, tmp_path):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=64)).eval()
+    notes = []
+    chat = ChatSession(model, tok, system="Be brief.", config=GenerationConfig(max_new_tokens=8, seed=0), warn=notes.append)
+    for text in ["Hello there", "Tell me of Hamlet and of Denmark", "And of Ophelia, fair and sad, and all the rest"]:
+        "".join(chat.send(text))
+    assert chat.messages[-2]["content"].startswith("And of Ophelia") and chat.messages[-1]["role"] == "assistant"
+    assert notes and "dropped" in notes[0]
+    chat.save(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["system"] == "Be brief."
+    with pytest.raises(LlmkitError, match="does not fit"):
+        "".join(chat.send("word " * 200))
+    with pytest.raises(LlmkitError, match="empty"):
+        "".join(chat.send("  "))
+
+
+@pytest.mark.slow
+def test_generate_and_chat_commands(tmp_path):
+    out = run_cli("generate", "--model", "smollm2", "--greedy", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--json")
+    row = json.loads(out.stdout)
+    assert row["text"].strip().startswith("Paris") and len(row["ids"]) == 4 and row["finish_reason"] == "length"
+    out = run_cli("generate", "--model", "smollm2", "--greedy", "--chat", "--max-new-tokens", "24", input="What is the capital of France?")
+    assert "Paris" in out.stdout
+    (tmp_path / "p.jsonl").write_text('{"q": "One, two,"}\n{"q": "Monday, Tuesday,"}\n')
+    rows = [json.loads(line) for line in run_cli("generate", "--model", "smollm2", "--greedy", "--prompts-file", str(tmp_path / "p.jsonl"),
+                                                 "--field", "q", "--max-new-tokens", "3", "--json").stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["One, two,", "Monday, Tuesday,"] and "three" in rows[0]["text"].lower()
+    bad = run_cli("generate", "--model", "smollm2", "--prompt", "   ", check=False)
+    assert bad.returncode == 1 and "prompt is empty" in bad.stderr
+    session = run_cli("chat", "--greedy", "--max-new-tokens", "12", "--system", "Answer in one word.",
+                      input=f"What color is the sky?\n/save {tmp_path / 'chat.json'}\n/reset\n/exit\n", cwd=tmp_path)
+    assert "assistant>" in session.stdout
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert saved["messages"][0] == {"role": "user", "content": "What color is the sky?"} and saved["messages"][1]["content"]
