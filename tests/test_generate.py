@@ -214,3 +214,28 @@ def test_generate_and_chat_commands(tmp_path):
     assert "assistant>" in session.stdout
     saved = json.loads((tmp_path / "chat.json").read_text())
     assert saved["messages"][0] == {"role": "user", "content": "What color is the sky?"} and saved["messages"][1]["content"]
+
+
+def test_int8_weight_only_quantization_stays_close_to_float():
+    from llmkit.model.quantize import Int8Linear, quantize
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-llama", vocab_size=97, d_model=64, n_heads=4, max_seq_len=64)).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+        quantize(model)
+        out = model(ids)
+    assert isinstance(model.blocks[0].attn.q_proj, Int8Linear) and model.blocks[0].attn.q_proj.weight_int8.dtype == torch.int8
+    assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    with pytest.raises(LlmkitError, match="unknown quantization"):
+        quantize(model, "int3")
+
+
+@pytest.mark.slow
+def test_generate_with_int8_and_bf16(tmp_path):
+    for flags in (["--quantize", "int8"], ["--dtype", "bf16"]):
+        out = run_cli("generate", "--model", "smollm2", "--greedy", "--chat", "--max-new-tokens", "24", *flags,
+                      "--prompt", "What is the capital of France?")
+        assert "Paris" in out.stdout, flags

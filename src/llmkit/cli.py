@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines: prompt, new token ids, new text, finish reason")
 
     p = _sub(commands, "chat", "talk with a model in the terminal; answers stream",
-             ("llmkit chat", "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7",
+             ("llmkit chat", "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7 --quantize int8",
               "llmkit chat --model runs/sft --greedy"), cmd_chat)
     _generation_options(p, max_new_tokens=256)
     p.add_argument("--system", default=None, help="the system message")
@@ -265,6 +265,8 @@ def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (encoder-decoders)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--truncate", action="store_true", help="cut a prompt that does not fit the context instead of refusing it")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers: about 3x faster CPU decoding")
 
 
 def _generation_config(args):
@@ -277,10 +279,12 @@ def _generation_config(args):
                             seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)
 
 
-def _load_for_generation(name: str):
+def _load_for_generation(name: str, dtype: str = "fp32", quantize: str | None = None):
+    import torch
+
     import llmkit
 
-    model = llmkit.load(name)
+    model = llmkit.load(name, dtype=torch.bfloat16 if dtype == "bf16" else None, quantize=quantize)
     if model.config.family == "encoder":
         raise LlmkitError(f"{name} is an encoder; it does not generate text", "use a decoder or an encoder-decoder model")
     if model.tokenizer is None:
@@ -588,7 +592,7 @@ def cmd_generate(args) -> None:
         prompts = [args.prompt if args.prompt is not None else sys.stdin.read()]
     if any(not p.strip() for p in prompts):
         raise LlmkitError("a prompt is empty", "give every prompt some text")
-    model = _load_for_generation(args.model)
+    model = _load_for_generation(args.model, args.dtype, args.quantize)
     tok = model.tokenizer
     if args.chat:
         prompts = [render_chat(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
@@ -612,7 +616,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from llmkit.chat import ChatSession
 
-    model = _load_for_generation(args.model)
+    model = _load_for_generation(args.model, args.dtype, args.quantize)
     console = _console()
     session = ChatSession(model, model.tokenizer, system=args.system, config=_generation_config(args),
                           warn=lambda m: console.print(f"[yellow]{m}[/]"))

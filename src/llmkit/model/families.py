@@ -89,7 +89,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.tokens.weight
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.embed.tokens.weight
         return KVCache.for_model(self.config, batch, max_len, dtype=dtype or p.dtype, device=p.device)
 
     def hidden_states(self, ids, attention_mask=None, cache: KVCache | None = None, position_ids=None, need_weights=False):
@@ -100,9 +100,10 @@ class Decoder(nn.Module):
             position_ids = torch.arange(start, start + T, device=ids.device)  # (T,)
         x = self.embed(ids, position_ids)  # (B, T, D)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        plain = attention_mask is None and start == 0
-        bias = None if plain else attention_bias(T, start + T, causal=True, key_padding=attention_mask, offset=start,
-                                                 dtype=x.dtype, device=ids.device)
+        plain = attention_mask is None and start == 0  # a fresh causal pass: SDPA's is_causal, no mask tensor
+        one_step = attention_mask is None and T == 1  # one new token sees every cached one: no mask at all
+        bias = None if plain or one_step else attention_bias(T, start + T, causal=True, key_padding=attention_mask, offset=start,
+                                                             dtype=x.dtype, device=ids.device)
         maps = []
         for i, block in enumerate(self.blocks):
             x, w = block(x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
@@ -225,7 +226,7 @@ class EncoderDecoder(nn.Module):
             self.lm_head.weight = shared.weight
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.enc_embed.tokens.weight
         return KVCache.for_model(self.config, batch, max_len, n_layers=self.config.n_decoder_layers, dtype=dtype or p.dtype, device=p.device)
 
     def encode(self, ids, attention_mask=None, need_weights=False):

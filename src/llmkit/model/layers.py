@@ -27,6 +27,10 @@ from torch import nn
 
 from llmkit.model.config import ModelConfig
 
+_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_GQA = _TORCH >= (2, 5)  # scaled_dot_product_attention(enable_gqa=) arrived in torch 2.5
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")
+
 # --- normalization -------------------------------------------------------------------------------------
 
 
@@ -39,6 +43,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FUSED_RMS_NORM and x.dtype == torch.float32:  # one kernel instead of six ops (decoding is op-bound)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -232,7 +238,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, pos+T, hd)
-        if self.n_kv_heads != self.n_heads:  # each group of n_heads/n_kv_heads query heads shares one k/v head
+        # each group of n_heads/n_kv_heads query heads shares one k/v head: SDPA can do that itself, else repeat them
+        share_kv = self.n_kv_heads != self.n_heads and _SDPA_GQA and not need_weights
+        if self.n_kv_heads != self.n_heads and not share_kv:
             rep = self.n_heads // self.n_kv_heads
             k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])  # (B, nh, S, hd)
             v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
@@ -246,9 +254,10 @@ class Attention(nn.Module):
             weights = scores.softmax(-1)
             y = (weights @ v.float()).to(q.dtype)  # (B, nh, T, hd)
         else:
+            extra = {"enable_gqa": True} if share_kv else {}
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                                dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=is_causal and bias is None, scale=self.scale)
+                                               is_causal=is_causal and bias is None, scale=self.scale, **extra)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y), weights
 

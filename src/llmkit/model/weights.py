@@ -343,10 +343,11 @@ def load_gguf(path: str | os.PathLike) -> tuple[torch.nn.Module, object]:
 # --- the front door --------------------------------------------------------------------------------------
 
 
-def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None) -> torch.nn.Module:
+def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> torch.nn.Module:
     """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a Hugging Face folder or a GGUF file.
 
-    Returns the model (in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None) attached.
+    Returns the model (in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None) attached. `dtype` casts
+    it (e.g. torch.bfloat16); `quantize="int8"` makes its linear layers weight-only int8 (fast CPU decoding).
     """
     from llmkit.tokenizer import Tokenizer
 
@@ -371,6 +372,10 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
+    if quantize:
+        from llmkit.model.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
     return model
 
 
