@@ -102,15 +102,16 @@ def test_data_prepare_and_info_from_the_cli(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--out", str(out), "--vocab-size", "2048", "--pretrain-budget", "30steps")
+    proc = run_cli("demo", "--out", str(out), "--vocab-size", "2048", "--pretrain-budget", "30steps", "--finetune-budget", "3steps")
     assert "report" in proc.stderr
     for name in ("report.md", "tokenizer_compare.json", "tokenizer_compare.png", "data/train.bin", "data/val.bin", "data/meta.json",
                  "tokenizers/byte-bpe/tokenizer.json", "tokenizers/unigram/tokenizer.json", "pretrain/model.safetensors",
-                 "pretrain/loss.png"):
+                 "pretrain/loss.png", "finetune/adapter_model.safetensors", "finetune/results.json"):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "| byte-bpe |" in report and "validation tokens" in report and "bits per byte" in report
     assert "Shakespeare" in report.split("SmolLM2-135M-Instruct (greedy)")[1]  # it knows who wrote Hamlet
+    assert "| exact_match |" in report and "| general_bpb |" in report
 
 
 def test_model_info_prints_every_preset_and_gpt2_has_124m():

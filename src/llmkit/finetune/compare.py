@@ -1,0 +1,115 @@
+"""`llmkit finetune compare`: several methods on the same task, side by side — what each gains on the task, what it
+costs in forgetting, in trainable parameters and in memory — plus in-context (few-shot) accuracy of the untouched model
+and, optionally, accuracy against the number of training examples.
+
+Each fine-tuning run is its own process (`llmkit finetune --json`), so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llmkit import io
+from llmkit.errors import LlmkitError
+
+
+def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | None = None) -> dict:
+    multitask = method.startswith("multitask-")
+    args = [sys.executable, "-m", "llmkit", "finetune", *base_args, "--method", method.removeprefix("multitask-"), "--out", str(out),
+            "--json", *(extra or [])]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LlmkitError(f"the {method} run failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}",
+                          f"run it alone to see why: {' '.join(args[2:])}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["method"] = method if not multitask else method
+    return result
+
+
+def few_shot(model_name: str, task: str, shots: int, n_val: int, seed: int, max_new_tokens: int) -> float:
+    """Exact-match accuracy of the untouched model with `shots` solved training examples before each question."""
+    import llmkit
+    from llmkit.chat import render_chat
+    from llmkit.finetune import tasks as T
+    from llmkit.finetune.recipe import exact_match
+    from llmkit.generate import GenerationConfig, generate
+
+    model = llmkit.load(model_name)
+    tok = model.tokenizer
+    val = T.mixture(task, n_val, "val", seed)
+    demos = T.mixture(task, max(shots, 1), "train", seed + 99)[:shots]
+    prompts = []
+    for ex in val:
+        history = [m for d in demos for m in d.messages]
+        prompts.append(render_chat(tok, history + ex.messages[:-1]))
+    preds = []
+    for i in range(0, len(prompts), 8):
+        preds += [g.text for g in generate(model, tok, prompts[i:i + 8], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False),
+                                           warn=lambda m: None)]
+    return exact_match(preds, val)
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        b, a = r["before"], r["after"]
+        metric = "exact_match" if "exact_match" in a else "accuracy"
+        forget = {k: a[k] - b[k] for k in a if k.startswith("untrained_")}
+        rows.append({"method": r["method"], "n_train": r.get("n_train"), "trainable_share": r["trainable_share"],
+                     "metric": metric, "before": b[metric], "after": a[metric], "gain": a[metric] - b[metric],
+                     "general_bpb_change": (a["general_bpb"] - b["general_bpb"]) if "general_bpb" in a else None,
+                     "untrained_change": sum(forget.values()) / len(forget) if forget else None,
+                     "embedding_drift": a.get("embedding_drift_cosine"), "seconds": r["seconds"], "peak_memory_mb": r["peak_memory_mb"]})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        x = r["general_bpb_change"] if r["general_bpb_change"] is not None else 1 - (r["embedding_drift"] or 1)
+        ax.scatter([x], [r["gain"]], s=80)
+        ax.annotate(f"{r['method']}" + (f" ({r['n_train']})" if r.get("n_train") else ""), (x, r["gain"]), textcoords="offset points",
+                    xytext=(6, 6))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("forgetting: change of bits per byte on general text (or 1 - embedding cosine)")
+    ax.set_ylabel("task gain (metric after - before)")
+    ax.set_title("fine-tuning: task gain against forgetting")
+    ax.grid(alpha=0.3)
+    io.save_figure(fig, path)
+    plt.close(fig)
+
+
+def compare(base_args: list[str], methods: list[str], out: Path, *, task: str, model: str, shots: list[int], curve: list[int],
+            n_val: int, seed: int, max_new_tokens: int, log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for m in methods:
+        log(f"fine-tuning with {m} ...")
+        extra = []
+        if m.startswith("multitask-"):
+            extra = ["--task", f"{task}:2,reverse:1,sort:1,dates:1" if task != "reverse" else f"{task}:2,arithmetic:1,sort:1,dates:1",
+                     "--eval-task", task]
+        results.append(run_method(base_args, m, out / m, extra))
+    for n in curve:
+        log(f"fine-tuning with {methods[0]} on {n} examples ...")
+        r = run_method(base_args, methods[0], out / f"{methods[0]}-{n}", ["--n-train", str(n)])
+        r["n_train"] = n
+        results.append(r)
+    rows = table_rows(results)
+    in_context = {}
+    for k in shots:
+        log(f"{k}-shot prompting of the untouched model ...")
+        in_context[k] = few_shot(model, task, k, n_val, seed, max_new_tokens)
+    summary = {"task": task, "model": model, "rows": rows, "few_shot": in_context}
+    io.write_json(out / "compare.json", summary)
+    plot(rows, out / "compare.png")
+    return summary

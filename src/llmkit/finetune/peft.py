@@ -1,0 +1,249 @@
+"""Parameter-efficient fine-tuning: freeze the model, add a few new parameters. Two kinds.
+
+LoRA (Hu et al. 2021): a frozen linear layer W plus a trainable low-rank update B·A, scaled by alpha / r
+(or alpha / sqrt(r) with rsLoRA, Kalajievski 2023). B starts at zero, so training starts from the base model.
+
+        x ──► W (frozen) ────────────────┐
+        │                                (+) ──► y = W x + (alpha / r) · B A dropout(x)
+        └──► dropout ──► A (r×in) ──► B (out×r) ┘
+
+    merge: W ← W + (alpha / r) · B A   (no extra cost at inference);  unmerge: W back to the exact base weights
+
+Bottleneck adapters (Houlsby et al. 2019): after each feed-forward block, a small residual MLP
+    h ──► h + up(act(down(h)))     down: d → bottleneck, up: bottleneck → d (zero-initialized)
+
+Adapters are saved apart from the model, LoRA in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
+Hugging Face parameter names) so that `peft` loads them on the model's Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit import io
+from llmkit.errors import LlmkitError
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if r < 1:
+            raise LlmkitError(f"LoRA rank {r} must be at least 1", "use --lora-r 8 (or 4, 16, ...)")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: A random, B zero
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._base_copy = self.base.weight.detach().clone()  # unmerge restores these bits exactly (W + d - d may not)
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.copy_(self._base_copy)
+            del self._base_copy
+            self.merged = False
+
+
+class Adapter(nn.Module):
+    """A feed-forward block followed by a bottleneck adapter: h = f(x); h + up(act(down(h)))."""
+
+    def __init__(self, inner: nn.Module, d_model: int, bottleneck: int):
+        super().__init__()
+        self.inner = inner
+        for p in inner.parameters():
+            p.requires_grad_(False)
+        self.down = nn.Linear(d_model, bottleneck)
+        self.up = nn.Linear(bottleneck, d_model)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h + self.up(F.gelu(self.down(h)))
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Names of the nn.Linear modules to adapt: 'all-linear' (every projection in the blocks, not the LM head), a list
+    of short names (q_proj, v_proj, ...), or a regular expression on the full name."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n and "classifier" not in n]
+    if target_modules == "all-linear" or target_modules == ["all-linear"]:
+        chosen = [n for n in names if n.rsplit(".", 1)[-1] in LINEAR_NAMES]
+    elif isinstance(target_modules, (list, tuple)):
+        chosen = [n for n in names if n.rsplit(".", 1)[-1] in target_modules]
+    else:
+        pattern = re.compile(target_modules)
+        chosen = [n for n in names if pattern.search(n)]
+    if not chosen:
+        raise LlmkitError(f"no linear layer matches the LoRA targets {target_modules!r}",
+                          f"use 'all-linear', names like q_proj,v_proj, or a pattern; the model has e.g. {names[:3]}")
+    return chosen
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, target_modules: str | list[str] = "all-linear",
+               rslora: bool = False) -> list[str]:
+    """Freeze `model` and wrap the targeted linear layers in LoRALinear; returns their names."""
+    freeze(model)
+    names = _targets(model, target_modules)
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora))
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
+                         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names})}
+    return names
+
+
+def apply_adapters(model: nn.Module, bottleneck: int = 32) -> int:
+    """Freeze `model` and put a bottleneck adapter after every feed-forward block; returns how many."""
+    freeze(model)
+    blocks = [m for m in model.modules() if hasattr(m, "mlp") and hasattr(m, "mlp_norm")]
+    for block in blocks:
+        block.mlp = Adapter(block.mlp, model.config.d_model, bottleneck)
+    return len(blocks)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+def merge_and_unwrap(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base layer and put the plain nn.Linear back (for saving a whole model)."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def trainable_share(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+# --- saving adapters apart, in PEFT's format ---------------------------------------------------------------------
+
+
+def _hf_name(model, name: str) -> str:
+    """Our module name -> the Hugging Face module name of the model's export (for PEFT's adapter keys)."""
+    from llmkit.model.weights import _invert_name, hf_config_for
+
+    model_type = hf_config_for(model.config)["model_type"]
+    if model_type == "gpt2":
+        raise LlmkitError("GPT-2's fused attention has no PEFT-compatible LoRA names", "save the merged model instead")
+    hf = _invert_name(model_type, name + ".weight")
+    if hf is None:
+        raise LlmkitError(f"no Hugging Face name for {name}", "adapt only attention and feed-forward projections")
+    return hf[: -len(".weight")]
+
+
+def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's names for the model's HF export)."""
+    from safetensors.torch import save
+
+    layers = lora_layers(model)
+    if not layers:
+        raise LlmkitError("the model has no LoRA layers to save", "apply LoRA first (--method lora)")
+    tensors = {}
+    for name, layer in layers.items():
+        hf = _hf_name(model, name)
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    cfg = dict(model.lora_config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with io.atomic_open(directory / "adapter_model.safetensors", "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt"}))
+    io.write_json(directory / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if model.config.family == "decoder" else "FEATURE_EXTRACTION",
+        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"], "use_rslora": cfg["use_rslora"],
+        "target_modules": cfg["target_modules"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": base_model_name, "init_lora_weights": True})
+    return directory
+
+
+def load_lora(model: nn.Module, directory) -> list[str]:
+    """Apply the LoRA adapter saved in `directory` (ours or PEFT's, same format) to `model`."""
+    from llmkit.model.weights import read_safetensors
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").exists():
+        raise LlmkitError(f"{directory} has no adapter_config.json", "point at a folder written by `llmkit finetune --method lora`")
+    cfg = io.read_json(directory / "adapter_config.json")
+    names = apply_lora(model, cfg["r"], cfg["lora_alpha"], 0.0, cfg["target_modules"], cfg.get("use_rslora", False))
+    tensors = read_safetensors(directory / "adapter_model.safetensors")
+    with torch.no_grad():
+        for name in names:
+            hf = _hf_name(model, name)
+            layer = model.get_submodule(name)
+            for part in ("lora_A", "lora_B"):
+                key = f"base_model.model.{hf}.{part}.weight"
+                if key not in tensors:
+                    raise LlmkitError(f"the adapter in {directory} lacks {key}", "save the adapter again with this model")
+                getattr(layer, part).copy_(tensors[key])
+    return names

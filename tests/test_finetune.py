@@ -1,0 +1,217 @@
+"""Fine-tuning: LoRA equal to peft, adapters loadable by peft, exact merge/unmerge, gradients only where they belong,
+the loss mask on exactly the answer tokens, tasks that never leak, and a fine-tuning run that learns and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+import llmkit
+from llmkit.errors import LlmkitError
+from llmkit.finetune import tasks as T
+from llmkit.finetune.data import IGNORE, encode_chat, prepare_examples, read_rows, to_example
+from llmkit.finetune.peft import apply_adapters, apply_lora, lora_layers, merge_lora, save_lora, trainable_share, unmerge_lora
+from llmkit.model import build_model, preset
+from llmkit.model.weights import export_hf
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    return build_model(preset("tiny-llama", vocab_size=101, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, n_layers=2, max_seq_len=64)).eval()
+
+
+def _randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.1)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_lora_equals_peft_and_our_adapter_loads_in_peft(tmp_path, rslora):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = _tiny_llama()
+    export_hf(model, tmp_path / "base")
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rslora=rslora)
+    _randomize_lora(model)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids)
+    # the same A and B put into peft's own LoRA on the Hugging Face export give the same logits
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                                               use_rslora=rslora)).eval()
+    from llmkit.finetune.peft import _hf_name
+
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            hf_name = _hf_name(model, name)
+            params[f"base_model.model.{hf_name}.lora_A.default.weight"].copy_(layer.lora_A)
+            params[f"base_model.model.{hf_name}.lora_B.default.weight"].copy_(layer.lora_B)
+        assert (peft_model(ids).logits - ours).abs().max().item() <= 1e-5
+    # our saved adapter loads in peft, on the export, to the same logits
+    save_lora(model, tmp_path / "adapter")
+    fresh = LlmkitHF = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - ours).abs().max().item() <= 1e-5
+    del LlmkitHF
+
+
+def test_merge_then_unmerge_restores_the_base_exactly_and_merged_equals_unmerged():
+    model = _tiny_llama()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, r=4, alpha=16)
+    _randomize_lora(model)
+    ids = torch.randint(0, 101, (1, 10))
+    with torch.no_grad():
+        before = model(ids)
+        merge_lora(model)
+        merged = model(ids)
+        unmerge_lora(model)
+        after = model(ids)
+    assert (merged - before).abs().max().item() <= 1e-5 and torch.equal(after, before)
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.base.weight, base[name + ".weight"])
+
+
+def test_only_adapter_parameters_receive_gradients():
+    for method in ("lora", "adapter"):
+        model = _tiny_llama().train()
+        apply_lora(model, r=2, alpha=4) if method == "lora" else apply_adapters(model, bottleneck=8)
+        model(torch.randint(0, 101, (2, 8))).sum().backward()
+        for name, p in model.named_parameters():
+            is_new = "lora_" in name or ".down." in name or ".up." in name
+            assert (p.grad is not None) == is_new, name
+        trainable, total = trainable_share(model)
+        assert 0 < trainable < total * 0.2
+
+
+def test_lora_targets_and_errors():
+    model = _tiny_llama()
+    names = apply_lora(model, r=2, alpha=4, target_modules="all-linear")
+    assert len(names) == 2 * 7 and all("lm_head" not in n for n in names)
+    with pytest.raises(LlmkitError, match="no linear layer matches"):
+        apply_lora(_tiny_llama(), target_modules=["nonexistent_proj"])
+    with pytest.raises(LlmkitError, match="rank 0"):
+        apply_lora(_tiny_llama(), r=0)
+
+
+def test_the_loss_mask_covers_exactly_the_answer_tokens(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+    ids, labels = encode_chat(tok, messages)
+    assert ids == tok.encode("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 + 3?<|end|>\n<|assistant|>\n5<|end|>\n"
+                             "<|user|>\nAnd 4 + 4?<|end|>\n<|assistant|>\n8<|end|>\n")
+    answer_spans = [i for i, y in enumerate(labels) if y != IGNORE]
+    trained = tok.decode([ids[i] for i in answer_spans])
+    assert trained == "5<|end|>\n8<|end|>\n"
+    assert all(labels[i] == ids[i] for i in answer_spans)
+    _, all_labels = encode_chat(tok, messages, train_on_prompt=True)
+    assert all_labels == ids
+
+
+@pytest.mark.slow
+def test_the_loss_mask_on_smollm2_chat_template():
+    tok = llmkit.load("smollm2").tokenizer
+    ids, labels = encode_chat(tok, [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}])
+    assert tok.decode([i for i, y in zip(ids, labels) if y != IGNORE]) == "Paris.<|im_end|>\n"
+    assert tok.decode([i for i, y in zip(ids, labels) if y == IGNORE]).endswith("<|im_start|>assistant\n")
+
+
+def test_rows_formats_and_length_limits(tmp_path, tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n" +
+                                      json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n" +
+                                      json.dumps({"source": "word " * 300, "target": "long"}) + "\n")
+    (tmp_path / "b.csv").write_text("text,label\nfair is foul,tragedies\nall's well,comedies\n")
+    rows = [to_example(r) for r in read_rows(tmp_path / "a.jsonl")]
+    assert rows[0].messages[0]["content"] == "Add\n\n2 and 3" and rows[1].answer == "hello" and rows[2].answer == "long"
+    prep = prepare_examples(tok, rows, 64)
+    assert len(prep.ids) == 2 and prep.dropped == 1
+    prep = prepare_examples(tok, rows, 64, truncate=True)
+    assert len(prep.ids) == 3 and prep.truncated == 1 and max(map(len, prep.ids)) == 64
+    packed = prepare_examples(tok, rows[:2], 64, pack=True)
+    assert len(packed.ids) == 1
+    assert [to_example(r).label for r in read_rows(tmp_path / "b.csv")] == ["tragedies", "comedies"]
+    with pytest.raises(LlmkitError, match="longer than 8 tokens"):
+        prepare_examples(tok, rows, 8)
+    with pytest.raises(LlmkitError, match="cannot tell the format"):
+        to_example({"question": "?"})
+
+
+def test_built_in_tasks_are_seeded_correct_and_never_leak():
+    train = T.mixture("arithmetic:2,reverse:1,sort,dates", 200, "train", seed=0)
+    val = T.mixture("arithmetic:2,reverse:1,sort,dates", 60, "val", seed=0)
+    assert T.mixture("arithmetic:2,reverse:1,sort,dates", 200, "train", seed=0)[5].answer == train[5].answer
+    assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in val}
+    counts = {t: sum(e.task == t for e in train) for t in ("arithmetic", "reverse", "sort", "dates")}
+    assert counts["arithmetic"] == 80 and counts["reverse"] == 40
+    for e in train:
+        q, a = e.messages[0]["content"], e.answer
+        if e.task == "arithmetic":
+            x, op, y = q.split("?")[0].split()[-3:]
+            assert int(a) == (int(x) + int(y) if op == "+" else int(x) - int(y))
+        elif e.task == "sort":
+            assert a.split() == sorted(q.split(": ")[1].split())
+        elif e.task == "reverse":
+            assert a.split() == q.split(": ")[1].split()[::-1]
+    plays_train, plays_val = T.play_examples(50, "train", 0), T.play_examples(20, "val", 1)
+    assert not {e.messages[0]["content"] for e in plays_train} & {e.messages[0]["content"] for e in plays_val}
+    genre_train, genre_val = T.genre_examples("train"), T.genre_examples("val")
+    assert not {e.text for e in genre_train} & {e.text for e in genre_val}
+    assert {e.label for e in genre_val} == {"comedies", "histories", "problems", "roman", "romances", "tragedies"}
+
+
+@pytest.mark.slow
+def test_finetune_a_small_gpt_learns_the_task_measures_forgetting_and_resumes(tmp_path, tokenizers_by_kind):
+    from llmkit.finetune.recipe import FinetuneConfig, finetune
+    from llmkit.model.weights import save_model
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    torch.manual_seed(0)
+    base = build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=128, n_heads=4, n_layers=2, max_seq_len=128))
+    save_model(base, tmp_path / "base", tokenizer=tok)
+    common = dict(model=str(tmp_path / "base"), task="reverse", n_train=300, n_val=16, batch_size=16, max_new_tokens=14,
+                  forgetting_tasks="sort", general_text="shakespeare:macbeth", general_tokens=512, precision="fp32", show=1)
+    logs = []
+    full = finetune(FinetuneConfig(**common, method="full", lr=3e-3, budget="60steps", out=str(tmp_path / "full")), log=logs.append)
+    assert full["after"]["answer_loss"] < full["before"]["answer_loss"] - 1.0  # on held-out examples
+    assert full["after"]["exact_match"] >= full["before"]["exact_match"]
+    assert "untrained_sort" in full["after"] and "general_bpb" in full["after"]
+    assert any("[4/7] initial predictions" in m for m in logs) and any("[7/7] predict" in m for m in logs)
+    loss = [json.loads(r)["loss"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(loss[-10:]) < sum(loss[:10]) / 2
+    # LoRA: a killed run resumes to the same losses as an uninterrupted one
+    lora = dict(common, method="lora", lr=1e-2, budget="12steps", save_every=6)
+    finetune(FinetuneConfig(**lora, out=str(tmp_path / "a")), log=lambda m: None)
+    finetune(FinetuneConfig(**dict(lora, budget="6steps"), out=str(tmp_path / "b")), log=lambda m: None)
+    finetune(FinetuneConfig(**lora, out=str(tmp_path / "b"), resume=True), log=lambda m: None)
+    a = [json.loads(r)["loss"] for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(r)["loss"] for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 12 and a[6:] == pytest.approx(b[6:], abs=1e-5)
+    assert (tmp_path / "a" / "model.safetensors").exists() or (tmp_path / "a" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_finetune_commands_on_the_real_models(tmp_path):
+    out = run_cli("finetune", "--model", "minilm", "--method", "lora", "--task", "genre", "--budget", "4steps", "--n-train", "64",
+                  "--n-val", "24", "--out", str(tmp_path / "genre"), "--json")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"accuracy", "macro_f1", "roc_auc"} <= set(result["after"]) and "embedding_drift_cosine" in result["after"]
+    assert "[1/7] load data" in out.stderr and (tmp_path / "genre" / "labels.json").exists()
+    run_cli("finetune", "--model", "smollm2", "--method", "lora", "--task", "dates", "--budget", "2steps", "--n-train", "16",
+            "--n-val", "4", "--forgetting-tasks", "sort", "--out", str(tmp_path / "lora"))
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(tmp_path / "lora").r == 8
+    bad = run_cli("finetune", "--model", "minilm", "--task", "arithmetic", "--budget", "1steps", "--out", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 1 and "needs a decoder" in bad.stderr
