@@ -7,12 +7,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llmkit.data.clean import normalize
 from llmkit.data.sources import shakespeare
 from llmkit.tokenizer import KINDS, train_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test worker (and per process a test starts): two workers on two cores, never four spinning
+    # OpenMP threads fighting for two cores, which slows everything tenfold.
+    n = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2")))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["MKL_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -209,7 +209,7 @@ def test_finetune_commands_on_the_real_models(tmp_path):
     assert {"accuracy", "macro_f1", "roc_auc"} <= set(result["after"]) and "embedding_drift_cosine" in result["after"]
     assert "[1/7] load data" in out.stderr and (tmp_path / "genre" / "labels.json").exists()
     run_cli("finetune", "--model", "smollm2", "--method", "lora", "--task", "dates", "--budget", "2steps", "--n-train", "16",
-            "--n-val", "4", "--forgetting-tasks", "sort", "--out", str(tmp_path / "lora"))
+            "--n-val", "4", "--forgetting-tasks", "sort", "--n-forgetting", "4", "--general-tokens", "256", "--out", str(tmp_path / "lora"))
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(tmp_path / "lora").r == 8

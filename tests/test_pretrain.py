@@ -236,9 +236,15 @@ def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data,
     run_cli(*_pretrain_cmd(small_data, tmp_path / "one", "--budget", "10steps", "--batch-size", "8"))
     extra = ["--fsdp"] if sharding == "fsdp" else []
     port = "29517" if sharding == "ddp" else "29518"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                           "-m", "llmkit", *_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--batch-size", "4", *extra)],
-                          capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                               "-m", "llmkit", *_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--batch-size", "4", *extra)],
+                              capture_output=True, text=True, timeout=600)
+        # FSDP2 over gloo on CPU aborts now and then inside the C++ runtime ("terminate called without an active
+        # exception", about 1 run in 6 here); that one failure, and only it, gets a second try.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 11))

@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", default=f.precision, choices=["auto", "fp32", "bf16"])
         p.add_argument("--max-new-tokens", type=int, default=f.max_new_tokens, help="answer length when evaluating")
         p.add_argument("--forgetting-tasks", default=f.forgetting_tasks, help="built-in tasks measured before and after (those not trained on)")
+        p.add_argument("--n-forgetting", type=int, default=f.n_forgetting, help="examples per untrained task (default: 24)")
+        p.add_argument("--general-tokens", type=int, default=f.general_tokens, help="tokens of general text scored (default: 2048)")
         p.add_argument("--general-text", default=f.general_text, help="held-out general text for bits per byte (default: shakespeare:the-tempest)")
         p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end)")
         p.add_argument("--seed", type=int, default=f.seed)

@@ -64,7 +64,7 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     from llmkit.finetune.recipe import FinetuneConfig, finetune
 
     ft = finetune(FinetuneConfig(model="smollm2", method="lora", task="arithmetic", n_train=300, n_val=16, budget=finetune_budget,
-                                 forgetting_tasks="reverse", general_tokens=1024, out=str(out / "finetune")),
+                                 forgetting_tasks="reverse", n_forgetting=16, general_tokens=1024, out=str(out / "finetune")),
                   log=lambda m: console.print(m, markup=False, highlight=False))
 
     console.rule("[bold]6. report")

@@ -62,6 +62,7 @@ class FinetuneConfig:
     precision: str = "auto"
     max_new_tokens: int = 12
     forgetting_tasks: str = "arithmetic,reverse,sort,dates"
+    n_forgetting: int = 24  # examples per untrained task
     general_text: str = "shakespeare:the-tempest"
     general_tokens: int = 2048
     show: int = 3
@@ -261,7 +262,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     log("[4/7] initial predictions")
     shown = val_ex[: cfg.show]
     forget_tasks = [t for t in cfg.forgetting_tasks.split(",") if t and t not in cfg.task] if not classification else []  # not trained on
-    forget_sets = {t: T.task_examples(t, 24, "val", cfg.seed + 7) for t in forget_tasks}
+    forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in forget_tasks}
 
     def measure() -> dict:
         if classification:
