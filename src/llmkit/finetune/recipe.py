@@ -204,16 +204,11 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     import llmkit
     from llmkit.finetune.peft import trainable_share
     from llmkit.progress import progress
-    from llmkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+    from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
     from llmkit.train.pretrain import Budget, autocast_dtype
 
     run = Path(cfg.out)
-    ckpt = find_checkpoint(run)
-    if ckpt is not None and not cfg.resume:
-        raise LlmkitError(f"{run} already holds a fine-tuning run", "pass --resume to continue it, or choose a new --out")
-    if cfg.resume and ckpt is None:
-        raise LlmkitError(f"--resume: no checkpoint in {run}", "start without --resume")
-    run.mkdir(parents=True, exist_ok=True)
+    ckpt = resume_point(run, cfg.resume)
     torch.manual_seed(cfg.seed)
     lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
     budget = Budget.parse(cfg.budget)

@@ -85,6 +85,18 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_
     return final
 
 
+def resume_point(run_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run or to resume nothing."""
+    run_dir = Path(run_dir)
+    found = find_checkpoint(run_dir)
+    if found is not None and not resume:
+        raise LlmkitError(f"{run_dir} already holds a run with a checkpoint", "pass --resume to continue it, or choose a new --out")
+    if resume and found is None:
+        raise LlmkitError(f"--resume: no checkpoint in {run_dir}", "start without --resume, or point --out at the killed run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return found
+
+
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     run_dir = Path(run_dir)
     for name in ("checkpoint", "checkpoint.prev"):

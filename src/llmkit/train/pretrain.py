@@ -413,7 +413,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     from llmkit.model.weights import _aliases, load_state, save_model
     from llmkit.progress import progress
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+    from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
 
     # ---------------------------------------------------------------- setup
     if cfg.family not in DEFAULT_PRESETS:
@@ -422,12 +422,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     d = init_distributed()
     say = log if d.main else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
-    ckpt_path = find_checkpoint(run_dir)
-    if ckpt_path is not None and not cfg.resume:
-        raise LlmkitError(f"{run_dir} already holds a run with a checkpoint", "pass --resume to continue it, or choose a new --out")
-    if cfg.resume and ckpt_path is None:
-        raise LlmkitError(f"--resume: no checkpoint in {run_dir}", "start without --resume, or point --out at the killed run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_point(run_dir, cfg.resume)
     torch.manual_seed(cfg.seed)
     data_dir = prepare_data(cfg, d, say)
     meta = load_meta(data_dir)
