@@ -215,3 +215,21 @@ def test_finetune_commands_on_the_real_models(tmp_path):
     assert PeftConfig.from_pretrained(tmp_path / "lora").r == 8
     bad = run_cli("finetune", "--model", "minilm", "--task", "arithmetic", "--budget", "1steps", "--out", str(tmp_path / "x"), check=False)
     assert bad.returncode == 1 and "needs a decoder" in bad.stderr
+
+
+@pytest.mark.slow
+def test_finetune_compare_writes_a_table_and_a_chart(tmp_path, tokenizers_by_kind):
+    from llmkit.model.weights import save_model
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    torch.manual_seed(0)
+    save_model(build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)),
+               tmp_path / "base", tokenizer=tok)
+    out = run_cli("finetune", "compare", "--model", str(tmp_path / "base"), "--task", "reverse", "--methods", "full,lora,multitask-lora",
+                  "--shots", "0,1", "--curve", "8", "--budget", "2steps", "--n-train", "16", "--n-val", "4", "--n-forgetting", "2",
+                  "--general-tokens", "128", "--general-text", "shakespeare:macbeth", "--max-new-tokens", "4", "--out", str(tmp_path / "cmp"))
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["full", "lora", "multitask-lora", "full"] and summary["rows"][-1]["n_train"] == 8
+    assert summary["rows"][0]["trainable_share"] == 1.0 and summary["rows"][1]["trainable_share"] < 0.2
+    assert set(summary["few_shot"]) == {"0", "1"} and "1-shot in-context" in out.stdout
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"

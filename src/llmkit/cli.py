@@ -679,13 +679,13 @@ def cmd_finetune_compare(args) -> None:
 
     table = Table(title=f"fine-tuning {args.model} on {args.task}")
     for col in ("method", "train ex.", "trainable", "before", "after", "gain", "general bpb change", "untrained tasks change",
-                "seconds", "peak MB"):
+                "embedding cosine", "seconds", "peak MB"):
         table.add_column(col, justify="left" if col == "method" else "right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in summary["rows"]:
         table.add_row(r["method"], fmt(r["n_train"], "d") if r["n_train"] else "", f"{r['trainable_share']:.2%}", f"{r['before']:.3f}",
                       f"{r['after']:.3f}", f"{r['gain']:+.3f}", fmt(r["general_bpb_change"], "+.4f"), fmt(r["untrained_change"], "+.3f"),
-                      f"{r['seconds']:.0f}", f"{r['peak_memory_mb']:.0f}")
+                      fmt(r["embedding_drift"], ".3f"), f"{r['seconds']:.0f}", f"{r['peak_memory_mb']:.0f}")
     from rich.console import Console
 
     Console(width=200).print(table)
