@@ -58,11 +58,10 @@ def test_our_lora_equals_peft_and_our_adapter_loads_in_peft(tmp_path, rslora):
         assert (peft_model(ids).logits - ours).abs().max().item() <= 1e-5
     # our saved adapter loads in peft, on the export, to the same logits
     save_lora(model, tmp_path / "adapter")
-    fresh = LlmkitHF = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    fresh = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         assert (loaded(ids).logits - ours).abs().max().item() <= 1e-5
-    del LlmkitHF
 
 
 def test_merge_then_unmerge_restores_the_base_exactly_and_merged_equals_unmerged():

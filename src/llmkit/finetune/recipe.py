@@ -16,7 +16,6 @@ drift of their sentence embeddings on general text instead: the mean cosine betw
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -205,7 +204,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     from llmkit.finetune.peft import trainable_share
     from llmkit.progress import progress
     from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
-    from llmkit.train.pretrain import Budget, autocast_dtype
+    from llmkit.train.pretrain import Budget, Metrics, autocast_dtype
 
     run = Path(cfg.out)
     ckpt = resume_point(run, cfg.resume)
@@ -239,7 +238,6 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
             f"{prep.dropped} dropped and {prep.truncated} truncated for the length limit of {cfg.max_len}")
 
     log(f"[3/7] prepare model: {cfg.method}")
-    base_general = None
     if classification:
         before_emb = _embeddings(model, tok, [ex.text for ex in val_ex[:32]])
         model = Classifier(model, labels)
@@ -295,12 +293,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         step, elapsed_before = state["step"], state["elapsed"]
         log(f"      resumed at step {step}")
     n_rows = len(train_ids) if classification else len(prep.ids)
-    metrics_path = run / "metrics.jsonl"
-    if ckpt is None:
-        io.write_text(metrics_path, "")
-    else:  # keep what the killed run logged up to its checkpoint
-        rows = [json.loads(r) for r in metrics_path.read_text().splitlines() if r.strip()]
-        io.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    metrics = Metrics(run, True, step if ckpt is not None else None)  # a resumed run keeps what was logged up to its checkpoint
 
     def checkpoint(elapsed):
         trainable_state = {names[id(p)]: p.detach() for p in params}
@@ -341,8 +334,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(total_loss)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": total_loss, "lr": cur_lr}) + "\n")
+            metrics.log({"step": step, "split": "train", "loss": total_loss, "lr": cur_lr})
             bar.update(task, completed=step if budget.steps else elapsed, description=f"loss {total_loss:.3f}")
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint(elapsed_before + time.perf_counter() - start)
@@ -368,7 +360,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
               "after": {k: v for k, v in after.items() if not k.startswith("_")}, "saved": saved,
               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None}
     io.write_json(run / "results.json", result)
-    _plot_loss(metrics_path, run / "loss.png")
+    metrics.plot(run / "loss.png", title="fine-tuning loss")
     log(f"done: {saved} -> {run}")
     return result
 
@@ -413,22 +405,3 @@ def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
     with io.atomic_open(run / "adapters.safetensors", "wb") as f:
         f.write(save(state))
     return "adapters.safetensors (bottleneck adapters)"
-
-
-def _plot_loss(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(r) for r in metrics_path.read_text().splitlines() if r.strip()]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("fine-tuning loss")
-    ax.grid(alpha=0.3)
-    io.save_figure(fig, png)
-    plt.close(fig)

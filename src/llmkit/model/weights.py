@@ -9,7 +9,6 @@ Nothing here unpickles: safetensors and GGUF only. `load(name_or_path)` is the o
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path

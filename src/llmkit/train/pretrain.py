@@ -374,7 +374,7 @@ class Metrics:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def plot(self, path: Path) -> None:
+    def plot(self, path: Path, title: str = "pretraining loss") -> None:
         if not self.enabled:
             return
         import matplotlib
@@ -391,7 +391,7 @@ class Metrics:
             ax.plot(*zip(*val), "o-", label="validation")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title("pretraining loss")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         io.save_figure(fig, path)
