@@ -606,7 +606,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_eval_perplexity(args) -> None:
     import llmkit
-    from llmkit.evaluate.perplexity import score_tokens, summarize
+    from llmkit.evaluate.perplexity import evaluate_text
 
     if not args.file:
         raise LlmkitError("`llmkit eval perplexity` needs --file", "e.g. --file hamlet.txt or --file shakespeare:hamlet")
@@ -621,16 +621,8 @@ def cmd_eval_perplexity(args) -> None:
     from llmkit.data.sources import read_source
 
     text = "\n\n".join(read_source(args.file).texts)
-    ids = model.tokenizer.encode(text)
-    if args.max_tokens:
-        text = model.tokenizer.decode(ids[: args.max_tokens])
-        ids = ids[: args.max_tokens]
-    if len(ids) < 2:
-        raise LlmkitError("the text has fewer than 2 tokens", "give a longer text")
-    nats, count = score_tokens(model, ids, args.window, args.stride, batch_size=args.batch_size)
-    n_bytes = len(text.encode("utf-8")) * count / max(len(ids) - 1, 1)  # the bytes of the scored share of the text
-    out = {"model": args.model, "file": args.file, "window": args.window, "stride": args.stride or args.window,
-           **summarize(nats, count, n_bytes)}
+    scores = evaluate_text(model, model.tokenizer, text, args.window, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    out = {"model": args.model, "file": args.file, "window": args.window, "stride": args.stride or args.window, **scores}
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -92,10 +92,10 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig,
 
 def default_stop_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    added = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
     for token in ("<|endoftext|>", "<|im_end|>", "<|end|>", "</s>"):
-        i = tokenizer.backend.token_to_id(token)
-        if i is not None and token in {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}:
-            ids.add(i)
+        if token in added:
+            ids.add(tokenizer.backend.token_to_id(token))
     return sorted(ids)
 
 

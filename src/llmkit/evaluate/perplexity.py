@@ -70,3 +70,19 @@ def summarize(nats: float, tokens: int, n_bytes: float) -> dict:
     per_token = nats / max(tokens, 1)
     return {"tokens": tokens, "nats_per_token": per_token, "perplexity": math.exp(min(per_token, 700)),
             "bits_per_byte": nats / math.log(2) / max(n_bytes, 1e-9), "bytes": n_bytes}
+
+
+def evaluate_text(model, tokenizer, text: str, window: int, stride: int | None = None, *, batch_size: int = 8,
+                  max_tokens: int | None = None) -> dict:
+    """tokens, nats/token, perplexity and bits per byte of a decoder on `text` (its first `max_tokens` tokens)."""
+    from llmkit.errors import LlmkitError
+
+    ids = tokenizer.encode(text)
+    if max_tokens and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+        text = tokenizer.decode(ids)
+    if len(ids) < 2:
+        raise LlmkitError("the text has fewer than 2 tokens", "give a longer text")
+    nats, count = score_tokens(model, ids, window, stride, batch_size=batch_size)
+    n_bytes = len(text.encode("utf-8")) * count / max(len(ids) - 1, 1)  # the bytes of the scored share of the text
+    return summarize(nats, count, n_bytes)

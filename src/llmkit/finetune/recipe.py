@@ -157,14 +157,12 @@ def exact_match(predictions: list[str], examples: list[Example]) -> float:
 @torch.no_grad()
 def general_bits_per_byte(model, tok, cfg: FinetuneConfig) -> float:
     from llmkit.data.sources import read_source
-    from llmkit.evaluate.perplexity import score_tokens, summarize
+    from llmkit.evaluate.perplexity import evaluate_text
 
     model.eval()
     text = read_source(cfg.general_text).texts[0]
-    ids = tok.encode(text)[: cfg.general_tokens]
-    nats, count = score_tokens(model, ids, min(256, model.config.max_seq_len), batch_size=4)
-    n_bytes = len(tok.decode(ids).encode("utf-8")) * count / max(len(ids) - 1, 1)
-    return summarize(nats, count, n_bytes)["bits_per_byte"]
+    window = min(256, model.config.max_seq_len)
+    return evaluate_text(model, tok, text, window, batch_size=4, max_tokens=cfg.general_tokens)["bits_per_byte"]
 
 
 def classification_metrics(model, tok, examples: list[Example], batch: int = 32) -> dict:

@@ -15,6 +15,7 @@ rows of the same global batch, so N processes follow the loss curve of one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -518,7 +519,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             for micro in range(cfg.grad_accum):
                 batch = loader.batch(step * cfg.grad_accum + micro)
                 sync = micro == cfg.grad_accum - 1 or d.world == 1 or cfg.fsdp
-                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _nullcontext()
+                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else contextlib.nullcontext()
                 with ctx, torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, _ = objective.loss(train_model, batch, (cfg.seed, step, micro, d.rank))
                     (loss / cfg.grad_accum).backward()
@@ -590,14 +591,6 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
 
         dist.destroy_process_group()
     return summary
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _append_sample(run_dir: Path, step: int, text: str) -> None:
