@@ -30,19 +30,22 @@ def sync(device):
 def prompt_ids(tok, n: int) -> list[int]:
     from llmkit.data.sources import shakespeare
 
-    return tok.encode(shakespeare("hamlet")[0].text)[:n]
+    return tok.encode(shakespeare("hamlet")[0].text, add_special_tokens=False)[:n]
 
 
 def bench_llmkit(model, prompt: list[int], new: int, batch: int, device) -> tuple[float, float]:
-    """(prompt tokens/s, decode tokens/s) through llmkit's own generation loop."""
+    """(prompt tokens/s, decode tokens/s) through llmkit's own generation loop: the prompt rate is the time to the
+    first new token of the whole prompt (prefill and the first choice), the decode rate that of `new` tokens after an
+    8-token prompt."""
     tok = model.tokenizer
-    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, stop_token_ids=[])
     with torch.no_grad():
         sync(device)
         start = time.perf_counter()
-        model(torch.tensor([prompt] * batch, device=device))
+        for _ in stream_batch(model, tok, [prompt] * batch, GenerationConfig(max_new_tokens=1, do_sample=False, stop_token_ids=[])):
+            pass
         sync(device)
         prefill = time.perf_counter() - start
+        cfg = GenerationConfig(max_new_tokens=new, do_sample=False, stop_token_ids=[])
         start = time.perf_counter()
         steps = 0
         for _ in stream_batch(model, tok, [prompt[:8]] * batch, cfg):

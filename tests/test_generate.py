@@ -172,7 +172,7 @@ def test_bad_input_gets_clear_messages(tokenizers_by_kind):
         generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8))
     warnings = []
     out = generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8, truncate=True, stop_token_ids=[]), warn=warnings.append)[0]
-    assert len(out.prompt_ids) == 24 and "cut" in warnings[0]
+    assert len(out.prompt_ids) == 25 and "cut" in warnings[0]  # 25 + 8 new tokens use 32 positions: the last is never fed
     generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2, stop_strings=["a rather long stop string"]), warn=warnings.append)
     assert "can never stop the output" in warnings[-1]
     with pytest.raises(LlmkitError, match="no model at 'gpt-17'"):
@@ -239,3 +239,164 @@ def test_generate_with_int8_and_bf16(tmp_path):
         out = run_cli("generate", "--model", "smollm2", "--greedy", "--chat", "--max-new-tokens", "24", *flags,
                       "--prompt", "What is the capital of France?")
         assert "Paris" in out.stdout, flags
+
+
+# --- edges: stops, several eos, padded vocabularies, penalties in batches, bad settings, incremental text -------------
+
+
+def test_stop_strings_cut_at_the_earliest_whichever_is_listed_first(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    text = "Hello there. Bye now. User: more"
+    for stops in (["User:", "Bye"], ["Bye", "User:"]):
+        s = TextStream(tok, stops)
+        pieces = [s.push(i) for i in tok.encode(text)] + [s.flush()]
+        assert "".join(pieces) == "Hello there. " and s.text == "Hello there. " and s.stopped
+
+
+@pytest.mark.parametrize("kind", ["byte-bpe", "unigram", "wordpiece", "word", "char"])
+def test_incremental_text_equals_a_whole_decode(tokenizers_by_kind, kind):
+    tok = tokenizers_by_kind[kind]
+    rng = torch.Generator().manual_seed(len(kind))
+    for _ in range(20):
+        ids = torch.randint(0, tok.vocab_size, (30,), generator=rng).tolist()
+        s = TextStream(tok, [])
+        text = "".join([s.push(i) for i in ids] + [s.flush()])
+        assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+def _tiny_llama_folder(path, tok, eos, gen_eos=None):
+    from transformers import GenerationConfig as HFGen
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       eos_token_id=eos, bos_token_id=None, pad_token_id=None)).eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(30.0)  # confident, so the greedy path is far from ties
+    if gen_eos is not None:
+        ref.generation_config = HFGen(eos_token_id=gen_eos)
+    ref.save_pretrained(path)
+    return ref
+
+
+def test_several_eos_ids_and_generation_config_stop_like_transformers(tmp_path, tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    prompt = tok.encode("To be, or not to be", add_special_tokens=False)
+    ref = _tiny_llama_folder(tmp_path / "probe", tok, eos=None)
+    free = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+    eos = [free[6], free[3]]  # the second listed comes first in the text
+    for folder, config_eos, gen_eos in (("config", eos, None), ("generation", free[9], eos)):
+        ref = _tiny_llama_folder(tmp_path / folder, tok, eos=config_eos, gen_eos=gen_eos)
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+        ours = generate(llmkit.load(tmp_path / folder), tok, [prompt], GenerationConfig(max_new_tokens=12, do_sample=False))[0]
+        assert theirs[-1] in eos and ours.finish_reason == "stop"
+        assert ours.ids == theirs[:-1]  # transformers keeps the eos it stopped on
+
+
+@pytest.mark.slow
+def test_a_special_token_as_stop_string_stops_like_transformers(smollm2, hf_smollm2):
+    from transformers import AutoTokenizer
+
+    from llmkit.chat import chat_prompt_ids
+    from llmkit.embedded import embedded_path
+
+    tok = smollm2.tokenizer
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "Name one colour."}])
+    cfg = GenerationConfig(max_new_tokens=24, do_sample=False, stop_strings=["<|im_end|>"], stop_token_ids=[])
+    ours = generate(smollm2, tok, [ids], cfg)[0]
+    path = embedded_path("smollm2")
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    x = torch.tensor([ids])
+    theirs = hf_smollm2.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False, stop_strings=["<|im_end|>"],
+                                 tokenizer=hf_tok, eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    assert ours.finish_reason == "stop" and theirs[-1] == tok.token_id("<|im_end|>")
+    assert ours.ids == theirs[:-1] and "<|im_end|>" not in ours.text
+
+
+def test_padded_vocabulary_rows_are_never_sampled_and_decode_to_nothing(tmp_path, tokenizers_by_kind):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = tokenizers_by_kind["unigram"]  # the model has 64 more rows than the tokenizer has tokens, as T5 (32,128 / 32,100)
+    torch.manual_seed(0)
+    ref = T5ForConditionalGeneration(T5Config(vocab_size=tok.vocab_size + 64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                              num_heads=4, decoder_start_token_id=0, eos_token_id=tok.eos_id)).eval()
+    with torch.no_grad():
+        ref.lm_head.weight[tok.vocab_size:] = ref.lm_head.weight[:64] * 50  # the padding rows would win every argmax
+    ref.save_pretrained(tmp_path)
+    model = llmkit.load(tmp_path)
+    for cfg in (GenerationConfig(max_new_tokens=10, do_sample=False), GenerationConfig(max_new_tokens=10, seed=0),
+                GenerationConfig(max_new_tokens=6, num_beams=3)):
+        out = generate(model, tok, ["Where is the king?"], cfg)[0]
+        assert out.ids and max(out.ids) < tok.vocab_size
+    assert tok.decode([5, tok.vocab_size + 3, 6], strict=False) == tok.decode([5, 6])
+    with pytest.raises(LlmkitError, match=f"token id {tok.vocab_size + 3} is outside"):
+        tok.decode([5, tok.vocab_size + 3])
+
+
+@pytest.mark.slow
+def test_repetition_penalty_never_counts_left_padding(smollm2):
+    from llmkit.chat import chat_prompt_ids
+
+    tok = smollm2.tokenizer
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("Say hi.", "List three fruits, then stop, please.")]
+    cfg = GenerationConfig(max_new_tokens=20, do_sample=False, repetition_penalty=1.5)
+    together = generate(smollm2, tok, prompts, cfg)
+    for p, g in zip(prompts, together):
+        alone = generate(smollm2, tok, [p], cfg)[0]
+        assert g.ids == alone.ids and g.finish_reason == alone.finish_reason
+
+
+def test_bad_generation_settings_are_refused_and_a_prompt_that_fits_is_taken(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval()
+    for change, message in ((dict(temperature=-1.0), "temperature -1.0 is negative"), (dict(top_k=-2), "top_k -2 is negative"),
+                            (dict(top_p=0.0), "top_p 0.0 is not in"), (dict(top_p=1.5), "top_p 1.5 is not in"),
+                            (dict(repetition_penalty=0.0), "repetition_penalty 0.0 must be positive"),
+                            (dict(max_new_tokens=-1), "max_new_tokens -1 is negative")):
+        with pytest.raises(LlmkitError, match=message):
+            generate(model, tok, ["hi"], GenerationConfig(**change))
+    prompt = list(range(300, 323))  # 23 + 10 new tokens: 32 positions are fed, the last token never is
+    out = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=10, stop_token_ids=[], seed=0))[0]
+    assert out.prompt_ids == prompt and len(out.ids) == 10
+    with pytest.raises(LlmkitError, match="exceeds the model's context"):
+        generate(model, tok, [prompt + [5]], GenerationConfig(max_new_tokens=10))
+    assert generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=0))[0].ids == []
+    with pytest.raises(LlmkitError, match="token id -4 is outside"):
+        generate(model, tok, [[5, -4]], GenerationConfig(max_new_tokens=2))
+    t5 = build_model(preset("tiny-t5", vocab_size=tok.vocab_size, d_model=64, n_heads=4)).eval()
+    out = generate(t5, tok, ["hi"], GenerationConfig(max_new_tokens=0, num_beams=3))[0]
+    assert out.ids == [] and out.text == "" and out.prompt_ids == tok.encode("hi")
+
+
+def test_per_row_settings_sample_each_row_as_alone():
+    from llmkit.generate import Sampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    configs = [GenerationConfig(do_sample=False), GenerationConfig(temperature=0.7, top_k=5, seed=1),
+               GenerationConfig(temperature=1.3, top_p=0.8, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    together = Sampler(configs, 50, "cpu", generators=gens)
+    together.add_prompts([[1, 2], [3], [4, 4, 5]])
+    alone = [Sampler([c], 50, "cpu", generators=[torch.Generator().manual_seed(i)]) for i, c in enumerate(configs)]
+    for s, p in zip(alone, [[1, 2], [3], [4, 4, 5]]):
+        s.add_prompts([p])
+    for _ in range(5):
+        picked = together(logits)
+        together.observe(picked)
+        for r, s in enumerate(alone):
+            one = s(logits[r:r + 1])
+            s.observe(one)
+            assert one.item() == picked[r].item()
+    assert picked[0].item() == logits[0].argmax().item()
+
+
+def test_warnings_go_to_stderr_not_into_the_text(tmp_path, tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    save_dir = tmp_path / "m"
+    from llmkit.model.weights import save_model
+
+    save_model(build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval(), save_dir, tokenizer=tok)
+    out = run_cli("generate", "--model", str(save_dir), "--prompt", "word " * 40, "--truncate", "--max-new-tokens", "4", "--seed", "1")
+    assert "cut" in out.stderr and "cut" not in out.stdout

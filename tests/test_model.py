@@ -108,7 +108,7 @@ def test_minilm_sentence_embeddings_equal_sentence_transformers():
 
     model = llmkit.load("minilm")
     tok = model.tokenizer
-    batch = [tok.encode(s, add_special_tokens=True) for s in SENTENCES]
+    batch = [tok.encode(s) for s in SENTENCES]  # the plain path: [CLS] ... [SEP] by default, as transformers
     width = max(map(len, batch))
     ids = torch.tensor([b + [tok.pad_id] * (width - len(b)) for b in batch])
     mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
@@ -283,3 +283,213 @@ def test_inputs_longer_than_the_context_or_outside_the_vocabulary_are_refused():
     cache = KVCache.for_model(model.config, 1, 4)
     with pytest.raises(ValueError, match="full"):
         model(_ids(97, (1, 5)), cache=cache)
+
+
+# --- variants users load: RoPE scaling, llama.cpp files, several eos, dtypes, positions in every family -------------
+
+ROPE_SCALINGS = {
+    "linear": (dict(rope_type="linear", factor=2.0), 64),
+    "dynamic": (dict(rope_type="dynamic", factor=4.0), 32),
+    "llama3": (dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16), 128),
+    "yarn": (dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32), 128),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_rope_scaling_equals_transformers_beyond_the_original_context(tmp_path, kind):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaling, max_pos = ROPE_SCALINGS[kind]
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=max_pos, rope_theta=500.0, rope_scaling=dict(scaling))
+    torch.manual_seed(1)
+    ref = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper attention, so that positions matter to the logits
+        for layer in ref.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    assert ours.config.rope_scaling["rope_type"] == kind
+    ids = _ids(101, (1, 100))  # well past the original 16 / 32 / 64 positions
+    with torch.no_grad():
+        theirs = ref(ids).logits
+        assert _max_diff(ours(ids), theirs) <= TOL
+        default = build_model(ours.config.replace(rope_scaling=None, max_seq_len=128))
+        default.load_state_dict(ours.state_dict())
+        assert _max_diff(default(ids), theirs) > 1e-2  # the scaling matters at these positions
+    if kind != "dynamic":  # the export keeps the scaling (dynamic's growth point too)
+        export_hf(ours, tmp_path / "export")
+        again = LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+        with torch.no_grad():
+            assert _max_diff(again(ids).logits, theirs) <= TOL
+
+
+def test_unknown_rope_scaling_is_refused(tmp_path):
+    from llmkit.model.weights import config_from_hf
+
+    hf = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96, vocab_size=50)
+    with pytest.raises(LlmkitError, match="RoPE scaling 'longrope' is not implemented"):
+        config_from_hf({**hf, "rope_scaling": {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]}})
+    with pytest.raises(LlmkitError, match="lacks low_freq_factor"):
+        config_from_hf({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
+def _llama3_ref(vocab: int, eos):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, tie_word_embeddings=False,
+                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=16), eos_token_id=eos, bos_token_id=1)
+    torch.manual_seed(2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.slow
+def test_llama3_style_gguf_loads_like_transformers_and_tokenizes_like_llama_cpp(tmp_path):
+    """A Llama-3.1-shaped GGUF: rope_freqs factors, the llama-bpe pre-tokenizer, bos by llama.cpp's default, eos + eot."""
+    from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
+    from transformers import AutoTokenizer
+
+    from llmkit.model.layers import rope_frequencies
+    from llmkit.tokenizer import Tokenizer
+
+    ref = _llama3_ref(49152, [2, 0])
+    base, _ = rope_frequencies(8, 500.0)
+    scaled, _ = rope_frequencies(8, 500.0, {**ref.config.rope_parameters, "rope_type": "llama3"})
+    fields = smollm2_tokenizer_fields(pre="llama-bpe", eot=0)
+    write_llama_gguf(tmp_path / "m.gguf", ref, fields, rope_freqs=base / scaled)
+    ours = llmkit.load(tmp_path / "m.gguf")
+    assert ours.config.rope_scaling["rope_type"] == "freq_factors" and ours.config.eos_ids == [2, 0]
+    ids = _ids(49152, (1, 90))
+    with torch.no_grad():
+        assert _max_diff(ours(ids), ref(ids).logits) <= TOL
+    tok = ours.tokenizer
+    text = "(Hello) world's 12345 numbers:\n\n  indented\ttabs, café 🤗 <|im_end|>"
+    assert tok.encode(text)[0] == 1  # llama.cpp adds bos for the Llama 3 group when the file does not say
+    assert tok.encode(text, add_special_tokens=False) != Tokenizer.load(embedded_path_smollm2()).encode(text)  # another split
+    write_llama_gguf(tmp_path / "flag" / "m.gguf", None, {**fields, "add_bos": True})
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "flag"), gguf_file="m.gguf")
+    for t in [text, "I'm 2024-03-07 [x] done...", "   leading spaces and 1,000,000"]:
+        assert tok.encode(t) == theirs(t)["input_ids"], t
+    write_llama_gguf(tmp_path / "nobos" / "m.gguf", None, {**fields, "add_bos": False})
+    assert Tokenizer.load(tmp_path / "nobos" / "m.gguf").encode("hi")[0] != 1
+    write_llama_gguf(tmp_path / "odd" / "m.gguf", None, {**fields, "pre": "made-up-pre"})
+    with pytest.raises(LlmkitError, match="pre-tokenizer 'made-up-pre' is not supported"):
+        Tokenizer.load(tmp_path / "odd" / "m.gguf")
+
+
+def embedded_path_smollm2():
+    from llmkit.embedded import embedded_path
+
+    return embedded_path("smollm2")
+
+
+def test_position_buffers_stay_float32_in_bf16(tmp_path):
+    model = build_model(preset("tiny-llama", vocab_size=97, d_model=64, n_heads=4, max_seq_len=4096)).eval()
+    fp32 = model.rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, fp32)
+    assert model.blocks[0].attn.q_proj.weight.dtype == torch.bfloat16
+    vas = build_model(preset("tiny-vaswani", vocab_size=97, d_model=64)).to(torch.bfloat16)
+    assert vas.enc_embed.position.weight.dtype == torch.float32
+    save_model(model.float(), tmp_path / "run")
+    loaded = llmkit.load(tmp_path / "run", dtype=torch.bfloat16)
+    assert loaded.rotary.inv_freq.dtype == torch.float32 and loaded.embed.tokens.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[5] * 3000])  # far positions: float32 angles keep bf16 logits near the float32 ones
+    with torch.no_grad():
+        ref = model.float()(ids)[0, -1]
+        assert (loaded(ids)[0, -1].float() - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family, position", [("encoder", "rope"), ("encoder", "relative"), ("decoder", "relative"),
+                                              ("encoder", "sinusoidal"), ("encoder-decoder", "rope")])
+def test_every_position_kind_works_in_every_family(family, position):
+    name = {"encoder": "tiny-bert", "decoder": "tiny-llama", "encoder-decoder": "tiny-t5"}[family]
+    cfg = preset(name, vocab_size=97, d_model=64, n_heads=4, n_kv_heads=None, max_seq_len=64, position=position)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # sharper attention (random weights attend almost uniformly), so that positions show
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+            elif "bias.embedding" in name:
+                p.mul_(100.0)
+    ids = _ids(97, (1, 12))
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if family == "encoder":  # positions make a bidirectional encoder see order: permuting the input is not
+            out, out_perm = model(ids), model(ids[:, perm])  # just permuting the output
+            assert _max_diff(out[:, perm], out_perm) > 1e-3
+        elif family == "decoder":
+            full = model(ids)
+            cache = model.new_cache(1, 20)
+            steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+            assert _max_diff(torch.cat(steps, 1), full) <= 1e-5
+            assert _max_diff(model(ids[:, perm])[:, -1], full[:, -1]) > 1e-3
+        else:
+            src = _ids(97, (1, 12), seed=4)
+            enc, _ = model.encode(src)
+            assert _max_diff(model.decode(ids, enc)[0], model(src, ids)) <= 1e-5
+            assert _max_diff(model.encode(src[:, perm])[0], enc[:, perm]) > 1e-3
+
+
+@pytest.mark.parametrize("change, message", [(dict(scale_embeddings=True), "scale_embeddings"), (dict(attn_scale=1.0), "attn_scale"),
+                                             (dict(lm_head_bias=True), "lm_head_bias"), (dict(head_dim=32), "head_dim 32")])
+def test_export_refuses_what_transformers_would_run_differently(tmp_path, change, message):
+    model = build_model(preset("tiny-gpt", vocab_size=97, d_model=64, n_heads=4, **change))
+    with pytest.raises(LlmkitError, match=message):
+        export_hf(model, tmp_path)
+
+
+def test_out_of_range_ids_are_named():
+    model = build_model(preset("tiny-gpt", vocab_size=97, d_model=64, n_heads=4, max_seq_len=16))
+    with pytest.raises(LlmkitError, match="token id -3 is outside"):
+        model(torch.tensor([[5, -3]]))
+    with pytest.raises(LlmkitError, match="token id 200 is outside"):
+        model(torch.tensor([[5, 200, 7]]))
+
+
+def test_t5_in_float16_clamps_like_transformers(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    ref = T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for block in ref.encoder.block:
+            block.layer[1].DenseReluDense.wo.weight.mul_(3000.0)  # the feed-forward overflows float16
+    ref.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path, dtype=torch.float16)
+    ref = ref.half()
+    src, tgt = _ids(64, (1, 10)), _ids(64, (1, 6), seed=1)
+    with torch.no_grad():
+        theirs = ref(input_ids=src, decoder_input_ids=tgt).logits
+        mine = ours(src, tgt)
+    assert torch.isfinite(theirs).all() and torch.isfinite(mine).all()
+    assert _max_diff(mine, theirs) <= 0.05 * theirs.float().abs().max().item()
+
+
+def test_a_hugging_face_folder_tokenizer_adds_its_own_special_tokens(tmp_path, tokenizers_by_kind):
+    """A Llama folder whose tokenizer.json adds bos (as Llama 2/3 do): encode, generate and perplexity follow it."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmkit.evaluate.perplexity import evaluate_text
+    from llmkit.generate import GenerationConfig, generate
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tokenizers_by_kind["byte-bpe"].save(tmp_path / "tok"))
+    tok.backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
+                                                               special_tokens=[("<s>", tok.bos_id)])
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    model = llmkit.load(tmp_path / "m")
+    text = "Now is the winter of our discontent"
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.tokenizer.encode(text) == theirs(text)["input_ids"] and model.tokenizer.encode(text)[0] == tok.bos_id
+    out = generate(model, model.tokenizer, [text], GenerationConfig(max_new_tokens=2, do_sample=False, stop_token_ids=[]))[0]
+    assert out.prompt_ids[0] == tok.bos_id
+    scored = evaluate_text(model, model.tokenizer, text, window=32)
+    assert scored["tokens"] == len(theirs(text)["input_ids"]) - 1  # every text token is scored, the first one after bos

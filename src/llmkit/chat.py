@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from llmkit import io
 from llmkit.errors import LlmkitError
-from llmkit.generate import GenerationConfig, stream
+from llmkit.generate import GenerationConfig, stream, warn_stderr
 from llmkit.tokenizer.core import DEFAULT_CHAT_TEMPLATE
 
 
@@ -54,10 +54,17 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
         raise LlmkitError(f"the chat template failed to render: {e}", "fix the template (tokenizer_config.json 'chat_template'), or pass another") from None
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True, template: str | None = None) -> list[int]:
+    """The token ids of the rendered conversation, as `apply_chat_template(..., tokenize=True)`: the template writes
+    its own special tokens (bos included), so the tokenizer adds none."""
+    return tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, template=template),
+                            add_special_tokens=False)
+
+
 class ChatSession:
     """A conversation with a model: `send(text)` streams the answer and keeps both turns in the history."""
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, config: GenerationConfig | None = None, warn=print):
+    def __init__(self, model, tokenizer, *, system: str | None = None, config: GenerationConfig | None = None, warn=warn_stderr):
         self.model, self.tok, self.config, self.warn = model, tokenizer, config or GenerationConfig(), warn
         self.system = system
         self.messages: list[dict] = []
@@ -70,9 +77,9 @@ class ChatSession:
 
     def _prompt_ids(self) -> list[int]:
         """The rendered conversation; the oldest turns are dropped while it does not fit the context."""
-        room = self.model.config.max_seq_len - self.config.max_new_tokens
+        room = self.model.config.max_seq_len - max(self.config.max_new_tokens - 1, 0)  # the last new token is never fed
         while True:
-            ids = self.tok.encode(render_chat(self.tok, self.conversation()))
+            ids = chat_prompt_ids(self.tok, self.conversation())
             if len(ids) <= room:
                 return ids
             if len(self.messages) <= 1:

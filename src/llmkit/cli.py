@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", help="the text (default: read standard input)")
     p.add_argument("--tokenizer", default="smollm2", help="a tokenizer folder, tokenizer.json, GGUF file, 'smollm2' or 'minilm'")
     p.add_argument("--tokens", action="store_true", help="print token strings beside the ids")
-    p.add_argument("--add-special-tokens", action="store_true", help="run the tokenizer's post-processor (e.g. BERT's [CLS] ... [SEP])")
+    p.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the tokenizer's own special tokens, as transformers does (BERT's [CLS] ... [SEP], Llama 3's bos); "
+                        "--no-add-special-tokens for the bare text (default: add)")
 
     p = _sub(tok_cmds, "decode", "turn token ids back into text",
              ("llmkit tokenizer decode --tokenizer runs/tok 412 77 1021",
@@ -333,11 +335,11 @@ def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -
 def _generation_config(args):
     from llmkit.generate import GenerationConfig
 
-    if args.max_new_tokens < 1:
-        raise LlmkitError("--max-new-tokens must be at least 1", "e.g. --max-new-tokens 64")
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=list(args.stop),
-                            seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=list(args.stop),
+                           seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)
+    cfg.check()  # before the model loads: a bad value fails in a second, not after it
+    return cfg
 
 
 def _load_for_generation(name: str, dtype: str = "fp32", quantize: str | None = None):
@@ -687,7 +689,7 @@ def cmd_finetune_compare(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from llmkit.chat import render_chat
+    from llmkit.chat import chat_prompt_ids
     from llmkit.generate import generate, stream
 
     cfg = _generation_config(args)
@@ -704,9 +706,9 @@ def cmd_generate(args) -> None:
     model = _load_for_generation(args.model, args.dtype, args.quantize)
     tok = model.tokenizer
     if args.chat:
-        prompts = [render_chat(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
-                               [{"role": "user", "content": p}]) for p in prompts]
-    warn = lambda m: _console().print(f"[yellow]{m}[/]")  # noqa: E731
+        prompts = [chat_prompt_ids(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
+                                   [{"role": "user", "content": p}]) for p in prompts]
+    warn = lambda m: _console().print(f"[yellow]{m}[/]")  # noqa: E731  (the console writes to stderr)
     if len(prompts) == 1 and not args.json and model.config.family == "decoder":
         for piece in stream(model, tok, prompts[0], cfg, warn=warn):
             sys.stdout.write(piece)

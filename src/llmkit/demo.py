@@ -46,7 +46,7 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
 
     console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
     import llmkit
-    from llmkit.chat import render_chat
+    from llmkit.chat import chat_prompt_ids
     from llmkit.generate import GenerationConfig, generate
 
     ours = llmkit.load(out / "pretrain")
@@ -56,7 +56,7 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
         console.print(f"[bold]{prompt.strip()}[/]\n{text}\n")
     smol = llmkit.load("smollm2")
     question = "Who wrote the play Hamlet? Answer in one sentence."
-    chat_prompt = render_chat(smol.tokenizer, [{"role": "user", "content": question}])
+    chat_prompt = chat_prompt_ids(smol.tokenizer, [{"role": "user", "content": question}])
     answer = generate(smol, smol.tokenizer, [chat_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0].text.strip()
     console.print(f"[bold]user:[/] {question}\n[bold]smollm2:[/] {answer}")
 

@@ -1,20 +1,25 @@
-"""Text generation: greedy, temperature, top-k, top-p, repetition penalty, stop strings and tokens, seeds, batched
-prompts of different lengths, streaming; beam search for encoder-decoders.
+"""Text generation: greedy, temperature, top-k, top-p, repetition / presence / frequency penalties, stop strings and
+tokens, seeds, batched prompts of different lengths, streaming; beam search for encoder-decoders.
 
 The order in which the logits are changed before a token is picked follows `transformers`:
 
-    logits ─► repetition penalty ─► (greedy: argmax) | temperature ─► top-k ─► top-p ─► sample
+    logits ─► padded-vocabulary rows dropped ─► repetition penalty ─► presence / frequency penalties
+           ─► (greedy: argmax) | temperature ─► top-k ─► top-p ─► sample
 
+Each row of a batch may carry its own settings (`Sampler`), so the server's continuous batching shares this code.
 Batched decoder prompts are left-padded, so every row's next token sits in the last column:
 
     [pad pad  To  be  or]      attention mask 0 0 1 1 1, positions 0 0 0 1 2
     [ If  you  prick  us]      attention mask 1 1 1 1 1, positions 0 1 2 3 4
 
-The KV cache is preallocated to prompt + new tokens: decoding writes in place and never re-allocates.
+The KV cache is preallocated to prompt + new tokens: decoding writes in place and never re-allocates. The prefill
+computes the logits of the last position only, the token ids cross to the host once per step (for the text), and
+the text is decoded incrementally (a few tokens per step, never the whole output again).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,17 +27,26 @@ import torch
 
 from llmkit.errors import LlmkitError
 
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end|>", "</s>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+def warn_stderr(message: str) -> None:
+    """The default for `warn=`: warnings go to stderr, never into the generated text on stdout."""
+    print(message, file=sys.stderr)
+
 
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
     do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = None  # None or 0: no top-k filter
+    top_p: float | None = None  # None or 1.0: no nucleus filter
+    repetition_penalty: float = 1.0  # CTRL's, on prompt and output tokens (1.0: off)
+    presence_penalty: float = 0.0  # OpenAI's, on output tokens: - penalty once a token has appeared
+    frequency_penalty: float = 0.0  # OpenAI's: - penalty x the times a token has appeared in the output
     stop_strings: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None  # None: the tokenizer's eos (and <|endoftext|> / <|end|> when it has them)
+    stop_token_ids: list[int] | None = None  # None: the model's eos ids, the tokenizer's eos, and its end-of-turn tokens
     seed: int | None = None
     truncate: bool = False  # cut a prompt that does not fit the context (from the left) instead of refusing it
     num_beams: int = 1  # encoder-decoders
@@ -40,13 +54,25 @@ class GenerationConfig:
     early_stopping: bool = False
 
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature <= 0
+        return not self.do_sample or self.temperature == 0
+
+    def check(self) -> None:
+        """Refuse settings that would silently do something else (negative temperature, top-p of 0, ...)."""
+        bad = [(self.max_new_tokens < 0, f"max_new_tokens {self.max_new_tokens} is negative", "use 0 or more"),
+               (self.temperature < 0, f"temperature {self.temperature} is negative", "use 0 (greedy) or more, e.g. 0.7"),
+               (self.top_k is not None and self.top_k < 0, f"top_k {self.top_k} is negative", "use a positive k, or none"),
+               (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p {self.top_p} is not in (0, 1]", "use e.g. 0.9, or 1 for none"),
+               (self.repetition_penalty <= 0, f"repetition_penalty {self.repetition_penalty} must be positive", "use 1.0 (off) or e.g. 1.1"),
+               (self.num_beams < 1, f"num_beams {self.num_beams} must be at least 1", "use 1 (no beam search) or more")]
+        for failed, message, fix in bad:
+            if failed:
+                raise LlmkitError(message, fix)
 
 
 @dataclass
 class Generation:
     prompt_ids: list[int]
-    ids: list[int]  # the new tokens (without a stop string's tokens cut from the text; see `text`)
+    ids: list[int]  # the new tokens, up to and including the one that ended the text (see `text` for the cut text)
     text: str
     finish_reason: str  # "stop" (a stop token or string) or "length"
 
@@ -54,92 +80,239 @@ class Generation:
 # --- logits processing ----------------------------------------------------------------------------------------
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al. 2019): a seen token's logit is divided by `penalty` if positive, else multiplied."""
-    if penalty == 1.0:
-        return logits
-    picked = torch.gather(logits, 1, seen)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(1, seen, picked)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): a seen token's logit is divided by `penalty` if positive, else multiplied.
+    `seen` is a (B, V) boolean mask of the tokens of each row's prompt and output (never its padding)."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
-def filter_top_k_top_p(scores: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Keep the k best tokens, then the smallest set whose probability reaches p; the rest get -inf."""
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+def filter_top_k_top_p(scores: torch.Tensor, top_k: int | torch.Tensor | None, top_p: float | torch.Tensor | None) -> torch.Tensor:
+    """Keep the k best tokens, then the smallest set whose probability reaches p; the rest get -inf.
+    k and p may be per row ((B,) tensors; k = 0 and p = 1 switch the filter off for that row)."""
+    V = scores.shape[-1]
+    if isinstance(top_k, int):
+        top_k = torch.full((scores.shape[0],), top_k, device=scores.device) if top_k > 0 else None
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, V).clamp(max=V).to(scores.device)  # (B,)
+        kth = scores.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # (B, 1): ties with the kth are kept
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if isinstance(top_p, (int, float)):
+        top_p = None if top_p >= 1.0 else torch.full((scores.shape[0],), float(top_p), device=scores.device)
+    if top_p is not None:
         sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
         cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cumulative <= (1 - top_p)
+        drop = cumulative <= (1 - top_p.to(scores.device))[:, None]
         drop[..., -1] = False  # always keep the best token
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return scores
 
 
-def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits of the last position -> (B,) chosen token ids."""
-    logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-    if cfg.greedy():
-        return logits.argmax(-1)
-    scores = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+class Sampler:
+    """Chooses the next token of every row of a batch, each row with its own GenerationConfig.
+
+    It keeps what the penalties need: `seen` (B, V), the tokens of each row's prompt and output (repetition penalty),
+    and `counts` (B, V), how often each token appeared in the output (presence and frequency penalties).
+    `n_valid` is the tokenizer's vocabulary: logits of a padded vocabulary's extra rows are never sampled.
+    """
+
+    def __init__(self, configs: list[GenerationConfig], n_valid: int, device, *, generator: torch.Generator | None = None,
+                 generators: list[torch.Generator | None] | None = None):
+        self.configs, self.n_valid, self.device = list(configs), n_valid, device
+        self.generator, self.generators = generator, generators
+        self._settings()
+        self.seen = torch.zeros(len(configs), n_valid, dtype=torch.bool, device=device) if self.use_seen else None
+        self.counts = torch.zeros(len(configs), n_valid, dtype=torch.float32, device=device) if self.use_counts else None
+
+    def _settings(self) -> None:
+        c, dev = self.configs, self.device
+        self.greedy = torch.tensor([x.greedy() for x in c], device=dev)
+        self.all_greedy = bool(self.greedy.all())
+        self.temperature = torch.tensor([x.temperature if not x.greedy() else 1.0 for x in c], device=dev)[:, None]
+        # per-row filters, or None when no row uses one (decided here, once: no host sync per step)
+        ks, ps = [x.top_k or 0 for x in c], [x.top_p if x.top_p is not None else 1.0 for x in c]
+        self.top_k = torch.tensor(ks, device=dev) if any(ks) else None
+        self.top_p = torch.tensor(ps, device=dev) if any(p < 1 for p in ps) else None
+        self.rep = torch.tensor([x.repetition_penalty for x in c], device=dev)[:, None]
+        self.presence = torch.tensor([x.presence_penalty for x in c], device=dev)[:, None]
+        self.frequency = torch.tensor([x.frequency_penalty for x in c], device=dev)[:, None]
+        self.use_seen = any(x.repetition_penalty != 1.0 for x in c)
+        self.use_counts = any(x.presence_penalty or x.frequency_penalty for x in c)
+
+    def add_prompts(self, prompts: list[list[int]], rows: list[int] | None = None) -> None:
+        """Mark each row's prompt tokens as seen (for the repetition penalty)."""
+        if self.seen is None:
+            return
+        for r, p in zip(rows if rows is not None else range(len(prompts)), prompts):
+            ids = torch.tensor([i for i in p if i < self.n_valid], dtype=torch.long, device=self.device)
+            self.seen[r] = False
+            self.seen[r, ids] = True
+
+    def add_rows(self, configs: list[GenerationConfig], generators: list[torch.Generator | None] | None = None) -> None:
+        """Grow the batch by new rows (continuous batching); call `add_prompts` for them next."""
+        n = len(configs)
+        self.configs += list(configs)
+        if self.generators is not None or generators is not None:
+            self.generators = (self.generators or [None] * (len(self.configs) - n)) + list(generators or [None] * n)
+        self._settings()
+        for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
+            want = self.use_seen if name == "seen" else self.use_counts
+            old = getattr(self, name)
+            if not want:
+                setattr(self, name, None)
+                continue
+            fresh = torch.zeros(len(self.configs), self.n_valid, dtype=dtype, device=self.device)
+            if old is not None:
+                fresh[:old.shape[0]] = old
+            setattr(self, name, fresh)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished requests leave the batch)."""
+        self.configs = [self.configs[r] for r in rows]
+        if self.generators is not None:
+            self.generators = [self.generators[r] for r in rows]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._settings()
+        self.seen = self.seen.index_select(0, index) if self.seen is not None and self.use_seen else None
+        self.counts = self.counts.index_select(0, index) if self.counts is not None and self.use_counts else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits of the last position -> (B,) chosen token ids (all below n_valid)."""
+        logits = logits[:, :self.n_valid].float()
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.rep)
+        if self.counts is not None:
+            logits = logits - self.frequency * self.counts - self.presence * (self.counts > 0)
+        choice = logits.argmax(-1)
+        if not self.all_greedy:
+            scores = filter_top_k_top_p(logits / self.temperature, self.top_k, self.top_p)
+            probs = scores.softmax(-1)
+            if self.generators is not None:  # each row its own seed (the server's requests)
+                sampled = torch.stack([torch.multinomial(probs[r].cpu(), 1, generator=g).squeeze(0) for r, g in enumerate(self.generators)])
+            else:
+                sampled = torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1)
+            choice = torch.where(self.greedy, choice, sampled.to(choice.device))
+        return choice
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Record the chosen tokens (B,) for the penalties."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
 
 
 # --- stop conditions and streaming text ------------------------------------------------------------------------------
 
 
-def default_stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+def default_stop_ids(tokenizer, model=None) -> list[int]:
+    """What generation stops on by default: the model's eos ids (generation_config.json's, else config.json's, a list in
+    Llama 3.1), the tokenizer's eos, and its end-of-turn tokens (<|im_end|>, <|eot_id|>, ...)."""
+    ids = set()
+    if model is not None:
+        cfg = model.config
+        gen = cfg.extra.get("generation_eos_token_id")
+        ids.update(cfg.eos_ids if gen is None else ([gen] if isinstance(gen, int) else gen))
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
     added = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
-    for token in ("<|endoftext|>", "<|im_end|>", "<|end|>", "</s>"):
+    for token in END_TOKENS:
         if token in added:
             ids.add(tokenizer.backend.token_to_id(token))
-    return sorted(ids)
+    return sorted(i for i in ids if i < tokenizer.vocab_size)
+
+
+def stop_rules(tokenizer, cfg: GenerationConfig, model=None, warn=warn_stderr) -> tuple[set[int], list[str]]:
+    """(stop token ids, stop strings). A stop string that is a special token (`<|im_end|>`) becomes a stop token: the
+    decoded text never shows special tokens, so it could never match there."""
+    ids = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_ids(tokenizer, model))
+    specials = {t.content: i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    strings = []
+    for s in cfg.stop_strings:
+        if not s:
+            continue
+        if s in specials:
+            ids.add(specials[s])
+            continue
+        inside = [t for t in specials if t in s]
+        if inside:
+            warn(f"warning: the stop string {s!r} contains the special token {inside[0]!r}, which the decoded text never shows, "
+                 f"so it can never match; use {inside[0]!r} alone")
+        if len(tokenizer.encode(s, add_special_tokens=False)) > cfg.max_new_tokens:
+            warn(f"warning: the stop string {s!r} is longer than the {cfg.max_new_tokens} new tokens allowed, so it can never stop the output")
+        strings.append(s)
+    return ids, strings
 
 
 class TextStream:
     """Turns a growing list of token ids into text pieces, emitting only what is final:
 
+    - text is decoded incrementally: only the ids since the last complete piece are decoded again (with the piece
+      before as context, so tokenizers that treat a leading space specially decode exactly as the whole would);
     - text ending in an incomplete UTF-8 character (U+FFFD at the end) waits for the next token;
     - text that could be the start of a stop string waits until it is not (so the stream never shows what `stop`
       later cuts off);
-    - once a stop string appears, the text before it is emitted and the stream is done.
+    - once a stop string appears (the earliest in the text, whichever stop it is), the text before it is emitted and
+      the stream is done.
     """
 
     def __init__(self, tokenizer, stop_strings: list[str], skip_special_tokens: bool = True):
         self.tok, self.stops, self.skip = tokenizer, [s for s in stop_strings if s], skip_special_tokens
+        self.longest = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self.emitted = 0  # characters of the text already handed out
         self.text = ""
         self.stopped = False
         self.finish_reason = "length"
         self.prompt_ids: list[int] = []
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the end of `text` (the context for the next piece)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip, strict=False)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
-        for s in self.stops:
-            cut = text.find(s, max(0, self.emitted - len(s)))
-            if cut != -1:
+        return "" if self.stopped else self._advance(final=False)
+
+    def _advance(self, final: bool) -> str:
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if not now.startswith(before):  # a tokenizer that rewrites earlier text: decode the whole again
+            if not final:
+                return self._emit(self._final())
+            now, before, self._prefix = self._decode(self.ids), self.text, 0
+        elif now.endswith("\ufffd") and not final:
+            return self._emit(self._final())  # an incomplete character: wait for the bytes that finish it
+        start = len(self.text)
+        piece = now[len(before):]
+        self.text += piece
+        if piece:  # the next window starts at this piece: context that shows (a special token decodes to nothing)
+            self._prefix = self._read
+        self._read = len(self.ids)
+        if self.stops:
+            search_from = max(0, start - self.longest + 1)
+            found = [i for i in (self.text.find(s, search_from) for s in self.stops) if i != -1]
+            if found:  # the earliest stop in the text wins, whichever is listed first
+                self.text = self.text[:min(found)]
                 self.stopped = True
-                text = text[:cut]
-                break
-        self.text = text
-        if self.stopped:
-            return self._emit(len(text))
-        final = len(text)
-        if text.endswith("\ufffd"):
-            final = len(text.rstrip("\ufffd"))
-        for s in self.stops:  # hold back a suffix that may grow into a stop string
+                return self._emit(len(self.text))
+        return self._emit(len(self.text) if final else self._final())
+
+    def _final(self) -> int:
+        """How much of `text` is final: everything but a suffix that may grow into a stop string."""
+        final = len(self.text)
+        for s in self.stops:
             for k in range(min(len(s) - 1, final - self.emitted), 0, -1):
-                if text[final - k:final] == s[:k]:
+                if self.text[final - k:final] == s[:k]:
                     final -= k
                     break
-        return self._emit(final)
+        return final
 
     def flush(self) -> str:
+        """Everything left: pending bytes of an incomplete character too (as U+FFFD, as a whole decode shows them)."""
+        if self._read < len(self.ids) and not self.stopped:
+            return self._advance(final=True)
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
@@ -151,110 +324,128 @@ class TextStream:
 # --- decoder-only generation --------------------------------------------------------------------------------------------
 
 
-def _prepare_prompt(ids: list[int], cfg: GenerationConfig, context: int, warn) -> list[int]:
+def fit_prompt(ids: list[int], max_new_tokens: int, context: int, truncate: bool, warn=warn_stderr) -> list[int]:
+    """The prompt, checked (or cut from the left with `truncate`) to fit the context with the new tokens. The last new
+    token is never fed back, so a prompt of P tokens and N new ones needs P + N - 1 positions."""
     if not ids:
         raise LlmkitError("the prompt is empty", "give a prompt with some text")
-    room = context - cfg.max_new_tokens
+    room = context - max(max_new_tokens - 1, 0)
     if room < 1:
-        raise LlmkitError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the context of {context}",
+        raise LlmkitError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}",
                           f"use --max-new-tokens {context // 2} or less")
     if len(ids) > room:
-        if not cfg.truncate:
-            raise LlmkitError(f"the prompt is {len(ids)} tokens; with {cfg.max_new_tokens} new tokens it exceeds the model's context of {context}",
+        if not truncate:
+            raise LlmkitError(f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the model's context of {context}",
                               f"shorten the prompt, lower --max-new-tokens, or pass --truncate to keep its last {room} tokens")
         warn(f"warning: the prompt was cut from {len(ids)} to its last {room} tokens to fit the context of {context}")
         ids = ids[-room:]
     return ids
 
 
-def _check_stop_strings(tokenizer, cfg: GenerationConfig, warn) -> None:
-    for s in cfg.stop_strings:
-        if len(tokenizer.encode(s)) > cfg.max_new_tokens:
-            warn(f"warning: the stop string {s!r} is longer than the {cfg.max_new_tokens} new tokens allowed, so it can never stop the output")
+def _check_prompt_ids(prompts: list[list[int]], model, tokenizer) -> None:
+    """Every prompt id must be a token of the model (checked once here, not at every decoding step)."""
+    limit = model.config.vocab_size
+    for p in prompts:
+        bad = next((i for i in p if i < 0 or i >= limit), None)
+        if bad is not None:
+            raise LlmkitError(f"token id {bad} is outside the model's vocabulary of {limit} (ids must be 0..{limit - 1})",
+                              "use the tokenizer that belongs to this model")
 
 
 @torch.no_grad()
-def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, *, warn=print,
+def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, *, warn=warn_stderr,
                  streams: list | None = None) -> Iterator[list[tuple[int, str, bool]]]:
     """Decode a batch of token prompts together; yields, per step, (row, text piece, finished) for each row that moved.
     `streams`, if given, receives each row's TextStream (its ids, text and finish_reason)."""
     mcfg = model.config
     if mcfg.family != "decoder":
         raise LlmkitError(f"this generation path is for decoders; the model is a {mcfg.family}", "use generate_seq2seq for encoder-decoders")
-    _check_stop_strings(tokenizer, cfg, warn)
-    prompts = [_prepare_prompt(list(p), cfg, mcfg.max_seq_len, warn) for p in prompts]
+    cfg.check()
+    stop_ids, stop_strings = stop_rules(tokenizer, cfg, model, warn)
+    prompts = [fit_prompt(list(p), cfg.max_new_tokens, mcfg.max_seq_len, cfg.truncate, warn) for p in prompts]
+    _check_prompt_ids(prompts, model, tokenizer)
+    rows = [TextStream(tokenizer, stop_strings) for _ in prompts]
+    for row, p in zip(rows, prompts):
+        row.prompt_ids = p  # as decoded: after truncation
+    if streams is not None:
+        streams[:] = rows
+    if cfg.max_new_tokens == 0:
+        yield [(r, "", True) for r in range(len(rows))]
+        return
     device = next(model.parameters()).device
     B, width = len(prompts), max(map(len, prompts))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    total = width + cfg.max_new_tokens - 1  # positions fed to the model: the last new token never is
     ids = torch.full((B, width), pad, dtype=torch.long)
-    mask = torch.zeros(B, width + cfg.max_new_tokens, dtype=torch.long)
+    mask = torch.zeros(B, total, dtype=torch.long)
     for r, p in enumerate(prompts):
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):width] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    cache = model.new_cache(B, width + cfg.max_new_tokens)
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    stop_ids = torch.tensor(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_ids(tokenizer), device=device)
-    rows = [TextStream(tokenizer, cfg.stop_strings) for _ in range(B)]
-    for row, p in zip(rows, prompts):
-        row.prompt_ids = p  # as decoded: after truncation
-    if streams is not None:
-        streams[:] = rows
-    streams = rows
-    seen = ids.clone()  # for the repetition penalty: prompt and output tokens
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = model.new_cache(B, total)
+    sampler = Sampler([cfg] * B, min(tokenizer.vocab_size, mcfg.vocab_size), device,
+                      generator=torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None)
+    sampler.add_prompts(prompts)
+    done = [False] * B
     plain = B == 1  # one prompt, no padding: the causal fast path
-    logits = model(ids, attention_mask=None if plain else mask[:, :width], cache=cache,
-                   position_ids=None if plain else positions)[:, -1]  # (B, V)
-    next_pos = positions[:, -1] + 1
+    logits = model(ids, attention_mask=None if plain else mask[:, :width], cache=cache, position_ids=None if plain else positions,
+                   last_only=True, check_ids=False)[:, -1]  # (B, V)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
     for step in range(cfg.max_new_tokens):
-        tok = next_tokens(logits, seen, cfg, generator)  # (B,)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        seen = torch.cat([seen, tok[:, None]], dim=1)
+        tok = sampler(logits)  # (B,)
+        sampler.observe(tok)
         events = []
-        for r in torch.nonzero(~done).flatten().tolist():
-            t = int(tok[r])
-            if bool((stop_ids == t).any()):
-                done[r] = True
-                events.append((r, streams[r].flush(), True))
-                streams[r].finish_reason = "stop"
+        last = step == cfg.max_new_tokens - 1
+        for r, t in enumerate(tok.tolist()):  # the one host sync of the step
+            if done[r]:
                 continue
-            piece = streams[r].push(t)
-            if streams[r].stopped:
-                done[r] = True
-                streams[r].finish_reason = "stop"
-            events.append((r, piece, bool(done[r])))
-        if step == cfg.max_new_tokens - 1:
-            for r in torch.nonzero(~done).flatten().tolist():
-                events.append((r, streams[r].flush(), True))
-                streams[r].finish_reason = "length"
-            done[:] = True
+            if t in stop_ids:  # not part of the output (transformers keeps it in its ids; the text never shows it)
+                rows[r].finish_reason, done[r] = "stop", True
+                events.append((r, rows[r].flush(), True))
+                continue
+            piece = rows[r].push(t)
+            if rows[r].stopped:
+                rows[r].finish_reason, done[r] = "stop", True
+            elif last:
+                piece += rows[r].flush()
+                rows[r].finish_reason, done[r] = "length", True
+            events.append((r, piece, done[r]))
         yield events
-        if bool(done.all()):
+        if all(done):
             break
         mask[:, width + step] = 1
         logits = model(tok[:, None], attention_mask=None if plain else mask[:, :width + step + 1], cache=cache,
-                       position_ids=None if plain else next_pos[:, None])[:, -1]
+                       position_ids=None if plain else next_pos, check_ids=False)[:, -1]
         next_pos = next_pos + 1
 
 
-def generate(model, tokenizer, prompts: list[str] | list[list[int]], cfg: GenerationConfig | None = None, *, warn=print) -> list[Generation]:
+def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """Text prompts are encoded with the tokenizer's own special tokens (bos for Llama, [CLS] for BERT, </s> for T5), as
+    transformers does; token-id prompts are taken as they are (chat templates encode their own)."""
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def generate(model, tokenizer, prompts: list[str] | list[list[int]], cfg: GenerationConfig | None = None, *,
+             warn=warn_stderr) -> list[Generation]:
     """Generate for every prompt (text or token ids); decoders batch them, encoder-decoders use generate_seq2seq."""
     cfg = cfg or GenerationConfig()
-    token_prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    token_prompts = _encode_prompts(tokenizer, prompts)
     if model.config.family == "encoder-decoder":
-        return [generate_seq2seq(model, tokenizer, p, cfg) for p in token_prompts]
+        return [generate_seq2seq(model, tokenizer, p, cfg, warn=warn) for p in token_prompts]
     streams: list[TextStream] = []
     for _ in stream_batch(model, tokenizer, token_prompts, cfg, warn=warn, streams=streams):
         pass
     return [Generation(s.prompt_ids, s.ids, s.text, s.finish_reason) for s in streams]
 
 
-def stream(model, tokenizer, prompt: str | list[int], cfg: GenerationConfig | None = None, *, warn=print) -> Iterator[str]:
+def stream(model, tokenizer, prompt: str | list[int], cfg: GenerationConfig | None = None, *, warn=warn_stderr) -> Iterator[str]:
     """Yield the text of one prompt's continuation piece by piece, as it is decoded."""
     cfg = cfg or GenerationConfig()
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = _encode_prompts(tokenizer, [prompt])[0]
+    if model.config.family == "encoder-decoder":
+        yield generate_seq2seq(model, tokenizer, ids, cfg, warn=warn).text
+        return
     for events in stream_batch(model, tokenizer, [ids], cfg, warn=warn):
         for _, piece, _ in events:
             if piece:
@@ -265,41 +456,54 @@ def stream(model, tokenizer, prompt: str | list[int], cfg: GenerationConfig | No
 
 
 @torch.no_grad()
-def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig) -> Generation:
-    """Greedy / sampled decoding, or beam search when num_beams > 1."""
+def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationConfig, *, warn=warn_stderr) -> Generation:
+    """Greedy / sampled decoding, or beam search when num_beams > 1. The encoder runs once; the decoder's self- and
+    cross-attention keys and values are cached."""
     if not prompt_ids:
         raise LlmkitError("the prompt is empty", "give a prompt with some text")
+    cfg.check()
     mcfg = model.config
+    if len(prompt_ids) > mcfg.max_seq_len and mcfg.position != "relative":
+        if not cfg.truncate:
+            raise LlmkitError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of {mcfg.max_seq_len}",
+                              f"shorten the prompt, or pass --truncate to keep its last {mcfg.max_seq_len} tokens")
+        warn(f"warning: the prompt was cut from {len(prompt_ids)} to its last {mcfg.max_seq_len} tokens")
+        prompt_ids = prompt_ids[-mcfg.max_seq_len:]
+    _check_prompt_ids([prompt_ids], model, tokenizer)
     device = next(model.parameters()).device
     src = torch.tensor([prompt_ids], device=device)
     enc, _ = model.encode(src)
-    eos = cfg.stop_token_ids if cfg.stop_token_ids is not None else ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    eos, stop_strings = stop_rules(tokenizer, cfg, model, warn)
+    n_valid = min(tokenizer.vocab_size, mcfg.vocab_size)
+    if cfg.max_new_tokens == 0:
+        return Generation(prompt_ids, [], "", "length")
     if cfg.num_beams > 1:
-        ids = beam_search(model, enc, cfg, start_id=mcfg.decoder_start_token_id, eos_ids=eos)
+        ids = beam_search(model, enc, cfg, start_id=mcfg.decoder_start_token_id, eos_ids=sorted(eos), n_valid=n_valid)
         finish = "stop" if ids and ids[-1] in eos else "length"
     else:
-        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        cache = model.new_cache(1, cfg.max_new_tokens + 1)
+        sampler = Sampler([cfg], n_valid, device, generator=torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None)
+        cache = model.new_cache(1, cfg.max_new_tokens)
         tok = torch.tensor([[mcfg.decoder_start_token_id]], device=device)
-        seen, ids, finish = tok, [], "length"
+        sampler.add_prompts([[mcfg.decoder_start_token_id]])
+        ids, finish = [], "length"
         for _ in range(cfg.max_new_tokens):
-            logits = model.decode(tok, enc, cache=cache)[0][:, -1]
-            nxt = next_tokens(logits, seen, cfg, generator)
+            nxt = sampler(model.decode(tok, enc, cache=cache, check_ids=False)[0][:, -1])
+            sampler.observe(nxt)
             ids.append(int(nxt))
-            if int(nxt) in eos:
+            if ids[-1] in eos:
                 finish = "stop"
                 break
             tok = nxt[:, None]
-            seen = torch.cat([seen, tok], 1)
-    text = tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=True)
-    for s in cfg.stop_strings:
-        if s and s in text:
-            text, finish = text[:text.index(s)], "stop"
+    text = tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=True, strict=False)
+    found = [i for i in (text.find(s) for s in stop_strings) if i != -1]
+    if found:
+        text, finish = text[:min(found)], "stop"
     return Generation(prompt_ids, ids, text, finish)
 
 
 @torch.no_grad()
-def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, start_id: int, eos_ids: list[int]) -> list[int]:
+def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, start_id: int, eos_ids: list[int],
+                n_valid: int | None = None) -> list[int]:
     """Beam search over the decoder, with the semantics of `transformers`' generate():
 
     - keep num_beams live hypotheses; each step, take the 2·num_beams best continuations of all of them;
@@ -314,9 +518,14 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
              │     └─ a c  (-1.9)
              └─ d ─┬─ d </s> (-1.5) ──► -1.5 / 2 ** length_penalty
                    └─ d e  (-2.3)
+
+    Each beam keeps its KV cache: after a step the surviving beams take their parents' cache rows.
     """
     n, device = cfg.num_beams, encoder_out.device
+    if cfg.max_new_tokens == 0:
+        return []
     enc = encoder_out.expand(n, -1, -1)
+    cache = model.new_cache(n, cfg.max_new_tokens)
     beams = torch.full((n, 1), start_id, dtype=torch.long, device=device)  # (n, 1 + generated)
     scores = torch.zeros(n, device=device)
     scores[1:] = -1e9  # all beams start identical: only the first may expand
@@ -325,13 +534,16 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
     eos = set(eos_ids)
     keep = max(2, 1 + len(eos)) * n
     for step in range(cfg.max_new_tokens):
-        logp = model.decode(beams, enc)[0][:, -1].float().log_softmax(-1) + scores[:, None]  # (n, V)
+        logits = model.decode(beams[:, -1:], enc, cache=cache, check_ids=False)[0][:, -1]
+        if n_valid is not None:
+            logits = logits[:, :n_valid]
+        logp = logits.float().log_softmax(-1) + scores[:, None]  # (n, V)
         V = logp.shape[-1]
         top, idx = torch.topk(logp.flatten(), keep)
         last = step == cfg.max_new_tokens - 1
         generated = beams.shape[1]  # tokens after this step, the start token not counted
         full = cfg.early_stopping and len(finished) >= n
-        live, live_scores = [], []
+        live, parents, live_scores = [], [], []
         for rank, (score, flat) in enumerate(zip(top.tolist(), idx.tolist())):
             b, t = divmod(flat, V)
             if t in eos or last:
@@ -339,11 +551,13 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
                     finished.append((score / generated ** cfg.length_penalty, beams[b, 1:].tolist() + [t]))
             elif len(live) < n:
                 live.append(torch.cat([beams[b], torch.tensor([t], device=device)]))
+                parents.append(b)
                 live_scores.append(score)
         finished = sorted(finished, key=lambda x: -x[0])[:n]
         if last or not live:
             break
         beams, scores = torch.stack(live), torch.tensor(live_scores, device=device)
+        cache.reorder(torch.tensor(parents, device=device))
         if len(finished) >= n:
             if cfg.early_stopping:
                 break

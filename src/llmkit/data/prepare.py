@@ -49,7 +49,7 @@ def tokenize_documents(tok: Tokenizer, texts: list[str], *, eos: bool = True, de
                 batch.append(texts[i])
                 size += len(texts[i])
                 i += 1
-            for ids in tok.encode_batch(batch, add_eos=add_eos):
+            for ids in tok.encode_batch(batch, add_special_tokens=False, add_eos=add_eos):  # documents joined by eos, nothing else
                 pieces.append(np.asarray(ids, dtype=dtype))
             bar.advance(task, size)
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)

@@ -77,10 +77,10 @@ def evaluate_text(model, tokenizer, text: str, window: int, stride: int | None =
     """tokens, nats/token, perplexity and bits per byte of a decoder on `text` (its first `max_tokens` tokens)."""
     from llmkit.errors import LlmkitError
 
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text)  # with the tokenizer's own special tokens (Llama's bos), as transformers' perplexity does
     if max_tokens and len(ids) > max_tokens:
         ids = ids[:max_tokens]
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
     if len(ids) < 2:
         raise LlmkitError("the text has fewer than 2 tokens", "give a longer text")
     nats, count = score_tokens(model, ids, window, stride, batch_size=batch_size)

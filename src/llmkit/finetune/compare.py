@@ -32,7 +32,7 @@ def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | 
 def few_shot(model_name: str, task: str, shots: int, n_val: int, seed: int, max_new_tokens: int) -> float:
     """Exact-match accuracy of the untouched model with `shots` solved training examples before each question."""
     import llmkit
-    from llmkit.chat import render_chat
+    from llmkit.chat import chat_prompt_ids
     from llmkit.finetune import tasks as T
     from llmkit.finetune.recipe import exact_match
     from llmkit.generate import GenerationConfig, generate
@@ -44,7 +44,7 @@ def few_shot(model_name: str, task: str, shots: int, n_val: int, seed: int, max_
     prompts = []
     for ex in val:
         history = [m for d in demos for m in d.messages]
-        prompts.append(render_chat(tok, history + ex.messages[:-1]))
+        prompts.append(chat_prompt_ids(tok, history + ex.messages[:-1]))
     preds = []
     for i in range(0, len(prompts), 8):
         preds += [g.text for g in generate(model, tok, prompts[i:i + 8], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False),

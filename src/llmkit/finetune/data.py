@@ -90,8 +90,8 @@ def encode_chat(tokenizer, messages: list[dict], *, train_on_prompt: bool = Fals
         upto = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
         if not before.startswith(done_text) or not upto.startswith(before):
             raise LlmkitError("the chat template does not render turn by turn (a prefix changed)", "use a template whose output grows with the messages")
-        prompt_part = tokenizer.encode(before[len(done_text):])
-        answer_part = tokenizer.encode(upto[len(before):])
+        prompt_part = tokenizer.encode(before[len(done_text):], add_special_tokens=False)  # the template writes its own
+        answer_part = tokenizer.encode(upto[len(before):], add_special_tokens=False)
         ids += prompt_part + answer_part
         labels += (prompt_part if train_on_prompt else [IGNORE] * len(prompt_part)) + answer_part
         done_text = upto

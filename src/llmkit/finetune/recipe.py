@@ -122,11 +122,11 @@ class Classifier(torch.nn.Module):
 
 @torch.no_grad()
 def answer(model, tok, examples: list[Example], max_new_tokens: int, batch: int = 8) -> list[str]:
-    from llmkit.chat import render_chat
+    from llmkit.chat import chat_prompt_ids
     from llmkit.generate import GenerationConfig, generate
 
     model.eval()
-    prompts = [render_chat(tok, ex.messages[:-1]) for ex in examples]
+    prompts = [chat_prompt_ids(tok, ex.messages[:-1]) for ex in examples]
     out = []
     for i in range(0, len(prompts), batch):
         out += [g.text for g in generate(model, tok, prompts[i:i + batch], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False),

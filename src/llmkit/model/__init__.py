@@ -6,16 +6,20 @@ from llmkit.model.families import Decoder, Encoder, EncoderDecoder
 from llmkit.model.layers import KVCache
 
 
-def build_model(cfg: ModelConfig, *, empty: bool = False, **kwargs):
+def build_model(cfg: ModelConfig, *, empty: bool = False, dtype=None, **kwargs):
     """A randomly initialized model of the config's family; `empty=True` skips the initialization (for
-    weights about to be loaded): parameters are allocated uninitialized, computed buffers are rebuilt."""
+    weights about to be loaded): parameters are allocated uninitialized, in `dtype` (no float32 copy first),
+    and computed buffers (RoPE frequencies, sinusoidal tables) are rebuilt in float32."""
     import torch
 
     family = {"decoder": Decoder, "encoder": Encoder, "encoder-decoder": EncoderDecoder}[cfg.family]
     if not empty:
-        return family(cfg, **kwargs)
+        model = family(cfg, **kwargs)
+        return model.to(dtype) if dtype is not None else model
     with torch.device("meta"):
         model = family(cfg, **kwargs)
+    if dtype is not None:
+        model.to(dtype)
     model.to_empty(device="cpu")
     if cfg.tie_embeddings and hasattr(model, "lm_head") and model.lm_head is not None:
         model.lm_head.weight = (model.embed.tokens if hasattr(model, "embed") else model.enc_embed.tokens).weight

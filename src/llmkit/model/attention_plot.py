@@ -16,7 +16,7 @@ def attention_for_text(model, text: str) -> tuple[list[str], list[torch.Tensor]]
     tok = model.tokenizer
     if tok is None:
         raise LlmkitError("this model has no tokenizer to turn the sentence into ids", "use a model folder that includes tokenizer.json")
-    ids = tok.encode(text, add_special_tokens=model.config.family == "encoder")
+    ids = tok.encode(text)  # with the model's own special tokens ([CLS] ... [SEP] for BERT)
     if not ids:
         raise LlmkitError("the sentence is empty", "give a sentence with some words")
     if len(ids) > 64:

@@ -4,7 +4,8 @@ A preset is a dict of overrides on `ModelConfig`'s defaults; nothing about an ar
 subclass. `flops_per_token` and `param_count` derive from the config alone (`llmkit model info PRESET`).
 
     family            decoder (GPT/Llama) | encoder (BERT) | encoder-decoder (T5, the original Transformer)
-    position          sinusoidal | learned | rope | relative (T5's bucketed bias)
+    position          sinusoidal | learned | rope | relative (T5's bucketed bias), in every family
+    rope_scaling      None | {"rope_type": linear | dynamic | llama3 | yarn | freq_factors, ...} (as transformers)
     activation        relu | gelu | gelu_tanh | swiglu | geglu
     norm              layernorm | rmsnorm, at norm_position pre | post
 """
@@ -34,6 +35,7 @@ class ModelConfig:
     max_seq_len: int = 512
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # longer contexts: {"rope_type": "llama3", "factor": 8.0, ...}; see ROPE_SCALINGS
     relative_buckets: int = 32
     relative_max_distance: int = 128
     activation: str = "gelu"
@@ -50,10 +52,11 @@ class ModelConfig:
     lm_head_bias: bool = False
     mlm_transform: bool = False  # BERT: dense + activation + norm before the masked-LM decoder
     scale_decoder_outputs: bool = False  # T5 (not v1.1): hidden states × d_model**-0.5 before the LM head
+    fp16_clamp: bool = False  # T5: clamp hidden states to the float16 range after each sublayer (as transformers)
     num_labels: int = 0  # encoder: a sequence-classification head with this many classes
     pad_token_id: int = 0
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # Llama 3.1 stops on any of several
     decoder_start_token_id: int = 0
     extra: dict = field(default_factory=dict)  # provenance (source format, names) kept with the weights
 
@@ -77,6 +80,14 @@ class ModelConfig:
                               ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post"))):
             if getattr(self, name) not in allowed:
                 raise LlmkitError(f"unknown {name} {getattr(self, name)!r}", f"use one of: {', '.join(allowed)}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every end-of-sequence id of the model (a list in Llama 3.1's configs)."""
+        e = self.eos_token_id
+        return [] if e is None else [int(x) for x in (e if isinstance(e, list) else [e])]
 
     @property
     def gated(self) -> bool:
@@ -127,6 +138,24 @@ class ModelConfig:
         return {"matmul_params": n_matmul, "forward": 2 * n_matmul + attention // 3, "train": 6 * n_matmul + attention}
 
 
+# --- RoPE scaling (transformers' `rope_scaling` / `rope_parameters`) ---------------------------------------------
+
+# rope_type -> the keys it needs. `freq_factors` is llama.cpp's form (a GGUF's `rope_freqs` tensor: inv_freq / factor).
+ROPE_SCALINGS = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                 "yarn": ("factor", "original_max_position_embeddings"), "freq_factors": ("factors",)}
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise LlmkitError(f"RoPE scaling {kind!r} is not implemented",
+                          f"use a model whose rope_scaling is one of: {', '.join(ROPE_SCALINGS)} (or none)")
+    missing = [k for k in ROPE_SCALINGS[kind] if scaling.get(k) is None]
+    if missing:
+        raise LlmkitError(f"RoPE scaling {kind!r} lacks {', '.join(missing)}", "complete the model's rope_scaling in its config.json")
+
+
 # --- presets: data, not subclasses -----------------------------------------------------------------
 
 _GPT = dict(family="decoder", position="learned", activation="gelu_tanh", norm="layernorm", norm_position="pre", bias=True)
@@ -135,7 +164,7 @@ _LLAMA = dict(family="decoder", position="rope", activation="swiglu", norm="rmsn
 _BERT = dict(family="encoder", position="learned", activation="gelu", norm="layernorm", norm_position="post", norm_eps=1e-12,
              bias=True, type_vocab_size=2, embedding_norm=True, lm_head_bias=True, mlm_transform=True)
 _T5 = dict(family="encoder-decoder", position="relative", activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
-           bias=False, attn_scale=1.0, scale_decoder_outputs=True)
+           bias=False, attn_scale=1.0, scale_decoder_outputs=True, fp16_clamp=True)
 
 PRESETS: dict[str, dict] = {
     # Vaswani et al. 2017, "Attention Is All You Need", base model: sinusoidal positions, ReLU, post-norm.

@@ -39,15 +39,15 @@ class Embedding(nn.Module):
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if ids.numel() and (int(ids.max()) >= self.cfg.vocab_size or int(ids.min()) < 0):
-            raise LlmkitError(f"token id {int(ids.max())} is outside the model's vocabulary of {self.cfg.vocab_size}",
-                              "use the tokenizer that belongs to this model")
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                check: bool = True) -> torch.Tensor:
+        if check:
+            check_ids(ids, self.cfg.vocab_size)
         x = self.tokens(ids)  # (B, T, D)
         if self.cfg.scale_embeddings:
             x = x * math.sqrt(self.cfg.d_model)
         if self.position is not None:
-            x = x + self.position(positions)
+            x = x + self.position(positions).to(x.dtype)
         if self.token_type is not None:
             x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(ids))
         if self.norm is not None:
@@ -55,7 +55,19 @@ class Embedding(nn.Module):
         return self.drop(x)
 
 
-def _check_length(cfg: ModelConfig, length: int) -> None:
+def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside [0, vocab_size), naming the first offending one (one host sync: call it once per input,
+    not per decoding step)."""
+    if not ids.numel():
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        first = int(ids[bad][0])
+        raise LlmkitError(f"token id {first} is outside the model's vocabulary of {vocab_size} (ids must be 0..{vocab_size - 1})",
+                          "use the tokenizer that belongs to this model")
+
+
+def _check_length(cfg: ModelConfig, length: int) -> None:  # relative positions have no limit
     if cfg.position in ("learned", "sinusoidal", "rope") and length > cfg.max_seq_len:
         raise LlmkitError(f"the input is {length} tokens, longer than the model's context of {cfg.max_seq_len}",
                           f"shorten or truncate it to {cfg.max_seq_len} tokens")
@@ -73,6 +85,14 @@ def _init_weights(model: nn.Module, cfg: ModelConfig, n_residual_layers: int) ->
             nn.init.zeros_(p)
 
 
+def _rotary(cfg: ModelConfig) -> Rotary | None:
+    return Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.position == "rope" else None
+
+
+def _relative(cfg: ModelConfig, bidirectional: bool) -> RelativePositionBias | None:
+    return RelativePositionBias(cfg, bidirectional) if cfg.position == "relative" else None
+
+
 class Decoder(nn.Module):
     """Decoder-only language model: `forward(ids (B, T)) -> logits (B, T, V)`."""
 
@@ -80,7 +100,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embedding(cfg)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.rotary = _rotary(cfg)
+        self.rel_bias = _relative(cfg, bidirectional=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
@@ -92,18 +113,20 @@ class Decoder(nn.Module):
         p = self.embed.tokens.weight
         return KVCache.for_model(self.config, batch, max_len, dtype=dtype or p.dtype, device=p.device)
 
-    def hidden_states(self, ids, attention_mask=None, cache: KVCache | None = None, position_ids=None, need_weights=False):
+    def hidden_states(self, ids, attention_mask=None, cache: KVCache | None = None, position_ids=None, need_weights=False,
+                      check_ids: bool = True):
         B, T = ids.shape  # (B, T)
         start = cache.pos if cache is not None else 0
         _check_length(self.config, start + T)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=ids.device)  # (T,)
-        x = self.embed(ids, position_ids)  # (B, T, D)
+        x = self.embed(ids, position_ids, check=check_ids)  # (B, T, D)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        plain = attention_mask is None and start == 0  # a fresh causal pass: SDPA's is_causal, no mask tensor
-        one_step = attention_mask is None and T == 1  # one new token sees every cached one: no mask at all
+        rel = self.rel_bias(T, start + T, offset=start) if self.rel_bias is not None else None  # (1, nh, T, start+T)
+        plain = attention_mask is None and start == 0 and rel is None  # a fresh causal pass: SDPA's is_causal, no mask tensor
+        one_step = attention_mask is None and T == 1 and rel is None  # one new token sees every cached one: no mask at all
         bias = None if plain or one_step else attention_bias(T, start + T, causal=True, key_padding=attention_mask, offset=start,
-                                                             dtype=x.dtype, device=ids.device)
+                                                             position_bias=rel, dtype=x.dtype, device=ids.device)
         maps = []
         for i, block in enumerate(self.blocks):
             x, w = block(x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
@@ -115,9 +138,13 @@ class Decoder(nn.Module):
         return x, maps
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V). `attention_mask` (B, cached + T) marks real tokens with 1; `cache` continues a decode."""
-        x, _ = self.hidden_states(ids, attention_mask, cache, position_ids)
+                position_ids: torch.Tensor | None = None, *, last_only: bool = False, check_ids: bool = True) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only (`last_only`: a prefill needs no more).
+        `attention_mask` (B, cached + T) marks real tokens with 1; `cache` continues a decode; `check_ids=False` skips
+        the vocabulary check (a host sync) for ids the caller already checked."""
+        x, _ = self.hidden_states(ids, attention_mask, cache, position_ids, check_ids=check_ids)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
         return self.lm_head(x)  # (B, T, V)
 
     def attention_maps(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -135,6 +162,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embedding(cfg)
+        self.rotary = _rotary(cfg)
+        self.rel_bias = _relative(cfg, bidirectional=True)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.mlm_transform = None
@@ -154,11 +183,14 @@ class Encoder(nn.Module):
     def hidden_states(self, ids, attention_mask=None, token_type_ids=None, need_weights=False):
         B, T = ids.shape
         _check_length(self.config, T)
-        x = self.embed(ids, torch.arange(T, device=ids.device), token_type_ids)  # (B, T, D)
-        bias = attention_bias(T, T, causal=False, key_padding=attention_mask, dtype=x.dtype, device=ids.device)
+        positions = torch.arange(T, device=ids.device)
+        x = self.embed(ids, positions, token_type_ids)  # (B, T, D)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        rel = self.rel_bias(T, T) if self.rel_bias is not None else None
+        bias = attention_bias(T, T, causal=False, key_padding=attention_mask, position_bias=rel, dtype=x.dtype, device=ids.device)
         maps = []
         for block in self.blocks:
-            x, w = block(x, bias=bias, need_weights=need_weights)
+            x, w = block(x, bias=bias, rope=rope, need_weights=need_weights)
             maps.append(w)
         if self.norm is not None:
             x = self.norm(x)
@@ -172,9 +204,9 @@ class Encoder(nn.Module):
             x = self.mlm_transform(x)
         return self.lm_head(x)  # (B, T, V)
 
-    def embed_sentences(self, ids, attention_mask=None, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+    def embed_sentences(self, ids, attention_mask=None, pooling: str = "mean", normalize: bool = True, token_type_ids=None) -> torch.Tensor:
         """One vector per sequence (B, D): the mean of the real tokens' states, or the first ([CLS]) token's."""
-        x, _ = self.hidden_states(ids, attention_mask)
+        x, _ = self.hidden_states(ids, attention_mask, token_type_ids)
         if pooling == "cls":
             out = x[:, 0]
         elif pooling == "mean":
@@ -212,10 +244,9 @@ class EncoderDecoder(nn.Module):
         self.config = cfg
         shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.enc_embed, self.dec_embed = Embedding(cfg, shared), Embedding(cfg, shared)
-        relative = cfg.position == "relative"
-        self.enc_bias = RelativePositionBias(cfg, bidirectional=True) if relative else None
-        self.dec_bias = RelativePositionBias(cfg, bidirectional=False) if relative else None
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+        self.enc_bias = _relative(cfg, bidirectional=True)
+        self.dec_bias = _relative(cfg, bidirectional=False)
+        self.rotary = _rotary(cfg)
         self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_decoder_layers))
         pre = cfg.norm_position == "pre"
@@ -243,13 +274,15 @@ class EncoderDecoder(nn.Module):
             maps.append(w)
         return (self.enc_norm(x) if self.enc_norm is not None else x), maps
 
-    def decode(self, decoder_ids, encoder_out, attention_mask=None, cache: KVCache | None = None, need_weights=False):
-        """Logits (B, T_dec, V) of the decoder given the encoder's output (B, T_enc, D)."""
+    def decode(self, decoder_ids, encoder_out, attention_mask=None, cache: KVCache | None = None, need_weights=False,
+               check_ids: bool = True):
+        """Logits (B, T_dec, V) of the decoder given the encoder's output (B, T_enc, D). With a cache, the cross-attention
+        keys and values are computed from `encoder_out` at the first call and reused after."""
         B, T = decoder_ids.shape
         start = cache.pos if cache is not None else 0
         _check_length(self.config, start + T)
         positions = torch.arange(start, start + T, device=decoder_ids.device)
-        x = self.dec_embed(decoder_ids, positions)  # (B, T, D)
+        x = self.dec_embed(decoder_ids, positions, check=check_ids)  # (B, T, D)
         rel = self.dec_bias(T, start + T, offset=start) if self.dec_bias is not None else None
         bias = attention_bias(T, start + T, causal=True, offset=start, position_bias=rel, dtype=x.dtype, device=x.device)
         context_bias = attention_bias(T, encoder_out.shape[1], causal=False, key_padding=attention_mask, dtype=x.dtype, device=x.device)

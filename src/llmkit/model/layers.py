@@ -70,7 +70,8 @@ def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
 
 
 class AbsolutePosition(nn.Module):
-    """Learned (GPT-2, BERT) or fixed sinusoidal position vectors, added to the token embeddings."""
+    """Learned (GPT-2, BERT) or fixed sinusoidal position vectors, added to the token embeddings.
+    The sinusoidal table stays float32 whatever dtype the model is cast to (a bf16 table is off by 0.03 at 1,000)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -85,27 +86,107 @@ class AbsolutePosition(nn.Module):
         if not self.learned:
             self.weight = sinusoidal_table(self.n, self.dim).to(self.weight.device)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.learned and self.weight.dtype != torch.float32 and not self.weight.is_meta:
+            self.init_buffers()  # recomputed exactly, on the new device
+        return self
+
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(positions, self.weight)  # (..., T, D)
 
 
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq (hd/2,) float32, cos/sin scale) of RoPE, with transformers' scalings for longer contexts:
+
+        linear        every frequency / factor (position interpolation, Chen et al. 2023)
+        dynamic       NTK-aware: the base grows with the length beyond the original context (computed per call)
+        llama3        low frequencies / factor, high ones kept, a smooth ramp between (Llama 3.1)
+        yarn          per-frequency ramp between interpolation and extrapolation, cos/sin scaled (Peng et al. 2023)
+        freq_factors  llama.cpp's `rope_freqs` tensor: frequency i / factors[i]
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (hd/2,)
+    inv = 1.0 / (theta ** exponents)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv, 1.0
+    if kind == "freq_factors":
+        return inv / torch.tensor(scaling["factors"], dtype=torch.float32), 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "dynamic":
+        if seq_len is None or seq_len <= original:
+            return inv, 1.0
+        base = theta * ((factor * torch.tensor(float(seq_len)) / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > original / low, inv / factor, inv)  # long wavelengths: interpolate
+        smooth = (original / wavelen - low) / (high - low)
+        mixed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, mixed, scaled), 1.0
+    # yarn
+    attention_factor = scaling.get("attention_factor")
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the frequency (high ones), 0: interpolate it (low ones)
+    pos_freqs = theta ** exponents
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv, float(attention_factor)
+
+
 class Rotary(nn.Module):
-    """RoPE: rotate pairs of q/k features by position-dependent angles (the `rotate_half` layout of Llama)."""
+    """RoPE: rotate pairs of q/k features by position-dependent angles (the `rotate_half` layout of Llama).
 
-    def __init__(self, head_dim: int, theta: float):
+    `inv_freq` is computed in float32 and stays float32 when the model is cast to bf16/fp16 (at position 3,000 a bf16
+    inv_freq moves SmolLM2's logits by 0.4)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))  # (hd/2,)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.dynamic = (scaling or {}).get("rope_type") == "dynamic"
+        inv, self.attention_scaling = rope_frequencies(head_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv, persistent=False)
 
     def init_buffers(self) -> None:
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        self.inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.init_buffers()
+        return self
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, hd/2)
+        inv_freq = self.inv_freq
+        if self.dynamic:  # NTK: the frequencies depend on the longest position of this call
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.scaling["original_max_position_embeddings"]:
+                inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling, seq_len)[0].to(inv_freq.device)
+        freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
+        if self.attention_scaling != 1.0:
+            return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
         return emb.cos(), emb.sin()
 
 
@@ -181,12 +262,15 @@ class KVCache:
     """Keys and values of every layer, preallocated to `max_len`: (B, n_kv_heads, max_len, head_dim) each.
 
     Decoding writes each new step in place (no re-allocation per token); `pos` is the number of cached positions.
+    An encoder-decoder also keeps each layer's cross-attention keys and values (`cross`), computed once from the
+    encoder's output. Beam search reorders the rows with `reorder`.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype=torch.float32, device=None):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.max_len, self.pos = max_len, 0
 
     @classmethod
@@ -204,8 +288,17 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row rows[i] as row i (beam search: each surviving beam takes its parent's cache)."""
+        for i in range(len(self.k)):
+            self.k[i] = self.k[i].index_select(0, rows)
+            self.v[i] = self.v[i].index_select(0, rows)
+            if self.cross[i] is not None:
+                self.cross[i] = tuple(t.index_select(0, rows) for t in self.cross[i])
+
     def reset(self) -> None:
         self.pos = 0
+        self.cross = [None] * len(self.k)
 
 
 # --- attention -------------------------------------------------------------------------------------------
@@ -229,15 +322,22 @@ class Attention(nn.Module):
                 is_causal: bool = False, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        src = x if context is None else context
-        S = src.shape[1]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+        if context is not None and cache is not None and cache.cross[layer] is not None:
+            k, v = cache.cross[layer]  # cross-attention: the encoder's keys and values, projected once
+        else:
+            src = x if context is None else context
+            S = src.shape[1]
+            k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+            v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+            if rope is not None:
+                k = apply_rope(k, *rope)
+            if cache is not None and context is None:
+                k, v = cache.update(layer, k, v)  # (B, nkv, pos+T, hd)
+            elif cache is not None:
+                cache.cross[layer] = (k, v)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, pos+T, hd)
+            q = apply_rope(q, *rope)
         # each group of n_heads/n_kv_heads query heads shares one k/v head: SDPA can do that itself, else repeat them
         share_kv = self.n_kv_heads != self.n_heads and _SDPA_GQA and not need_weights
         if self.n_kv_heads != self.n_heads and not share_kv:
@@ -297,6 +397,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
         self.pre = cfg.norm_position == "pre"
+        self.fp16_clamp = cfg.fp16_clamp
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
         self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg)) if cross else (None, None)
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
@@ -305,15 +406,21 @@ class Block(nn.Module):
     def _residual(self, x, norm, fn):
         if self.pre:
             out, w = fn(norm(x))
-            return x + self.drop(out), w
-        out, w = fn(x)
-        return norm(x + self.drop(out)), w
+            x = x + self.drop(out)
+        else:
+            out, w = fn(x)
+            x = norm(x + self.drop(out))
+        if self.fp16_clamp and x.dtype == torch.float16:  # T5 overflows float16; transformers clamps here
+            limit = torch.finfo(torch.float16).max
+            x = x.clamp(-limit + 1000, limit - 1000) if torch.isinf(x).any() else x.clamp(-limit, limit)
+        return x, w
 
     def forward(self, x, *, bias=None, is_causal=False, rope=None, cache=None, layer=0, context=None, context_bias=None,
                 need_weights=False):
         x, w = self._residual(x, self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal, rope=rope, cache=cache,
                                                                     layer=layer, need_weights=need_weights))
         if self.cross_attn is not None:
-            x, _ = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, context=context, bias=context_bias))
+            x, _ = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, context=context, bias=context_bias, cache=cache,
+                                                                               layer=layer))
         x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
         return x, w

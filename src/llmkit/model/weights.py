@@ -29,6 +29,34 @@ def _rope_theta(hf: dict, default: float = 10000.0) -> float:
     return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or default)
 
 
+def rope_scaling_from_hf(hf: dict) -> tuple[dict | None, int]:
+    """(our rope_scaling, the context it serves) from a Hugging Face config's `rope_scaling` or `rope_parameters`.
+
+    The context is the longest the scaling was made for: max(max_position_embeddings, factor x the original context),
+    since some configs (Qwen's yarn) keep the original length in max_position_embeddings."""
+    raw = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    kind = raw.get("rope_type") or raw.get("type") or "default"
+    max_pos = hf.get("max_position_embeddings", 2048)
+    if kind == "default":
+        return None, max_pos
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+        raise LlmkitError("partial rotary embeddings (partial_rotary_factor < 1) are not implemented", "use a model with full RoPE")
+    scaling = {k: v for k, v in raw.items() if k not in ("type", "rope_theta")}
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn", "dynamic"):
+        # transformers: dynamic NTK grows beyond max_position_embeddings; llama3 and yarn default to it
+        scaling.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or max_pos)
+        if kind == "dynamic":
+            scaling["original_max_position_embeddings"] = max_pos
+    if kind == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+    from llmkit.model.config import check_rope_scaling
+
+    check_rope_scaling(scaling)
+    context = max(max_pos, int(float(scaling.get("factor", 1.0)) * scaling.get("original_max_position_embeddings", max_pos)))
+    return scaling, context
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     t = hf.get("model_type")
     if t == "gpt2":
@@ -40,12 +68,18 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            eos_token_id=hf.get("eos_token_id"), extra={"hf_model_type": t})
     if t == "llama":
         d, nh = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise LlmkitError(f"Llama hidden_act {hf['hidden_act']!r} is not supported", "use a Llama with SiLU (SwiGLU) feed-forward")
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", hf.get("attention_bias", False))):
+            raise LlmkitError("a Llama config with biases on attention but not on the feed-forward (or the reverse) is not supported",
+                              "use attention_bias == mlp_bias")
+        scaling, context = rope_scaling_from_hf(hf)
         return ModelConfig(family="decoder", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=nh,
                            n_kv_heads=hf.get("num_key_value_heads") or nh, head_dim=hf.get("head_dim") or d // nh, d_ff=hf["intermediate_size"],
-                           max_seq_len=hf.get("max_position_embeddings", 2048), position="rope", rope_theta=_rope_theta(hf),
+                           max_seq_len=context, position="rope", rope_theta=_rope_theta(hf), rope_scaling=scaling,
                            activation="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_position="pre",
                            bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
-                           bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")), extra={"hf_model_type": t})
+                           bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), extra={"hf_model_type": t})
     if t == "bert":
         return ModelConfig(family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                            n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
@@ -65,15 +99,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            relative_buckets=hf.get("relative_attention_num_buckets", 32),
                            relative_max_distance=hf.get("relative_attention_max_distance", 128), activation=act, norm="rmsnorm",
                            norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_position="pre", bias=False, attn_scale=1.0,
-                           tie_embeddings=hf.get("tie_word_embeddings", True),
+                           tie_embeddings=hf.get("tie_word_embeddings", True), fp16_clamp=True,
                            scale_decoder_outputs=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
                            pad_token_id=hf.get("pad_token_id", 0), eos_token_id=hf.get("eos_token_id"),
                            decoder_start_token_id=hf.get("decoder_start_token_id", 0), extra={"hf_model_type": t})
     raise LlmkitError(f"Hugging Face model type {t!r} is not supported", "use a GPT-2, BERT, Llama or T5 checkpoint")
-
-
-def _first(x):
-    return x[0] if isinstance(x, list) else x
 
 
 # --- Hugging Face names -> ours ---------------------------------------------------------------------------
@@ -189,23 +219,36 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Copy `state` into `model`, refusing missing, unexpected or mis-shaped tensors with a clear error.
+def check_state_names(model: torch.nn.Module, shapes: dict[str, tuple], *, source: str) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors (name -> shape) with a clear error, before any is copied.
     A tied tensor (e.g. an LM head that is the token embedding) may be given under either name."""
     own = model.state_dict()
     aliases = _aliases(model)
-    missing = [k for k in own if k not in state and not (k in aliases and aliases[k] in state)]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
+    missing = [k for k in own if k not in shapes and not (k in aliases and aliases[k] in shapes)]
+    unexpected = [k for k in shapes if k not in own]
+    wrong = [f"{k}: {tuple(shapes[k])} vs {tuple(own[k].shape)}" for k in shapes if k in own and tuple(shapes[k]) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
         detail = "; ".join(filter(None, [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
-                                         f"shape mismatch {shapes[:3]}" if shapes else ""]))
+                                         f"shape mismatch {wrong[:3]}" if wrong else ""]))
         raise LlmkitError(f"the weights in {source} do not fit the model ({detail})",
                           "check that the checkpoint and its config.json belong together (re-export or re-train it)")
+
+
+def copy_tensors(model: torch.nn.Module, items) -> None:
+    """Copy (name, tensor) pairs into the model one at a time, cast to each parameter's dtype: a stream of tensors
+    (read or dequantized one by one) never holds a second copy of the whole model."""
+    own = model.state_dict()
+    aliases = _aliases(model)
     with torch.no_grad():
-        for k, v in state.items():
+        for k, v in items:
             if k not in aliases:
                 own[k].copy_(v.to(own[k].dtype))
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy `state` into `model`, refusing missing, unexpected or mis-shaped tensors with a clear error."""
+    check_state_names(model, {k: tuple(v.shape) for k, v in state.items()}, source=source)
+    copy_tensors(model, state.items())
 
 
 # --- our own folders ---------------------------------------------------------------------------------------
@@ -242,44 +285,86 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise LlmkitError(f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it") from None
 
 
-def _load_own(directory: Path) -> torch.nn.Module:
+def _safetensors_keys(path: Path) -> dict[str, tuple]:
+    """name -> shape of every tensor in a safetensors file, read from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LlmkitError(f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it") from None
+
+
+def _stream_safetensors(path: Path):
+    """(name, tensor) pairs of a safetensors file, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            yield k, f.get_tensor(k)
+
+
+def _load_own(directory: Path, dtype=None) -> torch.nn.Module:
     from llmkit.model import build_model
 
     raw = io.read_json(directory / "config.json")
     raw.pop("format", None)
     cfg = ModelConfig.from_dict(raw)
-    model = build_model(cfg, empty=True, **({"mlm_head": cfg.extra.get("mlm_head", True)} if cfg.family == "encoder" else {}))
-    load_state(model, read_safetensors(directory / "model.safetensors"), source=str(directory))
+    model = build_model(cfg, empty=True, dtype=dtype, **({"mlm_head": cfg.extra.get("mlm_head", True)} if cfg.family == "encoder" else {}))
+    file = directory / "model.safetensors"
+    check_state_names(model, _safetensors_keys(file), source=str(directory))
+    copy_tensors(model, _stream_safetensors(file))
     return model
 
 
-def _load_hf(directory: Path, hf: dict) -> torch.nn.Module:
+def _load_hf(directory: Path, hf: dict, dtype=None) -> torch.nn.Module:
     from llmkit.model import build_model
 
     cfg = config_from_hf(hf)
+    if (directory / "generation_config.json").exists():  # what transformers' generate() stops on
+        eos = io.read_json(directory / "generation_config.json").get("eos_token_id")
+        if eos is not None:
+            cfg.extra["generation_eos_token_id"] = eos
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise LlmkitError(f"{directory} has no .safetensors weights", "convert the checkpoint to safetensors (llmkit never unpickles .bin files)")
-    state: dict[str, torch.Tensor] = {}
+    model_type = cfg.extra["hf_model_type"]
+    # our names and shapes, from the files' headers (meta tensors: nothing is read yet)
+    shapes = {}
     for f in files:
-        state.update(read_safetensors(f))
-    mapped = map_hf_state_dict(cfg.extra["hf_model_type"], state)
+        meta = {k: torch.empty(shape, device="meta") for k, shape in _safetensors_keys(f).items()}
+        shapes.update({k: tuple(v.shape) for k, v in map_hf_state_dict(model_type, meta).items()})
     kwargs = {}
     if cfg.family == "encoder":
-        kwargs["mlm_head"] = "lm_head.weight" in mapped or "lm_head.bias" in mapped
+        kwargs["mlm_head"] = "lm_head.weight" in shapes or "lm_head.bias" in shapes
         cfg.extra["mlm_head"] = kwargs["mlm_head"]
-        if "classifier.1.weight" in mapped:
-            cfg.num_labels = mapped["classifier.1.weight"].shape[0]
-        if "lm_head.weight" not in mapped and "lm_head.bias" in mapped:
-            mapped["lm_head.weight"] = mapped["embed.tokens.weight"]
-    if cfg.family == "decoder" and "lm_head.weight" not in mapped:
+        if "classifier.1.weight" in shapes:
+            cfg.num_labels = shapes["classifier.1.weight"][0]
+    if cfg.family == "decoder" and "lm_head.weight" not in shapes:
         cfg.tie_embeddings = True
     if cfg.family == "encoder-decoder":
-        cfg.tie_embeddings = "lm_head.weight" not in mapped  # older T5 v1.1 files carry their own LM head
-    model = build_model(cfg, empty=True, **kwargs)
-    if cfg.family == "encoder" and model.pooler is None:
-        mapped = {k: v for k, v in mapped.items() if not k.startswith("pooler")}  # BERT's pooler serves only its NSP head
-    load_state(model, mapped, source=str(directory))
+        cfg.tie_embeddings = "lm_head.weight" not in shapes  # older T5 v1.1 files carry their own LM head
+    model = build_model(cfg, empty=True, dtype=dtype, **kwargs)
+    tied_head = cfg.family == "encoder" and kwargs["mlm_head"] and "lm_head.weight" not in shapes  # BERT: the decoder is the embedding
+    if tied_head:
+        shapes["lm_head.weight"] = shapes["embed.tokens.weight"]
+    skip_pooler = cfg.family == "encoder" and model.pooler is None  # BERT's pooler serves only its NSP head
+    if skip_pooler:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("pooler")}
+    check_state_names(model, shapes, source=str(directory))
+
+    def stream():
+        for f in files:
+            for name, tensor in _stream_safetensors(f):
+                for ours, t in map_hf_state_dict(model_type, {name: tensor}).items():
+                    if skip_pooler and ours.startswith("pooler"):
+                        continue
+                    yield ours, t
+                    if tied_head and ours == "embed.tokens.weight":
+                        yield "lm_head.weight", t
+
+    copy_tensors(model, stream())
     return model
 
 
@@ -292,8 +377,25 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | os.PathLike) -> tuple[torch.nn.Module, object]:
-    """A Llama-architecture GGUF file -> (Decoder with dequantized float32 weights, Tokenizer)."""
+def _gguf_rope_scaling(fields: dict, rope_freqs: torch.Tensor | None, context: int) -> dict | None:
+    """A GGUF's RoPE scaling: llama.cpp's `rope_freqs` factors (Llama 3.1), or `rope.scaling.type` linear / yarn."""
+    if rope_freqs is not None:
+        return {"rope_type": "freq_factors", "factors": [float(x) for x in rope_freqs.flatten()]}
+    kind = fields.get("llama.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    factor = fields.get("llama.rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": factor,
+                "original_max_position_embeddings": fields.get("llama.rope.scaling.original_context_length") or context}
+    raise LlmkitError(f"GGUF RoPE scaling {kind!r} is not implemented", "use a GGUF with linear or yarn scaling, rope_freqs, or none")
+
+
+def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, object]:
+    """A Llama-architecture GGUF file -> (Decoder with dequantized weights in `dtype` (float32 by default), Tokenizer).
+    Each tensor is cast as it is dequantized, so a bf16 load never holds a float32 copy of the model."""
     import gguf
 
     from llmkit.model import build_model
@@ -310,32 +412,50 @@ def load_gguf(path: str | os.PathLike) -> tuple[torch.nn.Module, object]:
     g = lambda key, default=None: fields.get(f"llama.{key}", default)  # noqa: E731
     tokens = fields["tokenizer.ggml.tokens"]
     d, nh = g("embedding_length"), g("attention.head_count")
+    # llama.cpp stops on every end-of-generation id: eos, end of turn, end of message
+    eos = list(dict.fromkeys(i for i in (fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")) if i is not None))
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        rope_freqs = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).copy())
+    context = g("context_length", 2048)
     cfg = ModelConfig(family="decoder", vocab_size=g("vocab_size") or len(tokens), d_model=d, n_layers=g("block_count"), n_heads=nh,
                       n_kv_heads=g("attention.head_count_kv") or nh, head_dim=g("attention.key_length") or d // nh,
-                      d_ff=g("feed_forward_length"), max_seq_len=g("context_length", 2048), position="rope",
-                      rope_theta=g("rope.freq_base", 10000.0), activation="swiglu", norm="rmsnorm",
+                      d_ff=g("feed_forward_length"), max_seq_len=context, position="rope",
+                      rope_theta=g("rope.freq_base", 10000.0), rope_scaling=_gguf_rope_scaling(fields, rope_freqs, context),
+                      activation="swiglu", norm="rmsnorm",
                       norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), norm_position="pre", bias=False,
-                      bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+                      bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
                       tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
                       extra={"source": "gguf", "name": fields.get("general.name")})
     names = {"token_embd.weight": "embed.tokens.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
     per_layer = {"attn_norm": "attn_norm.weight", "attn_q": "attn.q_proj.weight", "attn_k": "attn.k_proj.weight",
                  "attn_v": "attn.v_proj.weight", "attn_output": "attn.o_proj.weight", "ffn_norm": "mlp_norm.weight",
                  "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight"}
-    state = {}
+    ours = {}
     for t in reader.tensors:
         m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
-        ours = f"blocks.{m.group(1)}.{per_layer[m.group(2)]}" if m and m.group(2) in per_layer else names.get(t.name)
-        if ours is None:
-            continue  # e.g. rope_freqs: derived from the config
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(tuple(reversed([int(x) for x in t.shape])))
-        if m and m.group(2) == "attn_q":
-            w = _unpermute_qk(w, cfg.n_heads)
-        elif m and m.group(2) == "attn_k":
-            w = _unpermute_qk(w, cfg.n_kv_heads)
-        state[ours] = w
-    model = build_model(cfg, empty=True)
-    load_state(model, state, source=str(path))
+        name = f"blocks.{m.group(1)}.{per_layer[m.group(2)]}" if m and m.group(2) in per_layer else names.get(t.name)
+        if name is None and t.name != "rope_freqs.weight":
+            raise LlmkitError(f"{path} holds a tensor llmkit does not know: {t.name}", "use a plain Llama-architecture GGUF")
+        if name is not None:
+            ours[t.name] = (name, tuple(reversed([int(x) for x in t.shape])), m.group(2) if m else None)
+    model = build_model(cfg, empty=True, dtype=dtype)
+    check_state_names(model, {name: shape for name, shape, _ in ours.values()}, source=str(path))
+
+    def stream():  # dequantized one tensor at a time, straight into the model
+        for t in reader.tensors:
+            if t.name not in ours:
+                continue
+            name, shape, kind = ours[t.name]
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = (torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)).reshape(shape)
+            if kind == "attn_q":
+                w = _unpermute_qk(w, cfg.n_heads)
+            elif kind == "attn_k":
+                w = _unpermute_qk(w, cfg.n_kv_heads)
+            yield name, w
+
+    copy_tensors(model, stream())
     return model, tokenizer_from_gguf_fields(fields, str(path))
 
 
@@ -353,11 +473,12 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     spec = str(name_or_path)
     path = embedded_path(spec) if spec in EMBEDDED else Path(spec)
     tokenizer = None
+    load_dtype = None if quantize else dtype  # quantization starts from float32 weights
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and list(path.glob("*.gguf"))):
-        model, tokenizer = load_gguf(path if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))[0])
+        model, tokenizer = load_gguf(path if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))[0], load_dtype)
     elif path.is_dir() and (path / "config.json").exists():
         raw = io.read_json(path / "config.json")
-        model = _load_own(path) if raw.get("format") == FORMAT else _load_hf(path, raw)
+        model = _load_own(path, load_dtype) if raw.get("format") == FORMAT else _load_hf(path, raw, load_dtype)
         if (path / "tokenizer.json").exists():
             tokenizer = Tokenizer.load(path)
     elif path.exists():
@@ -381,14 +502,42 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
 # --- export to Hugging Face ----------------------------------------------------------------------------------
 
 
-def hf_config_for(cfg: ModelConfig) -> dict:
+def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
+    """Settings of `cfg` that the Hugging Face architecture `arch` would silently run differently."""
+    out = []
+    if cfg.scale_embeddings:
+        out.append("scale_embeddings (token embeddings x sqrt(d_model))")
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12:
+        out.append(f"attn_scale {cfg.attn_scale} (transformers scales by 1/sqrt(head_dim))")
+    if cfg.embedding_norm and arch != "bert":
+        out.append("embedding_norm")
+    if cfg.type_vocab_size and arch != "bert":
+        out.append("type_vocab_size")
+    if arch in ("gpt2", "llama") and cfg.lm_head_bias:
+        out.append("lm_head_bias")
+    if arch in ("gpt2", "bert") and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        out.append(f"head_dim {cfg.head_dim} (transformers' {arch} uses d_model / n_heads = {cfg.d_model // cfg.n_heads})")
+    if arch == "llama" and (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
+        out.append("llama.cpp rope_freqs factors (no rope_scaling of transformers holds them)")
+    return out
+
+
+def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
     """The Hugging Face config.json that describes our model, or an error naming what has no HF equivalent."""
     gpt2_like = (cfg.family == "decoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "pre"
                  and cfg.bias and cfg.activation in ("gelu_tanh", "gelu", "relu") and cfg.n_kv_heads == cfg.n_heads and cfg.tie_embeddings)
     llama_like = (cfg.family == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.norm_position == "pre"
                   and cfg.activation == "swiglu")
     bert_like = (cfg.family == "encoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "post"
-                 and cfg.bias and cfg.embedding_norm and cfg.type_vocab_size > 0)
+                 and cfg.bias and cfg.embedding_norm and cfg.type_vocab_size > 0 and (cfg.mlm_transform and cfg.lm_head_bias or not mlm_head))
+    arch = "gpt2" if gpt2_like else "llama" if llama_like else "bert" if bert_like else None
+    if arch is None:
+        raise LlmkitError(f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
+                          f"{cfg.activation})", "export GPT-2-like or Llama-like decoders and BERT-like encoders, or keep llmkit's own format")
+    blockers = _export_blockers(cfg, arch)
+    if blockers:
+        raise LlmkitError(f"transformers' {arch} would run this model differently: {'; '.join(blockers)}",
+                          "keep llmkit's own format (llmkit.load reads it), or train without these settings")
     if gpt2_like:
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
@@ -396,27 +545,30 @@ def hf_config_for(cfg: ModelConfig) -> dict:
                 "activation_function": act, "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if llama_like:
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-                "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
-                "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": cfg.bias,
-                "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
-                "eos_token_id": cfg.eos_token_id}
-    if bert_like:
-        act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
-        return {"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff,
-                "hidden_act": act, "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
-                "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                "pad_token_id": cfg.pad_token_id, "tie_word_embeddings": cfg.tie_embeddings}
-    raise LlmkitError(f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
-                      f"{cfg.activation})", "export GPT-2-like or Llama-like decoders and BERT-like encoders, or keep llmkit's own format")
+        out = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+               "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
+               "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": cfg.bias,
+               "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
+               "eos_token_id": cfg.eos_token_id}
+        if cfg.rope_scaling:
+            scaling = dict(cfg.rope_scaling)
+            if scaling["rope_type"] == "dynamic":  # transformers' dynamic NTK starts growing at max_position_embeddings
+                out["max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+            out["rope_scaling"] = {**scaling, "rope_theta": cfg.rope_theta}
+        return out
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
+    return {"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff,
+            "hidden_act": act, "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "pad_token_id": cfg.pad_token_id, "tie_word_embeddings": cfg.tie_embeddings}
 
 
 def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """Write a Hugging Face folder (`config.json`, `model.safetensors`, tokenizer) that `transformers` loads as is."""
     cfg = model.config
-    hf = hf_config_for(cfg)
+    hf = hf_config_for(cfg, mlm_head=getattr(model, "lm_head", None) is not None)
     t = hf["model_type"]
     if t == "bert" and getattr(model, "lm_head", None) is None:
         hf["architectures"] = ["BertModel"]

@@ -30,7 +30,7 @@ def _best_of(n: int, fn) -> float:
 
 def measure(tok: Tokenizer, texts: list[str], repeats: int = 3) -> dict:
     """Fertility, compression, unknown rate, vocabulary use and throughput of `tok` on `texts`."""
-    encoded = tok.encode_batch(texts)
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
     n_tokens = sum(map(len, encoded))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
@@ -39,7 +39,7 @@ def measure(tok: Tokenizer, texts: list[str], repeats: int = 3) -> dict:
     used = len({i for ids in encoded for i in ids})
     # The raw library's fastest batch path (no offsets), exactly as a user of `tokenizers` would call it.
     raw = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)
-    ours_s = _best_of(repeats, lambda: tok.encode_batch(texts))
+    ours_s = _best_of(repeats, lambda: tok.encode_batch(texts, add_special_tokens=False))
     raw_s = _best_of(repeats, lambda: [e.ids for e in raw(texts, add_special_tokens=False)])
     mb = n_bytes / 1e6
     return {

@@ -16,6 +16,7 @@ Special tokens, by role (each kind keeps those it needs; `byte-bpe` has no unkno
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -117,16 +118,24 @@ class Tokenizer:
         return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
     # --- text <-> ids ----------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. `add_special_tokens` runs the pipeline's post-processor (BERT's [CLS] ... [SEP])."""
+    def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`, with the special tokens the tokenizer itself adds, as `transformers` does by default:
+        its post-processor (BERT's [CLS] ... [SEP], T5's ... </s>, Llama 3's <|begin_of_text|> ...; a GGUF's
+        `add_bos_token`). `add_special_tokens=False` gives the bare text's ids (chat templates and data shards write
+        their own); `add_bos` / `add_eos` add those tokens explicitly."""
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return self._wrap(ids, add_bos, add_eos)
 
-    def encode_batch(self, texts: list[str], *, add_bos: bool = False, add_eos: bool = False,
-                     add_special_tokens: bool = False) -> list[list[int]]:
-        """Encode many texts at once, in parallel on all cores (the Rust thread pool)."""
+    def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True, add_bos: bool = False,
+                     add_eos: bool = False) -> list[list[int]]:
+        """Encode many texts at once, in parallel on all cores (the Rust thread pool); options as `encode`."""
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [self._wrap(e.ids, add_bos, add_eos) for e in encode(texts, add_special_tokens=add_special_tokens)]
+
+    @functools.cached_property
+    def adds_special_tokens(self) -> bool:
+        """Whether `encode` adds tokens of its own (a post-processor that is not a no-op)."""
+        return len(self.backend.encode("a", add_special_tokens=True).ids) != len(self.backend.encode("a", add_special_tokens=False).ids)
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
@@ -141,10 +150,16 @@ class Tokenizer:
             raise LlmkitError(f"this tokenizer has no {role} token", f"train it with a {role} special token")
         return i
 
-    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, *, skip_special_tokens: bool = False, strict: bool = True) -> str:
+        """The text of `ids`. An id beyond the vocabulary is an error naming it; with `strict=False` it decodes to
+        nothing, as in `transformers` (a model's padded vocabulary rows, e.g. T5's 32,128 rows for 32,100 tokens)."""
         ids = [int(i) for i in ids]
-        if ids and max(ids) >= self.vocab_size:
-            raise LlmkitError(f"token id {max(ids)} is outside this tokenizer's vocabulary of {self.vocab_size}", "decode with the tokenizer the ids were made with")
+        bad = next((i for i in ids if i < 0 or (strict and i >= self.vocab_size)), None)
+        if bad is not None:
+            raise LlmkitError(f"token id {bad} is outside this tokenizer's vocabulary of {self.vocab_size} (ids must be 0..{self.vocab_size - 1})",
+                              "decode with the tokenizer the ids were made with")
+        if not strict:
+            ids = [i for i in ids if i < self.vocab_size]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def tokens(self, text: str) -> list[str]:

@@ -3,14 +3,17 @@
 A GGUF file has no `tokenizer.json`; llama.cpp stores the pieces as metadata (GGUF spec, "Tokenizer"):
 
     tokenizer.ggml.model        'gpt2' = byte-level BPE (SmolLM2's)
+    tokenizer.ggml.pre          how text is split before BPE ('smollm', 'llama-bpe', 'qwen2', ...): PRE_TOKENIZERS
+    tokenizer.ggml.add_bos_token  whether encoding starts with bos (llama.cpp's default: yes for the Llama 3 group)
     tokenizer.ggml.tokens       the vocabulary, id order
     tokenizer.ggml.merges       'a b' merge rules, best first
     tokenizer.ggml.token_type   1 normal, 3 control (special), 4 user-defined
     tokenizer.ggml.*_token_id   bos, eos, unk, pad
     tokenizer.chat_template     Jinja template
 
-We rebuild the same pipeline `transformers` builds for such a file (GPT-2's byte-level BPE, control
-tokens as special added tokens), so both give the same ids.
+We rebuild the pipeline llama.cpp runs for such a file (byte-level BPE after the split rules its `pre` names,
+control tokens as special added tokens, bos added as a post-processor when the file says so), which is also what the
+model's original `tokenizer.json` does.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from llmkit.embedded import EMBEDDED, embedded_path
@@ -26,6 +29,32 @@ from llmkit.errors import LlmkitError
 from llmkit.tokenizer.core import Tokenizer
 
 CONTROL, USER_DEFINED = 3, 4
+
+# Split rules of llama.cpp's pre-tokenizer types (src/llama-vocab.cpp), as `tokenizers` regexes.
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    # GPT-2's regex (the byte-level pre-tokenizer's own)
+    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo"), "gpt2"),
+    # single digits first, then GPT-2's regex (SmolLM, StarCoder)
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), "digits"),
+    # Llama 3: numbers in groups of up to three, letters with one leading non-letter; whole words in the vocabulary
+    # skip the merges (ignore_merges), and bos is added unless the file says otherwise
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), "llama3"),
+    # Qwen2: as Llama 3 but one digit at a time
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), "qwen2"),
+}
+
+
+def _pre_tokenizer(kind: str):
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "digits":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = _LLAMA3 if kind == "llama3" else _QWEN2
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -87,14 +116,19 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise LlmkitError(f"{path}: GGUF tokenizer model {model!r} is not supported yet", "use a GGUF with a byte-level BPE ('gpt2') tokenizer")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise LlmkitError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported, so its text would be split wrongly",
+                          f"use a GGUF whose tokenizer.ggml.pre is one of: {', '.join(sorted(PRE_TOKENIZERS))}")
+    kind = PRE_TOKENIZERS[pre]
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {_byte_level_spelling(t, alphabet, spelling): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    backend = Backend(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind == "llama3"))
+    backend.pre_tokenizer = _pre_tokenizer(kind)
     backend.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>, ...) are matched whole in text, never split.
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
@@ -106,5 +140,20 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is not None and 0 <= i < len(tokens):
             special[role] = tokens[i]
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama3")  # llama.cpp's default for the Llama 3 group
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+    for flag, role in ((add_bos, "bos"), (add_eos, "eos")):
+        if flag and role not in special:
+            raise LlmkitError(f"{path}: the file asks for a {role} token on every text but names none", f"set tokenizer.ggml.{role}_token_id")
+    if add_bos or add_eos:  # as a post-processor, so `encode` adds them and the saved tokenizer.json keeps doing so
+        bos, eos = special.get("bos"), special.get("eos")
+
+        def template(seq: str, type_id: int) -> str:
+            parts = ([f"{bos}:{type_id}"] if add_bos else []) + [f"${seq}:{type_id}"] + ([f"{eos}:{type_id}"] if add_eos else [])
+            return " ".join(parts)
+
+        backend.post_processor = processors.TemplateProcessing(
+            single=template("A", 0), pair=template("A", 0) + " " + template("B", 1),
+            special_tokens=[(t, backend.token_to_id(t)) for t, flag in ((bos, add_bos), (eos, add_eos)) if flag])
     return Tokenizer(backend, special=special, chat_template=meta.get("tokenizer.chat_template"),
-                     info={"kind": "byte-bpe", "origin": str(path), "format": "gguf"})
+                     info={"kind": "byte-bpe", "origin": str(path), "format": "gguf", "pre": pre})
