@@ -232,3 +232,132 @@ def test_finetune_compare_writes_a_table_and_a_chart(tmp_path, tokenizers_by_kin
     assert summary["rows"][0]["trainable_share"] == 1.0 and summary["rows"][1]["trainable_share"] < 0.2
     assert set(summary["few_shot"]) == {"0", "1"} and "1-shot in-context" in out.stdout
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- edges: leaks, weighting, budgets, files, packing, resume ------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "reverse", "sort", "dates"])
+def test_validation_is_disjoint_from_training_at_every_size(task):
+    val = {e.messages[0]["content"] for e in T.task_examples(task, 48, "val", 0)}
+    for n in (100, 400, 1000, 2000, 5000):
+        assert val.isdisjoint(e.messages[0]["content"] for e in T.task_examples(task, n, "train", 0)), n
+
+
+def test_user_files_split_after_deduplication_by_a_seeded_shuffle(tmp_path):
+    from llmkit.finetune.recipe import split_rows
+
+    rows = [{"source": f"q{i}", "target": f"a{i}"} for i in range(40)] * 2  # every row twice, in order
+    train, val = split_rows(rows, seed=1)
+    key = lambda r: r["source"]  # noqa: E731
+    assert len(train) + len(val) == 40 and len(val) == 4 and {key(r) for r in train}.isdisjoint(map(key, val))
+    assert [key(r) for r in val] != ["q0", "q1", "q2", "q3"] and split_rows(rows, seed=1) == (train, val)
+    assert split_rows(rows, seed=2)[1] != val
+
+
+def test_files_with_line_separators_quoted_newlines_and_bad_bytes(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"source": "one\u2028two", "target": "x\ry"}, ensure_ascii=False) + "\n"
+                                      + json.dumps({"source": "three", "target": "z"}) + "\n", encoding="utf-8")
+    rows = read_rows(tmp_path / "a.jsonl")
+    assert [r["source"] for r in rows] == ["one\u2028two", "three"] and rows[0]["target"] == "x\ry"
+    (tmp_path / "b.csv").write_bytes(b'text,label\n"first line\nsecond line",a\nplain \xff text,b\n')
+    notes = []
+    rows = read_rows(tmp_path / "b.csv", warn=notes.append)
+    assert rows[0]["text"] == "first line\nsecond line" and rows[1]["text"] == "plain \ufffd text" and len(rows) == 2
+    assert notes and "1 invalid UTF-8 byte" in notes[0]
+
+
+def test_packed_rows_attend_within_each_example_with_positions_from_zero():
+    from llmkit.finetune.data import _pack, collate_packed
+
+    model = _tiny_llama()
+    examples = [[5, 9, 12, 7], [30, 31, 32], [44, 45, 46, 47, 48]]
+    ids, labels, segments = _pack(examples, examples, max_len=16)
+    assert len(ids) == 1 and segments[0] == [0] * 4 + [1] * 3 + [2] * 5
+    x, _, mask, positions = collate_packed(ids, labels, segments, 0)
+    assert positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]
+    with torch.no_grad():
+        packed = model(x, attention_mask=mask, position_ids=positions)[0]
+        start = 0
+        for ex in examples:
+            alone = model(torch.tensor([ex]))[0]
+            assert (packed[start:start + len(ex)] - alone).abs().max().item() <= 1e-5
+            start += len(ex)
+
+
+def test_lora_lives_where_its_base_layer_lives():
+    from llmkit.finetune.peft import LoRALinear
+
+    base = torch.nn.Linear(8, 4, bias=True).to(torch.bfloat16)
+    layer = LoRALinear(base, r=2, alpha=4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16 and layer.bias is base.bias
+    assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tokenizers_by_kind):
+    from llmkit.model.weights import save_model
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("base")
+    save_model(build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)),
+               out, tokenizer=tok)
+    return out
+
+
+def _ft(tiny_base, out, **kw):
+    from llmkit.finetune.recipe import FinetuneConfig
+
+    base = dict(model=str(tiny_base), task="reverse", n_train=64, n_val=4, batch_size=8, max_new_tokens=4, forgetting_tasks="",
+                general_text="shakespeare:macbeth", general_tokens=64, precision="fp32", show=0, method="lora", budget="2steps",
+                warmup=1, lr=1e-2, out=str(out))
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_fine_tuning_weighs_every_answer_token_alike_and_ends_on_a_token_budget(tiny_base, tmp_path):
+    from llmkit.finetune.recipe import finetune
+
+    first = {}
+    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+        finetune(_ft(tiny_base, tmp_path / f"{batch}x{accum}", batch_size=batch, grad_accum=accum, budget="1steps"), log=lambda m: None)
+        first[batch] = json.loads((tmp_path / f"{batch}x{accum}" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first[4] == pytest.approx(first[8], rel=1e-5) and first[2] == pytest.approx(first[8], rel=1e-5)
+    result = finetune(_ft(tiny_base, tmp_path / "tokens", budget="1500tokens"), log=lambda m: None)
+    rows = [json.loads(r) for r in (tmp_path / "tokens" / "metrics.jsonl").read_text().splitlines()]
+    assert result["steps"] == len(rows) >= 3 and rows[-1]["tokens"] >= 1500 > rows[-2]["tokens"]
+    assert rows[-1]["lr"] < rows[1]["lr"]  # the schedule decays over a token budget too
+
+
+def test_resuming_with_other_lora_targets_is_refused(tiny_base, tmp_path):
+    from llmkit.finetune.recipe import finetune
+
+    finetune(_ft(tiny_base, tmp_path, lora_targets="q_proj,v_proj", save_every=1), log=lambda m: None)
+    with pytest.raises(LlmkitError, match="another fine-tuning run.*lora_targets"):
+        finetune(_ft(tiny_base, tmp_path, lora_targets="all-linear", budget="4steps", resume=True), log=lambda m: None)
+    finetune(_ft(tiny_base, tmp_path, lora_targets="q_proj,v_proj", budget="3steps", resume=True), log=lambda m: None)
+
+
+def test_compare_curves_of_a_multitask_method_keep_the_mixture(tmp_path, monkeypatch):
+    from llmkit.finetune import compare as C
+
+    calls = []
+    fake = {"before": {"exact_match": 0.0}, "after": {"exact_match": 0.5}, "trainable_share": 0.1, "seconds": 1, "peak_memory_mb": 1}
+    monkeypatch.setattr(C, "run_method", lambda base, method, out, extra=None: calls.append((method, extra)) or {**fake, "method": method})
+    C.compare([], ["multitask-lora"], tmp_path, task="sort", model="m", shots=[], curve=[8], n_val=4, seed=0, max_new_tokens=4,
+              log=lambda m: None)
+    assert all("--task" in extra and "--eval-task" in extra for _, extra in calls) and "--n-train" in calls[-1][1]
+
+
+def test_near_duplicates_are_checked_by_their_true_similarity():
+    from llmkit.data.clean import drop_near_duplicates
+
+    words = [f"w{i}" for i in range(400)]
+    similar = list(words)
+    for i in range(14):  # 5-gram Jaccard 0.70 to the first: LSH (threshold 0.8) proposes it, the true check keeps it
+        similar[20 + i * 13] = f"x{i}"
+    near = list(words)
+    near[200] = "y"  # Jaccard 0.98: a near duplicate
+    keep, dropped = drop_near_duplicates([" ".join(words), " ".join(similar), " ".join(near)], threshold=0.8)
+    assert keep == [0, 1] and dropped == 1

@@ -400,3 +400,10 @@ def test_warnings_go_to_stderr_not_into_the_text(tmp_path, tokenizers_by_kind):
     save_model(build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval(), save_dir, tokenizer=tok)
     out = run_cli("generate", "--model", str(save_dir), "--prompt", "word " * 40, "--truncate", "--max-new-tokens", "4", "--seed", "1")
     assert "cut" in out.stderr and "cut" not in out.stdout
+
+
+def test_the_stream_holds_back_only_what_may_become_a_stop_string(tokenizers_by_kind):
+    tok = tokenizers_by_kind["char"]
+    s = TextStream(tok, ["bc", "Hd"])
+    pieces = [s.push(i) for i in tok.encode("Hb", add_special_tokens=False)]
+    assert "".join(pieces) == "H"  # "b" may grow into "bc"; "H" is final whatever comes

@@ -230,30 +230,61 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(small_d
     assert not (out / "checkpoint.tmp").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data, tmp_path, sharding):
-    run_cli(*_pretrain_cmd(small_data, tmp_path / "one", "--budget", "10steps", "--batch-size", "8"))
-    extra = ["--fsdp"] if sharding == "fsdp" else []
-    port = "29517" if sharding == "ddp" else "29518"
+def _torchrun(args: list[str], port: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m llmkit ARGS`. FSDP2 over gloo on CPU aborts now and then inside the C++ runtime
+    ("terminate called without an active exception", about 1 run in 6 here); that one failure, and only it, gets a
+    second try."""
     for attempt in range(2):
-        shutil.rmtree(tmp_path / "two", ignore_errors=True)
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                               "-m", "llmkit", *_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--batch-size", "4", *extra)],
-                              capture_output=True, text=True, timeout=600)
-        # FSDP2 over gloo on CPU aborts now and then inside the C++ runtime ("terminate called without an active
-        # exception", about 1 run in 6 here); that one failure, and only it, gets a second try.
+                               "-m", "llmkit", *args], capture_output=True, text=True, timeout=600)
         if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
             break
+        shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding, family", [("ddp", "encoder"), ("fsdp", "decoder")])
+def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data, tmp_path, sharding, family):
+    """2 ranks x 4 rows (DDP: 2 ranks x 2 rows x 2 accumulation steps) = 1 process x 8 rows, loss for loss. The encoder's
+    masked LM scores a different number of tokens in every row, so this holds only if every target token weighs the
+    same, across micro-steps and ranks."""
+    run_cli(*_pretrain_cmd(small_data, tmp_path / "one", "--budget", "10steps", "--batch-size", "8", "--family", family))
+    extra = ["--fsdp", "--batch-size", "4"] if sharding == "fsdp" else ["--batch-size", "2", "--grad-accum", "2"]
+    proc = _torchrun(_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--family", family, *extra),
+                     "29517" if sharding == "ddp" else "29518")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 11))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4), step
-    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["world_size"] == 2
+    config = json.loads((tmp_path / "two" / "train_config.json").read_text())
+    assert config["world_size"] == 2
     m1, m2 = llmkit.load(tmp_path / "one"), llmkit.load(tmp_path / "two")  # the final weights, gathered whole under FSDP
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.allclose(v1, v2, atol=1e-4), k
+    row = next(r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train")
+    flops = llmkit.load(tmp_path / "two").config.flops_per_token(32)["train"]
+    assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / (config["peak_flops_per_process"] * 2), rel=1e-6)  # both processes' peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_stops_every_rank_together_on_a_time_budget(small_data, tmp_path, sharding):
+    """A time budget stops all ranks at the same step (one clock, any rank's stop), and under FSDP an evaluation of 17
+    windows on 2 ranks with batches of 8 (2 forward calls on one rank, 1 on the other) makes the same calls everywhere."""
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    args = _pretrain_cmd(small_data, tmp_path / "run", "--budget", "6s", "--eval-every", "7", "--eval-windows", "17", "--batch-size", "8",
+                         "--dropout", "0.1", *extra)
+    proc = _torchrun(args, "29519" if sharding == "ddp" else "29520")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped: time budget of 6s reached" in proc.stderr or "stopped: budget reached on another rank" in proc.stderr
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "val" for r in rows) and (tmp_path / "run" / "model.safetensors").exists()
+    from llmkit.train.checkpoint import find_checkpoint, load_checkpoint
+
+    rng = load_checkpoint(find_checkpoint(tmp_path / "run"))[2]["rng"]  # each rank's generator, saved for an exact resume
+    assert not torch.equal(rng["rng.torch.0"], rng["rng.torch.1"])  # and each rank draws its own dropout masks
 
 
 @pytest.mark.slow
@@ -290,3 +321,107 @@ def test_eval_perplexity_of_smollm2_equals_transformers_loss(tmp_path):
         loss = ref(ids, labels=ids).loss.item()
     assert result["tokens"] == ids.shape[1] - 1
     assert result["nats_per_token"] == pytest.approx(loss, abs=1e-3)
+
+
+def test_every_target_token_weighs_the_same_across_micro_batches(small_data, tmp_path):
+    """Masked-LM rows score different numbers of tokens: batch 8 in one step and 4 + 4 accumulated give the same gradient."""
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.train.pretrain import Dist, Objective, accumulate_gradients, build
+
+    cfg = _cfg(small_data, tmp_path, family="encoder")
+    tok = Tokenizer.load(small_data)
+    torch.manual_seed(0)
+    model = build(cfg, tok.vocab_size)
+    objective = Objective(cfg, tok, 0)
+    rows = torch.randint(10, tok.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    whole = objective.prepare(rows, [(0, 0, i) for i in range(8)])
+    halves = [whole.rows(slice(0, 4)), whole.rows(slice(4, 8))]
+    counts = [h.n_targets for h in halves]
+    assert counts[0] != counts[1]  # the case that a mean per micro-batch gets wrong
+
+    def grads(micro):
+        model.zero_grad()
+        accumulate_gradients(model, micro, lambda p: objective.loss_sum(model, p)[0], [p.n_targets for p in micro], Dist(), None)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    one, two = grads([whole]), grads(halves)
+    assert torch.allclose(one, two, atol=1e-6, rtol=1e-4)
+    model.zero_grad()
+    for h in halves:  # the old way: the mean loss of each micro-batch, halved
+        (objective.loss_sum(model, h)[0] / h.n_targets / 2).backward()
+    mean_of_means = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert not torch.allclose(one, mean_of_means, atol=1e-6, rtol=1e-4)
+
+
+def test_the_learning_rate_is_continuous_at_the_end_of_warmup():
+    cfg = PretrainConfig(lr=3e-3, warmup=50, min_lr_ratio=0.1)
+    rates = [learning_rate(cfg, s, s / 200, 50 / 200) for s in range(201)]
+    assert rates[49] == pytest.approx(3e-3) and rates[50] == pytest.approx(3e-3)  # the cosine starts at its top
+    assert max(abs(a - b) for a, b in zip(rates[49:], rates[50:])) < 0.001 * 3e-3 * 10  # no step bigger than the slope
+    assert rates[200] == pytest.approx(3e-4) and all(a >= b for a, b in zip(rates[50:], rates[51:]))
+
+
+def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch):
+    """Empty and duplicate documents must not shift the split between tokenizer training and the shards."""
+    import llmkit.tokenizer as tokmod
+    from llmkit.data.loader import open_shard
+    from llmkit.train.pretrain import Dist, prepare_data
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    plays = [d.text for d in llmkit.data.sources.shakespeare("macbeth")][0].split("\n\n")
+    for i in range(40):
+        text = "" if i % 7 == 3 else (plays[5] if i % 5 == 1 else f"Document {i}: " + " ".join(plays[i * 3:i * 3 + 3]))
+        (docs / f"{i:02d}.txt").write_text(text)
+    seen = {}
+    real = tokmod.train_tokenizer
+    monkeypatch.setattr(tokmod, "train_tokenizer", lambda texts, *a, **k: seen.setdefault("texts", list(texts)) and real(texts, *a, **k))
+    cfg = PretrainConfig(data=str(docs), vocab_size=600, out=str(tmp_path / "run"))
+    data = prepare_data(cfg, Dist(), lambda m: None)
+    tok = tokmod.Tokenizer.load(data)
+    val_docs = [t for t in tok.decode(open_shard(data, "val").tolist()).split(tok.special["eos"]) if t.strip()]
+    train_docs = [t for t in tok.decode(open_shard(data, "train").tolist()).split(tok.special["eos"]) if t.strip()]
+    assert val_docs and set(val_docs).isdisjoint(seen["texts"]) and set(train_docs) == set(seen["texts"])
+    # the run folder remembers what it was prepared from: other options prepare it again
+    meta = json.loads((data / "meta.json").read_text())
+    prepare_data(PretrainConfig(data=str(docs), vocab_size=500, out=str(tmp_path / "run")), Dist(), lambda m: None)
+    assert json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"] == 500 != meta["tokenizer"]["vocab_size"]
+
+
+def test_a_validation_shard_shorter_than_a_window_is_scored_or_refused(tmp_path):
+    from llmkit.data.prepare import prepare
+    from llmkit.data.sources import read_source
+    from llmkit.tokenizer import train_tokenizer
+
+    (tmp_path / "c").mkdir()
+    for i in range(10):
+        (tmp_path / "c" / f"{i}.txt").write_text((f"Long training text {i} about kings and crowns. " * 40) if i else "A short one.")
+    tok = train_tokenizer(read_source(str(tmp_path / "c")).texts, "byte-bpe", 600)
+    for seed in range(100):  # the seed that holds out the short document
+        meta = prepare(str(tmp_path / "c"), tok, str(tmp_path / "d"), val_fraction=0.1, seed=seed, log=lambda m: None)
+        if meta["val_tokens"] < 33:
+            break
+    assert 2 <= meta["val_tokens"] < 33
+    summary = pretrain(PretrainConfig(data=str(tmp_path / "d"), d_model=32, n_layers=1, n_heads=2, block_size=32, batch_size=4,
+                                      budget="3steps", eval_every=3, precision="fp32", out=str(tmp_path / "run"), samples=False),
+                       log=lambda m: None)
+    assert summary["val_loss"] > 1.0 and summary["val_bpb"] > 0.1  # scored, not 0 nats
+    prepare(str(tmp_path / "c"), tok, str(tmp_path / "none"), val_fraction=0.0, log=lambda m: None)
+    with pytest.raises(LlmkitError, match="validation shard .* has 0 tokens"):
+        pretrain(PretrainConfig(data=str(tmp_path / "none"), out=str(tmp_path / "run2"), budget="1steps"), log=lambda m: None)
+
+
+def test_float16_trains_with_loss_scaling(small_data, tmp_path):
+    pretrain(_cfg(small_data, tmp_path, precision="fp16", budget="30steps", eval_every=30), log=lambda m: None)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+    assert all("loss_scale" in r for r in rows) and rows[0]["loss_scale"] > 1
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]]) - 0.3
+    assert all(torch.isfinite(v).all() for v in llmkit.load(tmp_path).state_dict().values())
+
+
+def test_a_resumed_run_reports_its_own_throughput(small_data, tmp_path):
+    with pytest.raises(_Crash):
+        pretrain(_cfg(small_data, tmp_path, budget="12steps", save_every=6), log=lambda m: None, crash_after_step=7)
+    summary = pretrain(_cfg(small_data, tmp_path, budget="12steps", save_every=6, resume=True), log=lambda m: None)
+    assert summary["session_tokens"] == 6 * 8 * 32 and summary["tokens"] == 12 * 8 * 32
+    assert summary["tokens_per_s"] == pytest.approx(summary["session_tokens"] / summary["session_seconds"], rel=1e-6)

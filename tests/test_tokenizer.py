@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 import unicodedata
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -202,3 +205,32 @@ def test_minilm_tokenizer_equals_transformers():
         assert ours.encode(text) == theirs(text)["input_ids"]  # by default, as transformers: [CLS] ... [SEP]
         assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"]
     assert ours.kind == "wordpiece" and ours.special["mask"] == "[MASK]"
+
+
+@pytest.mark.slow
+def test_gguf_pre_tokenizers_tokenize_as_llama_cpp(tmp_path):
+    """llama.cpp's own ids for each pre-tokenizer, pinned by benchmarks/llama_cpp_tokenizer_check.py (SmolLM2's vocabulary
+    under each pre's split rules and bos default)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
+
+    pinned = json.loads((Path(__file__).parent / "data" / "llama_cpp_tokens.json").read_text(encoding="utf-8"))
+    for pre, cases in pinned.items():
+        write_llama_gguf(tmp_path / f"{pre}.gguf", None, smollm2_tokenizer_fields(pre=pre))
+        tok = Tokenizer.load(tmp_path / f"{pre}.gguf")
+        for text, ids in cases.items():
+            assert tok.encode(text) == ids, (pre, text)
+
+
+def test_truncation_keeps_the_closing_special_token_and_bos_is_never_doubled(tokenizers_by_kind):
+    from tokenizers import processors
+
+    tok = Tokenizer.from_folder(tokenizers_by_kind["wordpiece"].save(Path(tempfile.mkdtemp()) / "t"))
+    cls, sep = tok.token_id("<s>"), tok.token_id("</s>")
+    tok.backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", cls), ("</s>", sep)])
+    ids = tok.encode("the quick brown fox jumps over the lazy dog " * 5, max_length=8)
+    assert len(ids) == 8 and ids[0] == cls and ids[-1] == sep
+    assert tok.encode("hi", add_bos=True)[:2] != [cls, cls]

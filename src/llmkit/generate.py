@@ -19,6 +19,7 @@ the text is decoded incrementally (a few tokens per step, never the whole output
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,7 +59,14 @@ class GenerationConfig:
 
     def check(self) -> None:
         """Refuse settings that would silently do something else (negative temperature, top-p of 0, ...)."""
-        bad = [(self.max_new_tokens < 0, f"max_new_tokens {self.max_new_tokens} is negative", "use 0 or more"),
+        numbers = {k: getattr(self, k) for k in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                                                 "length_penalty")}
+        numbers.update({k: getattr(self, k) for k in ("top_p",) if getattr(self, k) is not None})
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise LlmkitError(f"{name} {value} is not a finite number", f"give {name} a real number")
+        bad = [(not -2 <= self.presence_penalty <= 2, f"presence_penalty {self.presence_penalty} is not in [-2, 2]", "use a value in [-2, 2] (OpenAI's range)"),
+               (not -2 <= self.frequency_penalty <= 2, f"frequency_penalty {self.frequency_penalty} is not in [-2, 2]", "use a value in [-2, 2] (OpenAI's range)"),(self.max_new_tokens < 0, f"max_new_tokens {self.max_new_tokens} is negative", "use 0 or more"),
                (self.temperature < 0, f"temperature {self.temperature} is negative", "use 0 (greedy) or more, e.g. 0.7"),
                (self.top_k is not None and self.top_k < 0, f"top_k {self.top_k} is negative", "use a positive k, or none"),
                (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p {self.top_p} is not in (0, 1]", "use e.g. 0.9, or 1 for none"),
@@ -72,7 +80,7 @@ class GenerationConfig:
 @dataclass
 class Generation:
     prompt_ids: list[int]
-    ids: list[int]  # the new tokens, up to and including the one that ended the text (see `text` for the cut text)
+    ids: list[int]  # the new tokens; a stop token (eos) that ended them is not among them (transformers keeps it)
     text: str
     finish_reason: str  # "stop" (a stop token or string) or "length"
 
@@ -131,7 +139,8 @@ class Sampler:
         self.temperature = torch.tensor([x.temperature if not x.greedy() else 1.0 for x in c], device=dev)[:, None]
         # per-row filters, or None when no row uses one (decided here, once: no host sync per step)
         ks, ps = [x.top_k or 0 for x in c], [x.top_p if x.top_p is not None else 1.0 for x in c]
-        self.top_k = torch.tensor(ks, device=dev) if any(ks) else None
+        # a row without top-k keeps every token: k = the vocabulary
+        self.top_k = torch.tensor([k if k > 0 else self.n_valid for k in ks], device=dev) if any(ks) else None
         self.top_p = torch.tensor(ps, device=dev) if any(p < 1 for p in ps) else None
         self.rep = torch.tensor([x.repetition_penalty for x in c], device=dev)[:, None]
         self.presence = torch.tensor([x.presence_penalty for x in c], device=dev)[:, None]
@@ -149,11 +158,12 @@ class Sampler:
             self.seen[r, ids] = True
 
     def add_rows(self, configs: list[GenerationConfig], generators: list[torch.Generator | None] | None = None) -> None:
-        """Grow the batch by new rows (continuous batching); call `add_prompts` for them next."""
-        n = len(configs)
+        """Grow the batch by new rows (continuous batching; a sampler made with per-row `generators`); call
+        `add_prompts` for them next."""
+        if self.generators is None and len(self.configs):
+            raise ValueError("add_rows needs a sampler with per-row generators (make it with generators=[...])")
         self.configs += list(configs)
-        if self.generators is not None or generators is not None:
-            self.generators = (self.generators or [None] * (len(self.configs) - n)) + list(generators or [None] * n)
+        self.generators = (self.generators or []) + list(generators or [None] * len(configs))
         self._settings()
         for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
             want = self.use_seen if name == "seen" else self.use_counts
@@ -188,10 +198,10 @@ class Sampler:
             scores = filter_top_k_top_p(logits / self.temperature, self.top_k, self.top_p)
             probs = scores.softmax(-1)
             if self.generators is not None:  # each row its own seed (the server's requests)
-                sampled = torch.stack([torch.multinomial(probs[r].cpu(), 1, generator=g).squeeze(0) for r, g in enumerate(self.generators)])
+                sampled = torch.stack([torch.multinomial(probs[r], 1, generator=g).squeeze(0) for r, g in enumerate(self.generators)])
             else:
-                sampled = torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1)
-            choice = torch.where(self.greedy, choice, sampled.to(choice.device))
+                sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            choice = torch.where(self.greedy, choice, sampled)
         return choice
 
     def observe(self, tokens: torch.Tensor) -> None:
@@ -207,20 +217,23 @@ class Sampler:
 
 
 def default_stop_ids(tokenizer, model=None) -> list[int]:
-    """What generation stops on by default: the model's eos ids (generation_config.json's, else config.json's, a list in
-    Llama 3.1), the tokenizer's eos, and its end-of-turn tokens (<|im_end|>, <|eot_id|>, ...)."""
-    ids = set()
-    if model is not None:
-        cfg = model.config
-        gen = cfg.extra.get("generation_eos_token_id")
-        ids.update(cfg.eos_ids if gen is None else ([gen] if isinstance(gen, int) else gen))
-    if tokenizer.eos_id is not None:
-        ids.add(tokenizer.eos_id)
+    """What generation stops on by default, as the model's own runtime would:
+
+        Hugging Face folder   its eos ids (generation_config.json's, else config.json's; a list in Llama 3.1), as
+                              transformers' generate() does
+        GGUF                  its eos, eot and eom ids and the vocabulary's end-of-turn tokens, as llama.cpp does
+        llmkit runs, others   the tokenizer's eos and its end-of-turn tokens (<|end|>, <|im_end|>, ...)
+    """
     added = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
-    for token in END_TOKENS:
-        if token in added:
-            ids.add(tokenizer.backend.token_to_id(token))
-    return sorted(i for i in ids if i < tokenizer.vocab_size)
+    ends = {tokenizer.backend.token_to_id(t) for t in END_TOKENS if t in added} | ({tokenizer.eos_id} - {None})
+    if model is None:
+        return sorted(ends)
+    cfg = model.config
+    gen = cfg.extra.get("generation_eos_token_id")
+    own = set(cfg.eos_ids if gen is None else ([gen] if isinstance(gen, int) else gen))
+    if own and "hf_model_type" in cfg.extra:
+        return sorted(own)
+    return sorted(own | ends)
 
 
 def stop_rules(tokenizer, cfg: GenerationConfig, model=None, warn=warn_stderr) -> tuple[set[int], list[str]]:
@@ -278,17 +291,19 @@ class TextStream:
     def _advance(self, final: bool) -> str:
         before = self._decode(self.ids[self._prefix:self._read])
         now = self._decode(self.ids[self._prefix:])
-        if not now.startswith(before):  # a tokenizer that rewrites earlier text: decode the whole again
-            if not final:
-                return self._emit(self._final())
-            now, before, self._prefix = self._decode(self.ids), self.text, 0
-        elif now.endswith("\ufffd") and not final:
+        if now.endswith("\ufffd") and not final:
             return self._emit(self._final())  # an incomplete character: wait for the bytes that finish it
         start = len(self.text)
-        piece = now[len(before):]
-        self.text += piece
-        if piece:  # the next window starts at this piece: context that shows (a special token decodes to nothing)
-            self._prefix = self._read
+        if now.startswith(before):
+            piece = now[len(before):]
+            self.text += piece
+            if piece:  # the next window starts at this piece: context that shows (a special token decodes to nothing)
+                self._prefix = self._read
+        else:  # a tokenizer that rewrites earlier text: decode the whole from now on (never taking back what was emitted)
+            whole = self._decode(self.ids)
+            kept = self.text[:self.emitted]
+            self.text = whole if whole.startswith(kept) else kept + whole[len(kept):]
+            start, self._prefix = min(start, len(kept)), 0
         self._read = len(self.ids)
         if self.stops:
             search_from = max(0, start - self.longest + 1)
@@ -300,14 +315,15 @@ class TextStream:
         return self._emit(len(self.text) if final else self._final())
 
     def _final(self) -> int:
-        """How much of `text` is final: everything but a suffix that may grow into a stop string."""
-        final = len(self.text)
+        """How much of `text` is final: everything but the longest suffix that may still grow into a stop string."""
+        end = len(self.text)
+        hold = 0
         for s in self.stops:
-            for k in range(min(len(s) - 1, final - self.emitted), 0, -1):
-                if self.text[final - k:final] == s[:k]:
-                    final -= k
+            for k in range(min(len(s) - 1, end - self.emitted), hold, -1):
+                if self.text[end - k:] == s[:k]:
+                    hold = k
                     break
-        return final
+        return end - hold
 
     def flush(self) -> str:
         """Everything left: pending bytes of an incomplete character too (as U+FFFD, as a whole decode shows them)."""
@@ -324,11 +340,18 @@ class TextStream:
 # --- decoder-only generation --------------------------------------------------------------------------------------------
 
 
-def fit_prompt(ids: list[int], max_new_tokens: int, context: int, truncate: bool, warn=warn_stderr) -> list[int]:
+def seeded_generator(seed: int | None, device) -> torch.Generator | None:
+    """A generator on the device the sampling runs on (no copy of the probabilities to the host), or None."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, context: int | None, truncate: bool, warn=warn_stderr) -> list[int]:
     """The prompt, checked (or cut from the left with `truncate`) to fit the context with the new tokens. The last new
-    token is never fed back, so a prompt of P tokens and N new ones needs P + N - 1 positions."""
+    token is never fed back, so a prompt of P tokens and N new ones needs P + N - 1 positions. `context` None: no limit."""
     if not ids:
         raise LlmkitError("the prompt is empty", "give a prompt with some text")
+    if context is None:
+        return ids
     room = context - max(max_new_tokens - 1, 0)
     if room < 1:
         raise LlmkitError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}",
@@ -362,7 +385,8 @@ def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConf
         raise LlmkitError(f"this generation path is for decoders; the model is a {mcfg.family}", "use generate_seq2seq for encoder-decoders")
     cfg.check()
     stop_ids, stop_strings = stop_rules(tokenizer, cfg, model, warn)
-    prompts = [fit_prompt(list(p), cfg.max_new_tokens, mcfg.max_seq_len, cfg.truncate, warn) for p in prompts]
+    context = None if mcfg.position == "relative" else mcfg.max_seq_len  # relative positions have no fixed limit
+    prompts = [fit_prompt(list(p), cfg.max_new_tokens, context, cfg.truncate, warn) for p in prompts]
     _check_prompt_ids(prompts, model, tokenizer)
     rows = [TextStream(tokenizer, stop_strings) for _ in prompts]
     for row, p in zip(rows, prompts):
@@ -384,8 +408,7 @@ def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConf
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = model.new_cache(B, total)
-    sampler = Sampler([cfg] * B, min(tokenizer.vocab_size, mcfg.vocab_size), device,
-                      generator=torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None)
+    sampler = Sampler([cfg] * B, min(tokenizer.id_limit, mcfg.vocab_size), device, generator=seeded_generator(cfg.seed, device))
     sampler.add_prompts(prompts)
     done = [False] * B
     plain = B == 1  # one prompt, no padding: the causal fast path
@@ -397,7 +420,7 @@ def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConf
         sampler.observe(tok)
         events = []
         last = step == cfg.max_new_tokens - 1
-        for r, t in enumerate(tok.tolist()):  # the one host sync of the step
+        for r, t in enumerate(tok.tolist()):  # the ids cross to the host once per step, for the text
             if done[r]:
                 continue
             if t in stop_ids:  # not part of the output (transformers keeps it in its ids; the text never shows it)
@@ -463,6 +486,11 @@ def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationCon
         raise LlmkitError("the prompt is empty", "give a prompt with some text")
     cfg.check()
     mcfg = model.config
+    if mcfg.position != "relative" and cfg.max_new_tokens > mcfg.max_seq_len:  # the decoder's positions run out
+        raise LlmkitError(f"max_new_tokens {cfg.max_new_tokens} is more than the decoder's context of {mcfg.max_seq_len}",
+                          f"use --max-new-tokens {mcfg.max_seq_len} or less")
+    if cfg.max_new_tokens == 0:
+        return Generation(prompt_ids, [], "", "length")
     if len(prompt_ids) > mcfg.max_seq_len and mcfg.position != "relative":
         if not cfg.truncate:
             raise LlmkitError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of {mcfg.max_seq_len}",
@@ -474,14 +502,12 @@ def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationCon
     src = torch.tensor([prompt_ids], device=device)
     enc, _ = model.encode(src)
     eos, stop_strings = stop_rules(tokenizer, cfg, model, warn)
-    n_valid = min(tokenizer.vocab_size, mcfg.vocab_size)
-    if cfg.max_new_tokens == 0:
-        return Generation(prompt_ids, [], "", "length")
+    n_valid = min(tokenizer.id_limit, mcfg.vocab_size)
     if cfg.num_beams > 1:
         ids = beam_search(model, enc, cfg, start_id=mcfg.decoder_start_token_id, eos_ids=sorted(eos), n_valid=n_valid)
         finish = "stop" if ids and ids[-1] in eos else "length"
     else:
-        sampler = Sampler([cfg], n_valid, device, generator=torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None)
+        sampler = Sampler([cfg], n_valid, device, generator=seeded_generator(cfg.seed, device))
         cache = model.new_cache(1, cfg.max_new_tokens)
         tok = torch.tensor([[mcfg.decoder_start_token_id]], device=device)
         sampler.add_prompts([[mcfg.decoder_start_token_id]])
@@ -494,7 +520,9 @@ def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationCon
                 finish = "stop"
                 break
             tok = nxt[:, None]
-    text = tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=True, strict=False)
+    if finish == "stop":
+        ids = ids[:-1]  # the eos that ended the output is not part of it (as for decoders)
+    text = tokenizer.decode(ids, skip_special_tokens=True, strict=False)
     found = [i for i in (text.find(s) for s in stop_strings) if i != -1]
     if found:
         text, finish = text[:min(found)], "stop"
@@ -534,10 +562,10 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
     eos = set(eos_ids)
     keep = max(2, 1 + len(eos)) * n
     for step in range(cfg.max_new_tokens):
-        logits = model.decode(beams[:, -1:], enc, cache=cache, check_ids=False)[0][:, -1]
+        logp = model.decode(beams[:, -1:], enc, cache=cache, check_ids=False)[0][:, -1].float().log_softmax(-1)  # over all rows
         if n_valid is not None:
-            logits = logits[:, :n_valid]
-        logp = logits.float().log_softmax(-1) + scores[:, None]  # (n, V)
+            logp = logp[:, :n_valid]  # then the padding rows drop out, as transformers scores them
+        logp = logp + scores[:, None]  # (n, V)
         V = logp.shape[-1]
         top, idx = torch.topk(logp.flatten(), keep)
         last = step == cfg.max_new_tokens - 1
@@ -557,7 +585,7 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
         if last or not live:
             break
         beams, scores = torch.stack(live), torch.tensor(live_scores, device=device)
-        cache.reorder(torch.tensor(parents, device=device))
+        cache.reorder(torch.tensor(parents, device=device), cross=False)  # the beams share one encoder output
         if len(finished) >= n:
             if cfg.early_stopping:
                 break

@@ -1,8 +1,9 @@
 """Normalization and de-duplication of documents before tokenization.
 
 Exact duplicates are found by hashing the normalized text. Near-duplicates (optional) by MinHash over
-word 5-gram shingles with locality-sensitive hashing (`datasketch`): a document whose estimated
-Jaccard similarity to one kept earlier reaches the threshold is dropped.
+word 5-gram shingles with locality-sensitive hashing (`datasketch`): LSH proposes documents kept earlier that
+may be similar, and a document is dropped only when its true Jaccard similarity (of the shingle sets) to one
+of them reaches the threshold (LSH alone also proposes some that are not).
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ def drop_near_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    keep = []
+    keep, shingles = [], {}
     for i, t in enumerate(texts):
         words = t.split()
         grams = {" ".join(words[j:j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
         m = MinHash(num_perm=num_perm, seed=seed)
         m.update_batch([g.encode("utf-8") for g in grams])
-        if lsh.query(m):
+        hashed = {hash(g) for g in grams}
+        if any(len(hashed & shingles[c]) / len(hashed | shingles[c]) >= threshold for c in lsh.query(m)):
             continue
         lsh.insert(str(i), m)
+        shingles[str(i)] = hashed
         keep.append(i)
     return keep, len(texts) - len(keep)

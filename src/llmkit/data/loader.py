@@ -1,11 +1,14 @@
 """Windows of tokens from a prepared shard folder: random ones for training, sequential ones for evaluation.
 
-Random windows are a pure function of (seed, step): the global batch of `batch_size * world_size` rows is
-drawn the same way on every rank and each rank takes its own `batch_size` rows. So a run on N processes
-sees exactly the batches of a run on one, and a resumed run continues from its step with nothing to restore.
+Random windows are a pure function of (seed, step): the global batch of `batch_size * world_size * accum` rows
+is drawn the same way on every rank, and micro-step m of rank r takes its own `batch_size` rows. So a run on N
+processes, or with gradient accumulation, sees exactly the rows of a run on one process with one big batch, and a
+resumed run continues from its step with nothing to restore.
 
-    global batch at step s   [row 0 | row 1 | row 2 | row 3]      (world_size 2, batch_size 2)
+    global batch at step s   [row 0 | row 1 | row 2 | row 3]      (world_size 2, batch_size 2, accum 1)
                               rank 0 ^^^^^^^^^  rank 1 ^^^^^^^^^
+                             [row 0 | row 1 | row 2 | row 3]      (world_size 1, batch_size 2, accum 2)
+                              micro 0 ^^^^^^^^  micro 1 ^^^^^^^^^
 """
 
 from __future__ import annotations
@@ -70,13 +73,17 @@ class WindowLoader:
             raise LlmkitError(f"the {split} shard has {len(self.data)} tokens, fewer than one window of {window}",
                               "use a shorter window (--block-size) or more data")
 
-    def batch(self, step: int) -> torch.Tensor:
-        """This rank's rows of the global batch for `step`."""
+    def batch(self, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
+        """This rank's rows of micro-step `micro` (of `accum`) of the global batch for `step`."""
+        return self.rows(step, micro, accum)[0]
+
+    def rows(self, step: int, micro: int = 0, accum: int = 1) -> tuple[torch.Tensor, list[int]]:
+        """(this rank's (B, window) rows of micro-step `micro` at `step`, their indices in the global batch)."""
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.data) - self.window + 1, size=self.batch_size * self.world_size)
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        rows = np.stack([self.data[s:s + self.window] for s in mine]).astype(np.int64)
-        return torch.from_numpy(rows)  # (B, window)
+        starts = rng.integers(0, len(self.data) - self.window + 1, size=self.batch_size * self.world_size * accum)
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        rows = np.stack([self.data[s:s + self.window] for s in starts[first:first + self.batch_size]]).astype(np.int64)
+        return torch.from_numpy(rows), list(range(first, first + self.batch_size))  # (B, window)
 
     def sequential(self, stride: int | None = None, max_windows: int | None = None):
         """Windows from the start of the shard, `stride` apart (default: no overlap), this rank's share,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,25 @@ def _write_shard(path: Path, ids: np.ndarray) -> None:
         f.write(ids.tobytes())
 
 
-def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, val_fraction: float = 0.1, seed: int = 1337,
-            unicode_form: str | None = "NFC", newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8,
-            field: str = "text", log=print) -> dict:
-    """Read, clean, split and tokenize `source` into `out/`; returns the `meta.json` contents."""
-    start = time.perf_counter()
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+@dataclass
+class CorpusSplit:
+    """A corpus read, normalized, de-duplicated and split by document, once: the tokenizer a run trains and the
+    shards it writes both use these very lists, so no validation document ever reaches the tokenizer."""
+
+    train: list[str]
+    val: list[str]
+    documents_read: int
+    exact_duplicates: int
+    near_duplicates: int
+    replaced_bytes: int
+    source_sha256: str
+    options: dict
+
+
+def split_corpus(source: str | list[str], *, val_fraction: float = 0.1, seed: int = 1337, unicode_form: str | None = "NFC",
+                 newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8, field: str = "text",
+                 log=print) -> CorpusSplit:
+    """Read `source`, normalize, drop empty and duplicate documents, split train/validation by document."""
     corpus = read_source(source, field=field)
     for w in corpus.warnings:
         log(f"warning: {w}")
@@ -80,8 +94,17 @@ def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, va
     train, val = split_documents(texts, val_fraction, seed)
     log(f"{len(corpus.documents)} documents read, {n_exact} exact and {n_near} near duplicates dropped, "
         f"{len(train)} train / {len(val)} validation units")
-    train_ids = tokenize_documents(tok, train, description="tokenize train")
-    val_ids = tokenize_documents(tok, val, description="tokenize val")
+    return CorpusSplit(train, val, len(corpus.documents), n_exact, n_near, corpus.replaced_bytes,
+                       hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest(),
+                       {"val_fraction": val_fraction, "seed": seed, "unicode_form": unicode_form, "newlines": newlines,
+                        "near_dedup": near_dedup, "near_threshold": near_threshold, "field": field})
+
+
+def write_shards(split: CorpusSplit, tok: Tokenizer, out: str | Path, *, source, extra: dict | None = None) -> dict:
+    """Tokenize a split into `out/` (train.bin, val.bin, the tokenizer, meta.json last); returns meta.json's contents."""
+    start = time.perf_counter()
+    train_ids = tokenize_documents(tok, split.train, description="tokenize train")
+    val_ids = tokenize_documents(tok, split.val, description="tokenize val")
     if len(train_ids) == 0:
         raise LlmkitError("the training split has no tokens", "give the source more text")
     out = Path(out)
@@ -93,21 +116,31 @@ def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, va
         "dtype": np.dtype(train_ids.dtype).name,
         "train_tokens": int(len(train_ids)),
         "val_tokens": int(len(val_ids)),
-        "train_units": len(train),
-        "val_units": len(val),
-        "documents_read": len(corpus.documents),
-        "exact_duplicates_dropped": n_exact,
-        "near_duplicates_dropped": n_near,
-        "replaced_invalid_utf8_bytes": corpus.replaced_bytes,
-        "train_bytes": sum(len(t.encode("utf-8")) for t in train),
-        "val_bytes": sum(len(t.encode("utf-8")) for t in val),
+        "train_units": len(split.train),
+        "val_units": len(split.val),
+        "documents_read": split.documents_read,
+        "exact_duplicates_dropped": split.exact_duplicates,
+        "near_duplicates_dropped": split.near_duplicates,
+        "replaced_invalid_utf8_bytes": split.replaced_bytes,
+        "train_bytes": sum(len(t.encode("utf-8")) for t in split.train),
+        "val_bytes": sum(len(t.encode("utf-8")) for t in split.val),
         "eos_between_documents": tok.eos_id is not None,
         "tokenizer": {"fingerprint": tok.fingerprint(), "kind": tok.kind, "vocab_size": tok.vocab_size},
         "source": source,
-        "source_sha256": hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest(),
-        "options": {"val_fraction": val_fraction, "seed": seed, "unicode_form": unicode_form, "newlines": newlines,
-                    "near_dedup": near_dedup, "near_threshold": near_threshold, "field": field},
+        "source_sha256": split.source_sha256,
+        "options": split.options,
         "seconds": round(time.perf_counter() - start, 2),
+        **(extra or {}),
     }
     io.write_json(out / "meta.json", meta)  # written last: a folder with meta.json is complete
     return meta
+
+
+def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, val_fraction: float = 0.1, seed: int = 1337,
+            unicode_form: str | None = "NFC", newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8,
+            field: str = "text", log=print) -> dict:
+    """Read, clean, split and tokenize `source` into `out/`; returns the `meta.json` contents."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    split = split_corpus(source, val_fraction=val_fraction, seed=seed, unicode_form=unicode_form, newlines=newlines,
+                         near_dedup=near_dedup, near_threshold=near_threshold, field=field, log=log)
+    return write_shards(split, tok, out, source=source)

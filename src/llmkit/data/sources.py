@@ -102,7 +102,7 @@ def shakespeare(selector: str | None = None, *, clean: bool = True) -> list[Docu
         genre, play = path.parent.name, path.stem
         if selector and selector not in play and selector != genre:
             continue
-        text = _read_text(path)[0]
+        text = read_text(path)[0]
         docs.append(Document(f"{genre}/{play}", clean_play_markdown(text) if clean else text, {"genre": genre, "play": play}))
     if not docs:
         genres = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -115,7 +115,7 @@ def shakespeare(selector: str | None = None, *, clean: bool = True) -> list[Docu
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> tuple[str, int]:
+def read_text(path: Path) -> tuple[str, int]:
     """Decode a file as UTF-8; invalid bytes become U+FFFD and are counted."""
     raw = path.read_bytes()
     try:
@@ -152,7 +152,7 @@ def read_source(spec: str | list[str], *, field: str = "text") -> Corpus:
             corpus.documents += shakespeare(s.split(":", 1)[1] if ":" in s else (s.split("/", 1)[1] if "/" in s else None))
             continue
         for path in _expand(s):
-            text, bad = _read_text(path)
+            text, bad = read_text(path)
             if bad:
                 corpus.replaced_bytes += bad
                 corpus.warnings.append(f"{path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD")
@@ -167,7 +167,7 @@ def read_source(spec: str | list[str], *, field: str = "text") -> Corpus:
 
 def _jsonl_documents(path: Path, text: str, field: str) -> list[Document]:
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON Lines end at \n only: U+2028 and \r belong to the row
         if not line.strip():
             continue
         try:

@@ -91,17 +91,21 @@ def plot(rows: list[dict], path: Path) -> None:
 def compare(base_args: list[str], methods: list[str], out: Path, *, task: str, model: str, shots: list[int], curve: list[int],
             n_val: int, seed: int, max_new_tokens: int, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+
+    def flags(method: str) -> list[str]:
+        """A multitask method trains on a mixture of the task with the other built-in ones, and is evaluated on the task."""
+        if not method.startswith("multitask-"):
+            return []
+        return ["--task", f"{task}:2,reverse:1,sort:1,dates:1" if task != "reverse" else f"{task}:2,arithmetic:1,sort:1,dates:1",
+                "--eval-task", task]
+
     results = []
     for m in methods:
         log(f"fine-tuning with {m} ...")
-        extra = []
-        if m.startswith("multitask-"):
-            extra = ["--task", f"{task}:2,reverse:1,sort:1,dates:1" if task != "reverse" else f"{task}:2,arithmetic:1,sort:1,dates:1",
-                     "--eval-task", task]
-        results.append(run_method(base_args, m, out / m, extra))
+        results.append(run_method(base_args, m, out / m, flags(m)))
     for n in curve:
         log(f"fine-tuning with {methods[0]} on {n} examples ...")
-        r = run_method(base_args, methods[0], out / f"{methods[0]}-{n}", ["--n-train", str(n)])
+        r = run_method(base_args, methods[0], out / f"{methods[0]}-{n}", flags(methods[0]) + ["--n-train", str(n)])
         r["n_train"] = n
         results.append(r)
     rows = table_rows(results)

@@ -17,6 +17,7 @@ turns, unless `train_on_prompt`:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +40,22 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def read_rows(path: str | Path, warn=None) -> list[dict]:
+    """Rows of a JSONL, CSV or TSV file. JSON Lines split at \\n only (a row may hold U+2028 or \\r); CSV fields may
+    hold quoted newlines. Invalid UTF-8 bytes become U+FFFD and are counted (`warn` hears how many)."""
+    from llmkit.data.sources import read_text
+
     path = Path(path)
     if not path.exists():
         raise LlmkitError(f"no data file at {path}", "give a .jsonl, .csv or .tsv file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text, bad = read_text(path)
+    if bad and warn is not None:
+        warn(f"warning: {path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD")
     if path.suffix.lower() in (".csv", ".tsv"):
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -104,6 +111,7 @@ class Prepared:
     labels: list[list[int]]
     dropped: int = 0
     truncated: int = 0
+    segments: list[list[int]] | None = None  # packed rows: which example each token belongs to
 
 
 def prepare_examples(tokenizer, examples: list[Example], max_len: int, *, train_on_prompt: bool = False, truncate: bool = False,
@@ -123,20 +131,50 @@ def prepare_examples(tokenizer, examples: list[Example], max_len: int, *, train_
     if not out.ids:
         raise LlmkitError(f"every one of the {len(examples)} examples is longer than {max_len} tokens", "raise --max-len or pass --truncate")
     if pack:
-        out.ids, out.labels = _pack(out.ids, out.labels, max_len)
+        out.ids, out.labels, out.segments = _pack(out.ids, out.labels, max_len)
     return out
 
 
 def _pack(ids: list[list[int]], labels: list[list[int]], max_len: int):
-    """Concatenate examples into rows of at most max_len tokens (first fit, in order)."""
-    rows_i, rows_l = [[]], [[]]
+    """Concatenate examples into rows of at most max_len tokens (in order); each token keeps its example's number, so
+    attention stays inside an example and positions restart with each (as torchtune's packed datasets do)."""
+    rows_i, rows_l, rows_s = [[]], [[]], [[]]
     for a, b in zip(ids, labels):
         if len(rows_i[-1]) + len(a) > max_len:
             rows_i.append([])
             rows_l.append([])
+            rows_s.append([])
+        segment = rows_s[-1][-1] + 1 if rows_s[-1] else 0
         rows_i[-1] += a
         rows_l[-1] += b
-    return rows_i, rows_l
+        rows_s[-1] += [segment] * len(a)
+    return rows_i, rows_l, rows_s
+
+
+def collate_packed(ids: list[list[int]], labels: list[list[int]], segments: list[list[int]], pad_id: int):
+    """Right-padded packed rows: (input ids, labels, block-causal mask (B, T, T), positions (B, T)). Token i may see
+    token j of its row only when both belong to the same example; positions count from 0 in every example.
+
+        examples  a a a b b c          mask (1 = may attend)    positions
+                                       a: 1 . . . . .           0 1 2 0 1 0
+                                          1 1 . . . .
+                                          1 1 1 . . .
+                                       b: . . . 1 . .
+                                          . . . 1 1 .
+                                       c: . . . . . 1
+    """
+    x, y, real = collate(ids, labels, pad_id)
+    B, T = x.shape
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    for r, s in enumerate(segments):
+        seg[r, :len(s)] = torch.tensor(s)
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (B, T, T)
+    mask = same & torch.ones(T, T, dtype=torch.bool).tril()
+    mask |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself (no row of the softmax may be empty)
+    starts = torch.cat([torch.ones(B, 1, dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], dim=1)
+    index = torch.arange(T).expand(B, T)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return x, y, mask.long(), (index - last_start) * real
 
 
 def collate(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

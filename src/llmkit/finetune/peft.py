@@ -41,8 +41,9 @@ class LoRALinear(nn.Module):
             self.base.bias.requires_grad_(False)
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)  # beside the base layer, in its dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: A random, B zero
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.merged = False
@@ -58,6 +59,10 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)

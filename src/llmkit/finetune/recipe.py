@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.finetune import tasks as T
-from llmkit.finetune.data import IGNORE, Example, collate, prepare_examples, read_rows, to_example
+from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepare_examples, read_rows, to_example
 
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3}
 
@@ -74,13 +74,27 @@ class FinetuneConfig:
 # --- steps ------------------------------------------------------------------------------------------------------
 
 
-def load_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
+def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """(training, validation) rows of one file: duplicates dropped first, then a seeded shuffle, a tenth held out, so
+    the two never share a row (whatever order the file is in)."""
+    import json
+    import random
+
+    unique = list({json.dumps(r, sort_keys=True, ensure_ascii=False): r for r in rows}.values())
+    if len(unique) < 2:
+        raise LlmkitError(f"the data has {len(unique)} distinct row(s): nothing to hold out for validation", "add rows, or pass --val-data FILE")
+    random.Random(seed).shuffle(unique)
+    cut = max(1, round(len(unique) * val_fraction))
+    return unique[cut:], unique[:cut]
+
+
+def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[Example]]:
     if cfg.data:
-        rows = [to_example(r) for r in read_rows(cfg.data)]
+        rows = read_rows(cfg.data, warn=log)
         if cfg.val_data:
-            return rows, [to_example(r) for r in read_rows(cfg.val_data)]
-        cut = max(1, len(rows) // 10)
-        return rows[cut:], rows[:cut]
+            return [to_example(r) for r in rows], [to_example(r) for r in read_rows(cfg.val_data, warn=log)]
+        train, val = split_rows(rows, cfg.seed)
+        return [to_example(r) for r in train], [to_example(r) for r in val]
     if cfg.task == "genre":
         train, val = T.genre_examples("train", cfg.seed), T.genre_examples("val", cfg.seed)
         return train[:cfg.n_train], val[:cfg.n_val]
@@ -173,7 +187,7 @@ def classification_metrics(model, tok, examples: list[Example], batch: int = 32)
     with torch.no_grad():
         for i in range(0, len(examples), batch):
             group = examples[i:i + batch]
-            ids = [tok.encode(ex.text, add_special_tokens=True)[: model.config.max_seq_len] for ex in group]
+            ids = [tok.encode(ex.text, max_length=model.config.max_seq_len) for ex in group]
             x, _, mask = collate(ids, ids, tok.pad_id or 0)
             probs.append(model(x, mask).softmax(-1))
             gold += [model.labels.index(ex.label) for ex in group]
@@ -188,7 +202,7 @@ def classification_metrics(model, tok, examples: list[Example], batch: int = 32)
 
 
 def _embeddings(encoder, tok, texts: list[str]) -> torch.Tensor:
-    ids = [tok.encode(t, add_special_tokens=True)[:128] for t in texts]
+    ids = [tok.encode(t, max_length=128) for t in texts]
     x, _, mask = collate(ids, ids, tok.pad_id or 0)
     with torch.no_grad():
         return encoder.embed_sentences(x, mask)
@@ -201,8 +215,8 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     import llmkit
     from llmkit.finetune.peft import trainable_share
     from llmkit.progress import progress
-    from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
-    from llmkit.train.pretrain import Budget, Metrics, autocast_dtype
+    from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_states
+    from llmkit.train.pretrain import Budget, Dist, Metrics, accumulate_gradients, autocast_dtype, learning_rate
 
     run = Path(cfg.out)
     ckpt = resume_point(run, cfg.resume)
@@ -211,7 +225,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     budget = Budget.parse(cfg.budget)
 
     log("[1/7] load data")
-    train_ex, val_ex = load_examples(cfg)
+    train_ex, val_ex = load_examples(cfg, log)
     classification = train_ex[0].text is not None
     log(f"      {len(train_ex)} training and {len(val_ex)} validation examples ({cfg.data or cfg.task})")
 
@@ -222,7 +236,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         if model.config.family != "encoder":
             raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
         labels = sorted({ex.label for ex in train_ex})
-        train_ids = [tok.encode(ex.text, add_special_tokens=True)[: model.config.max_seq_len] for ex in train_ex]
+        train_ids = [tok.encode(ex.text, max_length=model.config.max_seq_len) for ex in train_ex]
         train_y = [labels.index(ex.label) for ex in train_ex]
         log(f"      {len(labels)} labels: {', '.join(labels)}")
     else:
@@ -279,61 +293,79 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
-    step, elapsed_before = 0, 0.0
+    step, tokens_seen, elapsed_before, warm_progress = 0, 0, 0.0, None
     if ckpt is not None:
         model_state, opt_state, state = load_checkpoint(ckpt)
+        _check_resume(ckpt, state, cfg, {names[id(p)]: tuple(p.shape) for p in params}, model_state)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in model_state:
                     p.copy_(model_state[n])
         optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(state["rng_torch"])
+        set_rng_states(state["rng"])
         step, elapsed_before = state["step"], state["elapsed"]
+        tokens_seen, warm_progress = state.get("tokens", 0), state.get("warm_progress")
         log(f"      resumed at step {step}")
     n_rows = len(train_ids) if classification else len(prep.ids)
     metrics = Metrics(run, True, step if ckpt is not None else None)  # a resumed run keeps what was logged up to its checkpoint
+    schedule = dataclasses.make_dataclass("Schedule", ["lr", "warmup", "min_lr_ratio"])(lr, cfg.warmup, 0.1)
 
     def checkpoint(elapsed):
         trainable_state = {names[id(p)]: p.detach() for p in params}
         save_checkpoint(run, model_state=trainable_state, optimizer_state=optimizer.state_dict(),
-                        state={"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg)})
+                        state={"step": step, "elapsed": elapsed, "tokens": tokens_seen, "warm_progress": warm_progress,
+                               "config": dataclasses.asdict(cfg)})
+
+    def micro_batch(step: int, micro: int):
+        """(forward inputs, targets, count of targets, tokens) of one micro-batch. A step draws batch_size x grad_accum
+        rows from (seed, step) and micro-step m takes the m-th slice: batch 8 x 1 and batch 4 x 2 see the same rows."""
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum,), generator=g).tolist()
+        rows = drawn[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
+        if classification:
+            x, _, mask = collate([train_ids[r] for r in rows], [train_ids[r] for r in rows], tok.pad_id or 0)
+            return (x, mask), torch.tensor([train_y[r] for r in rows]), len(rows), int(mask.sum())
+        if prep.segments is not None:  # packed: attention stays inside each example, positions restart
+            x, y, mask, positions = collate_packed([prep.ids[r] for r in rows], [prep.labels[r] for r in rows],
+                                                   [prep.segments[r] for r in rows], tok.pad_id or 0)
+            return (x, mask, positions), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), sum(len(prep.ids[r]) for r in rows)
+        x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], tok.pad_id or 0)
+        return (x, mask, None), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), int(mask.sum())
+
+    def summed_loss(inputs, targets) -> torch.Tensor:
+        if classification:
+            return F.cross_entropy(model(*inputs).float(), targets, reduction="sum")
+        x, mask, positions = inputs
+        logits = model(x, attention_mask=mask, position_ids=positions)[:, :-1]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
     model.train()
     start = time.perf_counter()
     losses = []
     with progress("steps") as bar:
-        task = bar.add_task("finetune", total=budget.steps or budget.seconds or 1)
+        task = bar.add_task("finetune", total=budget.steps or budget.tokens or budget.seconds or 1)
         while True:
             elapsed = elapsed_before + time.perf_counter() - start
-            if budget.exhausted(step, 0, elapsed):
+            if budget.exhausted(step, tokens_seen, elapsed):
                 break
-            if step < cfg.warmup:  # linear warmup, then cosine decay to a tenth over the budget
-                cur_lr = lr * (step + 1) / cfg.warmup
-            else:
-                cur_lr = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * budget.progress(step, 0, elapsed))))
+            progress_now = budget.progress(step, tokens_seen, elapsed)
+            if step >= cfg.warmup and warm_progress is None:
+                warm_progress = cfg.warmup / budget.steps if budget.steps and not (budget.tokens or budget.seconds) else progress_now
+            cur_lr = learning_rate(schedule, step, progress_now, warm_progress or 0.0)  # warmup, then cosine to a tenth
             for g in optimizer.param_groups:
                 g["lr"] = cur_lr
-            total_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
-                rows = torch.randint(0, n_rows, (cfg.batch_size,), generator=g).tolist()
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    if classification:
-                        x, _, mask = collate([train_ids[r] for r in rows], [train_ids[r] for r in rows], tok.pad_id or 0)
-                        loss = F.cross_entropy(model(x, mask).float(), torch.tensor([train_y[r] for r in rows]))
-                    else:
-                        x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], tok.pad_id or 0)
-                        logits = model(x, attention_mask=mask)[:, :-1]
-                        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE)
-                (loss / cfg.grad_accum).backward()
-                total_loss += loss.item() / cfg.grad_accum
+            micro = [micro_batch(step, m) for m in range(cfg.grad_accum)]
+            loss_sum, n_targets = accumulate_gradients(model, micro, lambda m: summed_loss(m[0], m[1]), [m[2] for m in micro],
+                                                       Dist(device=device), amp)  # every target token of the step weighs the same
+            total_loss = loss_sum / max(n_targets, 1)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            tokens_seen += sum(m[3] for m in micro)
             losses.append(total_loss)
-            metrics.log({"step": step, "split": "train", "loss": total_loss, "lr": cur_lr})
-            bar.update(task, completed=step if budget.steps else elapsed, description=f"loss {total_loss:.3f}")
+            metrics.log({"step": step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": tokens_seen})
+            bar.update(task, completed=step if budget.steps else (tokens_seen if budget.tokens else elapsed), description=f"loss {total_loss:.3f}")
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint(elapsed_before + time.perf_counter() - start)
     elapsed = elapsed_before + time.perf_counter() - start
@@ -361,6 +393,25 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     metrics.plot(run / "loss.png", title="fine-tuning loss")
     log(f"done: {saved} -> {run}")
     return result
+
+
+RESUME_KEYS = ("model", "method", "task", "data", "lora_r", "lora_alpha", "lora_targets", "rslora", "adapter_size", "max_len",
+               "pack", "train_on_prompt", "truncate", "batch_size", "grad_accum", "seed")
+
+
+def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, tuple], saved: dict) -> None:
+    """Refuse to resume a checkpoint made by other options or holding other trainable tensors (other LoRA targets, say),
+    rather than continue with fresh weights where the saved ones do not fit."""
+    was = state.get("config", {})
+    changed = [f"{k}: {was.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if k in was and was[k] != getattr(cfg, k)]
+    missing = sorted(set(trainable) - set(saved))
+    extra = sorted(set(saved) - set(trainable))
+    shapes = [n for n in trainable if n in saved and tuple(saved[n].shape) != trainable[n]]
+    if changed or missing or extra or shapes:
+        detail = "; ".join(filter(None, [", ".join(changed), f"not in the checkpoint: {missing[:3]}" if missing else "",
+                                         f"not in this model: {extra[:3]}" if extra else "", f"other shapes: {shapes[:3]}" if shapes else ""]))
+        raise LlmkitError(f"the checkpoint in {path} was made by another fine-tuning run ({detail})",
+                          "resume with the options of the original run, or choose a new --out")
 
 
 def _log_metrics(log, when: str, m: dict) -> None:

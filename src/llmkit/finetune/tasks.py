@@ -10,12 +10,15 @@ Instruction tasks for decoders (exact-match accuracy):
 Classification for encoders (accuracy, macro-F1, ROC-AUC):
     genre        a passage of 4 speech lines -> comedies, histories, problems, roman, romances or tragedies
 
-Training and validation never overlap: synthetic tasks draw from different seeds and drop any validation prompt seen
-in training; `play` and `genre` take validation passages from the last fifth of each play, training ones from the rest.
+Training and validation never overlap, by construction: a synthetic task's prompt belongs to one split for good (a
+hash of its text puts a tenth of all possible prompts in validation), so no training set, however large, can hold a
+validation prompt; `play` and `genre` take validation passages from the last fifth of each play, training ones from
+the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 from llmkit.errors import LlmkitError
@@ -81,22 +84,29 @@ def play_examples(n: int, split: str, seed: int) -> list[Example]:
     return out
 
 
-def task_examples(task: str, n: int, split: str, seed: int = 0, exclude: set[str] | None = None) -> list[Example]:
-    """`n` examples of a built-in instruction task for `split` ('train' or 'val')."""
+def split_of(prompt: str) -> str:
+    """The split a synthetic prompt belongs to, always the same: 'val' for a tenth of all prompts, else 'train'."""
+    return "val" if int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") % 10 == 0 else "train"
+
+
+def task_examples(task: str, n: int, split: str, seed: int = 0) -> list[Example]:
+    """`n` distinct examples of a built-in instruction task for `split` ('train' or 'val')."""
     if task == "play":
         return play_examples(n, split, seed + (0 if split == "train" else 1_000_003))
     if task not in GENERATORS:
         raise LlmkitError(f"unknown task {task!r}", f"use one of: {', '.join(list(GENERATORS) + ['play', 'genre'])}, or --data FILE")
     rng = random.Random((seed, task, split).__repr__())
-    out, seen, tries = [], set(exclude or ()), 0
-    while len(out) < n and tries < n * 50:
+    out, seen, tries = [], set(), 0
+    while len(out) < n and tries < n * 200:
         ex = GENERATORS[task](rng)
         tries += 1
         key = ex.messages[0]["content"]
-        if key in seen:
+        if key in seen or split_of(key) != split:
             continue
         seen.add(key)
         out.append(ex)
+    if len(out) < n:
+        raise LlmkitError(f"the {task} task has only {len(out)} distinct {split} examples, not {n}", f"ask for {len(out)} or fewer")
     return out
 
 
@@ -109,11 +119,7 @@ def mixture(spec: str, n: int, split: str, seed: int = 0) -> list[Example]:
     total = sum(w for _, w in parts)
     out = []
     for name, w in parts:
-        k = max(1, round(n * w / total))
-        train_prompts = None
-        if split == "val" and name in GENERATORS:
-            train_prompts = {e.messages[0]["content"] for e in task_examples(name, k * 10, "train", seed)}
-        out += task_examples(name, k, split, seed, exclude=train_prompts)
+        out += task_examples(name, max(1, round(n * w / total)), split, seed)
     random.Random(seed).shuffle(out)
     return out
 

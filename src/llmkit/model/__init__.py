@@ -20,6 +20,11 @@ def build_model(cfg: ModelConfig, *, empty: bool = False, dtype=None, **kwargs):
         model = family(cfg, **kwargs)
     if dtype is not None:
         model.to(dtype)
+        if dtype == torch.float16 and cfg.fp16_clamp:  # T5: the feed-forward output projection stays float32
+            for module in model.modules():
+                if hasattr(module, "float32_down"):
+                    module.down_proj.float()
+                    module.float32_down = True
     model.to_empty(device="cpu")
     if cfg.tie_embeddings and hasattr(model, "lm_head") and model.lm_head is not None:
         model.lm_head.weight = (model.embed.tokens if hasattr(model, "embed") else model.enc_embed.tokens).weight

@@ -80,8 +80,14 @@ class ModelConfig:
                               ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post"))):
             if getattr(self, name) not in allowed:
                 raise LlmkitError(f"unknown {name} {getattr(self, name)!r}", f"use one of: {', '.join(allowed)}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") in (None, "default"):
+            self.rope_scaling = None
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
+            factors = self.rope_scaling.get("factors")
+            if factors is not None and len(factors) != self.head_dim // 2:
+                raise LlmkitError(f"RoPE frequency factors: {len(factors)} given, the head size {self.head_dim} needs {self.head_dim // 2}",
+                                  "check the GGUF's rope_freqs tensor")
 
     @property
     def eos_ids(self) -> list[int]:

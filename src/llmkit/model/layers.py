@@ -35,7 +35,8 @@ _FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019), computed in float32 as Llama and T5 do."""
+    """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019), computed in float32 as Llama and T5 do; with half
+    weights the output is in their dtype (T5's rule: its float32 feed-forward output returns to float16 here)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -43,11 +44,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED_RMS_NORM and x.dtype == torch.float32:  # one kernel instead of six ops (decoding is op-bound)
+        if _FUSED_RMS_NORM and x.dtype == torch.float32 == self.weight.dtype:  # one kernel instead of six ops (decoding is op-bound)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * h.to(self.weight.dtype if self.weight.dtype in (torch.float16, torch.bfloat16) else x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -237,15 +238,16 @@ def attention_bias(q_len: int, k_len: int, *, causal: bool, key_padding: torch.T
                    position_bias: torch.Tensor | None = None, dtype=torch.float32, device=None) -> torch.Tensor | None:
     """Additive mask (B|1, nh|1, Tq, Tk), or None when every query may see every key.
 
-    `key_padding` is (B, Tk) with 1 for real tokens and 0 for padding; `offset` is the position of the first
-    query (keys before it come from a KV cache).
+    `key_padding` is (B, Tk) with 1 for real tokens and 0 for padding, or (B, Tq, Tk) with 1 where query i may see
+    key j (packed rows: each example sees only itself, block by block); `offset` is the position of the first query
+    (keys before it come from a KV cache).
     """
     allowed = None
     if causal:
         q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
         allowed = (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, Tq, Tk)
     if key_padding is not None:
-        pad = key_padding[:, None, None, :].bool()  # (B, 1, 1, Tk)
+        pad = key_padding[:, None].bool() if key_padding.dim() == 3 else key_padding[:, None, None, :].bool()  # (B, 1, Tq|1, Tk)
         allowed = pad if allowed is None else allowed & pad
     if allowed is None:
         return position_bias.to(dtype) if position_bias is not None else None
@@ -288,12 +290,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep row rows[i] as row i (beam search: each surviving beam takes its parent's cache)."""
+    def reorder(self, rows: torch.Tensor, cross: bool = True) -> None:
+        """Keep row rows[i] as row i (beam search: each surviving beam takes its parent's cache). `cross=False` leaves
+        the cross-attention keys and values alone (rows that share one encoder output)."""
         for i in range(len(self.k)):
             self.k[i] = self.k[i].index_select(0, rows)
             self.v[i] = self.v[i].index_select(0, rows)
-            if self.cross[i] is not None:
+            if cross and self.cross[i] is not None:
                 self.cross[i] = tuple(t.index_select(0, rows) for t in self.cross[i])
 
     def reset(self) -> None:
@@ -377,11 +380,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.float32_down = False  # T5 in float16 keeps its down projection (`wo`) in float32, as transformers does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is not None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+        return self.down_proj(h.float() if self.float32_down else h)
 
 
 # --- the block -------------------------------------------------------------------------------------------
@@ -410,9 +413,10 @@ class Block(nn.Module):
         else:
             out, w = fn(x)
             x = norm(x + self.drop(out))
-        if self.fp16_clamp and x.dtype == torch.float16:  # T5 overflows float16; transformers clamps here
+        if self.fp16_clamp and x.dtype == torch.float16:  # T5 overflows float16; transformers clamps here (no host sync)
             limit = torch.finfo(torch.float16).max
-            x = x.clamp(-limit + 1000, limit - 1000) if torch.isinf(x).any() else x.clamp(-limit, limit)
+            bound = torch.where(torch.isinf(x).any(), limit - 1000, limit).to(x.dtype)
+            x = x.clamp(-bound, bound)
         return x, w
 
     def forward(self, x, *, bias=None, is_causal=False, rope=None, cache=None, layer=0, context=None, context_bias=None,

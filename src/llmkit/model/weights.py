@@ -43,18 +43,20 @@ def rope_scaling_from_hf(hf: dict) -> tuple[dict | None, int]:
         raise LlmkitError("partial rotary embeddings (partial_rotary_factor < 1) are not implemented", "use a model with full RoPE")
     scaling = {k: v for k, v in raw.items() if k not in ("type", "rope_theta")}
     scaling["rope_type"] = kind
-    if kind in ("llama3", "yarn", "dynamic"):
-        # transformers: dynamic NTK grows beyond max_position_embeddings; llama3 and yarn default to it
-        scaling.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or max_pos)
-        if kind == "dynamic":
-            scaling["original_max_position_embeddings"] = max_pos
+    if kind in ("llama3", "yarn"):  # transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings
+        if hf.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", max_pos)
+    if kind == "dynamic":  # dynamic NTK grows beyond max_position_embeddings
+        scaling["original_max_position_embeddings"] = max_pos
     if kind == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
     from llmkit.model.config import check_rope_scaling
 
     check_rope_scaling(scaling)
-    context = max(max_pos, int(float(scaling.get("factor", 1.0)) * scaling.get("original_max_position_embeddings", max_pos)))
-    return scaling, context
+    if kind == "linear":  # no original length is recorded: the config's own is the context (an export keeps it)
+        return scaling, max_pos
+    return scaling, max(max_pos, int(float(scaling["factor"]) * scaling["original_max_position_embeddings"]))
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -70,7 +72,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         d, nh = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("hidden_act", "silu") != "silu":
             raise LlmkitError(f"Llama hidden_act {hf['hidden_act']!r} is not supported", "use a Llama with SiLU (SwiGLU) feed-forward")
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", hf.get("attention_bias", False))):
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):  # transformers' defaults: both False
             raise LlmkitError("a Llama config with biases on attention but not on the feed-forward (or the reverse) is not supported",
                               "use attention_bias == mlp_bias")
         scaling, context = rope_scaling_from_hf(hf)
@@ -379,12 +381,13 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _gguf_rope_scaling(fields: dict, rope_freqs: torch.Tensor | None, context: int) -> dict | None:
     """A GGUF's RoPE scaling: llama.cpp's `rope_freqs` factors (Llama 3.1), or `rope.scaling.type` linear / yarn."""
-    if rope_freqs is not None:
-        return {"rope_type": "freq_factors", "factors": [float(x) for x in rope_freqs.flatten()]}
     kind = fields.get("llama.rope.scaling.type", "none")
+    factor = fields.get("llama.rope.scaling.factor")
+    if rope_freqs is not None:  # llama.cpp applies both: frequency / (factor x linear factor)
+        linear = factor if kind == "linear" and factor else 1.0
+        return {"rope_type": "freq_factors", "factors": [float(x) * linear for x in rope_freqs.flatten()]}
     if kind == "none":
         return None
-    factor = fields.get("llama.rope.scaling.factor")
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
@@ -490,8 +493,10 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
                           "use the tokenizer that was saved with this model")
     model.tokenizer = tokenizer
     model.eval()
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
+    if device is not None:
+        model.to(device=device)
+    if dtype is not None and quantize:
+        model.to(dtype=dtype)
     if quantize:
         from llmkit.model.quantize import quantize as quantize_model
 
@@ -517,6 +522,10 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
         out.append("lm_head_bias")
     if arch in ("gpt2", "bert") and cfg.head_dim * cfg.n_heads != cfg.d_model:
         out.append(f"head_dim {cfg.head_dim} (transformers' {arch} uses d_model / n_heads = {cfg.d_model // cfg.n_heads})")
+    if arch == "bert" and cfg.activation not in ("gelu", "gelu_tanh", "relu"):
+        out.append(f"activation {cfg.activation} (BERT's feed-forward is not gated)")
+    if arch in ("gpt2", "bert") and cfg.n_kv_heads != cfg.n_heads:
+        out.append(f"grouped-query attention ({cfg.n_kv_heads} key/value heads for {cfg.n_heads})")
     if arch == "llama" and (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
         out.append("llama.cpp rope_freqs factors (no rope_scaling of transformers holds them)")
     return out
@@ -529,7 +538,8 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
     llama_like = (cfg.family == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.norm_position == "pre"
                   and cfg.activation == "swiglu")
     bert_like = (cfg.family == "encoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "post"
-                 and cfg.bias and cfg.embedding_norm and cfg.type_vocab_size > 0 and (cfg.mlm_transform and cfg.lm_head_bias or not mlm_head))
+                 and cfg.bias and cfg.embedding_norm and cfg.type_vocab_size > 0 and (cfg.mlm_transform and cfg.lm_head_bias or not mlm_head)
+                 and cfg.activation in ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"))
     arch = "gpt2" if gpt2_like else "llama" if llama_like else "bert" if bert_like else None
     if arch is None:
         raise LlmkitError(f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "

@@ -95,6 +95,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def id_limit(self) -> int:
+        """The highest token id + 1 (the vocabulary size, unless some ids are unused)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+
     def token_id(self, role_or_token: str) -> int | None:
         token = self.special.get(role_or_token, role_or_token)
         return self.backend.token_to_id(token)
@@ -118,12 +123,20 @@ class Tokenizer:
         return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
     # --- text <-> ids ----------------------------------------------------------------------
-    def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False,
+               max_length: int | None = None) -> list[int]:
         """Token ids of `text`, with the special tokens the tokenizer itself adds, as `transformers` does by default:
         its post-processor (BERT's [CLS] ... [SEP], T5's ... </s>, Llama 3's <|begin_of_text|> ...; a GGUF's
         `add_bos_token`). `add_special_tokens=False` gives the bare text's ids (chat templates and data shards write
-        their own); `add_bos` / `add_eos` add those tokens explicitly."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        their own); `add_bos` / `add_eos` add those tokens explicitly (once: not when already there). `max_length` cuts
+        the text's ids so that, with the special tokens, at most that many remain ([SEP] stays at the end)."""
+        if max_length is None:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        else:
+            enc = self.backend.encode(text, add_special_tokens=False)
+            extra = self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+            enc.truncate(max(max_length - extra - int(add_bos) - int(add_eos), 0))
+            ids = (self.backend.post_process(enc) if add_special_tokens else enc).ids
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True, add_bos: bool = False,
@@ -132,15 +145,10 @@ class Tokenizer:
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [self._wrap(e.ids, add_bos, add_eos) for e in encode(texts, add_special_tokens=add_special_tokens)]
 
-    @functools.cached_property
-    def adds_special_tokens(self) -> bool:
-        """Whether `encode` adds tokens of its own (a post-processor that is not a no-op)."""
-        return len(self.backend.encode("a", add_special_tokens=True).ids) != len(self.backend.encode("a", add_special_tokens=False).ids)
-
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
-        if add_bos:
+        if add_bos and ids[:1] != [self._required("bos")]:
             ids = [self._required("bos")] + ids
-        if add_eos:
+        if add_eos and ids[-1:] != [self._required("eos")]:
             ids = ids + [self._required("eos")]
         return ids
 
@@ -154,12 +162,13 @@ class Tokenizer:
         """The text of `ids`. An id beyond the vocabulary is an error naming it; with `strict=False` it decodes to
         nothing, as in `transformers` (a model's padded vocabulary rows, e.g. T5's 32,128 rows for 32,100 tokens)."""
         ids = [int(i) for i in ids]
-        bad = next((i for i in ids if i < 0 or (strict and i >= self.vocab_size)), None)
+        limit = self.id_limit
+        bad = next((i for i in ids if i < 0 or (strict and i >= limit)), None)
         if bad is not None:
-            raise LlmkitError(f"token id {bad} is outside this tokenizer's vocabulary of {self.vocab_size} (ids must be 0..{self.vocab_size - 1})",
+            raise LlmkitError(f"token id {bad} is outside this tokenizer's vocabulary of {limit} (ids must be 0..{limit - 1})",
                               "decode with the tokenizer the ids were made with")
         if not strict:
-            ids = [i for i in ids if i < self.vocab_size]
+            ids = [i for i in ids if i < limit]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def tokens(self, text: str) -> list[str]:

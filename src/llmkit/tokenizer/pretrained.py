@@ -30,31 +30,34 @@ from llmkit.tokenizer.core import Tokenizer
 
 CONTROL, USER_DEFINED = 3, 4
 
-# Split rules of llama.cpp's pre-tokenizer types (src/llama-vocab.cpp), as `tokenizers` regexes.
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Split rules of llama.cpp's pre-tokenizer types (src/llama-vocab.cpp), as `tokenizers` regexes applied one after the
+# other, each splitting the pieces the previous one left ("isolated"), then the byte-level alphabet.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLITS = {
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],  # llama.cpp's own default
+    "gpt2": [_GPT2],
+    "digits": [r"\p{N}", _GPT2],  # single digits first (SmolLM, StarCoder)
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"],
+    "llama3": [_LLAMA3],  # numbers in groups of up to three, a letter run with one leading non-letter
+    "qwen2": [_QWEN2],  # as Llama 3, one digit at a time
+}
+# tokenizer.ggml.pre -> (split rules, Llama 3's extras: whole words in the vocabulary skip the merges, bos by default)
 PRE_TOKENIZERS = {
-    # GPT-2's regex (the byte-level pre-tokenizer's own)
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo"), "gpt2"),
-    # single digits first, then GPT-2's regex (SmolLM, StarCoder)
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), "digits"),
-    # Llama 3: numbers in groups of up to three, letters with one leading non-letter; whole words in the vocabulary
-    # skip the merges (ignore_merges), and bos is added unless the file says otherwise
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), "llama3"),
-    # Qwen2: as Llama 3 but one digit at a time
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), "qwen2"),
+    **{name: ("default", False) for name in ("default", "")},
+    **{name: ("gpt2", False) for name in ("gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion")},
+    **{name: ("digits", False) for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")},
+    "falcon": ("falcon", False),
+    **{name: ("llama3", True) for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")},
+    **{name: ("llama3", False) for name in ("dbrx", "smaug-bpe")},
+    **{name: ("qwen2", False) for name in ("qwen2", "stablelm2", "hunyuan", "deepseek-r1-qwen", "megrez")},
 }
 
 
 def _pre_tokenizer(kind: str):
-    if kind == "gpt2":
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if kind == "digits":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    split = _LLAMA3 if kind == "llama3" else _QWEN2
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in SPLITS[kind]] +
+                                   [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -119,15 +122,15 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise LlmkitError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported, so its text would be split wrongly",
-                          f"use a GGUF whose tokenizer.ggml.pre is one of: {', '.join(sorted(PRE_TOKENIZERS))}")
-    kind = PRE_TOKENIZERS[pre]
+                          f"use a GGUF whose tokenizer.ggml.pre is one of: {', '.join(sorted(p for p in PRE_TOKENIZERS if p))}")
+    kind, llama3 = PRE_TOKENIZERS[pre]
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {_byte_level_spelling(t, alphabet, spelling): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind == "llama3"))
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=llama3))
     backend.pre_tokenizer = _pre_tokenizer(kind)
     backend.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>, ...) are matched whole in text, never split.
@@ -140,7 +143,7 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is not None and 0 <= i < len(tokens):
             special[role] = tokens[i]
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama3")  # llama.cpp's default for the Llama 3 group
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", llama3)  # llama.cpp's default for the Llama 3 group
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     for flag, role in ((add_bos, "bos"), (add_eos, "eos")):
         if flag and role not in special:

@@ -1,7 +1,8 @@
 """Checkpoints that a kill at any moment cannot spoil, and that resume a run exactly.
 
     run/checkpoint/        model.safetensors       weights
-                           optimizer.safetensors   AdamW moments and step counts, the torch RNG state
+                           optimizer.safetensors   AdamW moments and step counts, the RNG states (CPU and CUDA,
+                                                   of every rank: `rng.torch.R`, `rng.cuda.R.D`)
                            state.json              step, tokens, elapsed time, best validation loss, optimizer
                                                    hyper-parameters, model config, tokenizer fingerprint, and the
                                                    SHA-256 of both tensor files (checked on resume)
@@ -62,7 +63,37 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_state: dict, state: dict) -> Path:
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's random generators: the CPU one and every CUDA device's (dropout and sampling draw from them)."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def rank_keys(states: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """`rng_states()` of one rank under the names a checkpoint keeps: rng.torch.R, rng.cuda.R.D."""
+    return {(f"rng.torch.{rank}" if k == "rng.torch" else k.replace("rng.cuda.", f"rng.cuda.{rank}.")): v for k, v in states.items()}
+
+
+def set_rng_states(saved: dict[str, torch.Tensor], rank: int = 0, *, fallback_seed: int | None = None) -> None:
+    """Restore this rank's generators from a checkpoint's `rng` dict (keys `rng.torch.R`, `rng.cuda.R.D`; a single-process
+    checkpoint's `rng.torch.0`). A rank the checkpoint did not have (the run resumes on more processes) is seeded."""
+    cpu = saved.get(f"rng.torch.{rank}")
+    if cpu is None:
+        if fallback_seed is not None:
+            torch.manual_seed(fallback_seed)
+        return
+    torch.set_rng_state(cpu)
+    prefix = f"rng.cuda.{rank}."
+    cuda = [saved[k] for k in sorted((k for k in saved if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_state: dict, state: dict,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """`rng`: the generators to save (default: this process's, as rank 0)."""
     run_dir = Path(run_dir)
     tmp, final, prev = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.prev"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +104,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_
 
         time.sleep(float(os.environ["LLMKIT_TEST_CHECKPOINT_PAUSE"]))
     opt_tensors, opt_rest = flatten_optimizer(optimizer_state)
-    opt_tensors["rng.torch"] = torch.get_rng_state()
+    opt_tensors.update(rng if rng is not None else rank_keys(rng_states(), 0))
     _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
     state = dict(state, optimizer=opt_rest, sha256={n: _sha256(tmp / n) for n in NAMES[:2]})
     io.write_json(tmp / "state.json", state)
@@ -120,6 +151,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
                               "start the run again without --resume, or restore the checkpoint folder")
     model_state = load_file(str(path / "model.safetensors"))
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    rng = opt_tensors.pop("rng.torch")
-    state["rng_torch"] = rng
+    state["rng"] = {k: opt_tensors.pop(k) for k in [k for k in opt_tensors if k.startswith("rng.")]}
+    if "rng.torch" in state["rng"]:  # a checkpoint from before per-rank states
+        state["rng"]["rng.torch.0"] = state["rng"].pop("rng.torch")
     return model_state, unflatten_optimizer(opt_tensors, state.pop("optimizer")), state

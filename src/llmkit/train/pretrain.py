@@ -119,12 +119,23 @@ class Budget:
         return None
 
 
-def learning_rate(cfg: PretrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to min_lr_ratio * lr as the budget is used."""
+def learning_rate(cfg, step: int, progress: float, warm_progress: float = 0.0) -> float:
+    """Linear warmup over `cfg.warmup` steps, then cosine decay from `cfg.lr` to `cfg.min_lr_ratio` x it over the rest of
+    the budget. `progress` is the share of the budget used (0..1); `warm_progress` the share used when warmup ended
+    (warmup / steps for a step budget; measured for time and token budgets), so the cosine starts at its top exactly
+    where warmup ends: no jump.
+
+        lr │    ╱‾‾‾‾‾‾──╮
+           │   ╱          ╲___
+           │  ╱                ‾‾‾──  min_lr_ratio x lr
+           └──┴──────────────────────► budget used
+             warmup
+    """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    decay = min(1.0, max(0.0, (progress - warm_progress) / max(1.0 - warm_progress, 1e-9)))
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * decay))
 
 
 # --- hardware --------------------------------------------------------------------------------------------
@@ -205,14 +216,25 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), world, local_rank, torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu"))
 
 
-def _all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+def _all_reduce_sum(values: list[float], d: Dist, op: str = "sum") -> list[float]:
+    """Sum (or max) of each value over the ranks; every rank gets the result."""
     if d.world == 1:
         return values
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def _all_gather(obj, d: Dist) -> list:
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _barrier(d: Dist) -> None:
@@ -226,24 +248,31 @@ def _barrier(d: Dist) -> None:
 
 
 def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
-    """A prepared shard folder: `cfg.data` itself, or a source prepared into OUT/data with a new tokenizer."""
+    """A prepared shard folder: `cfg.data` itself, or a source prepared into OUT/data with a new tokenizer.
+
+    The corpus is split once: the tokenizer learns from exactly the training documents the shards hold. OUT/data
+    records what it was prepared from; a folder left by another source, vocabulary or tokenizer kind (say a run that
+    died before its first checkpoint) is prepared again rather than reused."""
     from llmkit.data.loader import load_meta
 
     if (Path(cfg.data) / "meta.json").exists():
         return Path(cfg.data)
     data_dir = Path(cfg.out) / "data"
-    if d.main and not (data_dir / "meta.json").exists():
-        from llmkit.data.clean import normalize
-        from llmkit.data.prepare import prepare
-        from llmkit.data.sources import read_source
-        from llmkit.data.split import split_documents
-        from llmkit.tokenizer import train_tokenizer
+    recipe = {"data": cfg.data, "tokenizer_kind": cfg.tokenizer_kind, "vocab_size": cfg.vocab_size, "seed": cfg.seed, "val_fraction": 0.1}
+    if d.main:
+        meta = io.read_json(data_dir / "meta.json") if (data_dir / "meta.json").exists() else None
+        if meta is not None and meta.get("prepared_for") != recipe:
+            log(f"{data_dir} was prepared from other options ({meta.get('prepared_for')}); preparing it again")
+            (data_dir / "meta.json").unlink()
+            meta = None
+        if meta is None:
+            from llmkit.data.prepare import split_corpus, write_shards
+            from llmkit.tokenizer import train_tokenizer
 
-        log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
-        texts = [normalize(t) for t in read_source(cfg.data).texts]
-        train_texts, _ = split_documents(texts, 0.1, cfg.seed)
-        tok = train_tokenizer(train_texts, cfg.tokenizer_kind, cfg.vocab_size)
-        prepare(cfg.data, tok, str(data_dir), seed=cfg.seed, log=log)
+            log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
+            split = split_corpus(cfg.data, val_fraction=recipe["val_fraction"], seed=cfg.seed, log=log)
+            tok = train_tokenizer(split.train, cfg.tokenizer_kind, cfg.vocab_size)
+            write_shards(split, tok, data_dir, source=cfg.data, extra={"prepared_for": recipe})
     _barrier(d)
     load_meta(data_dir)
     return data_dir
@@ -265,8 +294,26 @@ def build(cfg: PretrainConfig, vocab_size: int):
     return build_model(mcfg)
 
 
+@dataclass
+class Prepared:
+    """One micro-batch as the model takes it: inputs and targets (CPU tensors), and how many targets count."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    decoder_inputs: torch.Tensor | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != objectives.IGNORE).sum())
+
+    def rows(self, index) -> "Prepared":
+        return Prepared(self.inputs[index], self.targets[index], None if self.decoder_inputs is None else self.decoder_inputs[index])
+
+
 class Objective:
-    """Turns a (B, W) window batch into the family's loss; deterministic in (seed, step, micro-step, rank)."""
+    """Turns a (B, W) window batch into the family's inputs and targets, and a prepared batch into the summed loss over
+    its targets. The random masks (MLM, span corruption) of each row are a pure function of a key per row, (seed, step,
+    row of the global batch): so one process, N processes and gradient accumulation draw the very same masks."""
 
     def __init__(self, cfg: PretrainConfig, tok, rank: int):
         self.cfg, self.tok, self.rank = cfg, tok, rank
@@ -276,27 +323,56 @@ class Objective:
         if cfg.family == "encoder-decoder" and len(tok.sentinel_ids) < 20:
             raise LlmkitError("span corruption needs sentinel tokens <extra_id_N> in the tokenizer", "train the tokenizer with --sentinels 100")
 
-    def loss(self, model, batch: torch.Tensor, key: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """(mean loss, tokens scored)."""
-        device = next(model.parameters()).device
+    def prepare(self, batch: torch.Tensor, keys: list[tuple[int, ...]]) -> Prepared:
+        """`keys`: one tuple of ints per row."""
         if self.cfg.family == "decoder":
-            x, y = objectives.causal_lm(batch)
-            logits = model(x.to(device))
-        elif self.cfg.family == "encoder":
-            g = torch.Generator().manual_seed(hash(key) % (2**63))
-            x, y = objectives.masked_lm(batch, mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
-                                        special_ids=self.tok.special_ids, generator=g)
-            logits = model(x.to(device))
+            return Prepared(*objectives.causal_lm(batch))
+        if self.cfg.family == "encoder":
+            pairs = [objectives.masked_lm(row[None], mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size, special_ids=self.tok.special_ids,
+                                          generator=torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0])))
+                     for row, key in zip(batch, keys)]
+            return Prepared(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+        pad = self.tok.pad_id or 0
+        pairs = [objectives.span_corruption(row[None], sentinel_ids=self.tok.sentinel_ids, eos_id=self.tok.eos_id, pad_id=pad,
+                                            rng=np.random.default_rng(list(key))) for row, key in zip(batch, keys)]
+        width = max(e.shape[1] for e, _ in pairs), max(y.shape[1] for _, y in pairs)
+        enc = torch.cat([F.pad(e, (0, width[0] - e.shape[1]), value=pad) for e, _ in pairs])
+        y = torch.cat([F.pad(t, (0, width[1] - t.shape[1]), value=objectives.IGNORE) for _, t in pairs])
+        return Prepared(enc, y, objectives.shift_right(y, pad, pad))
+
+    def loss_sum(self, model, p: Prepared) -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy over the targets, number of targets)."""
+        device = next(model.parameters()).device
+        if p.decoder_inputs is not None:
+            enc = p.inputs.to(device)
+            logits = model(enc, p.decoder_inputs.to(device), attention_mask=(enc != (self.tok.pad_id or 0)).long())
         else:
-            rng = np.random.default_rng(list(key))
-            enc, y = objectives.span_corruption(batch, sentinel_ids=self.tok.sentinel_ids, eos_id=self.tok.eos_id,
-                                                pad_id=self.tok.pad_id or 0, rng=rng)
-            dec = objectives.shift_right(y, self.tok.pad_id or 0, self.tok.pad_id or 0)
-            enc = enc.to(device)
-            logits = model(enc, dec.to(device), attention_mask=(enc != (self.tok.pad_id or 0)).long())
-        y = y.to(device)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=objectives.IGNORE)
-        return loss, int((y != objectives.IGNORE).sum())
+            logits = model(p.inputs.to(device))
+        y = p.targets.to(device)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=objectives.IGNORE,
+                               reduction="sum")
+        return loss, p.n_targets
+
+
+def accumulate_gradients(train_model, micro: list, loss_sum_fn, counts: list[int], d: Dist, amp, scaler=None,
+                         sharded: bool = False) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step, weighting every target token alike: each micro-batch's
+    summed loss (`loss_sum_fn(m)`, over `counts[i]` targets) is divided by the count of targets in the whole step, over
+    every micro-batch of every rank (a micro-batch with 3 targets weighs 3/40 of one with 40, not as much, unlike a mean
+    per micro-batch). DDP and FSDP average gradients over ranks, so the local loss is scaled by the world size.
+    Returns (this rank's summed loss, the global target count). Pretraining and fine-tuning both step through here."""
+    total = int(_all_reduce_sum([float(sum(counts))], d)[0])
+    loss_sum = 0.0
+    for i, m in enumerate(micro):
+        sync = i == len(micro) - 1 or d.world == 1 or sharded
+        ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_sum_fn(m)
+            scaled = loss * (d.world / max(total, 1))
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.item()
+    return loss_sum, total
 
 
 def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -313,26 +389,28 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> torch.op
 
 @torch.no_grad()
 def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, meta: dict, d: Dist, amp) -> dict:
-    """Validation loss, perplexity and bits per byte on the first eval_windows windows of val.bin (split by rank)."""
-    from llmkit.data.loader import WindowLoader
-    from llmkit.evaluate.perplexity import score_tokens, summarize
+    """Validation loss, perplexity and bits per byte on the first eval_windows windows of val.bin, split by rank.
+
+    Every rank makes the same number of forward calls (a rank short of windows runs a dummy one, not counted): under
+    FSDP each forward all-gathers the weights, and a rank that skipped one would leave the others waiting forever. A
+    validation shard shorter than one window is scored as one shorter window."""
+    from llmkit.data.loader import open_shard
+    from llmkit.evaluate.perplexity import summarize
 
     model.eval()
-    if cfg.family == "decoder":
-        from llmkit.data.loader import open_shard
-
-        ids = np.asarray(open_shard(data_dir, "val")[: cfg.eval_windows * objective.window]).astype(np.int64)
-        # each rank scores its share of the windows; the sums are combined
-        n_win = len(ids) // objective.window
-        mine = np.concatenate([ids[i * objective.window:(i + 1) * objective.window] for i in range(d.rank, n_win, d.world)] or [ids[:0]])
-        nats, count = score_tokens(model, mine, objective.window, batch_size=cfg.batch_size, autocast_dtype=amp) if len(mine) else (0.0, 0)
-    else:
-        loader = WindowLoader(data_dir, "val", window=objective.window, batch_size=cfg.batch_size, rank=d.rank, world_size=d.world)
-        nats, count = 0.0, 0
-        for i, batch in enumerate(loader.sequential(max_windows=cfg.eval_windows)):
-            with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, n = objective.loss(model, batch, (cfg.seed, 10**9, i, d.rank))  # a fixed draw for every evaluation
-            nats += loss.item() * n
+    val = open_shard(data_dir, "val")
+    window = min(objective.window, len(val))
+    n_win = min(cfg.eval_windows, len(val) // window)
+    mine = [i * window for i in range(n_win)][d.rank::d.world]
+    n_batches = math.ceil(math.ceil(n_win / d.world) / cfg.batch_size)
+    nats, count = 0.0, 0
+    for b in range(n_batches):
+        starts = mine[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        rows = torch.from_numpy(np.stack([val[s:s + window] for s in (starts or [0])]).astype(np.int64))
+        with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, n = objective.loss_sum(model, objective.prepare(rows, [(cfg.seed, 10**9, s) for s in (starts or [0])]))  # fixed draws
+        if starts:
+            nats += loss.item()
             count += n
     nats, count = _all_reduce_sum([nats, float(count)], d)
     model.train()
@@ -411,10 +489,11 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from llmkit.data.loader import WindowLoader, check_tokenizer, load_meta
+    from llmkit.model import ModelConfig
     from llmkit.model.weights import _aliases, load_state, save_model
     from llmkit.progress import progress
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
+    from llmkit.train.checkpoint import load_checkpoint, rank_keys, resume_point, rng_states, save_checkpoint, set_rng_states
 
     # ---------------------------------------------------------------- setup
     if cfg.family not in DEFAULT_PRESETS:
@@ -424,27 +503,34 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     say = log if d.main else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
     ckpt_path = resume_point(run_dir, cfg.resume)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data_dir = prepare_data(cfg, d, say)
     meta = load_meta(data_dir)
+    if meta["val_tokens"] < 2:
+        raise LlmkitError(f"the validation shard of {data_dir} has {meta['val_tokens']} tokens: nothing to evaluate on",
+                          "prepare the data with a validation split (--val-fraction 0.1) or more text")
     tok = Tokenizer.load(data_dir)
     check_tokenizer(meta, tok)
     model = build(cfg, tok.vocab_size).to(d.device)
     mcfg = model.config
+    torch.manual_seed(cfg.seed + 1_000_003 * d.rank)  # dropout: each rank its own masks
+    if d.device.type == "cuda":
+        torch.cuda.manual_seed(cfg.seed + 1_000_003 * d.rank)
     objective = Objective(cfg, tok, d.rank)
     loader = WindowLoader(data_dir, "train", window=objective.window, batch_size=cfg.batch_size, seed=cfg.seed,
                           rank=d.rank, world_size=d.world)
-    step, tokens_seen, elapsed_before, best_val, bad_evals = 0, 0, 0.0, float("inf"), 0
-    opt_state = None
+    step, tokens_seen, elapsed_before, best_val, bad_evals, warm_progress = 0, 0, 0.0, float("inf"), 0, None
+    opt_state = scaler_state = None
     if ckpt_path is not None:
         model_state, opt_state, state = load_checkpoint(ckpt_path)
-        if state["model_config"] != mcfg.to_dict() or state["tokenizer"] != tok.fingerprint():
+        if ModelConfig.from_dict(state["model_config"]).to_dict() != mcfg.to_dict() or state["tokenizer"] != tok.fingerprint():
             raise LlmkitError(f"the checkpoint in {ckpt_path} belongs to another model or tokenizer than this command builds",
                               "resume with the same options as the original run (its train_config.json lists them)")
         load_state(model, model_state, source=str(ckpt_path))  # full weights, before any sharding
-        torch.set_rng_state(state["rng_torch"])
+        set_rng_states(state["rng"], d.rank, fallback_seed=cfg.seed + 1_000_003 * d.rank + state["step"])
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        best_val, bad_evals = state["best_val"], state["bad_evals"]
+        best_val, bad_evals, warm_progress = state["best_val"], state["bad_evals"], state.get("warm_progress")
+        scaler_state = state.get("grad_scaler")
         say(f"resumed from {ckpt_path} at step {step}")
     amp = autocast_dtype(cfg.precision, d.device)
     train_model = model
@@ -465,6 +551,10 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             set_optimizer_state_dict(train_model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
+    # float16 needs loss scaling (small gradients underflow to zero), as nanoGPT does; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
     if cfg.compile:
         train_model = torch.compile(train_model)
     flops = mcfg.flops_per_token(cfg.block_size)["train"]
@@ -472,11 +562,13 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
     metrics = Metrics(run_dir, d.main, step if ckpt_path is not None else None)
     if d.main:
-        io.write_json(run_dir / "train_config.json", {**dataclasses.asdict(cfg), "data_dir": str(data_dir), "world_size": d.world})
+        io.write_json(run_dir / "train_config.json", {**dataclasses.asdict(cfg), "data_dir": str(data_dir), "world_size": d.world,
+                                                      "peak_flops_per_process": peak, "peak_flops_source": peak_source})
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{mcfg.family} {cfg.preset or DEFAULT_PRESETS[cfg.family]}: {n_params:,} parameters, vocab {tok.vocab_size}, "
         f"context {cfg.block_size}, {tokens_per_step:,} tokens/step, {d.world} process(es) on {d.device.type}, "
-        f"precision {amp or 'fp32'}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+        f"precision {amp or 'fp32'}{' with loss scaling' if scaler.is_enabled() else ''}; peak {peak / 1e9:.0f} GFLOP/s per process "
+        f"({peak_source})")
 
     def full_state():
         """(model state, optimizer state), gathered whole on every rank when the model is sharded."""
@@ -489,16 +581,20 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
 
     def checkpoint():
         model_state, opt_state = full_state()
+        rngs = _all_gather(rng_states(), d)  # every rank's generators, so dropout resumes exactly on each
         if d.main:
             aliases = _aliases(model)
             save_checkpoint(run_dir, model_state={k: v for k, v in model_state.items() if k not in aliases}, optimizer_state=opt_state,
                             state={"step": step, "tokens": tokens_seen, "elapsed": elapsed, "best_val": best_val, "bad_evals": bad_evals,
-                                   "model_config": mcfg.to_dict(), "tokenizer": tok.fingerprint()})
+                                   "warm_progress": warm_progress, "model_config": mcfg.to_dict(), "tokenizer": tok.fingerprint(),
+                                   "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None, "world_size": d.world},
+                            rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()})
         _barrier(d)
 
     # ---------------------------------------------------------------- train
     train_model.train()
     start = time.perf_counter()
+    tokens_at_start = tokens_seen
     elapsed, stop_reason, last_val = elapsed_before, None, None
     window_start, window_tokens = time.perf_counter(), 0
     total = budget.steps or budget.tokens or budget.seconds or 1
@@ -507,41 +603,46 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         while True:
             elapsed = elapsed_before + time.perf_counter() - start
             stop_reason = budget.exhausted(step, tokens_seen, elapsed)
-            if d.world > 1:  # all ranks stop together (time differs between processes)
-                stop_reason = stop_reason if _all_reduce_sum([1.0 if stop_reason else 0.0], d)[0] > 0 else None
-                stop_reason = stop_reason or ("time budget reached on another rank" if budget.seconds and elapsed >= budget.seconds else None)
+            if d.world > 1:  # one decision and one clock for all ranks: the slowest clock, and any rank's stop stops all
+                elapsed, stopping = _all_reduce_sum([elapsed, 1.0 if stop_reason else 0.0], d, op="max")
+                stop_reason = stop_reason or budget.exhausted(step, tokens_seen, elapsed) or ("budget reached on another rank" if stopping else None)
             if stop_reason:
                 break
-            lr = learning_rate(cfg, step, budget.progress(step, tokens_seen, elapsed))
+            progress_now = budget.progress(step, tokens_seen, elapsed)
+            if step >= cfg.warmup and warm_progress is None:  # where the cosine starts: the budget used when warmup ended
+                warm_progress = cfg.warmup / budget.steps if budget.steps and not (budget.tokens or budget.seconds) else progress_now
+            lr = learning_rate(cfg, step, progress_now, warm_progress or 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = loader.batch(step * cfg.grad_accum + micro)
-                sync = micro == cfg.grad_accum - 1 or d.world == 1 or cfg.fsdp
-                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else contextlib.nullcontext()
-                with ctx, torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, _ = objective.loss(train_model, batch, (cfg.seed, step, micro, d.rank))
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-            if not math.isfinite(loss_sum):
-                raise LlmkitError(f"the loss became {loss_sum} at step {step}", "lower --lr, or use --precision fp32")
+            micro = []
+            for m in range(cfg.grad_accum):
+                rows, index = loader.rows(step, m, cfg.grad_accum)
+                micro.append(objective.prepare(rows, [(cfg.seed, step, i) for i in index]))
+            loss_local, n_targets = accumulate_gradients(train_model, micro, lambda p: objective.loss_sum(train_model, p)[0],
+                                                         [p.n_targets for p in micro], d, amp, scaler, sharded)
+            if not math.isfinite(loss_local):
+                raise LlmkitError(f"the loss became {loss_local} at step {step}", "lower --lr, or use --precision fp32")
             if cfg.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             elapsed = elapsed_before + time.perf_counter() - start
             if step % cfg.log_every == 0 or step == 1:
-                loss_mean = _all_reduce_sum([loss_sum], d)[0] / d.world
+                loss_mean = _all_reduce_sum([loss_local], d)[0] / max(n_targets, 1)  # over every target token of the step
                 now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
+                tps = window_tokens / max(now - window_start, 1e-9)  # all processes' tokens
                 window_start, window_tokens = now, 0
-                mfu = flops * tps / peak
-                metrics.log({"step": step, "split": "train", "loss": loss_mean, "lr": lr, "tokens": tokens_seen,
-                             "tokens_per_s": tps, "mfu": mfu, "elapsed": round(elapsed, 2)})
+                mfu = flops * tps / (peak * d.world)  # against every process's peak, not one
+                row = {"step": step, "split": "train", "loss": loss_mean, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tps, "mfu": mfu,
+                       "elapsed": round(elapsed, 2)}
+                if scaler.is_enabled():
+                    row["loss_scale"] = scaler.get_scale()
+                metrics.log(row)
                 bar.update(task, description=f"loss {loss_mean:.3f} | {tps:,.0f} tok/s | MFU {mfu:.1%}")
             bar.update(task, completed=step if budget.steps else (tokens_seen if budget.tokens else elapsed))
             evaluating = step % cfg.eval_every == 0
@@ -574,7 +675,9 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     final_state = full_state()[0]
     train_rows = [r for r in metrics.rows if r.get("split") == "train"]
     summary = {"stop_reason": stop_reason, "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 1),
-               "tokens_per_s": tokens_seen / max(elapsed - elapsed_before, 1e-9) if step else 0.0,
+               # this session's rate: the tokens since it started (or resumed) over the time since then
+               "session_tokens": tokens_seen - tokens_at_start, "session_seconds": elapsed - elapsed_before,
+               "tokens_per_s": (tokens_seen - tokens_at_start) / max(elapsed - elapsed_before, 1e-9) if step else 0.0,
                "mfu": (sum(r["mfu"] for r in train_rows[-20:]) / len(train_rows[-20:])) if train_rows else 0.0,
                "val_loss": final_val["loss"], "val_ppl": final_val["ppl"], "val_bpb": final_val["bpb"], "parameters": n_params,
                "family": cfg.family, "preset": cfg.preset or DEFAULT_PRESETS[cfg.family], "world_size": d.world}
