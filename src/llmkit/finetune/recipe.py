@@ -16,7 +16,6 @@ drift of their sentence embeddings on general text instead: the mean cosine betw
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

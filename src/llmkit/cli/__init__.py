@@ -1,0 +1,108 @@
+"""The `llmkit` command: one subcommand per stage of a language model's life, one module per command group.
+
+    tokenizer.py   llmkit tokenizer train | encode | decode | info | compare
+    data.py        llmkit data prepare | info
+    model.py       llmkit model info | export, llmkit attention
+    pretrain.py    llmkit pretrain
+    eval.py        llmkit eval perplexity | metrics | tasks | glue | report
+    finetune.py    llmkit finetune, llmkit finetune compare
+    generate.py    llmkit generate, llmkit chat
+    demo.py        llmkit demo
+
+Every subcommand takes `--config FILE` (YAML or JSON): its keys are the option names (dashes or underscores), and
+options given on the command line win over the file. Errors print one line (what is wrong, how to fix it) and exit 1;
+`--debug` shows the traceback. A command module parses options and calls the library: the work lives in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmkit import __version__
+from llmkit.cli import data, demo, finetune, generate, model, pretrain, tokenizer
+from llmkit.cli import eval as eval_
+from llmkit.cli.common import load_config
+from llmkit.errors import LlmkitError
+
+LIFECYCLE = """\
+the lifecycle:
+  tokenizer   train, inspect and compare tokenizers (word, char, bpe, wordpiece, byte-bpe, unigram)
+  data        turn a corpus into token shards (clean, de-duplicate, split, tokenize)
+  model       presets, parameter counts and FLOPs, export to Hugging Face format
+  pretrain    train a decoder (causal LM), encoder (masked LM) or encoder-decoder (span corruption) from scratch
+  finetune    fine-tune (full, LoRA, adapters) on a task or your data; `finetune compare` sets methods side by side
+  eval        evaluate: perplexity, metrics (BLEU, ROUGE, F1, ...), benchmark tasks, GLUE/SuperGLUE, reports
+  generate    continue prompts (or answer them through the chat template), for scripts
+  chat        talk with a model in the terminal (SmolLM2-135M-Instruct by default), streaming
+  attention   draw a model's attention maps for a sentence (layers x heads)
+  demo        run every stage end to end on the embedded defaults
+
+run `llmkit COMMAND --help` for a command's options and examples.
+"""
+
+MODULES = (tokenizer, data, model, pretrain, finetune, eval_, generate, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmkit", description="llmkit: train, fine-tune, evaluate and use language models.",
+                                     epilog=LIFECYCLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for module in MODULES:
+        module.register(commands)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub: argparse.ArgumentParser = args._parser
+        config = load_config(args.config)
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise LlmkitError(f"config file {args.config} has unknown option(s): {', '.join(unknown)}",
+                              f"use option names of `llmkit {' '.join(a for a in argv if not a.startswith('-'))[:40]} --help`")
+        for key in ("source", "special"):  # append options: a config value replaces the default list
+            if key in config and isinstance(config[key], str):
+                config[key] = [config[key]]
+        sub.set_defaults(**config)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv[:-1]):  # `llmkit finetune compare ...` is the finetune-compare command
+        if a == "finetune" and argv[i + 1] == "compare":
+            argv[i:i + 2] = ["finetune-compare"]
+            break
+    debug = "--debug" in argv
+    try:
+        args = parse_args(argv)
+        if getattr(args, "_handler", None) is None:
+            (getattr(args, "_parser", None) or build_parser()).print_help()
+            return 0 if not argv or argv == ["--debug"] else 2
+        args._handler(args)
+        return 0
+    except LlmkitError as e:
+        if debug:
+            raise
+        print(f"llmkit: error: {e.message}" + (f" — fix: {e.fix}" if e.fix else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llmkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug, or an error from a library we did not anticipate
+        if debug:
+            raise
+        print(f"llmkit: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+__all__ = ["build_parser", "main", "parse_args"]

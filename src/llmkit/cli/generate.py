@@ -1,0 +1,162 @@
+"""`llmkit generate` and `llmkit chat`: continue prompts for scripts, talk with a model in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmkit.cli.common import console, subcommand
+from llmkit.errors import LlmkitError
+
+
+def register(commands) -> None:
+    p = subcommand(commands, "generate", "continue prompts, or answer them through the chat template (--chat)",
+             ("llmkit generate --model smollm2 --prompt 'Once upon a time' --max-new-tokens 50",
+              "llmkit generate --model smollm2 --chat --greedy --prompt 'What is the capital of France?'",
+              "llmkit generate --model runs/pretrain --prompt 'ROMEO:' --temperature 0.8 --top-k 50 --seed 1",
+              "echo 'To be, or not to be' | llmkit generate --model smollm2 --json",
+              "llmkit generate --model smollm2 --prompts-file prompts.jsonl --field prompt --json"), cmd_generate)
+    generation_options(p)
+    p.add_argument("--prompt", default=None, help="the prompt (default: standard input, one prompt)")
+    p.add_argument("--prompts-file", default=None, help="a JSONL file of prompts (field --field), generated in batches")
+    p.add_argument("--field", default="prompt", help="the prompt field of --prompts-file rows (default: prompt)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user message through the chat template")
+    p.add_argument("--system", default=None, help="a system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="print JSON lines: prompt, new token ids, new text, finish reason")
+
+    p = subcommand(commands, "chat", "talk with a model in the terminal; answers stream",
+             ("llmkit chat", "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7 --quantize int8",
+              "llmkit chat --model runs/sft --greedy"), cmd_chat)
+    generation_options(p, max_new_tokens=256)
+    p.add_argument("--system", default=None, help="the system message")
+
+
+def cmd_generate(args) -> None:
+    from llmkit.chat import chat_prompt_ids
+    from llmkit.generate import generate, stream
+
+    cfg = generation_config(args)
+    if args.prompts_file:
+        rows = [json.loads(line) for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        missing = [i for i, r in enumerate(rows, 1) if args.field not in r]
+        if missing:
+            raise LlmkitError(f"{args.prompts_file}: line {missing[0]} has no field {args.field!r}", "pass --field with the prompt field's name")
+        prompts = [str(r[args.field]) for r in rows]
+    else:
+        prompts = [args.prompt if args.prompt is not None else sys.stdin.read()]
+    if any(not p.strip() for p in prompts):
+        raise LlmkitError("a prompt is empty", "give every prompt some text")
+    model = load_for_generation(args.model, args.dtype, args.quantize)
+    tok = model.tokenizer
+    if args.chat:
+        prompts = [chat_prompt_ids(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
+                                   [{"role": "user", "content": p}]) for p in prompts]
+    warn = lambda m: console().print(f"[yellow]{m}[/]")  # noqa: E731  (the console writes to stderr)
+    if len(prompts) == 1 and not args.json and model.config.family == "decoder":
+        for piece in stream(model, tok, prompts[0], cfg, warn=warn):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for i in range(0, len(prompts), args.batch_size):
+        for g in generate(model, tok, prompts[i:i + args.batch_size], cfg, warn=warn):
+            if args.json:
+                print(json.dumps({"prompt": tok.decode(g.prompt_ids), "ids": g.ids, "text": g.text, "finish_reason": g.finish_reason},
+                                 ensure_ascii=False))
+            else:
+                print(g.text)
+
+
+def cmd_chat(args) -> None:
+    from llmkit.chat import ChatSession
+
+    model = load_for_generation(args.model, args.dtype, args.quantize)
+    con = console()
+    session = ChatSession(model, model.tokenizer, system=args.system, config=generation_config(args),
+                          warn=lambda m: con.print(f"[yellow]{m}[/]"))
+    con.print(f"[bold]chatting with {args.model}[/] — /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops an answer")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(type /exit or press Ctrl-D to leave)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            con.print("(conversation cleared)")
+            continue
+        if text.startswith("/system"):
+            session.system = text[len("/system"):].strip() or None
+            con.print(f"(system message {'set' if session.system else 'removed'})")
+            continue
+        if text.startswith("/save"):
+            path = text[len("/save"):].strip() or "chat.json"
+            session.save(path)
+            con.print(f"(saved to {path})")
+            continue
+        if text.startswith("/"):
+            con.print("(commands: /reset, /system TEXT, /save FILE, /exit)")
+            continue
+        sys.stdout.write("assistant> ")
+        try:
+            for piece in session.send(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except LlmkitError as e:
+            con.print(f"[red]{e.message}[/] — {e.fix}")
+        sys.stdout.write("\n")
+
+
+# --- shared with other commands that generate (serve) ---------------------------------------------
+
+
+def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    p.add_argument("--model", default="smollm2", help="a decoder or encoder-decoder: run folder, Hugging Face folder, GGUF, smollm2")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default: {max_new_tokens})")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample among the tokens holding this much probability (default: 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens already seen (1.0: off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (encoder-decoders)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--truncate", action="store_true", help="cut a prompt that does not fit the context instead of refusing it")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers: about 3x faster CPU decoding")
+
+
+def generation_config(args):
+    from llmkit.generate import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=list(args.stop),
+                           seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)
+    cfg.check()  # before the model loads: a bad value fails in a second, not after it
+    return cfg
+
+
+def load_for_generation(name: str, dtype: str = "fp32", quantize: str | None = None):
+    import torch
+
+    import llmkit
+
+    model = llmkit.load(name, dtype=torch.bfloat16 if dtype == "bf16" else None, quantize=quantize)
+    if model.config.family == "encoder":
+        raise LlmkitError(f"{name} is an encoder; it does not generate text", "use a decoder or an encoder-decoder model")
+    if model.tokenizer is None:
+        raise LlmkitError(f"{name} has no tokenizer", "use a model folder with tokenizer.json")
+    return model

@@ -1,0 +1,65 @@
+"""`llmkit pretrain`: train a decoder, encoder or encoder-decoder from random weights."""
+
+from __future__ import annotations
+
+
+from llmkit.cli.common import console, subcommand
+
+
+def register(commands) -> None:
+    from llmkit.train.pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = subcommand(commands, "pretrain", "pretrain a model from random weights (causal LM, masked LM or span corruption)",
+             ("llmkit pretrain                                   # a small GPT on Shakespeare, about five minutes on 2 cores",
+              "llmkit pretrain --family encoder --budget 2m --out runs/bert",
+              "llmkit pretrain --family encoder-decoder --preset tiny-t5 --budget 1000steps --out runs/t5",
+              "llmkit pretrain --data runs/data --preset gpt2 --block-size 1024 --batch-size 16 --precision bf16 --compile",
+              "llmkit pretrain --out runs/gpt --resume          # continue a killed run exactly",
+              "torchrun --nproc_per_node 2 -m llmkit pretrain --batch-size 16 --out runs/ddp"), cmd_pretrain)
+    p.add_argument("--family", default=d.family, choices=["decoder", "encoder", "encoder-decoder"], help="model family (default: decoder)")
+    p.add_argument("--preset", default=None, help="model preset (default: cpu-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`")
+    p.add_argument("--d-model", type=int, default=None, help="override the preset's width")
+    p.add_argument("--n-layers", type=int, default=None, help="override the preset's depth")
+    p.add_argument("--n-heads", type=int, default=None, help="override the preset's number of heads")
+    p.add_argument("--data", default=d.data, help="a prepared shard folder, or a source to prepare: shakespeare (default), files, a glob")
+    p.add_argument("--tokenizer-kind", default=d.tokenizer_kind, help="tokenizer trained when --data is a source (default: byte-bpe)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"its vocabulary (default: {d.vocab_size})")
+    p.add_argument("--block-size", type=int, default=d.block_size, help=f"context length in tokens (default: {d.block_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per process and micro-step (default: {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step (default: 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a share of the peak (default: 0.1)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"warmup steps (default: {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices (default: 0.1)")
+    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (0: off; default: 1.0)")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--budget", default=d.budget, help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m)")
+    p.add_argument("--patience", type=int, default=d.patience, help="stop after N evaluations without improvement (0: never)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"evaluate every N steps (default: {d.eval_every})")
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help=f"validation windows per evaluation (default: {d.eval_windows})")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: bf16 where the hardware has it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: datasheet for known GPUs, else measured)")
+    p.add_argument("--no-samples", action="store_true", help="do not generate samples at each evaluation")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def cmd_pretrain(args) -> None:
+    import dataclasses
+
+    from llmkit.train.pretrain import PretrainConfig, pretrain
+
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["samples"] = not args.no_samples
+    pretrain(PretrainConfig(**values), log=lambda m: console().print(m))
+
+
