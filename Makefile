@@ -8,7 +8,10 @@ STAMP  := $(VENV)/.installed
 # Machines without a GPU get the CPU build of torch pinned by requirements/cpu.txt.
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c requirements/cpu.txt")
 
-.PHONY: demo test test-fast bench clean-venv
+# Beyond pip: WordNet 3.0 for METEOR (Debian's wordnet-base + wordnet-sense-index, apt-get as root).
+WORDNET := $(VENV)/nltk_data/corpora/wordnet/lexnames
+
+.PHONY: demo test test-fast bench clean-venv wordnet
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,13 +19,18 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	$(BIN)/pip install -q --no-deps -r requirements/data.txt
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(WORDNET): scripts/install-wordnet.sh
+	scripts/install-wordnet.sh $(VENV)/nltk_data
+
+wordnet: $(WORDNET)
+
+demo: $(STAMP) $(WORDNET)
 	$(BIN)/llmkit demo
 
-test: $(STAMP)
+test: $(STAMP) $(WORDNET)
 	$(BIN)/python -m pytest -q -n 2 tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(WORDNET)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 bench: $(STAMP)

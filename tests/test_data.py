@@ -181,3 +181,18 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("killed mid-write")
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_data_prepare_warns_when_the_tokenizer_saw_the_validation_documents(tmp_path):
+    from llmkit.tokenizer import train_tokenizer
+
+    texts = read_source("shakespeare:macbeth").texts
+    tok = train_tokenizer(texts, "byte-bpe", 600)
+    tok.info.update(source="shakespeare:macbeth", val_fraction=0.0, seed=1337)
+    notes = []
+    prepare("shakespeare:macbeth", tok, str(tmp_path / "d"), val_fraction=0.1, seed=1337, log=notes.append)
+    assert any("validation documents may have shaped it" in n for n in notes)
+    tok.info.update(val_fraction=0.1)
+    notes.clear()
+    prepare("shakespeare:macbeth", tok, str(tmp_path / "e"), val_fraction=0.1, seed=1337, log=notes.append)
+    assert not any("warning" in n for n in notes)

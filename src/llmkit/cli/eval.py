@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from llmkit.cli.common import group, subcommand
 from llmkit.errors import LlmkitError
@@ -24,6 +25,25 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = subcommand(ev_cmds, "metrics", "classification, regression and generation metrics, with bootstrap intervals",
+                   ("llmkit eval metrics --metric bleu,chrf,rouge,meteor --predictions preds.txt --references refs.txt --json",
+                    "llmkit eval metrics --metric accuracy,f1,roc_auc,mcc --predictions preds.jsonl --bootstrap 1000 --json",
+                    "llmkit eval metrics --metric exact_match,token_f1 --predictions answers.jsonl --field answer",
+                    "llmkit eval metrics --metric pearson,spearman --predictions stsb.jsonl"), cmd_eval_metrics)
+    p.add_argument("--metric", default=None, help="comma list: accuracy, precision, recall, f1 (and _binary/_macro/_micro/_weighted), "
+                   "mcc, roc_auc, pr_auc, confusion, pearson, spearman, bleu, chrf, chrf++, ter, rouge (rouge1/2/L/Lsum), "
+                   "meteor, exact_match, token_f1 (required)")
+    p.add_argument("--predictions", default=None, help="a .txt file (one prediction per line) or .jsonl (required); classification "
+                   "and regression: JSONL rows with label, prediction and (for roc_auc, pr_auc) score")
+    p.add_argument("--references", action="append", default=None, metavar="FILE",
+                   help="references in the same layout, one per prediction; repeat for several references per prediction")
+    p.add_argument("--field", default="text", help="the text field of JSONL predictions and references (default: text)")
+    p.add_argument("--pos-label", default=None, help="the positive class of binary metrics (default: 1, true, positive or the last label)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="a 95%% interval from N resamples (e.g. 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    p.add_argument("--png", default=None, help="with the confusion metric: draw the matrix into this PNG (default: confusion.png)")
+    p.add_argument("--json", action="store_true", help="print one JSON object, a key per metric")
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -52,3 +72,37 @@ def cmd_eval_perplexity(args) -> None:
               f"{out['bits_per_byte']:.4f} bits per byte")
 
 
+
+
+def cmd_eval_metrics(args) -> None:
+    from llmkit.evaluate import metrics as M
+
+    if not args.metric or not args.predictions:
+        raise LlmkitError("`llmkit eval metrics` needs --metric and --predictions", "e.g. --metric bleu,rouge --predictions p.txt --references r.txt")
+    names = M.expand([m.strip() for m in args.metric.split(",") if m.strip()])
+    generation = {M.kind_of(m) for m in names} == {"generation"}
+    ex = M.read_generation(args.predictions, args.references, args.field) if generation else M.read_labelled(args.predictions)
+    results = M.compute(names, ex, bootstrap_samples=args.bootstrap, seed=args.seed, pos_label=args.pos_label)
+    for m in names:
+        sig = M.signature(m, ex) if generation else None
+        if sig:
+            print(f"{m} signature: {sig}", file=sys.stderr)
+    if "confusion" in results:
+        png = args.png or "confusion.png"
+        M.plot_confusion(results["confusion"], png)
+        print(f"confusion matrix -> {png}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False))
+        return
+    print(f"{len(ex)} examples")
+    for m, v in results.items():
+        if m == "confusion":
+            width = max(len(label) for label in v["labels"]) + 2
+            print("confusion (rows: label, columns: prediction)")
+            print(" " * width + "".join(f"{label:>{width}}" for label in v["labels"]))
+            for label, row in zip(v["labels"], v["matrix"]):
+                print(f"{label:>{width}}" + "".join(f"{x:>{width}}" for x in row))
+        elif isinstance(v, dict):
+            print(f"{m:<12} {v['value']:.4f}  (95% interval {v['low']:.4f} - {v['high']:.4f})")
+        else:
+            print(f"{m:<12} {v:.4f}")

@@ -45,7 +45,7 @@ def register(commands) -> None:
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: bf16 where the hardware has it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
-    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: datasheet for known GPUs, else measured)")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one process's device, for MFU (default: datasheet for known GPUs, else measured)")
     p.add_argument("--no-samples", action="store_true", help="do not generate samples at each evaluation")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")

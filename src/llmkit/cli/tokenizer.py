@@ -29,6 +29,10 @@ def register(commands) -> None:
     p.add_argument("--sentinels", type=int, default=100, help="number of T5 sentinel tokens <extra_id_N> (default: 100)")
     p.add_argument("--no-chat-tokens", action="store_true", help="leave out the chat role tokens <|system|> <|user|> <|assistant|> <|end|>")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN", help="an extra special token (repeatable)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="documents held out, never seen by the tokenizer: the split `data prepare` makes with the same --val-fraction "
+                        "and --seed (default: 0.1; 0 trains on everything)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of that split (default: 1337, as data prepare)")
     p.add_argument("--out", default="runs/tokenizer", help="output folder (default: runs/tokenizer)")
 
     p = subcommand(tok_cmds, "encode", "print the token ids (or tokens) of a text",
@@ -71,14 +75,20 @@ def cmd_tokenizer_train(args) -> None:
     from llmkit.data.clean import normalize
     from llmkit.tokenizer import SpecialTokens, train_tokenizer
 
-    corpus = read_corpus(args)
+    source = args.source or ["shakespeare"]
+    if args.val_fraction > 0:  # the documents `data prepare` will hold out, held out here too
+        from llmkit.data.prepare import split_corpus
+
+        texts = split_corpus(source, val_fraction=args.val_fraction, seed=args.seed, field=args.field, log=lambda m: None).train
+    else:
+        texts = [normalize(t) for t in read_corpus(args).texts]
     special = SpecialTokens(chat=not args.no_chat_tokens, sentinels=args.sentinels, extra=list(args.special))
-    tok = train_tokenizer([normalize(t) for t in corpus.texts], args.kind, args.vocab_size, min_frequency=args.min_frequency,
+    tok = train_tokenizer(texts, args.kind, args.vocab_size, min_frequency=args.min_frequency,
                           lowercase=args.lowercase, special=special, show_progress=sys.stderr.isatty())
-    tok.info["source"] = args.source or ["shakespeare"]
+    tok.info.update(source=source, val_fraction=args.val_fraction, seed=args.seed)
     out = tok.save(args.out)
     print(f"trained a {args.kind} tokenizer with {tok.vocab_size:,} tokens in {tok.info['train_seconds']:.1f}s on "
-          f"{len(corpus.documents)} documents -> {out / 'tokenizer.json'}")
+          f"{len(texts)} training documents -> {out / 'tokenizer.json'}")
 
 
 def cmd_tokenizer_encode(args) -> None:

@@ -76,6 +76,12 @@ class CorpusSplit:
     options: dict
 
 
+def source_fingerprint(source: str | list[str], field: str = "text") -> str:
+    """The SHA-256 of a source's raw texts, as meta.json records it (a changed file under the same path shows)."""
+    corpus = read_source(source, field=field)
+    return hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest()
+
+
 def split_corpus(source: str | list[str], *, val_fraction: float = 0.1, seed: int = 1337, unicode_form: str | None = "NFC",
                  newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8, field: str = "text",
                  log=print) -> CorpusSplit:
@@ -141,6 +147,13 @@ def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, va
             field: str = "text", log=print) -> dict:
     """Read, clean, split and tokenize `source` into `out/`; returns the `meta.json` contents."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    trained_on = tok.info.get("source")
+    same_source = trained_on is not None and sorted([trained_on] if isinstance(trained_on, str) else trained_on) == \
+        sorted([source] if isinstance(source, str) else source)
+    if same_source and val_fraction > 0 and (tok.info.get("val_fraction"), tok.info.get("seed")) != (val_fraction, seed):
+        log(f"warning: the tokenizer learned from this source with another split (val_fraction {tok.info.get('val_fraction', 0)}, "
+            f"seed {tok.info.get('seed')}): validation documents may have shaped it; train it with --val-fraction {val_fraction} "
+            f"--seed {seed}")
     split = split_corpus(source, val_fraction=val_fraction, seed=seed, unicode_form=unicode_form, newlines=newlines,
                          near_dedup=near_dedup, near_threshold=near_threshold, field=field, log=log)
     return write_shards(split, tok, out, source=source)

@@ -118,6 +118,8 @@ def shakespeare(selector: str | None = None, *, clean: bool = True) -> list[Docu
 def read_text(path: Path) -> tuple[str, int]:
     """Decode a file as UTF-8; invalid bytes become U+FFFD and are counted."""
     raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Excel's CSV, Notepad) is not text
+        raw = raw[3:]
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError:

@@ -145,6 +145,8 @@ def _pack(ids: list[list[int]], labels: list[list[int]], max_len: int):
             rows_l.append([])
             rows_s.append([])
         segment = rows_s[-1][-1] + 1 if rows_s[-1] else 0
+        if segment:  # the previous example's last token must not learn to predict this one's first
+            b = [IGNORE] + list(b[1:])
         rows_i[-1] += a
         rows_l[-1] += b
         rows_s[-1] += [segment] * len(a)

@@ -41,7 +41,8 @@ class LoRALinear(nn.Module):
             self.base.bias.requires_grad_(False)
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)  # beside the base layer, in its dtype
+        # beside the base layer, in float32 even when the base is bf16/fp16 (as PEFT: small updates survive AdamW)
+        like = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: A random, B zero
@@ -71,7 +72,8 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        h = self.dropout(x).to(self.lora_A.dtype)
+        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -73,13 +73,15 @@ class FinetuneConfig:
 # --- steps ------------------------------------------------------------------------------------------------------
 
 
-def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
+def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None) -> tuple[list[dict], list[dict]]:
     """(training, validation) rows of one file: duplicates dropped first, then a seeded shuffle, a tenth held out, so
     the two never share a row (whatever order the file is in)."""
     import json
     import random
 
     unique = list({json.dumps(r, sort_keys=True, ensure_ascii=False): r for r in rows}.values())
+    if len(unique) < len(rows) and log is not None:
+        log(f"      {len(rows) - len(unique)} duplicate row(s) dropped before the split")
     if len(unique) < 2:
         raise LlmkitError(f"the data has {len(unique)} distinct row(s): nothing to hold out for validation", "add rows, or pass --val-data FILE")
     random.Random(seed).shuffle(unique)
@@ -92,7 +94,7 @@ def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[E
         rows = read_rows(cfg.data, warn=log)
         if cfg.val_data:
             return [to_example(r) for r in rows], [to_example(r) for r in read_rows(cfg.val_data, warn=log)]
-        train, val = split_rows(rows, cfg.seed)
+        train, val = split_rows(rows, cfg.seed, log=log)
         return [to_example(r) for r in train], [to_example(r) for r in val]
     if cfg.task == "genre":
         train, val = T.genre_examples("train", cfg.seed), T.genre_examples("val", cfg.seed)
@@ -234,7 +236,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     if classification:
         if model.config.family != "encoder":
             raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
-        labels = sorted({ex.label for ex in train_ex})
+        labels = sorted({ex.label for ex in train_ex + val_ex})  # a label seen only in validation still gets an output
         train_ids = [tok.encode(ex.text, max_length=model.config.max_seq_len) for ex in train_ex]
         train_y = [labels.index(ex.label) for ex in train_ex]
         log(f"      {len(labels)} labels: {', '.join(labels)}")
@@ -291,6 +293,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     amp = autocast_dtype(cfg.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16 needs loss scaling
     names = {id(p): n for n, p in model.named_parameters()}
     step, tokens_seen, elapsed_before, warm_progress = 0, 0, 0.0, None
     if ckpt is not None:
@@ -301,9 +304,10 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
                 if n in model_state:
                     p.copy_(model_state[n])
         optimizer.load_state_dict(opt_state)
-        set_rng_states(state["rng"])
+        set_rng_states(state["rng"], log=log)
         step, elapsed_before = state["step"], state["elapsed"]
-        tokens_seen, warm_progress = state.get("tokens", 0), state.get("warm_progress")
+        tokens_seen = state.get("tokens", 0)
+        warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)  # older checkpoints: cosine from 0
         log(f"      resumed at step {step}")
     n_rows = len(train_ids) if classification else len(prep.ids)
     metrics = Metrics(run, True, step if ckpt is not None else None)  # a resumed run keeps what was logged up to its checkpoint
@@ -355,10 +359,12 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
                 g["lr"] = cur_lr
             micro = [micro_batch(step, m) for m in range(cfg.grad_accum)]
             loss_sum, n_targets = accumulate_gradients(model, micro, lambda m: summed_loss(m[0], m[1]), [m[2] for m in micro],
-                                                       Dist(device=device), amp)  # every target token of the step weighs the same
+                                                       Dist(device=device), amp, scaler)  # every target token of the step weighs the same
             total_loss = loss_sum / max(n_targets, 1)
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += sum(m[3] for m in micro)
@@ -394,8 +400,9 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     return result
 
 
-RESUME_KEYS = ("model", "method", "task", "data", "lora_r", "lora_alpha", "lora_targets", "rslora", "adapter_size", "max_len",
-               "pack", "train_on_prompt", "truncate", "batch_size", "grad_accum", "seed")
+RESUME_KEYS = ("model", "method", "task", "eval_task", "data", "val_data", "n_train", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_targets", "rslora", "adapter_size", "max_len", "pack", "train_on_prompt", "truncate", "batch_size", "grad_accum",
+               "seed")
 
 
 def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, tuple], saved: dict) -> None:

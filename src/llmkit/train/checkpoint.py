@@ -1,8 +1,8 @@
 """Checkpoints that a kill at any moment cannot spoil, and that resume a run exactly.
 
     run/checkpoint/        model.safetensors       weights
-                           optimizer.safetensors   AdamW moments and step counts, the RNG states (CPU and CUDA,
-                                                   of every rank: `rng.torch.R`, `rng.cuda.R.D`)
+                           optimizer.safetensors   AdamW moments and step counts, the RNG states (CPU, and the
+                                                   rank's CUDA device, of every rank: `rng.torch.R`, `rng.cuda.R`)
                            state.json              step, tokens, elapsed time, best validation loss, optimizer
                                                    hyper-parameters, model config, tokenizer fingerprint, and the
                                                    SHA-256 of both tensor files (checked on resume)
@@ -64,31 +64,32 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def rng_states() -> dict[str, torch.Tensor]:
-    """This process's random generators: the CPU one and every CUDA device's (dropout and sampling draw from them)."""
+    """This process's random generators: the CPU one and its current CUDA device's (dropout and sampling draw there)."""
     out = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+        out["rng.cuda"] = torch.cuda.get_rng_state()
     return out
 
 
 def rank_keys(states: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """`rng_states()` of one rank under the names a checkpoint keeps: rng.torch.R, rng.cuda.R.D."""
-    return {(f"rng.torch.{rank}" if k == "rng.torch" else k.replace("rng.cuda.", f"rng.cuda.{rank}.")): v for k, v in states.items()}
+    """`rng_states()` of one rank under the names a checkpoint keeps: rng.torch.R, rng.cuda.R."""
+    return {f"{k}.{rank}": v for k, v in states.items()}
 
 
-def set_rng_states(saved: dict[str, torch.Tensor], rank: int = 0, *, fallback_seed: int | None = None) -> None:
-    """Restore this rank's generators from a checkpoint's `rng` dict (keys `rng.torch.R`, `rng.cuda.R.D`; a single-process
-    checkpoint's `rng.torch.0`). A rank the checkpoint did not have (the run resumes on more processes) is seeded."""
+def set_rng_states(saved: dict[str, torch.Tensor], rank: int = 0, *, fallback_seed: int | None = None, log=None) -> None:
+    """Restore this rank's generators from a checkpoint's `rng` dict (keys `rng.torch.R`, `rng.cuda.R`). A rank the
+    checkpoint did not have (the run resumes on more processes) is seeded instead, and says so."""
     cpu = saved.get(f"rng.torch.{rank}")
     if cpu is None:
         if fallback_seed is not None:
             torch.manual_seed(fallback_seed)
+        if log is not None:
+            log(f"note: the checkpoint holds no random state for rank {rank}; it was seeded afresh (dropout differs from an unbroken run)")
         return
     torch.set_rng_state(cpu)
-    prefix = f"rng.cuda.{rank}."
-    cuda = [saved[k] for k in sorted((k for k in saved if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    cuda = saved.get(f"rng.cuda.{rank}")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_state: dict, state: dict,

@@ -261,7 +261,12 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
     recipe = {"data": cfg.data, "tokenizer_kind": cfg.tokenizer_kind, "vocab_size": cfg.vocab_size, "seed": cfg.seed, "val_fraction": 0.1}
     if d.main:
         meta = io.read_json(data_dir / "meta.json") if (data_dir / "meta.json").exists() else None
-        if meta is not None and meta.get("prepared_for") != recipe:
+        if meta is not None and not cfg.resume:  # the same options and the same text, or it is prepared again
+            from llmkit.data.prepare import source_fingerprint
+
+            recipe["source_sha256"] = source_fingerprint(cfg.data)
+        stale = meta is not None and not cfg.resume and {**meta.get("prepared_for", {}), "source_sha256": meta.get("source_sha256")} != recipe
+        if stale:  # a resumed run keeps its own data: its checkpoint's tokenizer fingerprint is checked against it
             log(f"{data_dir} was prepared from other options ({meta.get('prepared_for')}); preparing it again")
             (data_dir / "meta.json").unlink()
             meta = None
@@ -506,6 +511,8 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data_dir = prepare_data(cfg, d, say)
     meta = load_meta(data_dir)
+    if cfg.eval_windows < 1:
+        raise LlmkitError(f"--eval-windows {cfg.eval_windows} scores nothing", "use 1 or more (default: 64)")
     if meta["val_tokens"] < 2:
         raise LlmkitError(f"the validation shard of {data_dir} has {meta['val_tokens']} tokens: nothing to evaluate on",
                           "prepare the data with a validation split (--val-fraction 0.1) or more text")
@@ -527,9 +534,11 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             raise LlmkitError(f"the checkpoint in {ckpt_path} belongs to another model or tokenizer than this command builds",
                               "resume with the same options as the original run (its train_config.json lists them)")
         load_state(model, model_state, source=str(ckpt_path))  # full weights, before any sharding
-        set_rng_states(state["rng"], d.rank, fallback_seed=cfg.seed + 1_000_003 * d.rank + state["step"])
+        set_rng_states(state["rng"], d.rank, fallback_seed=cfg.seed + 1_000_003 * d.rank + state["step"], log=log)
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        best_val, bad_evals, warm_progress = state["best_val"], state["bad_evals"], state.get("warm_progress")
+        best_val, bad_evals = state["best_val"], state["bad_evals"]
+        # a checkpoint from before warm_progress was saved: its cosine ran from the start of the budget
+        warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)
         scaler_state = state.get("grad_scaler")
         say(f"resumed from {ckpt_path} at step {step}")
     amp = autocast_dtype(cfg.precision, d.device)
@@ -595,7 +604,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     train_model.train()
     start = time.perf_counter()
     tokens_at_start = tokens_seen
-    elapsed, stop_reason, last_val = elapsed_before, None, None
+    elapsed, stop_reason, last_val, nonfinite = elapsed_before, None, None, 0.0
     window_start, window_tokens = time.perf_counter(), 0
     total = budget.steps or budget.tokens or budget.seconds or 1
     with progress("steps" if budget.steps else ("tokens" if budget.tokens else "s"), disable=None if d.main else True) as bar:
@@ -604,7 +613,9 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             elapsed = elapsed_before + time.perf_counter() - start
             stop_reason = budget.exhausted(step, tokens_seen, elapsed)
             if d.world > 1:  # one decision and one clock for all ranks: the slowest clock, and any rank's stop stops all
-                elapsed, stopping = _all_reduce_sum([elapsed, 1.0 if stop_reason else 0.0], d, op="max")
+                elapsed, stopping, diverged = _all_reduce_sum([elapsed, 1.0 if stop_reason else 0.0, nonfinite], d, op="max")
+                if diverged:
+                    raise LlmkitError(f"the loss became infinite or NaN at step {step - 1} on a rank", "lower --lr, or use --precision fp32")
                 stop_reason = stop_reason or budget.exhausted(step, tokens_seen, elapsed) or ("budget reached on another rank" if stopping else None)
             if stop_reason:
                 break
@@ -621,7 +632,9 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             loss_local, n_targets = accumulate_gradients(train_model, micro, lambda p: objective.loss_sum(train_model, p)[0],
                                                          [p.n_targets for p in micro], d, amp, scaler, sharded)
             if not math.isfinite(loss_local):
-                raise LlmkitError(f"the loss became {loss_local} at step {step}", "lower --lr, or use --precision fp32")
+                if d.world == 1:
+                    raise LlmkitError(f"the loss became {loss_local} at step {step}", "lower --lr, or use --precision fp32")
+                nonfinite = 1.0  # every rank hears of it at the next step's all-reduce and stops together
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.grad_clip)
