@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test]'
 	$(BIN)/pip install -q --no-deps -r requirements/data.txt
+	$(BIN)/python -m llmkit.evaluate.lm_eval_plugin --install
 	touch $(STAMP)
 
 $(WORDNET): scripts/install-wordnet.sh

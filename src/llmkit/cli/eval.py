@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from llmkit.cli.common import group, subcommand
+from llmkit.cli.common import console, group, subcommand
 from llmkit.errors import LlmkitError
 
 
@@ -24,6 +24,8 @@ def register(commands) -> None:
     p.add_argument("--stride", type=int, default=None, help="start a window every S tokens (default: the window, no overlap)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--prefix-token", default="none", choices=["none", "bos", "eos"],
+                   help="a token before the text, so that its first token is scored too (lm-eval's rolling log-likelihood: bos)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = subcommand(ev_cmds, "metrics", "classification, regression and generation metrics, with bootstrap intervals",
@@ -45,6 +47,22 @@ def register(commands) -> None:
     p.add_argument("--png", default=None, help="with the confusion metric: draw the matrix into this PNG (default: confusion.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object, a key per metric")
 
+    p = subcommand(ev_cmds, "tasks", "benchmark tasks through lm-evaluation-harness: built-in offline tasks or your task YAML",
+                   ("llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,play,arithmetic --shots 0,5 --out runs/eval",
+                    "llmkit eval tasks --model runs/sft --tasks my_tasks/ --out runs/eval-sft",
+                    "llmkit eval tasks --model smollm2 --tasks my_task --include-path my_tasks --limit 50 --json"), cmd_eval_tasks)
+    p.add_argument("--model", default="smollm2", help="a decoder or encoder-decoder llmkit.load accepts (default: smollm2)")
+    p.add_argument("--tasks", default=None, help="comma list of built-in tasks (shakespeare_cloze, play, arithmetic, reverse, sort, "
+                   "dates), lm-eval task names found in --include-path, or folders of task YAML (required)")
+    p.add_argument("--shots", default="0", help="comma list of few-shot counts, one evaluation each (default: 0)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR", help="a folder of lm-eval task YAML (repeatable)")
+    p.add_argument("--limit", type=float, default=None, help="score only the first N examples of each task (or a fraction < 1)")
+    p.add_argument("--chat", action="store_true", help="render prompts through the model's chat template")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in data and of few-shot sampling (default: 0)")
+    p.add_argument("--out", default="runs/eval", help="output folder: results.json, tasks/, cache/ (default: runs/eval)")
+    p.add_argument("--json", action="store_true", help="print lm-eval's results object (for several --shots, one per count)")
+
 
 def cmd_eval_perplexity(args) -> None:
     import llmkit
@@ -63,7 +81,11 @@ def cmd_eval_perplexity(args) -> None:
     from llmkit.data.sources import read_source
 
     text = "\n\n".join(read_source(args.file).texts)
-    scores = evaluate_text(model, model.tokenizer, text, args.window, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    prefix = {"none": None, "bos": model.tokenizer.bos_id, "eos": model.tokenizer.eos_id}[args.prefix_token]
+    if args.prefix_token != "none" and prefix is None:
+        raise LlmkitError(f"the tokenizer has no {args.prefix_token} token", "use --prefix-token with a token it has, or none")
+    scores = evaluate_text(model, model.tokenizer, text, args.window, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                           prefix_id=prefix)
     out = {"model": args.model, "file": args.file, "window": args.window, "stride": args.stride or args.window, **scores}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -106,3 +128,42 @@ def cmd_eval_metrics(args) -> None:
             print(f"{m:<12} {v['value']:.4f}  (95% interval {v['low']:.4f} - {v['high']:.4f})")
         else:
             print(f"{m:<12} {v:.4f}")
+
+
+def cmd_eval_tasks(args) -> None:
+    from llmkit.evaluate.tasks import run_tasks
+
+    if not args.tasks:
+        raise LlmkitError("`llmkit eval tasks` needs --tasks", "e.g. --tasks shakespeare_cloze,arithmetic, or a folder of task YAML")
+    try:
+        shots = [int(k) for k in args.shots.split(",") if k.strip()]
+    except ValueError:
+        raise LlmkitError(f"cannot read --shots {args.shots!r}", "write counts like 0,5") from None
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    summary = run_tasks(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()], shots=shots, out=args.out, limit=limit,
+                        include_path=args.include_path, chat=args.chat, batch_size=args.batch_size, seed=args.seed,
+                        log=lambda m: console().print(m))
+    if args.json:
+        by_shots = {k: v["results"] for k, v in summary["shots"].items()}
+        print(json.dumps(by_shots[str(shots[0])] if len(shots) == 1 else by_shots, default=str))
+        return
+    print_results_table(summary)
+    print(f"results -> {args.out}/results.json")
+
+
+def print_results_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['model']}")
+    for col in ("task", "shots", "metric", "value", "± stderr", "n"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for k, block in summary["shots"].items():
+        for task, metrics in block["results"].items():
+            n = block["n-samples"].get(task, {}).get("effective", "")
+            for key, value in metrics.items():
+                if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                err = metrics.get(key.replace(",", "_stderr,", 1))
+                table.add_row(task, k, key, f"{value:.4f}", f"{err:.4f}" if isinstance(err, (int, float)) else "", str(n))
+    Console(width=200).print(table)

@@ -73,16 +73,21 @@ def summarize(nats: float, tokens: int, n_bytes: float) -> dict:
 
 
 def evaluate_text(model, tokenizer, text: str, window: int, stride: int | None = None, *, batch_size: int = 8,
-                  max_tokens: int | None = None) -> dict:
-    """tokens, nats/token, perplexity and bits per byte of a decoder on `text` (its first `max_tokens` tokens)."""
+                  max_tokens: int | None = None, prefix_id: int | None = None) -> dict:
+    """tokens, nats/token, perplexity and bits per byte of a decoder on `text` (its first `max_tokens` tokens).
+
+    `prefix_id` puts one token (bos, or eos as lm-eval's rolling log-likelihood does) before the text so that its first
+    token is scored too; with `window` = L + 1 and `stride` = L this is lm-eval's `loglikelihood_rolling` at context L."""
     from llmkit.errors import LlmkitError
 
     ids = tokenizer.encode(text)  # with the tokenizer's own special tokens (Llama's bos), as transformers' perplexity does
     if max_tokens and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         text = tokenizer.decode(ids, skip_special_tokens=True)
+    if prefix_id is not None and ids[:1] != [prefix_id]:
+        ids = [prefix_id] + ids
     if len(ids) < 2:
         raise LlmkitError("the text has fewer than 2 tokens", "give a longer text")
     nats, count = score_tokens(model, ids, window, stride, batch_size=batch_size)
     n_bytes = len(text.encode("utf-8")) * count / max(len(ids) - 1, 1)  # the bytes of the scored share of the text
-    return summarize(nats, count, n_bytes)
+    return {**summarize(nats, count, n_bytes), "nats": nats}

@@ -1,0 +1,239 @@
+"""llmkit models inside EleutherAI's lm-evaluation-harness: `LlmkitLM`, an `lm_eval.api.model.LM` registered as
+model type `llmkit`, so any lm-eval task (and llmkit's own, see `evaluate/tasks.py`) runs on any model `llmkit.load`
+accepts:
+
+    llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,arithmetic --shots 0,5 --out runs/eval
+    lm_eval --model llmkit --model_args model=smollm2 --batch_size 8 --tasks my_task --include_path my_tasks/
+    python -m llmkit.evaluate.harness --model llmkit ...       (lm_eval's own command line, llmkit registered)
+
+The three request kinds follow lm-eval's `hf` model, so the numbers are the same:
+
+    loglikelihood          log P(continuation | context), and whether the continuation is the greedy one; the
+                           context is cut from the left to fit; an empty context is the prefix token (bos, else eos)
+    loglikelihood_rolling  the whole text's log-likelihood in disjoint windows of the context length, the first
+                           token predicted from the prefix token (perplexity benchmarks)
+    generate_until         greedy (or sampled) generation, stopped at any `until` string or the eos token, batched with
+                           left padding and llmkit's KV cache
+
+Requests are sorted by length, longest first, and scored in batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from llmkit.errors import LlmkitError
+
+
+class _TemplateView:
+    """What lm-eval reads from a tokenizer for chat templates: `chat_template`."""
+
+    def __init__(self, template):
+        self.chat_template = template
+        self.default_chat_template = template
+
+
+@register_model("llmkit")
+class LlmkitLM(TemplateLM):
+    """`LlmkitLM(model="smollm2", batch_size=8)`: `model` is a name or path `llmkit.load` accepts, or a loaded model
+    (with `.tokenizer`)."""
+
+    def __init__(self, model="smollm2", batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
+                 dtype: str | None = None, quantize: str | None = None, device: str | None = None, **kwargs):
+        super().__init__()
+        import llmkit
+
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm_eval's command line asks for cuda by default, as its hf model, which falls back too
+        if isinstance(model, torch.nn.Module):
+            self.model, self.name = model, getattr(model, "name_or_path", type(model).__name__)
+        else:
+            dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                  "fp32": None, "float32": None, None: None}[dtype]
+            self.model, self.name = llmkit.load(model, dtype=dt, quantize=quantize, device=device), str(model)
+        self.model.eval()
+        self.tok = self.model.tokenizer
+        if self.tok is None:
+            raise LlmkitError(f"{self.name} has no tokenizer", "evaluate a model folder that holds tokenizer.json")
+        family = self.model.config.family
+        if family == "encoder":
+            raise LlmkitError(f"{self.name} is an encoder: lm-eval tasks score decoders and encoder-decoders",
+                              "use a decoder (or `llmkit eval glue` for encoders)")
+        self.backend = "causal" if family == "decoder" else "seq2seq"
+        self._batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self._max_length = max_length
+        self._max_gen_toks = int(max_gen_toks)
+        self.tokenizer = _TemplateView(self.tok.chat_template)
+        self._device = next(self.model.parameters()).device
+
+    @property
+    def device(self):
+        return self._device
+
+    # --- what lm-eval asks of a model ----------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tok.eos_id
+        return eos if eos is not None else self._stop_ids()[0]
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id if self.tok.bos_id is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length:
+            return self._max_length
+        return 2048 if self.model.config.position == "relative" else self.model.config.max_seq_len
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name.replace("/", "__")
+
+    def _stop_ids(self) -> list[int]:
+        from llmkit.generate import default_stop_ids
+
+        return default_stop_ids(self.tok, self.model) or [0]
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None:  # the tokenizer's own special tokens, unless the text already starts with bos
+            bos = self.tok.special.get("bos")
+            add_special_tokens = not (bos and string.startswith(bos))
+        ids = self.tok.encode(string, add_special_tokens=add_special_tokens)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([tokens] if isinstance(tokens, int) else list(tokens), skip_special_tokens=skip_special_tokens, strict=False)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        from llmkit.tokenizer.core import DEFAULT_CHAT_TEMPLATE
+
+        return self.tok.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        from llmkit.chat import render_chat
+
+        return render_chat(self.tok, chat_history, add_generation_prompt=add_generation_prompt)
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(log-likelihood of the continuation, whether greedy decoding gives it) per (key, context ids, continuation ids)."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            scored = self._score_causal([requests[i] for i in chunk]) if self.backend == "causal" else \
+                [self._score_seq2seq(requests[i]) for i in chunk]
+            for i, r in zip(chunk, scored):
+                out[i] = r
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        return out
+
+    def _score_causal(self, chunk) -> list[tuple[float, bool]]:
+        """One batch, right-padded: the context cut from the left so context + continuation fit the model."""
+        inputs, spans = [], []
+        for _, context, continuation in chunk:
+            if not continuation:
+                raise LlmkitError("an lm-eval request has an empty continuation", "check the task's doc_to_target / doc_to_choice")
+            whole = (context + continuation)[-(self.max_length + 1):]
+            inputs.append(whole[:-1])
+            spans.append(len(continuation))
+        width = max(map(len, inputs))
+        x = torch.zeros(len(inputs), width, dtype=torch.long)
+        mask = torch.zeros(len(inputs), width, dtype=torch.long)
+        for r, ids in enumerate(inputs):
+            x[r, :len(ids)] = torch.tensor(ids)
+            mask[r, :len(ids)] = 1
+        x, mask = x.to(self._device), mask.to(self._device)
+        logp = F.log_softmax(self.model(x, attention_mask=mask).float(), dim=-1)  # (B, T, V)
+        results = []
+        for r, ((_, context, continuation), n) in enumerate(zip(chunk, spans)):
+            end = len(inputs[r])
+            rows = logp[r, end - n:end]  # (n, V): the positions that predict the continuation
+            target = torch.tensor(continuation, device=self._device)
+            total = rows.gather(1, target[:, None]).sum().item()
+            results.append((total, bool((rows.argmax(-1) == target).all())))
+        return results
+
+    def _score_seq2seq(self, request) -> tuple[float, bool]:
+        _, context, continuation = request
+        cfg = self.model.config
+        src = torch.tensor([context[-self.max_length:]], device=self._device)
+        target = torch.tensor([continuation], device=self._device)
+        start = torch.full((1, 1), cfg.decoder_start_token_id, dtype=torch.long, device=self._device)
+        logp = F.log_softmax(self.model(src, torch.cat([start, target[:, :-1]], 1)).float(), dim=-1)[0]  # (n, V)
+        return logp.gather(1, target[0, :, None]).sum().item(), bool((logp.argmax(-1) == target[0]).all())
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (text,) in [r.args for r in requests]:
+            windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, context, pred) for context, pred in windows], disable_tqdm=True)
+            total = sum(s for s, _ in scores)
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return out
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        from llmkit.generate import GenerationConfig, generate
+
+        args = [r.args for r in requests]
+        out: list[str | None] = [None] * len(args)
+        groups: dict[str, list[int]] = {}
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(args[members[0]][1], self.max_gen_toks)
+            until = [u for u in kwargs.pop("until", []) if u]
+            cfg = GenerationConfig(max_new_tokens=int(kwargs.pop("max_gen_toks")), do_sample=bool(kwargs.get("do_sample")),
+                                   temperature=float(kwargs.get("temperature", 0.0) or 0.0), top_p=kwargs.get("top_p"),
+                                   top_k=kwargs.get("top_k"), stop_strings=until, truncate=True, seed=kwargs.get("seed"))
+            budget = self.max_length - cfg.max_new_tokens + 1
+            members = sorted(members, key=lambda i: -len(args[i][0]))
+            for s in range(0, len(members), self.batch_size):
+                batch = members[s:s + self.batch_size]
+                prompts = [self.tok_encode(args[i][0])[-budget:] for i in batch] if self.backend == "causal" else \
+                    [self.tok_encode(args[i][0]) for i in batch]
+                for i, g in zip(batch, generate(self.model, self.tok, prompts, cfg, warn=lambda m: None)):
+                    text = g.text
+                    for u in until:  # as lm-eval: cut at any stop string
+                        text = text.split(u)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", args[i], text)
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm_eval's own command line with `llmkit` registered: `python -m llmkit.evaluate.harness --model llmkit ...`."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    from llmkit.evaluate.tasks import offline
+
+    offline()
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Benchmark tasks through lm-evaluation-harness: `LlmkitLM` gives what lm-eval's own `hf` model gives on the same
+model, its rolling log-likelihood is `llmkit eval perplexity`, evaluations re-run to the same numbers, and the
+`lm_eval` command finds the `llmkit` model type."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from llmkit.evaluate.tasks import offline, run_tasks, write_builtin_tasks
+
+offline()
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(tmp_path_factory):
+    """SmolLM2's Hugging Face export: what lm-eval's `hf` model loads."""
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    run_cli("model", "export", "--model", "smollm2", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tokenizers_by_kind):
+    """A tiny decoder run folder: fast enough for the command-line tests."""
+    import torch
+
+    from llmkit.model import build_model, preset
+    from llmkit.model.weights import save_model
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny")
+    save_model(build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=256)),
+               out, tokenizer=tok)
+    return out
+
+
+def _instances(requests, kind="loglikelihood"):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(requests)]
+
+
+@pytest.mark.slow
+def test_llmkit_lm_equals_lm_eval_hf_on_smollm2(smollm2_hf, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from llmkit.evaluate.harness import LlmkitLM
+
+    ours = LlmkitLM(model="smollm2", batch_size=4)
+    theirs = HFLM(pretrained=str(smollm2_hf), batch_size=4, device="cpu", dtype="float32")
+    requests = [("The capital of France is", " Paris"), ("The capital of France is", " London"), ("", "Hello world"),
+                ("To be, or not to be:", " that is the question"), ("2 + 2 =", " 4")]
+    a, b = ours.loglikelihood(_instances(requests)), theirs.loglikelihood(_instances(requests))
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-3) and ga == gb
+    folder = write_builtin_tasks(tmp_path / "tasks", ["shakespeare_cloze", "play", "dates"], n_validation=12, n_train=8)
+    manager = TaskManager(include_path=str(folder))
+    results = [simple_evaluate(model=lm, tasks=["shakespeare_cloze", "play", "dates"], num_fewshot=1, limit=12, task_manager=manager,
+                               log_samples=False, bootstrap_iters=0)["results"] for lm in (ours, theirs)]
+    for task, metric in (("shakespeare_cloze", "acc,none"), ("shakespeare_cloze", "acc_norm,none"), ("play", "acc,none"),
+                         ("dates", "exact_match,strip")):
+        assert results[0][task][metric] == results[1][task][metric], (task, metric)
+
+
+def test_rolling_log_likelihood_is_eval_perplexity(tiny_run):
+    from llmkit.evaluate.harness import LlmkitLM
+
+    text = Path(tiny_run).parent.joinpath("t.txt")
+    text.write_text(" ".join(["Now is the winter of our discontent made glorious summer by this sun of York."] * 12))
+    lm = LlmkitLM(model=str(tiny_run), max_length=64)
+    (rolling,) = lm.loglikelihood_rolling(_instances([(text.read_text(),)], "loglikelihood_rolling"))
+    out = json.loads(run_cli("eval", "perplexity", "--model", str(tiny_run), "--file", str(text), "--window", "65", "--stride", "64",
+                             "--prefix-token", "bos", "--json").stdout)
+    assert out["tokens"] == len(lm.tok_encode(text.read_text())) and out["tokens"] > 128  # several windows, every token scored
+    assert -rolling == pytest.approx(out["nats"], rel=1e-4)  # float32 sums in other batch shapes
+
+
+def test_eval_tasks_rerun_after_a_kill_reuses_answers_and_gives_the_same_numbers(tiny_run, tmp_path):
+    args = ["eval", "tasks", "--model", str(tiny_run), "--tasks", "shakespeare_cloze,sort", "--shots", "0,2", "--json"]
+    partial = run_cli(*args, "--limit", "3", "--out", str(tmp_path / "a"))  # as if killed after 3 examples
+    assert set(json.loads(partial.stdout)) == {"0", "2"}
+    resumed = json.loads(run_cli(*args, "--limit", "6", "--out", str(tmp_path / "a")).stdout)
+    fresh = json.loads(run_cli(*args, "--limit", "6", "--out", str(tmp_path / "b")).stdout)
+    assert resumed == fresh and (tmp_path / "a" / "cache").exists()
+    assert {"acc,none", "acc_norm,none"} <= set(fresh["0"]["shakespeare_cloze"]) and "exact_match,strip" in fresh["2"]["sort"]
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["shots"]["0"]["results"] == fresh["0"] and saved["tasks"] == ["shakespeare_cloze", "sort"]
+    bad = run_cli("eval", "tasks", "--model", str(tiny_run), "--tasks", "no_such_task", "--out", str(tmp_path / "c"), check=False)
+    assert bad.returncode == 1 and "unknown task(s): no_such_task" in bad.stderr
+
+
+def test_a_folder_of_task_yaml_runs_and_lm_eval_finds_the_llmkit_model(tiny_run, tmp_path):
+    folder = write_builtin_tasks(tmp_path / "mine", ["play"], n_validation=6, n_train=4)
+    out = json.loads(run_cli("eval", "tasks", "--model", str(tiny_run), "--tasks", str(folder), "--out", str(tmp_path / "r"), "--json").stdout)
+    assert "acc,none" in out["play"]
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    proc = subprocess.run([str(lm_eval), "--model", "llmkit", "--model_args", f"model={tiny_run}", "--batch_size", "4", "--tasks", "play",
+                           "--include_path", str(folder), "--limit", "4", "--device", "cpu"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:] + "\n(run `make` once: it registers llmkit with lm_eval)"
+    assert "|play" in proc.stdout and "acc" in proc.stdout
