@@ -63,6 +63,20 @@ def register(commands) -> None:
     p.add_argument("--out", default="runs/eval", help="output folder: results.json, tasks/, cache/ (default: runs/eval)")
     p.add_argument("--json", action="store_true", help="print lm-eval's results object (for several --shots, one per count)")
 
+    p = subcommand(ev_cmds, "glue", "GLUE / SuperGLUE from their official files, with their official metrics",
+                   ("llmkit eval glue --task sst2 --data glue_data/SST-2 --model runs/minilm-sst2",
+                    "llmkit eval glue --task cola,sst2,mrpc,rte --data glue_data --model smollm2 --shots 5",
+                    "llmkit eval glue --task boolq,cb,copa --data superglue_data --model smollm2 --json"), cmd_eval_glue)
+    p.add_argument("--task", default=None, help="comma list: cola, sst2, mrpc, qqp, stsb, mnli-m, mnli-mm, qnli, rte, wnli, boolq, cb, "
+                   "copa, multirc, record, rte-superglue, wic, wsc, axb, axg (required)")
+    p.add_argument("--data", default=None, help="a task's official folder (glue_data/SST-2), or the folder of task folders (required)")
+    p.add_argument("--model", default="smollm2", help="a classifier run of `llmkit finetune` (encoders), or a decoder (zero/few-shot)")
+    p.add_argument("--shots", type=int, default=0, help="decoders: solved training examples before each question (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N validation examples (questions) of each task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
 
 def cmd_eval_perplexity(args) -> None:
     import llmkit
@@ -167,3 +181,20 @@ def print_results_table(summary: dict) -> None:
                 err = metrics.get(key.replace(",", "_stderr,", 1))
                 table.add_row(task, k, key, f"{value:.4f}", f"{err:.4f}" if isinstance(err, (int, float)) else "", str(n))
     Console(width=200).print(table)
+
+
+def cmd_eval_glue(args) -> None:
+    from llmkit.evaluate.glue import run_glue
+
+    if not args.task or not args.data:
+        raise LlmkitError("`llmkit eval glue` needs --task and --data", "e.g. --task sst2 --data glue_data/SST-2")
+    out = run_glue(args.model, [t.strip() for t in args.task.split(",") if t.strip()], args.data, shots=args.shots, seed=args.seed,
+                   limit=args.limit, batch_size=args.batch_size, log=lambda m: console().print(m))
+    if args.json:
+        print(json.dumps(out))
+        return
+    for task, m in out["tasks"].items():
+        values = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("score", "n"))
+        print(f"{task:<14} {values}  (score {m['score']:.1f}, n {m['n']})")
+    if len(out["tasks"]) > 1:
+        print(f"score: {out['score']:.1f} (the mean of the task scores)")

@@ -37,6 +37,8 @@ def register(commands) -> None:
         p.add_argument("--task", default=f.task, help="arithmetic, reverse, sort, dates, play; a mixture 'arithmetic:2,reverse:1'; genre (encoders)")
         p.add_argument("--eval-task", default=None, help="evaluate on this task (default: the training task)")
         p.add_argument("--data", default=None, help="a JSONL/CSV/TSV file of rows instead of a built-in task")
+        p.add_argument("--glue", default=None, metavar="TASK", help="read --data as this GLUE/SuperGLUE task's official file (sst2, "
+                       "cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli, boolq, cb, copa, multirc, record, wic, wsc) and score it officially")
         p.add_argument("--val-data", default=None, help="validation rows (default: a tenth of --data)")
         p.add_argument("--n-train", type=int, default=f.n_train, help=f"built-in task: training examples (default: {f.n_train})")
         p.add_argument("--n-val", type=int, default=f.n_val, help=f"built-in task: validation examples (default: {f.n_val})")

@@ -56,7 +56,7 @@ def table_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         b, a = r["before"], r["after"]
-        metric = "exact_match" if "exact_match" in a else "accuracy"
+        metric = next(m for m in ("exact_match", "score", "accuracy", "pearson") if m in a)
         forget = {k: a[k] - b[k] for k in a if k.startswith("untrained_")}
         rows.append({"method": r["method"], "n_train": r.get("n_train"), "trainable_share": r["trainable_share"],
                      "metric": metric, "before": b[metric], "after": a[metric], "gain": a[metric] - b[metric],

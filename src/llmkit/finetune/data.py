@@ -6,6 +6,8 @@ Row formats (JSONL, CSV or TSV):
     chat             {"messages": [{"role": ..., "content": ...}, ...]}   -> every assistant turn is an answer
     text-to-text     {"source": ..., "target": ...}                       -> user: source, assistant: target
     classification   {"text": ..., "label": ...}                          -> a label for the encoder's classifier
+    pairs            {"text": ..., "text_pair": ..., "label": ...}        -> [CLS] text [SEP] text_pair [SEP] (token types)
+    regression       {"text": ..., "label": 3.8}                          -> a number (a JSON float) for the encoder's regressor
 
 Chat rows are rendered through the model's chat template. Labels are -100 (no loss) on everything but the assistant
 turns, unless `train_on_prompt`:
@@ -33,8 +35,9 @@ IGNORE = -100
 @dataclass
 class Example:
     messages: list[dict] | None = None  # chat form (instruction, chat and text-to-text rows)
-    text: str | None = None  # classification
-    label: str | None = None
+    text: str | None = None  # classification (and regression)
+    label: str | float | None = None  # a class name, or a number for regression
+    text_pair: str | None = None  # a second sentence: the pair goes in as [CLS] text [SEP] text_pair [SEP]
     task: str = "data"
     answer: str | None = None  # the reference answer, for exact-match evaluation
     meta: dict = field(default_factory=dict)
@@ -80,7 +83,10 @@ def to_example(row: dict, task: str = "data") -> Example:
         return Example(messages=[{"role": "user", "content": str(row["source"])}, {"role": "assistant", "content": str(row["target"])}],
                        task=task, answer=str(row["target"]))
     if "text" in row and "label" in row:
-        return Example(text=str(row["text"]), label=str(row["label"]), task=task)
+        label = row["label"]
+        label = float(label) if isinstance(label, float) else str(label)  # a JSON float is a regression target
+        pair = row.get("text_pair")
+        return Example(text=str(row["text"]), label=label, text_pair=None if pair is None else str(pair), task=task)
     raise LlmkitError(f"cannot tell the format of the row with keys {sorted(row)}",
                       "use instruction/input/output, messages, source/target, or text/label")
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.finetune import tasks as T
+from llmkit.finetune.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, save_classifier
 from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepare_examples, read_rows, to_example
 
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3}
@@ -37,7 +38,8 @@ class FinetuneConfig:
     method: str = "lora"  # full | lora | adapter
     task: str = "arithmetic"  # a built-in task, a mixture 'arithmetic:2,reverse:1', or genre (encoders)
     eval_task: str | None = None  # evaluate on this task (default: the training task or mixture)
-    data: str | None = None  # a file of rows instead of a built-in task
+    data: str | None = None  # a file of rows instead of a built-in task (or, with glue, the task's official file or folder)
+    glue: str | None = None  # a GLUE/SuperGLUE task: read --data in its official layout, score with its official metrics
     val_data: str | None = None
     n_train: int = 400
     n_val: int = 48
@@ -89,7 +91,30 @@ def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None)
     return unique[cut:], unique[:cut]
 
 
+def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
+    """A GLUE/SuperGLUE task's training and validation rows from its official files (the validation file beside the
+    training one, or --val-data)."""
+    from pathlib import Path
+
+    from llmkit.evaluate import glue
+
+    if not cfg.data:
+        raise LlmkitError(f"--glue {cfg.glue} needs --data: the task's official file or folder", f"e.g. --data glue_data/SST-2/train.tsv")
+    task = glue.get_task(cfg.glue)
+    train_file = glue.task_file(task, cfg.data, "train")
+    val_file = Path(cfg.val_data) if cfg.val_data else glue.task_file(task, train_file.parent, "validation")
+
+    def examples(path) -> list[Example]:
+        return [Example(text=r.text, text_pair=r.text_pair, label=r.label if task.kind == "regression" else str(r.label), task=task.name,
+                        meta={"group": r.group, "gold": r.gold, "candidate": r.candidate, "pair_id": r.pair_id})
+                for r in glue.read_rows(task, path)]
+
+    return examples(train_file), examples(val_file)
+
+
 def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[Example]]:
+    if cfg.glue:
+        return glue_examples(cfg)
     if cfg.data:
         rows = read_rows(cfg.data, warn=log)
         if cfg.val_data:
@@ -117,19 +142,6 @@ def prepare_model(model, cfg: FinetuneConfig):
     elif cfg.method != "full":
         raise LlmkitError(f"unknown method {cfg.method!r}", "use full, lora or adapter")
     return model
-
-
-class Classifier(torch.nn.Module):
-    """An encoder with a classification head on its mean-pooled sentence embedding."""
-
-    def __init__(self, encoder, labels: list[str]):
-        super().__init__()
-        self.encoder, self.labels = encoder, labels
-        self.config = encoder.config
-        self.head = torch.nn.Linear(encoder.config.d_model, len(labels))
-
-    def forward(self, ids, mask):
-        return self.head(self.encoder.embed_sentences(ids, mask, pooling="mean", normalize=False))  # (B, n_labels)
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -180,26 +192,21 @@ def general_bits_per_byte(model, tok, cfg: FinetuneConfig) -> float:
     return evaluate_text(model, tok, text, window, batch_size=4, max_tokens=cfg.general_tokens)["bits_per_byte"]
 
 
-def classification_metrics(model, tok, examples: list[Example], batch: int = 32) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+def classifier_metrics(model, tok, examples: list[Example], cfg: FinetuneConfig) -> dict:
+    """The task's official metrics for a GLUE/SuperGLUE task, else accuracy, macro-F1 and ROC-AUC (Pearson and Spearman
+    for regression)."""
+    from llmkit.finetune import classifier
 
-    model.eval()
-    probs, gold = [], []
-    with torch.no_grad():
-        for i in range(0, len(examples), batch):
-            group = examples[i:i + batch]
-            ids = [tok.encode(ex.text, max_length=model.config.max_seq_len) for ex in group]
-            x, _, mask = collate(ids, ids, tok.pad_id or 0)
-            probs.append(model(x, mask).softmax(-1))
-            gold += [model.labels.index(ex.label) for ex in group]
-    p = torch.cat(probs).numpy()
-    pred = p.argmax(-1)
-    out = {"accuracy": float(accuracy_score(gold, pred)), "macro_f1": float(f1_score(gold, pred, average="macro"))}
-    try:
-        out["roc_auc"] = float(roc_auc_score(gold, p, multi_class="ovr", labels=list(range(len(model.labels)))))
-    except ValueError:
-        out["roc_auc"] = float("nan")  # a class absent from the validation set
-    return out
+    if not cfg.glue:
+        return classifier.metrics(model, tok, examples)
+    return glue_scores(model, tok, examples, cfg.glue)
+
+
+def glue_scores(model, tok, examples: list[Example], task_name: str) -> dict:
+    from llmkit.evaluate import glue
+
+    rows = [glue.Row(ex.text, ex.text_pair, ex.label, **ex.meta) for ex in examples]
+    return glue.evaluate_classifier(model, tok, glue.get_task(task_name), rows)
 
 
 def _embeddings(encoder, tok, texts: list[str]) -> torch.Tensor:
@@ -225,6 +232,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
     budget = Budget.parse(cfg.budget)
 
+    io.write_json(run / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and `--resume` read back
     log("[1/7] load data")
     train_ex, val_ex = load_examples(cfg, log)
     classification = train_ex[0].text is not None
@@ -236,10 +244,14 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     if classification:
         if model.config.family != "encoder":
             raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
-        labels = sorted({ex.label for ex in train_ex + val_ex})  # a label seen only in validation still gets an output
-        train_ids = [tok.encode(ex.text, max_length=model.config.max_seq_len) for ex in train_ex]
-        train_y = [labels.index(ex.label) for ex in train_ex]
-        log(f"      {len(labels)} labels: {', '.join(labels)}")
+        regression = all(isinstance(ex.label, float) for ex in train_ex)
+        # a label seen only in validation still gets an output
+        labels = [REGRESSION] if regression else sorted({ex.label for ex in train_ex + val_ex})
+        train_ids, train_types = encode_rows(tok, train_ex, model.config.max_seq_len)
+        train_y = [ex.label for ex in train_ex] if regression else [labels.index(ex.label) for ex in train_ex]
+        pairs = sum(ex.text_pair is not None for ex in train_ex)
+        log(f"      {'regression' if regression else f'{len(labels)} labels: ' + ', '.join(labels)}"
+            + (f"; {pairs} sentence pairs" if pairs else ""))
     else:
         if model.config.family != "decoder":
             raise LlmkitError("instruction data needs a decoder model", "use --model smollm2 or a decoder you trained")
@@ -272,7 +284,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
 
     def measure() -> dict:
         if classification:
-            return classification_metrics(model, tok, val_ex)
+            return classifier_metrics(model, tok, val_ex, cfg)
         preds = answer(model, tok, val_ex, cfg.max_new_tokens)
         out = {"exact_match": exact_match(preds, val_ex), "answer_loss": answer_loss(model, tok, val_ex, cfg),
                "general_bpb": general_bits_per_byte(model, tok, cfg)}
@@ -326,8 +338,8 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum,), generator=g).tolist()
         rows = drawn[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
         if classification:
-            x, _, mask = collate([train_ids[r] for r in rows], [train_ids[r] for r in rows], tok.pad_id or 0)
-            return (x, mask), torch.tensor([train_y[r] for r in rows]), len(rows), int(mask.sum())
+            x, mask, types = batch_tensors([train_ids[r] for r in rows], [train_types[r] for r in rows], tok.pad_id or 0)
+            return (x, mask, types), torch.tensor([train_y[r] for r in rows]), len(rows), int(mask.sum())
         if prep.segments is not None:  # packed: attention stays inside each example, positions restart
             x, y, mask, positions = collate_packed([prep.ids[r] for r in rows], [prep.labels[r] for r in rows],
                                                    [prep.segments[r] for r in rows], tok.pad_id or 0)
@@ -337,7 +349,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
 
     def summed_loss(inputs, targets) -> torch.Tensor:
         if classification:
-            return F.cross_entropy(model(*inputs).float(), targets, reduction="sum")
+            return model.loss(model(*inputs), targets)
         x, mask, positions = inputs
         logits = model(x, attention_mask=mask, position_ids=positions)[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -435,13 +447,8 @@ def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
     from llmkit.model.weights import save_model
 
     if isinstance(model, Classifier):
-        from safetensors.torch import save
-
-        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        with io.atomic_open(run / "classifier.safetensors", "wb") as f:
-            f.write(save(state))
-        io.write_json(run / "labels.json", model.labels)
-        return "classifier.safetensors (trainable weights) + labels.json"
+        save_classifier(model, run)
+        return "classifier.safetensors (trained weights) + labels.json + finetune_config.json"
     if cfg.method == "lora":
         try:
             save_lora(model, run, base_model_name=cfg.model)

@@ -139,6 +139,17 @@ class Tokenizer:
             ids = (self.backend.post_process(enc) if add_special_tokens else enc).ids
         return self._wrap(ids, add_bos, add_eos)
 
+    def encode_pair(self, text: str, pair: str, *, max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token types) of a sentence pair through the post-processor's pair template (BERT: [CLS] a [SEP] b [SEP],
+        types 0 then 1); `max_length` cuts the longer of the two first, as transformers' truncation='longest_first'."""
+        if max_length:
+            self.backend.enable_truncation(max_length, strategy="longest_first")
+        try:
+            enc = self.backend.encode(text, pair, add_special_tokens=True)
+        finally:
+            self.backend.no_truncation()
+        return enc.ids, enc.type_ids
+
     def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True, add_bos: bool = False,
                      add_eos: bool = False) -> list[list[int]]:
         """Encode many texts at once, in parallel on all cores (the Rust thread pool); options as `encode`."""
