@@ -109,3 +109,27 @@ def test_a_folder_of_task_yaml_runs_and_lm_eval_finds_the_llmkit_model(tiny_run,
                           env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-2000:] + "\n(run `make` once: it registers llmkit with lm_eval)"
     assert "|play" in proc.stdout and "acc" in proc.stdout
+
+
+def test_report_sets_runs_side_by_side_and_a_lora_folder_is_a_model(tiny_run, tmp_path):
+    import torch
+
+    import llmkit
+    from llmkit.finetune.peft import apply_lora, lora_layers, save_lora
+
+    model = llmkit.load(tiny_run)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    save_lora(model, tmp_path / "lora", base_model_name=str(tiny_run))
+    ids = torch.tensor([model.tokenizer.encode("To be, or not to be")])
+    with torch.no_grad():
+        merged = llmkit.load(tmp_path / "lora")
+        assert (merged(ids) - model(ids)).abs().max().item() < 1e-4 and merged.tokenizer is not None
+    for name, m in (("base", str(tiny_run)), ("lora", str(tmp_path / "lora"))):
+        run_cli("eval", "tasks", "--model", m, "--tasks", "play,sort", "--limit", "4", "--out", str(tmp_path / name))
+    out = run_cli("eval", "report", "--runs", str(tmp_path / "base"), str(tmp_path / "lora"), "--out", str(tmp_path / "r" / "report.md"))
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {str(tiny_run), str(tmp_path / "lora")} and {r["task"] for r in rows} == {"play", "sort"}
+    assert all(r["n"] == 4 for r in rows) and any(r["low"] is not None and r["low"] <= r["value"] <= r["high"] for r in rows)
+    assert (tmp_path / "r" / "report.png").read_bytes()[:4] == b"\x89PNG" and "| model | task |" in out.stdout

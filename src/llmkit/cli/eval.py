@@ -75,7 +75,14 @@ def register(commands) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N validation examples (questions) of each task")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot examples")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="also write OUT/results.json (for `llmkit eval report`)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+    p = subcommand(ev_cmds, "report", "several models' evaluations side by side: markdown table, JSON and a bar chart",
+                   ("llmkit eval report --runs runs/eval runs/eval-sft", "llmkit eval report --runs runs/eval* --out runs/report.md"),
+                   cmd_eval_report)
+    p.add_argument("--runs", nargs="+", default=None, help="folders written by `llmkit eval tasks` or `eval glue --out` (required)")
+    p.add_argument("--out", default="report.md", help="the markdown file; .json and .png beside it (default: report.md)")
 
 
 def cmd_eval_perplexity(args) -> None:
@@ -176,7 +183,7 @@ def print_results_table(summary: dict) -> None:
         for task, metrics in block["results"].items():
             n = block["n-samples"].get(task, {}).get("effective", "")
             for key, value in metrics.items():
-                if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
                     continue
                 err = metrics.get(key.replace(",", "_stderr,", 1))
                 table.add_row(task, k, key, f"{value:.4f}", f"{err:.4f}" if isinstance(err, (int, float)) else "", str(n))
@@ -190,6 +197,10 @@ def cmd_eval_glue(args) -> None:
         raise LlmkitError("`llmkit eval glue` needs --task and --data", "e.g. --task sst2 --data glue_data/SST-2")
     out = run_glue(args.model, [t.strip() for t in args.task.split(",") if t.strip()], args.data, shots=args.shots, seed=args.seed,
                    limit=args.limit, batch_size=args.batch_size, log=lambda m: console().print(m))
+    if args.out:
+        from llmkit import io
+
+        io.write_json(f"{args.out}/results.json", out)
     if args.json:
         print(json.dumps(out))
         return
@@ -198,3 +209,13 @@ def cmd_eval_glue(args) -> None:
         print(f"{task:<14} {values}  (score {m['score']:.1f}, n {m['n']})")
     if len(out["tasks"]) > 1:
         print(f"score: {out['score']:.1f} (the mean of the task scores)")
+
+
+def cmd_eval_report(args) -> None:
+    from llmkit.evaluate.report import markdown, report
+
+    if not args.runs:
+        raise LlmkitError("`llmkit eval report` needs --runs", "e.g. --runs runs/eval runs/eval-sft")
+    out = report(args.runs, args.out)
+    print(markdown(out["rows"]), end="")
+    print(f"report -> {args.out}, {args.out.rsplit('.', 1)[0]}.json, {args.out.rsplit('.', 1)[0]}.png")

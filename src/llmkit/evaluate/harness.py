@@ -15,7 +15,8 @@ The three request kinds follow lm-eval's `hf` model, so the numbers are the same
     generate_until         greedy (or sampled) generation, stopped at any `until` string or the eos token, batched with
                            left padding and llmkit's KV cache
 
-Requests are sorted by length, longest first, and scored in batches.
+Requests are sorted by length, longest first, and scored in batches; the choices of a question share one pass over
+their common context (a KV cache), and generation decodes up to `gen_batch_size` prompts together.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class LlmkitLM(TemplateLM):
     (with `.tokenizer`)."""
 
     def __init__(self, model="smollm2", batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str | None = None, quantize: str | None = None, device: str | None = None, **kwargs):
+                 dtype: str | None = None, quantize: str | None = None, device: str | None = None, gen_batch_size: int = 32, **kwargs):
         super().__init__()
         import llmkit
 
@@ -67,6 +68,7 @@ class LlmkitLM(TemplateLM):
         self._batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = max_length
         self._max_gen_toks = int(max_gen_toks)
+        self._gen_batch_size = max(int(gen_batch_size), self._batch_size)  # decoding reads the weights once per step for all rows
         self.tokenizer = _TemplateView(self.tok.chat_template)
         self._device = next(self.model.parameters()).device
 
@@ -132,24 +134,91 @@ class LlmkitLM(TemplateLM):
     # --- scoring ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(log-likelihood of the continuation, whether greedy decoding gives it) per (key, context ids, continuation ids)."""
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        """(log-likelihood of the continuation, whether greedy decoding gives it) per (key, context ids, continuation ids).
+
+        Requests that share a context (the choices of a multiple-choice question) share its computation: the context
+        runs once, into a KV cache, and all continuations run together on top of it. Others go in batches, longest
+        first."""
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        groups: dict[tuple, list[int]] = {}
+        single = []
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                raise LlmkitError("an lm-eval request has an empty continuation", "check the task's doc_to_target / doc_to_choice")
+            fits = len(context) + len(continuation) <= self.max_length + 1
+            if self.backend == "causal" and fits and context:
+                groups.setdefault(tuple(context), []).append(i)
+            else:
+                single.append(i)
+        shared = [(list(c), m) for c, m in groups.items() if len(m) > 1]
+        single += [m[0] for m in groups.values() if len(m) == 1]
+        shared.sort(key=lambda g: -len(g[0]))
+        for start in range(0, len(shared), self.batch_size):
+            chunk = shared[start:start + self.batch_size]
+            scored = self._score_shared([c for c, _ in chunk], [[requests[i][2] for i in m] for _, m in chunk])
+            for (_, members), results in zip(chunk, scored):
+                for i, r in zip(members, results):
+                    out[i] = r
+        single.sort(key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        for start in range(0, len(single), self.batch_size):
+            chunk = single[start:start + self.batch_size]
             scored = self._score_causal([requests[i] for i in chunk]) if self.backend == "causal" else \
                 [self._score_seq2seq(requests[i]) for i in chunk]
             for i, r in zip(chunk, scored):
                 out[i] = r
+        for i, r in enumerate(out):
+            if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        return out
+
+    def _score_shared(self, contexts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+        """Questions whose choices share a context: the contexts run once, as one left-padded batch into a KV cache (the
+        last position predicts each continuation's first token); then every choice of every question runs as one
+        batch on its question's cached keys and values (right-padded: padding never precedes a real token).
+
+            contexts   [pad pad c0 c1 c2]        choices   q0: [a0 a1 ·]  [b0 · ·]  q1: [d0 d1 d2] ...
+                        [c0  c1 c2 c3 c4]                  rows take their question's cache row
+        """
+        G, W = len(contexts), max(map(len, contexts))
+        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
+        flat = [c for conts in continuations for c in conts]
+        width = max(map(len, flat)) - 1
+        ids = torch.zeros(G, W, dtype=torch.long)
+        mask = torch.zeros(G, W + max(width, 0), dtype=torch.long)
+        for g, c in enumerate(contexts):
+            ids[g, W - len(c):] = torch.tensor(c)
+            mask[g, W - len(c):W] = 1
+        positions = (mask[:, :W].cumsum(-1) - 1).clamp(min=0)
+        cache = self.model.new_cache(G, W + max(width, 0))
+        first = F.log_softmax(self.model(ids.to(self._device), attention_mask=mask[:, :W].to(self._device), cache=cache,
+                                          position_ids=positions.to(self._device), last_only=True, check_ids=False)[:, -1].float(),
+                              dim=-1)  # (G, V)
+        rest = None
+        if width > 0:
+            cache.reorder(owner.to(self._device))  # (R, ...): each choice on its question's context
+            x = torch.zeros(len(flat), width, dtype=torch.long)
+            row_mask = mask[owner].clone()
+            for r, c in enumerate(flat):
+                x[r, :len(c) - 1] = torch.tensor(c[:-1])
+                row_mask[r, W:W + len(c) - 1] = 1
+            pos = positions[owner, -1:] + 1 + torch.arange(width)  # (R, width)
+            rest = F.log_softmax(self.model(x.to(self._device), attention_mask=row_mask.to(self._device), cache=cache,
+                                            position_ids=pos.to(self._device), check_ids=False).float(), dim=-1)  # (R, width, V)
+        out, r = [], 0
+        for g, conts in enumerate(continuations):
+            results = []
+            for c in conts:
+                target = torch.tensor(c, device=self._device)
+                rows = first[g:g + 1] if len(c) == 1 else torch.cat([first[g:g + 1], rest[r, :len(c) - 1]])  # (len(c), V)
+                results.append((rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())))
+                r += 1
+            out.append(results)
         return out
 
     def _score_causal(self, chunk) -> list[tuple[float, bool]]:
         """One batch, right-padded: the context cut from the left so context + continuation fit the model."""
         inputs, spans = [], []
         for _, context, continuation in chunk:
-            if not continuation:
-                raise LlmkitError("an lm-eval request has an empty continuation", "check the task's doc_to_target / doc_to_choice")
             whole = (context + continuation)[-(self.max_length + 1):]
             inputs.append(whole[:-1])
             spans.append(len(continuation))
@@ -209,8 +278,8 @@ class LlmkitLM(TemplateLM):
                                    top_k=kwargs.get("top_k"), stop_strings=until, truncate=True, seed=kwargs.get("seed"))
             budget = self.max_length - cfg.max_new_tokens + 1
             members = sorted(members, key=lambda i: -len(args[i][0]))
-            for s in range(0, len(members), self.batch_size):
-                batch = members[s:s + self.batch_size]
+            for s in range(0, len(members), self._gen_batch_size):
+                batch = members[s:s + self._gen_batch_size]
                 prompts = [self.tok_encode(args[i][0])[-budget:] for i in batch] if self.backend == "causal" else \
                     [self.tok_encode(args[i][0]) for i in batch]
                 for i, g in zip(batch, generate(self.model, self.tok, prompts, cfg, warn=lambda m: None)):

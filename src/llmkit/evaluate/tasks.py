@@ -165,8 +165,20 @@ def run_tasks(model, tasks: list[str], *, shots: list[int], out: str | Path, lim
     """Evaluate `model` (a name, a path or a loaded model) on `tasks` at each number of `shots`; writes
     OUT/results.json (and OUT/tasks/, OUT/cache/: a re-run, after a kill too, reuses every request already answered)."""
     offline()
+    import logging
+
+    import datasets
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+
+    for module in (lm_eval.evaluator, lm_eval.loggers.utils):  # it runs `git` in the working folder, which need not be a repository
+        module.get_git_commit_hash = lambda: None
+    datasets.disable_progress_bars()  # llmkit prints its own lines; lm-eval's notes stay in its log at WARNING
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     from llmkit.evaluate.harness import LlmkitLM
 

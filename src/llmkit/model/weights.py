@@ -465,8 +465,34 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
 # --- the front door --------------------------------------------------------------------------------------
 
 
+def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
+    """A LoRA run of `llmkit finetune` (adapter_config.json + adapter_model.safetensors, PEFT's format): its base model
+    (`base_model_name_or_path`) with the adapter merged in, so it decodes as fast as the base."""
+    from llmkit.finetune.peft import load_lora, merge_and_unwrap
+
+    cfg = io.read_json(path / "adapter_config.json")
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise LlmkitError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)",
+                          "write the base model's name or path there (e.g. smollm2)")
+    if Path(str(base)).resolve() == path.resolve():
+        raise LlmkitError(f"{path}: the adapter names itself as its base model", "set base_model_name_or_path to the base model")
+    model = load(base, device=device)
+    load_lora(model, path)
+    merge_and_unwrap(model)
+    model.requires_grad_(False)
+    model.config.extra["adapter"] = str(path)
+    if quantize:
+        from llmkit.model.quantize import quantize as quantize_model
+
+        model.to(dtype=dtype) if dtype is not None else None
+        return quantize_model(model, quantize)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
 def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> torch.nn.Module:
-    """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a Hugging Face folder or a GGUF file.
+    """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a LoRA run folder (its base model with the
+    adapter merged), a Hugging Face folder or a GGUF file.
 
     Returns the model (in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None) attached. `dtype` casts
     it (e.g. torch.bfloat16); `quantize="int8"` makes its linear layers weight-only int8 (fast CPU decoding).
@@ -475,6 +501,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
 
     spec = str(name_or_path)
     path = embedded_path(spec) if spec in EMBEDDED else Path(spec)
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "model.safetensors").exists():
+        return _load_lora_folder(path, dtype, device, quantize)
     tokenizer = None
     load_dtype = None if quantize else dtype  # quantization starts from float32 weights
     if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and list(path.glob("*.gguf"))):
