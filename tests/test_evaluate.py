@@ -124,9 +124,9 @@ def test_metrics_command_reads_files_and_prints_one_json_object(tmp_path):
 @pytest.mark.parametrize("files, message", [
     ({"p.txt": "a\nb\nc\n", "r.txt": "a\nb\n"}, "r.txt has 2 references but .* has 3 predictions \\(line 3"),
     ({"p.txt": "", "r.txt": "a\n"}, "holds no prediction"),
-    ({"p.jsonl": '{"label": 1, "prediction": 1, "score": 0.3}\n{"label": 0, "prediction": 1, "score": NaN}\n'}, "row 2 has a score that is not"),
+    ({"p.jsonl": '{"label": 1, "prediction": 1, "score": 0.3}\n{"label": 0, "prediction": 1, "score": NaN}\n'}, "p.jsonl:2 has a score that is not"),
     ({"p.jsonl": '{"label": "a", "prediction": "a", "score": [0.5, 0.5]}\n{"label": "b", "prediction": "a", "score": [0.2, 0.8]}\n'
-               '{"label": "c", "prediction": "c", "score": [0.1, 0.9]}\n'}, "labels are missing from the scores|missing from the scores"),
+               '{"label": "c", "prediction": "c", "score": [0.1, 0.9]}\n'}, "scores hold \\[2\\] values per row but there are 3 classes \\(a, b, c\\)"),
     ({"p.jsonl": '{"label": 1, "prediction": 1}\n{"prediction": 0}\n'}, "p.jsonl:2 has no 'label'"),
 ])
 def test_bad_metric_inputs_name_the_problem(tmp_path, files, message):
@@ -155,3 +155,54 @@ def test_unknown_metrics_and_missing_wordnet_get_clear_errors():
               "try:\n    M.metric_value('meteor', M.Examples(['a b'], [['a b']]))\nexcept LlmkitError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
     assert "METEOR needs WordNet 3.0" in out and "make wordnet" in out
+
+
+def test_numeric_boolean_and_float_labels_keep_their_values():
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(3)
+    # eleven numeric classes: the score columns follow 0, 1, 2, ..., 10 (not "0", "1", "10", "2", ...)
+    y = np.arange(11).repeat(6)
+    scores = rng.dirichlet(np.ones(11), len(y)) * 0.2 + np.eye(11)[y] * 0.8
+    ex = M.Examples(y.tolist(), labels=y.tolist(), scores=scores.tolist())
+    assert M.metric_value("roc_auc", ex) == pytest.approx(sk.roc_auc_score(y, scores, multi_class="ovr")) == pytest.approx(1.0)
+    assert M.metric_value("confusion", ex)["labels"] == [str(i) for i in range(11)]
+    # booleans and floats: the positive class is true / 1.0 and the binary metrics equal sklearn's
+    yb = rng.integers(0, 2, 80)
+    sb = np.clip(yb * 0.4 + rng.random(80) * 0.6, 0, 1)
+    pb = (sb > 0.5).astype(int)
+    for cast in (bool, float):
+        exb = M.Examples([cast(v) for v in pb], labels=[cast(v) for v in yb], scores=sb.tolist())
+        assert M.metric_value("f1", exb) == pytest.approx(sk.f1_score(yb, pb))
+        assert M.metric_value("precision_binary", exb) == pytest.approx(sk.precision_score(yb, pb))
+        assert M.metric_value("roc_auc", exb) == pytest.approx(sk.roc_auc_score(yb, sb))
+        assert M.metric_value("pr_auc", exb) == pytest.approx(sk.average_precision_score(yb, sb))
+    with pytest.raises(LlmkitError, match="positive label 'maybe'"):
+        M.metric_value("f1", M.Examples([1, 0], labels=[1, 0]), pos_label="maybe")
+
+
+def test_bootstrap_of_a_mean_resamples_example_scores_and_keeps_the_averaging():
+    ex = _gen()
+    rows = M.per_example("rougeL", ex)
+    assert rows.mean() == pytest.approx(M.metric_value("rougeL", ex))
+    rng = np.random.default_rng(5)
+    expected = np.percentile(rows[rng.integers(0, len(ex), (200, len(ex)))].mean(1), [2.5, 97.5])
+    b = M.bootstrap("rougeL", ex, 200, seed=5)
+    assert [b["low"], b["high"]] == pytest.approx(expected.tolist())
+    # three classes: every resample scores macro F1, even one that happens to miss a class
+    y = [0, 1, 2] * 10
+    p = [0, 1, 1] * 10
+    f1 = M.bootstrap("f1", M.Examples(p, labels=y), 100, seed=0)
+    assert f1["value"] == pytest.approx(M.metric_value("f1_macro", M.Examples(p, labels=y)))
+    assert f1["high"] < 0.75  # binary F1 of a two-class resample would reach 1.0
+
+
+def test_metrics_command_takes_the_score_columns_order(tmp_path):
+    from sklearn import metrics as sk
+
+    rows = [(2, [0.1, 0.2, 0.7]), (10, [0.1, 0.8, 0.1]), (1, [0.7, 0.2, 0.1]), (2, [0.2, 0.3, 0.5]), (10, [0.3, 0.6, 0.1]), (1, [0.5, 0.3, 0.2])]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"label": y, "prediction": y, "score": s}) + "\n" for y, s in rows))
+    out = run_cli("eval", "metrics", "--metric", "roc_auc", "--predictions", str(tmp_path / "p.jsonl"), "--classes", "1,10,2", "--json")
+    order = {1: 0, 10: 1, 2: 2}
+    expected = sk.roc_auc_score([order[y] for y, _ in rows], [s for _, s in rows], multi_class="ovr")
+    assert json.loads(out.stdout)["roc_auc"] == pytest.approx(expected) == pytest.approx(1.0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from llmkit.errors import LlmkitError
 from llmkit.evaluate import glue
 
 
@@ -72,8 +73,8 @@ def test_superglue_files_parse_and_candidate_tasks_group_their_rows(tmp_path):
                                                                               "span2_index": 2}, "label": True, "idx": 0}])
     _jsonl(d / "AX-g" / "AX-g.jsonl", [{"premise": "P", "hypothesis": "H", "label": "entailment", "idx": 0, "pair_id": 7}])
     copa = glue.read_rows(glue.get_task("copa"), d / "COPA" / "val.jsonl")
-    assert [(r.text, r.text_pair, r.label, r.group) for r in copa] == [("The man broke his toe. because", "He dropped a hammer.", "1", "copa-0"),
-                                                                       ("The man broke his toe. because", "He sang.", "0", "copa-0")]
+    assert [(r.text, r.text_pair, r.label, r.group) for r in copa] == [("The man broke his toe because", "He dropped a hammer.", "1", "copa-0"),
+                                                                       ("The man broke his toe because", "He sang.", "0", "copa-0")]
     multirc = glue.read_rows(glue.get_task("multirc"), d / "MultiRC" / "val.jsonl")
     assert [r.label for r in multirc] == ["1", "0"] and len({r.group for r in multirc}) == 1
     record = glue.read_rows(glue.get_task("record"), d / "ReCoRD" / "val.jsonl")
@@ -125,7 +126,13 @@ def test_official_metrics_equal_sklearn_and_scipy():
            glue.Row("p", "h", "not_entailment", pair_id=2), glue.Row("p", "h", "not_entailment", pair_id=2)]
     r = glue.score(glue.get_task("axg"), axg, ["entailment", "entailment", "entailment", "not_entailment"])
     assert r["accuracy"] == 0.75 and r["gender_parity"] == 0.5
-    assert glue.glue_score({"a": 80.0, "b": 60.0, "c": 70.0}) == 70.0
+    # the leaderboards' own rows: BERT-large on GLUE (80.5) and the human baseline on SuperGLUE (89.8)
+    bert = {"cola": 60.5, "sst2": 94.9, "mrpc": (89.3 + 85.4) / 2, "stsb": (87.6 + 86.5) / 2, "qqp": (72.1 + 89.3) / 2,
+            "mnli-m": 86.7, "mnli-mm": 85.9, "qnli": 92.7, "rte": 70.1, "wnli": 65.1}
+    human = {"boolq": 89.0, "cb": (95.8 + 98.9) / 2, "copa": 100.0, "multirc": (81.8 + 51.9) / 2, "record": (91.7 + 91.3) / 2,
+             "rte-superglue": 93.6, "wic": 80.0, "wsc": 100.0, "axb": 76.6, "axg": (99.3 + 99.7) / 2}
+    assert round(glue.glue_score(bert)["glue"], 1) == 80.5 and round(glue.glue_score(human)["superglue"], 1) == 89.8
+    assert glue.glue_score({**bert, **human}).keys() == {"glue", "superglue"}
 
 
 def _sentiment_rows(n, seed):
@@ -163,3 +170,44 @@ def test_a_decoder_scores_glue_zero_shot_by_label_words(tmp_path):
     few = json.loads(run_cli("eval", "glue", "--task", "sst2", "--data", str(tmp_path), "--model", "smollm2", "--shots", "2", "--limit",
                              "8", "--json").stdout)  # SmolLM2-135M leans to one label after examples: the run works, the number is its own
     assert few["shots"] == 2 and few["tasks"]["sst2"]["n"] == 8
+
+
+def test_diagnostics_are_not_fine_tuned_and_whole_number_labels_are_classes(tmp_path):
+    from llmkit.finetune.data import Example
+    from llmkit.finetune.recipe import label_kind
+
+    (tmp_path / "AX-b").mkdir()
+    (tmp_path / "AX-b" / "AX-b.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "label": "entailment", "idx": 0}\n')
+    out = run_cli("finetune", "--model", "minilm", "--glue", "axb", "--data", str(tmp_path), "--out", str(tmp_path / "run"), check=False)
+    assert out.returncode != 0 and "diagnostic set with no training data" in out.stderr and "rte-superglue" in out.stderr
+    rows = [Example(text="t", label=v) for v in (4, 3.5, 1)]
+    assert label_kind(rows) == "regression" and [r.label for r in rows] == [4.0, 3.5, 1.0]
+    rows = [Example(text="t", label=v) for v in (4, 0, 5)]
+    assert label_kind(rows) == "classification" and [r.label for r in rows] == ["4", "0", "5"]
+    rows = [Example(text="t", label=v) for v in (4, 0, 5)]
+    assert label_kind(rows, regression=True) == "regression" and [r.label for r in rows] == [4.0, 0.0, 5.0]
+    with pytest.raises(LlmkitError, match="--regression needs a number"):
+        label_kind([Example(text="t", label="pos")], regression=True)
+
+
+def test_few_shot_examples_are_drawn_per_question_from_every_label():
+    class Recorder:
+        def __init__(self):
+            self.contexts = []
+
+        def loglikelihood(self, instances, disable_tqdm=False):
+            self.contexts += [i.arguments[0] for i in instances]
+            return [(-float(len(i.arguments[1])), False) for i in instances]
+
+    train = [glue.Row(f"passage {k}", f"Question: q{k}\nAnswer: a{k}", str(k % 2), group=f"t{k}") for k in range(20)]
+    rows = [glue.Row(f"text {k}", f"Question: v{k}\nAnswer: b", "1", group=f"v{k // 2}") for k in range(12)]
+    lm = Recorder()
+    glue.evaluate_decoder(lm, glue.get_task("multirc"), rows, train, shots=2, seed=0)
+    demos = {c.split("text ")[0] for c in lm.contexts}
+    assert len(demos) > 1  # questions get their own examples ...
+    assert all(len({c.split("text ")[0] for c, r in zip(lm.contexts[::2], rows) if r.group == g}) == 1 for g in {r.group for r in rows})
+    joined = "".join(demos)
+    assert "yes or no?\nAnswer: no" in joined and "yes or no?\nAnswer: yes" in joined  # ... of both labels
+    with pytest.raises(LlmkitError, match="3 shots asked for but the training file has 2"):
+        glue.evaluate_decoder(lm, glue.get_task("copa"), rows[:2], [glue.Row("p", "a", "1", "g0"), glue.Row("p", "b", "0", "g0"),
+                                                                   glue.Row("q", "c", "1", "g1")], shots=3)

@@ -133,3 +133,74 @@ def test_report_sets_runs_side_by_side_and_a_lora_folder_is_a_model(tiny_run, tm
     assert {r["model"] for r in rows} == {str(tiny_run), str(tmp_path / "lora")} and {r["task"] for r in rows} == {"play", "sort"}
     assert all(r["n"] == 4 for r in rows) and any(r["low"] is not None and r["low"] <= r["value"] <= r["high"] for r in rows)
     assert (tmp_path / "r" / "report.png").read_bytes()[:4] == b"\x89PNG" and "| model | task |" in out.stdout
+
+
+def test_shared_context_batches_fit_the_context_and_cache_each_batch_as_it_ends(tiny_run):
+    import torch
+
+    from llmkit.evaluate.harness import LlmkitLM
+
+    lm = LlmkitLM(model=str(tiny_run), max_length=64, batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(5, 200, (n,), generator=g).tolist()  # noqa: E731
+    long_ctx, short_ctx = ids(60), ids(20)
+    # each request fits alone (60 + 3, 20 + 30); the long context with the long choices would not
+    requests = [(("a", str(k)), long_ctx, ids(3)) for k in range(2)] + [(("b", str(k)), short_ctx, ids(30)) for k in range(2)]
+    written = []
+
+    class Hook:
+        def add_partial(self, kind, key, value):
+            written.append(key)
+
+    lm.cache_hook = Hook()
+    shared = lm._loglikelihood_tokens(requests)
+    alone = [lm._score_causal([r])[0] for r in requests]
+    for (a, ga), (b, gb) in zip(shared, alone):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert sorted(written) == sorted(r[0] for r in requests)
+    # a run killed in its second batch keeps the first batch's answers in the cache
+    written.clear()
+    calls = []
+    real = lm._score_shared
+
+    def dies_second_time(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    lm._score_shared = dies_second_time
+    with pytest.raises(KeyboardInterrupt):
+        lm._loglikelihood_tokens(requests)
+    assert sorted(written) == [("a", "0"), ("a", "1")]
+
+
+def test_the_request_cache_is_keyed_by_the_weights(tiny_run):
+    import torch
+
+    from llmkit.evaluate.harness import LlmkitLM
+
+    lm = LlmkitLM(model=str(tiny_run))
+    before = lm.fingerprint
+    assert LlmkitLM(model=str(tiny_run)).fingerprint == before
+    with torch.no_grad():
+        next(lm.model.parameters()).add_(0.01)
+    lm._fingerprint = None
+    assert lm.fingerprint != before
+
+
+def test_report_keeps_unbounded_metrics_and_names_two_runs_of_one_model(tmp_path):
+    from llmkit.evaluate.report import report
+
+    for name, ppl in (("plain", 18.5), ("chat", 21.0)):
+        result = {"model": "smollm2", "shots": {"0": {"results": {"lambada": {"perplexity,none": ppl, "perplexity_stderr,none": 0.6,
+                                                                               "acc,none": 0.4, "acc_stderr,none": 0.3}},
+                                                    "n-samples": {"lambada": {"effective": 50}}}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+    rows = report([tmp_path / "plain", tmp_path / "chat"], tmp_path / "r.md")["rows"]
+    ppl = next(r for r in rows if r["metric"] == "perplexity" and "plain" in r["model"])
+    assert ppl["low"] == pytest.approx(18.5 - 1.96 * 0.6) and ppl["high"] == pytest.approx(18.5 + 1.96 * 0.6)
+    acc = next(r for r in rows if r["metric"] == "acc" and "plain" in r["model"])
+    assert acc["low"] == 0.0 and acc["high"] == pytest.approx(0.4 + 1.96 * 0.3)
+    assert len({r["model"] for r in rows}) == 2 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

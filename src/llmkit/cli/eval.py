@@ -42,6 +42,8 @@ def register(commands) -> None:
                    help="references in the same layout, one per prediction; repeat for several references per prediction")
     p.add_argument("--field", default="text", help="the text field of JSONL predictions and references (default: text)")
     p.add_argument("--pos-label", default=None, help="the positive class of binary metrics (default: 1, true, positive or the last label)")
+    p.add_argument("--classes", default=None, help="comma list: the classes in the order of the score columns (default: the "
+                   "labels sorted, numbers numerically)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="a 95%% interval from N resamples (e.g. 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
     p.add_argument("--png", default=None, help="with the confusion metric: draw the matrix into this PNG (default: confusion.png)")
@@ -125,6 +127,9 @@ def cmd_eval_metrics(args) -> None:
     names = M.expand([m.strip() for m in args.metric.split(",") if m.strip()])
     generation = {M.kind_of(m) for m in names} == {"generation"}
     ex = M.read_generation(args.predictions, args.references, args.field) if generation else M.read_labelled(args.predictions)
+    if args.classes and not generation:
+        seen = {M._show(M._key(v)): v for v in list(ex.labels) + list(ex.predictions)}  # "1" names the label 1
+        ex.classes = [seen.get(c.strip(), c.strip()) for c in args.classes.split(",") if c.strip()]
     results = M.compute(names, ex, bootstrap_samples=args.bootstrap, seed=args.seed, pos_label=args.pos_label)
     for m in names:
         sig = M.signature(m, ex) if generation else None
@@ -135,7 +140,7 @@ def cmd_eval_metrics(args) -> None:
         M.plot_confusion(results["confusion"], png)
         print(f"confusion matrix -> {png}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results, ensure_ascii=False))
+        print(json.dumps(M.json_safe(results), ensure_ascii=False))
         return
     print(f"{len(ex)} examples")
     for m, v in results.items():
@@ -160,6 +165,8 @@ def cmd_eval_tasks(args) -> None:
         shots = [int(k) for k in args.shots.split(",") if k.strip()]
     except ValueError:
         raise LlmkitError(f"cannot read --shots {args.shots!r}", "write counts like 0,5") from None
+    if args.limit is not None and args.limit <= 0:
+        raise LlmkitError(f"--limit {args.limit:g} scores nothing", "give a count of examples (--limit 50) or a fraction (--limit 0.1), or leave it out")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     summary = run_tasks(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()], shots=shots, out=args.out, limit=limit,
                         include_path=args.include_path, chat=args.chat, batch_size=args.batch_size, seed=args.seed,
@@ -195,6 +202,8 @@ def cmd_eval_glue(args) -> None:
 
     if not args.task or not args.data:
         raise LlmkitError("`llmkit eval glue` needs --task and --data", "e.g. --task sst2 --data glue_data/SST-2")
+    if args.limit is not None and args.limit <= 0:
+        raise LlmkitError(f"--limit {args.limit} scores nothing", "give a count of questions (--limit 50), or leave it out")
     out = run_glue(args.model, [t.strip() for t in args.task.split(",") if t.strip()], args.data, shots=args.shots, seed=args.seed,
                    limit=args.limit, batch_size=args.batch_size, log=lambda m: console().print(m))
     if args.out:
@@ -208,7 +217,9 @@ def cmd_eval_glue(args) -> None:
         values = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("score", "n"))
         print(f"{task:<14} {values}  (score {m['score']:.1f}, n {m['n']})")
     if len(out["tasks"]) > 1:
-        print(f"score: {out['score']:.1f} (the mean of the task scores)")
+        for suite, value in out["scores"].items():
+            print(f"{'GLUE' if suite == 'glue' else 'SuperGLUE'} score: {value:.1f} (as the leaderboard counts it: the mean of "
+                  f"the task scores{', MNLI-m and -mm as one' if suite == 'glue' else ', diagnostics left out'})")
 
 
 def cmd_eval_report(args) -> None:
@@ -218,4 +229,6 @@ def cmd_eval_report(args) -> None:
         raise LlmkitError("`llmkit eval report` needs --runs", "e.g. --runs runs/eval runs/eval-sft")
     out = report(args.runs, args.out)
     print(markdown(out["rows"]), end="")
-    print(f"report -> {args.out}, {args.out.rsplit('.', 1)[0]}.json, {args.out.rsplit('.', 1)[0]}.png")
+    from pathlib import Path
+
+    print(f"report -> {args.out}, {Path(args.out).with_suffix('.json')}, {Path(args.out).with_suffix('.png')}")

@@ -39,6 +39,8 @@ def register(commands) -> None:
         p.add_argument("--data", default=None, help="a JSONL/CSV/TSV file of rows instead of a built-in task")
         p.add_argument("--glue", default=None, metavar="TASK", help="read --data as this GLUE/SuperGLUE task's official file (sst2, "
                        "cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli, boolq, cb, copa, multirc, record, wic, wsc) and score it officially")
+        p.add_argument("--regression", action="store_true", help="numeric labels are scores to predict, even when all are whole numbers "
+                       "(default: regression only when some label is not a whole number)")
         p.add_argument("--val-data", default=None, help="validation rows (default: a tenth of --data)")
         p.add_argument("--n-train", type=int, default=f.n_train, help=f"built-in task: training examples (default: {f.n_train})")
         p.add_argument("--n-val", type=int, default=f.n_val, help=f"built-in task: validation examples (default: {f.n_val})")

@@ -131,6 +131,8 @@ def task_file(task: Task, data: str | Path, split: str) -> Path:
     data = Path(data)
     if data.is_file():
         return data
+    if (data / task.folder).is_dir():  # the suite's folder (glue_data) holding the task's
+        data = data / task.folder
     name = task.train if split == "train" else task.validation
     path = data / name
     if not path.exists():
@@ -182,9 +184,11 @@ def _superglue_rows(task: Task, items: list[dict], path: Path) -> list[Row]:
                 t = d["target"]
                 rows.append(Row(d["text"], f"{t['span2_text']} means {t['span1_text']}", str(bool(d["label"]))))
             elif name == "copa":
-                connector = "because" if d["question"] == "cause" else "so"
+                connector = "because" if d["question"] == "cause" else "therefore"  # as lm-eval's copa: the period goes
+                premise = d["premise"].strip()
+                premise = premise[:-1] if premise.endswith((".", "!", "?")) else premise
                 for k in (0, 1):
-                    rows.append(Row(f"{d['premise']} {connector}", d[f"choice{k + 1}"], str(int(d["label"] == k)), group=f"copa-{n}"))
+                    rows.append(Row(f"{premise} {connector}", d[f"choice{k + 1}"], str(int(d["label"] == k)), group=f"copa-{n}"))
             elif name == "multirc":
                 passage = d["passage"]
                 for q in passage["questions"]:
@@ -238,6 +242,8 @@ def score(task: Task, rows: list[Row], predictions: list, scores: list[float] | 
         for m in task.metrics:
             if m == "gender_parity":
                 pairs: dict = {}
+                if any(r.pair_id is None for r in rows):
+                    raise LlmkitError("gender parity needs each AX-g row's pair_id", "give SuperGLUE's AX-g.jsonl as distributed")
                 for r, p in zip(rows, predictions):
                     pairs.setdefault(r.pair_id, []).append(p)
                 same = [len(set(v)) == 1 for v in pairs.values() if len(v) == 2]
@@ -260,9 +266,22 @@ def _winners(rows: list[Row], scores: list[float] | None) -> dict[str, int]:
     return best
 
 
-def glue_score(task_scores: dict[str, float]) -> float:
-    """The leaderboard's GLUE (or SuperGLUE) score: the mean of the task scores."""
-    return sum(task_scores.values()) / max(len(task_scores), 1)
+DIAGNOSTICS = ("axb", "axg")
+
+
+def glue_score(task_scores: dict[str, float]) -> dict[str, float]:
+    """The leaderboards' scores, one per suite present: the mean of the task scores, MNLI's matched and mismatched
+    averaged into one task (GLUE), the diagnostics (AX-b, AX-g) left out (SuperGLUE), as the leaderboards count them.
+    E.g. BERT-large's GLUE row gives 80.5, the SuperGLUE human baseline 89.8."""
+    out = {}
+    for suite in ("glue", "superglue"):
+        scores = {k: v for k, v in task_scores.items() if get_task(k).suite == suite and k not in DIAGNOSTICS}
+        mnli = [scores.pop(k) for k in ("mnli-m", "mnli-mm") if k in scores]
+        if mnli:
+            scores["mnli"] = sum(mnli) / len(mnli)
+        if scores:
+            out[suite] = sum(scores.values()) / len(scores)
+    return out
 
 
 # --- decoders: zero- and few-shot, by the log-likelihood of label words --------------------------------------------------
@@ -303,7 +322,9 @@ def evaluate_decoder(lm, task: Task, rows: list[Row], train: list[Row] | None = 
     if task.kind == "regression":
         raise LlmkitError(f"{task.name} is a regression task: a decoder's label words cannot score it", "fine-tune an encoder on it")
     rng = random.Random(seed)
-    demos = rng.sample([r for r in (train or []) if task.kind != "candidates" or r.label == "1"], min(shots, len(train or [])))
+    pool = [r for r in (train or []) if task.name not in ("copa", "record") or r.label == "1"]  # candidates: the right one
+    if shots and len(pool) < shots:
+        raise LlmkitError(f"{shots} shots asked for but the training file has {len(pool)} usable examples", "lower --shots")
 
     def solved(r: Row) -> str:
         if task.name in PROMPTS:
@@ -311,9 +332,19 @@ def evaluate_decoder(lm, task: Task, rows: list[Row], train: list[Row] | None = 
             return prompt(r) + words[labels.index(str(r.label))]
         return f"{r.text}\n- {r.text_pair}" if task.name == "record" else f"{r.text} {r.text_pair}"
 
-    prefix = "".join(solved(d) + "\n\n" for d in demos)
+    prefixes: dict = {}
+
+    def prefix_of(i: int, r: Row) -> str:
+        """`shots` solved examples, drawn afresh for each question (all the rows of one question share them), as
+        lm-eval's few-shot sampler does."""
+        key = r.group or i
+        if key not in prefixes:
+            prefixes[key] = "".join(solved(d) + "\n\n" for d in rng.sample(pool, shots)) if shots else ""
+        return prefixes[key]
+
     requests, owners = [], []
     for i, r in enumerate(rows):
+        prefix = prefix_of(i, r)
         if task.name in PROMPTS:
             prompt, words, _ = PROMPTS[task.name]
             for w in words:
@@ -362,7 +393,8 @@ def run_glue(model: str, tasks: list[str], data: str | Path, *, shots: int = 0, 
              batch_size: int = 8, log=print) -> dict:
     """Evaluate `model` on the validation files of `tasks`: a classifier run of `llmkit finetune` (an encoder) directly, any
     other model as a decoder through lm-eval log-likelihoods. `data` is a task's folder (glue_data/SST-2) or the folder
-    holding the task folders (glue_data). Returns {"model", "tasks": {task: metrics}, "score"}."""
+    holding the task folders (glue_data). Returns {"model", "tasks": {task: metrics}, "scores": {suite: leaderboard score},
+    "score" (the one suite's, else None)}."""
     is_classifier = (Path(model) / "classifier.safetensors").exists()
     if is_classifier:
         from llmkit.finetune.classifier import load_classifier
@@ -382,11 +414,21 @@ def run_glue(model: str, tasks: list[str], data: str | Path, *, shots: int = 0, 
         if limit:
             keep = list(dict.fromkeys(r.group or i for i, r in enumerate(rows)))[:limit]  # whole questions, not half of one
             rows = [r for i, r in enumerate(rows) if (r.group or i) in set(keep)]
+        if not rows:
+            raise LlmkitError(f"{task.name}'s validation file in {folder} holds no rows", f"give the official {task.folder} files")
         log(f"{task.name}: {len(rows)} validation rows from {folder}")
         if is_classifier:
             results[task.name] = evaluate_classifier(clf, clf.tokenizer, task, rows)
         else:
-            train = read_rows(task, task_file(task, folder, "train")) if shots else []
+            train = read_rows(task, task_file(task, folder, "train")) if shots and task.name not in DIAGNOSTICS else []
+            if shots and task.name in DIAGNOSTICS:  # a diagnostic's one file is its test: its examples come from RTE
+                rte = next((f for f in (Path(data) / "RTE", folder.parent / "RTE") if (f / "train.jsonl").exists()), None)
+                if rte is None:
+                    raise LlmkitError(f"{task.folder}'s few-shot examples come from SuperGLUE's RTE training file, not found beside it",
+                                      "put RTE/ in the --data folder (superglue_data/RTE) or use --shots 0")
+                train = read_rows(get_task("rte-superglue"), rte / "train.jsonl")
             results[task.name] = evaluate_decoder(lm, task, rows, train, shots=shots, seed=seed)
         results[task.name]["n"] = len(rows)
-    return {"model": str(model), "shots": shots, "tasks": results, "score": glue_score({k: v["score"] for k, v in results.items()})}
+    scores = glue_score({k: v["score"] for k, v in results.items()})
+    return {"model": str(model), "shots": shots, "tasks": results, "scores": scores,
+            "score": next(iter(scores.values())) if len(scores) == 1 else None}

@@ -53,8 +53,11 @@ class LlmkitLM(TemplateLM):
         if isinstance(model, torch.nn.Module):
             self.model, self.name = model, getattr(model, "name_or_path", type(model).__name__)
         else:
-            dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                  "fp32": None, "float32": None, None: None}[dtype]
+            dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                      "half": torch.float16, "fp32": None, "float32": None, "float": None, "auto": None, None: None}
+            if dtype not in dtypes:
+                raise LlmkitError(f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
+            dt = dtypes[dtype]
             self.model, self.name = llmkit.load(model, dtype=dt, quantize=quantize, device=device), str(model)
         self.model.eval()
         self.tok = self.model.tokenizer
@@ -75,6 +78,23 @@ class LlmkitLM(TemplateLM):
     @property
     def device(self):
         return self._device
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the weights (a sample of values and the sum of each tensor) and their dtypes: the request
+        cache's key, so answers of a re-trained model are never served for another."""
+        import hashlib
+
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            with torch.no_grad():
+                for name, p in self.model.state_dict().items():
+                    flat = p.detach().reshape(-1)
+                    h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+                    h.update(flat[:16].float().cpu().numpy().tobytes())
+                    h.update(flat.float().sum().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:12]
+        return self._fingerprint
 
     # --- what lm-eval asks of a model ----------------------------------------------------------------------
     @property
@@ -153,23 +173,41 @@ class LlmkitLM(TemplateLM):
         shared = [(list(c), m) for c, m in groups.items() if len(m) > 1]
         single += [m[0] for m in groups.values() if len(m) == 1]
         shared.sort(key=lambda g: -len(g[0]))
-        for start in range(0, len(shared), self.batch_size):
-            chunk = shared[start:start + self.batch_size]
+        done = set()
+
+        def record(i, r):  # into the request cache as each batch finishes, so a killed run keeps what it scored
+            out[i] = r
+            if requests[i][0] is not None and i not in done:
+                done.add(i)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+
+        for chunk in self._shared_chunks(shared, requests):
             scored = self._score_shared([c for c, _ in chunk], [[requests[i][2] for i in m] for _, m in chunk])
             for (_, members), results in zip(chunk, scored):
                 for i, r in zip(members, results):
-                    out[i] = r
+                    record(i, r)
         single.sort(key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(single), self.batch_size):
             chunk = single[start:start + self.batch_size]
             scored = self._score_causal([requests[i] for i in chunk]) if self.backend == "causal" else \
                 [self._score_seq2seq(requests[i]) for i in chunk]
             for i, r in zip(chunk, scored):
-                out[i] = r
-        for i, r in enumerate(out):
-            if requests[i][0] is not None:
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+                record(i, r)
         return out
+
+    def _shared_chunks(self, shared, requests):
+        """Batches of questions (longest context first) whose longest context plus longest choice still fits the
+        model: the batch's cache holds that many positions, so each question's context and choices must fit it."""
+        chunk, ctx, cont = [], 0, 0
+        for context, members in shared:
+            longest = max(len(requests[i][2]) for i in members)
+            if chunk and (len(chunk) == self.batch_size or max(ctx, len(context)) + max(cont, longest) - 1 > self.max_length):
+                yield chunk
+                chunk, ctx, cont = [], 0, 0
+            chunk.append((context, members))
+            ctx, cont = max(ctx, len(context)), max(cont, longest)
+        if chunk:
+            yield chunk
 
     def _score_shared(self, contexts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
         """Questions whose choices share a context: the contexts run once, as one left-padded batch into a KV cache (the
@@ -273,10 +311,16 @@ class LlmkitLM(TemplateLM):
         for members in groups.values():
             kwargs = normalize_gen_kwargs(args[members[0]][1], self.max_gen_toks)
             until = [u for u in kwargs.pop("until", []) if u]
-            cfg = GenerationConfig(max_new_tokens=int(kwargs.pop("max_gen_toks")), do_sample=bool(kwargs.get("do_sample")),
-                                   temperature=float(kwargs.get("temperature", 0.0) or 0.0), top_p=kwargs.get("top_p"),
-                                   top_k=kwargs.get("top_k"), stop_strings=until, truncate=True, seed=kwargs.get("seed"))
-            budget = self.max_length - cfg.max_new_tokens + 1
+            do_sample = bool(kwargs.get("do_sample"))
+            temperature = kwargs.get("temperature")  # as hf: sampling without a temperature samples at 1.0
+            temperature = (1.0 if temperature is None else float(temperature)) if do_sample else 0.0
+            cfg = GenerationConfig(max_new_tokens=int(kwargs.pop("max_gen_toks")), do_sample=do_sample and temperature > 0,
+                                   temperature=temperature, top_p=kwargs.get("top_p"), top_k=kwargs.get("top_k"),
+                                   stop_strings=until, truncate=True, seed=kwargs.get("seed"))
+            budget = self.max_length - cfg.max_new_tokens  # the prompt's share of the context, as hf keeps it
+            if budget <= 0 and self.backend == "causal":
+                raise LlmkitError(f"max_gen_toks {cfg.max_new_tokens} leaves no room for a prompt in the context of {self.max_length}",
+                                  "lower max_gen_toks (--gen-kwargs max_gen_toks=N) or raise max_length")
             members = sorted(members, key=lambda i: -len(args[i][0]))
             for s in range(0, len(members), self._gen_batch_size):
                 batch = members[s:s + self._gen_batch_size]

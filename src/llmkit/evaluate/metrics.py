@@ -36,6 +36,17 @@ GENERATION = {"bleu", "chrf", "chrf++", "ter", "rouge", "rouge1", "rouge2", "rou
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
+def json_safe(value):
+    """NaN and infinities (an undefined metric) as null, so that the output is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def kind_of(metric: str) -> str:
     if metric in CLASSIFICATION:
         return "classification"
@@ -63,7 +74,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.predictions)
 
-    def take(self, index: np.ndarray) -> "Examples":
+    def take(self, index) -> "Examples":
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return Examples(pick(self.predictions), pick(self.references), pick(self.labels), pick(self.scores), self.classes)
 
@@ -152,7 +163,11 @@ def read_labelled(path: str | Path) -> Examples:
                 raise LlmkitError(f"{path}:{n} has no {key!r} (it has: {', '.join(row)})", "give every row a label and a prediction")
         labels.append(row["label"])
         preds.append(row["prediction"])
-        scores.append(row.get("score"))
+        score = row.get("score")
+        values = score if isinstance(score, list) else [score]
+        if score is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise LlmkitError(f"{path}:{n} has a score that is not a finite number ({score})", "give probabilities, not NaN")
+        scores.append(score)
     have = [s is not None for s in scores]
     if any(have) and not all(have):
         raise LlmkitError(f"{path}:{rows[have.index(False)][0]} has no score while other rows do", "give every row a score, or none")
@@ -213,17 +228,51 @@ def signature(metric: str, ex: Examples) -> str | None:
     return str(m.get_signature())
 
 
+def _key(value):
+    """Labels compare by value: 1, 1.0 and "1"... stay apart only when they differ as JSON values would; booleans are
+    the words true / false; numbers compare as numbers (so 2 sorts before 10)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value)
+
+
+def _show(key) -> str:
+    return str(int(key)) if isinstance(key, float) and key.is_integer() else str(key)
+
+
+def _sorted(keys) -> list:
+    keys = set(keys)
+    numbers = sorted(k for k in keys if isinstance(k, float))
+    return numbers + sorted(k for k in keys if not isinstance(k, float))
+
+
 def _classes(ex: Examples) -> list:
-    return sorted(set(ex.labels) | set(ex.predictions), key=str)
+    """The classes as keys: the given order (`Examples.classes`), else every label and prediction sorted (numbers
+    numerically, before words)."""
+    if ex.classes is not None:
+        return [_key(c) for c in ex.classes]
+    return _sorted(_key(v) for v in list(ex.labels) + list(ex.predictions))
+
+
+def _positive(classes: list, pos_label) -> object:
+    """The positive class's key among two: `pos_label` (matched by value or by text), else 1, true, positive, pos or
+    yes, else the last class."""
+    if pos_label is not None:
+        for c in classes:
+            if c == _key(pos_label) or _show(c) == str(pos_label) or str(c).lower() == str(pos_label).lower():
+                return c
+        raise LlmkitError(f"the positive label {pos_label!r} is not among the classes ({', '.join(map(_show, classes))})",
+                          "give --pos-label as one of them")
+    return next((c for c in (1.0, "true", "positive", "pos", "yes", "1") if c in classes), classes[-1])
 
 
 def _binary(ex: Examples, pos_label) -> tuple[list, object]:
     classes = _classes(ex)
     if len(classes) > 2:
         raise LlmkitError(f"a binary metric got {len(classes)} classes", "use the _macro, _micro or _weighted form")
-    if pos_label is None:
-        pos_label = next((c for c in (1, "1", True, "true", "positive", "pos", "yes") if c in classes), classes[-1])
-    return classes, pos_label
+    return classes, _positive(classes, pos_label)
 
 
 def _score_matrix(ex: Examples, classes: list) -> np.ndarray:
@@ -233,14 +282,53 @@ def _score_matrix(ex: Examples, classes: list) -> np.ndarray:
     else:
         lengths = {len(s) if isinstance(s, list) else 1 for s in scores}
         if lengths != {len(classes)}:
-            raise LlmkitError(f"scores hold {sorted(lengths)} values per row but the labels have {len(classes)} classes "
-                              f"({', '.join(map(str, classes))}): some labels are missing from the scores",
-                              "give one probability per class, in the sorted order of the labels")
+            raise LlmkitError(f"scores hold {sorted(lengths)} values per row but there are {len(classes)} classes "
+                              f"({', '.join(map(_show, classes))})",
+                              "give one probability per class, in the sorted order of the classes (numbers numerically), "
+                              "or name their order (--classes a,b,c)")
         out = np.asarray(scores, dtype=float)
     bad = np.flatnonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1))
     if len(bad):
-        raise LlmkitError(f"row {bad[0] + 1} has a score that is not a finite number ({scores[bad[0]]})", "give probabilities, not NaN")
+        raise LlmkitError(f"example {bad[0] + 1} has a score that is not a finite number ({scores[bad[0]]})", "give probabilities, not NaN")
     return out
+
+
+def _finite(values, what: str) -> np.ndarray:
+    try:
+        x = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise LlmkitError(f"the {what} of a regression metric are not all numbers", "give numbers as label and prediction") from None
+    bad = np.flatnonzero(~np.isfinite(x))
+    if len(bad):
+        raise LlmkitError(f"example {bad[0] + 1} has a {what[:-1]} that is not a finite number ({values[bad[0]]})", "give finite numbers")
+    return x
+
+
+def per_example(metric: str, ex: Examples) -> np.ndarray | None:
+    """Each example's own score, for the metrics that are a mean over examples (ROUGE, METEOR, exact match, token F1,
+    accuracy); None for the metrics computed over the whole corpus (BLEU, chrF, TER, F1, AUC, correlations...)."""
+    if metric in ROUGE_KEYS:
+        return np.asarray(_rouge_rows(ex)[metric])
+    if metric == "meteor":
+        wordnet_ready()
+        from nltk.translate.meteor_score import meteor_score
+
+        return np.array([meteor_score([r.split() for r in refs], p.split()) for p, refs in zip(ex.predictions, ex.references)])
+    if metric == "exact_match":
+        return np.array([float(max(_normalize_squad(p) == _normalize_squad(r) for r in refs)) for p, refs in zip(ex.predictions, ex.references)])
+    if metric == "token_f1":
+        return np.array([max(_token_f1(p, r) for r in refs) for p, refs in zip(ex.predictions, ex.references)])
+    if metric == "accuracy":
+        return np.array([float(_key(y) == _key(p)) for y, p in zip(ex.labels, ex.predictions)])
+    return None
+
+
+def resolve(metric: str, ex: Examples) -> str:
+    """`f1`, `precision` and `recall` alone mean the binary form for two classes and the macro one for more, decided
+    on these examples (a bootstrap resample keeps the decision)."""
+    if metric in ("f1", "precision", "recall"):
+        return f"{metric}_{'binary' if len(_classes(ex)) <= 2 else 'macro'}"
+    return metric
 
 
 def metric_value(metric: str, ex: Examples, *, pos_label=None):
@@ -249,86 +337,98 @@ def metric_value(metric: str, ex: Examples, *, pos_label=None):
 
     if metric in ("bleu", "chrf", "chrf++", "ter"):
         return float(_sacrebleu(metric).corpus_score(ex.predictions, _sacrebleu_refs(ex)).score)
-    if metric in ROUGE_KEYS:
-        return _rouge(ex)[metric]
-    if metric == "meteor":
-        wordnet_ready()
-        from nltk.translate.meteor_score import meteor_score
-
-        return float(np.mean([meteor_score([r.split() for r in refs], p.split()) for p, refs in zip(ex.predictions, ex.references)]))
-    if metric == "exact_match":
-        return float(np.mean([max(_normalize_squad(p) == _normalize_squad(r) for r in refs) for p, refs in zip(ex.predictions, ex.references)]))
-    if metric == "token_f1":
-        return float(np.mean([max(_token_f1(p, r) for r in refs) for p, refs in zip(ex.predictions, ex.references)]))
+    rows = per_example(metric, ex)
+    if rows is not None:
+        return float(rows.mean())
     if metric in ("pearson", "spearman"):
         from scipy import stats
 
-        x, y = np.asarray(ex.predictions, dtype=float), np.asarray(ex.labels, dtype=float)
+        x, y = _finite(ex.predictions, "predictions"), _finite(ex.labels, "labels")
         return float((stats.pearsonr if metric == "pearson" else stats.spearmanr)(x, y)[0])
-    y, p = [str(v) for v in ex.labels], [str(v) for v in ex.predictions]
-    if metric == "accuracy":
-        return float(sk.accuracy_score(y, p))
+    if metric in ("roc_auc", "pr_auc"):  # the scores' columns are the labels' classes (predictions play no part)
+        if ex.scores is None:
+            raise LlmkitError(f"{metric} needs scores", "give every row a score: the positive class's probability, or one per class")
+        classes = _classes(ex) if ex.classes is not None else _sorted(_key(v) for v in ex.labels)
+        index = {c: i for i, c in enumerate(classes)}
+        if any(_key(v) not in index for v in ex.labels):
+            raise LlmkitError("a label is not one of the classes given", "list every class")
+        y = [index[_key(v)] for v in ex.labels]
+        one_column = all(isinstance(s, (int, float)) for s in ex.scores)
+        score = _score_matrix(ex, classes if not one_column else [0, 1])
+        if len(classes) <= 2:
+            pos = _positive(classes, pos_label)
+            if score.ndim == 2:  # one probability per class: keep the positive one's
+                score = score[:, classes.index(pos)]
+            truth = [int(classes[i] == pos) for i in y]
+            return float((sk.roc_auc_score if metric == "roc_auc" else sk.average_precision_score)(truth, score))
+        if score.ndim == 1:
+            raise LlmkitError(f"{metric} over {len(classes)} classes needs one probability per class in each score", "give lists of scores")
+        if metric == "roc_auc":
+            return float(sk.roc_auc_score(y, score, multi_class="ovr", average="macro", labels=list(range(len(classes)))))
+        return float(sk.average_precision_score(np.eye(len(classes))[y], score, average="macro"))
+    classes = _classes(ex)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [v for v in list(ex.labels) + list(ex.predictions) if _key(v) not in index]
+    if unknown:
+        raise LlmkitError(f"{unknown[0]!r} is not one of the classes given ({', '.join(map(_show, classes))})", "list every class")
+    y = [index[_key(v)] for v in ex.labels]
+    p = [index[_key(v)] for v in ex.predictions]
+    everyone = list(range(len(classes)))
     if metric == "mcc":
         return float(sk.matthews_corrcoef(y, p))
     if metric == "confusion":
-        classes = [str(c) for c in _classes(ex)]
-        return {"labels": classes, "matrix": sk.confusion_matrix(y, p, labels=classes).tolist()}
-    if metric in ("roc_auc", "pr_auc"):
-        if ex.scores is None:
-            raise LlmkitError(f"{metric} needs scores", "give every row a score: the positive class's probability, or one per class")
-        classes = sorted(set(ex.labels), key=str)
-        score = _score_matrix(ex, classes if not all(isinstance(s, (int, float)) for s in ex.scores) else [0, 1])
-        if score.ndim == 2 and len(classes) == 2:  # two classes with one probability each: keep the positive one's
-            score = score[:, classes.index(_binary(Examples(ex.labels, labels=ex.labels), pos_label)[1])]
-        if score.ndim == 1:  # binary: the positive class's probability
-            _, pos = _binary(Examples(ex.labels, labels=ex.labels), pos_label)
-            truth = [int(str(v) == str(pos)) for v in ex.labels]
-            return float((sk.roc_auc_score if metric == "roc_auc" else sk.average_precision_score)(truth, score))
-        if metric == "roc_auc":
-            return float(sk.roc_auc_score([classes.index(v) for v in ex.labels], score, multi_class="ovr", average="macro",
-                                          labels=list(range(len(classes)))))
-        onehot = np.eye(len(classes))[[classes.index(v) for v in ex.labels]]
-        return float(sk.average_precision_score(onehot, score, average="macro"))
-    name, _, average = metric.partition("_")
+        return {"labels": [_show(c) for c in classes], "matrix": sk.confusion_matrix(y, p, labels=everyone).tolist()}
+    name, _, average = resolve(metric, ex).partition("_")
     fn = {"precision": sk.precision_score, "recall": sk.recall_score, "f1": sk.f1_score}[name]
-    if not average:  # f1 alone: binary for two classes, macro for more
-        average = "binary" if len(_classes(ex)) <= 2 else "macro"
     if average == "binary":
-        _, pos = _binary(ex, pos_label)
-        return float(fn(y, p, average="binary", pos_label=str(pos), zero_division=0))
-    return float(fn(y, p, average=average, zero_division=0))
+        pos = _positive(_binary(ex, pos_label)[0], pos_label)
+        return float(fn(y, p, average="binary", pos_label=index[pos], zero_division=0))
+    return float(fn(y, p, average=average, labels=everyone if average != "micro" else None, zero_division=0))
 
 
-def _rouge(ex: Examples) -> dict[str, float]:
+def _rouge_rows(ex: Examples) -> dict[str, list[float]]:
+    """Each example's ROUGE F-measures (the best over its references), as rouge-score computes them."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    rows = {k: [] for k in ROUGE_KEYS}
     for p, refs in zip(ex.predictions, ex.references):
-        scores = scorer.score_multi(refs, p)  # the best over the references
+        scores = scorer.score_multi(refs, p)
         for k in ROUGE_KEYS:
-            totals[k] += scores[k].fmeasure
-    return {k: v / len(ex) for k, v in totals.items()}
+            rows[k].append(scores[k].fmeasure)
+    return rows
 
 
 def bootstrap(metric: str, ex: Examples, n: int, seed: int = 0, *, pos_label=None, confidence: float = 0.95) -> dict:
-    """{"value", "low", "high"}: the metric and its percentile interval over `n` resamples of the examples."""
-    value = metric_value(metric, ex, pos_label=pos_label)
+    """{"value", "low", "high"}: the metric and its percentile interval over `n` resamples of the examples. Means over
+    examples resample the examples' scores; corpus metrics are recomputed on each resample, with the classes, the
+    positive class and the averaging fixed on the whole set."""
     rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n):
-        index = rng.integers(0, len(ex), len(ex))
-        try:
-            v = metric_value(metric, ex.take(index), pos_label=pos_label)
-        except (ValueError, LlmkitError):  # a resample with one class only: ROC-AUC is undefined there
-            continue
-        if isinstance(v, float) and math.isfinite(v):
-            samples.append(v)
+    rows = per_example(metric, ex)
+    value = float(rows.mean()) if rows is not None else metric_value(metric, ex, pos_label=pos_label)
+    if rows is not None:
+        samples = rows[rng.integers(0, len(ex), (n, len(ex)))].mean(1).tolist()
+    else:
+        fixed = Examples(ex.predictions, ex.references, ex.labels, ex.scores, ex.classes)
+        if ex.labels is not None and metric not in ("pearson", "spearman"):
+            if fixed.classes is None:
+                fixed.classes = _sorted(_key(v) for v in ex.labels) if metric in ("roc_auc", "pr_auc") else _classes(ex)
+            if len(fixed.classes) <= 2:
+                pos_label = _positive(_classes(fixed), pos_label)
+        name = resolve(metric, ex) if ex.labels is not None else metric
+        samples = []
+        for _ in range(n):
+            try:
+                v = metric_value(name, fixed.take(rng.integers(0, len(ex), len(ex))), pos_label=pos_label)
+            except (ValueError, LlmkitError):  # a resample with one class only: ROC-AUC is undefined there
+                continue
+            if isinstance(v, float) and math.isfinite(v):
+                samples.append(v)
     if not samples:
         return {"value": value, "low": float("nan"), "high": float("nan")}
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail])
-    return {"value": value, "low": float(min(low, value)), "high": float(max(high, value))}
+    return {"value": value, "low": float(low), "high": float(high)}
 
 
 def expand(metrics: list[str]) -> list[str]:

@@ -5,8 +5,9 @@
     smollm2      arithmetic         0      exact_match    0.021   [0.000, 0.062]   48
     runs/sft     arithmetic         0      exact_match    0.417   [0.277, 0.556]   48
 
-lm-eval's intervals are value ± 1.96 standard errors (its bootstrap or closed-form stderr), clipped to the metric's
-range; GLUE rows carry no interval.
+lm-eval's intervals are value ± 1.96 standard errors (its bootstrap or closed-form stderr), clipped to the range of
+the metrics known to be bounded (accuracy, exact match, F1... to [0, 1]; MCC to [-1, 1]); GLUE rows carry no interval.
+Two runs of the same model are told apart by their folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from pathlib import Path
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+
+
+BOUNDED = {"acc": (0, 1), "acc_norm": (0, 1), "exact_match": (0, 1), "em": (0, 1), "f1": (0, 1), "f1a": (0, 1), "accuracy": (0, 1),
+           "precision": (0, 1), "recall": (0, 1), "token_f1": (0, 1), "mc1": (0, 1), "mc2": (0, 1), "mcc": (-1, 1)}
+
+
+def _interval(name: str, value: float, err: float) -> tuple[float, float]:
+    low, high = value - 1.96 * err, value + 1.96 * err
+    if name in BOUNDED:
+        lo, hi = BOUNDED[name]
+        low, high = max(lo, low), min(hi, high)
+    return low, high
 
 
 def rows_of(results: dict) -> list[dict]:
@@ -32,7 +45,7 @@ def rows_of(results: dict) -> list[dict]:
                     err = metrics.get(f"{name}_stderr,{filt}")
                     low = high = None
                     if isinstance(err, (int, float)):
-                        low, high = max(0.0, value - 1.96 * err), min(1.0, value + 1.96 * err)
+                        low, high = _interval(name, value, err)
                     rows.append({"model": model, "task": task, "shots": int(k), "metric": name if filt == "none" else f"{name} ({filt})",
                                  "value": float(value), "low": low, "high": high, "n": n})
     elif "tasks" in results:  # llmkit eval glue
@@ -50,7 +63,13 @@ def collect(runs: list[str | Path]) -> list[dict]:
         path = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
         if not path.exists():
             raise LlmkitError(f"{run} holds no results.json", "point --runs at folders written by `llmkit eval tasks` (or eval glue --out)")
-        rows += rows_of(io.read_json(path))
+        rows += [{**r, "run": str(run)} for r in rows_of(io.read_json(path))]
+    runs_of: dict[str, set] = {}
+    for r in rows:
+        runs_of.setdefault(r["model"], set()).add(r["run"])
+    for r in rows:  # one model evaluated in two runs (plain and chat, before and after...): name the run too
+        if len(runs_of[r["model"]]) > 1:
+            r["model"] = f"{r['model']} ({r['run']})"
     if not rows:
         raise LlmkitError("the runs hold no scores", "evaluate first: llmkit eval tasks --model ... --tasks ... --out DIR")
     return rows
@@ -85,8 +104,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             xs.append(g_i + (m_i - (len(models) - 1) / 2) * width)
             ys.append(r["value"])
-            lo.append(r["value"] - r["low"] if r["low"] is not None else 0)
-            hi.append(r["high"] - r["value"] if r["high"] is not None else 0)
+            lo.append(max(0.0, r["value"] - r["low"]) if r["low"] is not None else 0)
+            hi.append(max(0.0, r["high"] - r["value"]) if r["high"] is not None else 0)
         ax.bar(xs, ys, width, label=model, yerr=np.array([lo, hi]), capsize=3)
     ax.set_xticks(range(len(groups)), [f"{t}\n{m}\n{k}-shot" for t, m, k in groups], fontsize=8)
     ax.set_ylabel("value (95% interval)")

@@ -66,10 +66,14 @@ def _play_docs(split: str, n: int, seed: int) -> list[dict]:
     rng = random.Random(f"play-{split}-{seed}")
     lines = _play_lines()
     titles = sorted(lines)
-    docs = []
-    for _ in range(n):
+    docs, seen = [], set()
+    pool = sum(len(set(lines[t][0 if split == "train" else 1])) for t in titles)
+    while len(docs) < min(n, pool):  # without repeats
         title = rng.choice(titles)
-        docs.append({"line": rng.choice(lines[title][0 if split == "train" else 1]), "choices": titles, "gold": titles.index(title)})
+        line = rng.choice(lines[title][0 if split == "train" else 1])
+        if (title, line) not in seen:
+            seen.add((title, line))
+            docs.append({"line": line, "choices": titles, "gold": titles.index(title)})
     return docs
 
 
@@ -98,7 +102,7 @@ def _yaml(task: str, folder: Path) -> dict:
             "generation_kwargs": {"until": ["\n", "Question:"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 24},
             "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
-                             "ignore_punctuation": True}]}
+                             "ignore_punctuation": False}]}  # a sign, a date's dashes or a word's apostrophe count
 
 
 def write_builtin_tasks(folder: str | Path, names=BUILTIN, *, seed: int = 0, n_validation: int = 200, n_train: int = 50) -> Path:
@@ -194,7 +198,7 @@ def run_tasks(model, tasks: list[str], *, shots: list[int], out: str | Path, lim
     for k in shots:
         log(f"{lm.name}: {', '.join(names)} with {k} shot(s)")
         result = simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit, task_manager=manager,
-                                 use_cache=str(out / "cache" / f"{lm.tokenizer_name}-{k}shot-{'chat' if chat else 'plain'}"),
+                                 use_cache=str(out / "cache" / f"{lm.tokenizer_name}-{lm.fingerprint}-{k}shot-{'chat' if chat else 'plain'}"),
                                  apply_chat_template=chat, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                  fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters, log_samples=False)
         summary["shots"][str(k)] = {"results": result["results"], "n-samples": result.get("n-samples", {}),

@@ -7,7 +7,8 @@ Row formats (JSONL, CSV or TSV):
     text-to-text     {"source": ..., "target": ...}                       -> user: source, assistant: target
     classification   {"text": ..., "label": ...}                          -> a label for the encoder's classifier
     pairs            {"text": ..., "text_pair": ..., "label": ...}        -> [CLS] text [SEP] text_pair [SEP] (token types)
-    regression       {"text": ..., "label": 3.8}                          -> a number (a JSON float) for the encoder's regressor
+    regression       {"text": ..., "label": 3.8}                          -> a number for the encoder's regressor (numbers that
+                                                                             are all whole are classes, unless --regression)
 
 Chat rows are rendered through the model's chat template. Labels are -100 (no loss) on everything but the assistant
 turns, unless `train_on_prompt`:
@@ -36,7 +37,7 @@ IGNORE = -100
 class Example:
     messages: list[dict] | None = None  # chat form (instruction, chat and text-to-text rows)
     text: str | None = None  # classification (and regression)
-    label: str | float | None = None  # a class name, or a number for regression
+    label: str | int | float | None = None  # a class name, or a number (regression, or a class; see recipe.label_kind)
     text_pair: str | None = None  # a second sentence: the pair goes in as [CLS] text [SEP] text_pair [SEP]
     task: str = "data"
     answer: str | None = None  # the reference answer, for exact-match evaluation
@@ -84,7 +85,8 @@ def to_example(row: dict, task: str = "data") -> Example:
                        task=task, answer=str(row["target"]))
     if "text" in row and "label" in row:
         label = row["label"]
-        label = float(label) if isinstance(label, float) else str(label)  # a JSON float is a regression target
+        if not isinstance(label, (int, float)) or isinstance(label, bool):  # numbers stay numbers: regression, or classes
+            label = str(label)
         pair = row.get("text_pair")
         return Example(text=str(row["text"]), label=label, text_pair=None if pair is None else str(pair), task=task)
     raise LlmkitError(f"cannot tell the format of the row with keys {sorted(row)}",

@@ -40,6 +40,7 @@ class FinetuneConfig:
     eval_task: str | None = None  # evaluate on this task (default: the training task or mixture)
     data: str | None = None  # a file of rows instead of a built-in task (or, with glue, the task's official file or folder)
     glue: str | None = None  # a GLUE/SuperGLUE task: read --data in its official layout, score with its official metrics
+    regression: bool = False  # numeric labels are scores to predict (default: only when some are not whole numbers)
     val_data: str | None = None
     n_train: int = 400
     n_val: int = 48
@@ -101,6 +102,10 @@ def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
     if not cfg.data:
         raise LlmkitError(f"--glue {cfg.glue} needs --data: the task's official file or folder", f"e.g. --data glue_data/SST-2/train.tsv")
     task = glue.get_task(cfg.glue)
+    if task.name in ("axb", "axg"):
+        raise LlmkitError(f"{task.folder} is a diagnostic set with no training data (its one file is the test)",
+                          "fine-tune on RTE (--glue rte-superglue --data superglue_data/RTE), then `llmkit eval glue --task "
+                          f"{task.name} --model RUN --data superglue_data`")
     train_file = glue.task_file(task, cfg.data, "train")
     val_file = Path(cfg.val_data) if cfg.val_data else glue.task_file(task, train_file.parent, "validation")
 
@@ -110,6 +115,19 @@ def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
                 for r in glue.read_rows(task, path)]
 
     return examples(train_file), examples(val_file)
+
+
+def label_kind(examples: list[Example], regression: bool = False) -> str:
+    """"regression" when every label is a number and some are not whole (3.5), or when asked for (--regression);
+    else "classification", every label then a class name ("4" for 4). Labels are made so in place."""
+    numeric = all(isinstance(ex.label, (int, float)) and not isinstance(ex.label, bool) for ex in examples)
+    if regression and not numeric:
+        bad = next(ex.label for ex in examples if not isinstance(ex.label, (int, float)) or isinstance(ex.label, bool))
+        raise LlmkitError(f"--regression needs a number as every label; one is {bad!r}", "give numeric labels, or leave out --regression")
+    regression = regression or (numeric and any(float(ex.label) != int(ex.label) for ex in examples))
+    for ex in examples:
+        ex.label = float(ex.label) if regression else (str(int(ex.label)) if isinstance(ex.label, float) and ex.label.is_integer() else str(ex.label))
+    return "regression" if regression else "classification"
 
 
 def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[Example]]:
@@ -244,7 +262,10 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     if classification:
         if model.config.family != "encoder":
             raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
-        regression = all(isinstance(ex.label, float) for ex in train_ex)
+        from llmkit.evaluate.glue import get_task
+
+        asked = cfg.regression or bool(cfg.glue and get_task(cfg.glue).kind == "regression")
+        regression = label_kind(train_ex + val_ex, asked) == "regression"
         # a label seen only in validation still gets an output
         labels = [REGRESSION] if regression else sorted({ex.label for ex in train_ex + val_ex})
         train_ids, train_types = encode_rows(tok, train_ex, model.config.max_seq_len)
@@ -414,7 +435,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
 
 RESUME_KEYS = ("model", "method", "task", "eval_task", "data", "val_data", "n_train", "lora_r", "lora_alpha", "lora_dropout",
                "lora_targets", "rslora", "adapter_size", "max_len", "pack", "train_on_prompt", "truncate", "batch_size", "grad_accum",
-               "seed")
+               "seed", "glue", "regression")
 
 
 def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, tuple], saved: dict) -> None:
