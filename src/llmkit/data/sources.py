@@ -145,23 +145,34 @@ def _expand(spec: str) -> list[Path]:
     raise LlmkitError(f"source {spec!r} is not a file, folder, glob or built-in corpus", "use 'shakespeare', a path to .txt/.md/.jsonl files, a folder or a glob")
 
 
+def iter_source(spec: str | list[str], *, field: str = "text", warn=None):
+    """The documents of one source spec (or several), one file at a time: a corpus larger than memory streams through
+    (each file must fit). `warn(message)` hears of invalid UTF-8 replaced."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    for s in specs:
+        if s == "shakespeare" or s.startswith(("shakespeare:", "shakespeare/")):
+            yield from shakespeare(s.split(":", 1)[1] if ":" in s else (s.split("/", 1)[1] if "/" in s else None))
+            continue
+        for path in _expand(s):
+            text, bad = read_text(path)
+            if bad and warn is not None:
+                warn(path, bad)
+            if path.suffix.lower() in JSONL_SUFFIXES:
+                yield from _jsonl_documents(path, text, field)
+            else:
+                yield Document(str(path), text)
+
+
 def read_source(spec: str | list[str], *, field: str = "text") -> Corpus:
     """Read one source spec (or several) into documents; see the module docstring for the forms."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     corpus = Corpus([])
-    for s in specs:
-        if s == "shakespeare" or s.startswith(("shakespeare:", "shakespeare/")):
-            corpus.documents += shakespeare(s.split(":", 1)[1] if ":" in s else (s.split("/", 1)[1] if "/" in s else None))
-            continue
-        for path in _expand(s):
-            text, bad = read_text(path)
-            if bad:
-                corpus.replaced_bytes += bad
-                corpus.warnings.append(f"{path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD")
-            if path.suffix.lower() in JSONL_SUFFIXES:
-                corpus.documents += _jsonl_documents(path, text, field)
-            else:
-                corpus.documents.append(Document(str(path), text))
+
+    def warn(path, bad):
+        corpus.replaced_bytes += bad
+        corpus.warnings.append(f"{path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD")
+
+    corpus.documents = list(iter_source(specs, field=field, warn=warn))
     if not any(d.text.strip() for d in corpus.documents):
         raise LlmkitError(f"the corpus {', '.join(specs)} is empty (no text in {len(corpus.documents)} document(s))", "point --source at files that contain text")
     return corpus

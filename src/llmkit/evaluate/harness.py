@@ -83,17 +83,10 @@ class LlmkitLM(TemplateLM):
     def fingerprint(self) -> str:
         """A short hash of the weights (a sample of values and the sum of each tensor) and their dtypes: the request
         cache's key, so answers of a re-trained model are never served for another."""
-        import hashlib
+        from llmkit.model.weights import weights_fingerprint
 
         if getattr(self, "_fingerprint", None) is None:
-            h = hashlib.sha256()
-            with torch.no_grad():
-                for name, p in self.model.state_dict().items():
-                    flat = p.detach().reshape(-1)
-                    h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-                    h.update(flat[:16].float().cpu().numpy().tobytes())
-                    h.update(flat.float().sum().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:12]
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
     # --- what lm-eval asks of a model ----------------------------------------------------------------------

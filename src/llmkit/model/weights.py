@@ -490,6 +490,41 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
     return model.to(dtype=dtype) if dtype is not None else model
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (each tensor's name, shape, dtype, first values and sum): it changes when the
+    model is trained further, so caches keyed by it never serve another model's answers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[:16].float().cpu().numpy().tobytes())
+            h.update(flat.float().sum().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def sentence_config(path: Path) -> dict | None:
+    """A sentence-transformers folder's embedding rules: {"max_seq_length", "pooling" (mean, cls, last, max), "normalize"}
+    from sentence_bert_config.json, its Pooling module's config.json and modules.json; None elsewhere."""
+    if not (path / "sentence_bert_config.json").exists():
+        return None
+    out = {"max_seq_length": io.read_json(path / "sentence_bert_config.json").get("max_seq_length"), "pooling": None, "normalize": False}
+    modules = io.read_json(path / "modules.json") if (path / "modules.json").exists() else []
+    for m in modules:
+        kind = m.get("type", "")
+        if kind.endswith("Pooling") and (path / m.get("path", "") / "config.json").exists():
+            pooling = io.read_json(path / m["path"] / "config.json")
+            for key, name in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                              ("pooling_mode_lasttoken", "last"), ("pooling_mode_max_tokens", "max")):
+                if pooling.get(key):
+                    out["pooling"] = name
+                    break
+        out["normalize"] = out["normalize"] or kind.endswith("Normalize")
+    return out
+
+
 def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> torch.nn.Module:
     """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a LoRA run folder (its base model with the
     adapter merged), a Hugging Face folder or a GGUF file.
@@ -520,6 +555,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
         raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}",
                           "use the tokenizer that was saved with this model")
     model.tokenizer = tokenizer
+    model.name_or_path = spec
+    model.sentence_config = sentence_config(path) if path.is_dir() else None
     model.eval()
     if device is not None:
         model.to(device=device)
