@@ -11,7 +11,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c require
 # Beyond pip: WordNet 3.0 for METEOR (Debian's wordnet-base + wordnet-sense-index, apt-get as root).
 WORDNET := $(VENV)/nltk_data/corpora/wordnet/lexnames
 
-.PHONY: demo test test-fast bench clean-venv wordnet
+.PHONY: demo test test-fast bench clean-venv wordnet browser
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,14 +25,18 @@ $(WORDNET): scripts/install-wordnet.sh
 
 wordnet: $(WORDNET)
 
-demo: $(STAMP) $(WORDNET)
+# Beyond pip: Chromium for the web page's browser tests and the demo's screenshot (Debian's package, apt-get as root).
+browser:
+	scripts/install-chromium.sh
+
+demo: $(STAMP) $(WORDNET) browser
 	$(BIN)/llmkit demo
 
-test: $(STAMP) $(WORDNET)
-	$(BIN)/python -m pytest -q -n 2 tests
+test: $(STAMP) $(WORDNET) browser
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
-test-fast: $(STAMP) $(WORDNET)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+test-fast: $(STAMP) $(WORDNET) browser
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenizer_throughput.py

@@ -10,15 +10,36 @@ from conftest import run_cli
 from llmkit.cli import build_parser, parse_args
 
 
-def test_help_lists_the_lifecycle_and_every_subcommand_has_examples():
-    out = run_cli("--help").stdout
-    for command in ("tokenizer", "data", "model", "attention", "demo"):
+def test_help_lists_the_lifecycle_and_every_subcommand_has_examples(capsys):
+    out = run_cli("--help").stdout  # once as a user runs it; the subcommands' help in this process (fast)
+    for command in ("tokenizer", "data", "model", "attention", "serve", "demo"):
         assert command in out
     for args in (["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "decode"], ["tokenizer", "info"],
                  ["tokenizer", "compare"], ["data"], ["data", "prepare"], ["data", "info"], ["model"], ["model", "info"],
-                 ["model", "export"], ["attention"], ["demo"], ["embed"], *[["embed", c] for c in ("train", "text", "tokens", "similar",
-                 "analogy", "similarity", "odd-one-out", "cluster", "map", "evaluate", "index", "search")]):
-        assert "examples:" in run_cli(*args, "--help").stdout, args
+                 ["model", "export"], ["attention"], ["demo"], ["serve"], ["generate"], ["chat"], ["embed"],
+                 *[["embed", c] for c in ("train", "text", "tokens", "similar", "analogy", "similarity", "odd-one-out", "cluster",
+                                         "map", "evaluate", "index", "search")]):
+        with pytest.raises(SystemExit) as e:
+            parse_args([*args, "--help"])
+        assert e.value.code == 0 and "examples:" in capsys.readouterr().out, args
+
+
+def test_every_readme_command_parses():
+    """Each `llmkit ...` line of the README's code blocks names a real command with real options."""
+    import shlex
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    lines = [line.strip() for line in readme.read_text(encoding="utf-8").splitlines() if line.strip().startswith("llmkit ")]
+    assert len(lines) > 50
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        if argv[:2] == ["finetune", "compare"]:
+            argv[:2] = ["finetune-compare"]
+        if "--help" in argv:
+            continue
+        args = parse_args(argv)
+        assert getattr(args, "_handler", None) is not None or argv in (["tokenizer"], ["data"], ["model"], ["eval"], ["embed"]), line
 
 
 def test_config_file_sets_options_and_the_command_line_wins(tmp_path):
@@ -117,6 +138,8 @@ def test_demo_runs_end_to_end(tmp_path):
                  "embeddings/index/index.faiss"):
         assert (out / name).exists(), name
     assert "| WordSim-353 Spearman |" in report and "*hamlet*" in report.split("a ghost demands revenge")[1]
+    assert (out / "web.png").stat().st_size > 20_000 and "![web app](web.png)" in report  # the page, with an answer, in Chromium
+    assert "open the app" in proc.stderr and "llmkit serve" in proc.stderr
 
 
 def test_model_info_prints_every_preset_and_gpt2_has_124m():

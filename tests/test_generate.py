@@ -407,3 +407,20 @@ def test_the_stream_holds_back_only_what_may_become_a_stop_string(tokenizers_by_
     s = TextStream(tok, ["bc", "Hd"])
     pieces = [s.push(i) for i in tok.encode("Hb", add_special_tokens=False)]
     assert "".join(pieces) == "H"  # "b" may grow into "bc"; "H" is final whatever comes
+
+
+def test_application_presets_on_the_command_line(tmp_path):
+    from llmkit.applications import PRESETS, render
+
+    messages = render("translate", "Good morning", to="de")
+    assert messages[1]["content"] == PRESETS["translate"]["user"].format(language="German", text="Good morning")
+    assert "a polite email" in render("write", "the launch", kind="email")[1]["content"]
+    with pytest.raises(LlmkitError, match="unknown language"):
+        render("translate", "x", to="xx")
+    (tmp_path / "text.txt").write_text("The film was wonderful: I laughed, I cried, and I would watch it again tomorrow.")
+    out = run_cli("generate", "--model", "smollm2", "--greedy", "--task", "sentiment", "--file", str(tmp_path / "text.txt"), "--json")
+    row = json.loads(out.stdout)
+    assert "positive" in row["text"].lower() and len(row["ids"]) <= PRESETS["sentiment"]["max_tokens"]
+    assert "Sentiment:" in row["prompt"] and "<|im_start|>system" in row["prompt"]
+    bad = run_cli("generate", "--model", "smollm2", "--to", "fr", "--prompt", "hi", check=False)
+    assert bad.returncode == 1 and "--to and --kind go with --task" in bad.stderr

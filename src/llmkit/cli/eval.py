@@ -86,6 +86,27 @@ def register(commands) -> None:
     p.add_argument("--runs", nargs="+", default=None, help="folders written by `llmkit eval tasks` or `eval glue --out` (required)")
     p.add_argument("--out", default="report.md", help="the markdown file; .json and .png beside it (default: report.md)")
 
+    p = subcommand(ev_cmds, "arena", "the human-vote leaderboard: Elo and Bradley-Terry ratings with bootstrap intervals, ratings",
+                   ("llmkit eval arena --db runs/votes.db", "llmkit eval arena --db runs/votes.db --json --png ratings.png",
+                    "llmkit eval arena --db runs/votes.db --export votes.jsonl"), cmd_eval_arena)
+    p.add_argument("--db", default="runs/votes.db", help="the votes database `llmkit serve --db` wrote (default: runs/votes.db)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="resamples for the 95%% intervals (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    p.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
+    p.add_argument("--png", default=None, help="draw the ratings with their intervals into this PNG")
+    p.add_argument("--export", default=None, help="write every vote and rating to this JSONL file")
+
+    p = subcommand(ev_cmds, "ab", "an A/B test between two models (or two settings) from arena votes",
+                   ("llmkit eval ab --db runs/votes.db --a smollm2 --b sft", "llmkit eval ab --db runs/votes.db --a hot --b cold --ties half --json"),
+                   cmd_eval_ab)
+    p.add_argument("--db", default="runs/votes.db", help="the votes database (default: runs/votes.db)")
+    p.add_argument("--a", required=False, default=None, help="model A's served name (required)")
+    p.add_argument("--b", required=False, default=None, help="model B's served name (required)")
+    p.add_argument("--ties", default="exclude", choices=["exclude", "half", "a", "b"],
+                   help="how ties (and both-bad votes) count: left out (the sign test; default), split half and half, or won by a side")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--export", default=None, help="write every vote and rating to this JSONL file")
+
 
 def cmd_eval_perplexity(args) -> None:
     import llmkit
@@ -232,3 +253,60 @@ def cmd_eval_report(args) -> None:
     from pathlib import Path
 
     print(f"report -> {args.out}, {Path(args.out).with_suffix('.json')}, {Path(args.out).with_suffix('.png')}")
+
+
+def _votes(args):
+    from llmkit.serve.votes import VoteStore
+
+    store = VoteStore(args.db, create=False)
+    if args.export:
+        from llmkit import io
+
+        rows = store.export()
+        io.write_text(args.export, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        console().print(f"{len(rows)} votes and ratings -> {args.export}")
+    return store
+
+
+def cmd_eval_arena(args) -> None:
+    from llmkit.evaluate.arena import leaderboard, plot_ratings
+
+    store = _votes(args)
+    battles, ratings = store.battles(), store.ratings()
+    if not battles and not ratings:
+        raise LlmkitError(f"{args.db} has no votes and no ratings yet", "vote in the arena of `llmkit serve` (the page at /) first")
+    board = leaderboard(battles, ratings, bootstrap=args.bootstrap, seed=args.seed)
+    if args.png:
+        plot_ratings(board, args.png)
+    if args.json:
+        print(json.dumps(board, indent=2, ensure_ascii=False))
+        return
+    print(f"{board['battles']} votes, {sum(map(len, ratings.values()))} ratings\n")
+    print(f"{'model':24s} {'Bradley-Terry (95%)':>24s} {'Elo':>7s} {'games':>6s} {'W/T/L':>10s} {'mean rating':>12s}")
+    for m in board["models"]:
+        interval = f"({m['bt_low']:.0f}-{m['bt_high']:.0f})" if m["bt_low"] is not None else ""
+        rating = f"{m['mean_rating']:.2f} ({m['ratings']})" if m["mean_rating"] is not None else "-"
+        print(f"{m['model'][:24]:24s} {m['bt']:10.0f} {interval:>13s} {m['elo']:7.0f} {m['games']:6d} "
+              f"{m['wins']:>3d}/{m['ties']}/{m['losses']:<4d} {rating:>12s}")
+    if args.png:
+        print(f"ratings -> {args.png}")
+
+
+def cmd_eval_ab(args) -> None:
+    from llmkit.evaluate.arena import ab_test
+
+    if not args.a or not args.b:
+        raise LlmkitError("`llmkit eval ab` needs --a and --b", "e.g. --a smollm2 --b sft (the names the server served)")
+    store = _votes(args)
+    r = ab_test(store.battles(), args.a, args.b, ties=args.ties)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{args.a} against {args.b}: {r['wins']} wins, {r['losses']} losses, {r['ties']} ties (ties: {args.ties})")
+    if r["n"]:
+        print(f"win rate of {args.a}: {r['win_rate']:.3f} (95% Wilson interval {r['win_rate_low']:.3f}-{r['win_rate_high']:.3f}) "
+              f"over {r['n']} votes; two-sided binomial test p = {r['p_value']:.4g}")
+    if r["votes_needed"] is None:
+        print("the two are even: no difference to detect")
+    else:
+        print(f"votes for 80% power at this win rate: {r['votes_needed']} ({r['more_votes_needed']} more)")

@@ -10,6 +10,8 @@ from pathlib import Path
 from llmkit.cli.common import console, subcommand
 from llmkit.errors import LlmkitError
 
+PRESET_NAMES = ("assistant", "summarize", "translate", "explain", "write", "sentiment")  # llmkit.applications.PRESETS
+
 
 def register(commands) -> None:
     p = subcommand(commands, "generate", "continue prompts, or answer them through the chat template (--chat)",
@@ -17,7 +19,10 @@ def register(commands) -> None:
               "llmkit generate --model smollm2 --chat --greedy --prompt 'What is the capital of France?'",
               "llmkit generate --model runs/pretrain --prompt 'ROMEO:' --temperature 0.8 --top-k 50 --seed 1",
               "echo 'To be, or not to be' | llmkit generate --model smollm2 --json",
-              "llmkit generate --model smollm2 --prompts-file prompts.jsonl --field prompt --json"), cmd_generate)
+              "llmkit generate --model smollm2 --prompts-file prompts.jsonl --field prompt --json",
+              "llmkit generate --task summarize --file text.txt",
+              "llmkit generate --task translate --to fr --prompt 'The weather is lovely today.'",
+              "llmkit generate --task write --kind email --prompt 'thank the team for the launch'"), cmd_generate)
     generation_options(p)
     p.add_argument("--prompt", default=None, help="the prompt (default: standard input, one prompt)")
     p.add_argument("--prompts-file", default=None, help="a JSONL file of prompts (field --field), generated in batches")
@@ -26,6 +31,12 @@ def register(commands) -> None:
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message through the chat template")
     p.add_argument("--system", default=None, help="a system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print JSON lines: prompt, new token ids, new text, finish reason")
+    p.add_argument("--task", default=None, choices=list(PRESET_NAMES),
+                   help="an application preset through the chat template (the web page's Applications): its system and user "
+                        "template around the text")
+    p.add_argument("--file", default=None, help="read the text (the prompt) from this file")
+    p.add_argument("--to", default=None, help="--task translate: the target language (fr, de, es, ... or a name; default fr)")
+    p.add_argument("--kind", default=None, help="--task write: story, email or product (default story)")
 
     p = subcommand(commands, "chat", "talk with a model in the terminal; answers stream",
              ("llmkit chat", "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7 --quantize int8",
@@ -38,6 +49,25 @@ def cmd_generate(args) -> None:
     from llmkit.chat import chat_prompt_ids
     from llmkit.generate import generate, stream
 
+    if args.task:
+        from llmkit.applications import PRESETS, render
+
+        if args.prompts_file:
+            raise LlmkitError("--task takes one text", "give it with --prompt, --file or standard input")
+        if args.max_new_tokens is None:
+            args.max_new_tokens = PRESETS[args.task]["max_tokens"]
+    elif args.to or args.kind:
+        raise LlmkitError("--to and --kind go with --task", "add --task translate or --task write")
+    if args.file:
+        if args.prompt is not None or args.prompts_file:
+            raise LlmkitError("--file is the prompt: give it, --prompt or --prompts-file, not several", "keep one of them")
+        from llmkit.data.sources import read_text
+
+        if not Path(args.file).is_file():
+            raise LlmkitError(f"{args.file} does not exist", "check the path given to --file")
+        args.prompt, bad = read_text(Path(args.file))
+        if bad:
+            console().print(f"[yellow]warning: {args.file} has {bad} bytes that are not UTF-8; they read as U+FFFD[/]")
     cfg = generation_config(args)
     if args.prompts_file:
         rows = [json.loads(line) for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -51,7 +81,12 @@ def cmd_generate(args) -> None:
         raise LlmkitError("a prompt is empty", "give every prompt some text")
     model = load_for_generation(args.model, args.dtype, args.quantize)
     tok = model.tokenizer
-    if args.chat:
+    if args.task:
+        messages = render(args.task, prompts[0], to=args.to, kind=args.kind)
+        if args.system:
+            messages[0]["content"] = args.system
+        prompts = [chat_prompt_ids(tok, messages)]
+    elif args.chat:
         prompts = [chat_prompt_ids(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
                                    [{"role": "user", "content": p}]) for p in prompts]
     warn = lambda m: console().print(f"[yellow]{m}[/]")  # noqa: E731  (the console writes to stderr)
@@ -125,7 +160,8 @@ def cmd_chat(args) -> None:
 
 def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     p.add_argument("--model", default="smollm2", help="a decoder or encoder-decoder: run folder, Hugging Face folder, GGUF, smollm2")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default: {max_new_tokens})")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"most tokens to generate (default: {max_new_tokens})")
+    p.set_defaults(_max_new_tokens=max_new_tokens)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -142,6 +178,8 @@ def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) ->
 def generation_config(args):
     from llmkit.generate import GenerationConfig
 
+    if args.max_new_tokens is None:
+        args.max_new_tokens = args._max_new_tokens
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=list(args.stop),
                            seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)

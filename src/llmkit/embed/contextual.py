@@ -82,15 +82,25 @@ def embed_texts(model, texts: list[str], *, pooling: str | None = None, normaliz
     check_pooling(model, pooling)
     limit = max_length or input_limit(model)
     encoded = [tok.encode(t, max_length=limit) for t in texts]
+    return embed_ids(model, encoded, pooling=pooling, normalize=normalize, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def embed_ids(model, encoded: list[list[int]], *, pooling: str | None = None, normalize: bool = True, batch_size: int = 32,
+              progress: bool = False) -> np.ndarray:
+    """(N, D) vectors of token-id inputs (already encoded, special tokens included) in their order."""
+    tok = model.tokenizer
+    pooling = pooling or default_pooling(model)
+    check_pooling(model, pooling)
     if any(not e for e in encoded):
         raise LlmkitError("a text encodes to no token", "give every text some words")
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    out = np.zeros((len(texts), model.config.d_model), dtype=np.float32)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out = np.zeros((len(encoded), model.config.d_model), dtype=np.float32)
     device = next(model.parameters()).device
     from llmkit.progress import progress as bar_of
 
     with bar_of("texts", disable=None if progress else True) as bar:
-        task = bar.add_task("embed", total=len(texts))
+        task = bar.add_task("embed", total=len(encoded))
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             ids, mask = _batch([encoded[i] for i in chunk], tok.pad_id or 0)

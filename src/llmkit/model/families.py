@@ -117,9 +117,11 @@ class Decoder(nn.Module):
                       check_ids: bool = True):
         B, T = ids.shape  # (B, T)
         start = cache.pos if cache is not None else 0
-        _check_length(self.config, start + T)
         if position_ids is None:
+            _check_length(self.config, start + T)
             position_ids = torch.arange(start, start + T, device=ids.device)  # (T,)
+        else:  # the caller's positions (a served batch's rows each have their own; its shared cache may be wider)
+            _check_length(self.config, T)
         x = self.embed(ids, position_ids, check=check_ids)  # (B, T, D)
         rope = self.rotary(position_ids) if self.rotary is not None else None
         rel = self.rel_bias(T, start + T, offset=start) if self.rel_bias is not None else None  # (1, nh, T, start+T)

@@ -1,0 +1,197 @@
+"""A bounded load test of `llmkit serve` against llama.cpp's server (llama-cpp-python[server]) on the same GGUF
+(SmolLM2-135M-Instruct Q4_1), both on 127.0.0.1 with 2 threads, in one run on this machine.
+
+Each level sends a fixed number of streaming /v1/completions requests with a fixed prompt and a fixed output length
+(greedy; the end-of-sequence tokens banned with logit_bias, which both servers implement, so every request generates
+exactly --max-tokens tokens) from `concurrency` clients at once, and reports requests/s, output tokens/s, time to first
+token and inter-token latency (p50 / p95 / p99), errors and lost requests. It stops by itself.
+
+    python benchmarks/serve_load.py                                  # levels 1, 4, 16, 64
+    python benchmarks/serve_load.py --levels 16 --max-tokens 64 --quantize int8
+    python benchmarks/serve_load.py --skip-peer                      # llmkit only
+
+The peer and the load generator come with `pip install -e '.[bench]'` (llama-cpp-python[server], aiohttp).
+
+Every request has a prompt of its own of the same length ("Request 00017. " + a fixed text): with one prompt for all,
+llama-cpp-python would reuse the previous request's KV cache and skip the prefill. The peer runs with its default
+parallel settings (one request at a time) and `--n_threads 2`, and `--interrupt_requests False`: by default a new
+request interrupts the one being streamed, which loses requests under any concurrency. llmkit runs with its defaults
+(--max-batch 16, --max-queue 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = ("The following is a scene from a play. Two old friends meet on a road at night and talk about the harvest, the "
+          "weather, their children and the news from the city. One of them has a secret he has kept for many years.\n\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    import urllib.request
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd[:4]} exited: see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except Exception:  # noqa: BLE001  (not up yet)
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{cmd[:4]} did not start in 300 s: see {log}")
+
+
+async def one(session, url: str, body: dict) -> dict:
+    """One streaming request: arrival of each content chunk, the finish reason, or the error."""
+    sent = time.perf_counter()
+    stamps, finish = [], None
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                return {"error": f"HTTP {r.status}: {(await r.text())[:200]}"}
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    return {"error": str(data["error"])[:200]}
+                for choice in data.get("choices", []):
+                    if choice.get("text"):
+                        stamps.append(time.perf_counter())
+                    finish = choice.get("finish_reason") or finish
+    except Exception as e:  # noqa: BLE001  (counted as an error)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"sent": sent, "stamps": stamps, "finish": finish}
+
+
+async def level(url: str, model: str, concurrency: int, count: int, max_tokens: int, eos: list[int]) -> dict:
+    import aiohttp
+
+    queue = list(range(count))
+    results = []
+
+    async def worker(session):
+        while queue:
+            i = queue.pop()
+            # a prompt of its own (same length): no server answers from a cache of the previous request's prompt
+            body = {"model": model, "prompt": f"Request {i:05d}. {PROMPT}", "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "logit_bias": {str(t): -100 for t in eos}}
+            results.append(await one(session, url, body))
+
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r and r["finish"] and r["stamps"]]
+    short = [len(r["stamps"]) for r in ok if len(r["stamps"]) != max_tokens]
+    if short:  # every token is one chunk (no stop strings): a shorter stream would make the tokens/s below a lie
+        print(f"warning: {len(short)} streams did not send {max_tokens} token chunks (e.g. {short[0]})")
+    errors = [r["error"] for r in results if "error" in r]
+    ttft = [r["stamps"][0] - r["sent"] for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
+    pieces = sum(len(r["stamps"]) for r in ok)
+    return {"concurrency": concurrency, "requests": count, "completed": len(ok), "errors": len(errors),
+            "lost": count - len(ok) - len(errors), "first_error": errors[0] if errors else None, "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "output_tokens_per_s": len(ok) * max_tokens / wall,
+            "chunks_per_request": pieces / max(len(ok), 1),
+            **{f"ttft_{k}": v for k, v in percentiles(ttft).items()}, **{f"itl_{k}": v for k, v in percentiles(itl).items()}}
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p95": None, "p99": None}
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=100, method="inclusive") if len(xs) > 1 else [xs[0]] * 99
+    return {"p50": q[49], "p95": q[94], "p99": q[98]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x concurrency))")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quantize", default=None, choices=["int8"], help="llmkit's weight-only int8 (default: float32 from the GGUF)")
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from llmkit.embedded import embedded_path
+
+    gguf = embedded_path("smollm2")
+    levels = [int(x) for x in args.levels.split(",")]
+    logs = ROOT / "benchmarks" / ".logs"
+    logs.mkdir(exist_ok=True)
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    servers = {}
+    port = free_port()
+    llmkit_cmd = [sys.executable, "-m", "llmkit", "serve", "--model", "smollm2", "--embedding-model", "none", "--port", str(port),
+                  "--log-level", "warning"] + (["--quantize", args.quantize] if args.quantize else [])
+    servers["llmkit"] = (llmkit_cmd, port, "smollm2")
+    if not args.skip_peer:
+        port = free_port()
+        servers["llama.cpp"] = ([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
+                                 "--n_threads_batch", str(args.threads), "--port", str(port), "--verbose", "False",
+                                 "--interrupt_requests", "False"], port, "smollm2")
+    eos = [0, 2]  # <|endoftext|>, <|im_end|>: banned, so every request runs to max_tokens
+    table = {}
+    for name, (cmd, port, model) in servers.items():
+        print(f"starting {name} ...", flush=True)
+        proc = start(cmd, port, logs / f"{name}.log", env)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            asyncio.run(level(url, model, 1, 2, 8, eos))  # warm-up
+            for c in levels:
+                count = args.requests or max(8, 2 * c)
+                r = asyncio.run(level(url, model, c, count, args.max_tokens, eos))
+                table[(name, c)] = r
+                print(f"{name:10s} c={c:3d} n={count:4d}  {r['output_tokens_per_s']:7.1f} tok/s  {r['requests_per_s']:6.2f} req/s  "
+                      f"TTFT p50/p95/p99 {fmt(r, 'ttft')}  ITL p50/p95/p99 {fmt(r, 'itl')}  errors {r['errors']} lost {r['lost']}"
+                      + (f"  ({r['first_error']})" if r["first_error"] else ""), flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if not args.skip_peer:
+        print("\nllmkit / llama.cpp:")
+        for c in levels:
+            a, b = table[("llmkit", c)], table[("llama.cpp", c)]
+            print(f"  c={c:3d}  output tokens/s {a['output_tokens_per_s']:.1f} / {b['output_tokens_per_s']:.1f} = "
+                  f"{a['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x   TTFT p95 {a['ttft_p95']:.3f} / {b['ttft_p95']:.3f} s = "
+                  f"{a['ttft_p95'] / b['ttft_p95']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"server": k[0], **v} for k, v in table.items()], indent=2))
+
+
+def fmt(r: dict, key: str) -> str:
+    vals = [r[f"{key}_{q}"] for q in ("p50", "p95", "p99")]
+    return "/".join("-" if v is None else f"{v:.3f}" for v in vals)
+
+
+if __name__ == "__main__":
+    main()

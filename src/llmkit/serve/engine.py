@@ -1,0 +1,490 @@
+"""The serving engine: one worker thread owns one model and decodes every request it is given together, with
+continuous batching (Yu et al. 2022, "Orca"): a new request joins the running batch at the next token step, a
+finished one leaves at once.
+
+All running requests share one timeline of KV-cache columns. Each row's tokens sit in a contiguous run of columns
+that ends at the current column; a new request's prompt is prefilled on its own (left-padded with the others
+admitted in the same step) and copied in so that it ends where the others end:
+
+    column        0   1   2   3   4   5   6   7
+    request A     p   p   p   g   g   g   g   ·      (prompt, generated; · the next step)
+    request B     -   -   -   -   p   p   g   ·      (admitted two steps ago: its prompt ends at column 5)
+    request C     -   -   -   -   -   -   p   ·      (admitted now)
+
+Every row attends only to its own columns (an attention mask) and carries its own positions (position ids), so a
+row computes what it would alone; greedy outputs equal the request decoded alone. The cache is preallocated to
+`max_batch` rows; rows are kept contiguous (a leaving row's place is taken by the last row), and the timeline is
+shifted left when the columns before every row's start are no longer needed, and grown (doubled) when it is full.
+
+Each row samples with its own settings and generator (`Sampler`), stops on its own stop tokens and strings
+(`TextStream`), and reports what happens to it through a callback: ("token", piece, token id, logprobs) events, then
+one ("done", finish reason, usage) or ("error", kind, message). Encoder-decoders (T5) are decoded one request at a
+time on the same worker (beam search and cross-attention do not batch this way).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.generate import GenerationConfig, Sampler, TextStream, generate_seq2seq, seeded_generator, stop_rules
+
+log = logging.getLogger("llmkit.serve")
+
+
+class QueueFull(Exception):
+    """Every running slot and every queue place is taken (the server answers 429)."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the queue is full")
+        self.retry_after = retry_after
+
+
+class TooMany(Exception):
+    """More sequences in one request (n x prompts) than running slots and queue places together: never accepted (400)."""
+
+    def __init__(self, asked: int, limit: int):
+        super().__init__(f"{asked} sequences asked, at most {limit}")
+        self.asked, self.limit = asked, limit
+
+
+class ShuttingDown(Exception):
+    """The server stops: it takes no new request (503)."""
+
+
+@dataclass
+class Request:
+    """One sequence to generate (a request with n choices is n of these)."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    emit: Callable[[tuple], None]  # called from the worker thread with each event
+    logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the k best
+    deadline: float | None = None  # time.monotonic() after which the request is stopped (--timeout)
+    cancelled: bool = False  # set by the client side (a disconnect): the row leaves at the next step
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    req: Request
+    text: TextStream
+    stop_ids: set[int]
+    start: int  # its first column in the timeline
+    generated: int = 0
+
+
+class Engine:
+    """Owns `model` (a decoder or an encoder-decoder) on a worker thread; `submit` requests, get events back."""
+
+    def __init__(self, model, name: str, *, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 4096,
+                 metrics=None):
+        if max_batch < 1 or max_queue < 0:
+            raise LlmkitError(f"max_batch {max_batch} / max_queue {max_queue} are not valid", "use --max-batch 1 or more and --max-queue 0 or more")
+        self.model, self.name, self.tok = model, name, model.tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.metrics = metrics
+        cfg = model.config
+        self.seq2seq = cfg.family == "encoder-decoder"
+        self.context = None if cfg.position == "relative" else cfg.max_seq_len
+        self.device = next(model.parameters()).device
+        self.n_valid = min(self.tok.id_limit, cfg.vocab_size)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[_Row] = []
+        self.lock = threading.Condition()
+        self.closing = False
+        self.durations: collections.deque[float] = collections.deque(maxlen=50)  # recent request times, for Retry-After
+        self._cap = self.width = 0  # timeline columns allocated, and in use
+        self._joining = 0  # taken from the queue, not yet in the batch (being prefilled)
+        self._admitting: list[Request] = []  # those requests (they get an error if the prefill fails)
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self.thread = threading.Thread(target=self._run, name=f"llmkit-engine-{name}", daemon=True)
+        self.thread.start()
+
+    # --- the client side (any thread) -------------------------------------------------------------------------------
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue `requests` (the n choices of one API request: all or none). Raises QueueFull or ShuttingDown."""
+        with self.lock:
+            if self.closing:
+                raise ShuttingDown()
+            if len(requests) > self.max_batch + self.max_queue:
+                raise TooMany(len(requests), self.max_batch + self.max_queue)
+            free = self.max_batch - len(self.rows) - self._joining
+            if len(self.waiting) + len(requests) - max(free, 0) > self.max_queue:
+                raise QueueFull(self.retry_after())
+            self.waiting.extend(requests)
+            self._gauges()
+            self.lock.notify()
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about the time for the queue to move by one batch."""
+        typical = sum(self.durations) / len(self.durations) if self.durations else 1.0
+        return max(1, math.ceil(typical))
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def close(self, wait: float = 5.0) -> None:
+        """Stop taking requests, cancel whatever still runs or waits, and end the worker."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        self.thread.join(wait)
+
+    # --- the worker --------------------------------------------------------------------------------------------------
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_length.labels(self.name).set(len(self.waiting))
+            self.metrics.running.labels(self.name).set(len(self.rows))
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        logits = None
+        while True:
+            with self.lock:
+                while not self.closing and not self.waiting and not self.rows:
+                    self.lock.wait()
+                if self.closing:
+                    break
+            try:
+                if self.seq2seq:
+                    self._one_seq2seq()
+                    continue
+                logits = self._admit(logits)
+                if self.rows:
+                    logits = self._step(logits)
+            except Exception as e:  # a bug or an out-of-memory must not leave clients waiting forever
+                log.exception("engine %s failed", self.name)
+                for req in [row.req for row in self.rows] + self._admitting:
+                    self._finish_error(req, "server_error", f"generation failed: {type(e).__name__}: {e}")
+                with self.lock:
+                    self.rows, self._admitting, self._joining = [], [], 0
+                    self.width = 0
+                    self._gauges()
+                logits = None
+        for row in self.rows:
+            self._finish_error(row.req, "shutdown", "the server is shutting down")
+        with self.lock:
+            left, self.waiting = list(self.waiting), collections.deque()
+        for req in left:
+            self._finish_error(req, "shutdown", "the server is shutting down")
+        self.rows = []
+
+    def _finish_error(self, req: Request, kind: str, message: str) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels(kind).inc()
+        req.emit(("error", kind, message))
+
+    def _expired(self, req: Request, now: float) -> str | None:
+        if req.cancelled:
+            return "cancelled"
+        if req.deadline is not None and now > req.deadline:
+            return "timeout"
+        return None
+
+    def _take(self, limit: int) -> list[Request]:
+        """Waiting requests that join now: while a slot is free and the prefill budget (padded prompt tokens) lasts;
+        at least one, however long its prompt."""
+        taken: list[Request] = []
+        now = time.monotonic()
+        with self.lock:
+            while self.waiting and len(taken) < limit:
+                req = self.waiting[0]
+                gone = self._expired(req, now)
+                if gone:
+                    self.waiting.popleft()
+                    if gone == "timeout":
+                        self._finish_error(req, "timeout", "the request timed out while it waited in the queue")
+                    continue
+                width = max(len(r.prompt_ids) for r in [*taken, req])
+                if taken and width * (len(taken) + 1) > self.prefill_tokens:
+                    break
+                taken.append(self.waiting.popleft())
+            self._joining = len(taken)
+            self._admitting = taken
+            self._gauges()
+        return taken
+
+    def withdraw(self, req: Request) -> None:
+        """A client left: its request leaves the queue now, or its row at the next step."""
+        req.cancel()
+        with self.lock:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+            self._gauges()
+
+    def _generators(self, reqs: list[Request]) -> list[torch.Generator]:
+        """Each row its own generator: seeded by the request, else from the system's randomness."""
+        return [seeded_generator(r.config.seed if r.config.seed is not None else secrets.randbits(63), self.device) for r in reqs]
+
+    def _alloc(self, cap: int) -> None:
+        """(Re)allocate the cache to `cap` columns, keeping what the running rows hold."""
+        cfg = self.model.config
+        dtype = self.model.embed.tokens.weight.dtype
+        shape = (self.max_batch, cfg.n_kv_heads, cap, cfg.head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
+        if self._cap and self.rows:
+            w, b = self.width, len(self.rows)
+            for i in range(cfg.n_layers):
+                k[i][:b, :, :w] = self._k[i][:b, :, :w]
+                v[i][:b, :, :w] = self._v[i][:b, :, :w]
+        mask = torch.zeros(self.max_batch, cap, dtype=torch.long, device=self.device)
+        if self._cap and self.rows:
+            mask[:, :self.width] = self.mask[:, :self.width]
+        self._k, self._v, self.mask, self._cap = k, v, mask, cap
+
+    def _shift(self, by: int) -> None:
+        """Move every row's columns by `by` (negative: left, dropping columns no row uses; positive: right)."""
+        b, w = len(self.rows), self.width
+        for t in self._k + self._v:
+            if by < 0:
+                t[:b, :, :w + by] = t[:b, :, -by:w].clone()
+            else:
+                t[:b, :, by:w + by] = t[:b, :, :w].clone()
+                t[:b, :, :by] = 0
+        if by < 0:
+            self.mask[:, :w + by] = self.mask[:, -by:w].clone()
+            self.mask[:, w + by:w] = 0
+        else:
+            self.mask[:, by:w + by] = self.mask[:, :w].clone()
+            self.mask[:, :by] = 0
+        for row in self.rows:
+            row.start += by
+        self.width = w + by
+
+    def _grow(self, need: int) -> None:
+        if need > self._cap:
+            cap = max(256, self._cap)
+            while cap < need:
+                cap *= 2
+            self._alloc(cap)
+
+    def _room(self) -> None:
+        """Make room for one more column: drop the leading columns no row uses once they are many (or the cache is
+        full), else grow the cache."""
+        start = min((r.start for r in self.rows), default=0)
+        if start and (self.width + 1 > self._cap or start >= max(32, self.width // 2)):
+            self._shift(-start)
+        self._grow(self.width + 1)
+
+    def _cache(self):
+        """A KVCache view of the running rows (no copy: slices of the preallocated buffers)."""
+        from llmkit.model.layers import KVCache
+
+        cache = KVCache.__new__(KVCache)
+        b = len(self.rows)
+        cache.k = [t[:b] for t in self._k]
+        cache.v = [t[:b] for t in self._v]
+        cache.cross = [None] * len(self._k)
+        cache.max_len, cache.pos = self._cap, self.width
+        return cache
+
+    def _admit(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Prefill the waiting requests that fit and join them to the batch; returns every row's next-token logits.
+
+        Everything that belongs to the new requests alone (their generators, stop rules, the prefill in a cache of
+        their own) is done first: if it fails, only they get the error and the running rows go on."""
+        reqs = self._take(self.max_batch - len(self.rows))
+        if not reqs:
+            return logits
+        try:
+            gens = self._generators(reqs)
+            joined = []
+            for r in reqs:
+                stop_ids, strings = stop_rules(self.tok, r.config, self.model, warn=log.warning)
+                text = TextStream(self.tok, strings)
+                text.prompt_ids = r.prompt_ids
+                joined.append(_Row(r, text, stop_ids, start=0))
+            P = max(len(r.prompt_ids) for r in reqs)
+            n = len(reqs)
+            ids = torch.full((n, P), self.tok.pad_id if self.tok.pad_id is not None else 0, dtype=torch.long)
+            mask = torch.zeros(n, P, dtype=torch.long)
+            for i, r in enumerate(reqs):
+                ids[i, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[i, P - len(r.prompt_ids):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            plain = n == 1  # one prompt, no padding: the causal fast path, exactly as `llmkit generate` computes it
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = self.model.new_cache(n, P)
+            new_logits = self.model(ids, attention_mask=None if plain else mask, cache=cache, position_ids=None if plain else positions,
+                                    last_only=True, check_ids=False)[:, -1]
+        except Exception as e:  # noqa: BLE001  (these requests fail; the batch goes on)
+            log.exception("engine %s: a prefill failed", self.name)
+            for r in reqs:
+                self._finish_error(r, "server_error", f"the prompt could not be processed: {type(e).__name__}: {e}")
+            with self.lock:
+                self._joining, self._admitting = 0, []
+                self._gauges()
+            return logits
+        # place them so that their prompts end at the current column (the others move right if a prompt is longer)
+        if not self.rows:
+            self.width = 0
+        if P > self.width:
+            self._grow(P + 1)
+            self._shift(P - self.width)
+        b, w = len(self.rows), self.width
+        for i in range(len(self._k)):
+            self._k[i][b:b + n, :, w - P:w] = cache.k[i]
+            self._v[i][b:b + n, :, w - P:w] = cache.v[i]
+        self.mask[b:b + n] = 0
+        self.mask[b:b + n, w - P:w] = mask
+        configs = [r.config for r in reqs]
+        if not self.rows:
+            self.sampler = Sampler(configs, self.n_valid, self.device, generators=gens)
+            self.positions = positions[:, -1:] + 1
+        else:
+            self.sampler.add_rows(configs, gens)
+            self.positions = torch.cat([self.positions, positions[:, -1:] + 1])
+        self.sampler.add_prompts([r.prompt_ids for r in reqs], rows=list(range(b, b + n)))
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.labels(self.name).inc(sum(len(r.prompt_ids) for r in reqs))
+        for row in joined:
+            row.start = w - len(row.req.prompt_ids)
+        with self.lock:
+            self.rows = self.rows + joined
+            self._joining, self._admitting = 0, []
+        self._gauges()
+        return new_logits if logits is None else torch.cat([logits, new_logits])
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple | None]:
+        """(chosen token's log-probability, [(id, logprob) of the k best]) for the rows that asked; the model's own
+        distribution (before temperature and filters), as OpenAI reports it."""
+        want = [r.req.logprobs for r in self.rows]
+        if all(k is None for k in want):
+            return [None] * len(want)
+        lp = logits[:, :self.n_valid].float().log_softmax(-1)
+        chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+        k = max(x or 0 for x in want)
+        top = lp.topk(k, dim=-1) if k else None
+        out = []
+        for r, kr in enumerate(want):
+            if kr is None:
+                out.append(None)
+                continue
+            best = list(zip(top.indices[r, :kr].tolist(), top.values[r, :kr].tolist())) if kr else []
+            out.append((chosen[r], best))
+        return out
+
+    def _step(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Sample every row's next token, report it, let finished rows leave, and compute the next logits."""
+        tokens = self.sampler(logits)
+        self.sampler.observe(tokens)
+        lps = self._logprobs(logits, tokens)
+        now = time.monotonic()
+        keep, produced = [], 0
+        for r, (row, t) in enumerate(zip(self.rows, tokens.tolist())):
+            gone = self._expired(row.req, now)
+            if gone:
+                if gone == "timeout":
+                    self._finish_error(row.req, "timeout", f"the request timed out after {row.generated} tokens")
+                self._done_metrics(row, cancelled=True)
+                continue
+            finish, stop_token = None, t in row.stop_ids
+            if stop_token:  # not part of the output: it ends it
+                piece, finish = row.text.flush(), "stop"
+            else:
+                piece = row.text.push(t)
+                row.generated += 1
+                if row.text.stopped:
+                    finish = "stop"
+                elif row.generated >= row.req.config.max_new_tokens:
+                    piece += row.text.flush()
+                    finish = "length"
+                if row.generated == 1 and self.metrics is not None:
+                    self.metrics.ttft.labels(self.name).observe(now - row.req.submitted)
+                produced += 1
+            if piece or not stop_token:
+                row.req.emit(("token", piece, None if stop_token else t, None if stop_token else lps[r]))
+            if finish:
+                row.req.emit(("done", finish, {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": row.generated}))
+                self._done_metrics(row)
+                continue
+            keep.append(r)
+        if self.metrics is not None:
+            self.metrics.generated(self.name, produced)
+        if len(keep) < len(self.rows):
+            self._drop(keep)
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=self.device)] if keep else tokens[:0]
+        if not self.rows:
+            self._gauges()
+            return None
+        self._room()
+        b, w = len(self.rows), self.width
+        self.mask[:b, w] = 1
+        plain = b == 1 and self.rows[0].start == 0  # a lone row from column 0: exactly `llmkit generate`'s path
+        out = self.model(tokens[:, None], attention_mask=None if plain else self.mask[:b, :w + 1], cache=self._cache(),
+                         position_ids=None if plain else self.positions, check_ids=False)[:, -1]
+        self.width += 1
+        self.positions = self.positions + 1
+        return out
+
+    def _done_metrics(self, row: _Row, cancelled: bool = False) -> None:
+        if not cancelled:
+            self.durations.append(time.monotonic() - row.req.submitted)
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep rows `keep` (in order) as rows 0..len(keep)-1 of the cache."""
+        b = len(self.rows)
+        for dst, src in enumerate(keep):
+            if dst != src:
+                for t in self._k + self._v:
+                    t[dst].copy_(t[src])
+                self.mask[dst] = self.mask[src]
+        self.mask[len(keep):b] = 0
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.positions = self.positions.index_select(0, index)
+        self.sampler.keep_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self._gauges()
+
+    def _one_seq2seq(self) -> None:
+        """Encoder-decoders: the next waiting request, decoded alone (its text comes as one piece)."""
+        reqs = self._take(1)
+        if not reqs:
+            return
+        req = reqs[0]
+        with self.lock:
+            self.rows = [_Row(req, TextStream(self.tok, []), set(), 0)]
+            self._joining, self._admitting = 0, []
+            self._gauges()
+        try:
+            g = generate_seq2seq(self.model, self.tok, req.prompt_ids, req.config, warn=log.warning)
+        except Exception as e:  # noqa: BLE001  (the client gets the error; the worker goes on)
+            log.exception("engine %s failed", self.name)
+            self._finish_error(req, "server_error", f"generation failed: {type(e).__name__}: {e}")
+            return
+        finally:
+            with self.lock:
+                self.rows = []
+                self._gauges()
+        if req.cancelled:
+            return
+        if self.metrics is not None:
+            self.metrics.ttft.labels(self.name).observe(time.monotonic() - req.submitted)
+            self.metrics.generated(self.name, len(g.ids))
+        req.emit(("token", g.text, None, None))
+        req.emit(("done", g.finish_reason, {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(g.ids)}))
+        self.durations.append(time.monotonic() - req.submitted)

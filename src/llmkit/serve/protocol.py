@@ -1,0 +1,122 @@
+"""The OpenAI API's request bodies, as the server accepts them, and its error shape.
+
+Every body model forbids unknown fields: a field llmkit does not implement (`tools`, `response_format`, `suffix`,
+...) is a 400 that names it, never a silent ignore. Fields OpenAI defines and llmkit implements keep OpenAI's names,
+types and ranges; `top_k`, `repetition_penalty` and `truncate_prompt_tokens` are the extensions vLLM also accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class Sampling(Body):
+    """What chat and completion requests share."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=128)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as the issue and OpenAI's own docs allow
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k prompt tokens; -1: as many as fit
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
+    ignore_eos: bool = False  # vLLM's: generate max_tokens tokens, past the end-of-sequence tokens (benchmarks)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        if self.seed is not None and self.seed + self.n - 1 > 2**63 - 1:
+            raise ValueError("seed + n - 1 must stay below 2**63")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+class EmbeddingRequest(Body):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+class TokenizeRequest(Body):
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(Body):
+    model: str
+    tokens: list[int]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+    """One readable sentence (and the field) for pydantic's errors: the first one, named by its path."""
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if kind == "extra_forbidden":
+        return f"llmkit does not support the field {param!r}; remove it from the request", param
+    if kind == "missing":
+        return f"the field {param!r} is required", param
+    if not param and kind in ("model_attributes_type", "dict_type"):
+        return "the body must be a JSON object (send it with Content-Type: application/json)", None
+    return f"{param}: {first.get('msg')} (got {first.get('input')!r})" if param else str(first.get("msg")), param

@@ -1,0 +1,537 @@
+"""Serving: the engine's continuous batching equals each request decoded alone; the OpenAI-compatible server answers the
+official `openai` client (chat, completions, streaming with usage, embeddings equal to sentence-transformers, errors as
+`openai` exceptions), survives bad input, bounds its queue (429), frees the slot of a client that leaves, and
+`llmkit serve` shuts down cleanly on SIGTERM.
+
+The servers start once per module (one per settings), on free local ports, in this process (a thread) so the tests can
+watch the engine; one test runs the real command in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from llmkit.chat import chat_prompt_ids
+from llmkit.generate import GenerationConfig, generate
+from llmkit.model import build_model, preset
+from llmkit.model.weights import save_model
+from llmkit.serve import Engine, Request, Settings, create_app
+
+pytestmark = pytest.mark.xdist_group("serve")  # one worker starts these servers, not both
+KEY = "sk-test-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny(tok, kind: str = "tiny-llama", **overrides):
+    torch.manual_seed(0)
+    shape = dict(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, max_seq_len=1024)
+    if kind == "tiny-llama":
+        shape.update(n_kv_heads=2, d_ff=128)
+    model = build_model(preset(kind, **{**shape, **overrides})).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # confident: greedy paths far from ties
+    model.tokenizer = tok
+    return model
+
+
+class LiveServer:
+    """uvicorn on a free local port in a thread; stops by itself at the end of the module."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app, self.port = app, _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def wait_ready(self, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while get(self.base + "/health")[0] != 200:
+            assert time.monotonic() < deadline, f"the models did not load: {get(self.base + '/health')}"
+            time.sleep(0.2)
+
+    def engine(self, name: str) -> Engine:
+        return self.app.state.llmkit.models[name].engine
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def request(method: str, url: str, body: bytes | dict | None = None, key: str | None = KEY, headers: dict | None = None):
+    """(status, parsed JSON or text, headers) of one plain HTTP request."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, raw, hdrs = r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        status, raw, hdrs = e.code, e.read(), dict(e.headers)
+    try:
+        return status, json.loads(raw), hdrs
+    except ValueError:
+        return status, raw.decode(), hdrs
+
+
+def get(url: str, key: str | None = KEY):
+    return request("GET", url, key=key)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizers_by_kind):
+    path = tmp_path_factory.mktemp("tiny-serve")
+    save_model(_tiny(tokenizers_by_kind["byte-bpe"]), path, tokenizer=tokenizers_by_kind["byte-bpe"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    """SmolLM2 and a tiny decoder, MiniLM for embeddings, an API key; 16 running, 32 waiting."""
+    app = create_app([("smollm2", "smollm2"), ("tiny", str(tiny_dir))], [("minilm", "minilm")],
+                     Settings(api_key=KEY, max_batch=16, max_queue=32, max_body=64 * 1024, cors_origins=["http://localhost:3000"]))
+    live = LiveServer(app)
+    live.wait_ready()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0)
+
+
+# --- the engine alone ---------------------------------------------------------------------------------------------------
+
+
+def _collect(engine: Engine, jobs: list[tuple[list[int], GenerationConfig]], stagger: float = 0.0) -> list[dict]:
+    """Submit each (prompt, config) (with a pause between them: they join a running batch) and wait for all."""
+    results: list[dict] = [{"ids": [], "text": "", "end": None} for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event):
+            if event[0] == "token":
+                results[i]["text"] += event[1]
+                if event[2] is not None:
+                    results[i]["ids"].append(event[2])
+            else:
+                results[i]["end"] = event
+                done.release()
+        return emit
+
+    for i, (prompt, cfg) in enumerate(jobs):
+        engine.submit([Request(prompt, cfg, emitter(i))])
+        if stagger:
+            time.sleep(stagger)
+    for _ in jobs:
+        assert done.acquire(timeout=120), "a request never finished"
+    return results
+
+
+@pytest.mark.parametrize("kind,overrides", [("tiny-llama", {}), ("tiny-gpt", {}), ("tiny-llama", {"position": "relative"})])
+def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind, overrides):
+    """Requests of many lengths join and leave a batch of 4 at different steps (prompts longer than the running rows
+    move them right; the timeline is shifted and grown): greedy and seeded sampled outputs equal each decoded alone."""
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = _tiny(tok, kind, max_seq_len=256, **overrides)
+    g = torch.Generator().manual_seed(1)
+    jobs = []
+    for i in range(14):
+        prompt = torch.randint(10, tok.vocab_size, (int(torch.randint(1, 90, (1,), generator=g)),), generator=g).tolist()
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        cfg = (GenerationConfig(max_new_tokens=n, do_sample=False) if i % 2 == 0 else
+               GenerationConfig(max_new_tokens=n, temperature=0.9, top_k=40, seed=i, repetition_penalty=1.1 if i % 3 else 1.0))
+        cfg.stop_token_ids = []  # run to max_new_tokens: the longest overlaps
+        jobs.append((prompt, cfg))
+    alone = [generate(model, tok, [p], c)[0] for p, c in jobs]
+    engine = Engine(model, kind, max_batch=4, max_queue=20)
+    try:
+        together = _collect(engine, jobs, stagger=0.01)
+    finally:
+        engine.close()
+    for (prompt, cfg), a, b in zip(jobs, alone, together):
+        assert b["ids"] == a.ids and b["text"] == a.text, (len(prompt), cfg)
+        assert b["end"] == ("done", "length", {"prompt_tokens": len(prompt), "completion_tokens": cfg.max_new_tokens})
+    assert engine.running == 0 and engine.queued == 0
+
+
+def test_stop_strings_and_tokens_end_each_row_as_alone(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = _tiny(tok)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("To be, or not to be", "Friends, Romans", "O Romeo")]
+    free = [generate(model, tok, [p], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[]))[0] for p in prompts]
+    jobs = [(prompts[0], GenerationConfig(max_new_tokens=20, do_sample=False, stop_strings=[free[0].text[5:8]], stop_token_ids=[])),
+            (prompts[1], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[free[1].ids[6]])),
+            (prompts[2], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[]))]
+    engine = Engine(model, "t", max_batch=3, max_queue=0)
+    try:
+        out = _collect(engine, jobs)
+    finally:
+        engine.close()
+    for (p, cfg), o in zip(jobs, out):
+        a = generate(model, tok, [p], cfg)[0]
+        assert (o["text"], o["ids"], o["end"][1]) == (a.text, a.ids, a.finish_reason)
+    assert out[0]["end"][1] == "stop" and out[1]["end"][1] == "stop" and out[2]["end"][1] == "length"
+
+
+# --- the HTTP API ---------------------------------------------------------------------------------------------------
+
+
+def test_models_chat_and_completions_through_the_openai_client(server, client):
+    assert {m.id for m in client.models.list().data} == {"smollm2", "tiny", "minilm"}
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0,
+                                       max_tokens=24)
+    assert r.object == "chat.completion" and r.model == "smollm2" and r.id.startswith("chatcmpl-") and r.created > 0
+    assert "4" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    tok = server.app.state.llmkit.models["smollm2"].tok
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "What is 2+2?"}])
+    assert r.usage.prompt_tokens == len(ids) and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # completions: several prompts x n choices, in OpenAI's order; a length finish is reported as one
+    r = client.completions.create(model="smollm2", prompt=["Once upon a time", "The sky is"], max_tokens=6, temperature=0, n=2,
+                                  logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and all(c.finish_reason == "length" for c in r.choices)
+    assert r.choices[0].text == r.choices[1].text != r.choices[2].text == r.choices[3].text
+    alone = generate(server.app.state.llmkit.models["smollm2"].model, tok, ["The sky is"], GenerationConfig(max_new_tokens=6, do_sample=False))[0]
+    assert r.choices[2].text == alone.text and r.usage.completion_tokens == 24
+    lp = r.choices[2].logprobs
+    assert "".join(lp.tokens) == alone.text and len(lp.token_logprobs) == 6 and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(t) == 2 and max(t.values()) == pytest.approx(p) for t, p in zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the best
+
+
+def test_chat_streams_with_usage_and_equals_the_generate_command(server, client):
+    question = "Name a color of the sky."
+    stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}], temperature=0,
+                                            max_tokens=24, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0 and len(finish) == 1
+    out = run_cli("generate", "--model", "smollm2", "--chat", "--greedy", "--prompt", question, "--max-new-tokens", "24").stdout
+    assert text == out[:-1]  # the command ends the text with a newline
+    # logprobs of a chat answer: each token with its bytes and its best alternatives
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3,
+                                       logprobs=True, top_logprobs=3)
+    first = r.choices[0].logprobs.content[0]
+    assert bytes(first.bytes).decode() == first.token and first.top_logprobs[0].token == first.token and len(first.top_logprobs) == 3
+
+
+def test_embeddings_equal_sentence_transformers(client):
+    from sentence_transformers import SentenceTransformer
+
+    from llmkit.embedded import embedded_path
+
+    texts = ["The cat sat on the mat.", "A dog barked at the mailman all morning long."]
+    theirs = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(texts)
+    r = client.embeddings.create(model="minilm", input=texts)
+    assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 0
+    np.testing.assert_allclose(np.array([d.embedding for d in r.data]), theirs, atol=2e-5)
+    b = client.embeddings.create(model="minilm", input=texts[0], encoding_format="base64")
+    raw = b.data[0].embedding
+    vector = np.frombuffer(base64.b64decode(raw), dtype=np.float32) if isinstance(raw, str) else np.array(raw)
+    np.testing.assert_allclose(vector, theirs[0], atol=2e-5)
+
+
+def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client):
+    import openai
+
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=user)
+    assert e.value.body["code"] == "model_not_found" and "smollm2" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=user, max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=user, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert e.value.body["param"] == "tools" and "does not support" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 700}], max_tokens=5)
+    assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 700}], max_tokens=5,
+                                       extra_body={"truncate_prompt_tokens": -1})  # opted in: the prompt's end is kept
+    assert r.usage.prompt_tokens == 1024 - 4 and r.usage.completion_tokens == 5
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="smollm2", input="x")
+    with pytest.raises(openai.AuthenticationError):
+        type(client)(base_url=server.base + "/v1", api_key="wrong", max_retries=0).models.list()
+    status, body, _ = request("POST", server.base + "/v1/chat/completions", b'{"model": "tiny", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body, _ = request("POST", server.base + "/v1/chat/completions", b"{" + b" " * 70_000 + b"}")
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    status, body, _ = request("POST", server.base + "/v1/chat/completions", {"model": "tiny", "messages": user}, key=None)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body, _ = request("GET", server.base + "/v1/nothing")
+    assert status == 404 and "error" in body
+    # a chunked body (no Content-Length) over the limit is cut off while it is read
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b"{" + b" " * 40_000] * 3), encode_chunked=True,
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"})
+    response = conn.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
+    conn.close()
+    status, body, _ = request("POST", server.base + "/v1/chat/completions", b"model=tiny", headers={"Content-Type": "text/plain"})
+    assert status == 400 and "JSON object" in body["error"]["message"]
+    # a seed beyond 64 bits is refused before it reaches the engine (where it would fail the whole batch)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=user, seed=2**64, temperature=0.7)
+    assert e.value.body["param"] == "seed"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=user, stream_options={"include_usage": True})  # without stream
+    # CORS for the allowed origin, with the headers the openai JS client sends
+    status, _, headers = request("OPTIONS", server.base + "/v1/chat/completions", key=None, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"})
+    assert status == 200 and headers.get("access-control-allow-origin") == "http://localhost:3000"
+    status, _, headers = request("OPTIONS", server.base + "/v1/chat/completions", key=None, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert headers.get("access-control-allow-origin") is None
+    assert get(server.base + "/health", key=None)[0] == 200  # public
+    # still serving, and the metrics saw it all
+    assert client.chat.completions.create(model="tiny", messages=user, max_tokens=3, temperature=0).choices[0].finish_reason
+    status, text, _ = get(server.base + "/metrics")
+    assert status == 200 and 'llmkit_errors_total{kind="too_large"}' in text and 'llmkit_errors_total{kind="auth"}' in text
+    assert 'llmkit_requests_total{route="/v1/chat/completions",status="400"}' in text
+    assert "llmkit_time_to_first_token_seconds_count" in text and 'llmkit_running_batch_size{model="tiny"}' in text
+
+
+def test_tokenize_and_detokenize(server):
+    status, body, _ = request("POST", server.base + "/tokenize", {"model": "smollm2", "prompt": "Hello world"})
+    tok = server.app.state.llmkit.models["smollm2"].tok
+    assert status == 200 and body["tokens"] == tok.encode("Hello world") and body["count"] == len(body["tokens"])
+    status, body, _ = request("POST", server.base + "/detokenize", {"model": "smollm2", "tokens": body["tokens"]})
+    assert status == 200 and body["prompt"] == "Hello world"
+    assert request("POST", server.base + "/detokenize", {"model": "smollm2", "tokens": [10 ** 9]})[0] == 400
+
+
+def test_32_concurrent_streams_all_complete_and_equal_their_single_runs(server):
+    from openai import AsyncOpenAI
+
+    def settings(i: int) -> dict:
+        base = {"model": "tiny", "messages": [{"role": "user", "content": f"Speak line {i} of the play, " + "friend " * (i % 7)}],
+                "max_tokens": 4 + (i * 5) % 37, "extra_body": {"ignore_eos": i % 4 != 0}}
+        if i % 2:
+            base.update(temperature=0.8, top_p=0.9, seed=100 + i, presence_penalty=0.3 * (i % 3))
+        else:
+            base.update(temperature=0)
+        return base
+
+    async def one(c, i: int, stream: bool):
+        if not stream:
+            r = await c.chat.completions.create(**settings(i))
+            return r.choices[0].message.content, r.choices[0].finish_reason
+        s = await c.chat.completions.create(**settings(i), stream=True, stream_options={"include_usage": True})
+        parts, finish, usage = [], None, None
+        async for chunk in s:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            else:
+                usage = chunk.usage
+        assert usage is not None
+        return "".join(parts), finish
+
+    async def run():
+        c = AsyncOpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0)
+        alone = [await one(c, i, stream=False) for i in range(32)]
+        together = await asyncio.gather(*(one(c, i, stream=True) for i in range(32)))
+        await c.close()
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert len(together) == 32 and all(f in ("stop", "length") for _, f in together)
+    assert together == alone  # greedy and seeded sampled: the batch changes nothing
+    assert server.engine("tiny").running == 0 and server.engine("tiny").queued == 0
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    engine = server.engine("tiny")
+    before = server.app.state.llmkit.metrics.tokens.labels("tiny")._value.get()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")
+    assert engine.running == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while engine.running:
+        assert time.monotonic() < deadline, "the row of a client that left kept running"
+        time.sleep(0.02)
+    generated = server.app.state.llmkit.metrics.tokens.labels("tiny")._value.get() - before
+    assert generated < 1000  # cancelled, not run to the end
+
+
+@pytest.fixture(scope="module")
+def busy_server(tiny_dir, monkeypatch_module):
+    """One running slot, one queue place; its model loads only when the test lets it (to see /health say 503)."""
+    import llmkit
+
+    gate = threading.Event()
+    real = llmkit.load
+
+    def slow_load(spec, **kw):
+        gate.wait(60)
+        return real(spec, **kw)
+
+    monkeypatch_module.setattr(llmkit, "load", slow_load)
+    live = LiveServer(create_app([("tiny", str(tiny_dir))], [], Settings(max_batch=1, max_queue=1)))
+    live.gate = gate
+    yield live
+    gate.set()
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_loading_is_503_then_a_full_queue_is_429_and_the_rest_succeed(busy_server):
+    status, body, _ = get(busy_server.base + "/health", key=None)
+    assert status == 503 and body["status"] == "loading"
+    status, body, headers = request("POST", busy_server.base + "/v1/completions", {"model": "tiny", "prompt": "hi"}, key=None)
+    assert status == 503 and body["error"]["code"] == "loading" and headers.get("retry-after") == "5"
+    busy_server.gate.set()
+    busy_server.wait_ready()
+    body = {"model": "tiny", "prompt": "To be, or not", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+    results = [None] * 6
+
+    def send(i):
+        results[i] = request("POST", busy_server.base + "/v1/completions", body, key=None)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 200, 429, 429, 429, 429]  # one runs, one waits, the rest are refused at once
+    refused = next(r for r in results if r[0] == 429)
+    assert refused[1]["error"]["type"] == "rate_limit_error" and int(refused[2]["retry-after"]) >= 1
+    status, body, _ = request("POST", busy_server.base + "/v1/completions", {**body, "n": 3}, key=None)
+    assert status == 400 and body["error"]["param"] == "n"  # more than slots and queue together: never 429
+    ok = [r for r in results if r[0] == 200]
+    assert all(r[1]["choices"][0]["finish_reason"] == "length" and r[1]["usage"]["completion_tokens"] == 1000 for r in ok)
+    assert ok[0][1]["choices"][0]["text"] == ok[1][1]["choices"][0]["text"]
+
+
+def test_the_serve_command_needs_its_key_and_stops_cleanly_on_sigterm(tiny_dir, tmp_path):
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(KEY + "\n")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", f"tiny={tiny_dir}", "--port", str(port),
+                             "--api-key-file", str(key_file), "--max-batch", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if get(base + "/health", key=None)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1] if proc.poll() is not None else "slow"
+            time.sleep(0.2)
+        assert get(base + "/v1/models", key=None)[0] == 401
+        assert get(base + "/v1/models")[1]["data"][0]["id"] == "tiny"
+        # a stream runs while SIGTERM arrives: it finishes, then the server exits 0
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        response = conn.getresponse()
+        first = response.readline()
+        os.kill(proc.pid, signal.SIGTERM)
+        rest = response.read().decode()
+        assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_encoder_decoder_is_served_one_request_at_a_time_as_generate_does(tokenizers_by_kind):
+    tok = tokenizers_by_kind["unigram"]
+    torch.manual_seed(0)
+    t5 = build_model(preset("tiny-t5", vocab_size=tok.vocab_size, d_model=64, n_heads=4, d_ff=128)).eval()
+    t5.tokenizer = tok
+    prompts = [tok.encode(t) for t in ("To be, or not to be", "Friends, Romans, countrymen")]
+    jobs = [(p, GenerationConfig(max_new_tokens=12, do_sample=False)) for p in prompts]
+    engine = Engine(t5, "t5", max_batch=2, max_queue=4)
+    try:
+        out = _collect(engine, jobs)
+    finally:
+        engine.close()
+    for (p, cfg), o in zip(jobs, out):
+        a = generate(t5, tok, [p], cfg)[0]
+        assert (o["text"], o["end"][1]) == (a.text, a.finish_reason)
+
+
+def test_logit_bias_bans_and_forces_tokens_per_row(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = _tiny(tok)
+    prompt = tok.encode("To be, or not to be", add_special_tokens=False)
+    free = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[]))[0]
+    banned = GenerationConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[], logit_bias={free.ids[0]: -100})
+    forced = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=[], logit_bias={77: 100})
+    engine = Engine(model, "t", max_batch=3, max_queue=0)
+    try:
+        out = _collect(engine, [(prompt, banned), (prompt, forced)])
+    finally:
+        engine.close()
+    assert out[0]["ids"][0] != free.ids[0] and out[0]["ids"] == generate(model, tok, [prompt], banned)[0].ids
+    assert out[1]["ids"] == [77] * 6
+    with pytest.raises(Exception, match="not in \\[-100, 100\\]"):
+        GenerationConfig(logit_bias={1: 300}).check()
+
+
+def test_a_prompt_whose_prefill_fails_fails_alone(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = _tiny(tok)
+    prompt = tok.encode("To be, or not to be", add_special_tokens=False)
+    engine = Engine(model, "t", max_batch=4, max_queue=4)
+    try:
+        out = _collect(engine, [(prompt, GenerationConfig(max_new_tokens=150, do_sample=False, stop_token_ids=[])),
+                                ([10 ** 6], GenerationConfig(max_new_tokens=5))], stagger=0.05)
+        assert out[1]["end"][0] == "error" and "could not be processed" in out[1]["end"][2]
+        assert out[0]["end"][:2] == ("done", "length") and len(out[0]["ids"]) == 150
+        again = _collect(engine, [(prompt, GenerationConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[]))])
+        assert again[0]["ids"] == out[0]["ids"][:5]  # the engine goes on
+    finally:
+        engine.close()
