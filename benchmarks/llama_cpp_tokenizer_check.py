@@ -28,11 +28,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
-    from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
     from llama_cpp import Llama
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmkit.tokenizer import Tokenizer
+
+    from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, max_position_embeddings=128))

@@ -16,8 +16,9 @@ def _permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def write_llama_gguf(path, hf_model, tokenizer_fields: dict, *, rope_freqs: torch.Tensor | None = None, extra: dict | None = None) -> None:
     """`hf_model` is a transformers LlamaForCausalLM (None: a file with the tokenizer only); `tokenizer_fields` are GGUF
     `tokenizer.*` values (tokens, merges, token types, ids, pre, flags); `extra` adds `llama.*` keys (e.g. rope scaling)."""
-    import gguf
     from pathlib import Path
+
+    import gguf
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), "llama")

@@ -11,11 +11,12 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from llmkit.errors import LlmkitError
-from llmkit.evaluate.arena import ab_test, bradley_terry, bootstrap_bt, leaderboard, online_elo, votes_needed, wilson
+from llmkit.evaluate.arena import ab_test, bootstrap_bt, bradley_terry, leaderboard, online_elo, votes_needed, wilson
 from llmkit.serve.votes import VoteError, VoteStore
+
+from conftest import run_cli
 
 
 def _published_elo(battles, K=4, SCALE=400, BASE=10, INIT_RATING=1000):
@@ -184,9 +185,9 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
     import time
     import urllib.error
 
-    from test_serve import _free_port, _tiny, get, request
-
     from llmkit.model.weights import save_model
+
+    from test_serve import _free_port, _tiny, get, request
 
     tok = tokenizers_by_kind["byte-bpe"]
     save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
@@ -217,8 +218,8 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
             proc.kill()
             proc.wait()
     # the limiter: 30 votes a minute per session, then 429 with Retry-After
-    from llmkit.serve.arena import Limiter
     from llmkit.serve.app import APIError
+    from llmkit.serve.arena import Limiter
 
     limiter = Limiter(per_minute=3)
     for _ in range(3):
@@ -232,10 +233,10 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
 def test_streamed_battles_votes_and_ratings_over_http(tmp_path, tokenizers_by_kind):
     """One tiny model under two names with two sampling settings: a streamed battle (SSE), its vote once, the settings
     each side really used in the database; a chat answer from the page rated once per session."""
-    from test_serve import LiveServer, _tiny, request
-
     from llmkit.model.weights import save_model
     from llmkit.serve import Settings, create_app
+
+    from test_serve import LiveServer, _tiny, request
 
     tok = tokenizers_by_kind["byte-bpe"]
     save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)

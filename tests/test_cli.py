@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
 
 from llmkit.cli import build_parser, parse_args
+
+from conftest import run_cli
 
 
 def test_help_lists_the_lifecycle_and_every_subcommand_has_examples(capsys):

@@ -9,11 +9,12 @@ import random
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from llmkit.embed import static
 from llmkit.embed.vectors import Vectors, benchmark_dir
 from llmkit.errors import LlmkitError
+
+from conftest import run_cli
 
 TOPICS = ("ship sail sea wave harbour captain anchor mast tide storm".split(), "bread oven flour baker dough yeast crust loaf butter salt".split())
 

@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import metrics as M
+
+from conftest import run_cli
 
 # sacrebleu's README example: three hypotheses, two reference streams
 SYS = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]

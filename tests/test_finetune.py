@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 
 import llmkit
 from llmkit.errors import LlmkitError
@@ -16,6 +15,8 @@ from llmkit.finetune.data import IGNORE, encode_chat, prepare_examples, read_row
 from llmkit.finetune.peft import apply_adapters, apply_lora, lora_layers, merge_lora, save_lora, trainable_share, unmerge_lora
 from llmkit.model import build_model, preset
 from llmkit.model.weights import export_hf
+
+from conftest import run_cli
 
 
 def _tiny_llama():

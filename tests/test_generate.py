@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 
 import llmkit
 from llmkit.chat import ChatSession, render_chat
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, TextStream, filter_top_k_top_p, generate, stream
 from llmkit.model import build_model, preset
+
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

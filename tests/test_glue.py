@@ -8,10 +8,11 @@ import random
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import glue
+
+from conftest import run_cli
 
 
 def _tsv(path, header, rows):

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
-from llmkit.evaluate.tasks import offline, run_tasks, write_builtin_tasks
+from llmkit.evaluate.tasks import offline, write_builtin_tasks
+
+from conftest import run_cli
 
 offline()
 

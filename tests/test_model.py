@@ -350,11 +350,12 @@ def _llama3_ref(vocab: int, eos):
 @pytest.mark.slow
 def test_llama3_style_gguf_loads_like_transformers_and_tokenizes_like_llama_cpp(tmp_path):
     """A Llama-3.1-shaped GGUF: rope_freqs factors, the llama-bpe pre-tokenizer, bos by llama.cpp's default, eos + eot."""
-    from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
     from transformers import AutoTokenizer
 
     from llmkit.model.layers import rope_frequencies
     from llmkit.tokenizer import Tokenizer
+
+    from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
 
     ref = _llama3_ref(49152, [2, 0])
     base, _ = rope_frequencies(8, 500.0)

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 
 import llmkit
 from llmkit.errors import LlmkitError
 from llmkit.evaluate.perplexity import score_tokens, window_plan
 from llmkit.train import objectives
 from llmkit.train.pretrain import Budget, PretrainConfig, _Crash, learning_rate, pretrain
+
+from conftest import run_cli
 
 # --- objectives -------------------------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ def _torchrun(args: list[str], port: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m llmkit ARGS`. FSDP2 over gloo on CPU aborts now and then inside the C++ runtime
     ("terminate called without an active exception", about 1 run in 6 here); that one failure, and only it, gets a
     second try."""
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                                "-m", "llmkit", *args], capture_output=True, text=True, timeout=600)
         if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:

@@ -25,13 +25,14 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 
 from llmkit.chat import chat_prompt_ids
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model import build_model, preset
 from llmkit.model.weights import save_model
 from llmkit.serve import Engine, Request, Settings, create_app
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker starts these servers, not both
 KEY = "sk-test-0123456789"

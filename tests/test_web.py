@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve import KEY, LiveServer, request
 
-from llmkit.serve.votes import VoteStore
 from llmkit.model.weights import save_model
 from llmkit.serve import Settings, create_app
+from llmkit.serve.votes import VoteStore
+
+from test_serve import KEY, LiveServer, request
 
 pytestmark = pytest.mark.xdist_group("web")
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "web"

@@ -584,7 +584,9 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
         last = step == cfg.max_new_tokens - 1
         generated = beams.shape[1]  # tokens after this step, the start token not counted
         full = cfg.early_stopping and len(finished) >= n
-        live, parents, live_scores = [], [], []
+        live: list[torch.Tensor] = []
+        parents: list[int] = []
+        live_scores: list[float] = []
         for rank, (score, flat) in enumerate(zip(top.tolist(), idx.tolist())):
             b, t = divmod(flat, V)
             if t in eos or last:

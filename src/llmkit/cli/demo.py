@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from llmkit.cli.common import subcommand
 
 

@@ -25,15 +25,19 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:
+    from llmkit.embed.vectors import Vectors
 
 WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # letters of any script, with inner apostrophes: o'er, café
 METHODS = ("word2vec", "glove")
@@ -302,7 +306,7 @@ def word2vec(lines, vocab: Vocab, dim: int = 100, *, window: int = 5, epochs: in
 
 def train(texts: list[str] | None = None, method: str = "word2vec", *, source: str | list[str] | None = None, dim: int = 100,
           window: int | None = None, epochs: int | None = None, min_count: int = 5, max_vocab: int | None = None, sg: bool = True,
-          seed: int = 0, workers: int = 2, device: str = "cpu", field: str = "text", log=print) -> "Vectors":
+          seed: int = 0, workers: int = 2, device: str = "cpu", field: str = "text", log=print) -> Vectors:
     """Static vectors of `method` (word2vec or glove) trained on `texts`, or on a `source` spec read file by file (a
     corpus larger than memory streams: one pass counts the vocabulary, the next the co-occurrences or the training);
     with their training facts in `.meta`. `device` places GloVe's training (cuda runs it on a GPU)."""

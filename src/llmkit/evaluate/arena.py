@@ -145,7 +145,7 @@ def leaderboard(battles: list[tuple[str, str, str]], ratings: dict[str, list[flo
                      "ties": sum(1 for s in g if s == 0.5), "losses": sum(1 for s in g if s == 0), "mean_rating": mean,
                      "rating_low": low, "rating_high": high, "ratings": len(ratings.get(m, [])),
                      "provisional": len(g) < PROVISIONAL_GAMES})
-    rows.sort(key=lambda r: (-float(r["bt"]), str(r["model"])))
+    rows.sort(key=lambda r: (-bt[str(r["model"])], str(r["model"])))
     return {"models": rows, "win_rates": win_rates(battles), "battles": len(battles)}
 
 

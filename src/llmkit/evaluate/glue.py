@@ -225,7 +225,7 @@ def score(task: Task, rows: list[Row], predictions: list, scores: list[float] | 
     elif task.name == "record":
         winners = _winners(rows, scores)
         f1, em = [], []
-        for group, i in winners.items():
+        for _group, i in winners.items():
             gold = rows[i].gold or [""]
             f1.append(max(_token_f1(rows[i].candidate, g) for g in gold))
             em.append(max(float(_normalize_squad(rows[i].candidate) == _normalize_squad(g)) for g in gold))

@@ -262,7 +262,7 @@ class LlmkitLM(TemplateLM):
         x, mask = x.to(self._device), mask.to(self._device)
         logp = F.log_softmax(self.model(x, attention_mask=mask).float(), dim=-1)  # (B, T, V)
         results = []
-        for r, ((_, context, continuation), n) in enumerate(zip(chunk, spans)):
+        for r, ((_, _context, continuation), n) in enumerate(zip(chunk, spans)):
             end = len(inputs[r])
             rows = logp[r, end - n:end]  # (n, V): the positions that predict the continuation
             target = torch.tensor(continuation, device=self._device)

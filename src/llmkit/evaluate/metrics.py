@@ -74,7 +74,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.predictions)
 
-    def take(self, index) -> "Examples":
+    def take(self, index) -> Examples:
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return Examples(pick(self.predictions), pick(self.references), pick(self.labels), pick(self.scores), self.classes)
 

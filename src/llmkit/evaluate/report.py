@@ -17,7 +17,6 @@ from pathlib import Path
 from llmkit import io
 from llmkit.errors import LlmkitError
 
-
 BOUNDED = {"acc": (0, 1), "acc_norm": (0, 1), "exact_match": (0, 1), "em": (0, 1), "f1": (0, 1), "f1a": (0, 1), "accuracy": (0, 1),
            "precision": (0, 1), "recall": (0, 1), "token_f1": (0, 1), "mc1": (0, 1), "mc2": (0, 1), "mcc": (-1, 1)}
 

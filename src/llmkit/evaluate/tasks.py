@@ -172,11 +172,10 @@ def run_tasks(model, tasks: list[str], *, shots: list[int], out: str | Path, lim
     import logging
 
     import datasets
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     import lm_eval.evaluator
     import lm_eval.loggers.utils
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
     for module in (lm_eval.evaluator, lm_eval.loggers.utils):  # it runs `git` in the working folder, which need not be a repository
         module.get_git_commit_hash = lambda: None

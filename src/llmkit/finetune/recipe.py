@@ -100,7 +100,7 @@ def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
     from llmkit.evaluate import glue
 
     if not cfg.data:
-        raise LlmkitError(f"--glue {cfg.glue} needs --data: the task's official file or folder", f"e.g. --data glue_data/SST-2/train.tsv")
+        raise LlmkitError(f"--glue {cfg.glue} needs --data: the task's official file or folder", "e.g. --data glue_data/SST-2/train.tsv")
     task = glue.get_task(cfg.glue)
     if task.name in ("axb", "axg"):
         raise LlmkitError(f"{task.folder} is a diagnostic set with no training data (its one file is the test)",

@@ -103,22 +103,22 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise LlmkitError(f"unknown model config key(s): {', '.join(unknown)}", "remove them, or check the spelling")
         return cls(**d)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
     # --- sizes -----------------------------------------------------------------------------------
     def param_count(self) -> int:
         """Parameters of the model this config builds (tied embeddings counted once)."""
-        from llmkit.model import build_model
-
         import torch
+
+        from llmkit.model import build_model
 
         with torch.device("meta"):
             model = build_model(self)
@@ -128,6 +128,8 @@ class ModelConfig:
         """Training FLOPs per token, 6N + 12·L·d·T (Kaplan et al. 2020; PaLM appendix B), where N counts the
         weights that take part in matrix multiplies (not position embeddings, not a lookup-only input embedding)."""
         T = seq_len or self.max_seq_len
+        assert self.head_dim is not None and self.n_kv_heads is not None and self.d_ff is not None  # set in __post_init__
+        assert self.n_decoder_layers is not None
         D, V, hd = self.d_model, self.vocab_size, self.head_dim
         q_o = 2 * D * self.n_heads * hd
         kv = 2 * D * self.n_kv_heads * hd

@@ -41,7 +41,7 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     """Replace every nn.Linear of `model` by its weight-only quantized form (in place; for inference only)."""
     if method != "int8":
         raise LlmkitError(f"unknown quantization {method!r}", "use int8")
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child))

@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from llmkit.serve.votes import VoteError
 from llmkit.serve.protocol import Body
+from llmkit.serve.votes import VoteError
 
 VOTES_PER_MINUTE = 30  # votes and ratings, per client (address and session)
 BATTLES_PER_MINUTE = 20
@@ -161,7 +161,7 @@ def add_routes(app: FastAPI, state, settings, run) -> None:
             if isinstance(e, APIError):
                 raise
             raise APIError(500, f"generation failed: {e}", "server_error") from None
-        for side, (kind, value) in zip("ab", firsts):
+        for side, (_kind, value) in zip("ab", firsts):
             used[side] = value
         tasks = [asyncio.ensure_future(pump(side, gen)) for side, gen in zip("ab", streams)]
 

@@ -107,6 +107,7 @@ class Engine:
         self.closing = False
         self.durations: collections.deque[float] = collections.deque(maxlen=50)  # recent request times, for Retry-After
         self._cap = self.width = 0  # timeline columns allocated, and in use
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (max_batch, cap): 1 where a row has a token
         self._joining = 0  # taken from the queue, not yet in the batch (being prefilled)
         self._admitting: list[Request] = []  # those requests (they get an error if the prefill fails)
         self._k: list[torch.Tensor] = []
@@ -171,7 +172,7 @@ class Engine:
                     self._one_seq2seq()
                     continue
                 logits = self._admit(logits)
-                if self.rows:
+                if self.rows and logits is not None:
                     logits = self._step(logits)
             except Exception as e:  # a bug or an out-of-memory must not leave clients waiting forever
                 log.exception("engine %s failed", self.name)
@@ -235,7 +236,7 @@ class Engine:
                 pass
             self._gauges()
 
-    def _generators(self, reqs: list[Request]) -> list[torch.Generator]:
+    def _generators(self, reqs: list[Request]) -> list[torch.Generator | None]:
         """Each row its own generator: seeded by the request, else from the system's randomness."""
         return [seeded_generator(r.config.seed if r.config.seed is not None else secrets.randbits(63), self.device) for r in reqs]
 
@@ -379,12 +380,12 @@ class Engine:
         chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
         k = max(x or 0 for x in want)
         top = lp.topk(k, dim=-1) if k else None
-        out = []
+        out: list[tuple | None] = []
         for r, kr in enumerate(want):
             if kr is None:
                 out.append(None)
                 continue
-            best = list(zip(top.indices[r, :kr].tolist(), top.values[r, :kr].tolist())) if kr else []
+            best = list(zip(top.indices[r, :kr].tolist(), top.values[r, :kr].tolist())) if kr and top is not None else []
             out.append((chosen[r], best))
         return out
 

@@ -75,7 +75,7 @@ class VoteStore:
                                       "upgrade llmkit, or use another --db file")
         except sqlite3.DatabaseError as e:
             raise LlmkitError(f"{self.path} is not a votes database ({e})", "give another --db file, or move this one away") from None
-        self.secret = bytes.fromhex(self._meta("secret"))
+        self.secret = bytes.fromhex(self._meta("secret") or "")
         self.lock = threading.Lock()
 
     def _tx(self):

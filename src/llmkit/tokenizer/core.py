@@ -214,14 +214,14 @@ class Tokenizer:
         return config
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load from a tokenizer folder, a `tokenizer.json`, a model folder, a GGUF file or an embedded name."""
         from llmkit.tokenizer import pretrained
 
         return pretrained.load_tokenizer(path)
 
     @classmethod
-    def from_folder(cls, directory: str | os.PathLike) -> "Tokenizer":
+    def from_folder(cls, directory: str | os.PathLike) -> Tokenizer:
         directory = Path(directory)
         file = directory / "tokenizer.json" if directory.is_dir() else directory
         if not file.exists():

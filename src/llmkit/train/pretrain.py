@@ -83,7 +83,7 @@ class Budget:
     seconds: float | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> "Budget":
+    def parse(cls, spec: str) -> Budget:
         b = cls()
         for part in str(spec).replace(" ", "").lower().split(","):
             m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|sec|m|min|h|steps?|k?m?b?tok(?:ens)?|[kmb]tok(?:ens)?)?", part)
@@ -258,7 +258,8 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
     if (Path(cfg.data) / "meta.json").exists():
         return Path(cfg.data)
     data_dir = Path(cfg.out) / "data"
-    recipe = {"data": cfg.data, "tokenizer_kind": cfg.tokenizer_kind, "vocab_size": cfg.vocab_size, "seed": cfg.seed, "val_fraction": 0.1}
+    val_fraction = 0.1
+    recipe = {"data": cfg.data, "tokenizer_kind": cfg.tokenizer_kind, "vocab_size": cfg.vocab_size, "seed": cfg.seed, "val_fraction": val_fraction}
     if d.main:
         meta = io.read_json(data_dir / "meta.json") if (data_dir / "meta.json").exists() else None
         if meta is not None and not cfg.resume:  # the same options and the same text, or it is prepared again
@@ -266,7 +267,7 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
 
             recipe["source_sha256"] = source_fingerprint(cfg.data)
         stale = meta is not None and not cfg.resume and {**meta.get("prepared_for", {}), "source_sha256": meta.get("source_sha256")} != recipe
-        if stale:  # a resumed run keeps its own data: its checkpoint's tokenizer fingerprint is checked against it
+        if stale and meta is not None:  # a resumed run keeps its own data: its checkpoint's tokenizer fingerprint is checked
             log(f"{data_dir} was prepared from other options ({meta.get('prepared_for')}); preparing it again")
             (data_dir / "meta.json").unlink()
             meta = None
@@ -275,7 +276,7 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
             from llmkit.tokenizer import train_tokenizer
 
             log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
-            split = split_corpus(cfg.data, val_fraction=recipe["val_fraction"], seed=cfg.seed, log=log)
+            split = split_corpus(cfg.data, val_fraction=val_fraction, seed=cfg.seed, log=log)
             tok = train_tokenizer(split.train, cfg.tokenizer_kind, cfg.vocab_size)
             write_shards(split, tok, data_dir, source=cfg.data, extra={"prepared_for": recipe})
     _barrier(d)
@@ -311,7 +312,7 @@ class Prepared:
     def n_targets(self) -> int:
         return int((self.targets != objectives.IGNORE).sum())
 
-    def rows(self, index) -> "Prepared":
+    def rows(self, index) -> Prepared:
         return Prepared(self.inputs[index], self.targets[index], None if self.decoder_inputs is None else self.decoder_inputs[index])
 
 
@@ -408,7 +409,7 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, m
     n_win = min(cfg.eval_windows, len(val) // window)
     mine = [i * window for i in range(n_win)][d.rank::d.world]
     n_batches = math.ceil(math.ceil(n_win / d.world) / cfg.batch_size)
-    nats, count = 0.0, 0
+    nats, count = 0.0, 0.0
     for b in range(n_batches):
         starts = mine[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         rows = torch.from_numpy(np.stack([val[s:s + window] for s in (starts or [0])]).astype(np.int64))
