@@ -65,8 +65,9 @@ def bench_transformers(model, prompt: list[int], new: int, batch: int, device) -
         sync(device)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=2)
+        out = model.generate(
+            short, attention_mask=torch.ones_like(short), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2
+        )
         sync(device)
         decode = time.perf_counter() - start
     return batch * len(prompt) / prefill, batch * (out.shape[1] - short.shape[1]) / decode
@@ -75,8 +76,7 @@ def bench_transformers(model, prompt: list[int], new: int, batch: int, device) -
 def bench_llama_cpp(path: str, prompt: list[int], new: int, threads: int, flash: bool) -> tuple[float, float]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=max(1024, len(prompt) + new + 16), n_threads=threads, n_batch=512, verbose=False,
-                flash_attn=flash)
+    llm = Llama(model_path=path, n_ctx=max(1024, len(prompt) + new + 16), n_threads=threads, n_batch=512, verbose=False, flash_attn=flash)
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
@@ -107,9 +107,11 @@ def main() -> None:
     skip = set(args.skip.split(","))
     base = llmkit.load("smollm2")
     prompt = prompt_ids(base.tokenizer, args.prompt_tokens)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
-          f"torch {torch.__version__}; SmolLM2-135M-Instruct, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
+        f"torch {torch.__version__}; SmolLM2-135M-Instruct, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
+        f"median of {args.repeats}"
+    )
     rows = []
 
     def record(engine, dtype, batch, fn):
@@ -141,8 +143,12 @@ def main() -> None:
             from llmkit.embedded import embedded_path
 
             for flash in (False, True):
-                record(f"llama.cpp{' FA' if flash else ''}", "Q4_1", 1,
-                       lambda: bench_llama_cpp(str(embedded_path("smollm2")), prompt, args.new_tokens, args.threads, flash))
+                record(
+                    f"llama.cpp{' FA' if flash else ''}",
+                    "Q4_1",
+                    1,
+                    lambda: bench_llama_cpp(str(embedded_path("smollm2")), prompt, args.new_tokens, args.threads, flash),
+                )
         except ImportError:
             print("llama.cpp: llama-cpp-python is not installed (a benchmark extra; see benchmarks/RESULTS.md)")
     print("\nratios (decode, prompt) against transformers of the same dtype and batch (int8: against fp32):")

@@ -39,10 +39,14 @@ def main() -> None:
     b = theirs.encode(texts[:200], batch_size=args.batch_size, normalize_embeddings=True)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.9999, cos.min()
-    engines = {"llmkit": lambda: embed_texts(ours, texts, batch_size=args.batch_size),
-               "sentence-transformers": lambda: theirs.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)}
-    print(f"all-MiniLM-L6-v2, {len(texts)} Shakespeare lines (mean {np.mean([len(t) for t in texts]):.0f} chars), batch {args.batch_size}, "
-          f"{args.threads} threads; vectors agree (min cosine {cos.min():.6f})")
+    engines = {
+        "llmkit": lambda: embed_texts(ours, texts, batch_size=args.batch_size),
+        "sentence-transformers": lambda: theirs.encode(texts, batch_size=args.batch_size, normalize_embeddings=True),
+    }
+    print(
+        f"all-MiniLM-L6-v2, {len(texts)} Shakespeare lines (mean {np.mean([len(t) for t in texts]):.0f} chars), batch {args.batch_size}, "
+        f"{args.threads} threads; vectors agree (min cosine {cos.min():.6f})"
+    )
     rates = {}
     for name, fn in engines.items():
         best = float("inf")

@@ -50,8 +50,11 @@ def main() -> None:
     lines = sentences(read_source(args.source).texts)
     corpus = scratch / "corpus.txt"
     corpus.write_text("\n".join(" ".join(line) for line in lines) + "\n")
-    print(f"{sum(map(len, lines)):,} words in {len(lines):,} lines of {args.source}; dim {args.dim}, window {args.window}, "
-          f"{args.epochs} epochs, min count {args.min_count}, {args.threads} threads", flush=True)
+    print(
+        f"{sum(map(len, lines)):,} words in {len(lines):,} lines of {args.source}; dim {args.dim}, window {args.window}, "
+        f"{args.epochs} epochs, min count {args.min_count}, {args.threads} threads",
+        flush=True,
+    )
 
     import numpy as np
 
@@ -59,21 +62,89 @@ def main() -> None:
         with open(corpus) as fin, open(scratch / "vocab.txt", "w") as fout:
             run([str(build / "vocab_count"), "-min-count", str(args.min_count), "-verbose", "0"], fin, fout)
         with open(corpus) as fin, open(scratch / "cooc.bin", "wb") as fout:
-            run([str(build / "cooccur"), "-memory", "4", "-vocab-file", str(scratch / "vocab.txt"), "-verbose", "0",
-                 "-window-size", str(args.window)], fin, fout)
+            run(
+                [
+                    str(build / "cooccur"),
+                    "-memory",
+                    "4",
+                    "-vocab-file",
+                    str(scratch / "vocab.txt"),
+                    "-verbose",
+                    "0",
+                    "-window-size",
+                    str(args.window),
+                ],
+                fin,
+                fout,
+            )
         with open(scratch / "cooc.bin", "rb") as fin, open(scratch / "cooc.shuf.bin", "wb") as fout:
-            run([str(build / "shuffle"), "-memory", "4", "-verbose", "0", "-seed", str(seed), "-temp-file", str(scratch / "shuf_tmp")], fin, fout)
-        run([str(build / "glove"), "-save-file", str(scratch / f"reference{seed}"), "-threads", str(args.threads), "-input-file",
-             str(scratch / "cooc.shuf.bin"), "-x-max", "100", "-iter", str(args.epochs), "-vector-size", str(args.dim), "-binary", "0",
-             "-model", "2", "-vocab-file", str(scratch / "vocab.txt"), "-verbose", "0", "-write-header", "1", "-seed", str(seed)])
+            run(
+                [str(build / "shuffle"), "-memory", "4", "-verbose", "0", "-seed", str(seed), "-temp-file", str(scratch / "shuf_tmp")],
+                fin,
+                fout,
+            )
+        run(
+            [
+                str(build / "glove"),
+                "-save-file",
+                str(scratch / f"reference{seed}"),
+                "-threads",
+                str(args.threads),
+                "-input-file",
+                str(scratch / "cooc.shuf.bin"),
+                "-x-max",
+                "100",
+                "-iter",
+                str(args.epochs),
+                "-vector-size",
+                str(args.dim),
+                "-binary",
+                "0",
+                "-model",
+                "2",
+                "-vocab-file",
+                str(scratch / "vocab.txt"),
+                "-verbose",
+                "0",
+                "-write-header",
+                "1",
+                "-seed",
+                str(seed),
+            ]
+        )
         return scratch / f"reference{seed}.txt"
 
     def ours(seed: int) -> Path:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        subprocess.run([sys.executable, "-m", "llmkit", "embed", "train", "--method", "glove", "--dim", str(args.dim), "--window",
-                        str(args.window), "--epochs", str(args.epochs), "--min-count", str(args.min_count), "--source", args.source,
-                        "--seed", str(seed), "--out", str(scratch / f"ours{seed}")], check=True, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llmkit",
+                "embed",
+                "train",
+                "--method",
+                "glove",
+                "--dim",
+                str(args.dim),
+                "--window",
+                str(args.window),
+                "--epochs",
+                str(args.epochs),
+                "--min-count",
+                str(args.min_count),
+                "--source",
+                args.source,
+                "--seed",
+                str(seed),
+                "--out",
+                str(scratch / f"ours{seed}"),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return scratch / f"ours{seed}" / "vectors.txt"
 
     times = {"reference": [], "llmkit": []}
@@ -85,8 +156,11 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             r = read_text_vectors(path).evaluate()
             scores[name].append((r["wordsim353"]["spearman"], r["simlex999"]["spearman"], r["google_analogy"]["accuracy"]))
-            print(f"seed {seed} {name:<10} {times[name][-1]:6.1f}s  WordSim {scores[name][-1][0]:+.4f}  SimLex {scores[name][-1][1]:+.4f}  "
-                  f"analogy {scores[name][-1][2]:.4f}", flush=True)
+            print(
+                f"seed {seed} {name:<10} {times[name][-1]:6.1f}s  WordSim {scores[name][-1][0]:+.4f}  SimLex {scores[name][-1][1]:+.4f}  "
+                f"analogy {scores[name][-1][2]:.4f}",
+                flush=True,
+            )
     print(f"\nmean of {args.seeds} seed(s){'':<6}{'reference C':>14}{'llmkit':>14}{'difference':>14}")
     for k, label in enumerate(("WordSim-353 Spearman", "SimLex-999 Spearman", "Google analogy accuracy")):
         a, b = np.mean([s[k] for s in scores["reference"]]), np.mean([s[k] for s in scores["llmkit"]])

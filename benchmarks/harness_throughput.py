@@ -53,8 +53,10 @@ def main() -> None:
     llmkit_main(["model", "export", "--model", "smollm2", "--out", str(tmp / "hf")])
     folder = write_builtin_tasks(tmp / "tasks", ["shakespeare_cloze", "play", "arithmetic"])
     requests = build_requests(folder, ["shakespeare_cloze", "play", "arithmetic"], args.limit)
-    engines = {"llmkit": LlmkitLM(model="smollm2", batch_size=args.batch_size),
-               "hf": HFLM(pretrained=str(tmp / "hf"), batch_size=args.batch_size, device="cpu", dtype="float32")}
+    engines = {
+        "llmkit": LlmkitLM(model="smollm2", batch_size=args.batch_size),
+        "hf": HFLM(pretrained=str(tmp / "hf"), batch_size=args.batch_size, device="cpu", dtype="float32"),
+    }
     print(f"SmolLM2-135M-Instruct, {args.threads} threads, batch {args.batch_size}, {args.limit} examples per task")
     rates = {}
     for task, instances in requests.items():
@@ -62,11 +64,21 @@ def main() -> None:
         for name, lm in engines.items():
             seconds = timed(lambda: getattr(lm, kind)(instances, disable_tqdm=True))
             rates[(task, name)] = len(instances) / seconds
-            print(f"{task:<18} {kind:<15} {name:<7} {len(instances):>4} requests in {seconds:6.2f}s: {rates[(task, name)]:7.2f} requests/s",
-                  flush=True)
+            print(
+                f"{task:<18} {kind:<15} {name:<7} {len(instances):>4} requests in {seconds:6.2f}s: {rates[(task, name)]:7.2f} requests/s",
+                flush=True,
+            )
         print(f"{task:<18} llmkit / hf: {rates[(task, 'llmkit')] / rates[(task, 'hf')]:.2f}x")
-    seconds = timed(lambda: run_tasks("smollm2", ["shakespeare_cloze", "play", "arithmetic", "reverse", "sort", "dates"], shots=[0],
-                                      out=tmp / "suite", limit=args.limit, log=lambda m: None))
+    seconds = timed(
+        lambda: run_tasks(
+            "smollm2",
+            ["shakespeare_cloze", "play", "arithmetic", "reverse", "sort", "dates"],
+            shots=[0],
+            out=tmp / "suite",
+            limit=args.limit,
+            log=lambda m: None,
+        )
+    )
     print(f"built-in suite (6 tasks x {args.limit} examples, 0-shot) on SmolLM2 through `llmkit eval tasks`: {seconds:.1f}s")
 
 

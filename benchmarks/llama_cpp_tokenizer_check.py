@@ -19,9 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 PRES = ["default", "smollm", "llama-bpe", "qwen2", "gpt-2", "falcon", "dbrx"]
-TEXTS = ["Hello, world 12345!", "a ... b", "(Hello) world's 12345 numbers:\n\n  indented\ttabs, café 🤗",
-         "I'm 2024-03-07 [x] done...", "   leading spaces and 1,000,000", "x=3.14159; y+=z^2 || a<b",
-         "Don't STOP! It's 99.9% sure.\r\nNew line", "日本語のテキスト 123"]
+TEXTS = [
+    "Hello, world 12345!",
+    "a ... b",
+    "(Hello) world's 12345 numbers:\n\n  indented\ttabs, café 🤗",
+    "I'm 2024-03-07 [x] done...",
+    "   leading spaces and 1,000,000",
+    "x=3.14159; y+=z^2 || a<b",
+    "Don't STOP! It's 99.9% sure.\r\nNew line",
+    "日本語のテキスト 123",
+]
 
 
 def main() -> None:
@@ -35,8 +42,11 @@ def main() -> None:
 
     from gguf_files import smollm2_tokenizer_fields, write_llama_gguf
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, max_position_embeddings=128))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128
+        )
+    )
     pinned, bad = {}, 0
     with tempfile.TemporaryDirectory() as tmp:
         for pre in PRES:

@@ -33,9 +33,18 @@ def main() -> None:
         for dtype in ("bfloat16", "float32"):
             out = subprocess.run([sys.executable, "-c", PROBE, engine, dtype], capture_output=True, text=True, check=True)
             peak, weights = map(float, out.stdout.split()[-2:])
-            rows.append({"engine": engine, "dtype": dtype, "peak_mb_above_imports": round(peak), "weights_mb": round(weights),
-                         "peak_over_weights": round(peak / weights, 2)})
-            print(f"{engine:<13} {dtype:<9} peak {peak:7.0f} MB above imports, weights {weights:5.0f} MB: {peak / weights:.2f}x", flush=True)
+            rows.append(
+                {
+                    "engine": engine,
+                    "dtype": dtype,
+                    "peak_mb_above_imports": round(peak),
+                    "weights_mb": round(weights),
+                    "peak_over_weights": round(peak / weights, 2),
+                }
+            )
+            print(
+                f"{engine:<13} {dtype:<9} peak {peak:7.0f} MB above imports, weights {weights:5.0f} MB: {peak / weights:.2f}x", flush=True
+            )
     print(json.dumps(rows))
 
 

@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = ("The following is a scene from a play. Two old friends meet on a road at night and talk about the harvest, the "
-          "weather, their children and the news from the city. One of them has a secret he has kept for many years.\n\n")
+PROMPT = (
+    "The following is a scene from a play. Two old friends meet on a road at night and talk about the harvest, the "
+    "weather, their children and the news from the city. One of them has a secret he has kept for many years.\n\n"
+)
 
 
 def free_port() -> int:
@@ -96,8 +98,14 @@ async def level(url: str, model: str, concurrency: int, count: int, max_tokens: 
         while queue:
             i = queue.pop()
             # a prompt of its own (same length): no server answers from a cache of the previous request's prompt
-            body = {"model": model, "prompt": f"Request {i:05d}. {PROMPT}", "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "logit_bias": {str(t): -100 for t in eos}}
+            body = {
+                "model": model,
+                "prompt": f"Request {i:05d}. {PROMPT}",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "logit_bias": {str(t): -100 for t in eos},
+            }
             results.append(await one(session, url, body))
 
     timeout = aiohttp.ClientTimeout(total=3600)
@@ -113,11 +121,20 @@ async def level(url: str, model: str, concurrency: int, count: int, max_tokens: 
     ttft = [r["stamps"][0] - r["sent"] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
     pieces = sum(len(r["stamps"]) for r in ok)
-    return {"concurrency": concurrency, "requests": count, "completed": len(ok), "errors": len(errors),
-            "lost": count - len(ok) - len(errors), "first_error": errors[0] if errors else None, "wall_s": wall,
-            "requests_per_s": len(ok) / wall, "output_tokens_per_s": len(ok) * max_tokens / wall,
-            "chunks_per_request": pieces / max(len(ok), 1),
-            **{f"ttft_{k}": v for k, v in percentiles(ttft).items()}, **{f"itl_{k}": v for k, v in percentiles(itl).items()}}
+    return {
+        "concurrency": concurrency,
+        "requests": count,
+        "completed": len(ok),
+        "errors": len(errors),
+        "lost": count - len(ok) - len(errors),
+        "first_error": errors[0] if errors else None,
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "output_tokens_per_s": len(ok) * max_tokens / wall,
+        "chunks_per_request": pieces / max(len(ok), 1),
+        **{f"ttft_{k}": v for k, v in percentiles(ttft).items()},
+        **{f"itl_{k}": v for k, v in percentiles(itl).items()},
+    }
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -148,14 +165,44 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     servers = {}
     port = free_port()
-    llmkit_cmd = [sys.executable, "-m", "llmkit", "serve", "--model", "smollm2", "--embedding-model", "none", "--port", str(port),
-                  "--log-level", "warning"] + (["--quantize", args.quantize] if args.quantize else [])
+    llmkit_cmd = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "serve",
+        "--model",
+        "smollm2",
+        "--embedding-model",
+        "none",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ] + (["--quantize", args.quantize] if args.quantize else [])
     servers["llmkit"] = (llmkit_cmd, port, "smollm2")
     if not args.skip_peer:
         port = free_port()
-        servers["llama.cpp"] = ([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
-                                 "--n_threads_batch", str(args.threads), "--port", str(port), "--verbose", "False",
-                                 "--interrupt_requests", "False"], port, "smollm2")
+        servers["llama.cpp"] = (
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(gguf),
+                "--n_threads",
+                str(args.threads),
+                "--n_threads_batch",
+                str(args.threads),
+                "--port",
+                str(port),
+                "--verbose",
+                "False",
+                "--interrupt_requests",
+                "False",
+            ],
+            port,
+            "smollm2",
+        )
     eos = [0, 2]  # <|endoftext|>, <|im_end|>: banned, so every request runs to max_tokens
     table = {}
     for name, (cmd, port, model) in servers.items():
@@ -168,9 +215,12 @@ def main() -> None:
                 count = args.requests or max(8, 2 * c)
                 r = asyncio.run(level(url, model, c, count, args.max_tokens, eos))
                 table[(name, c)] = r
-                print(f"{name:10s} c={c:3d} n={count:4d}  {r['output_tokens_per_s']:7.1f} tok/s  {r['requests_per_s']:6.2f} req/s  "
-                      f"TTFT p50/p95/p99 {fmt(r, 'ttft')}  ITL p50/p95/p99 {fmt(r, 'itl')}  errors {r['errors']} lost {r['lost']}"
-                      + (f"  ({r['first_error']})" if r["first_error"] else ""), flush=True)
+                print(
+                    f"{name:10s} c={c:3d} n={count:4d}  {r['output_tokens_per_s']:7.1f} tok/s  {r['requests_per_s']:6.2f} req/s  "
+                    f"TTFT p50/p95/p99 {fmt(r, 'ttft')}  ITL p50/p95/p99 {fmt(r, 'itl')}  errors {r['errors']} lost {r['lost']}"
+                    + (f"  ({r['first_error']})" if r["first_error"] else ""),
+                    flush=True,
+                )
         finally:
             proc.terminate()
             try:
@@ -181,9 +231,11 @@ def main() -> None:
         print("\nllmkit / llama.cpp:")
         for c in levels:
             a, b = table[("llmkit", c)], table[("llama.cpp", c)]
-            print(f"  c={c:3d}  output tokens/s {a['output_tokens_per_s']:.1f} / {b['output_tokens_per_s']:.1f} = "
-                  f"{a['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x   TTFT p95 {a['ttft_p95']:.3f} / {b['ttft_p95']:.3f} s = "
-                  f"{a['ttft_p95'] / b['ttft_p95']:.2f}x")
+            print(
+                f"  c={c:3d}  output tokens/s {a['output_tokens_per_s']:.1f} / {b['output_tokens_per_s']:.1f} = "
+                f"{a['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x   TTFT p95 {a['ttft_p95']:.3f} / {b['ttft_p95']:.3f} s = "
+                f"{a['ttft_p95'] / b['ttft_p95']:.2f}x"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps([{"server": k[0], **v} for k, v in table.items()], indent=2))
 

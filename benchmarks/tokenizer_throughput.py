@@ -36,7 +36,9 @@ def main() -> None:
     cases = [(kind, train_tokenizer(train, kind, args.vocab_size)) for kind in KINDS] + [("smollm2", smol)]
     for name, tok in cases:
         m = measure(tok, paragraphs, repeats=5)
-        print(f"{name:<12} {m['encode_mb_s']:>12.2f} {m['raw_tokenizers_mb_s']:>16.2f} {m['encode_mb_s'] / m['raw_tokenizers_mb_s']:>6.2f}x")
+        print(
+            f"{name:<12} {m['encode_mb_s']:>12.2f} {m['raw_tokenizers_mb_s']:>16.2f} {m['encode_mb_s'] / m['raw_tokenizers_mb_s']:>6.2f}x"
+        )
     print(f"smollm2 tokenizer built from the GGUF in {load_s:.2f}s")
 
 

@@ -27,8 +27,18 @@ from llmkit.train.pretrain import peak_flops
 def hf_gpt2(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
-                    n_positions=cfg.max_seq_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+    hf = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        n_positions=cfg.max_seq_len,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu_new",
+    )
     try:
         return GPT2LMHeadModel(hf, attn_implementation="sdpa")
     except TypeError:
@@ -79,8 +89,10 @@ def main() -> None:
     batch = torch.randint(0, cfg.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cores")
-    print(f"{args.preset}: {sum(p.numel() for p in build_model(cfg).parameters()):,} parameters, batch {args.batch_size} x {args.block_size}, "
-          f"compile={args.compile}")
+    print(
+        f"{args.preset}: {sum(p.numel() for p in build_model(cfg).parameters()):,} parameters, batch {args.batch_size} x {args.block_size}, "
+        f"compile={args.compile}"
+    )
     for prec in precisions:
         dtype = {"fp32": None, "bf16": torch.bfloat16}[prec]
         peak, source = peak_flops(device, dtype)
@@ -92,7 +104,9 @@ def main() -> None:
             rates[label] = measure(model, batch, dtype, args.steps, args.warmup, device)
             del model
         for label, rate in rates.items():
-            print(f"{prec:>5} {label:<13} {rate:>12,.0f} tokens/s   MFU {flops * rate / peak:6.1%}  (peak {peak / 1e12:.1f} TFLOP/s, {source})")
+            print(
+                f"{prec:>5} {label:<13} {rate:>12,.0f} tokens/s   MFU {flops * rate / peak:6.1%}  (peak {peak / 1e12:.1f} TFLOP/s, {source})"
+            )
         print(f"{prec:>5} ratio llmkit / transformers: {rates['llmkit'] / rates['transformers']:.2f}x")
 
 

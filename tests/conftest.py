@@ -37,8 +37,7 @@ def tokenizers_by_kind(plays):
 
 def run_cli(*args: str, input: str | None = None, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `llmkit ARGS` as a user would, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True, input=input, cwd=cwd,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True, input=input, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"llmkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -58,7 +58,9 @@ def _write_tokenizer(w, t: dict) -> None:
     w.add_token_merges(t["merges"])
     for name in ("bos", "eos", "eot", "padding"):
         if t.get(name) is not None:
-            getattr(w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "eot": "add_eot_token_id", "padding": "add_pad_token_id"}[name])(t[name])
+            getattr(
+                w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "eot": "add_eot_token_id", "padding": "add_pad_token_id"}[name]
+            )(t[name])
     if t.get("add_bos") is not None:
         w.add_add_bos_token(t["add_bos"])
 
@@ -66,9 +68,17 @@ def _write_tokenizer(w, t: dict) -> None:
 def _write_tensors(w, hf_model) -> None:
     cfg = hf_model.config
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for name, tensor in hf_model.state_dict().items():
         tensor = tensor.detach().float()
         if name in names:
@@ -89,8 +99,14 @@ def smollm2_tokenizer_fields(**overrides) -> dict:
     from llmkit.tokenizer.pretrained import gguf_fields
 
     f = gguf_fields(embedded_path("smollm2"), "tokenizer.")
-    out = {"tokens": f["tokenizer.ggml.tokens"], "token_type": f["tokenizer.ggml.token_type"], "merges": f["tokenizer.ggml.merges"],
-           "bos": f["tokenizer.ggml.bos_token_id"], "eos": f["tokenizer.ggml.eos_token_id"], "padding": f["tokenizer.ggml.padding_token_id"],
-           "pre": f["tokenizer.ggml.pre"]}
+    out = {
+        "tokens": f["tokenizer.ggml.tokens"],
+        "token_type": f["tokenizer.ggml.token_type"],
+        "merges": f["tokenizer.ggml.merges"],
+        "bos": f["tokenizer.ggml.bos_token_id"],
+        "eos": f["tokenizer.ggml.eos_token_id"],
+        "padding": f["tokenizer.ggml.padding_token_id"],
+        "pre": f["tokenizer.ggml.pre"],
+    }
     out.update(overrides)
     return out

@@ -78,8 +78,9 @@ def test_bradley_terry_recovers_planted_strengths_and_equals_logistic_regression
     theirs += 1000 - theirs.mean()
     np.testing.assert_allclose([fitted[m] for m in models], theirs, atol=0.05)
     intervals = bootstrap_bt(battles[:600], n=50, seed=0)
-    assert all(lo < fitted_small < hi for (lo, hi), fitted_small in
-               zip(intervals.values(), bradley_terry(battles[:600], models=models).values()))
+    assert all(
+        lo < fitted_small < hi for (lo, hi), fitted_small in zip(intervals.values(), bradley_terry(battles[:600], models=models).values())
+    )
     assert bootstrap_bt(battles[:600], n=50, seed=0) == intervals  # seeded
 
 
@@ -97,7 +98,9 @@ def test_a_model_that_never_lost_stays_finite_and_the_leaderboard_has_every_colu
 def test_ab_test_equals_scipy_binomtest_with_every_tie_rule():
     from scipy.stats import binom, binomtest
 
-    battles = [("p", "q", "a")] * 14 + [("q", "p", "a")] * 5 + [("p", "q", "tie")] * 3 + [("q", "p", "both_bad")] * 2 + [("p", "r", "a")] * 9
+    battles = (
+        [("p", "q", "a")] * 14 + [("q", "p", "a")] * 5 + [("p", "q", "tie")] * 3 + [("q", "p", "both_bad")] * 2 + [("p", "r", "a")] * 9
+    )
     r = ab_test(battles, "p", "q")
     assert (r["wins"], r["losses"], r["ties"]) == (14, 5, 5)
     assert r["p_value"] == pytest.approx(binomtest(14, 19, 0.5).pvalue)
@@ -119,8 +122,9 @@ def test_ab_test_equals_scipy_binomtest_with_every_tie_rule():
 def test_the_votes_database_signs_ids_takes_one_vote_and_is_shared_safely(tmp_path):
     db = tmp_path / "votes.db"
     one, two = VoteStore(db), VoteStore(db)  # two servers on one file: SQLite's locks make it safe
-    battle, answer_a, _ = one.add_battle(prompt="hi", system=None, settings={"temperature": 0.7}, model_a="m1", model_b="m2",
-                                         answer_a="hello", answer_b="hey")
+    battle, answer_a, _ = one.add_battle(
+        prompt="hi", system=None, settings={"temperature": 0.7}, model_a="m1", model_b="m2", answer_a="hello", answer_b="hey"
+    )
     assert two.vote(battle, "b") == ("m1", "m2")
     with pytest.raises(VoteError) as e:
         one.vote(battle, "a")
@@ -139,7 +143,9 @@ def test_the_votes_database_signs_ids_takes_one_vote_and_is_shared_safely(tmp_pa
     chat_id = one.sign("ans-kept-in-memory")
     with pytest.raises(VoteError):
         one.rate(chat_id, 3, session="s1")  # an unrated chat answer is not in the file
-    assert one.rate(chat_id, 3, session="s1", answer={"model": "m2", "prompt": "q", "answer": "a", "settings": {"temperature": 0.0}}) == "m2"
+    assert (
+        one.rate(chat_id, 3, session="s1", answer={"model": "m2", "prompt": "q", "answer": "a", "settings": {"temperature": 0.0}}) == "m2"
+    )
     with pytest.raises(VoteError):
         two.rate(answer_a, 6)
     assert one.battles() == [("m1", "m2", "b")] and one.ratings() == {"m1": [4.0], "m2": [3.0]}
@@ -166,7 +172,9 @@ def test_eval_arena_and_ab_commands(tmp_path):
     assert names[0] == "big" and set(names) == {"big", "small", "tiny"} and out["battles"] == 120
     assert {"model", "elo", "bt", "bt_low", "bt_high", "games", "wins", "mean_rating"} <= set(out["models"][0])
     assert (tmp_path / "r.png").stat().st_size > 5000
-    ab = json.loads(run_cli("eval", "ab", "--db", str(db), "--a", "big", "--b", "tiny", "--json", "--export", str(tmp_path / "v.jsonl")).stdout)
+    ab = json.loads(
+        run_cli("eval", "ab", "--db", str(db), "--a", "big", "--b", "tiny", "--json", "--export", str(tmp_path / "v.jsonl")).stdout
+    )
     assert ab["wins"] + ab["losses"] + ab["ties"] > 0 and 0 <= ab["p_value"] <= 1
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 240
     text = run_cli("eval", "ab", "--db", str(db), "--a", "big", "--b", "small").stdout
@@ -192,9 +200,30 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
     tok = tokenizers_by_kind["byte-bpe"]
     save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
     db, port = tmp_path / "votes.db", _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", f"cold={tmp_path / 'tiny'}", "--model",
-                             f"hot={tmp_path / 'tiny'}", "--sampling", "cold:temperature=0", "--sampling", "hot:temperature=1.5",
-                             "--db", str(db), "--port", str(port), "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "serve",
+            "--model",
+            f"cold={tmp_path / 'tiny'}",
+            "--model",
+            f"hot={tmp_path / 'tiny'}",
+            "--sampling",
+            "cold:temperature=0",
+            "--sampling",
+            "hot:temperature=1.5",
+            "--db",
+            str(db),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -241,15 +270,24 @@ def test_streamed_battles_votes_and_ratings_over_http(tmp_path, tokenizers_by_ki
     tok = tokenizers_by_kind["byte-bpe"]
     save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
     spec = str(tmp_path / "tiny")
-    live = LiveServer(create_app([("cold", spec), ("hot", spec)], [], Settings(db=str(tmp_path / "votes.db"),
-                                 sampling={"cold": {"temperature": 0.0}, "hot": {"temperature": 1.5, "top_p": 0.9}})))
+    live = LiveServer(
+        create_app(
+            [("cold", spec), ("hot", spec)],
+            [],
+            Settings(db=str(tmp_path / "votes.db"), sampling={"cold": {"temperature": 0.0}, "hot": {"temperature": 1.5, "top_p": 0.9}}),
+        )
+    )
     try:
         live.wait_ready()
         assert live.app.state.llmkit.models["cold"].model is live.app.state.llmkit.models["hot"].model  # loaded once
         import urllib.request
 
-        req = urllib.request.Request(live.base + "/arena/battles?stream=true", method="POST", data=json.dumps(
-            {"prompt": "Say hi", "max_tokens": 6}).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            live.base + "/arena/battles?stream=true",
+            method="POST",
+            data=json.dumps({"prompt": "Say hi", "max_tokens": 6}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         events = []
         with urllib.request.urlopen(req, timeout=60) as r:
             for line in r.read().decode().splitlines():
@@ -268,11 +306,20 @@ def test_streamed_battles_votes_and_ratings_over_http(tmp_path, tokenizers_by_ki
         assert used["cold"]["temperature"] == 0.0 and used["hot"]["temperature"] == 1.5 and used["hot"]["top_p"] == 0.9
         # a chat answer from the page (its session header) can be rated, once per session; plain API answers get no id
         page = {"X-Llmkit-Session": "session-1"}
-        status, chat, _ = request("POST", live.base + "/v1/chat/completions", {"model": "cold", "messages": [{"role": "user", "content": "hi"}],
-                                                                             "max_tokens": 4}, key=None, headers=page)
+        status, chat, _ = request(
+            "POST",
+            live.base + "/v1/chat/completions",
+            {"model": "cold", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            key=None,
+            headers=page,
+        )
         assert status == 200 and "answer_id" in chat
-        status, plain, _ = request("POST", live.base + "/v1/chat/completions", {"model": "cold", "messages": [{"role": "user", "content": "hi"}],
-                                                                              "max_tokens": 4}, key=None)
+        status, plain, _ = request(
+            "POST",
+            live.base + "/v1/chat/completions",
+            {"model": "cold", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            key=None,
+        )
         assert "answer_id" not in plain
         assert VoteStore(tmp_path / "votes.db").ratings() == {}  # nothing of the chat is stored before a rating
         rating = {"answer_id": chat["answer_id"], "score": 5, "comment": "good"}

@@ -15,11 +15,43 @@ def test_help_lists_the_lifecycle_and_every_subcommand_has_examples(capsys):
     out = run_cli("--help").stdout  # once as a user runs it; the subcommands' help in this process (fast)
     for command in ("tokenizer", "data", "model", "attention", "serve", "demo"):
         assert command in out
-    for args in (["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "decode"], ["tokenizer", "info"],
-                 ["tokenizer", "compare"], ["data"], ["data", "prepare"], ["data", "info"], ["model"], ["model", "info"],
-                 ["model", "export"], ["attention"], ["demo"], ["serve"], ["generate"], ["chat"], ["embed"],
-                 *[["embed", c] for c in ("train", "text", "tokens", "similar", "analogy", "similarity", "odd-one-out", "cluster",
-                                         "map", "evaluate", "index", "search")]):
+    for args in (
+        ["tokenizer"],
+        ["tokenizer", "train"],
+        ["tokenizer", "encode"],
+        ["tokenizer", "decode"],
+        ["tokenizer", "info"],
+        ["tokenizer", "compare"],
+        ["data"],
+        ["data", "prepare"],
+        ["data", "info"],
+        ["model"],
+        ["model", "info"],
+        ["model", "export"],
+        ["attention"],
+        ["demo"],
+        ["serve"],
+        ["generate"],
+        ["chat"],
+        ["embed"],
+        *[
+            ["embed", c]
+            for c in (
+                "train",
+                "text",
+                "tokens",
+                "similar",
+                "analogy",
+                "similarity",
+                "odd-one-out",
+                "cluster",
+                "map",
+                "evaluate",
+                "index",
+                "search",
+            )
+        ],
+    ):
         with pytest.raises(SystemExit) as e:
             parse_args([*args, "--help"])
         assert e.value.code == 0 and "examples:" in capsys.readouterr().out, args
@@ -53,14 +85,17 @@ def test_config_file_sets_options_and_the_command_line_wins(tmp_path):
     assert build_parser() is not None
 
 
-@pytest.mark.parametrize("args, message", [
-    (["data", "prepare", "--source", "/no/such/file.txt", "--tokenizer", "smollm2"], "is not a file, folder, glob"),
-    (["data", "prepare", "--source", "shakespeare"], "needs --tokenizer"),
-    (["tokenizer", "train", "--kind", "bpe", "--vocab-size", "50", "--source", "shakespeare:macbeth"], "too small"),
-    (["tokenizer", "encode", "--tokenizer", "/no/such/dir", "hi"], "no tokenizer at"),
-    (["data", "info", "/tmp"], "not a prepared shard folder"),
-    (["tokenizer", "decode", "--tokenizer", "smollm2", "12", "x"], "whole numbers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data", "prepare", "--source", "/no/such/file.txt", "--tokenizer", "smollm2"], "is not a file, folder, glob"),
+        (["data", "prepare", "--source", "shakespeare"], "needs --tokenizer"),
+        (["tokenizer", "train", "--kind", "bpe", "--vocab-size", "50", "--source", "shakespeare:macbeth"], "too small"),
+        (["tokenizer", "encode", "--tokenizer", "/no/such/dir", "hi"], "no tokenizer at"),
+        (["data", "info", "/tmp"], "not a prepared shard folder"),
+        (["tokenizer", "decode", "--tokenizer", "smollm2", "12", "x"], "whole numbers"),
+    ],
+)
 def test_errors_are_one_clear_line_without_traceback(args, message):
     proc = run_cli(*args, check=False)
     assert proc.returncode == 1
@@ -115,8 +150,17 @@ def test_compare_prints_the_table_for_all_six_kinds_with_json_and_png(tmp_path):
 @pytest.mark.slow
 def test_data_prepare_and_info_from_the_cli(tmp_path):
     run_cli("tokenizer", "train", "--kind", "bpe", "--vocab-size", "1500", "--source", "shakespeare:hamlet", "--out", str(tmp_path / "tok"))
-    proc = run_cli("data", "prepare", "--source", "shakespeare/tragedies", "--tokenizer", str(tmp_path / "tok"),
-                   "--near-dedup", "--out", str(tmp_path / "data"))
+    proc = run_cli(
+        "data",
+        "prepare",
+        "--source",
+        "shakespeare/tragedies",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--near-dedup",
+        "--out",
+        str(tmp_path / "data"),
+    )
     assert "train and" in proc.stdout
     meta = json.loads(run_cli("data", "info", str(tmp_path / "data")).stdout)
     assert meta["documents_read"] == 6 and meta["train_tokens"] > 100_000 and meta["options"]["near_dedup"] is True
@@ -127,16 +171,32 @@ def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli("demo", "--out", str(out), "--vocab-size", "2048", "--pretrain-budget", "30steps", "--finetune-budget", "3steps")
     assert "report" in proc.stderr
-    for name in ("report.md", "tokenizer_compare.json", "tokenizer_compare.png", "data/train.bin", "data/val.bin", "data/meta.json",
-                 "tokenizers/byte-bpe/tokenizer.json", "tokenizers/unigram/tokenizer.json", "pretrain/model.safetensors",
-                 "pretrain/loss.png", "finetune/adapter_model.safetensors", "finetune/results.json"):
+    for name in (
+        "report.md",
+        "tokenizer_compare.json",
+        "tokenizer_compare.png",
+        "data/train.bin",
+        "data/val.bin",
+        "data/meta.json",
+        "tokenizers/byte-bpe/tokenizer.json",
+        "tokenizers/unigram/tokenizer.json",
+        "pretrain/model.safetensors",
+        "pretrain/loss.png",
+        "finetune/adapter_model.safetensors",
+        "finetune/results.json",
+    ):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "| byte-bpe |" in report and "validation tokens" in report and "bits per byte" in report
     assert "Shakespeare" in report.split("SmolLM2-135M-Instruct (greedy)")[1]  # it knows who wrote Hamlet
     assert "| exact_match |" in report and "| general_bpb |" in report
-    for name in ("embeddings/word2vec/vectors.txt", "embeddings/glove/vectors.txt", "embeddings/map.png", "embeddings/bank.png",
-                 "embeddings/index/index.faiss"):
+    for name in (
+        "embeddings/word2vec/vectors.txt",
+        "embeddings/glove/vectors.txt",
+        "embeddings/map.png",
+        "embeddings/bank.png",
+        "embeddings/index/index.faiss",
+    ):
         assert (out / name).exists(), name
     assert "| WordSim-353 Spearman |" in report and "*hamlet*" in report.split("a ghost demands revenge")[1]
     assert (out / "web.png").stat().st_size > 20_000 and "![web app](web.png)" in report  # the page, with an answer, in Chromium

@@ -160,8 +160,7 @@ def test_prepare_writes_uint32_for_big_vocabularies_and_nothing_on_failure(tmp_p
 
     (tmp_path / "a.txt").write_text("To be, or not to be.\n\n" * 50)
     (tmp_path / "b.txt").write_text("That is the question.\n\n" * 50)
-    meta = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], Tokenizer.load("smollm2"), str(tmp_path / "ok"),
-                   log=lambda m: None)
+    meta = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], Tokenizer.load("smollm2"), str(tmp_path / "ok"), log=lambda m: None)
     assert meta["dtype"] == "uint16"  # 49,152 fits
     out = tmp_path / "failed"
     with pytest.raises(LlmkitError):

@@ -16,7 +16,10 @@ from llmkit.errors import LlmkitError
 
 from conftest import run_cli
 
-TOPICS = ("ship sail sea wave harbour captain anchor mast tide storm".split(), "bread oven flour baker dough yeast crust loaf butter salt".split())
+TOPICS = (
+    "ship sail sea wave harbour captain anchor mast tide storm".split(),
+    "bread oven flour baker dough yeast crust loaf butter salt".split(),
+)
 
 
 def _planted(lines: int = 1500, seed: int = 0, stray: float = 0.1) -> str:
@@ -35,7 +38,7 @@ def _topic_gap(vectors: Vectors) -> float:
     within, across = [], []
     for t, words in enumerate(TOPICS):
         for i, a in enumerate(words):
-            within += [vectors.similarity(a, b) for b in words[i + 1:]]
+            within += [vectors.similarity(a, b) for b in words[i + 1 :]]
             across += [vectors.similarity(a, b) for b in TOPICS[1 - t]]
     return float(np.mean(within) - np.mean(across))
 
@@ -126,7 +129,20 @@ def test_train_command_writes_vectors_gensim_loads(tmp_path, method):
 
     (tmp_path / "corpus.txt").write_text(_planted(800, seed=1, stray=0.03))
     out = tmp_path / method
-    args = ["embed", "train", "--method", method, "--dim", "50", "--source", str(tmp_path / "corpus.txt"), "--out", str(out), "--min-count", "2"]
+    args = [
+        "embed",
+        "train",
+        "--method",
+        method,
+        "--dim",
+        "50",
+        "--source",
+        str(tmp_path / "corpus.txt"),
+        "--out",
+        str(out),
+        "--min-count",
+        "2",
+    ]
     run_cli(*args, *(["--sg", "--epochs", "10"] if method == "word2vec" else ["--window", "5", "--epochs", "20"]))
     ours = static.load_static(out)
     theirs = KeyedVectors.load_word2vec_format(str(out / "vectors.txt"), binary=False)
@@ -154,9 +170,17 @@ def test_train_rejects_what_it_cannot_learn_from(tmp_path):
 
 def _hand_made() -> Vectors:
     """Axes: royalty, maleness, femaleness, food, person."""
-    words = {"king": [1, 1, 0, 0, 1], "queen": [1, 0, 1, 0, 1], "man": [0, 1, 0, 0.1, 1], "woman": [0, 0, 1, 0.1, 1],
-             "prince": [0.8, 0.9, 0, 0, 1], "breakfast": [0, 0, 0, 1, 0], "lunch": [0.05, 0, 0, 1, 0], "dinner": [0, 0.05, 0, 1, 0],
-             "cereal": [0.3, 0.3, 0.3, 0.4, 0]}
+    words = {
+        "king": [1, 1, 0, 0, 1],
+        "queen": [1, 0, 1, 0, 1],
+        "man": [0, 1, 0, 0.1, 1],
+        "woman": [0, 0, 1, 0.1, 1],
+        "prince": [0.8, 0.9, 0, 0, 1],
+        "breakfast": [0, 0, 0, 1, 0],
+        "lunch": [0.05, 0, 0, 1, 0],
+        "dinner": [0, 0.05, 0, 1, 0],
+        "cereal": [0.3, 0.3, 0.3, 0.4, 0],
+    }
     return Vectors(list(words), np.array(list(words.values()), dtype=np.float32))
 
 
@@ -171,7 +195,9 @@ def test_analogy_and_odd_one_out_on_hand_made_vectors_equal_gensim():
     kv.add_vectors(v.words, v.matrix)
     for (w, s), (gw, gs) in zip(v.most_similar(["king", "woman"], ["man"], top=4), kv.most_similar(["king", "woman"], ["man"], topn=4)):
         assert w == gw and s == pytest.approx(gs, abs=1e-5)
-    for (w, s), (gw, gs) in zip(v.analogy("king", "man", "woman", method="3cosmul", top=4), kv.most_similar_cosmul(["king", "woman"], ["man"], topn=4)):
+    for (w, s), (gw, gs) in zip(
+        v.analogy("king", "man", "woman", method="3cosmul", top=4), kv.most_similar_cosmul(["king", "woman"], ["man"], topn=4)
+    ):
         assert w == gw and s == pytest.approx(gs, abs=1e-4)
     assert kv.doesnt_match(["breakfast", "cereal", "dinner", "lunch"]) == "cereal"
     with pytest.raises(LlmkitError, match="'kingdom' is not in the vocabulary"):
@@ -244,17 +270,44 @@ def test_evaluation_equals_gensim_on_the_same_vectors():
 
 def test_embed_commands_on_static_vectors(tmp_path):
     _hand_made().save(tmp_path / "v")
-    (tmp_path / "words.txt").write_text("king\tpeople\nqueen\tpeople\nman\tpeople\nwoman\tpeople\nbreakfast\tmeals\nlunch\tmeals\ndinner\tmeals\n")
+    (tmp_path / "words.txt").write_text(
+        "king\tpeople\nqueen\tpeople\nman\tpeople\nwoman\tpeople\nbreakfast\tmeals\nlunch\tmeals\ndinner\tmeals\n"
+    )
     out = json.loads(run_cli("embed", "analogy", "--vectors", str(tmp_path / "v"), "king", "man", "woman", "--json").stdout)
     assert out[0]["word"] == "queen"
-    assert run_cli("embed", "odd-one-out", "--vectors", str(tmp_path / "v"), "breakfast", "cereal", "dinner", "lunch").stdout.strip() == "cereal"
+    assert (
+        run_cli("embed", "odd-one-out", "--vectors", str(tmp_path / "v"), "breakfast", "cereal", "dinner", "lunch").stdout.strip()
+        == "cereal"
+    )
     cos = json.loads(run_cli("embed", "similarity", "--vectors", str(tmp_path / "v"), "king", "prince", "--json").stdout)["cosine"]
     assert cos == pytest.approx(_hand_made().similarity("king", "prince"), abs=1e-6)
-    run_cli("embed", "cluster", "--vectors", str(tmp_path / "v"), "--words", str(tmp_path / "words.txt"), "--k", "2", "--out", str(tmp_path / "c.json"))
+    run_cli(
+        "embed",
+        "cluster",
+        "--vectors",
+        str(tmp_path / "v"),
+        "--words",
+        str(tmp_path / "words.txt"),
+        "--k",
+        "2",
+        "--out",
+        str(tmp_path / "c.json"),
+    )
     groups = sorted(sorted(g) for g in json.loads((tmp_path / "c.json").read_text()).values())
     assert groups == [["breakfast", "dinner", "lunch"], ["king", "man", "queen", "woman"]]
     for method in ("pca", "tsne"):
-        run_cli("embed", "map", "--vectors", str(tmp_path / "v"), "--words", str(tmp_path / "words.txt"), "--method", method, "--out", str(tmp_path / f"{method}.png"))
+        run_cli(
+            "embed",
+            "map",
+            "--vectors",
+            str(tmp_path / "v"),
+            "--words",
+            str(tmp_path / "words.txt"),
+            "--method",
+            method,
+            "--out",
+            str(tmp_path / f"{method}.png"),
+        )
         assert (tmp_path / f"{method}.png").read_bytes()[:4] == b"\x89PNG"
     strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # noqa: E731
     scores = strict(run_cli("embed", "evaluate", "--vectors", str(tmp_path / "v"), "--json").stdout)
@@ -266,9 +319,11 @@ def test_embed_commands_on_static_vectors(tmp_path):
     bad = run_cli("embed", "map", "--vectors", str(tmp_path / "v"), "--words", str(tmp_path / "two.txt"), "--method", "tsne", check=False)
     assert bad.returncode == 1 and "t-SNE needs 3 points or more" in bad.stderr
     (tmp_path / "empty.txt").write_text("# nothing\n")
-    for args, message in ((["similar", "--vectors", str(tmp_path / "v"), "kingdom"], "'kingdom' is not in the vocabulary"),
-                          (["cluster", "--vectors", str(tmp_path / "v"), "--words", str(tmp_path / "empty.txt")], "holds no word"),
-                          (["analogy", "--vectors", str(tmp_path / "nowhere"), "a", "b", "c"], "needs static word vectors")):
+    for args, message in (
+        (["similar", "--vectors", str(tmp_path / "v"), "kingdom"], "'kingdom' is not in the vocabulary"),
+        (["cluster", "--vectors", str(tmp_path / "v"), "--words", str(tmp_path / "empty.txt")], "holds no word"),
+        (["analogy", "--vectors", str(tmp_path / "nowhere"), "a", "b", "c"], "needs static word vectors"),
+    ):
         bad = run_cli("embed", *args, check=False)
         assert bad.returncode == 1 and message in bad.stderr, bad.stderr
 
@@ -286,10 +341,16 @@ def test_word2vec_text_files_from_elsewhere_load_and_mismatched_rows_are_named(t
 
 # --- contextual embeddings and search ------------------------------------------------------------------------------
 
-SENTENCES = ["A man is eating food.", "Someone eats a meal.", "The new movie is awesome!", "Shall I compare thee to a summer's day?",
-             "Ein Mann isst Essen.", "🤗 emoji and numbers 12345", "A much longer sentence that goes on and on about nothing in particular, "
-             "so that the batch has rows of very different lengths to pad.",
-             " ".join(["Now is the winter of our discontent made glorious summer by this sun of York."] * 30)]  # > 256 tokens: cut there
+SENTENCES = [
+    "A man is eating food.",
+    "Someone eats a meal.",
+    "The new movie is awesome!",
+    "Shall I compare thee to a summer's day?",
+    "Ein Mann isst Essen.",
+    "🤗 emoji and numbers 12345",
+    "A much longer sentence that goes on and on about nothing in particular, so that the batch has rows of very different lengths to pad.",
+    " ".join(["Now is the winter of our discontent made glorious summer by this sun of York."] * 30),
+]  # > 256 tokens: cut there
 
 
 @pytest.mark.slow
@@ -312,8 +373,12 @@ def test_minilm_sentence_vectors_equal_sentence_transformers_batched_and_alone()
     # the same word in two contexts: "bank" by a river differs from "bank" with money
     from llmkit.embed.contextual import cosine_matrix, word_vectors
 
-    banks = ["I sat by the river bank", "The boat drifted to the muddy bank of the stream", "I paid the cheque in at the bank",
-             "The bank raised its interest rates"]
+    banks = [
+        "I sat by the river bank",
+        "The boat drifted to the muddy bank of the stream",
+        "I paid the cheque in at the bank",
+        "The bank raised its interest rates",
+    ]
     sims = cosine_matrix(np.stack([v for _, v in word_vectors(model, banks, "bank")]))
     assert sims[0, 1] > max(sims[0, 2], sims[0, 3]) and sims[2, 3] > max(sims[2, 0], sims[2, 1])
     # a decoder's last-token pooling: batched rows (right-padded) equal each text alone
@@ -327,7 +392,9 @@ def test_minilm_sentence_vectors_equal_sentence_transformers_batched_and_alone()
 
 @pytest.mark.slow
 def test_embed_text_and_tokens_commands(tmp_path):
-    out = json.loads(run_cli("embed", "text", "--model", "minilm", "A man is eating food.", "Someone eats a meal.", "The sky is blue.", "--json").stdout)
+    out = json.loads(
+        run_cli("embed", "text", "--model", "minilm", "A man is eating food.", "Someone eats a meal.", "The sky is blue.", "--json").stdout
+    )
     assert out["model"] == "minilm" and out["pooling"] == "mean" and out["dim"] == 384 and len(out["vectors"]) == 3
     v = np.array(out["vectors"])
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5) and v[0] @ v[1] > v[0] @ v[2]
@@ -336,8 +403,21 @@ def test_embed_text_and_tokens_commands(tmp_path):
     assert np.load(tmp_path / "v.npy").shape == (2, 576)
     bad = run_cli("embed", "text", "--model", "smollm2", "--pooling", "cls", "hello", check=False)
     assert bad.returncode == 1 and "use --pooling last" in bad.stderr
-    tokens = json.loads(run_cli("embed", "tokens", "--model", "minilm", "I sat by the river bank", "I paid at the bank", "--word", "bank",
-                                "--png", str(tmp_path / "bank.png"), "--json").stdout)
+    tokens = json.loads(
+        run_cli(
+            "embed",
+            "tokens",
+            "--model",
+            "minilm",
+            "I sat by the river bank",
+            "I paid at the bank",
+            "--word",
+            "bank",
+            "--png",
+            str(tmp_path / "bank.png"),
+            "--json",
+        ).stdout
+    )
     assert tokens["cosine"][0][0] == pytest.approx(1.0, abs=1e-5) and tokens["cosine"][0][1] < 0.95
     assert (tmp_path / "bank.png").read_bytes()[:4] == b"\x89PNG"
     bad = run_cli("embed", "tokens", "--model", "minilm", "I sat by the river", "--word", "bank", check=False)
@@ -351,9 +431,15 @@ def test_faiss_search_returns_the_brute_force_top_k_and_rebuilds_incrementally(t
 
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "sea.txt").write_text("\n".join(f"The ship {w} on the grey sea at dawn." for w in "sailed drifted sank waited turned rolled".split()))
-    (docs / "bread.txt").write_text("\n".join(f"The baker {w} the bread in the warm oven." for w in "baked burnt sliced sold kneaded cooled".split()))
-    (docs / "ghost.txt").write_text("The ghost of my father demands revenge.\nA spirit walks the castle walls at night.\nRemember me, the phantom cried.\n")
+    (docs / "sea.txt").write_text(
+        "\n".join(f"The ship {w} on the grey sea at dawn." for w in "sailed drifted sank waited turned rolled".split())
+    )
+    (docs / "bread.txt").write_text(
+        "\n".join(f"The baker {w} the bread in the warm oven." for w in "baked burnt sliced sold kneaded cooled".split())
+    )
+    (docs / "ghost.txt").write_text(
+        "The ghost of my father demands revenge.\nA spirit walks the castle walls at night.\nRemember me, the phantom cried.\n"
+    )
     meta = build_index("minilm", str(docs), tmp_path / "index", chunking="1lines", log=lambda m: None)
     assert meta["passages"] == 15 and meta["embedded"] == 15 and meta["index"] == "IndexFlatIP"
     index = SearchIndex(tmp_path / "index")

@@ -15,8 +15,10 @@ from conftest import run_cli
 
 # sacrebleu's README example: three hypotheses, two reference streams
 SYS = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
-REFS = [["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
-        ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]]
+REFS = [
+    ["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
+    ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."],
+]
 
 
 def _gen() -> M.Examples:
@@ -109,27 +111,60 @@ def test_metrics_command_reads_files_and_prints_one_json_object(tmp_path):
     (tmp_path / "p.txt").write_text("\n".join(SYS) + "\n")
     (tmp_path / "r1.txt").write_text("\n".join(REFS[0]) + "\n")
     (tmp_path / "r2.txt").write_text("\n".join(REFS[1]) + "\n")
-    out = run_cli("eval", "metrics", "--metric", "bleu,chrf,rouge,meteor", "--predictions", str(tmp_path / "p.txt"),
-                  "--references", str(tmp_path / "r1.txt"), "--references", str(tmp_path / "r2.txt"), "--json")
+    out = run_cli(
+        "eval",
+        "metrics",
+        "--metric",
+        "bleu,chrf,rouge,meteor",
+        "--predictions",
+        str(tmp_path / "p.txt"),
+        "--references",
+        str(tmp_path / "r1.txt"),
+        "--references",
+        str(tmp_path / "r2.txt"),
+        "--json",
+    )
     result = json.loads(out.stdout)
     assert set(result) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "meteor"}
     assert result["bleu"] == pytest.approx(48.53, abs=0.01) and "bleu signature: nrefs:2" in out.stderr
     rows = [{"label": int(i % 2), "prediction": int(i % 3 == 0), "score": (i % 7) / 7} for i in range(40)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run_cli("eval", "metrics", "--metric", "accuracy,f1,roc_auc,mcc,confusion", "--predictions", str(tmp_path / "c.jsonl"),
-                  "--bootstrap", "200", "--json", "--png", str(tmp_path / "cm.png"))
+    out = run_cli(
+        "eval",
+        "metrics",
+        "--metric",
+        "accuracy,f1,roc_auc,mcc,confusion",
+        "--predictions",
+        str(tmp_path / "c.jsonl"),
+        "--bootstrap",
+        "200",
+        "--json",
+        "--png",
+        str(tmp_path / "cm.png"),
+    )
     result = json.loads(out.stdout)
     assert set(result["accuracy"]) == {"value", "low", "high"} and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"p.txt": "a\nb\nc\n", "r.txt": "a\nb\n"}, "r.txt has 2 references but .* has 3 predictions \\(line 3"),
-    ({"p.txt": "", "r.txt": "a\n"}, "holds no prediction"),
-    ({"p.jsonl": '{"label": 1, "prediction": 1, "score": 0.3}\n{"label": 0, "prediction": 1, "score": NaN}\n'}, "p.jsonl:2 has a score that is not"),
-    ({"p.jsonl": '{"label": "a", "prediction": "a", "score": [0.5, 0.5]}\n{"label": "b", "prediction": "a", "score": [0.2, 0.8]}\n'
-               '{"label": "c", "prediction": "c", "score": [0.1, 0.9]}\n'}, "scores hold \\[2\\] values per row but there are 3 classes \\(a, b, c\\)"),
-    ({"p.jsonl": '{"label": 1, "prediction": 1}\n{"prediction": 0}\n'}, "p.jsonl:2 has no 'label'"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"p.txt": "a\nb\nc\n", "r.txt": "a\nb\n"}, "r.txt has 2 references but .* has 3 predictions \\(line 3"),
+        ({"p.txt": "", "r.txt": "a\n"}, "holds no prediction"),
+        (
+            {"p.jsonl": '{"label": 1, "prediction": 1, "score": 0.3}\n{"label": 0, "prediction": 1, "score": NaN}\n'},
+            "p.jsonl:2 has a score that is not",
+        ),
+        (
+            {
+                "p.jsonl": '{"label": "a", "prediction": "a", "score": [0.5, 0.5]}\n{"label": "b", "prediction": "a", "score": [0.2, 0.8]}\n'
+                '{"label": "c", "prediction": "c", "score": [0.1, 0.9]}\n'
+            },
+            "scores hold \\[2\\] values per row but there are 3 classes \\(a, b, c\\)",
+        ),
+        ({"p.jsonl": '{"label": 1, "prediction": 1}\n{"prediction": 0}\n'}, "p.jsonl:2 has no 'label'"),
+    ],
+)
 def test_bad_metric_inputs_name_the_problem(tmp_path, files, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -151,9 +186,11 @@ def test_unknown_metrics_and_missing_wordnet_get_clear_errors():
 
     with pytest.raises(LlmkitError, match="unknown metric 'blue'"):
         M.compute(["blue"], _gen())
-    script = ("import nltk; nltk.data.path[:] = ['/nonexistent']\n"  # a machine without WordNet
-              "from llmkit.errors import LlmkitError\nfrom llmkit.evaluate import metrics as M\n"
-              "try:\n    M.metric_value('meteor', M.Examples(['a b'], [['a b']]))\nexcept LlmkitError as e:\n    print(e)\n")
+    script = (
+        "import nltk; nltk.data.path[:] = ['/nonexistent']\n"  # a machine without WordNet
+        "from llmkit.errors import LlmkitError\nfrom llmkit.evaluate import metrics as M\n"
+        "try:\n    M.metric_value('meteor', M.Examples(['a b'], [['a b']]))\nexcept LlmkitError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
     assert "METEOR needs WordNet 3.0" in out and "make wordnet" in out
 
@@ -201,7 +238,14 @@ def test_bootstrap_of_a_mean_resamples_example_scores_and_keeps_the_averaging():
 def test_metrics_command_takes_the_score_columns_order(tmp_path):
     from sklearn import metrics as sk
 
-    rows = [(2, [0.1, 0.2, 0.7]), (10, [0.1, 0.8, 0.1]), (1, [0.7, 0.2, 0.1]), (2, [0.2, 0.3, 0.5]), (10, [0.3, 0.6, 0.1]), (1, [0.5, 0.3, 0.2])]
+    rows = [
+        (2, [0.1, 0.2, 0.7]),
+        (10, [0.1, 0.8, 0.1]),
+        (1, [0.7, 0.2, 0.1]),
+        (2, [0.2, 0.3, 0.5]),
+        (10, [0.3, 0.6, 0.1]),
+        (1, [0.5, 0.3, 0.2]),
+    ]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"label": y, "prediction": y, "score": s}) + "\n" for y, s in rows))
     out = run_cli("eval", "metrics", "--metric", "roc_auc", "--predictions", str(tmp_path / "p.jsonl"), "--classes", "1,10,2", "--json")
     order = {1: 0, 10: 1, 2: 2}

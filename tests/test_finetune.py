@@ -21,7 +21,9 @@ from conftest import run_cli
 
 def _tiny_llama():
     torch.manual_seed(0)
-    return build_model(preset("tiny-llama", vocab_size=101, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, n_layers=2, max_seq_len=64)).eval()
+    return build_model(
+        preset("tiny-llama", vocab_size=101, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, n_layers=2, max_seq_len=64)
+    ).eval()
 
 
 def _randomize_lora(model, seed=1):
@@ -46,8 +48,9 @@ def test_our_lora_equals_peft_and_our_adapter_loads_in_peft(tmp_path, rslora):
         ours = model(ids)
     # the same A and B put into peft's own LoRA on the Hugging Face export give the same logits
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
-                                               use_rslora=rslora)).eval()
+    peft_model = get_peft_model(
+        hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, use_rslora=rslora)
+    ).eval()
     from llmkit.finetune.peft import _hf_name
 
     params = dict(peft_model.named_parameters())
@@ -106,11 +109,18 @@ def test_lora_targets_and_errors():
 
 def test_the_loss_mask_covers_exactly_the_answer_tokens(tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
-                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
     ids, labels = encode_chat(tok, messages)
-    assert ids == tok.encode("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 + 3?<|end|>\n<|assistant|>\n5<|end|>\n"
-                             "<|user|>\nAnd 4 + 4?<|end|>\n<|assistant|>\n8<|end|>\n")
+    assert ids == tok.encode(
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 + 3?<|end|>\n<|assistant|>\n5<|end|>\n"
+        "<|user|>\nAnd 4 + 4?<|end|>\n<|assistant|>\n8<|end|>\n"
+    )
     answer_spans = [i for i, y in enumerate(labels) if y != IGNORE]
     trained = tok.decode([ids[i] for i in answer_spans])
     assert trained == "5<|end|>\n8<|end|>\n"
@@ -129,9 +139,14 @@ def test_the_loss_mask_on_smollm2_chat_template():
 
 def test_rows_formats_and_length_limits(tmp_path, tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
-    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n" +
-                                      json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n" +
-                                      json.dumps({"source": "word " * 300, "target": "long"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+        + "\n"
+        + json.dumps({"source": "word " * 300, "target": "long"})
+        + "\n"
+    )
     (tmp_path / "b.csv").write_text("text,label\nfair is foul,tragedies\nall's well,comedies\n")
     rows = [to_example(r) for r in read_rows(tmp_path / "a.jsonl")]
     assert rows[0].messages[0]["content"] == "Add\n\n2 and 3" and rows[1].answer == "hello" and rows[2].answer == "long"
@@ -180,8 +195,19 @@ def test_finetune_a_small_gpt_learns_the_task_measures_forgetting_and_resumes(tm
     torch.manual_seed(0)
     base = build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=128, n_heads=4, n_layers=2, max_seq_len=128))
     save_model(base, tmp_path / "base", tokenizer=tok)
-    common = dict(model=str(tmp_path / "base"), task="reverse", n_train=300, n_val=16, batch_size=16, max_new_tokens=14,
-                  forgetting_tasks="sort", general_text="shakespeare:macbeth", general_tokens=512, precision="fp32", show=1)
+    common = dict(
+        model=str(tmp_path / "base"),
+        task="reverse",
+        n_train=300,
+        n_val=16,
+        batch_size=16,
+        max_new_tokens=14,
+        forgetting_tasks="sort",
+        general_text="shakespeare:macbeth",
+        general_tokens=512,
+        precision="fp32",
+        show=1,
+    )
     logs = []
     full = finetune(FinetuneConfig(**common, method="full", lr=3e-3, budget="60steps", out=str(tmp_path / "full")), log=logs.append)
     assert full["after"]["answer_loss"] < full["before"]["answer_loss"] - 1.0  # on held-out examples
@@ -203,13 +229,50 @@ def test_finetune_a_small_gpt_learns_the_task_measures_forgetting_and_resumes(tm
 
 @pytest.mark.slow
 def test_finetune_commands_on_the_real_models(tmp_path):
-    out = run_cli("finetune", "--model", "minilm", "--method", "lora", "--task", "genre", "--budget", "4steps", "--n-train", "64",
-                  "--n-val", "24", "--out", str(tmp_path / "genre"), "--json")
+    out = run_cli(
+        "finetune",
+        "--model",
+        "minilm",
+        "--method",
+        "lora",
+        "--task",
+        "genre",
+        "--budget",
+        "4steps",
+        "--n-train",
+        "64",
+        "--n-val",
+        "24",
+        "--out",
+        str(tmp_path / "genre"),
+        "--json",
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"accuracy", "macro_f1", "roc_auc"} <= set(result["after"]) and "embedding_drift_cosine" in result["after"]
     assert "[1/7] load data" in out.stderr and (tmp_path / "genre" / "labels.json").exists()
-    run_cli("finetune", "--model", "smollm2", "--method", "lora", "--task", "dates", "--budget", "2steps", "--n-train", "16",
-            "--n-val", "4", "--forgetting-tasks", "sort", "--n-forgetting", "4", "--general-tokens", "256", "--out", str(tmp_path / "lora"))
+    run_cli(
+        "finetune",
+        "--model",
+        "smollm2",
+        "--method",
+        "lora",
+        "--task",
+        "dates",
+        "--budget",
+        "2steps",
+        "--n-train",
+        "16",
+        "--n-val",
+        "4",
+        "--forgetting-tasks",
+        "sort",
+        "--n-forgetting",
+        "4",
+        "--general-tokens",
+        "256",
+        "--out",
+        str(tmp_path / "lora"),
+    )
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(tmp_path / "lora").r == 8
@@ -223,11 +286,41 @@ def test_finetune_compare_writes_a_table_and_a_chart(tmp_path, tokenizers_by_kin
 
     tok = tokenizers_by_kind["byte-bpe"]
     torch.manual_seed(0)
-    save_model(build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)),
-               tmp_path / "base", tokenizer=tok)
-    out = run_cli("finetune", "compare", "--model", str(tmp_path / "base"), "--task", "reverse", "--methods", "full,lora,multitask-lora",
-                  "--shots", "0,1", "--curve", "8", "--budget", "2steps", "--n-train", "16", "--n-val", "4", "--n-forgetting", "2",
-                  "--general-tokens", "128", "--general-text", "shakespeare:macbeth", "--max-new-tokens", "4", "--out", str(tmp_path / "cmp"))
+    save_model(
+        build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)),
+        tmp_path / "base",
+        tokenizer=tok,
+    )
+    out = run_cli(
+        "finetune",
+        "compare",
+        "--model",
+        str(tmp_path / "base"),
+        "--task",
+        "reverse",
+        "--methods",
+        "full,lora,multitask-lora",
+        "--shots",
+        "0,1",
+        "--curve",
+        "8",
+        "--budget",
+        "2steps",
+        "--n-train",
+        "16",
+        "--n-val",
+        "4",
+        "--n-forgetting",
+        "2",
+        "--general-tokens",
+        "128",
+        "--general-text",
+        "shakespeare:macbeth",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(tmp_path / "cmp"),
+    )
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["full", "lora", "multitask-lora", "full"] and summary["rows"][-1]["n_train"] == 8
     assert summary["rows"][0]["trainable_share"] == 1.0 and summary["rows"][1]["trainable_share"] < 0.2
@@ -257,8 +350,13 @@ def test_user_files_split_after_deduplication_by_a_seeded_shuffle(tmp_path):
 
 
 def test_files_with_line_separators_quoted_newlines_and_bad_bytes(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"source": "one\u2028two", "target": "x\ry"}, ensure_ascii=False) + "\n"
-                                      + json.dumps({"source": "three", "target": "z"}) + "\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"source": "one\u2028two", "target": "x\ry"}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"source": "three", "target": "z"})
+        + "\n",
+        encoding="utf-8",
+    )
     rows = read_rows(tmp_path / "a.jsonl")
     assert [r["source"] for r in rows] == ["one\u2028two", "three"] and rows[0]["target"] == "x\ry"
     (tmp_path / "b.csv").write_bytes(b'text,label\n"first line\nsecond line",a\nplain \xff text,b\n')
@@ -283,7 +381,7 @@ def test_packed_rows_attend_within_each_example_with_positions_from_zero():
         start = 0
         for ex in examples:
             alone = model(torch.tensor([ex]))[0]
-            assert (packed[start:start + len(ex)] - alone).abs().max().item() <= 1e-5
+            assert (packed[start : start + len(ex)] - alone).abs().max().item() <= 1e-5
             start += len(ex)
 
 
@@ -303,17 +401,33 @@ def tiny_base(tmp_path_factory, tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("base")
-    save_model(build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)),
-               out, tokenizer=tok)
+    save_model(
+        build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)), out, tokenizer=tok
+    )
     return out
 
 
 def _ft(tiny_base, out, **kw):
     from llmkit.finetune.recipe import FinetuneConfig
 
-    base = dict(model=str(tiny_base), task="reverse", n_train=64, n_val=4, batch_size=8, max_new_tokens=4, forgetting_tasks="",
-                general_text="shakespeare:macbeth", general_tokens=64, precision="fp32", show=0, method="lora", budget="2steps",
-                warmup=1, lr=1e-2, out=str(out))
+    base = dict(
+        model=str(tiny_base),
+        task="reverse",
+        n_train=64,
+        n_val=4,
+        batch_size=8,
+        max_new_tokens=4,
+        forgetting_tasks="",
+        general_text="shakespeare:macbeth",
+        general_tokens=64,
+        precision="fp32",
+        show=0,
+        method="lora",
+        budget="2steps",
+        warmup=1,
+        lr=1e-2,
+        out=str(out),
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -347,8 +461,9 @@ def test_compare_curves_of_a_multitask_method_keep_the_mixture(tmp_path, monkeyp
     calls = []
     fake = {"before": {"exact_match": 0.0}, "after": {"exact_match": 0.5}, "trainable_share": 0.1, "seconds": 1, "peak_memory_mb": 1}
     monkeypatch.setattr(C, "run_method", lambda base, method, out, extra=None: calls.append((method, extra)) or {**fake, "method": method})
-    C.compare([], ["multitask-lora"], tmp_path, task="sort", model="m", shots=[], curve=[8], n_val=4, seed=0, max_new_tokens=4,
-              log=lambda m: None)
+    C.compare(
+        [], ["multitask-lora"], tmp_path, task="sort", model="m", shots=[], curve=[8], n_val=4, seed=0, max_new_tokens=4, log=lambda m: None
+    )
     assert all("--task" in extra and "--eval-task" in extra for _, extra in calls) and "--n-train" in calls[-1][1]
 
 

@@ -32,8 +32,11 @@ def hf_smollm2():
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
-           "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+]
 
 
 @pytest.mark.slow
@@ -43,8 +46,14 @@ def test_greedy_smollm2_equals_transformers_generate(smollm2, hf_smollm2):
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         ours = generate(smollm2, tok, [ids], cfg)[0]
-        theirs = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=2,
-                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2)[0, len(ids):].tolist()
+        theirs = hf_smollm2.generate(
+            torch.tensor([ids]),
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=2,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pad_token_id=2,
+        )[0, len(ids) :].tolist()
         if ours.finish_reason == "stop":  # transformers keeps the eos token it stopped on
             assert theirs[-1] == 2
             theirs = theirs[:-1]
@@ -115,22 +124,31 @@ def test_beam_search_equals_transformers(tmp_path, beams, length_penalty, early)
     from llmkit.generate import beam_search
 
     torch.manual_seed(beams)
-    ref = T5ForConditionalGeneration(T5Config(vocab_size=24, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                              decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+    ref = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=24, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0
+        )
+    ).eval()
     with torch.no_grad():
         ref.lm_head.weight.mul_(8.0)  # sharper distributions, so eos and ties are realistic
     ref.save_pretrained(tmp_path)
     ours = llmkit.load(tmp_path)
     src = torch.tensor([[5, 9, 3, 17, 8, 2, 11]])
     with torch.no_grad():
-        theirs = ref.generate(src, num_beams=beams, max_new_tokens=12, do_sample=False, length_penalty=length_penalty,
-                              early_stopping=early)[0].tolist()
+        theirs = ref.generate(
+            src, num_beams=beams, max_new_tokens=12, do_sample=False, length_penalty=length_penalty, early_stopping=early
+        )[0].tolist()
         enc, _ = ours.encode(src)
-        mine = beam_search(ours, enc, GenerationConfig(num_beams=beams, max_new_tokens=12, length_penalty=length_penalty,
-                                                       early_stopping=early), start_id=0, eos_ids=[1])
+        mine = beam_search(
+            ours,
+            enc,
+            GenerationConfig(num_beams=beams, max_new_tokens=12, length_penalty=length_penalty, early_stopping=early),
+            start_id=0,
+            eos_ids=[1],
+        )
     theirs = theirs[1:]  # drop the decoder start token
     if 1 in theirs:
-        theirs = theirs[:theirs.index(1) + 1]
+        theirs = theirs[: theirs.index(1) + 1]
     assert mine == theirs
 
 
@@ -142,13 +160,20 @@ def test_chat_template_renders_like_transformers(smollm2):
 
     path = embedded_path("smollm2")
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    conversations = [[{"role": "user", "content": "Hi!"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
+    conversations = [
+        [{"role": "user", "content": "Hi!"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+    ]
     for messages in conversations:
         for add in (True, False):
-            assert render_chat(smollm2.tokenizer, messages, add_generation_prompt=add) == \
-                ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+            assert render_chat(smollm2.tokenizer, messages, add_generation_prompt=add) == ref.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add
+            )
 
 
 def test_default_chat_template_and_bad_templates(tokenizers_by_kind):
@@ -172,7 +197,9 @@ def test_bad_input_gets_clear_messages(tokenizers_by_kind):
     with pytest.raises(LlmkitError, match="exceeds the model's context of 32"):
         generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8))
     warnings = []
-    out = generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8, truncate=True, stop_token_ids=[]), warn=warnings.append)[0]
+    out = generate(model, tok, ["word " * 40], GenerationConfig(max_new_tokens=8, truncate=True, stop_token_ids=[]), warn=warnings.append)[
+        0
+    ]
     assert len(out.prompt_ids) == 25 and "cut" in warnings[0]  # 25 + 8 new tokens use 32 positions: the last is never fed
     generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2, stop_strings=["a rather long stop string"]), warn=warnings.append)
     assert "can never stop the output" in warnings[-1]
@@ -205,13 +232,35 @@ def test_generate_and_chat_commands(tmp_path):
     out = run_cli("generate", "--model", "smollm2", "--greedy", "--chat", "--max-new-tokens", "24", input="What is the capital of France?")
     assert "Paris" in out.stdout
     (tmp_path / "p.jsonl").write_text('{"q": "One, two,"}\n{"q": "Monday, Tuesday,"}\n')
-    rows = [json.loads(line) for line in run_cli("generate", "--model", "smollm2", "--greedy", "--prompts-file", str(tmp_path / "p.jsonl"),
-                                                 "--field", "q", "--max-new-tokens", "3", "--json").stdout.splitlines()]
+    rows = [
+        json.loads(line)
+        for line in run_cli(
+            "generate",
+            "--model",
+            "smollm2",
+            "--greedy",
+            "--prompts-file",
+            str(tmp_path / "p.jsonl"),
+            "--field",
+            "q",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ).stdout.splitlines()
+    ]
     assert [r["prompt"] for r in rows] == ["One, two,", "Monday, Tuesday,"] and "three" in rows[0]["text"].lower()
     bad = run_cli("generate", "--model", "smollm2", "--prompt", "   ", check=False)
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr
-    session = run_cli("chat", "--greedy", "--max-new-tokens", "12", "--system", "Answer in one word.",
-                      input=f"What color is the sky?\n/save {tmp_path / 'chat.json'}\n/reset\n/exit\n", cwd=tmp_path)
+    session = run_cli(
+        "chat",
+        "--greedy",
+        "--max-new-tokens",
+        "12",
+        "--system",
+        "Answer in one word.",
+        input=f"What color is the sky?\n/save {tmp_path / 'chat.json'}\n/reset\n/exit\n",
+        cwd=tmp_path,
+    )
     assert "assistant>" in session.stdout
     saved = json.loads((tmp_path / "chat.json").read_text())
     assert saved["messages"][0] == {"role": "user", "content": "What color is the sky?"} and saved["messages"][1]["content"]
@@ -237,8 +286,18 @@ def test_int8_weight_only_quantization_stays_close_to_float():
 @pytest.mark.slow
 def test_generate_with_int8_and_bf16(tmp_path):
     for flags in (["--quantize", "int8"], ["--dtype", "bf16"]):
-        out = run_cli("generate", "--model", "smollm2", "--greedy", "--chat", "--max-new-tokens", "24", *flags,
-                      "--prompt", "What is the capital of France?")
+        out = run_cli(
+            "generate",
+            "--model",
+            "smollm2",
+            "--greedy",
+            "--chat",
+            "--max-new-tokens",
+            "24",
+            *flags,
+            "--prompt",
+            "What is the capital of France?",
+        )
         assert "Paris" in out.stdout, flags
 
 
@@ -270,9 +329,20 @@ def _tiny_llama_folder(path, tok, eos, gen_eos=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(5)
-    ref = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                       eos_token_id=eos, bos_token_id=None, pad_token_id=None)).eval()
+    ref = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            eos_token_id=eos,
+            bos_token_id=None,
+            pad_token_id=None,
+        )
+    ).eval()
     with torch.no_grad():
         ref.lm_head.weight.mul_(30.0)  # confident, so the greedy path is far from ties
     if gen_eos is not None:
@@ -285,11 +355,11 @@ def test_several_eos_ids_and_generation_config_stop_like_transformers(tmp_path, 
     tok = tokenizers_by_kind["byte-bpe"]
     prompt = tok.encode("To be, or not to be", add_special_tokens=False)
     ref = _tiny_llama_folder(tmp_path / "probe", tok, eos=None)
-    free = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+    free = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(prompt) :].tolist()
     eos = [free[6], free[3]]  # the second listed comes first in the text
     for folder, config_eos, gen_eos in (("config", eos, None), ("generation", free[9], eos)):
         ref = _tiny_llama_folder(tmp_path / folder, tok, eos=config_eos, gen_eos=gen_eos)
-        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
         ours = generate(llmkit.load(tmp_path / folder), tok, [prompt], GenerationConfig(max_new_tokens=12, do_sample=False))[0]
         assert theirs[-1] in eos and ours.finish_reason == "stop"
         assert ours.ids == theirs[:-1]  # transformers keeps the eos it stopped on
@@ -309,8 +379,16 @@ def test_a_special_token_as_stop_string_stops_like_transformers(smollm2, hf_smol
     path = embedded_path("smollm2")
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     x = torch.tensor([ids])
-    theirs = hf_smollm2.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False, stop_strings=["<|im_end|>"],
-                                 tokenizer=hf_tok, eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    theirs = hf_smollm2.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=24,
+        do_sample=False,
+        stop_strings=["<|im_end|>"],
+        tokenizer=hf_tok,
+        eos_token_id=None,
+        pad_token_id=2,
+    )[0, len(ids) :].tolist()
     assert ours.finish_reason == "stop" and theirs[-1] == tok.token_id("<|im_end|>")
     assert ours.ids == theirs[:-1] and "<|im_end|>" not in ours.text
 
@@ -320,14 +398,27 @@ def test_padded_vocabulary_rows_are_never_sampled_and_decode_to_nothing(tmp_path
 
     tok = tokenizers_by_kind["unigram"]  # the model has 64 more rows than the tokenizer has tokens, as T5 (32,128 / 32,100)
     torch.manual_seed(0)
-    ref = T5ForConditionalGeneration(T5Config(vocab_size=tok.vocab_size + 64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                              num_heads=4, decoder_start_token_id=0, eos_token_id=tok.eos_id)).eval()
+    ref = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=tok.vocab_size + 64,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            eos_token_id=tok.eos_id,
+        )
+    ).eval()
     with torch.no_grad():
-        ref.lm_head.weight[tok.vocab_size:] = ref.lm_head.weight[:64] * 50  # the padding rows would win every argmax
+        ref.lm_head.weight[tok.vocab_size :] = ref.lm_head.weight[:64] * 50  # the padding rows would win every argmax
     ref.save_pretrained(tmp_path)
     model = llmkit.load(tmp_path)
-    for cfg in (GenerationConfig(max_new_tokens=10, do_sample=False), GenerationConfig(max_new_tokens=10, seed=0),
-                GenerationConfig(max_new_tokens=6, num_beams=3)):
+    for cfg in (
+        GenerationConfig(max_new_tokens=10, do_sample=False),
+        GenerationConfig(max_new_tokens=10, seed=0),
+        GenerationConfig(max_new_tokens=6, num_beams=3),
+    ):
         out = generate(model, tok, ["Where is the king?"], cfg)[0]
         assert out.ids and max(out.ids) < tok.vocab_size
     assert tok.decode([5, tok.vocab_size + 3, 6], strict=False) == tok.decode([5, 6])
@@ -351,10 +442,14 @@ def test_repetition_penalty_never_counts_left_padding(smollm2):
 def test_bad_generation_settings_are_refused_and_a_prompt_that_fits_is_taken(tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
     model = build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval()
-    for change, message in ((dict(temperature=-1.0), "temperature -1.0 is negative"), (dict(top_k=-2), "top_k -2 is negative"),
-                            (dict(top_p=0.0), "top_p 0.0 is not in"), (dict(top_p=1.5), "top_p 1.5 is not in"),
-                            (dict(repetition_penalty=0.0), "repetition_penalty 0.0 must be positive"),
-                            (dict(max_new_tokens=-1), "max_new_tokens -1 is negative")):
+    for change, message in (
+        (dict(temperature=-1.0), "temperature -1.0 is negative"),
+        (dict(top_k=-2), "top_k -2 is negative"),
+        (dict(top_p=0.0), "top_p 0.0 is not in"),
+        (dict(top_p=1.5), "top_p 1.5 is not in"),
+        (dict(repetition_penalty=0.0), "repetition_penalty 0.0 must be positive"),
+        (dict(max_new_tokens=-1), "max_new_tokens -1 is negative"),
+    ):
         with pytest.raises(LlmkitError, match=message):
             generate(model, tok, ["hi"], GenerationConfig(**change))
     prompt = list(range(300, 323))  # 23 + 10 new tokens: 32 positions are fed, the last token never is
@@ -375,8 +470,11 @@ def test_per_row_settings_sample_each_row_as_alone():
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
-    configs = [GenerationConfig(do_sample=False), GenerationConfig(temperature=0.7, top_k=5, seed=1),
-               GenerationConfig(temperature=1.3, top_p=0.8, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)]
+    configs = [
+        GenerationConfig(do_sample=False),
+        GenerationConfig(temperature=0.7, top_k=5, seed=1),
+        GenerationConfig(temperature=1.3, top_p=0.8, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3),
+    ]
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     together = Sampler(configs, 50, "cpu", generators=gens)
     together.add_prompts([[1, 2], [3], [4, 4, 5]])
@@ -387,7 +485,7 @@ def test_per_row_settings_sample_each_row_as_alone():
         picked = together(logits)
         together.observe(picked)
         for r, s in enumerate(alone):
-            one = s(logits[r:r + 1])
+            one = s(logits[r : r + 1])
             s.observe(one)
             assert one.item() == picked[r].item()
     assert picked[0].item() == logits[0].argmax().item()
@@ -398,7 +496,9 @@ def test_warnings_go_to_stderr_not_into_the_text(tmp_path, tokenizers_by_kind):
     save_dir = tmp_path / "m"
     from llmkit.model.weights import save_model
 
-    save_model(build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval(), save_dir, tokenizer=tok)
+    save_model(
+        build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=32)).eval(), save_dir, tokenizer=tok
+    )
     out = run_cli("generate", "--model", str(save_dir), "--prompt", "word " * 40, "--truncate", "--max-new-tokens", "4", "--seed", "1")
     assert "cut" in out.stderr and "cut" not in out.stdout
 

@@ -38,8 +38,9 @@ def tiny_run(tmp_path_factory, tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny")
-    save_model(build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=256)),
-               out, tokenizer=tok)
+    save_model(
+        build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=256)), out, tokenizer=tok
+    )
     return out
 
 
@@ -59,17 +60,36 @@ def test_llmkit_lm_equals_lm_eval_hf_on_smollm2(smollm2_hf, tmp_path):
 
     ours = LlmkitLM(model="smollm2", batch_size=4)
     theirs = HFLM(pretrained=str(smollm2_hf), batch_size=4, device="cpu", dtype="float32")
-    requests = [("The capital of France is", " Paris"), ("The capital of France is", " London"), ("", "Hello world"),
-                ("To be, or not to be:", " that is the question"), ("2 + 2 =", " 4")]
+    requests = [
+        ("The capital of France is", " Paris"),
+        ("The capital of France is", " London"),
+        ("", "Hello world"),
+        ("To be, or not to be:", " that is the question"),
+        ("2 + 2 =", " 4"),
+    ]
     a, b = ours.loglikelihood(_instances(requests)), theirs.loglikelihood(_instances(requests))
     for (la, ga), (lb, gb) in zip(a, b):
         assert la == pytest.approx(lb, abs=1e-3) and ga == gb
     folder = write_builtin_tasks(tmp_path / "tasks", ["shakespeare_cloze", "play", "dates"], n_validation=12, n_train=8)
     manager = TaskManager(include_path=str(folder))
-    results = [simple_evaluate(model=lm, tasks=["shakespeare_cloze", "play", "dates"], num_fewshot=1, limit=12, task_manager=manager,
-                               log_samples=False, bootstrap_iters=0)["results"] for lm in (ours, theirs)]
-    for task, metric in (("shakespeare_cloze", "acc,none"), ("shakespeare_cloze", "acc_norm,none"), ("play", "acc,none"),
-                         ("dates", "exact_match,strip")):
+    results = [
+        simple_evaluate(
+            model=lm,
+            tasks=["shakespeare_cloze", "play", "dates"],
+            num_fewshot=1,
+            limit=12,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )["results"]
+        for lm in (ours, theirs)
+    ]
+    for task, metric in (
+        ("shakespeare_cloze", "acc,none"),
+        ("shakespeare_cloze", "acc_norm,none"),
+        ("play", "acc,none"),
+        ("dates", "exact_match,strip"),
+    ):
         assert results[0][task][metric] == results[1][task][metric], (task, metric)
 
 
@@ -80,8 +100,23 @@ def test_rolling_log_likelihood_is_eval_perplexity(tiny_run):
     text.write_text(" ".join(["Now is the winter of our discontent made glorious summer by this sun of York."] * 12))
     lm = LlmkitLM(model=str(tiny_run), max_length=64)
     (rolling,) = lm.loglikelihood_rolling(_instances([(text.read_text(),)], "loglikelihood_rolling"))
-    out = json.loads(run_cli("eval", "perplexity", "--model", str(tiny_run), "--file", str(text), "--window", "65", "--stride", "64",
-                             "--prefix-token", "bos", "--json").stdout)
+    out = json.loads(
+        run_cli(
+            "eval",
+            "perplexity",
+            "--model",
+            str(tiny_run),
+            "--file",
+            str(text),
+            "--window",
+            "65",
+            "--stride",
+            "64",
+            "--prefix-token",
+            "bos",
+            "--json",
+        ).stdout
+    )
     assert out["tokens"] == len(lm.tok_encode(text.read_text())) and out["tokens"] > 128  # several windows, every token scored
     assert -rolling == pytest.approx(out["nats"], rel=1e-4)  # float32 sums in other batch shapes
 
@@ -102,12 +137,34 @@ def test_eval_tasks_rerun_after_a_kill_reuses_answers_and_gives_the_same_numbers
 
 def test_a_folder_of_task_yaml_runs_and_lm_eval_finds_the_llmkit_model(tiny_run, tmp_path):
     folder = write_builtin_tasks(tmp_path / "mine", ["play"], n_validation=6, n_train=4)
-    out = json.loads(run_cli("eval", "tasks", "--model", str(tiny_run), "--tasks", str(folder), "--out", str(tmp_path / "r"), "--json").stdout)
+    out = json.loads(
+        run_cli("eval", "tasks", "--model", str(tiny_run), "--tasks", str(folder), "--out", str(tmp_path / "r"), "--json").stdout
+    )
     assert "acc,none" in out["play"]
     lm_eval = Path(sys.executable).parent / "lm_eval"
-    proc = subprocess.run([str(lm_eval), "--model", "llmkit", "--model_args", f"model={tiny_run}", "--batch_size", "4", "--tasks", "play",
-                           "--include_path", str(folder), "--limit", "4", "--device", "cpu"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [
+            str(lm_eval),
+            "--model",
+            "llmkit",
+            "--model_args",
+            f"model={tiny_run}",
+            "--batch_size",
+            "4",
+            "--tasks",
+            "play",
+            "--include_path",
+            str(folder),
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:] + "\n(run `make` once: it registers llmkit with lm_eval)"
     assert "|play" in proc.stdout and "acc" in proc.stdout
 
@@ -194,9 +251,17 @@ def test_report_keeps_unbounded_metrics_and_names_two_runs_of_one_model(tmp_path
     from llmkit.evaluate.report import report
 
     for name, ppl in (("plain", 18.5), ("chat", 21.0)):
-        result = {"model": "smollm2", "shots": {"0": {"results": {"lambada": {"perplexity,none": ppl, "perplexity_stderr,none": 0.6,
-                                                                               "acc,none": 0.4, "acc_stderr,none": 0.3}},
-                                                    "n-samples": {"lambada": {"effective": 50}}}}}
+        result = {
+            "model": "smollm2",
+            "shots": {
+                "0": {
+                    "results": {
+                        "lambada": {"perplexity,none": ppl, "perplexity_stderr,none": 0.6, "acc,none": 0.4, "acc_stderr,none": 0.3}
+                    },
+                    "n-samples": {"lambada": {"effective": 50}},
+                }
+            },
+        }
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(result))
     rows = report([tmp_path / "plain", tmp_path / "chat"], tmp_path / "r.md")["rows"]

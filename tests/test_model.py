@@ -40,8 +40,17 @@ def test_gpt2_equals_transformers(tmp_path):
 def test_llama_with_gqa_equals_transformers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    )
     ref = LlamaForCausalLM(cfg).eval()
     ref.save_pretrained(tmp_path)
     ours = llmkit.load(tmp_path)
@@ -58,8 +67,9 @@ def test_llama_with_gqa_equals_transformers(tmp_path):
 def test_bert_equals_transformers(tmp_path, head):
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
-    cfg = BertConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                     max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64
+    )
     ref = (BertForMaskedLM(cfg) if head == "mlm" else BertModel(cfg, add_pooling_layer=False)).eval()
     ref.save_pretrained(tmp_path)
     ours = llmkit.load(tmp_path)
@@ -80,9 +90,20 @@ def test_bert_equals_transformers(tmp_path, head):
 def test_t5_equals_transformers(tmp_path, ff):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=101, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=3, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj=ff,
-                   tie_word_embeddings=(ff == "relu"), decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=101,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj=ff,
+        tie_word_embeddings=(ff == "relu"),
+        decoder_start_token_id=0,
+    )
     ref = T5ForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp_path)
     ours = llmkit.load(tmp_path)
@@ -96,8 +117,15 @@ def test_t5_equals_transformers(tmp_path, ff):
 
 # --- the real embedded models ----------------------------------------------------------------------------
 
-SENTENCES = ["A man is eating food.", "A man is riding a horse.", "The new movie is awesome!", "Shall I compare thee to a summer's day?",
-             "Ein Mann isst Essen.", "Le café est très bon, n'est-ce pas ?", "🤗 emoji and numbers 12345"]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is riding a horse.",
+    "The new movie is awesome!",
+    "Shall I compare thee to a summer's day?",
+    "Ein Mann isst Essen.",
+    "Le café est très bon, n'est-ce pas ?",
+    "🤗 emoji and numbers 12345",
+]
 
 
 @pytest.mark.slow
@@ -114,7 +142,9 @@ def test_minilm_sentence_embeddings_equal_sentence_transformers():
     mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
     with torch.no_grad():
         ours = model.embed_sentences(ids, mask, pooling="mean", normalize=True)
-    theirs = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+    theirs = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(
+        SENTENCES, convert_to_tensor=True, normalize_embeddings=True
+    )
     cos = torch.nn.functional.cosine_similarity(ours, theirs.cpu(), dim=-1)
     assert cos.min().item() >= 0.9999, cos
 
@@ -129,8 +159,11 @@ def test_smollm2_from_gguf_equals_transformers():
     ours = llmkit.load("smollm2")
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tok = ours.tokenizer
-    prompts = ["The capital of France is", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-               "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"]
+    prompts = [
+        "The capital of France is",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    ]
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([tok.encode(p)])
@@ -151,14 +184,14 @@ def test_kv_cache_decoding_equals_full_forward(name):
             full = model(ids)
             cache = model.new_cache(2, 40)
             steps = [model(ids[:, :10], cache=cache)]  # a prompt, then one token at a time
-            steps += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 24)]
+            steps += [model(ids[:, t : t + 1], cache=cache) for t in range(10, 24)]
         else:
             src = _ids(97, (2, 15), seed=3)
             enc, _ = model.encode(src)
             full = model(src, ids)
             cache = model.new_cache(2, 40)
             steps = [model.decode(ids[:, :10], enc, cache=cache)[0]]
-            steps += [model.decode(ids[:, t:t + 1], enc, cache=cache)[0] for t in range(10, 24)]
+            steps += [model.decode(ids[:, t : t + 1], enc, cache=cache)[0] for t in range(10, 24)]
     assert cache.pos == 24
     assert _max_diff(torch.cat(steps, dim=1), full) <= 1e-5
 
@@ -235,7 +268,9 @@ def test_presets_build_and_gpt2_has_the_published_124m_parameters():
         ModelConfig(n_heads=6, n_kv_heads=4, d_model=96)
 
 
-@pytest.mark.parametrize("name, hf_class", [("tiny-gpt", "GPT2LMHeadModel"), ("tiny-llama", "LlamaForCausalLM"), ("tiny-bert", "BertForMaskedLM")])
+@pytest.mark.parametrize(
+    "name, hf_class", [("tiny-gpt", "GPT2LMHeadModel"), ("tiny-llama", "LlamaForCausalLM"), ("tiny-bert", "BertForMaskedLM")]
+)
 def test_export_round_trip_through_transformers(tmp_path, name, hf_class):
     import transformers
 
@@ -300,8 +335,17 @@ def test_rope_scaling_equals_transformers_beyond_the_original_context(tmp_path, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     scaling, max_pos = ROPE_SCALINGS[kind]
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=max_pos, rope_theta=500.0, rope_scaling=dict(scaling))
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        rope_theta=500.0,
+        rope_scaling=dict(scaling),
+    )
     torch.manual_seed(1)
     ref = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # sharper attention, so that positions matter to the logits
@@ -339,10 +383,20 @@ def test_unknown_rope_scaling_is_refused(tmp_path):
 def _llama3_ref(vocab: int, eos):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, tie_word_embeddings=False,
-                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_position_embeddings=16), eos_token_id=eos, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+        eos_token_id=eos,
+        bos_token_id=1,
+    )
     torch.manual_seed(2)
     return LlamaForCausalLM(cfg).eval()
 
@@ -405,8 +459,10 @@ def test_position_buffers_stay_float32_in_bf16(tmp_path):
         assert (loaded(ids)[0, -1].float() - ref).abs().max() < 0.25 * ref.abs().max()
 
 
-@pytest.mark.parametrize("family, position", [("encoder", "rope"), ("encoder", "relative"), ("decoder", "relative"),
-                                              ("encoder", "sinusoidal"), ("encoder-decoder", "rope")])
+@pytest.mark.parametrize(
+    "family, position",
+    [("encoder", "rope"), ("encoder", "relative"), ("decoder", "relative"), ("encoder", "sinusoidal"), ("encoder-decoder", "rope")],
+)
 def test_every_position_kind_works_in_every_family(family, position):
     name = {"encoder": "tiny-bert", "decoder": "tiny-llama", "encoder-decoder": "tiny-t5"}[family]
     cfg = preset(name, vocab_size=97, d_model=64, n_heads=4, n_kv_heads=None, max_seq_len=64, position=position)
@@ -426,7 +482,7 @@ def test_every_position_kind_works_in_every_family(family, position):
         elif family == "decoder":
             full = model(ids)
             cache = model.new_cache(1, 20)
-            steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+            steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
             assert _max_diff(torch.cat(steps, 1), full) <= 1e-5
             assert _max_diff(model(ids[:, perm])[:, -1], full[:, -1]) > 1e-3
         else:
@@ -436,8 +492,15 @@ def test_every_position_kind_works_in_every_family(family, position):
             assert _max_diff(model.encode(src[:, perm])[0], enc[:, perm]) > 1e-3
 
 
-@pytest.mark.parametrize("change, message", [(dict(scale_embeddings=True), "scale_embeddings"), (dict(attn_scale=1.0), "attn_scale"),
-                                             (dict(lm_head_bias=True), "lm_head_bias"), (dict(head_dim=32), "head_dim 32")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(scale_embeddings=True), "scale_embeddings"),
+        (dict(attn_scale=1.0), "attn_scale"),
+        (dict(lm_head_bias=True), "lm_head_bias"),
+        (dict(head_dim=32), "head_dim 32"),
+    ],
+)
 def test_export_refuses_what_transformers_would_run_differently(tmp_path, change, message):
     model = build_model(preset("tiny-gpt", vocab_size=97, d_model=64, n_heads=4, **change))
     with pytest.raises(LlmkitError, match=message):
@@ -495,10 +558,19 @@ def test_a_hugging_face_folder_tokenizer_adds_its_own_special_tokens(tmp_path, t
     from llmkit.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tokenizers_by_kind["byte-bpe"].save(tmp_path / "tok"))
-    tok.backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
-                                                               special_tokens=[("<s>", tok.bos_id)])
-    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    tok.backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", tok.bos_id)]
+    )
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     model = llmkit.load(tmp_path / "m")
     text = "Now is the winter of our discontent"

@@ -61,7 +61,7 @@ def test_span_corruption_example_and_reconstruction():
     assert enc[-1] == 1 and tgt[-1] == 1  # both end with eos
     spans_in = [t for t in enc if t >= 900]
     spans_out = [t for t in tgt if t >= 900]
-    assert spans_in == sentinels[:len(spans_in)] and spans_out == sentinels[:len(spans_in) + 1]  # in order, plus a final one
+    assert spans_in == sentinels[: len(spans_in)] and spans_out == sentinels[: len(spans_in) + 1]  # in order, plus a final one
     noise = len(tgt) - len(spans_out) - 1
     assert noise == 6  # round(40 * 0.15)
     # put the spans back where their sentinels stand: the original window again
@@ -125,7 +125,7 @@ def test_score_tokens_equals_a_plain_loop():
     expected, n = 0.0, 0
     with torch.no_grad():
         for s, e, k in window_plan(150, 16, 6):
-            logp = model(ids[None, s:e - 1]).log_softmax(-1)[0]
+            logp = model(ids[None, s : e - 1]).log_softmax(-1)[0]
             for pos in range(e - k, e):
                 expected -= logp[pos - s - 1, ids[pos]].item()
                 n += 1
@@ -150,8 +150,23 @@ def small_data(tmp_path_factory):
 
 
 def _cfg(small_data, out, **kw) -> PretrainConfig:
-    base = dict(data=str(small_data), d_model=64, n_layers=2, n_heads=4, block_size=32, batch_size=8, lr=3e-3, warmup=5,
-                budget="40steps", eval_every=20, eval_windows=16, log_every=1, precision="fp32", out=str(out), samples=False)
+    base = dict(
+        data=str(small_data),
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        block_size=32,
+        batch_size=8,
+        lr=3e-3,
+        warmup=5,
+        budget="40steps",
+        eval_every=20,
+        eval_windows=16,
+        log_every=1,
+        precision="fp32",
+        out=str(out),
+        samples=False,
+    )
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -204,9 +219,34 @@ def test_a_corrupt_or_mismatched_checkpoint_is_refused(small_data, tmp_path):
 
 
 def _pretrain_cmd(small_data, out, *extra):
-    return ["pretrain", "--data", str(small_data), "--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--block-size", "32",
-            "--lr", "3e-3", "--warmup", "5", "--eval-every", "20", "--eval-windows", "8", "--log-every", "1", "--precision", "fp32",
-            "--out", str(out), *extra]
+    return [
+        "pretrain",
+        "--data",
+        str(small_data),
+        "--d-model",
+        "64",
+        "--n-layers",
+        "2",
+        "--n-heads",
+        "4",
+        "--block-size",
+        "32",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "5",
+        "--eval-every",
+        "20",
+        "--eval-windows",
+        "8",
+        "--log-every",
+        "1",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -215,8 +255,12 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(small_d
 
     out = tmp_path / "run"
     env = dict(os.environ, LLMKIT_TEST_CHECKPOINT_PAUSE="60")  # the second checkpoint stalls half-written
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *_pretrain_cmd(small_data, out, "--budget", "30steps", "--save-every", "3")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmkit", *_pretrain_cmd(small_data, out, "--budget", "30steps", "--save-every", "3")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not (out / "checkpoint.tmp" / "model.safetensors").exists() or not (out / "checkpoint").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode() if proc.poll() is not None else "timeout"
@@ -236,8 +280,12 @@ def _torchrun(args: list[str], port: str) -> subprocess.CompletedProcess:
     ("terminate called without an active exception", about 1 run in 6 here); that one failure, and only it, gets a
     second try."""
     for _attempt in range(2):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                               "-m", "llmkit", *args], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "llmkit", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
             break
         shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
@@ -252,8 +300,10 @@ def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data,
     same, across micro-steps and ranks."""
     run_cli(*_pretrain_cmd(small_data, tmp_path / "one", "--budget", "10steps", "--batch-size", "8", "--family", family))
     extra = ["--fsdp", "--batch-size", "4"] if sharding == "fsdp" else ["--batch-size", "2", "--grad-accum", "2"]
-    proc = _torchrun(_pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--family", family, *extra),
-                     "29517" if sharding == "ddp" else "29518")
+    proc = _torchrun(
+        _pretrain_cmd(small_data, tmp_path / "two", "--budget", "10steps", "--family", family, *extra),
+        "29517" if sharding == "ddp" else "29518",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 11))
@@ -266,7 +316,9 @@ def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data,
         assert torch.allclose(v1, v2, atol=1e-4), k
     row = next(r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train")
     flops = llmkit.load(tmp_path / "two").config.flops_per_token(32)["train"]
-    assert row["mfu"] == pytest.approx(flops * row["tokens_per_s"] / (config["peak_flops_per_process"] * 2), rel=1e-6)  # both processes' peak
+    assert row["mfu"] == pytest.approx(
+        flops * row["tokens_per_s"] / (config["peak_flops_per_process"] * 2), rel=1e-6
+    )  # both processes' peak
 
 
 @pytest.mark.slow
@@ -275,8 +327,21 @@ def test_torchrun_stops_every_rank_together_on_a_time_budget(small_data, tmp_pat
     """A time budget stops all ranks at the same step (one clock, any rank's stop), and under FSDP an evaluation of 17
     windows on 2 ranks with batches of 8 (2 forward calls on one rank, 1 on the other) makes the same calls everywhere."""
     extra = ["--fsdp"] if sharding == "fsdp" else []
-    args = _pretrain_cmd(small_data, tmp_path / "run", "--budget", "6s", "--eval-every", "7", "--eval-windows", "17", "--batch-size", "8",
-                         "--dropout", "0.1", *extra)
+    args = _pretrain_cmd(
+        small_data,
+        tmp_path / "run",
+        "--budget",
+        "6s",
+        "--eval-every",
+        "7",
+        "--eval-windows",
+        "17",
+        "--batch-size",
+        "8",
+        "--dropout",
+        "0.1",
+        *extra,
+    )
     proc = _torchrun(args, "29519" if sharding == "ddp" else "29520")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopped: time budget of 6s reached" in proc.stderr or "stopped: budget reached on another rank" in proc.stderr
@@ -293,14 +358,26 @@ def test_pretrain_cli_writes_a_complete_run_folder_and_eval_perplexity_reads_it(
     out = tmp_path / "run"
     proc = run_cli(*_pretrain_cmd(small_data, out, "--budget", "20steps"))
     assert "stopped: budget of 20 steps reached" in proc.stderr
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "report.md", "samples.md",
-                 "train_config.json", "checkpoint/state.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "loss.png",
+        "report.md",
+        "samples.md",
+        "train_config.json",
+        "checkpoint/state.json",
+    ):
         assert (out / name).exists(), name
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"tokens_per_s", "mfu", "lr", "loss"} <= set(rows[0]) and any(r["split"] == "val" and "bpb" in r for r in rows)
-    result = json.loads(run_cli("eval", "perplexity", "--model", str(out), "--file", "shakespeare:macbeth", "--window", "32",
-                                "--max-tokens", "2000", "--json").stdout)
+    result = json.loads(
+        run_cli(
+            "eval", "perplexity", "--model", str(out), "--file", "shakespeare:macbeth", "--window", "32", "--max-tokens", "2000", "--json"
+        ).stdout
+    )
     assert result["tokens"] == sum(k for *_, k in window_plan(2000, 32)) == 1937
     assert 1 < result["perplexity"] < 512 and result["bits_per_byte"] > 0
 
@@ -311,9 +388,11 @@ def test_eval_perplexity_of_smollm2_equals_transformers_loss(tmp_path):
 
     from llmkit.embedded import embedded_path
 
-    text = (tmp_path / "t.txt")
-    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
-                    "of outrageous fortune, or to take arms against a sea of troubles, and by opposing end them.")
+    text = tmp_path / "t.txt"
+    text.write_text(
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
+        "of outrageous fortune, or to take arms against a sea of troubles, and by opposing end them."
+    )
     result = json.loads(run_cli("eval", "perplexity", "--model", "smollm2", "--file", str(text), "--window", "512", "--json").stdout)
     path = embedded_path("smollm2")
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -372,7 +451,7 @@ def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch
     docs.mkdir()
     plays = [d.text for d in llmkit.data.sources.shakespeare("macbeth")][0].split("\n\n")
     for i in range(40):
-        text = "" if i % 7 == 3 else (plays[5] if i % 5 == 1 else f"Document {i}: " + " ".join(plays[i * 3:i * 3 + 3]))
+        text = "" if i % 7 == 3 else (plays[5] if i % 5 == 1 else f"Document {i}: " + " ".join(plays[i * 3 : i * 3 + 3]))
         (docs / f"{i:02d}.txt").write_text(text)
     seen = {}
     real = tokmod.train_tokenizer
@@ -403,9 +482,22 @@ def test_a_validation_shard_shorter_than_a_window_is_scored_or_refused(tmp_path)
         if meta["val_tokens"] < 33:
             break
     assert 2 <= meta["val_tokens"] < 33
-    summary = pretrain(PretrainConfig(data=str(tmp_path / "d"), d_model=32, n_layers=1, n_heads=2, block_size=32, batch_size=4,
-                                      budget="3steps", eval_every=3, precision="fp32", out=str(tmp_path / "run"), samples=False),
-                       log=lambda m: None)
+    summary = pretrain(
+        PretrainConfig(
+            data=str(tmp_path / "d"),
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            block_size=32,
+            batch_size=4,
+            budget="3steps",
+            eval_every=3,
+            precision="fp32",
+            out=str(tmp_path / "run"),
+            samples=False,
+        ),
+        log=lambda m: None,
+    )
     assert summary["val_loss"] > 1.0 and summary["val_bpb"] > 0.1  # scored, not 0 nats
     prepare(str(tmp_path / "c"), tok, str(tmp_path / "none"), val_fraction=0.0, log=lambda m: None)
     with pytest.raises(LlmkitError, match="validation shard .* has 0 tokens"):

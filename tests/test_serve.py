@@ -116,8 +116,11 @@ def tiny_dir(tmp_path_factory, tokenizers_by_kind):
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     """SmolLM2 and a tiny decoder, MiniLM for embeddings, an API key; 16 running, 32 waiting."""
-    app = create_app([("smollm2", "smollm2"), ("tiny", str(tiny_dir))], [("minilm", "minilm")],
-                     Settings(api_key=KEY, max_batch=16, max_queue=32, max_body=64 * 1024, cors_origins=["http://localhost:3000"]))
+    app = create_app(
+        [("smollm2", "smollm2"), ("tiny", str(tiny_dir))],
+        [("minilm", "minilm")],
+        Settings(api_key=KEY, max_batch=16, max_queue=32, max_body=64 * 1024, cors_origins=["http://localhost:3000"]),
+    )
     live = LiveServer(app)
     live.wait_ready()
     yield live
@@ -148,6 +151,7 @@ def _collect(engine: Engine, jobs: list[tuple[list[int], GenerationConfig]], sta
             else:
                 results[i]["end"] = event
                 done.release()
+
         return emit
 
     for i, (prompt, cfg) in enumerate(jobs):
@@ -170,8 +174,11 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
     for i in range(14):
         prompt = torch.randint(10, tok.vocab_size, (int(torch.randint(1, 90, (1,), generator=g)),), generator=g).tolist()
         n = int(torch.randint(1, 60, (1,), generator=g))
-        cfg = (GenerationConfig(max_new_tokens=n, do_sample=False) if i % 2 == 0 else
-               GenerationConfig(max_new_tokens=n, temperature=0.9, top_k=40, seed=i, repetition_penalty=1.1 if i % 3 else 1.0))
+        cfg = (
+            GenerationConfig(max_new_tokens=n, do_sample=False)
+            if i % 2 == 0
+            else GenerationConfig(max_new_tokens=n, temperature=0.9, top_k=40, seed=i, repetition_penalty=1.1 if i % 3 else 1.0)
+        )
         cfg.stop_token_ids = []  # run to max_new_tokens: the longest overlaps
         jobs.append((prompt, cfg))
     alone = [generate(model, tok, [p], c)[0] for p, c in jobs]
@@ -191,9 +198,11 @@ def test_stop_strings_and_tokens_end_each_row_as_alone(tokenizers_by_kind):
     model = _tiny(tok)
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("To be, or not to be", "Friends, Romans", "O Romeo")]
     free = [generate(model, tok, [p], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[]))[0] for p in prompts]
-    jobs = [(prompts[0], GenerationConfig(max_new_tokens=20, do_sample=False, stop_strings=[free[0].text[5:8]], stop_token_ids=[])),
-            (prompts[1], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[free[1].ids[6]])),
-            (prompts[2], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[]))]
+    jobs = [
+        (prompts[0], GenerationConfig(max_new_tokens=20, do_sample=False, stop_strings=[free[0].text[5:8]], stop_token_ids=[])),
+        (prompts[1], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[free[1].ids[6]])),
+        (prompts[2], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[])),
+    ]
     engine = Engine(model, "t", max_batch=3, max_queue=0)
     try:
         out = _collect(engine, jobs)
@@ -210,19 +219,21 @@ def test_stop_strings_and_tokens_end_each_row_as_alone(tokenizers_by_kind):
 
 def test_models_chat_and_completions_through_the_openai_client(server, client):
     assert {m.id for m in client.models.list().data} == {"smollm2", "tiny", "minilm"}
-    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0,
-                                       max_tokens=24)
+    r = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0, max_tokens=24
+    )
     assert r.object == "chat.completion" and r.model == "smollm2" and r.id.startswith("chatcmpl-") and r.created > 0
     assert "4" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
     tok = server.app.state.llmkit.models["smollm2"].tok
     ids = chat_prompt_ids(tok, [{"role": "user", "content": "What is 2+2?"}])
     assert r.usage.prompt_tokens == len(ids) and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # completions: several prompts x n choices, in OpenAI's order; a length finish is reported as one
-    r = client.completions.create(model="smollm2", prompt=["Once upon a time", "The sky is"], max_tokens=6, temperature=0, n=2,
-                                  logprobs=2)
+    r = client.completions.create(model="smollm2", prompt=["Once upon a time", "The sky is"], max_tokens=6, temperature=0, n=2, logprobs=2)
     assert [c.index for c in r.choices] == [0, 1, 2, 3] and all(c.finish_reason == "length" for c in r.choices)
     assert r.choices[0].text == r.choices[1].text != r.choices[2].text == r.choices[3].text
-    alone = generate(server.app.state.llmkit.models["smollm2"].model, tok, ["The sky is"], GenerationConfig(max_new_tokens=6, do_sample=False))[0]
+    alone = generate(
+        server.app.state.llmkit.models["smollm2"].model, tok, ["The sky is"], GenerationConfig(max_new_tokens=6, do_sample=False)
+    )[0]
     assert r.choices[2].text == alone.text and r.usage.completion_tokens == 24
     lp = r.choices[2].logprobs
     assert "".join(lp.tokens) == alone.text and len(lp.token_logprobs) == 6 and all(x <= 0 for x in lp.token_logprobs)
@@ -231,8 +242,14 @@ def test_models_chat_and_completions_through_the_openai_client(server, client):
 
 def test_chat_streams_with_usage_and_equals_the_generate_command(server, client):
     question = "Name a color of the sky."
-    stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}], temperature=0,
-                                            max_tokens=24, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -241,8 +258,9 @@ def test_chat_streams_with_usage_and_equals_the_generate_command(server, client)
     out = run_cli("generate", "--model", "smollm2", "--chat", "--greedy", "--prompt", question, "--max-new-tokens", "24").stdout
     assert text == out[:-1]  # the command ends the text with a newline
     # logprobs of a chat answer: each token with its bytes and its best alternatives
-    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3, logprobs=True, top_logprobs=3
+    )
     first = r.choices[0].logprobs.content[0]
     assert bytes(first.bytes).decode() == first.token and first.top_logprobs[0].token == first.token and len(first.top_logprobs) == 3
 
@@ -279,8 +297,9 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 700}], max_tokens=5)
     assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 700}], max_tokens=5,
-                                       extra_body={"truncate_prompt_tokens": -1})  # opted in: the prompt's end is kept
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "to be " * 700}], max_tokens=5, extra_body={"truncate_prompt_tokens": -1}
+    )  # opted in: the prompt's end is kept
     assert r.usage.prompt_tokens == 1024 - 4 and r.usage.completion_tokens == 5
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="smollm2", input="x")
@@ -296,8 +315,13 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client):
     assert status == 404 and "error" in body
     # a chunked body (no Content-Length) over the limit is cut off while it is read
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/v1/completions", body=iter([b"{" + b" " * 40_000] * 3), encode_chunked=True,
-                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=iter([b"{" + b" " * 40_000] * 3),
+        encode_chunked=True,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"},
+    )
     response = conn.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
     conn.close()
@@ -310,12 +334,23 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=user, stream_options={"include_usage": True})  # without stream
     # CORS for the allowed origin, with the headers the openai JS client sends
-    status, _, headers = request("OPTIONS", server.base + "/v1/chat/completions", key=None, headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"})
+    status, _, headers = request(
+        "OPTIONS",
+        server.base + "/v1/chat/completions",
+        key=None,
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os",
+        },
+    )
     assert status == 200 and headers.get("access-control-allow-origin") == "http://localhost:3000"
-    status, _, headers = request("OPTIONS", server.base + "/v1/chat/completions", key=None, headers={
-        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    status, _, headers = request(
+        "OPTIONS",
+        server.base + "/v1/chat/completions",
+        key=None,
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert headers.get("access-control-allow-origin") is None
     assert get(server.base + "/health", key=None)[0] == 200  # public
     # still serving, and the metrics saw it all
@@ -332,15 +367,19 @@ def test_tokenize_and_detokenize(server):
     assert status == 200 and body["tokens"] == tok.encode("Hello world") and body["count"] == len(body["tokens"])
     status, body, _ = request("POST", server.base + "/detokenize", {"model": "smollm2", "tokens": body["tokens"]})
     assert status == 200 and body["prompt"] == "Hello world"
-    assert request("POST", server.base + "/detokenize", {"model": "smollm2", "tokens": [10 ** 9]})[0] == 400
+    assert request("POST", server.base + "/detokenize", {"model": "smollm2", "tokens": [10**9]})[0] == 400
 
 
 def test_32_concurrent_streams_all_complete_and_equal_their_single_runs(server):
     from openai import AsyncOpenAI
 
     def settings(i: int) -> dict:
-        base = {"model": "tiny", "messages": [{"role": "user", "content": f"Speak line {i} of the play, " + "friend " * (i % 7)}],
-                "max_tokens": 4 + (i * 5) % 37, "extra_body": {"ignore_eos": i % 4 != 0}}
+        base = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": f"Speak line {i} of the play, " + "friend " * (i % 7)}],
+            "max_tokens": 4 + (i * 5) % 37,
+            "extra_body": {"ignore_eos": i % 4 != 0},
+        }
         if i % 2:
             base.update(temperature=0.8, top_p=0.9, seed=100 + i, presence_penalty=0.3 * (i % 3))
         else:
@@ -455,9 +494,27 @@ def test_the_serve_command_needs_its_key_and_stops_cleanly_on_sigterm(tiny_dir, 
     key_file = tmp_path / "key.txt"
     key_file.write_text(KEY + "\n")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "serve", "--model", f"tiny={tiny_dir}", "--port", str(port),
-                             "--api-key-file", str(key_file), "--max-batch", "2", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "serve",
+            "--model",
+            f"tiny={tiny_dir}",
+            "--port",
+            str(port),
+            "--api-key-file",
+            str(key_file),
+            "--max-batch",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -528,8 +585,14 @@ def test_a_prompt_whose_prefill_fails_fails_alone(tokenizers_by_kind):
     prompt = tok.encode("To be, or not to be", add_special_tokens=False)
     engine = Engine(model, "t", max_batch=4, max_queue=4)
     try:
-        out = _collect(engine, [(prompt, GenerationConfig(max_new_tokens=150, do_sample=False, stop_token_ids=[])),
-                                ([10 ** 6], GenerationConfig(max_new_tokens=5))], stagger=0.05)
+        out = _collect(
+            engine,
+            [
+                (prompt, GenerationConfig(max_new_tokens=150, do_sample=False, stop_token_ids=[])),
+                ([10**6], GenerationConfig(max_new_tokens=5)),
+            ],
+            stagger=0.05,
+        )
         assert out[1]["end"][0] == "error" and "could not be processed" in out[1]["end"][2]
         assert out[0]["end"][:2] == ("done", "length") and len(out[0]["ids"]) == 150
         again = _collect(engine, [(prompt, GenerationConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[]))])

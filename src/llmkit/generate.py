@@ -60,22 +60,36 @@ class GenerationConfig:
 
     def check(self) -> None:
         """Refuse settings that would silently do something else (negative temperature, top-p of 0, ...)."""
-        numbers = {k: getattr(self, k) for k in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                                                 "length_penalty")}
+        numbers = {
+            k: getattr(self, k) for k in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty")
+        }
         numbers.update({k: getattr(self, k) for k in ("top_p",) if getattr(self, k) is not None})
         for name, value in numbers.items():
             if not math.isfinite(value):
                 raise LlmkitError(f"{name} {value} is not a finite number", f"give {name} a real number")
         for token, value in (self.logit_bias or {}).items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -100 <= value <= 100):
-                raise LlmkitError(f"logit_bias {value} for token {token} is not in [-100, 100]", "use a bias in [-100, 100] (OpenAI's range)")
-        bad = [(not -2 <= self.presence_penalty <= 2, f"presence_penalty {self.presence_penalty} is not in [-2, 2]", "use a value in [-2, 2] (OpenAI's range)"),
-               (not -2 <= self.frequency_penalty <= 2, f"frequency_penalty {self.frequency_penalty} is not in [-2, 2]", "use a value in [-2, 2] (OpenAI's range)"),(self.max_new_tokens < 0, f"max_new_tokens {self.max_new_tokens} is negative", "use 0 or more"),
-               (self.temperature < 0, f"temperature {self.temperature} is negative", "use 0 (greedy) or more, e.g. 0.7"),
-               (self.top_k is not None and self.top_k < 0, f"top_k {self.top_k} is negative", "use a positive k, or none"),
-               (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p {self.top_p} is not in (0, 1]", "use e.g. 0.9, or 1 for none"),
-               (self.repetition_penalty <= 0, f"repetition_penalty {self.repetition_penalty} must be positive", "use 1.0 (off) or e.g. 1.1"),
-               (self.num_beams < 1, f"num_beams {self.num_beams} must be at least 1", "use 1 (no beam search) or more")]
+                raise LlmkitError(
+                    f"logit_bias {value} for token {token} is not in [-100, 100]", "use a bias in [-100, 100] (OpenAI's range)"
+                )
+        bad = [
+            (
+                not -2 <= self.presence_penalty <= 2,
+                f"presence_penalty {self.presence_penalty} is not in [-2, 2]",
+                "use a value in [-2, 2] (OpenAI's range)",
+            ),
+            (
+                not -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty {self.frequency_penalty} is not in [-2, 2]",
+                "use a value in [-2, 2] (OpenAI's range)",
+            ),
+            (self.max_new_tokens < 0, f"max_new_tokens {self.max_new_tokens} is negative", "use 0 or more"),
+            (self.temperature < 0, f"temperature {self.temperature} is negative", "use 0 (greedy) or more, e.g. 0.7"),
+            (self.top_k is not None and self.top_k < 0, f"top_k {self.top_k} is negative", "use a positive k, or none"),
+            (self.top_p is not None and not 0 < self.top_p <= 1, f"top_p {self.top_p} is not in (0, 1]", "use e.g. 0.9, or 1 for none"),
+            (self.repetition_penalty <= 0, f"repetition_penalty {self.repetition_penalty} must be positive", "use 1.0 (off) or e.g. 1.1"),
+            (self.num_beams < 1, f"num_beams {self.num_beams} must be at least 1", "use 1 (no beam search) or more"),
+        ]
         for failed, message, fix in bad:
             if failed:
                 raise LlmkitError(message, fix)
@@ -128,8 +142,15 @@ class Sampler:
     `n_valid` is the tokenizer's vocabulary: logits of a padded vocabulary's extra rows are never sampled.
     """
 
-    def __init__(self, configs: list[GenerationConfig], n_valid: int, device, *, generator: torch.Generator | None = None,
-                 generators: list[torch.Generator | None] | None = None):
+    def __init__(
+        self,
+        configs: list[GenerationConfig],
+        n_valid: int,
+        device,
+        *,
+        generator: torch.Generator | None = None,
+        generators: list[torch.Generator | None] | None = None,
+    ):
         self.configs, self.n_valid, self.device = list(configs), n_valid, device
         self.generator, self.generators = generator, generators
         self._settings()
@@ -184,7 +205,7 @@ class Sampler:
                 continue
             fresh = torch.zeros(len(self.configs), self.n_valid, dtype=dtype, device=self.device)
             if old is not None:
-                fresh[:old.shape[0]] = old
+                fresh[: old.shape[0]] = old
             setattr(self, name, fresh)
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -199,7 +220,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits of the last position -> (B,) chosen token ids (all below n_valid)."""
-        logits = logits[:, :self.n_valid].float()
+        logits = logits[:, : self.n_valid].float()
         if self.bias is not None:
             logits = logits + self.bias
         if self.seen is not None:
@@ -232,10 +253,10 @@ class Sampler:
 def default_stop_ids(tokenizer, model=None) -> list[int]:
     """What generation stops on by default, as the model's own runtime would:
 
-        Hugging Face folder   its eos ids (generation_config.json's, else config.json's; a list in Llama 3.1), as
-                              transformers' generate() does
-        GGUF                  its eos, eot and eom ids and the vocabulary's end-of-turn tokens, as llama.cpp does
-        llmkit runs, others   the tokenizer's eos and its end-of-turn tokens (<|end|>, <|im_end|>, ...)
+    Hugging Face folder   its eos ids (generation_config.json's, else config.json's; a list in Llama 3.1), as
+                          transformers' generate() does
+    GGUF                  its eos, eot and eom ids and the vocabulary's end-of-turn tokens, as llama.cpp does
+    llmkit runs, others   the tokenizer's eos and its end-of-turn tokens (<|end|>, <|im_end|>, ...)
     """
     added = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()}
     ends = {tokenizer.backend.token_to_id(t) for t in END_TOKENS if t in added} | ({tokenizer.eos_id} - {None})
@@ -263,10 +284,14 @@ def stop_rules(tokenizer, cfg: GenerationConfig, model=None, warn=warn_stderr) -
             continue
         inside = [t for t in specials if t in s]
         if inside:
-            warn(f"warning: the stop string {s!r} contains the special token {inside[0]!r}, which the decoded text never shows, "
-                 f"so it can never match; use {inside[0]!r} alone")
+            warn(
+                f"warning: the stop string {s!r} contains the special token {inside[0]!r}, which the decoded text never shows, "
+                f"so it can never match; use {inside[0]!r} alone"
+            )
         if len(tokenizer.encode(s, add_special_tokens=False)) > cfg.max_new_tokens:
-            warn(f"warning: the stop string {s!r} is longer than the {cfg.max_new_tokens} new tokens allowed, so it can never stop the output")
+            warn(
+                f"warning: the stop string {s!r} is longer than the {cfg.max_new_tokens} new tokens allowed, so it can never stop the output"
+            )
         strings.append(s)
     return ids, strings
 
@@ -302,27 +327,27 @@ class TextStream:
         return "" if self.stopped else self._advance(final=False)
 
     def _advance(self, final: bool) -> str:
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
+        before = self._decode(self.ids[self._prefix : self._read])
+        now = self._decode(self.ids[self._prefix :])
         if now.endswith("\ufffd") and not final:
             return self._emit(self._final())  # an incomplete character: wait for the bytes that finish it
         start = len(self.text)
         if now.startswith(before):
-            piece = now[len(before):]
+            piece = now[len(before) :]
             self.text += piece
             if piece:  # the next window starts at this piece: context that shows (a special token decodes to nothing)
                 self._prefix = self._read
         else:  # a tokenizer that rewrites earlier text: decode the whole from now on (never taking back what was emitted)
             whole = self._decode(self.ids)
-            kept = self.text[:self.emitted]
-            self.text = whole if whole.startswith(kept) else kept + whole[len(kept):]
+            kept = self.text[: self.emitted]
+            self.text = whole if whole.startswith(kept) else kept + whole[len(kept) :]
             start, self._prefix = min(start, len(kept)), 0
         self._read = len(self.ids)
         if self.stops:
             search_from = max(0, start - self.longest + 1)
             found = [i for i in (self.text.find(s, search_from) for s in self.stops) if i != -1]
             if found:  # the earliest stop in the text wins, whichever is listed first
-                self.text = self.text[:min(found)]
+                self.text = self.text[: min(found)]
                 self.stopped = True
                 return self._emit(len(self.text))
         return self._emit(len(self.text) if final else self._final())
@@ -333,7 +358,7 @@ class TextStream:
         hold = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, end - self.emitted), hold, -1):
-                if self.text[end - k:] == s[:k]:
+                if self.text[end - k :] == s[:k]:
                     hold = k
                     break
         return end - hold
@@ -345,7 +370,7 @@ class TextStream:
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
-        piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+        piece = self.text[self.emitted : upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return piece
 
@@ -367,12 +392,16 @@ def fit_prompt(ids: list[int], max_new_tokens: int, context: int | None, truncat
         return ids
     room = context - max(max_new_tokens - 1, 0)
     if room < 1:
-        raise LlmkitError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}",
-                          f"use --max-new-tokens {context // 2} or less")
+        raise LlmkitError(
+            f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context}",
+            f"use --max-new-tokens {context // 2} or less",
+        )
     if len(ids) > room:
         if not truncate:
-            raise LlmkitError(f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the model's context of {context}",
-                              f"shorten the prompt, lower --max-new-tokens, or pass --truncate to keep its last {room} tokens")
+            raise LlmkitError(
+                f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the model's context of {context}",
+                f"shorten the prompt, lower --max-new-tokens, or pass --truncate to keep its last {room} tokens",
+            )
         warn(f"warning: the prompt was cut from {len(ids)} to its last {room} tokens to fit the context of {context}")
         ids = ids[-room:]
     return ids
@@ -384,18 +413,23 @@ def _check_prompt_ids(prompts: list[list[int]], model, tokenizer) -> None:
     for p in prompts:
         bad = next((i for i in p if i < 0 or i >= limit), None)
         if bad is not None:
-            raise LlmkitError(f"token id {bad} is outside the model's vocabulary of {limit} (ids must be 0..{limit - 1})",
-                              "use the tokenizer that belongs to this model")
+            raise LlmkitError(
+                f"token id {bad} is outside the model's vocabulary of {limit} (ids must be 0..{limit - 1})",
+                "use the tokenizer that belongs to this model",
+            )
 
 
 @torch.no_grad()
-def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, *, warn=warn_stderr,
-                 streams: list | None = None) -> Iterator[list[tuple[int, str, bool]]]:
+def stream_batch(
+    model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, *, warn=warn_stderr, streams: list | None = None
+) -> Iterator[list[tuple[int, str, bool]]]:
     """Decode a batch of token prompts together; yields, per step, (row, text piece, finished) for each row that moved.
     `streams`, if given, receives each row's TextStream (its ids, text and finish_reason)."""
     mcfg = model.config
     if mcfg.family != "decoder":
-        raise LlmkitError(f"this generation path is for decoders; the model is a {mcfg.family}", "use generate_seq2seq for encoder-decoders")
+        raise LlmkitError(
+            f"this generation path is for decoders; the model is a {mcfg.family}", "use generate_seq2seq for encoder-decoders"
+        )
     cfg.check()
     stop_ids, stop_strings = stop_rules(tokenizer, cfg, model, warn)
     context = None if mcfg.position == "relative" else mcfg.max_seq_len  # relative positions have no fixed limit
@@ -416,8 +450,8 @@ def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConf
     ids = torch.full((B, width), pad, dtype=torch.long)
     mask = torch.zeros(B, total, dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):width] = 1
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) : width] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = model.new_cache(B, total)
@@ -425,8 +459,14 @@ def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConf
     sampler.add_prompts(prompts)
     done = [False] * B
     plain = B == 1  # one prompt, no padding: the causal fast path
-    logits = model(ids, attention_mask=None if plain else mask[:, :width], cache=cache, position_ids=None if plain else positions,
-                   last_only=True, check_ids=False)[:, -1]  # (B, V)
+    logits = model(
+        ids,
+        attention_mask=None if plain else mask[:, :width],
+        cache=cache,
+        position_ids=None if plain else positions,
+        last_only=True,
+        check_ids=False,
+    )[:, -1]  # (B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     for step in range(cfg.max_new_tokens):
         tok = sampler(logits)  # (B,)
@@ -451,8 +491,13 @@ def stream_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConf
         if all(done):
             break
         mask[:, width + step] = 1
-        logits = model(tok[:, None], attention_mask=None if plain else mask[:, :width + step + 1], cache=cache,
-                       position_ids=None if plain else next_pos, check_ids=False)[:, -1]
+        logits = model(
+            tok[:, None],
+            attention_mask=None if plain else mask[:, : width + step + 1],
+            cache=cache,
+            position_ids=None if plain else next_pos,
+            check_ids=False,
+        )[:, -1]
         next_pos = next_pos + 1
 
 
@@ -462,8 +507,9 @@ def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
 
-def generate(model, tokenizer, prompts: list[str] | list[list[int]], cfg: GenerationConfig | None = None, *,
-             warn=warn_stderr) -> list[Generation]:
+def generate(
+    model, tokenizer, prompts: list[str] | list[list[int]], cfg: GenerationConfig | None = None, *, warn=warn_stderr
+) -> list[Generation]:
     """Generate for every prompt (text or token ids); decoders batch them, encoder-decoders use generate_seq2seq."""
     cfg = cfg or GenerationConfig()
     token_prompts = _encode_prompts(tokenizer, prompts)
@@ -500,16 +546,20 @@ def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationCon
     cfg.check()
     mcfg = model.config
     if mcfg.position != "relative" and cfg.max_new_tokens > mcfg.max_seq_len:  # the decoder's positions run out
-        raise LlmkitError(f"max_new_tokens {cfg.max_new_tokens} is more than the decoder's context of {mcfg.max_seq_len}",
-                          f"use --max-new-tokens {mcfg.max_seq_len} or less")
+        raise LlmkitError(
+            f"max_new_tokens {cfg.max_new_tokens} is more than the decoder's context of {mcfg.max_seq_len}",
+            f"use --max-new-tokens {mcfg.max_seq_len} or less",
+        )
     if cfg.max_new_tokens == 0:
         return Generation(prompt_ids, [], "", "length")
     if len(prompt_ids) > mcfg.max_seq_len and mcfg.position != "relative":
         if not cfg.truncate:
-            raise LlmkitError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of {mcfg.max_seq_len}",
-                              f"shorten the prompt, or pass --truncate to keep its last {mcfg.max_seq_len} tokens")
+            raise LlmkitError(
+                f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of {mcfg.max_seq_len}",
+                f"shorten the prompt, or pass --truncate to keep its last {mcfg.max_seq_len} tokens",
+            )
         warn(f"warning: the prompt was cut from {len(prompt_ids)} to its last {mcfg.max_seq_len} tokens")
-        prompt_ids = prompt_ids[-mcfg.max_seq_len:]
+        prompt_ids = prompt_ids[-mcfg.max_seq_len :]
     _check_prompt_ids([prompt_ids], model, tokenizer)
     device = next(model.parameters()).device
     src = torch.tensor([prompt_ids], device=device)
@@ -538,13 +588,14 @@ def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationCon
     text = tokenizer.decode(ids, skip_special_tokens=True, strict=False)
     found = [i for i in (text.find(s) for s in stop_strings) if i != -1]
     if found:
-        text, finish = text[:min(found)], "stop"
+        text, finish = text[: min(found)], "stop"
     return Generation(prompt_ids, ids, text, finish)
 
 
 @torch.no_grad()
-def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, start_id: int, eos_ids: list[int],
-                n_valid: int | None = None) -> list[int]:
+def beam_search(
+    model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, start_id: int, eos_ids: list[int], n_valid: int | None = None
+) -> list[int]:
     """Beam search over the decoder, with the semantics of `transformers`' generate():
 
     - keep num_beams live hypotheses; each step, take the 2·num_beams best continuations of all of them;
@@ -591,7 +642,7 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
             b, t = divmod(flat, V)
             if t in eos or last:
                 if rank < n and improvable and not full:
-                    finished.append((score / generated ** cfg.length_penalty, beams[b, 1:].tolist() + [t]))
+                    finished.append((score / generated**cfg.length_penalty, beams[b, 1:].tolist() + [t]))
             elif len(live) < n:
                 live.append(torch.cat([beams[b], torch.tensor([t], device=device)]))
                 parents.append(b)
@@ -604,7 +655,7 @@ def beam_search(model, encoder_out: torch.Tensor, cfg: GenerationConfig, *, star
         if len(finished) >= n:
             if cfg.early_stopping:
                 break
-            improvable = improvable and scores.max().item() / generated ** cfg.length_penalty > finished[-1][0]
+            improvable = improvable and scores.max().item() / generated**cfg.length_penalty > finished[-1][0]
             if not improvable:
                 break
     return finished[0][1]

@@ -50,8 +50,12 @@ MODULES = (tokenizer, data, model, pretrain, finetune, eval_, embed, generate, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmkit", description="llmkit: train, fine-tune, evaluate and use language models.",
-                                     epilog=LIFECYCLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llmkit",
+        description="llmkit: train, fine-tune, evaluate and use language models.",
+        epilog=LIFECYCLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -69,8 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         known = {a.dest for a in sub._actions}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise LlmkitError(f"config file {args.config} has unknown option(s): {', '.join(unknown)}",
-                              f"use option names of `llmkit {' '.join(a for a in argv if not a.startswith('-'))[:40]} --help`")
+            raise LlmkitError(
+                f"config file {args.config} has unknown option(s): {', '.join(unknown)}",
+                f"use option names of `llmkit {' '.join(a for a in argv if not a.startswith('-'))[:40]} --help`",
+            )
         for key in ("source", "special"):  # append options: a config value replaces the default list
             if key in config and isinstance(config[key], str):
                 config[key] = [config[key]]
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, a in enumerate(argv[:-1]):  # `llmkit finetune compare ...` is the finetune-compare command
         if a == "finetune" and argv[i + 1] == "compare":
-            argv[i:i + 2] = ["finetune-compare"]
+            argv[i : i + 2] = ["finetune-compare"]
             break
     debug = "--debug" in argv
     try:

@@ -16,8 +16,9 @@ def examples(*lines: str) -> str:
 
 def subcommand(subparsers, name: str, help: str, example_lines: tuple[str, ...], handler) -> argparse.ArgumentParser:
     """A subcommand with its examples in --help and --config FILE; `handler(args)` runs it."""
-    p = subparsers.add_parser(name, help=help, description=help, epilog=examples(*example_lines),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        name, help=help, description=help, epilog=examples(*example_lines), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file (command-line options win)")
     p.set_defaults(_handler=handler, _parser=p)
     return p
@@ -25,8 +26,13 @@ def subcommand(subparsers, name: str, help: str, example_lines: tuple[str, ...],
 
 def group(commands, name: str, help: str, example_lines: tuple[str, ...], title: str):
     """A command group (`llmkit tokenizer ...`): returns the subparsers to add its actions to."""
-    g = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=examples(*example_lines),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = commands.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=examples(*example_lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g.set_defaults(_parser=g, _handler=None)
     return g.add_subparsers(title=title, metavar="ACTION")
 
@@ -38,8 +44,13 @@ def console():
 
 
 def source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", action="append", default=None, metavar="SRC",
-                   help="'shakespeare' (or shakespeare:PLAY, shakespeare/GENRE), a .txt/.md/.jsonl file, a folder or a glob; repeatable")
+    p.add_argument(
+        "--source",
+        action="append",
+        default=None,
+        metavar="SRC",
+        help="'shakespeare' (or shakespeare:PLAY, shakespeare/GENRE), a .txt/.md/.jsonl file, a folder or a glob; repeatable",
+    )
     p.add_argument("--field", default="text", help="the text field of JSONL rows (default: text)")
 
 

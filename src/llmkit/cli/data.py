@@ -9,14 +9,24 @@ from llmkit.errors import LlmkitError
 
 
 def register(commands) -> None:
-    data_cmds = group(commands, "data", "turn a corpus into token shards",
-                      ("llmkit data prepare --source shakespeare --tokenizer runs/tok --out runs/data", "llmkit data info runs/data"),
-                      "data commands")
-    p = subcommand(data_cmds, "prepare", "normalize, de-duplicate, split and tokenize a corpus into train.bin / val.bin",
-             ("llmkit data prepare --source shakespeare --tokenizer runs/tok --out runs/data",
-              "llmkit data prepare --source 'corpus/*.txt' --tokenizer smollm2 --near-dedup --out runs/data",
-              "llmkit data prepare --source rows.jsonl --field text --tokenizer runs/tok --val-fraction 0.05 --out runs/data"),
-             cmd_data_prepare)
+    data_cmds = group(
+        commands,
+        "data",
+        "turn a corpus into token shards",
+        ("llmkit data prepare --source shakespeare --tokenizer runs/tok --out runs/data", "llmkit data info runs/data"),
+        "data commands",
+    )
+    p = subcommand(
+        data_cmds,
+        "prepare",
+        "normalize, de-duplicate, split and tokenize a corpus into train.bin / val.bin",
+        (
+            "llmkit data prepare --source shakespeare --tokenizer runs/tok --out runs/data",
+            "llmkit data prepare --source 'corpus/*.txt' --tokenizer smollm2 --near-dedup --out runs/data",
+            "llmkit data prepare --source rows.jsonl --field text --tokenizer runs/tok --val-fraction 0.05 --out runs/data",
+        ),
+        cmd_data_prepare,
+    )
     source_options(p)
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder, GGUF file, 'smollm2' or 'minilm' (required)")
     p.add_argument("--out", default="runs/data", help="output folder (default: runs/data)")
@@ -38,9 +48,19 @@ def cmd_data_prepare(args) -> None:
     form = None if str(args.unicode_form).lower() == "none" else args.unicode_form
     if form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
         raise LlmkitError(f"unknown Unicode form {args.unicode_form!r}", "use NFC, NFKC, NFD, NFKD or none")
-    meta = prepare(args.source or ["shakespeare"], args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                   unicode_form=form, newlines=not args.keep_line_endings, near_dedup=args.near_dedup,
-                   near_threshold=args.near_threshold, field=args.field, log=lambda m: console().print(m))
+    meta = prepare(
+        args.source or ["shakespeare"],
+        args.tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        unicode_form=form,
+        newlines=not args.keep_line_endings,
+        near_dedup=args.near_dedup,
+        near_threshold=args.near_threshold,
+        field=args.field,
+        log=lambda m: console().print(m),
+    )
     if meta["replaced_invalid_utf8_bytes"]:
         console().print(f"[yellow]warning:[/] {meta['replaced_invalid_utf8_bytes']} invalid UTF-8 byte(s) were replaced by U+FFFD")
     print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens ({meta['dtype']}) -> {args.out}")
@@ -50,5 +70,3 @@ def cmd_data_info(args) -> None:
     from llmkit.data.loader import load_meta
 
     print(json.dumps(load_meta(args.dir), indent=2))
-
-

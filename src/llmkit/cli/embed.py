@@ -13,17 +13,30 @@ from llmkit.errors import LlmkitError
 
 
 def register(commands) -> None:
-    cmds = group(commands, "embed", "word and text embeddings: train, compare, picture, search",
-                 ("llmkit embed train --method word2vec --sg --dim 300 --source shakespeare --out runs/w2v",
-                  "llmkit embed similar --vectors runs/w2v king --top 10",
-                  "llmkit embed text --model minilm 'A man is eating food.' 'Someone eats a meal.'",
-                  "llmkit embed index --model minilm --source shakespeare --chunk 4lines --out runs/index",
-                  "llmkit embed search --index runs/index 'a ghost demands revenge' --top 5"), "embed commands")
+    cmds = group(
+        commands,
+        "embed",
+        "word and text embeddings: train, compare, picture, search",
+        (
+            "llmkit embed train --method word2vec --sg --dim 300 --source shakespeare --out runs/w2v",
+            "llmkit embed similar --vectors runs/w2v king --top 10",
+            "llmkit embed text --model minilm 'A man is eating food.' 'Someone eats a meal.'",
+            "llmkit embed index --model minilm --source shakespeare --chunk 4lines --out runs/index",
+            "llmkit embed search --index runs/index 'a ghost demands revenge' --top 5",
+        ),
+        "embed commands",
+    )
 
-    p = subcommand(cmds, "train", "train static word vectors: Word2Vec (gensim) or GloVe",
-                   ("llmkit embed train --method word2vec --sg --dim 300 --source shakespeare --out runs/w2v",
-                    "llmkit embed train --method glove --dim 300 --window 10 --epochs 25 --source 'corpus/*.txt' --out runs/glove"),
-                   cmd_train)
+    p = subcommand(
+        cmds,
+        "train",
+        "train static word vectors: Word2Vec (gensim) or GloVe",
+        (
+            "llmkit embed train --method word2vec --sg --dim 300 --source shakespeare --out runs/w2v",
+            "llmkit embed train --method glove --dim 300 --window 10 --epochs 25 --source 'corpus/*.txt' --out runs/glove",
+        ),
+        cmd_train,
+    )
     source_options(p)
     p.add_argument("--method", default="word2vec", choices=["word2vec", "glove"])
     p.add_argument("--dim", type=int, default=100, help="vector size, 50-1024 (default: 100)")
@@ -37,9 +50,16 @@ def register(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/vectors", help="output folder (default: runs/vectors)")
 
-    p = subcommand(cmds, "text", "sentence vectors from any model (mean, CLS or last-token pooling)",
-                   ("llmkit embed text --model minilm 'A man is eating food.' 'Someone eats a meal.' --json",
-                    "llmkit embed text --model smollm2 --pooling last --file sentences.txt --out vecs.npy"), cmd_text)
+    p = subcommand(
+        cmds,
+        "text",
+        "sentence vectors from any model (mean, CLS or last-token pooling)",
+        (
+            "llmkit embed text --model minilm 'A man is eating food.' 'Someone eats a meal.' --json",
+            "llmkit embed text --model smollm2 --pooling last --file sentences.txt --out vecs.npy",
+        ),
+        cmd_text,
+    )
     p.add_argument("texts", nargs="*", help="texts to embed (or --file)")
     p.add_argument("--model", default="minilm", help="any model llmkit.load accepts (default: minilm)")
     p.add_argument("--pooling", default=None, choices=["mean", "cls", "last"], help="default: mean for encoders, last for decoders")
@@ -49,9 +69,16 @@ def register(commands) -> None:
     p.add_argument("--out", default=None, help="write the vectors as .npy")
     p.add_argument("--json", action="store_true", help='print {"model", "pooling", "dim", "vectors"}')
 
-    p = subcommand(cmds, "tokens", "a word's vector in each sentence: the same word, different contexts",
-                   ("llmkit embed tokens --model minilm 'I sat by the river bank' 'I paid at the bank' --word bank",
-                    "llmkit embed tokens --model minilm --file bank.txt --word bank --png bank.png"), cmd_tokens)
+    p = subcommand(
+        cmds,
+        "tokens",
+        "a word's vector in each sentence: the same word, different contexts",
+        (
+            "llmkit embed tokens --model minilm 'I sat by the river bank' 'I paid at the bank' --word bank",
+            "llmkit embed tokens --model minilm --file bank.txt --word bank --png bank.png",
+        ),
+        cmd_tokens,
+    )
     p.add_argument("sentences", nargs="*")
     p.add_argument("--word", default=None, help="the word to follow (required)")
     p.add_argument("--model", default="minilm")
@@ -60,12 +87,22 @@ def register(commands) -> None:
     p.add_argument("--json", action="store_true")
 
     for name, help_, ex in (
-            ("similar", "nearest words of a word (static vectors)", ("llmkit embed similar --vectors runs/w2v king --top 10",)),
-            ("analogy", "a - b + c: king man woman -> queen (man is to king as woman is to ?)",
-             ("llmkit embed analogy --vectors runs/w2v king man woman", "llmkit embed analogy --vectors runs/glove king man woman --method 3cosmul")),
-            ("similarity", "cosine similarity of two words or texts", ("llmkit embed similarity --vectors minilm 'a cat' 'a kitten'",
-                                                                      "llmkit embed similarity --vectors runs/w2v king queen")),
-            ("odd-one-out", "the word that does not belong", ("llmkit embed odd-one-out --vectors runs/glove breakfast cereal dinner lunch",))):
+        ("similar", "nearest words of a word (static vectors)", ("llmkit embed similar --vectors runs/w2v king --top 10",)),
+        (
+            "analogy",
+            "a - b + c: king man woman -> queen (man is to king as woman is to ?)",
+            (
+                "llmkit embed analogy --vectors runs/w2v king man woman",
+                "llmkit embed analogy --vectors runs/glove king man woman --method 3cosmul",
+            ),
+        ),
+        (
+            "similarity",
+            "cosine similarity of two words or texts",
+            ("llmkit embed similarity --vectors minilm 'a cat' 'a kitten'", "llmkit embed similarity --vectors runs/w2v king queen"),
+        ),
+        ("odd-one-out", "the word that does not belong", ("llmkit embed odd-one-out --vectors runs/glove breakfast cereal dinner lunch",)),
+    ):
         handler = {"similar": cmd_similar, "analogy": cmd_analogy, "similarity": cmd_similarity, "odd-one-out": cmd_odd}[name]
         p = subcommand(cmds, name, help_, ex, handler)
         p.add_argument("words", nargs="*")
@@ -75,17 +112,29 @@ def register(commands) -> None:
             p.add_argument("--method", default="3cosadd", choices=["3cosadd", "3cosmul"])
         p.add_argument("--json", action="store_true")
 
-    p = subcommand(cmds, "cluster", "group words into categories (KMeans)",
-                   ("llmkit embed cluster --vectors runs/w2v --words words.txt --k 8 --out clusters.json",), cmd_cluster)
+    p = subcommand(
+        cmds,
+        "cluster",
+        "group words into categories (KMeans)",
+        ("llmkit embed cluster --vectors runs/w2v --words words.txt --k 8 --out clusters.json",),
+        cmd_cluster,
+    )
     p.add_argument("--vectors", default=None, help="static vectors, or a model (each word embedded as a text) (required)")
     p.add_argument("--words", default=None, help="a file of words (required)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the clusters as JSON")
 
-    p = subcommand(cmds, "map", "a 2-D picture of words (or sentences): PCA or t-SNE, coloured by cluster or category",
-                   ("llmkit embed map --vectors runs/glove --words words.txt --method tsne --out map.png",
-                    "llmkit embed map --vectors minilm --words sentences.txt --k 3 --out sentences.png"), cmd_map)
+    p = subcommand(
+        cmds,
+        "map",
+        "a 2-D picture of words (or sentences): PCA or t-SNE, coloured by cluster or category",
+        (
+            "llmkit embed map --vectors runs/glove --words words.txt --method tsne --out map.png",
+            "llmkit embed map --vectors minilm --words sentences.txt --k 3 --out sentences.png",
+        ),
+        cmd_map,
+    )
     p.add_argument("--vectors", default=None, help="static vectors, or a model (required)")
     p.add_argument("--words", default=None, help="a file: one word per line, or word<TAB>category (required)")
     p.add_argument("--method", default="pca", choices=["pca", "tsne"])
@@ -93,13 +142,23 @@ def register(commands) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="map.png")
 
-    p = subcommand(cmds, "evaluate", "WordSim-353, SimLex-999 (Spearman) and the Google analogies (accuracy)",
-                   ("llmkit embed evaluate --vectors runs/w2v", "llmkit embed evaluate --vectors runs/glove --json"), cmd_evaluate)
+    p = subcommand(
+        cmds,
+        "evaluate",
+        "WordSim-353, SimLex-999 (Spearman) and the Google analogies (accuracy)",
+        ("llmkit embed evaluate --vectors runs/w2v", "llmkit embed evaluate --vectors runs/glove --json"),
+        cmd_evaluate,
+    )
     p.add_argument("--vectors", default=None, help="a folder of static vectors (required)")
     p.add_argument("--json", action="store_true")
 
-    p = subcommand(cmds, "index", "cut a source into passages and index their vectors (FAISS)",
-                   ("llmkit embed index --model minilm --source shakespeare --chunk 4lines --out runs/index",), cmd_index)
+    p = subcommand(
+        cmds,
+        "index",
+        "cut a source into passages and index their vectors (FAISS)",
+        ("llmkit embed index --model minilm --source shakespeare --chunk 4lines --out runs/index",),
+        cmd_index,
+    )
     source_options(p)
     p.add_argument("--model", default="minilm")
     p.add_argument("--chunk", default="4lines", help="4lines, 200words or paragraph (default: 4lines)")
@@ -107,8 +166,13 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="runs/index")
 
-    p = subcommand(cmds, "search", "the passages nearest in meaning to a query",
-                   ("llmkit embed search --index runs/index 'a ghost demands revenge' --top 5",), cmd_search)
+    p = subcommand(
+        cmds,
+        "search",
+        "the passages nearest in meaning to a query",
+        ("llmkit embed search --index runs/index 'a ghost demands revenge' --top 5",),
+        cmd_search,
+    )
     p.add_argument("query", nargs="?", default=None)
     p.add_argument("--index", default="runs/index")
     p.add_argument("--top", type=int, default=5)
@@ -132,9 +196,21 @@ def cmd_train(args) -> None:
     from llmkit.embed.static import train
 
     source = args.source or ["shakespeare"]  # read file by file: a corpus larger than memory streams
-    vectors = train(source=source, method=args.method, dim=args.dim, window=args.window, epochs=args.epochs, min_count=args.min_count,
-                    max_vocab=args.max_vocab, sg=args.sg, seed=args.seed, workers=args.workers, device=args.device, field=args.field,
-                    log=lambda m: console().print(m, markup=False, highlight=False))
+    vectors = train(
+        source=source,
+        method=args.method,
+        dim=args.dim,
+        window=args.window,
+        epochs=args.epochs,
+        min_count=args.min_count,
+        max_vocab=args.max_vocab,
+        sg=args.sg,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        field=args.field,
+        log=lambda m: console().print(m, markup=False, highlight=False),
+    )
     vectors.meta["source"] = args.source or ["shakespeare"]
     vectors.save(args.out)
     print(f"{args.method}: {len(vectors.words):,} words x {vectors.dim} in {vectors.meta['seconds']:.1f}s -> {args.out}")
@@ -147,7 +223,9 @@ def cmd_text(args) -> None:
     texts = _texts(args, "texts")
     model = llmkit.load(args.model)
     pooling = args.pooling or default_pooling(model)
-    vecs = embed_texts(model, texts, pooling=pooling, normalize=not args.no_normalize, batch_size=args.batch_size, progress=args.file is not None)
+    vecs = embed_texts(
+        model, texts, pooling=pooling, normalize=not args.no_normalize, batch_size=args.batch_size, progress=args.file is not None
+    )
     if args.out:
         from llmkit import io
 
@@ -291,8 +369,15 @@ def cmd_evaluate(args) -> None:
 def cmd_index(args) -> None:
     from llmkit.embed.search import build_index
 
-    build_index(args.model, args.source or ["shakespeare"], args.out, chunking=args.chunk, pooling=args.pooling, batch_size=args.batch_size,
-                log=lambda m: console().print(m))
+    build_index(
+        args.model,
+        args.source or ["shakespeare"],
+        args.out,
+        chunking=args.chunk,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        log=lambda m: console().print(m),
+    )
 
 
 def cmd_search(args) -> None:

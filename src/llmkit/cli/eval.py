@@ -10,52 +10,104 @@ from llmkit.errors import LlmkitError
 
 
 def register(commands) -> None:
-    ev_cmds = group(commands, "eval", "evaluate models",
-                    ("llmkit eval perplexity --model smollm2 --file hamlet.txt --window 512",
-                     "llmkit eval metrics --metric bleu,chrf,rouge,meteor --predictions preds.txt --references refs.txt",
-                     "llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,arithmetic --shots 0,5 --out runs/eval",
-                     "llmkit eval report --runs runs/eval runs/eval-sft"), "eval commands")
-    p = subcommand(ev_cmds, "perplexity", "perplexity and bits per byte of a decoder on a text",
-             ("llmkit eval perplexity --model smollm2 --file hamlet.txt --window 512",
-              "llmkit eval perplexity --model runs/pretrain --file shakespeare:hamlet --window 128 --stride 64 --json"), cmd_eval_perplexity)
+    ev_cmds = group(
+        commands,
+        "eval",
+        "evaluate models",
+        (
+            "llmkit eval perplexity --model smollm2 --file hamlet.txt --window 512",
+            "llmkit eval metrics --metric bleu,chrf,rouge,meteor --predictions preds.txt --references refs.txt",
+            "llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,arithmetic --shots 0,5 --out runs/eval",
+            "llmkit eval report --runs runs/eval runs/eval-sft",
+        ),
+        "eval commands",
+    )
+    p = subcommand(
+        ev_cmds,
+        "perplexity",
+        "perplexity and bits per byte of a decoder on a text",
+        (
+            "llmkit eval perplexity --model smollm2 --file hamlet.txt --window 512",
+            "llmkit eval perplexity --model runs/pretrain --file shakespeare:hamlet --window 128 --stride 64 --json",
+        ),
+        cmd_eval_perplexity,
+    )
     p.add_argument("--model", default="smollm2", help="a decoder: run folder, Hugging Face folder, GGUF, smollm2")
     p.add_argument("--file", default=None, help="the text: a file, or any --source form (e.g. shakespeare:hamlet) (required)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
     p.add_argument("--stride", type=int, default=None, help="start a window every S tokens (default: the window, no overlap)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--prefix-token", default="none", choices=["none", "bos", "eos"],
-                   help="a token before the text, so that its first token is scored too (lm-eval's rolling log-likelihood: bos)")
+    p.add_argument(
+        "--prefix-token",
+        default="none",
+        choices=["none", "bos", "eos"],
+        help="a token before the text, so that its first token is scored too (lm-eval's rolling log-likelihood: bos)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = subcommand(ev_cmds, "metrics", "classification, regression and generation metrics, with bootstrap intervals",
-                   ("llmkit eval metrics --metric bleu,chrf,rouge,meteor --predictions preds.txt --references refs.txt --json",
-                    "llmkit eval metrics --metric accuracy,f1,roc_auc,mcc --predictions preds.jsonl --bootstrap 1000 --json",
-                    "llmkit eval metrics --metric exact_match,token_f1 --predictions answers.jsonl --field answer",
-                    "llmkit eval metrics --metric pearson,spearman --predictions stsb.jsonl"), cmd_eval_metrics)
-    p.add_argument("--metric", default=None, help="comma list: accuracy, precision, recall, f1 (and _binary/_macro/_micro/_weighted), "
-                   "mcc, roc_auc, pr_auc, confusion, pearson, spearman, bleu, chrf, chrf++, ter, rouge (rouge1/2/L/Lsum), "
-                   "meteor, exact_match, token_f1 (required)")
-    p.add_argument("--predictions", default=None, help="a .txt file (one prediction per line) or .jsonl (required); classification "
-                   "and regression: JSONL rows with label, prediction and (for roc_auc, pr_auc) score")
-    p.add_argument("--references", action="append", default=None, metavar="FILE",
-                   help="references in the same layout, one per prediction; repeat for several references per prediction")
+    p = subcommand(
+        ev_cmds,
+        "metrics",
+        "classification, regression and generation metrics, with bootstrap intervals",
+        (
+            "llmkit eval metrics --metric bleu,chrf,rouge,meteor --predictions preds.txt --references refs.txt --json",
+            "llmkit eval metrics --metric accuracy,f1,roc_auc,mcc --predictions preds.jsonl --bootstrap 1000 --json",
+            "llmkit eval metrics --metric exact_match,token_f1 --predictions answers.jsonl --field answer",
+            "llmkit eval metrics --metric pearson,spearman --predictions stsb.jsonl",
+        ),
+        cmd_eval_metrics,
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="comma list: accuracy, precision, recall, f1 (and _binary/_macro/_micro/_weighted), "
+        "mcc, roc_auc, pr_auc, confusion, pearson, spearman, bleu, chrf, chrf++, ter, rouge (rouge1/2/L/Lsum), "
+        "meteor, exact_match, token_f1 (required)",
+    )
+    p.add_argument(
+        "--predictions",
+        default=None,
+        help="a .txt file (one prediction per line) or .jsonl (required); classification "
+        "and regression: JSONL rows with label, prediction and (for roc_auc, pr_auc) score",
+    )
+    p.add_argument(
+        "--references",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="references in the same layout, one per prediction; repeat for several references per prediction",
+    )
     p.add_argument("--field", default="text", help="the text field of JSONL predictions and references (default: text)")
     p.add_argument("--pos-label", default=None, help="the positive class of binary metrics (default: 1, true, positive or the last label)")
-    p.add_argument("--classes", default=None, help="comma list: the classes in the order of the score columns (default: the "
-                   "labels sorted, numbers numerically)")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="comma list: the classes in the order of the score columns (default: the labels sorted, numbers numerically)",
+    )
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="a 95%% interval from N resamples (e.g. 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
     p.add_argument("--png", default=None, help="with the confusion metric: draw the matrix into this PNG (default: confusion.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object, a key per metric")
 
-    p = subcommand(ev_cmds, "tasks", "benchmark tasks through lm-evaluation-harness: built-in offline tasks or your task YAML",
-                   ("llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,play,arithmetic --shots 0,5 --out runs/eval",
-                    "llmkit eval tasks --model runs/sft --tasks my_tasks/ --out runs/eval-sft",
-                    "llmkit eval tasks --model smollm2 --tasks my_task --include-path my_tasks --limit 50 --json"), cmd_eval_tasks)
+    p = subcommand(
+        ev_cmds,
+        "tasks",
+        "benchmark tasks through lm-evaluation-harness: built-in offline tasks or your task YAML",
+        (
+            "llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,play,arithmetic --shots 0,5 --out runs/eval",
+            "llmkit eval tasks --model runs/sft --tasks my_tasks/ --out runs/eval-sft",
+            "llmkit eval tasks --model smollm2 --tasks my_task --include-path my_tasks --limit 50 --json",
+        ),
+        cmd_eval_tasks,
+    )
     p.add_argument("--model", default="smollm2", help="a decoder or encoder-decoder llmkit.load accepts (default: smollm2)")
-    p.add_argument("--tasks", default=None, help="comma list of built-in tasks (shakespeare_cloze, play, arithmetic, reverse, sort, "
-                   "dates), lm-eval task names found in --include-path, or folders of task YAML (required)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma list of built-in tasks (shakespeare_cloze, play, arithmetic, reverse, sort, "
+        "dates), lm-eval task names found in --include-path, or folders of task YAML (required)",
+    )
     p.add_argument("--shots", default="0", help="comma list of few-shot counts, one evaluation each (default: 0)")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR", help="a folder of lm-eval task YAML (repeatable)")
     p.add_argument("--limit", type=float, default=None, help="score only the first N examples of each task (or a fraction < 1)")
@@ -65,12 +117,23 @@ def register(commands) -> None:
     p.add_argument("--out", default="runs/eval", help="output folder: results.json, tasks/, cache/ (default: runs/eval)")
     p.add_argument("--json", action="store_true", help="print lm-eval's results object (for several --shots, one per count)")
 
-    p = subcommand(ev_cmds, "glue", "GLUE / SuperGLUE from their official files, with their official metrics",
-                   ("llmkit eval glue --task sst2 --data glue_data/SST-2 --model runs/minilm-sst2",
-                    "llmkit eval glue --task cola,sst2,mrpc,rte --data glue_data --model smollm2 --shots 5",
-                    "llmkit eval glue --task boolq,cb,copa --data superglue_data --model smollm2 --json"), cmd_eval_glue)
-    p.add_argument("--task", default=None, help="comma list: cola, sst2, mrpc, qqp, stsb, mnli-m, mnli-mm, qnli, rte, wnli, boolq, cb, "
-                   "copa, multirc, record, rte-superglue, wic, wsc, axb, axg (required)")
+    p = subcommand(
+        ev_cmds,
+        "glue",
+        "GLUE / SuperGLUE from their official files, with their official metrics",
+        (
+            "llmkit eval glue --task sst2 --data glue_data/SST-2 --model runs/minilm-sst2",
+            "llmkit eval glue --task cola,sst2,mrpc,rte --data glue_data --model smollm2 --shots 5",
+            "llmkit eval glue --task boolq,cb,copa --data superglue_data --model smollm2 --json",
+        ),
+        cmd_eval_glue,
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="comma list: cola, sst2, mrpc, qqp, stsb, mnli-m, mnli-mm, qnli, rte, wnli, boolq, cb, "
+        "copa, multirc, record, rte-superglue, wic, wsc, axb, axg (required)",
+    )
     p.add_argument("--data", default=None, help="a task's official folder (glue_data/SST-2), or the folder of task folders (required)")
     p.add_argument("--model", default="smollm2", help="a classifier run of `llmkit finetune` (encoders), or a decoder (zero/few-shot)")
     p.add_argument("--shots", type=int, default=0, help="decoders: solved training examples before each question (default: 0)")
@@ -80,15 +143,27 @@ def register(commands) -> None:
     p.add_argument("--out", default=None, help="also write OUT/results.json (for `llmkit eval report`)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
-    p = subcommand(ev_cmds, "report", "several models' evaluations side by side: markdown table, JSON and a bar chart",
-                   ("llmkit eval report --runs runs/eval runs/eval-sft", "llmkit eval report --runs runs/eval* --out runs/report.md"),
-                   cmd_eval_report)
+    p = subcommand(
+        ev_cmds,
+        "report",
+        "several models' evaluations side by side: markdown table, JSON and a bar chart",
+        ("llmkit eval report --runs runs/eval runs/eval-sft", "llmkit eval report --runs runs/eval* --out runs/report.md"),
+        cmd_eval_report,
+    )
     p.add_argument("--runs", nargs="+", default=None, help="folders written by `llmkit eval tasks` or `eval glue --out` (required)")
     p.add_argument("--out", default="report.md", help="the markdown file; .json and .png beside it (default: report.md)")
 
-    p = subcommand(ev_cmds, "arena", "the human-vote leaderboard: Elo and Bradley-Terry ratings with bootstrap intervals, ratings",
-                   ("llmkit eval arena --db runs/votes.db", "llmkit eval arena --db runs/votes.db --json --png ratings.png",
-                    "llmkit eval arena --db runs/votes.db --export votes.jsonl"), cmd_eval_arena)
+    p = subcommand(
+        ev_cmds,
+        "arena",
+        "the human-vote leaderboard: Elo and Bradley-Terry ratings with bootstrap intervals, ratings",
+        (
+            "llmkit eval arena --db runs/votes.db",
+            "llmkit eval arena --db runs/votes.db --json --png ratings.png",
+            "llmkit eval arena --db runs/votes.db --export votes.jsonl",
+        ),
+        cmd_eval_arena,
+    )
     p.add_argument("--db", default="runs/votes.db", help="the votes database `llmkit serve --db` wrote (default: runs/votes.db)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="resamples for the 95%% intervals (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
@@ -96,14 +171,22 @@ def register(commands) -> None:
     p.add_argument("--png", default=None, help="draw the ratings with their intervals into this PNG")
     p.add_argument("--export", default=None, help="write every vote and rating to this JSONL file")
 
-    p = subcommand(ev_cmds, "ab", "an A/B test between two models (or two settings) from arena votes",
-                   ("llmkit eval ab --db runs/votes.db --a smollm2 --b sft", "llmkit eval ab --db runs/votes.db --a hot --b cold --ties half --json"),
-                   cmd_eval_ab)
+    p = subcommand(
+        ev_cmds,
+        "ab",
+        "an A/B test between two models (or two settings) from arena votes",
+        ("llmkit eval ab --db runs/votes.db --a smollm2 --b sft", "llmkit eval ab --db runs/votes.db --a hot --b cold --ties half --json"),
+        cmd_eval_ab,
+    )
     p.add_argument("--db", default="runs/votes.db", help="the votes database (default: runs/votes.db)")
     p.add_argument("--a", required=False, default=None, help="model A's served name (required)")
     p.add_argument("--b", required=False, default=None, help="model B's served name (required)")
-    p.add_argument("--ties", default="exclude", choices=["exclude", "half", "a", "b"],
-                   help="how ties (and both-bad votes) count: left out (the sign test; default), split half and half, or won by a side")
+    p.add_argument(
+        "--ties",
+        default="exclude",
+        choices=["exclude", "half", "a", "b"],
+        help="how ties (and both-bad votes) count: left out (the sign test; default), split half and half, or won by a side",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--export", default=None, help="write every vote and rating to this JSONL file")
 
@@ -120,31 +203,36 @@ def cmd_eval_perplexity(args) -> None:
     if model.tokenizer is None:
         raise LlmkitError(f"{args.model} has no tokenizer", "use a model folder with tokenizer.json")
     if args.window > model.config.max_seq_len:
-        raise LlmkitError(f"window {args.window} is longer than the model's context of {model.config.max_seq_len}",
-                          f"use --window {model.config.max_seq_len} or less")
+        raise LlmkitError(
+            f"window {args.window} is longer than the model's context of {model.config.max_seq_len}",
+            f"use --window {model.config.max_seq_len} or less",
+        )
     from llmkit.data.sources import read_source
 
     text = "\n\n".join(read_source(args.file).texts)
     prefix = {"none": None, "bos": model.tokenizer.bos_id, "eos": model.tokenizer.eos_id}[args.prefix_token]
     if args.prefix_token != "none" and prefix is None:
         raise LlmkitError(f"the tokenizer has no {args.prefix_token} token", "use --prefix-token with a token it has, or none")
-    scores = evaluate_text(model, model.tokenizer, text, args.window, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                           prefix_id=prefix)
+    scores = evaluate_text(
+        model, model.tokenizer, text, args.window, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens, prefix_id=prefix
+    )
     out = {"model": args.model, "file": args.file, "window": args.window, "stride": args.stride or args.window, **scores}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{out['tokens']:,} tokens scored: {out['nats_per_token']:.4f} nats/token, perplexity {out['perplexity']:.3f}, "
-              f"{out['bits_per_byte']:.4f} bits per byte")
-
-
+        print(
+            f"{out['tokens']:,} tokens scored: {out['nats_per_token']:.4f} nats/token, perplexity {out['perplexity']:.3f}, "
+            f"{out['bits_per_byte']:.4f} bits per byte"
+        )
 
 
 def cmd_eval_metrics(args) -> None:
     from llmkit.evaluate import metrics as M
 
     if not args.metric or not args.predictions:
-        raise LlmkitError("`llmkit eval metrics` needs --metric and --predictions", "e.g. --metric bleu,rouge --predictions p.txt --references r.txt")
+        raise LlmkitError(
+            "`llmkit eval metrics` needs --metric and --predictions", "e.g. --metric bleu,rouge --predictions p.txt --references r.txt"
+        )
     names = M.expand([m.strip() for m in args.metric.split(",") if m.strip()])
     generation = {M.kind_of(m) for m in names} == {"generation"}
     ex = M.read_generation(args.predictions, args.references, args.field) if generation else M.read_labelled(args.predictions)
@@ -187,11 +275,22 @@ def cmd_eval_tasks(args) -> None:
     except ValueError:
         raise LlmkitError(f"cannot read --shots {args.shots!r}", "write counts like 0,5") from None
     if args.limit is not None and args.limit <= 0:
-        raise LlmkitError(f"--limit {args.limit:g} scores nothing", "give a count of examples (--limit 50) or a fraction (--limit 0.1), or leave it out")
+        raise LlmkitError(
+            f"--limit {args.limit:g} scores nothing", "give a count of examples (--limit 50) or a fraction (--limit 0.1), or leave it out"
+        )
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    summary = run_tasks(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()], shots=shots, out=args.out, limit=limit,
-                        include_path=args.include_path, chat=args.chat, batch_size=args.batch_size, seed=args.seed,
-                        log=lambda m: console().print(m))
+    summary = run_tasks(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        shots=shots,
+        out=args.out,
+        limit=limit,
+        include_path=args.include_path,
+        chat=args.chat,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        log=lambda m: console().print(m),
+    )
     if args.json:
         by_shots = {k: v["results"] for k, v in summary["shots"].items()}
         print(json.dumps(by_shots[str(shots[0])] if len(shots) == 1 else by_shots, default=str))
@@ -225,8 +324,16 @@ def cmd_eval_glue(args) -> None:
         raise LlmkitError("`llmkit eval glue` needs --task and --data", "e.g. --task sst2 --data glue_data/SST-2")
     if args.limit is not None and args.limit <= 0:
         raise LlmkitError(f"--limit {args.limit} scores nothing", "give a count of questions (--limit 50), or leave it out")
-    out = run_glue(args.model, [t.strip() for t in args.task.split(",") if t.strip()], args.data, shots=args.shots, seed=args.seed,
-                   limit=args.limit, batch_size=args.batch_size, log=lambda m: console().print(m))
+    out = run_glue(
+        args.model,
+        [t.strip() for t in args.task.split(",") if t.strip()],
+        args.data,
+        shots=args.shots,
+        seed=args.seed,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        log=lambda m: console().print(m),
+    )
     if args.out:
         from llmkit import io
 
@@ -239,8 +346,10 @@ def cmd_eval_glue(args) -> None:
         print(f"{task:<14} {values}  (score {m['score']:.1f}, n {m['n']})")
     if len(out["tasks"]) > 1:
         for suite, value in out["scores"].items():
-            print(f"{'GLUE' if suite == 'glue' else 'SuperGLUE'} score: {value:.1f} (as the leaderboard counts it: the mean of "
-                  f"the task scores{', MNLI-m and -mm as one' if suite == 'glue' else ', diagnostics left out'})")
+            print(
+                f"{'GLUE' if suite == 'glue' else 'SuperGLUE'} score: {value:.1f} (as the leaderboard counts it: the mean of "
+                f"the task scores{', MNLI-m and -mm as one' if suite == 'glue' else ', diagnostics left out'})"
+            )
 
 
 def cmd_eval_report(args) -> None:
@@ -286,8 +395,10 @@ def cmd_eval_arena(args) -> None:
     for m in board["models"]:
         interval = f"({m['bt_low']:.0f}-{m['bt_high']:.0f})" if m["bt_low"] is not None else ""
         rating = f"{m['mean_rating']:.2f} ({m['ratings']})" if m["mean_rating"] is not None else "-"
-        print(f"{m['model'][:24]:24s} {m['bt']:10.0f} {interval:>13s} {m['elo']:7.0f} {m['games']:6d} "
-              f"{m['wins']:>3d}/{m['ties']}/{m['losses']:<4d} {rating:>12s}")
+        print(
+            f"{m['model'][:24]:24s} {m['bt']:10.0f} {interval:>13s} {m['elo']:7.0f} {m['games']:6d} "
+            f"{m['wins']:>3d}/{m['ties']}/{m['losses']:<4d} {rating:>12s}"
+        )
     if args.png:
         print(f"ratings -> {args.png}")
 
@@ -304,8 +415,10 @@ def cmd_eval_ab(args) -> None:
         return
     print(f"{args.a} against {args.b}: {r['wins']} wins, {r['losses']} losses, {r['ties']} ties (ties: {args.ties})")
     if r["n"]:
-        print(f"win rate of {args.a}: {r['win_rate']:.3f} (95% Wilson interval {r['win_rate_low']:.3f}-{r['win_rate_high']:.3f}) "
-              f"over {r['n']} votes; two-sided binomial test p = {r['p_value']:.4g}")
+        print(
+            f"win rate of {args.a}: {r['win_rate']:.3f} (95% Wilson interval {r['win_rate_low']:.3f}-{r['win_rate_high']:.3f}) "
+            f"over {r['n']} votes; two-sided binomial test p = {r['p_value']:.4g}"
+        )
     if r["votes_needed"] is None:
         print("the two are even: no difference to detect")
     else:

@@ -15,32 +15,56 @@ def register(commands) -> None:
     f = FinetuneConfig()
     for name in ("finetune", "finetune-compare"):
         compare_cmd = name == "finetune-compare"
-        p = subcommand(commands, name, "compare fine-tuning methods on one task: gain against forgetting" if compare_cmd else
-                 "fine-tune a model: full, LoRA or bottleneck adapters, with forgetting measured",
-                 ("llmkit finetune compare --model smollm2 --task arithmetic --methods full,lora,multitask-lora --shots 0,3",
-                  "llmkit finetune compare --model minilm --task genre --methods full,lora") if compare_cmd else
-                 ("llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps",
-                  "llmkit finetune --model smollm2 --method full --task arithmetic:2,reverse:1,sort:1 --lr 5e-5",
-                  "llmkit finetune --model minilm --method lora --task genre --budget 200steps",
-                  "llmkit finetune --model smollm2 --method lora --data my.jsonl --lora-r 16 --lora-targets q_proj,v_proj",
-                  "llmkit finetune --out runs/finetune --resume",
-                  "llmkit finetune compare --model smollm2 --task arithmetic   # see its --help"),
-                 cmd_finetune_compare if compare_cmd else cmd_finetune)
+        p = subcommand(
+            commands,
+            name,
+            "compare fine-tuning methods on one task: gain against forgetting"
+            if compare_cmd
+            else "fine-tune a model: full, LoRA or bottleneck adapters, with forgetting measured",
+            (
+                "llmkit finetune compare --model smollm2 --task arithmetic --methods full,lora,multitask-lora --shots 0,3",
+                "llmkit finetune compare --model minilm --task genre --methods full,lora",
+            )
+            if compare_cmd
+            else (
+                "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps",
+                "llmkit finetune --model smollm2 --method full --task arithmetic:2,reverse:1,sort:1 --lr 5e-5",
+                "llmkit finetune --model minilm --method lora --task genre --budget 200steps",
+                "llmkit finetune --model smollm2 --method lora --data my.jsonl --lora-r 16 --lora-targets q_proj,v_proj",
+                "llmkit finetune --out runs/finetune --resume",
+                "llmkit finetune compare --model smollm2 --task arithmetic   # see its --help",
+            ),
+            cmd_finetune_compare if compare_cmd else cmd_finetune,
+        )
         if not compare_cmd:
             p.add_argument("--method", default=f.method, choices=["full", "lora", "adapter"], help="what to train (default: lora)")
         else:
-            p.add_argument("--methods", default="full,lora,adapter,multitask-lora",
-                           help="comma list of full, lora, adapter and multitask-METHOD (trained on a mixture with other tasks)")
+            p.add_argument(
+                "--methods",
+                default="full,lora,adapter,multitask-lora",
+                help="comma list of full, lora, adapter and multitask-METHOD (trained on a mixture with other tasks)",
+            )
             p.add_argument("--shots", default="0,3", help="k-shot in-context accuracy of the untouched model, for each k (default: 0,3)")
             p.add_argument("--curve", default="", help="also train the first method on these numbers of examples, e.g. 100,500,1000")
         p.add_argument("--model", default=f.model, help="smollm2 (default), minilm, or a run / Hugging Face folder")
-        p.add_argument("--task", default=f.task, help="arithmetic, reverse, sort, dates, play; a mixture 'arithmetic:2,reverse:1'; genre (encoders)")
+        p.add_argument(
+            "--task", default=f.task, help="arithmetic, reverse, sort, dates, play; a mixture 'arithmetic:2,reverse:1'; genre (encoders)"
+        )
         p.add_argument("--eval-task", default=None, help="evaluate on this task (default: the training task)")
         p.add_argument("--data", default=None, help="a JSONL/CSV/TSV file of rows instead of a built-in task")
-        p.add_argument("--glue", default=None, metavar="TASK", help="read --data as this GLUE/SuperGLUE task's official file (sst2, "
-                       "cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli, boolq, cb, copa, multirc, record, wic, wsc) and score it officially")
-        p.add_argument("--regression", action="store_true", help="numeric labels are scores to predict, even when all are whole numbers "
-                       "(default: regression only when some label is not a whole number)")
+        p.add_argument(
+            "--glue",
+            default=None,
+            metavar="TASK",
+            help="read --data as this GLUE/SuperGLUE task's official file (sst2, "
+            "cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli, boolq, cb, copa, multirc, record, wic, wsc) and score it officially",
+        )
+        p.add_argument(
+            "--regression",
+            action="store_true",
+            help="numeric labels are scores to predict, even when all are whole numbers "
+            "(default: regression only when some label is not a whole number)",
+        )
         p.add_argument("--val-data", default=None, help="validation rows (default: a tenth of --data)")
         p.add_argument("--n-train", type=int, default=f.n_train, help=f"built-in task: training examples (default: {f.n_train})")
         p.add_argument("--n-val", type=int, default=f.n_val, help=f"built-in task: validation examples (default: {f.n_val})")
@@ -49,7 +73,9 @@ def register(commands) -> None:
         p.add_argument("--grad-accum", type=int, default=f.grad_accum)
         p.add_argument("--lr", type=float, default=None, help="learning rate (default: full 5e-5, lora and adapter 1e-3)")
         p.add_argument("--warmup", type=int, default=f.warmup)
-        p.add_argument("--max-len", type=int, default=f.max_len, help="longest example in tokens; longer ones are dropped (or cut with --truncate)")
+        p.add_argument(
+            "--max-len", type=int, default=f.max_len, help="longest example in tokens; longer ones are dropped (or cut with --truncate)"
+        )
         p.add_argument("--truncate", action="store_true", help="cut examples longer than --max-len instead of dropping them")
         p.add_argument("--pack", action="store_true", help="pack several examples into each sequence")
         p.add_argument("--train-on-prompt", action="store_true", help="also put the loss on the prompt tokens")
@@ -61,10 +87,14 @@ def register(commands) -> None:
         p.add_argument("--adapter-size", type=int, default=f.adapter_size, help="bottleneck width of the adapters")
         p.add_argument("--precision", default=f.precision, choices=["auto", "fp32", "bf16"])
         p.add_argument("--max-new-tokens", type=int, default=f.max_new_tokens, help="answer length when evaluating")
-        p.add_argument("--forgetting-tasks", default=f.forgetting_tasks, help="built-in tasks measured before and after (those not trained on)")
+        p.add_argument(
+            "--forgetting-tasks", default=f.forgetting_tasks, help="built-in tasks measured before and after (those not trained on)"
+        )
         p.add_argument("--n-forgetting", type=int, default=f.n_forgetting, help="examples per untrained task (default: 24)")
         p.add_argument("--general-tokens", type=int, default=f.general_tokens, help="tokens of general text scored (default: 2048)")
-        p.add_argument("--general-text", default=f.general_text, help="held-out general text for bits per byte (default: shakespeare:the-tempest)")
+        p.add_argument(
+            "--general-text", default=f.general_text, help="held-out general text for bits per byte (default: shakespeare:the-tempest)"
+        )
         p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end)")
         p.add_argument("--seed", type=int, default=f.seed)
         p.add_argument("--out", default=f.out if not compare_cmd else "runs/finetune-compare")
@@ -106,26 +136,54 @@ def cmd_finetune_compare(args) -> None:
         if m.removeprefix("multitask-") not in ("full", "lora", "adapter"):
             raise LlmkitError(f"unknown method {m!r}", "use full, lora, adapter or multitask-lora (etc.)")
     con = console()
-    summary = compare(base, methods, Path(args.out), task=args.task, model=args.model,
-                      shots=[int(k) for k in args.shots.split(",") if k.strip()] if args.task != "genre" else [],
-                      curve=[int(n) for n in args.curve.split(",") if n.strip()], n_val=args.n_val, seed=args.seed,
-                      max_new_tokens=args.max_new_tokens, log=lambda m: con.print(m))
+    summary = compare(
+        base,
+        methods,
+        Path(args.out),
+        task=args.task,
+        model=args.model,
+        shots=[int(k) for k in args.shots.split(",") if k.strip()] if args.task != "genre" else [],
+        curve=[int(n) for n in args.curve.split(",") if n.strip()],
+        n_val=args.n_val,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        log=lambda m: con.print(m),
+    )
     from rich.table import Table
 
     table = Table(title=f"fine-tuning {args.model} on {args.task}")
-    for col in ("method", "train ex.", "trainable", "before", "after", "gain", "general bpb change", "untrained tasks change",
-                "embedding cosine", "seconds", "peak MB"):
+    for col in (
+        "method",
+        "train ex.",
+        "trainable",
+        "before",
+        "after",
+        "gain",
+        "general bpb change",
+        "untrained tasks change",
+        "embedding cosine",
+        "seconds",
+        "peak MB",
+    ):
         table.add_column(col, justify="left" if col == "method" else "right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in summary["rows"]:
-        table.add_row(r["method"], fmt(r["n_train"], "d") if r["n_train"] else "", f"{r['trainable_share']:.2%}", f"{r['before']:.3f}",
-                      f"{r['after']:.3f}", f"{r['gain']:+.3f}", fmt(r["general_bpb_change"], "+.4f"), fmt(r["untrained_change"], "+.3f"),
-                      fmt(r["embedding_drift"], ".3f"), f"{r['seconds']:.0f}", f"{r['peak_memory_mb']:.0f}")
+        table.add_row(
+            r["method"],
+            fmt(r["n_train"], "d") if r["n_train"] else "",
+            f"{r['trainable_share']:.2%}",
+            f"{r['before']:.3f}",
+            f"{r['after']:.3f}",
+            f"{r['gain']:+.3f}",
+            fmt(r["general_bpb_change"], "+.4f"),
+            fmt(r["untrained_change"], "+.3f"),
+            fmt(r["embedding_drift"], ".3f"),
+            f"{r['seconds']:.0f}",
+            f"{r['peak_memory_mb']:.0f}",
+        )
     from rich.console import Console
 
     Console(width=200).print(table)
     for k, acc in summary["few_shot"].items():
         print(f"{k}-shot in-context (no training): {acc:.3f}")
     print(f"table -> {Path(args.out) / 'compare.json'}, chart -> {Path(args.out) / 'compare.png'}")
-
-

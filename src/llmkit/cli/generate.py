@@ -14,15 +14,22 @@ PRESET_NAMES = ("assistant", "summarize", "translate", "explain", "write", "sent
 
 
 def register(commands) -> None:
-    p = subcommand(commands, "generate", "continue prompts, or answer them through the chat template (--chat)",
-             ("llmkit generate --model smollm2 --prompt 'Once upon a time' --max-new-tokens 50",
-              "llmkit generate --model smollm2 --chat --greedy --prompt 'What is the capital of France?'",
-              "llmkit generate --model runs/pretrain --prompt 'ROMEO:' --temperature 0.8 --top-k 50 --seed 1",
-              "echo 'To be, or not to be' | llmkit generate --model smollm2 --json",
-              "llmkit generate --model smollm2 --prompts-file prompts.jsonl --field prompt --json",
-              "llmkit generate --task summarize --file text.txt",
-              "llmkit generate --task translate --to fr --prompt 'The weather is lovely today.'",
-              "llmkit generate --task write --kind email --prompt 'thank the team for the launch'"), cmd_generate)
+    p = subcommand(
+        commands,
+        "generate",
+        "continue prompts, or answer them through the chat template (--chat)",
+        (
+            "llmkit generate --model smollm2 --prompt 'Once upon a time' --max-new-tokens 50",
+            "llmkit generate --model smollm2 --chat --greedy --prompt 'What is the capital of France?'",
+            "llmkit generate --model runs/pretrain --prompt 'ROMEO:' --temperature 0.8 --top-k 50 --seed 1",
+            "echo 'To be, or not to be' | llmkit generate --model smollm2 --json",
+            "llmkit generate --model smollm2 --prompts-file prompts.jsonl --field prompt --json",
+            "llmkit generate --task summarize --file text.txt",
+            "llmkit generate --task translate --to fr --prompt 'The weather is lovely today.'",
+            "llmkit generate --task write --kind email --prompt 'thank the team for the launch'",
+        ),
+        cmd_generate,
+    )
     generation_options(p)
     p.add_argument("--prompt", default=None, help="the prompt (default: standard input, one prompt)")
     p.add_argument("--prompts-file", default=None, help="a JSONL file of prompts (field --field), generated in batches")
@@ -31,16 +38,27 @@ def register(commands) -> None:
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message through the chat template")
     p.add_argument("--system", default=None, help="a system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print JSON lines: prompt, new token ids, new text, finish reason")
-    p.add_argument("--task", default=None, choices=list(PRESET_NAMES),
-                   help="an application preset through the chat template (the web page's Applications): its system and user "
-                        "template around the text")
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=list(PRESET_NAMES),
+        help="an application preset through the chat template (the web page's Applications): its system and user template around the text",
+    )
     p.add_argument("--file", default=None, help="read the text (the prompt) from this file")
     p.add_argument("--to", default=None, help="--task translate: the target language (fr, de, es, ... or a name; default fr)")
     p.add_argument("--kind", default=None, help="--task write: story, email or product (default story)")
 
-    p = subcommand(commands, "chat", "talk with a model in the terminal; answers stream",
-             ("llmkit chat", "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7 --quantize int8",
-              "llmkit chat --model runs/sft --greedy"), cmd_chat)
+    p = subcommand(
+        commands,
+        "chat",
+        "talk with a model in the terminal; answers stream",
+        (
+            "llmkit chat",
+            "llmkit chat --model smollm2 --system 'You are a pirate.' --temperature 0.7 --quantize int8",
+            "llmkit chat --model runs/sft --greedy",
+        ),
+        cmd_chat,
+    )
     generation_options(p, max_new_tokens=256)
     p.add_argument("--system", default=None, help="the system message")
 
@@ -73,7 +91,9 @@ def cmd_generate(args) -> None:
         rows = [json.loads(line) for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
         missing = [i for i, r in enumerate(rows, 1) if args.field not in r]
         if missing:
-            raise LlmkitError(f"{args.prompts_file}: line {missing[0]} has no field {args.field!r}", "pass --field with the prompt field's name")
+            raise LlmkitError(
+                f"{args.prompts_file}: line {missing[0]} has no field {args.field!r}", "pass --field with the prompt field's name"
+            )
         prompts = [str(r[args.field]) for r in rows]
     else:
         prompts = [args.prompt if args.prompt is not None else sys.stdin.read()]
@@ -87,8 +107,10 @@ def cmd_generate(args) -> None:
             messages[0]["content"] = args.system
         prompts = [chat_prompt_ids(tok, messages)]
     elif args.chat:
-        prompts = [chat_prompt_ids(tok, ([{"role": "system", "content": args.system}] if args.system else []) +
-                                   [{"role": "user", "content": p}]) for p in prompts]
+        prompts = [
+            chat_prompt_ids(tok, ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}])
+            for p in prompts
+        ]
     warn = lambda m: console().print(f"[yellow]{m}[/]")  # noqa: E731  (the console writes to stderr)
     if len(prompts) == 1 and not args.json and model.config.family == "decoder":
         for piece in stream(model, tok, prompts[0], cfg, warn=warn):
@@ -97,10 +119,14 @@ def cmd_generate(args) -> None:
         sys.stdout.write("\n")
         return
     for i in range(0, len(prompts), args.batch_size):
-        for g in generate(model, tok, prompts[i:i + args.batch_size], cfg, warn=warn):
+        for g in generate(model, tok, prompts[i : i + args.batch_size], cfg, warn=warn):
             if args.json:
-                print(json.dumps({"prompt": tok.decode(g.prompt_ids), "ids": g.ids, "text": g.text, "finish_reason": g.finish_reason},
-                                 ensure_ascii=False))
+                print(
+                    json.dumps(
+                        {"prompt": tok.decode(g.prompt_ids), "ids": g.ids, "text": g.text, "finish_reason": g.finish_reason},
+                        ensure_ascii=False,
+                    )
+                )
             else:
                 print(g.text)
 
@@ -110,8 +136,9 @@ def cmd_chat(args) -> None:
 
     model = load_for_generation(args.model, args.dtype, args.quantize)
     con = console()
-    session = ChatSession(model, model.tokenizer, system=args.system, config=generation_config(args),
-                          warn=lambda m: con.print(f"[yellow]{m}[/]"))
+    session = ChatSession(
+        model, model.tokenizer, system=args.system, config=generation_config(args), warn=lambda m: con.print(f"[yellow]{m}[/]")
+    )
     con.print(f"[bold]chatting with {args.model}[/] — /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops an answer")
     while True:
         try:
@@ -132,11 +159,11 @@ def cmd_chat(args) -> None:
             con.print("(conversation cleared)")
             continue
         if text.startswith("/system"):
-            session.system = text[len("/system"):].strip() or None
+            session.system = text[len("/system") :].strip() or None
             con.print(f"(system message {'set' if session.system else 'removed'})")
             continue
         if text.startswith("/save"):
-            path = text[len("/save"):].strip() or "chat.json"
+            path = text[len("/save") :].strip() or "chat.json"
             session.save(path)
             con.print(f"(saved to {path})")
             continue
@@ -180,9 +207,18 @@ def generation_config(args):
 
     if args.max_new_tokens is None:
         args.max_new_tokens = args._max_new_tokens
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=list(args.stop),
-                           seed=args.seed, truncate=args.truncate, num_beams=args.num_beams)
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=list(args.stop),
+        seed=args.seed,
+        truncate=args.truncate,
+        num_beams=args.num_beams,
+    )
     cfg.check()  # before the model loads: a bad value fails in a second, not after it
     return cfg
 

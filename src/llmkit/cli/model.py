@@ -9,24 +9,49 @@ from llmkit.errors import LlmkitError
 
 
 def register(commands) -> None:
-    model_cmds = group(commands, "model", "presets, sizes, export",
-                       ("llmkit model info gpt2", "llmkit model info --all", "llmkit model info smollm2",
-                        "llmkit model export --model runs/gpt --out runs/gpt-hf"), "model commands")
-    p = subcommand(model_cmds, "info", "parameters and FLOPs per token of a preset or a model",
-             ("llmkit model info gpt2", "llmkit model info --all", "llmkit model info smollm2 --seq-len 2048"), cmd_model_info)
+    model_cmds = group(
+        commands,
+        "model",
+        "presets, sizes, export",
+        (
+            "llmkit model info gpt2",
+            "llmkit model info --all",
+            "llmkit model info smollm2",
+            "llmkit model export --model runs/gpt --out runs/gpt-hf",
+        ),
+        "model commands",
+    )
+    p = subcommand(
+        model_cmds,
+        "info",
+        "parameters and FLOPs per token of a preset or a model",
+        ("llmkit model info gpt2", "llmkit model info --all", "llmkit model info smollm2 --seq-len 2048"),
+        cmd_model_info,
+    )
     p.add_argument("model", nargs="?", help="a preset name (gpt2, llama, bert, t5, vaswani, tiny-*) or a model (path, smollm2, minilm)")
     p.add_argument("--all", action="store_true", help="a table of every preset")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs (default: the context length)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = subcommand(model_cmds, "export", "write a model as a Hugging Face folder that transformers loads",
-             ("llmkit model export --model runs/gpt --out runs/gpt-hf", "llmkit model export --model minilm --out runs/minilm-hf"),
-             cmd_model_export)
+    p = subcommand(
+        model_cmds,
+        "export",
+        "write a model as a Hugging Face folder that transformers loads",
+        ("llmkit model export --model runs/gpt --out runs/gpt-hf", "llmkit model export --model minilm --out runs/minilm-hf"),
+        cmd_model_export,
+    )
     p.add_argument("--model", default=None, help="a run folder, Hugging Face folder, GGUF file, smollm2 or minilm (required)")
     p.add_argument("--out", default=None, help="output folder (required)")
 
-    p = subcommand(commands, "attention", "draw attention maps (layers x heads) of a sentence as a PNG",
-             ("llmkit attention --model smollm2 'The cat sat on the mat because it was tired.'",
-              "llmkit attention --model minilm --layers 0,5 --heads 0-3 'Time flies like an arrow.' --out attn.png"), cmd_attention)
+    p = subcommand(
+        commands,
+        "attention",
+        "draw attention maps (layers x heads) of a sentence as a PNG",
+        (
+            "llmkit attention --model smollm2 'The cat sat on the mat because it was tired.'",
+            "llmkit attention --model minilm --layers 0,5 --heads 0-3 'Time flies like an arrow.' --out attn.png",
+        ),
+        cmd_attention,
+    )
     p.add_argument("sentence", nargs="?", default=None, help="the sentence to look at")
     p.add_argument("--model", default="smollm2", help="a model: run folder, Hugging Face folder, GGUF file, smollm2 or minilm")
     p.add_argument("--layers", default=None, help="layers to draw: '0,3,5' or '0-5' (default: all)")
@@ -36,10 +61,21 @@ def register(commands) -> None:
 
 def _cfg_row(name: str, cfg, seq_len) -> dict:
     flops = cfg.flops_per_token(seq_len)
-    return {"name": name, "family": cfg.family, "params": cfg.param_count(), "d_model": cfg.d_model, "layers": cfg.n_layers,
-            "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "context": cfg.max_seq_len, "position": cfg.position,
-            "activation": cfg.activation, "norm": f"{cfg.norm} ({cfg.norm_position})", "flops_per_token_forward": flops["forward"],
-            "flops_per_token_train": flops["train"]}
+    return {
+        "name": name,
+        "family": cfg.family,
+        "params": cfg.param_count(),
+        "d_model": cfg.d_model,
+        "layers": cfg.n_layers,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "context": cfg.max_seq_len,
+        "position": cfg.position,
+        "activation": cfg.activation,
+        "norm": f"{cfg.norm} ({cfg.norm_position})",
+        "flops_per_token_forward": flops["forward"],
+        "flops_per_token_train": flops["train"],
+    }
 
 
 def cmd_model_info(args) -> None:
@@ -61,13 +97,36 @@ def cmd_model_info(args) -> None:
     from rich.table import Table
 
     table = Table(title="models (FLOPs per token: 6N + 12·L·d·T for training, a third of it forward)")
-    for col in ("name", "family", "params", "d_model", "layers", "heads/kv", "context", "position", "activation", "norm",
-                "GFLOPs/token fwd", "GFLOPs/token train"):
+    for col in (
+        "name",
+        "family",
+        "params",
+        "d_model",
+        "layers",
+        "heads/kv",
+        "context",
+        "position",
+        "activation",
+        "norm",
+        "GFLOPs/token fwd",
+        "GFLOPs/token train",
+    ):
         table.add_column(col, justify="left" if col in ("name", "family", "position", "activation", "norm") else "right")
     for r in rows:
-        table.add_row(r["name"], r["family"], f"{r['params']:,}", str(r["d_model"]), str(r["layers"]), f"{r['heads']}/{r['kv_heads']}",
-                      str(r["context"]), r["position"], r["activation"], r["norm"], f"{r['flops_per_token_forward'] / 1e9:.3f}",
-                      f"{r['flops_per_token_train'] / 1e9:.3f}")
+        table.add_row(
+            r["name"],
+            r["family"],
+            f"{r['params']:,}",
+            str(r["d_model"]),
+            str(r["layers"]),
+            f"{r['heads']}/{r['kv_heads']}",
+            str(r["context"]),
+            r["position"],
+            r["activation"],
+            r["norm"],
+            f"{r['flops_per_token_forward'] / 1e9:.3f}",
+            f"{r['flops_per_token_train'] / 1e9:.3f}",
+        )
     from rich.console import Console
 
     Console(width=200).print(table)
@@ -92,8 +151,12 @@ def cmd_attention(args) -> None:
         raise LlmkitError("`llmkit attention` needs a sentence", "e.g. `llmkit attention --model smollm2 'The cat sat on the mat.'`")
     model = llmkit.load(args.model)
     labels, maps = attention_for_text(model, args.sentence)
-    plot_attention(labels, maps, args.out, layers=index_list(args.layers), heads=index_list(args.heads),
-                   title=f"{args.model}: attention of {len(labels)} tokens")
+    plot_attention(
+        labels,
+        maps,
+        args.out,
+        layers=index_list(args.layers),
+        heads=index_list(args.heads),
+        title=f"{args.model}: attention of {len(labels)} tokens",
+    )
     print(f"{len(maps)} layers x {maps[0].shape[0]} heads, {len(labels)} tokens -> {args.out}")
-
-

@@ -9,15 +9,24 @@ def register(commands) -> None:
     from llmkit.train.pretrain import PretrainConfig
 
     d = PretrainConfig()
-    p = subcommand(commands, "pretrain", "pretrain a model from random weights (causal LM, masked LM or span corruption)",
-             ("llmkit pretrain                                   # a small GPT on Shakespeare, about five minutes on 2 cores",
-              "llmkit pretrain --family encoder --budget 2m --out runs/bert",
-              "llmkit pretrain --family encoder-decoder --preset tiny-t5 --budget 1000steps --out runs/t5",
-              "llmkit pretrain --data runs/data --preset gpt2 --block-size 1024 --batch-size 16 --precision bf16 --compile",
-              "llmkit pretrain --out runs/gpt --resume          # continue a killed run exactly",
-              "torchrun --nproc_per_node 2 -m llmkit pretrain --batch-size 16 --out runs/ddp"), cmd_pretrain)
+    p = subcommand(
+        commands,
+        "pretrain",
+        "pretrain a model from random weights (causal LM, masked LM or span corruption)",
+        (
+            "llmkit pretrain                                   # a small GPT on Shakespeare, about five minutes on 2 cores",
+            "llmkit pretrain --family encoder --budget 2m --out runs/bert",
+            "llmkit pretrain --family encoder-decoder --preset tiny-t5 --budget 1000steps --out runs/t5",
+            "llmkit pretrain --data runs/data --preset gpt2 --block-size 1024 --batch-size 16 --precision bf16 --compile",
+            "llmkit pretrain --out runs/gpt --resume          # continue a killed run exactly",
+            "torchrun --nproc_per_node 2 -m llmkit pretrain --batch-size 16 --out runs/ddp",
+        ),
+        cmd_pretrain,
+    )
     p.add_argument("--family", default=d.family, choices=["decoder", "encoder", "encoder-decoder"], help="model family (default: decoder)")
-    p.add_argument("--preset", default=None, help="model preset (default: cpu-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`")
+    p.add_argument(
+        "--preset", default=None, help="model preset (default: cpu-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`"
+    )
     p.add_argument("--d-model", type=int, default=None, help="override the preset's width")
     p.add_argument("--n-layers", type=int, default=None, help="override the preset's depth")
     p.add_argument("--n-heads", type=int, default=None, help="override the preset's number of heads")
@@ -35,16 +44,27 @@ def register(commands) -> None:
     p.add_argument("--beta2", type=float, default=d.beta2)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (0: off; default: 1.0)")
     p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--budget", default=d.budget, help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m)")
+    p.add_argument(
+        "--budget", default=d.budget, help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m)"
+    )
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N evaluations without improvement (0: never)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"evaluate every N steps (default: {d.eval_every})")
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help=f"validation windows per evaluation (default: {d.eval_windows})")
+    p.add_argument(
+        "--eval-windows", type=int, default=d.eval_windows, help=f"validation windows per evaluation (default: {d.eval_windows})"
+    )
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: bf16 where the hardware has it)")
+    p.add_argument(
+        "--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: bf16 where the hardware has it)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
-    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one process's device, for MFU (default: datasheet for known GPUs, else measured)")
+    p.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="peak FLOP/s of one process's device, for MFU (default: datasheet for known GPUs, else measured)",
+    )
     p.add_argument("--no-samples", action="store_true", help="do not generate samples at each evaluation")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help=f"run folder (default: {d.out})")
@@ -60,5 +80,3 @@ def cmd_pretrain(args) -> None:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["samples"] = not args.no_samples
     pretrain(PretrainConfig(**values), log=lambda m: console().print(m))
-
-

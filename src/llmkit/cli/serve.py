@@ -13,24 +13,45 @@ from llmkit.errors import LlmkitError
 
 
 def register(commands) -> None:
-    p = subcommand(commands, "serve", "serve models over the OpenAI HTTP API (chat, completions, embeddings), batched",
-                   ("llmkit serve                     # SmolLM2-135M-Instruct + MiniLM embeddings on 127.0.0.1:8000; the page at /",
-                    "llmkit serve --model smollm2 --model sft=runs/finetune --db runs/votes.db   # an arena: SmolLM2 against its fine-tune",
-                    "llmkit serve --model cold=smollm2 --model hot=smollm2 --sampling cold:temperature=0.2 --sampling hot:temperature=1.2",
-                    "llmkit serve --model smollm2 --model sft=runs/sft --model shakes=runs/pretrain --embedding-model minilm",
-                    "llmkit serve --host 0.0.0.0 --port 8080 --api-key-file key.txt --max-batch 16 --max-queue 64 "
-                    "--cors-origin http://localhost:3000",
-                    "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
-                    "-d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'"), cmd_serve)
-    p.add_argument("--model", action="append", default=None, metavar="[NAME=]MODEL",
-                   help="a model to serve (smollm2, a run folder, a LoRA run folder, a Hugging Face folder, a .gguf), under NAME "
-                        "(default: the spec as given); repeatable (default: smollm2)")
-    p.add_argument("--embedding-model", action="append", default=None, metavar="[NAME=]MODEL",
-                   help="a model for /v1/embeddings (default: minilm when no --model is given; 'none' for none); repeatable")
+    p = subcommand(
+        commands,
+        "serve",
+        "serve models over the OpenAI HTTP API (chat, completions, embeddings), batched",
+        (
+            "llmkit serve                     # SmolLM2-135M-Instruct + MiniLM embeddings on 127.0.0.1:8000; the page at /",
+            "llmkit serve --model smollm2 --model sft=runs/finetune --db runs/votes.db   # an arena: SmolLM2 against its fine-tune",
+            "llmkit serve --model cold=smollm2 --model hot=smollm2 --sampling cold:temperature=0.2 --sampling hot:temperature=1.2",
+            "llmkit serve --model smollm2 --model sft=runs/sft --model shakes=runs/pretrain --embedding-model minilm",
+            "llmkit serve --host 0.0.0.0 --port 8080 --api-key-file key.txt --max-batch 16 --max-queue 64 "
+            "--cors-origin http://localhost:3000",
+            "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+            '-d \'{"model": "smollm2", "messages": [{"role": "user", "content": "Hi!"}]}\'',
+        ),
+        cmd_serve,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="[NAME=]MODEL",
+        help="a model to serve (smollm2, a run folder, a LoRA run folder, a Hugging Face folder, a .gguf), under NAME "
+        "(default: the spec as given); repeatable (default: smollm2)",
+    )
+    p.add_argument(
+        "--embedding-model",
+        action="append",
+        default=None,
+        metavar="[NAME=]MODEL",
+        help="a model for /v1/embeddings (default: minilm when no --model is given; 'none' for none); repeatable",
+    )
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="the port (default: 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health "
-                                                  "(prefer --api-key-file or LLMKIT_API_KEY: a command line is visible to others)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every route but /health "
+        "(prefer --api-key-file or LLMKIT_API_KEY: a command line is visible to others)",
+    )
     p.add_argument("--api-key-file", default=None, help="read the API key from this file")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model (default: 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; beyond, 429 (default: 64)")
@@ -40,13 +61,25 @@ def register(commands) -> None:
     p.add_argument("--log-prompts", action="store_true", help="log the prompts (off by default: prompts may be private)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers (faster CPU decoding)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM / Ctrl-C, seconds to let running requests finish before they are cancelled (default: 30)")
-    p.add_argument("--db", default="runs/votes.db",
-                   help="the SQLite file of arena votes, ratings and the answers they rate (default: runs/votes.db; 'none': no votes API)")
-    p.add_argument("--sampling", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                   help="default sampling of a served name (temperature, top_p, top_k, repetition_penalty, max_tokens), e.g. "
-                        "hot:temperature=1.2 — one model under two names with two settings can meet in the arena; repeatable")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM / Ctrl-C, seconds to let running requests finish before they are cancelled (default: 30)",
+    )
+    p.add_argument(
+        "--db",
+        default="runs/votes.db",
+        help="the SQLite file of arena votes, ratings and the answers they rate (default: runs/votes.db; 'none': no votes API)",
+    )
+    p.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="default sampling of a served name (temperature, top_p, top_k, repetition_penalty, max_tokens), e.g. "
+        "hot:temperature=1.2 — one model under two names with two settings can meet in the arena; repeatable",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)")
 
 
@@ -97,18 +130,35 @@ def cmd_serve(args) -> None:
     if len(set(names)) < len(names):
         raise LlmkitError(f"two models share a name: {', '.join(names)}", "name them: --model NAME=PATH")
     key = api_key(args)
-    settings = Settings(api_key=key, max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout,
-                        max_body=int(args.max_body_mb * 1024 * 1024), cors_origins=list(args.cors_origin),
-                        log_prompts=args.log_prompts, dtype=args.dtype if args.dtype != "fp32" else None, quantize=args.quantize,
-                        db=None if args.db.lower() == "none" else args.db, sampling=sampling_options(args.sampling, names))
+    settings = Settings(
+        api_key=key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+        max_body=int(args.max_body_mb * 1024 * 1024),
+        cors_origins=list(args.cors_origin),
+        log_prompts=args.log_prompts,
+        dtype=args.dtype if args.dtype != "fp32" else None,
+        quantize=args.quantize,
+        db=None if args.db.lower() == "none" else args.db,
+        sampling=sampling_options(args.sampling, names),
+    )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     con = console()
     if not _loopback(args.host) and key is None:
-        con.print(f"[yellow]warning: serving on {args.host} without an API key: anyone who reaches this machine can use it "
-                  "(--api-key-file)[/]")
+        con.print(
+            f"[yellow]warning: serving on {args.host} without an API key: anyone who reaches this machine can use it (--api-key-file)[/]"
+        )
     app = create_app(models, embedding, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, limit_concurrency=None)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        limit_concurrency=None,
+    )
     server = uvicorn.Server(config)
     state = app.state.llmkit
     failed: list[str] = []
@@ -118,8 +168,10 @@ def cmd_serve(args) -> None:
         server.should_exit = True
 
     state.on_load_error = stop
-    con.print(f"serving {', '.join(names)} on http://{args.host}:{args.port}/v1 — open http://{args.host}:{args.port}/ in a "
-              "browser for chat, applications and the arena (models load in the background; /health says when they are ready)")
+    con.print(
+        f"serving {', '.join(names)} on http://{args.host}:{args.port}/v1 — open http://{args.host}:{args.port}/ in a "
+        "browser for chat, applications and the arena (models load in the background; /health says when they are ready)"
+    )
     # uvicorn catches SIGTERM / SIGINT, shuts down gracefully, then raises the signal again for the handler it found:
     # a quiet one here, so that a clean shutdown exits 0
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -132,8 +184,15 @@ def cmd_serve(args) -> None:
         raise LlmkitError(f"the server stopped: {failed[0]}", "fix the model given to --model / --embedding-model")
 
 
-SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float, "presence_penalty": float,
-                 "frequency_penalty": float, "max_tokens": int}
+SAMPLING_KEYS = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "max_tokens": int,
+}
 
 
 def sampling_options(specs: list[str], names: list[str]) -> dict[str, dict]:
@@ -142,7 +201,9 @@ def sampling_options(specs: list[str], names: list[str]) -> dict[str, dict]:
     for spec in specs:
         name, sep, rest = spec.partition(":")
         if not sep or name not in names:
-            raise LlmkitError(f"--sampling {spec!r} does not name a served model ({', '.join(names)})", "write --sampling NAME:temperature=0.7")
+            raise LlmkitError(
+                f"--sampling {spec!r} does not name a served model ({', '.join(names)})", "write --sampling NAME:temperature=0.7"
+            )
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if not eq or key not in SAMPLING_KEYS:

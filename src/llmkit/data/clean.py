@@ -32,8 +32,9 @@ def drop_exact_duplicates(texts: list[str]) -> tuple[list[int], int]:
     return keep, len(texts) - len(keep)
 
 
-def drop_near_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int = 128, shingle: int = 5,
-                         seed: int = 1) -> tuple[list[int], int]:
+def drop_near_duplicates(
+    texts: list[str], threshold: float = 0.8, num_perm: int = 128, shingle: int = 5, seed: int = 1
+) -> tuple[list[int], int]:
     """Indices of the texts kept after MinHash-LSH near-duplicate removal, and how many were dropped."""
     from datasketch import MinHash, MinHashLSH
 
@@ -41,7 +42,7 @@ def drop_near_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int
     keep, shingles = [], {}
     for i, t in enumerate(texts):
         words = t.split()
-        grams = {" ".join(words[j:j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
+        grams = {" ".join(words[j : j + shingle]) for j in range(max(1, len(words) - shingle + 1))}
         m = MinHash(num_perm=num_perm, seed=seed)
         m.update_batch([g.encode("utf-8") for g in grams])
         hashed = {hash(g) for g in grams}

@@ -25,8 +25,10 @@ from llmkit.errors import LlmkitError
 def load_meta(data_dir: str | Path) -> dict:
     meta_path = Path(data_dir) / "meta.json"
     if not meta_path.exists():
-        raise LlmkitError(f"{data_dir} has no meta.json: it is not a prepared shard folder (or its preparation did not finish)",
-                          "run `llmkit data prepare --source ... --tokenizer ... --out DIR` first")
+        raise LlmkitError(
+            f"{data_dir} has no meta.json: it is not a prepared shard folder (or its preparation did not finish)",
+            "run `llmkit data prepare --source ... --tokenizer ... --out DIR` first",
+        )
     return io.read_json(meta_path)
 
 
@@ -39,8 +41,10 @@ def open_shard(data_dir: str | Path, split: str) -> np.ndarray:
     dtype = np.dtype(meta["dtype"])
     expected = meta[f"{split}_tokens"] * dtype.itemsize
     if path.stat().st_size != expected:
-        raise LlmkitError(f"{path} holds {path.stat().st_size} bytes, meta.json says {expected}: the shard is corrupt or from another run",
-                          "run `llmkit data prepare` again into this folder")
+        raise LlmkitError(
+            f"{path} holds {path.stat().st_size} bytes, meta.json says {expected}: the shard is corrupt or from another run",
+            "run `llmkit data prepare` again into this folder",
+        )
     if expected == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
@@ -50,9 +54,11 @@ def check_tokenizer(meta: dict, tokenizer) -> None:
     """Refuse shards made with another tokenizer than the one the model will use."""
     want = meta["tokenizer"]["fingerprint"]
     if tokenizer.fingerprint() != want:
-        raise LlmkitError(f"the shards were made with tokenizer {want} ({meta['tokenizer']['kind']}, vocab {meta['tokenizer']['vocab_size']}), "
-                          f"not with this one ({tokenizer.fingerprint()}, {tokenizer.kind}, vocab {tokenizer.vocab_size})",
-                          "prepare the data again with this tokenizer, or use the tokenizer saved in the shard folder")
+        raise LlmkitError(
+            f"the shards were made with tokenizer {want} ({meta['tokenizer']['kind']}, vocab {meta['tokenizer']['vocab_size']}), "
+            f"not with this one ({tokenizer.fingerprint()}, {tokenizer.kind}, vocab {tokenizer.vocab_size})",
+            "prepare the data again with this tokenizer, or use the tokenizer saved in the shard folder",
+        )
 
 
 class WindowLoader:
@@ -61,8 +67,18 @@ class WindowLoader:
     `batch(step)` is random and reproducible; `sequential()` walks the shard in order for evaluation.
     """
 
-    def __init__(self, data_dir: str | Path, split: str = "train", *, window: int = 256, batch_size: int = 8, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, tokenizer=None):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        *,
+        window: int = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        tokenizer=None,
+    ):
         self.meta = load_meta(data_dir)
         if tokenizer is not None:
             check_tokenizer(self.meta, tokenizer)
@@ -70,8 +86,10 @@ class WindowLoader:
         self.split, self.window, self.batch_size, self.seed = split, window, batch_size, seed
         self.rank, self.world_size = rank, world_size
         if len(self.data) < window:
-            raise LlmkitError(f"the {split} shard has {len(self.data)} tokens, fewer than one window of {window}",
-                              "use a shorter window (--block-size) or more data")
+            raise LlmkitError(
+                f"the {split} shard has {len(self.data)} tokens, fewer than one window of {window}",
+                "use a shorter window (--block-size) or more data",
+            )
 
     def batch(self, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
         """This rank's rows of micro-step `micro` (of `accum`) of the global batch for `step`."""
@@ -82,7 +100,7 @@ class WindowLoader:
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.data) - self.window + 1, size=self.batch_size * self.world_size * accum)
         first = (micro * self.world_size + self.rank) * self.batch_size
-        rows = np.stack([self.data[s:s + self.window] for s in starts[first:first + self.batch_size]]).astype(np.int64)
+        rows = np.stack([self.data[s : s + self.window] for s in starts[first : first + self.batch_size]]).astype(np.int64)
         return torch.from_numpy(rows), list(range(first, first + self.batch_size))  # (B, window)
 
     def sequential(self, stride: int | None = None, max_windows: int | None = None):
@@ -90,7 +108,7 @@ class WindowLoader:
         `batch_size` at a time. Yields (b, window) tensors; the last batch may be smaller."""
         stride = stride or self.window
         starts = list(range(0, len(self.data) - self.window + 1, stride))[:max_windows]
-        mine = starts[self.rank::self.world_size]
+        mine = starts[self.rank :: self.world_size]
         for i in range(0, len(mine), self.batch_size):
-            rows = [self.data[s:s + self.window] for s in mine[i:i + self.batch_size]]
+            rows = [self.data[s : s + self.window] for s in mine[i : i + self.batch_size]]
             yield torch.from_numpy(np.stack(rows).astype(np.int64))

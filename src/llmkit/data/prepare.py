@@ -34,8 +34,9 @@ def shard_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def tokenize_documents(tok: Tokenizer, texts: list[str], *, eos: bool = True, description: str = "tokenize",
-                       chunk_bytes: int = 4_000_000) -> np.ndarray:
+def tokenize_documents(
+    tok: Tokenizer, texts: list[str], *, eos: bool = True, description: str = "tokenize", chunk_bytes: int = 4_000_000
+) -> np.ndarray:
     """All `texts` encoded and joined (each followed by the eos token) into one flat id array."""
     add_eos = eos and tok.eos_id is not None
     pieces: list[np.ndarray] = []
@@ -82,9 +83,18 @@ def source_fingerprint(source: str | list[str], field: str = "text") -> str:
     return hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest()
 
 
-def split_corpus(source: str | list[str], *, val_fraction: float = 0.1, seed: int = 1337, unicode_form: str | None = "NFC",
-                 newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8, field: str = "text",
-                 log=print) -> CorpusSplit:
+def split_corpus(
+    source: str | list[str],
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    unicode_form: str | None = "NFC",
+    newlines: bool = True,
+    near_dedup: bool = False,
+    near_threshold: float = 0.8,
+    field: str = "text",
+    log=print,
+) -> CorpusSplit:
     """Read `source`, normalize, drop empty and duplicate documents, split train/validation by document."""
     corpus = read_source(source, field=field)
     for w in corpus.warnings:
@@ -98,12 +108,28 @@ def split_corpus(source: str | list[str], *, val_fraction: float = 0.1, seed: in
         keep, n_near = drop_near_duplicates(texts, near_threshold)
         texts = [texts[i] for i in keep]
     train, val = split_documents(texts, val_fraction, seed)
-    log(f"{len(corpus.documents)} documents read, {n_exact} exact and {n_near} near duplicates dropped, "
-        f"{len(train)} train / {len(val)} validation units")
-    return CorpusSplit(train, val, len(corpus.documents), n_exact, n_near, corpus.replaced_bytes,
-                       hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest(),
-                       {"val_fraction": val_fraction, "seed": seed, "unicode_form": unicode_form, "newlines": newlines,
-                        "near_dedup": near_dedup, "near_threshold": near_threshold, "field": field})
+    log(
+        f"{len(corpus.documents)} documents read, {n_exact} exact and {n_near} near duplicates dropped, "
+        f"{len(train)} train / {len(val)} validation units"
+    )
+    return CorpusSplit(
+        train,
+        val,
+        len(corpus.documents),
+        n_exact,
+        n_near,
+        corpus.replaced_bytes,
+        hashlib.sha256("\x00".join(corpus.texts).encode("utf-8")).hexdigest(),
+        {
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "unicode_form": unicode_form,
+            "newlines": newlines,
+            "near_dedup": near_dedup,
+            "near_threshold": near_threshold,
+            "field": field,
+        },
+    )
 
 
 def write_shards(split: CorpusSplit, tok: Tokenizer, out: str | Path, *, source, extra: dict | None = None) -> dict:
@@ -142,18 +168,41 @@ def write_shards(split: CorpusSplit, tok: Tokenizer, out: str | Path, *, source,
     return meta
 
 
-def prepare(source: str | list[str], tokenizer: str | Tokenizer, out: str, *, val_fraction: float = 0.1, seed: int = 1337,
-            unicode_form: str | None = "NFC", newlines: bool = True, near_dedup: bool = False, near_threshold: float = 0.8,
-            field: str = "text", log=print) -> dict:
+def prepare(
+    source: str | list[str],
+    tokenizer: str | Tokenizer,
+    out: str,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    unicode_form: str | None = "NFC",
+    newlines: bool = True,
+    near_dedup: bool = False,
+    near_threshold: float = 0.8,
+    field: str = "text",
+    log=print,
+) -> dict:
     """Read, clean, split and tokenize `source` into `out/`; returns the `meta.json` contents."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     trained_on = tok.info.get("source")
-    same_source = trained_on is not None and sorted([trained_on] if isinstance(trained_on, str) else trained_on) == \
-        sorted([source] if isinstance(source, str) else source)
+    same_source = trained_on is not None and sorted([trained_on] if isinstance(trained_on, str) else trained_on) == sorted(
+        [source] if isinstance(source, str) else source
+    )
     if same_source and val_fraction > 0 and (tok.info.get("val_fraction"), tok.info.get("seed")) != (val_fraction, seed):
-        log(f"warning: the tokenizer learned from this source with another split (val_fraction {tok.info.get('val_fraction', 0)}, "
+        log(
+            f"warning: the tokenizer learned from this source with another split (val_fraction {tok.info.get('val_fraction', 0)}, "
             f"seed {tok.info.get('seed')}): validation documents may have shaped it; train it with --val-fraction {val_fraction} "
-            f"--seed {seed}")
-    split = split_corpus(source, val_fraction=val_fraction, seed=seed, unicode_form=unicode_form, newlines=newlines,
-                         near_dedup=near_dedup, near_threshold=near_threshold, field=field, log=log)
+            f"--seed {seed}"
+        )
+    split = split_corpus(
+        source,
+        val_fraction=val_fraction,
+        seed=seed,
+        unicode_form=unicode_form,
+        newlines=newlines,
+        near_dedup=near_dedup,
+        near_threshold=near_threshold,
+        field=field,
+        log=log,
+    )
     return write_shards(split, tok, out, source=source)

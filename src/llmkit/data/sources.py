@@ -142,7 +142,10 @@ def _expand(spec: str) -> list[Path]:
         if not files:
             raise LlmkitError(f"the pattern {spec!r} matches no file", "check the pattern (quote it so the shell does not expand it)")
         return files
-    raise LlmkitError(f"source {spec!r} is not a file, folder, glob or built-in corpus", "use 'shakespeare', a path to .txt/.md/.jsonl files, a folder or a glob")
+    raise LlmkitError(
+        f"source {spec!r} is not a file, folder, glob or built-in corpus",
+        "use 'shakespeare', a path to .txt/.md/.jsonl files, a folder or a glob",
+    )
 
 
 def iter_source(spec: str | list[str], *, field: str = "text", warn=None):
@@ -174,7 +177,10 @@ def read_source(spec: str | list[str], *, field: str = "text") -> Corpus:
 
     corpus.documents = list(iter_source(specs, field=field, warn=warn))
     if not any(d.text.strip() for d in corpus.documents):
-        raise LlmkitError(f"the corpus {', '.join(specs)} is empty (no text in {len(corpus.documents)} document(s))", "point --source at files that contain text")
+        raise LlmkitError(
+            f"the corpus {', '.join(specs)} is empty (no text in {len(corpus.documents)} document(s))",
+            "point --source at files that contain text",
+        )
     return corpus
 
 

@@ -44,15 +44,19 @@ def vectors_of(spec: str, items: list[str], *, pooling: str | None = None) -> np
     try:
         model = llmkit.load(spec)
     except LlmkitError as e:
-        raise LlmkitError(f"{spec!r} is neither a folder of static vectors nor a model ({e.message})",
-                          "give a folder written by `llmkit embed train`, or a model such as minilm") from None
+        raise LlmkitError(
+            f"{spec!r} is neither a folder of static vectors nor a model ({e.message})",
+            "give a folder written by `llmkit embed train`, or a model such as minilm",
+        ) from None
     return embed_texts(model, items, pooling=pooling)
 
 
 def static_only(spec: str, what: str):
     if not is_static(spec):
-        raise LlmkitError(f"{what} needs static word vectors (a vocabulary to search); {spec!r} is not a folder of them",
-                          "train some with `llmkit embed train --method word2vec --source shakespeare --out runs/w2v`")
+        raise LlmkitError(
+            f"{what} needs static word vectors (a vocabulary to search); {spec!r} is not a folder of them",
+            "train some with `llmkit embed train --method word2vec --source shakespeare --out runs/w2v`",
+        )
     return load_vectors(spec)
 
 

@@ -41,12 +41,15 @@ def check_pooling(model, pooling: str) -> None:
         raise LlmkitError(f"unknown pooling {pooling!r}", f"use one of: {', '.join(POOLINGS)}")
     if pooling == "cls":
         if model.config.family == "decoder":
-            raise LlmkitError("cls pooling takes the first token, which in a decoder has seen nothing but itself",
-                              "use --pooling last (or mean) for decoders")
+            raise LlmkitError(
+                "cls pooling takes the first token, which in a decoder has seen nothing but itself",
+                "use --pooling last (or mean) for decoders",
+            )
         first = model.tokenizer.encode("a")[:1] if model.tokenizer is not None else []
         if not first or first[0] not in model.tokenizer.special_ids:
-            raise LlmkitError("cls pooling needs a [CLS] token at the start of every input, and this model's tokenizer adds none",
-                              "use --pooling mean")
+            raise LlmkitError(
+                "cls pooling needs a [CLS] token at the start of every input, and this model's tokenizer adds none", "use --pooling mean"
+            )
 
 
 def _states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,14 +67,22 @@ def _batch(rows: list[list[int]], pad: int):
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row)
-        mask[r, :len(row)] = 1
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def embed_texts(model, texts: list[str], *, pooling: str | None = None, normalize: bool = True, batch_size: int = 32,
-                max_length: int | None = None, progress: bool = False) -> np.ndarray:
+def embed_texts(
+    model,
+    texts: list[str],
+    *,
+    pooling: str | None = None,
+    normalize: bool = True,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """(N, D) vectors of `texts` in their order."""
     if not texts:
         raise LlmkitError("there is no text to embed", "give one text or more")
@@ -86,8 +97,9 @@ def embed_texts(model, texts: list[str], *, pooling: str | None = None, normaliz
 
 
 @torch.no_grad()
-def embed_ids(model, encoded: list[list[int]], *, pooling: str | None = None, normalize: bool = True, batch_size: int = 32,
-              progress: bool = False) -> np.ndarray:
+def embed_ids(
+    model, encoded: list[list[int]], *, pooling: str | None = None, normalize: bool = True, batch_size: int = 32, progress: bool = False
+) -> np.ndarray:
     """(N, D) vectors of token-id inputs (already encoded, special tokens included) in their order."""
     tok = model.tokenizer
     pooling = pooling or default_pooling(model)
@@ -102,7 +114,7 @@ def embed_ids(model, encoded: list[list[int]], *, pooling: str | None = None, no
     with bar_of("texts", disable=None if progress else True) as bar:
         task = bar.add_task("embed", total=len(encoded))
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             ids, mask = _batch([encoded[i] for i in chunk], tok.pad_id or 0)
             states = _states(model, ids.to(device), mask.to(device)).float()  # (B, T, D)
             m = mask.to(device).float()[..., None]
@@ -134,8 +146,10 @@ def word_vectors(model, sentences: list[str], word: str) -> list[tuple[str, np.n
             raise LlmkitError(f"the word {word!r} is not in the sentence {s!r}", "give sentences that contain the word")
         enc = tok.backend.encode(s, add_special_tokens=True)
         if len(enc.ids) > input_limit(model):
-            raise LlmkitError(f"the sentence {s[:40]!r}... is {len(enc.ids)} tokens, longer than the model's {input_limit(model)}",
-                              "give shorter sentences")
+            raise LlmkitError(
+                f"the sentence {s[:40]!r}... is {len(enc.ids)} tokens, longer than the model's {input_limit(model)}",
+                "give shorter sentences",
+            )
         picked = [t for t, (a, b) in enumerate(enc.offsets) if b > a and any(a < e and b > st for st, e in spans)]
         if not picked:
             raise LlmkitError(f"no token of {s!r} covers the word {word!r}", "check the word's spelling in the sentence")

@@ -59,8 +59,9 @@ def project(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarr
 
         if len(vectors) < 3:
             raise LlmkitError(f"t-SNE needs 3 points or more, not {len(vectors)}", "give more words, or use --method pca")
-        return TSNE(n_components=2, perplexity=min(30.0, max(2.0, (len(vectors) - 1) / 3)), metric="cosine", init="pca",
-                    random_state=seed).fit_transform(vectors)
+        return TSNE(
+            n_components=2, perplexity=min(30.0, max(2.0, (len(vectors) - 1) / 3)), metric="cosine", init="pca", random_state=seed
+        ).fit_transform(vectors)
     raise LlmkitError(f"unknown projection {method!r}", "use pca or tsne")
 
 

@@ -34,9 +34,9 @@ def chunk(text: str, spec: str) -> list[str]:
     n = int(m.group(1))
     if m.group(2).startswith("line"):
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        return ["\n".join(lines[i:i + n]) for i in range(0, len(lines), n)]
+        return ["\n".join(lines[i : i + n]) for i in range(0, len(lines), n)]
     words = text.split()
-    return [" ".join(words[i:i + n]) for i in range(0, len(words), n)]
+    return [" ".join(words[i : i + n]) for i in range(0, len(words), n)]
 
 
 def _hash(text: str) -> str:
@@ -82,8 +82,9 @@ def _previous(out: Path, settings: dict) -> dict[str, tuple[list[str], np.ndarra
     return found
 
 
-def build_index(model_name: str, source, out: str | Path, *, chunking: str = "4lines", pooling: str | None = None,
-                batch_size: int = 64, log=print) -> dict:
+def build_index(
+    model_name: str, source, out: str | Path, *, chunking: str = "4lines", pooling: str | None = None, batch_size: int = 64, log=print
+) -> dict:
     """Index `source` (any --source form) into `out`; returns meta.json's contents."""
     import faiss
 
@@ -124,8 +125,18 @@ def build_index(model_name: str, source, out: str | Path, *, chunking: str = "4l
     io.write_text(out / "passages.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     with io.atomic_open(out / "index.faiss", "wb") as f:
         f.write(faiss.serialize_index(index).tobytes())
-    meta = {"model": str(model_name), "weights": fingerprint, "pooling": pooling, "chunking": chunking, "source": source, "passages": len(rows),
-            "dim": int(matrix.shape[1]), "index": type(index).__name__, "embedded": embedded, "reused": kept}
+    meta = {
+        "model": str(model_name),
+        "weights": fingerprint,
+        "pooling": pooling,
+        "chunking": chunking,
+        "source": source,
+        "passages": len(rows),
+        "dim": int(matrix.shape[1]),
+        "index": type(index).__name__,
+        "embedded": embedded,
+        "reused": kept,
+    }
     io.write_json(out / "meta.json", meta)  # last: a folder with meta.json is complete
     log(f"{len(rows):,} passages ({embedded:,} embedded, {kept:,} kept from the previous index) -> {out}")
     return meta
@@ -152,7 +163,9 @@ class SearchIndex:
             raise LlmkitError("the query is empty", "type what to look for")
         q = embed_texts(self.model, [query], pooling=self.meta["pooling"])
         if q.shape[1] != self.index.d:
-            raise LlmkitError(f"the query's vector has {q.shape[1]} dimensions, the index's {self.index.d}",
-                              f"search with the model the index was built with ({self.meta['model']}), or rebuild the index")
+            raise LlmkitError(
+                f"the query's vector has {q.shape[1]} dimensions, the index's {self.index.d}",
+                f"search with the model the index was built with ({self.meta['model']}), or rebuild the index",
+            )
         scores, ids = self.index.search(q, min(top, len(self.rows)))
         return [{**self.rows[i], "score": float(s)} for s, i in zip(scores[0], ids[0]) if i >= 0]

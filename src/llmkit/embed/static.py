@@ -188,9 +188,20 @@ def _earlier_in_batch(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def glove(X, dim: int = 100, *, epochs: int = 25, x_max: float = 100.0, alpha: float = 0.75, eta: float = 0.05,
-          batch_size: int | None = None, threads: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
-          progress=None) -> tuple[np.ndarray, list[float]]:
+def glove(
+    X,
+    dim: int = 100,
+    *,
+    epochs: int = 25,
+    x_max: float = 100.0,
+    alpha: float = 0.75,
+    eta: float = 0.05,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> tuple[np.ndarray, list[float]]:
     """Train GloVe on the co-occurrence matrix `X` (V, V); returns (word + context vectors (V, dim), loss per epoch).
 
     Like the reference, `threads` workers (default: 2 on a CPU, as many as PyTorch's threads up to 2; 1 on a GPU)
@@ -255,8 +266,9 @@ def glove(X, dim: int = 100, *, epochs: int = 25, x_max: float = 100.0, alpha: f
             if n_workers == 1:
                 run(0, coo.nnz, totals, epoch == 0)
             else:
-                workers = [threading.Thread(target=run, args=(bounds[k], bounds[k + 1], totals, epoch == 0), daemon=True)
-                           for k in range(n_workers)]
+                workers = [
+                    threading.Thread(target=run, args=(bounds[k], bounds[k + 1], totals, epoch == 0), daemon=True) for k in range(n_workers)
+                ]
                 for w in workers:
                     w.start()
                 for w in workers:
@@ -265,7 +277,9 @@ def glove(X, dim: int = 100, *, epochs: int = 25, x_max: float = 100.0, alpha: f
                     raise LlmkitError("a GloVe worker thread failed", "run again with threads=1 to see its error")
             losses.append(sum(totals) / coo.nnz)
             if not math.isfinite(losses[-1]):
-                raise LlmkitError(f"GloVe's loss became {losses[-1]} in epoch {epoch + 1}", "lower the learning rate eta (and check the corpus)")
+                raise LlmkitError(
+                    f"GloVe's loss became {losses[-1]} in epoch {epoch + 1}", "lower the learning rate eta (and check the corpus)"
+                )
             if progress is not None:
                 progress(epoch + 1, losses[-1])
     finally:
@@ -273,8 +287,20 @@ def glove(X, dim: int = 100, *, epochs: int = 25, x_max: float = 100.0, alpha: f
     return (W[:V, :dim] + W[V:, :dim]).cpu().numpy(), losses
 
 
-def word2vec(lines, vocab: Vocab, dim: int = 100, *, window: int = 5, epochs: int = 5, sg: bool = True,
-             negative: int = 5, sample: float = 1e-3, seed: int = 0, workers: int = 2, progress=None) -> np.ndarray:
+def word2vec(
+    lines,
+    vocab: Vocab,
+    dim: int = 100,
+    *,
+    window: int = 5,
+    epochs: int = 5,
+    sg: bool = True,
+    negative: int = 5,
+    sample: float = 1e-3,
+    seed: int = 0,
+    workers: int = 2,
+    progress=None,
+) -> np.ndarray:
     """gensim's Word2Vec (skip-gram or CBOW, negative sampling, subsampling) on the same lines and vocabulary as GloVe;
     returns the vectors in the vocabulary's order. `lines` may be re-iterable (`Lines`); `workers=1` is reproducible
     in `seed` (more workers race, as gensim documents)."""
@@ -290,8 +316,17 @@ def word2vec(lines, vocab: Vocab, dim: int = 100, *, window: int = 5, epochs: in
             if progress is not None:
                 progress(self.epoch, model.get_latest_training_loss())
 
-    model = Word2Vec(vector_size=dim, window=window, min_count=1, sg=int(sg), negative=negative, sample=sample, seed=seed,
-                     workers=workers, compute_loss=True)
+    model = Word2Vec(
+        vector_size=dim,
+        window=window,
+        min_count=1,
+        sg=int(sg),
+        negative=negative,
+        sample=sample,
+        seed=seed,
+        workers=workers,
+        compute_loss=True,
+    )
     keep = set(vocab.words)
 
     class Kept:  # the lines with out-of-vocabulary words dropped, re-read each epoch
@@ -304,9 +339,23 @@ def word2vec(lines, vocab: Vocab, dim: int = 100, *, window: int = 5, epochs: in
     return np.stack([model.wv[w] for w in vocab.words])
 
 
-def train(texts: list[str] | None = None, method: str = "word2vec", *, source: str | list[str] | None = None, dim: int = 100,
-          window: int | None = None, epochs: int | None = None, min_count: int = 5, max_vocab: int | None = None, sg: bool = True,
-          seed: int = 0, workers: int = 2, device: str = "cpu", field: str = "text", log=print) -> Vectors:
+def train(
+    texts: list[str] | None = None,
+    method: str = "word2vec",
+    *,
+    source: str | list[str] | None = None,
+    dim: int = 100,
+    window: int | None = None,
+    epochs: int | None = None,
+    min_count: int = 5,
+    max_vocab: int | None = None,
+    sg: bool = True,
+    seed: int = 0,
+    workers: int = 2,
+    device: str = "cpu",
+    field: str = "text",
+    log=print,
+) -> Vectors:
     """Static vectors of `method` (word2vec or glove) trained on `texts`, or on a `source` spec read file by file (a
     corpus larger than memory streams: one pass counts the vocabulary, the next the co-occurrences or the training);
     with their training facts in `.meta`. `device` places GloVe's training (cuda runs it on a GPU)."""
@@ -323,8 +372,9 @@ def train(texts: list[str] | None = None, method: str = "word2vec", *, source: s
         if value < 1:
             raise LlmkitError(f"{name} {value} is less than 1", f"give {name} of 1 or more")
     start = time.perf_counter()
-    lines = Lines(texts, source, warn=lambda path, bad: log(f"warning: {path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD"),
-                  field=field)
+    lines = Lines(
+        texts, source, warn=lambda path, bad: log(f"warning: {path}: {bad} invalid UTF-8 byte(s) replaced by U+FFFD"), field=field
+    )
     vocab = build_vocab(lines, min_count, max_vocab)
     log(f"{lines.tokens:,} words in {lines.lines:,} lines; vocabulary of {len(vocab.words):,} (seen {min_count}+ times)")
     losses = []
@@ -341,9 +391,20 @@ def train(texts: list[str] | None = None, method: str = "word2vec", *, source: s
             matrix, _ = glove(X, dim, epochs=epochs, seed=seed, device=device, progress=report)
         else:
             matrix = word2vec(lines, vocab, dim, window=window, epochs=epochs, sg=sg, seed=seed, workers=workers, progress=report)
-    meta = {"method": method, "dim": dim, "window": window, "epochs": epochs, "min_count": min_count, "sg": sg if method == "word2vec" else None,
-            "corpus_sha256": lines.sha256, "tokens": lines.tokens, "lines": lines.lines, "vocab_size": len(vocab.words),
-            "seconds": round(time.perf_counter() - start, 2), "loss": losses}
+    meta = {
+        "method": method,
+        "dim": dim,
+        "window": window,
+        "epochs": epochs,
+        "min_count": min_count,
+        "sg": sg if method == "word2vec" else None,
+        "corpus_sha256": lines.sha256,
+        "tokens": lines.tokens,
+        "lines": lines.lines,
+        "vocab_size": len(vocab.words),
+        "seconds": round(time.perf_counter() - start, 2),
+        "loss": losses,
+    }
     return Vectors(vocab.words, matrix.astype(np.float32), counts=vocab.counts, meta=meta)
 
 
@@ -361,6 +422,9 @@ def load_static(path: str | Path):
         raise LlmkitError(f"{path} has no meta.json: its writing did not finish", "train the vectors again")
     meta = io.read_json(path / "meta.json")
     if meta.get("vocab_size", len(vocab["words"])) != len(vocab["words"]) or meta.get("dim", matrix.shape[1]) != matrix.shape[1]:
-        raise LlmkitError(f"{path}: meta.json says {meta.get('vocab_size')} words x {meta.get('dim')}, the files hold "
-                          f"{len(vocab['words'])} x {matrix.shape[1]}", "train the vectors again")
+        raise LlmkitError(
+            f"{path}: meta.json says {meta.get('vocab_size')} words x {meta.get('dim')}, the files hold "
+            f"{len(vocab['words'])} x {matrix.shape[1]}",
+            "train the vectors again",
+        )
     return Vectors(vocab["words"], matrix, counts=vocab.get("counts"), meta=meta)

@@ -49,8 +49,10 @@ class Vectors:
         i = self.index.get(word, self.index.get(word.lower()))
         if i is None:
             close = [w for w in self.words[:20000] if w.startswith(word.lower()[:3])][:5]
-            raise LlmkitError(f"{word!r} is not in the vocabulary of {len(self.words):,} words",
-                              "choose another word" + (f" (e.g. {', '.join(close)})" if close else ""))
+            raise LlmkitError(
+                f"{word!r} is not in the vocabulary of {len(self.words):,} words",
+                "choose another word" + (f" (e.g. {', '.join(close)})" if close else ""),
+            )
         return i
 
     def vector(self, word: str) -> np.ndarray:
@@ -65,10 +67,12 @@ class Vectors:
         the query words are left out."""
         negative = negative or []
         ids = [self.id(w) for w in positive + negative]
-        query = _unit(self.unit[[self.id(w) for w in positive]].sum(0) - (self.unit[[self.id(w) for w in negative]].sum(0) if negative else 0))
+        query = _unit(
+            self.unit[[self.id(w) for w in positive]].sum(0) - (self.unit[[self.id(w) for w in negative]].sum(0) if negative else 0)
+        )
         scores = self.unit @ query
         scores[ids] = -np.inf
-        best = np.argsort(-scores)[:min(top, len(self.words) - len(set(ids)))]
+        best = np.argsort(-scores)[: min(top, len(self.words) - len(set(ids)))]
         return [(self.words[i], float(scores[i])) for i in best]
 
     def analogy(self, a: str, b: str, c: str, method: str = "3cosadd", top: int = 5) -> list[tuple[str, float]]:
@@ -83,7 +87,7 @@ class Vectors:
         scores = sims[0] * sims[2] / (sims[1] + 1e-6)
         ids = [self.id(w) for w in (a, b, c)]
         scores[ids] = -np.inf
-        best = np.argsort(-scores)[:min(top, len(self.words) - len(set(ids)))]
+        best = np.argsort(-scores)[: min(top, len(self.words) - len(set(ids)))]
         return [(self.words[i], float(scores[i])) for i in best]
 
     def odd_one_out(self, words: list[str]) -> str:
@@ -154,7 +158,7 @@ class Vectors:
             questions = s["questions"]
             correct = 0
             for start in range(0, len(questions), batch):
-                chunk = questions[start:start + batch]
+                chunk = questions[start : start + batch]
                 a, b, c = (np.array([ok[q[k]] for q in chunk]) for k in range(3))
                 scores = (unit[b] + unit[c] - unit[a]) @ unit.T  # (n, V); scaling does not move the order
                 rows = np.arange(len(chunk))
@@ -176,8 +180,11 @@ class Vectors:
     def evaluate(self) -> dict:
         """WordSim-353, SimLex-999 and the Google analogies, read from the copies inside gensim's wheel."""
         data = benchmark_dir()
-        return {"wordsim353": self.evaluate_pairs(data / "wordsim353.tsv"), "simlex999": self.evaluate_pairs(data / "simlex999.txt"),
-                "google_analogy": self.evaluate_analogies(data / "questions-words.txt")}
+        return {
+            "wordsim353": self.evaluate_pairs(data / "wordsim353.tsv"),
+            "simlex999": self.evaluate_pairs(data / "simlex999.txt"),
+            "google_analogy": self.evaluate_analogies(data / "questions-words.txt"),
+        }
 
     # --- files -------------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -209,8 +216,10 @@ def read_text_vectors(path: str | Path) -> Vectors:
             if dim is None:
                 dim = len(parts) - 1
             if len(parts) - 1 != dim:
-                raise LlmkitError(f"{path}:{n} has {len(parts) - 1} numbers after its word, not {dim}",
-                                  "every vector needs the same dimension: fix or drop that line")
+                raise LlmkitError(
+                    f"{path}:{n} has {len(parts) - 1} numbers after its word, not {dim}",
+                    "every vector needs the same dimension: fix or drop that line",
+                )
             try:
                 rows.append(np.array(parts[1:], dtype=np.float32))
             except ValueError:

@@ -34,8 +34,9 @@ def _score(winner: str) -> float:
     return {"a": 1.0, "b": 0.0}.get(winner, 0.5)
 
 
-def online_elo(battles: Iterable[tuple[str, str, str]], k: float = 4.0, scale: float = 400.0, base: float = 10.0,
-               init: float = 1000.0) -> dict[str, float]:
+def online_elo(
+    battles: Iterable[tuple[str, str, str]], k: float = 4.0, scale: float = 400.0, base: float = 10.0, init: float = 1000.0
+) -> dict[str, float]:
     """The arena's online Elo, the votes applied in order."""
     rating: dict[str, float] = defaultdict(lambda: init)
     for a, b, winner in battles:
@@ -58,8 +59,14 @@ def _design(battles: list[tuple[str, str, str]], models: list[str], base: float)
     return X, s
 
 
-def bradley_terry(battles: list[tuple[str, str, str]], scale: float = 400.0, base: float = 10.0, init: float = 1000.0,
-                  C: float = 1e6, models: list[str] | None = None) -> dict[str, float]:
+def bradley_terry(
+    battles: list[tuple[str, str, str]],
+    scale: float = 400.0,
+    base: float = 10.0,
+    init: float = 1000.0,
+    C: float = 1e6,
+    models: list[str] | None = None,
+) -> dict[str, float]:
     """Maximum-likelihood Bradley-Terry ratings (Newton's method on the logistic likelihood), centered at `init`."""
     models = models or sorted({m for a, b, _ in battles for m in (a, b)})
     if not battles:
@@ -122,8 +129,9 @@ def mean_interval(scores: list[float]) -> tuple[float | None, float | None, floa
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
-def leaderboard(battles: list[tuple[str, str, str]], ratings: dict[str, list[float]] | None = None, *, bootstrap: int = 200,
-                seed: int = 0) -> dict:
+def leaderboard(
+    battles: list[tuple[str, str, str]], ratings: dict[str, list[float]] | None = None, *, bootstrap: int = 200, seed: int = 0
+) -> dict:
     """{"models": [{model, elo, bt, bt_low, bt_high, games, wins, ties, losses, mean_rating, rating_low, rating_high,
     ratings, provisional}, ...] best first, "win_rates": matrix, "battles": count}. With few games the maximum-likelihood
     ratings are extreme (one vote: +-1000 and more): `provisional` marks them."""
@@ -140,11 +148,24 @@ def leaderboard(battles: list[tuple[str, str, str]], ratings: dict[str, list[flo
     for m in models:
         mean, low, high = mean_interval(ratings.get(m, []))
         g = games.get(m, [])
-        rows.append({"model": m, "elo": elo.get(m, 1000.0), "bt": bt[m], "bt_low": intervals.get(m, (None, None))[0],
-                     "bt_high": intervals.get(m, (None, None))[1], "games": len(g), "wins": sum(1 for s in g if s == 1),
-                     "ties": sum(1 for s in g if s == 0.5), "losses": sum(1 for s in g if s == 0), "mean_rating": mean,
-                     "rating_low": low, "rating_high": high, "ratings": len(ratings.get(m, [])),
-                     "provisional": len(g) < PROVISIONAL_GAMES})
+        rows.append(
+            {
+                "model": m,
+                "elo": elo.get(m, 1000.0),
+                "bt": bt[m],
+                "bt_low": intervals.get(m, (None, None))[0],
+                "bt_high": intervals.get(m, (None, None))[1],
+                "games": len(g),
+                "wins": sum(1 for s in g if s == 1),
+                "ties": sum(1 for s in g if s == 0.5),
+                "losses": sum(1 for s in g if s == 0),
+                "mean_rating": mean,
+                "rating_low": low,
+                "rating_high": high,
+                "ratings": len(ratings.get(m, [])),
+                "provisional": len(g) < PROVISIONAL_GAMES,
+            }
+        )
     rows.sort(key=lambda r: (-bt[str(r["model"])], str(r["model"])))
     return {"models": rows, "win_rates": win_rates(battles), "battles": len(battles)}
 
@@ -212,9 +233,22 @@ def ab_test(battles: list[tuple[str, str, str]], a: str, b: str, ties: str = "ex
     low, high = wilson(k, n)
     p_value = float(stats.binomtest(k, n, 0.5, alternative="two-sided").pvalue) if n else None
     needed = votes_needed(rate) if rate is not None else None
-    return {"a": a, "b": b, "wins": wins, "losses": losses, "ties": tied, "tie_rule": ties, "k": k, "n": n, "win_rate": rate,
-            "win_rate_low": low, "win_rate_high": high, "p_value": p_value, "votes_needed": needed,
-            "more_votes_needed": None if needed is None else max(needed - n, 0)}
+    return {
+        "a": a,
+        "b": b,
+        "wins": wins,
+        "losses": losses,
+        "ties": tied,
+        "tie_rule": ties,
+        "k": k,
+        "n": n,
+        "win_rate": rate,
+        "win_rate_low": low,
+        "win_rate_high": high,
+        "p_value": p_value,
+        "votes_needed": needed,
+        "more_votes_needed": None if needed is None else max(needed - n, 0),
+    }
 
 
 def plot_ratings(board: dict, path) -> None:

@@ -57,40 +57,122 @@ class Task:
 GLUE_TASKS = {
     "cola": Task("cola", "glue", "CoLA", "classification", ["0", "1"], ("mcc",), "train.tsv", "dev.tsv", (3, None, 1)),
     "sst2": Task("sst2", "glue", "SST-2", "classification", ["0", "1"], ("accuracy",), "train.tsv", "dev.tsv", ("sentence", None, "label")),
-    "mrpc": Task("mrpc", "glue", "MRPC", "classification", ["0", "1"], ("f1", "accuracy"), "train.tsv", "dev.tsv",
-                 ("#1 String", "#2 String", "Quality")),
-    "qqp": Task("qqp", "glue", "QQP", "classification", ["0", "1"], ("f1", "accuracy"), "train.tsv", "dev.tsv",
-                ("question1", "question2", "is_duplicate")),
-    "stsb": Task("stsb", "glue", "STS-B", "regression", None, ("pearson", "spearman"), "train.tsv", "dev.tsv",
-                 ("sentence1", "sentence2", "score")),
-    "mnli-m": Task("mnli-m", "glue", "MNLI", "classification", ["contradiction", "entailment", "neutral"], ("accuracy",), "train.tsv",
-                   "dev_matched.tsv", ("sentence1", "sentence2", "gold_label")),
-    "mnli-mm": Task("mnli-mm", "glue", "MNLI", "classification", ["contradiction", "entailment", "neutral"], ("accuracy",), "train.tsv",
-                    "dev_mismatched.tsv", ("sentence1", "sentence2", "gold_label")),
-    "qnli": Task("qnli", "glue", "QNLI", "classification", ["entailment", "not_entailment"], ("accuracy",), "train.tsv", "dev.tsv",
-                 ("question", "sentence", "label")),
-    "rte": Task("rte", "glue", "RTE", "classification", ["entailment", "not_entailment"], ("accuracy",), "train.tsv", "dev.tsv",
-                ("sentence1", "sentence2", "label")),
-    "wnli": Task("wnli", "glue", "WNLI", "classification", ["0", "1"], ("accuracy",), "train.tsv", "dev.tsv", ("sentence1", "sentence2", "label")),
+    "mrpc": Task(
+        "mrpc",
+        "glue",
+        "MRPC",
+        "classification",
+        ["0", "1"],
+        ("f1", "accuracy"),
+        "train.tsv",
+        "dev.tsv",
+        ("#1 String", "#2 String", "Quality"),
+    ),
+    "qqp": Task(
+        "qqp",
+        "glue",
+        "QQP",
+        "classification",
+        ["0", "1"],
+        ("f1", "accuracy"),
+        "train.tsv",
+        "dev.tsv",
+        ("question1", "question2", "is_duplicate"),
+    ),
+    "stsb": Task(
+        "stsb", "glue", "STS-B", "regression", None, ("pearson", "spearman"), "train.tsv", "dev.tsv", ("sentence1", "sentence2", "score")
+    ),
+    "mnli-m": Task(
+        "mnli-m",
+        "glue",
+        "MNLI",
+        "classification",
+        ["contradiction", "entailment", "neutral"],
+        ("accuracy",),
+        "train.tsv",
+        "dev_matched.tsv",
+        ("sentence1", "sentence2", "gold_label"),
+    ),
+    "mnli-mm": Task(
+        "mnli-mm",
+        "glue",
+        "MNLI",
+        "classification",
+        ["contradiction", "entailment", "neutral"],
+        ("accuracy",),
+        "train.tsv",
+        "dev_mismatched.tsv",
+        ("sentence1", "sentence2", "gold_label"),
+    ),
+    "qnli": Task(
+        "qnli",
+        "glue",
+        "QNLI",
+        "classification",
+        ["entailment", "not_entailment"],
+        ("accuracy",),
+        "train.tsv",
+        "dev.tsv",
+        ("question", "sentence", "label"),
+    ),
+    "rte": Task(
+        "rte",
+        "glue",
+        "RTE",
+        "classification",
+        ["entailment", "not_entailment"],
+        ("accuracy",),
+        "train.tsv",
+        "dev.tsv",
+        ("sentence1", "sentence2", "label"),
+    ),
+    "wnli": Task(
+        "wnli", "glue", "WNLI", "classification", ["0", "1"], ("accuracy",), "train.tsv", "dev.tsv", ("sentence1", "sentence2", "label")
+    ),
 }
 SUPERGLUE_TASKS = {
     "boolq": Task("boolq", "superglue", "BoolQ", "classification", ["False", "True"], ("accuracy",), "train.jsonl", "val.jsonl"),
-    "cb": Task("cb", "superglue", "CB", "classification", ["contradiction", "entailment", "neutral"], ("accuracy", "f1_macro"),
-               "train.jsonl", "val.jsonl"),
+    "cb": Task(
+        "cb",
+        "superglue",
+        "CB",
+        "classification",
+        ["contradiction", "entailment", "neutral"],
+        ("accuracy", "f1_macro"),
+        "train.jsonl",
+        "val.jsonl",
+    ),
     "copa": Task("copa", "superglue", "COPA", "candidates", ["0", "1"], ("accuracy",), "train.jsonl", "val.jsonl"),
     "multirc": Task("multirc", "superglue", "MultiRC", "candidates", ["0", "1"], ("f1a", "exact_match"), "train.jsonl", "val.jsonl"),
     "record": Task("record", "superglue", "ReCoRD", "candidates", ["0", "1"], ("token_f1", "exact_match"), "train.jsonl", "val.jsonl"),
-    "rte-superglue": Task("rte-superglue", "superglue", "RTE", "classification", ["entailment", "not_entailment"], ("accuracy",),
-                          "train.jsonl", "val.jsonl"),
+    "rte-superglue": Task(
+        "rte-superglue", "superglue", "RTE", "classification", ["entailment", "not_entailment"], ("accuracy",), "train.jsonl", "val.jsonl"
+    ),
     "wic": Task("wic", "superglue", "WiC", "classification", ["False", "True"], ("accuracy",), "train.jsonl", "val.jsonl"),
     "wsc": Task("wsc", "superglue", "WSC", "classification", ["False", "True"], ("accuracy",), "train.jsonl", "val.jsonl"),
     "axb": Task("axb", "superglue", "AX-b", "classification", ["entailment", "not_entailment"], ("mcc",), "AX-b.jsonl", "AX-b.jsonl"),
-    "axg": Task("axg", "superglue", "AX-g", "classification", ["entailment", "not_entailment"], ("accuracy", "gender_parity"),
-                "AX-g.jsonl", "AX-g.jsonl"),
+    "axg": Task(
+        "axg",
+        "superglue",
+        "AX-g",
+        "classification",
+        ["entailment", "not_entailment"],
+        ("accuracy", "gender_parity"),
+        "AX-g.jsonl",
+        "AX-g.jsonl",
+    ),
 }
 TASKS = {**GLUE_TASKS, **SUPERGLUE_TASKS}
-ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli": "mnli-m", "mnli_matched": "mnli-m", "mnli_mismatched": "mnli-mm",
-           "ax-b": "axb", "ax-g": "axg", "rte_superglue": "rte-superglue"}
+ALIASES = {
+    "sst-2": "sst2",
+    "sts-b": "stsb",
+    "mnli": "mnli-m",
+    "mnli_matched": "mnli-m",
+    "mnli_mismatched": "mnli-mm",
+    "ax-b": "axb",
+    "ax-g": "axg",
+    "rte_superglue": "rte-superglue",
+}
 
 
 def get_task(name: str) -> Task:
@@ -136,8 +218,10 @@ def task_file(task: Task, data: str | Path, split: str) -> Path:
     name = task.train if split == "train" else task.validation
     path = data / name
     if not path.exists():
-        raise LlmkitError(f"{path} does not exist: the {task.folder} folder should hold {task.train} and {task.validation}",
-                          f"point --data at the task's official folder (e.g. glue_data/{task.folder})")
+        raise LlmkitError(
+            f"{path} does not exist: the {task.folder} folder should hold {task.train} and {task.validation}",
+            f"point --data at the task's official folder (e.g. glue_data/{task.folder})",
+        )
     return path
 
 
@@ -155,8 +239,10 @@ def _glue_rows(task: Task, path: Path) -> list[Row]:
     if header is not None:
         missing = [c for c in (a, b, y) if c is not None and c not in header]
         if missing:
-            raise LlmkitError(f"{path} has no column {missing[0]!r} (its header: {', '.join(header)})",
-                              f"give the official {task.folder} file (its header names {', '.join(c for c in (a, b, y) if c)})")
+            raise LlmkitError(
+                f"{path} has no column {missing[0]!r} (its header: {', '.join(header)})",
+                f"give the official {task.folder} file (its header names {', '.join(c for c in (a, b, y) if c)})",
+            )
         a, b, y = (header.index(c) if c is not None else None for c in (a, b, y))
     rows = []
     for n, r in enumerate(body, 2 if header else 1):
@@ -193,19 +279,35 @@ def _superglue_rows(task: Task, items: list[dict], path: Path) -> list[Row]:
                 passage = d["passage"]
                 for q in passage["questions"]:
                     for a in q["answers"]:
-                        rows.append(Row(passage["text"], f"Question: {q['question']}\nAnswer: {a['text']}", str(int(a["label"])),
-                                        group=f"{d['idx']}-{q['idx']}"))
+                        rows.append(
+                            Row(
+                                passage["text"],
+                                f"Question: {q['question']}\nAnswer: {a['text']}",
+                                str(int(a["label"])),
+                                group=f"{d['idx']}-{q['idx']}",
+                            )
+                        )
             elif name == "record":
                 passage = d["passage"]
-                entities = sorted({passage["text"][e["start"]:e["end"] + 1] for e in passage["entities"]})
+                entities = sorted({passage["text"][e["start"] : e["end"] + 1] for e in passage["entities"]})
                 for q in d["qas"]:
                     gold = sorted({a["text"] for a in q.get("answers", [])})
                     for e in entities:
-                        rows.append(Row(passage["text"].replace("@highlight\n", "- "), q["query"].replace("@placeholder", e),
-                                        str(int(e in gold)), group=f"{d['idx']}-{q['idx']}", gold=gold, candidate=e))
+                        rows.append(
+                            Row(
+                                passage["text"].replace("@highlight\n", "- "),
+                                q["query"].replace("@placeholder", e),
+                                str(int(e in gold)),
+                                group=f"{d['idx']}-{q['idx']}",
+                                gold=gold,
+                                candidate=e,
+                            )
+                        )
     except (KeyError, TypeError) as e:
-        raise LlmkitError(f"{path}: row {n + 1} lacks the field {e} of the official {task.folder} format",
-                          f"give SuperGLUE's {task.folder} JSONL as distributed") from None
+        raise LlmkitError(
+            f"{path}: row {n + 1} lacks the field {e} of the official {task.folder} format",
+            f"give SuperGLUE's {task.folder} JSONL as distributed",
+        ) from None
     return rows
 
 
@@ -291,19 +393,37 @@ _YES_NO = ([" no", " yes"], ["0", "1"])
 PROMPTS = {
     "cola": (lambda r: f"{r.text}\nQuestion: Does this sentence make sense?\nAnswer:", *_YES_NO),
     "sst2": (lambda r: f"{r.text}\nQuestion: Is this sentence positive or negative?\nAnswer:", [" negative", " positive"], ["0", "1"]),
-    "mrpc": (lambda r: f"Sentence 1: {r.text}\nSentence 2: {r.text_pair}\nQuestion: Do both sentences mean the same thing?\nAnswer:", *_YES_NO),
-    "qqp": (lambda r: f"Question 1: {r.text}\nQuestion 2: {r.text_pair}\nQuestion: Do both questions ask the same thing?\nAnswer:", *_YES_NO),
-    "mnli-m": (lambda r: f"{r.text}\nQuestion: {r.text_pair} True, False or Neither?\nAnswer:", [" True", " Neither", " False"],
-               ["entailment", "neutral", "contradiction"]),
-    "qnli": (lambda r: f"{r.text}\n{r.text_pair}\nQuestion: Does this response answer the question?\nAnswer:", [" yes", " no"],
-             ["entailment", "not_entailment"]),
+    "mrpc": (
+        lambda r: f"Sentence 1: {r.text}\nSentence 2: {r.text_pair}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+        *_YES_NO,
+    ),
+    "qqp": (
+        lambda r: f"Question 1: {r.text}\nQuestion 2: {r.text_pair}\nQuestion: Do both questions ask the same thing?\nAnswer:",
+        *_YES_NO,
+    ),
+    "mnli-m": (
+        lambda r: f"{r.text}\nQuestion: {r.text_pair} True, False or Neither?\nAnswer:",
+        [" True", " Neither", " False"],
+        ["entailment", "neutral", "contradiction"],
+    ),
+    "qnli": (
+        lambda r: f"{r.text}\n{r.text_pair}\nQuestion: Does this response answer the question?\nAnswer:",
+        [" yes", " no"],
+        ["entailment", "not_entailment"],
+    ),
     "rte": (lambda r: f"{r.text}\nQuestion: {r.text_pair} True or False?\nAnswer:", [" True", " False"], ["entailment", "not_entailment"]),
     "wnli": (lambda r: f"{r.text}\nQuestion: {r.text_pair} True or False?\nAnswer:", [" False", " True"], ["0", "1"]),
     "boolq": (lambda r: f"{r.text}\nQuestion: {r.text_pair}?\nAnswer:", [" no", " yes"], ["False", "True"]),
-    "cb": (lambda r: f"{r.text}\nQuestion: {r.text_pair}. True, False, or Neither?\nAnswer:", [" True", " False", " Neither"],
-           ["entailment", "contradiction", "neutral"]),
-    "wic": (lambda r: f"{r.text}\n{r.text_pair}\nQuestion: Is the word used in the same way in the two sentences above?\nAnswer:",
-            [" no", " yes"], ["False", "True"]),
+    "cb": (
+        lambda r: f"{r.text}\nQuestion: {r.text_pair}. True, False, or Neither?\nAnswer:",
+        [" True", " False", " Neither"],
+        ["entailment", "contradiction", "neutral"],
+    ),
+    "wic": (
+        lambda r: f"{r.text}\n{r.text_pair}\nQuestion: Is the word used in the same way in the two sentences above?\nAnswer:",
+        [" no", " yes"],
+        ["False", "True"],
+    ),
     "wsc": (lambda r: f"Passage: {r.text}\nQuestion: In the passage above, {r.text_pair}?\nAnswer:", [" no", " yes"], ["False", "True"]),
     "multirc": (lambda r: f"{r.text}\n{r.text_pair}\nIs the answer correct? yes or no?\nAnswer:", *_YES_NO),
 }
@@ -357,13 +477,14 @@ def evaluate_decoder(lm, task: Task, rows: list[Row], train: list[Row] | None = 
             alt = r.text_pair[:1].lower() + r.text_pair[1:]
             requests.append((prefix + r.text, " " + alt))
             owners.append(i)
-    results = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=a, idx=k) for k, a in enumerate(requests)],
-                               disable_tqdm=True)
+    results = lm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=k) for k, a in enumerate(requests)], disable_tqdm=True
+    )
     lls = [ll for ll, _ in results]
     if task.name in PROMPTS:
         _, words, labels = PROMPTS[task.name]
         n = len(words)
-        per_row = [lls[i * n:(i + 1) * n] for i in range(len(rows))]
+        per_row = [lls[i * n : (i + 1) * n] for i in range(len(rows))]
         predictions = [labels[max(range(n), key=row.__getitem__)] for row in per_row]
         scores = None
         if labels == ["0", "1"]:  # the "1" word's share of the two, for tasks that rank candidates (MultiRC)
@@ -389,8 +510,17 @@ def evaluate_classifier(model, tok, task: Task, rows: list[Row]) -> dict:
     return score(task, rows, predictions, positive)
 
 
-def run_glue(model: str, tasks: list[str], data: str | Path, *, shots: int = 0, seed: int = 0, limit: int | None = None,
-             batch_size: int = 8, log=print) -> dict:
+def run_glue(
+    model: str,
+    tasks: list[str],
+    data: str | Path,
+    *,
+    shots: int = 0,
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    log=print,
+) -> dict:
     """Evaluate `model` on the validation files of `tasks`: a classifier run of `llmkit finetune` (an encoder) directly, any
     other model as a decoder through lm-eval log-likelihoods. `data` is a task's folder (glue_data/SST-2) or the folder
     holding the task folders (glue_data). Returns {"model", "tasks": {task: metrics}, "scores": {suite: leaderboard score},
@@ -424,11 +554,18 @@ def run_glue(model: str, tasks: list[str], data: str | Path, *, shots: int = 0, 
             if shots and task.name in DIAGNOSTICS:  # a diagnostic's one file is its test: its examples come from RTE
                 rte = next((f for f in (Path(data) / "RTE", folder.parent / "RTE") if (f / "train.jsonl").exists()), None)
                 if rte is None:
-                    raise LlmkitError(f"{task.folder}'s few-shot examples come from SuperGLUE's RTE training file, not found beside it",
-                                      "put RTE/ in the --data folder (superglue_data/RTE) or use --shots 0")
+                    raise LlmkitError(
+                        f"{task.folder}'s few-shot examples come from SuperGLUE's RTE training file, not found beside it",
+                        "put RTE/ in the --data folder (superglue_data/RTE) or use --shots 0",
+                    )
                 train = read_rows(get_task("rte-superglue"), rte / "train.jsonl")
             results[task.name] = evaluate_decoder(lm, task, rows, train, shots=shots, seed=seed)
         results[task.name]["n"] = len(rows)
     scores = glue_score({k: v["score"] for k, v in results.items()})
-    return {"model": str(model), "shots": shots, "tasks": results, "scores": scores,
-            "score": next(iter(scores.values())) if len(scores) == 1 else None}
+    return {
+        "model": str(model),
+        "shots": shots,
+        "tasks": results,
+        "scores": scores,
+        "score": next(iter(scores.values())) if len(scores) == 1 else None,
+    }

@@ -43,8 +43,18 @@ class LlmkitLM(TemplateLM):
     """`LlmkitLM(model="smollm2", batch_size=8)`: `model` is a name or path `llmkit.load` accepts, or a loaded model
     (with `.tokenizer`)."""
 
-    def __init__(self, model="smollm2", batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str | None = None, quantize: str | None = None, device: str | None = None, gen_batch_size: int = 32, **kwargs):
+    def __init__(
+        self,
+        model="smollm2",
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        dtype: str | None = None,
+        quantize: str | None = None,
+        device: str | None = None,
+        gen_batch_size: int = 32,
+        **kwargs,
+    ):
         super().__init__()
         import llmkit
 
@@ -53,8 +63,18 @@ class LlmkitLM(TemplateLM):
         if isinstance(model, torch.nn.Module):
             self.model, self.name = model, getattr(model, "name_or_path", type(model).__name__)
         else:
-            dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                      "half": torch.float16, "fp32": None, "float32": None, "float": None, "auto": None, None: None}
+            dtypes = {
+                "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16,
+                "fp16": torch.float16,
+                "float16": torch.float16,
+                "half": torch.float16,
+                "fp32": None,
+                "float32": None,
+                "float": None,
+                "auto": None,
+                None: None,
+            }
             if dtype not in dtypes:
                 raise LlmkitError(f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
             dt = dtypes[dtype]
@@ -65,8 +85,10 @@ class LlmkitLM(TemplateLM):
             raise LlmkitError(f"{self.name} has no tokenizer", "evaluate a model folder that holds tokenizer.json")
         family = self.model.config.family
         if family == "encoder":
-            raise LlmkitError(f"{self.name} is an encoder: lm-eval tasks score decoders and encoder-decoders",
-                              "use a decoder (or `llmkit eval glue` for encoders)")
+            raise LlmkitError(
+                f"{self.name} is an encoder: lm-eval tasks score decoders and encoder-decoders",
+                "use a decoder (or `llmkit eval glue` for encoders)",
+            )
         self.backend = "causal" if family == "decoder" else "seq2seq"
         self._batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = max_length
@@ -181,9 +203,12 @@ class LlmkitLM(TemplateLM):
                     record(i, r)
         single.sort(key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(single), self.batch_size):
-            chunk = single[start:start + self.batch_size]
-            scored = self._score_causal([requests[i] for i in chunk]) if self.backend == "causal" else \
-                [self._score_seq2seq(requests[i]) for i in chunk]
+            chunk = single[start : start + self.batch_size]
+            scored = (
+                self._score_causal([requests[i] for i in chunk])
+                if self.backend == "causal"
+                else [self._score_seq2seq(requests[i]) for i in chunk]
+            )
             for i, r in zip(chunk, scored):
                 record(i, r)
         return out
@@ -217,30 +242,46 @@ class LlmkitLM(TemplateLM):
         ids = torch.zeros(G, W, dtype=torch.long)
         mask = torch.zeros(G, W + max(width, 0), dtype=torch.long)
         for g, c in enumerate(contexts):
-            ids[g, W - len(c):] = torch.tensor(c)
-            mask[g, W - len(c):W] = 1
+            ids[g, W - len(c) :] = torch.tensor(c)
+            mask[g, W - len(c) : W] = 1
         positions = (mask[:, :W].cumsum(-1) - 1).clamp(min=0)
         cache = self.model.new_cache(G, W + max(width, 0))
-        first = F.log_softmax(self.model(ids.to(self._device), attention_mask=mask[:, :W].to(self._device), cache=cache,
-                                          position_ids=positions.to(self._device), last_only=True, check_ids=False)[:, -1].float(),
-                              dim=-1)  # (G, V)
+        first = F.log_softmax(
+            self.model(
+                ids.to(self._device),
+                attention_mask=mask[:, :W].to(self._device),
+                cache=cache,
+                position_ids=positions.to(self._device),
+                last_only=True,
+                check_ids=False,
+            )[:, -1].float(),
+            dim=-1,
+        )  # (G, V)
         rest = None
         if width > 0:
             cache.reorder(owner.to(self._device))  # (R, ...): each choice on its question's context
             x = torch.zeros(len(flat), width, dtype=torch.long)
             row_mask = mask[owner].clone()
             for r, c in enumerate(flat):
-                x[r, :len(c) - 1] = torch.tensor(c[:-1])
-                row_mask[r, W:W + len(c) - 1] = 1
+                x[r, : len(c) - 1] = torch.tensor(c[:-1])
+                row_mask[r, W : W + len(c) - 1] = 1
             pos = positions[owner, -1:] + 1 + torch.arange(width)  # (R, width)
-            rest = F.log_softmax(self.model(x.to(self._device), attention_mask=row_mask.to(self._device), cache=cache,
-                                            position_ids=pos.to(self._device), check_ids=False).float(), dim=-1)  # (R, width, V)
+            rest = F.log_softmax(
+                self.model(
+                    x.to(self._device),
+                    attention_mask=row_mask.to(self._device),
+                    cache=cache,
+                    position_ids=pos.to(self._device),
+                    check_ids=False,
+                ).float(),
+                dim=-1,
+            )  # (R, width, V)
         out, r = [], 0
         for g, conts in enumerate(continuations):
             results = []
             for c in conts:
                 target = torch.tensor(c, device=self._device)
-                rows = first[g:g + 1] if len(c) == 1 else torch.cat([first[g:g + 1], rest[r, :len(c) - 1]])  # (len(c), V)
+                rows = first[g : g + 1] if len(c) == 1 else torch.cat([first[g : g + 1], rest[r, : len(c) - 1]])  # (len(c), V)
                 results.append((rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())))
                 r += 1
             out.append(results)
@@ -250,21 +291,21 @@ class LlmkitLM(TemplateLM):
         """One batch, right-padded: the context cut from the left so context + continuation fit the model."""
         inputs, spans = [], []
         for _, context, continuation in chunk:
-            whole = (context + continuation)[-(self.max_length + 1):]
+            whole = (context + continuation)[-(self.max_length + 1) :]
             inputs.append(whole[:-1])
             spans.append(len(continuation))
         width = max(map(len, inputs))
         x = torch.zeros(len(inputs), width, dtype=torch.long)
         mask = torch.zeros(len(inputs), width, dtype=torch.long)
         for r, ids in enumerate(inputs):
-            x[r, :len(ids)] = torch.tensor(ids)
-            mask[r, :len(ids)] = 1
+            x[r, : len(ids)] = torch.tensor(ids)
+            mask[r, : len(ids)] = 1
         x, mask = x.to(self._device), mask.to(self._device)
         logp = F.log_softmax(self.model(x, attention_mask=mask).float(), dim=-1)  # (B, T, V)
         results = []
         for r, ((_, _context, continuation), n) in enumerate(zip(chunk, spans)):
             end = len(inputs[r])
-            rows = logp[r, end - n:end]  # (n, V): the positions that predict the continuation
+            rows = logp[r, end - n : end]  # (n, V): the positions that predict the continuation
             target = torch.tensor(continuation, device=self._device)
             total = rows.gather(1, target[:, None]).sum().item()
             results.append((total, bool((rows.argmax(-1) == target).all())))
@@ -273,7 +314,7 @@ class LlmkitLM(TemplateLM):
     def _score_seq2seq(self, request) -> tuple[float, bool]:
         _, context, continuation = request
         cfg = self.model.config
-        src = torch.tensor([context[-self.max_length:]], device=self._device)
+        src = torch.tensor([context[-self.max_length :]], device=self._device)
         target = torch.tensor([continuation], device=self._device)
         start = torch.full((1, 1), cfg.decoder_start_token_id, dtype=torch.long, device=self._device)
         logp = F.log_softmax(self.model(src, torch.cat([start, target[:, :-1]], 1)).float(), dim=-1)[0]  # (n, V)
@@ -282,8 +323,12 @@ class LlmkitLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for (text,) in [r.args for r in requests]:
-            windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                lm_utils.make_disjoint_window(w)
+                for w in lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1
+                )
+            ]
             scores = self._loglikelihood_tokens([(None, context, pred) for context, pred in windows], disable_tqdm=True)
             total = sum(s for s, _ in scores)
             out.append(total)
@@ -307,18 +352,30 @@ class LlmkitLM(TemplateLM):
             do_sample = bool(kwargs.get("do_sample"))
             temperature = kwargs.get("temperature")  # as hf: sampling without a temperature samples at 1.0
             temperature = (1.0 if temperature is None else float(temperature)) if do_sample else 0.0
-            cfg = GenerationConfig(max_new_tokens=int(kwargs.pop("max_gen_toks")), do_sample=do_sample and temperature > 0,
-                                   temperature=temperature, top_p=kwargs.get("top_p"), top_k=kwargs.get("top_k"),
-                                   stop_strings=until, truncate=True, seed=kwargs.get("seed"))
+            cfg = GenerationConfig(
+                max_new_tokens=int(kwargs.pop("max_gen_toks")),
+                do_sample=do_sample and temperature > 0,
+                temperature=temperature,
+                top_p=kwargs.get("top_p"),
+                top_k=kwargs.get("top_k"),
+                stop_strings=until,
+                truncate=True,
+                seed=kwargs.get("seed"),
+            )
             budget = self.max_length - cfg.max_new_tokens  # the prompt's share of the context, as hf keeps it
             if budget <= 0 and self.backend == "causal":
-                raise LlmkitError(f"max_gen_toks {cfg.max_new_tokens} leaves no room for a prompt in the context of {self.max_length}",
-                                  "lower max_gen_toks (--gen-kwargs max_gen_toks=N) or raise max_length")
+                raise LlmkitError(
+                    f"max_gen_toks {cfg.max_new_tokens} leaves no room for a prompt in the context of {self.max_length}",
+                    "lower max_gen_toks (--gen-kwargs max_gen_toks=N) or raise max_length",
+                )
             members = sorted(members, key=lambda i: -len(args[i][0]))
             for s in range(0, len(members), self._gen_batch_size):
-                batch = members[s:s + self._gen_batch_size]
-                prompts = [self.tok_encode(args[i][0])[-budget:] for i in batch] if self.backend == "causal" else \
-                    [self.tok_encode(args[i][0]) for i in batch]
+                batch = members[s : s + self._gen_batch_size]
+                prompts = (
+                    [self.tok_encode(args[i][0])[-budget:] for i in batch]
+                    if self.backend == "causal"
+                    else [self.tok_encode(args[i][0]) for i in batch]
+                )
                 for i, g in zip(batch, generate(self.model, self.tok, prompts, cfg, warn=lambda m: None)):
                     text = g.text
                     for u in until:  # as lm-eval: cut at any stop string

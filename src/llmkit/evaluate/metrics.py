@@ -29,8 +29,14 @@ import numpy as np
 from llmkit.errors import LlmkitError
 
 AVERAGES = ("binary", "macro", "micro", "weighted")
-CLASSIFICATION = {"accuracy", "mcc", "roc_auc", "pr_auc", "confusion",
-                  *(f"{m}{suffix}" for m in ("precision", "recall", "f1") for suffix in ("", *(f"_{a}" for a in AVERAGES)))}
+CLASSIFICATION = {
+    "accuracy",
+    "mcc",
+    "roc_auc",
+    "pr_auc",
+    "confusion",
+    *(f"{m}{suffix}" for m in ("precision", "recall", "f1") for suffix in ("", *(f"_{a}" for a in AVERAGES))),
+}
 REGRESSION = {"pearson", "spearman"}
 GENERATION = {"bleu", "chrf", "chrf++", "ter", "rouge", "rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "exact_match", "token_f1"}
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -54,8 +60,7 @@ def kind_of(metric: str) -> str:
         return "regression"
     if metric in GENERATION:
         return "generation"
-    raise LlmkitError(f"unknown metric {metric!r}",
-                      f"use some of: {', '.join(sorted(CLASSIFICATION | REGRESSION | GENERATION))}")
+    raise LlmkitError(f"unknown metric {metric!r}", f"use some of: {', '.join(sorted(CLASSIFICATION | REGRESSION | GENERATION))}")
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -115,7 +120,9 @@ def _texts(path: Path, field_name: str, *, many: bool) -> list:
     for n, row in _read_jsonl(path):
         value = row.get(field_name, row.get("references", row.get("reference")) if many else None)
         if value is None:
-            raise LlmkitError(f"{path}:{n} has no field {field_name!r} (it has: {', '.join(row)})", "pass --field with the text field's name")
+            raise LlmkitError(
+                f"{path}:{n} has no field {field_name!r} (it has: {', '.join(row)})", "pass --field with the text field's name"
+            )
         if many:
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
@@ -137,8 +144,11 @@ def read_generation(predictions: str | Path, references: list[str | Path] | None
         columns = [_texts(Path(r), field_name, many=True) for r in references]
         for r, col in zip(references, columns):
             if len(col) != len(preds):
-                raise LlmkitError(f"{r} has {len(col)} references but {predictions} has {len(preds)} predictions (line "
-                                  f"{min(len(col), len(preds)) + 1} has no partner)", "give one reference line per prediction line")
+                raise LlmkitError(
+                    f"{r} has {len(col)} references but {predictions} has {len(preds)} predictions (line "
+                    f"{min(len(col), len(preds)) + 1} has no partner)",
+                    "give one reference line per prediction line",
+                )
         refs = [[ref for col in columns for ref in col[i]] for i in range(len(preds))]
     else:
         if predictions.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
@@ -202,9 +212,11 @@ def wordnet_ready() -> None:
 
         wordnet.ensure_loaded()
     except LookupError:
-        raise LlmkitError("METEOR needs WordNet 3.0, which nltk cannot find (llmkit never downloads it)",
-                          "run `make wordnet` (Debian's wordnet-base and wordnet-sense-index, copied to .venv/nltk_data), "
-                          "or set NLTK_DATA to a folder holding corpora/wordnet") from None
+        raise LlmkitError(
+            "METEOR needs WordNet 3.0, which nltk cannot find (llmkit never downloads it)",
+            "run `make wordnet` (Debian's wordnet-base and wordnet-sense-index, copied to .venv/nltk_data), "
+            "or set NLTK_DATA to a folder holding corpora/wordnet",
+        ) from None
 
 
 def _sacrebleu(metric: str):
@@ -263,8 +275,10 @@ def _positive(classes: list, pos_label) -> object:
         for c in classes:
             if c == _key(pos_label) or _show(c) == str(pos_label) or str(c).lower() == str(pos_label).lower():
                 return c
-        raise LlmkitError(f"the positive label {pos_label!r} is not among the classes ({', '.join(map(_show, classes))})",
-                          "give --pos-label as one of them")
+        raise LlmkitError(
+            f"the positive label {pos_label!r} is not among the classes ({', '.join(map(_show, classes))})",
+            "give --pos-label as one of them",
+        )
     return next((c for c in (1.0, "true", "positive", "pos", "yes", "1") if c in classes), classes[-1])
 
 
@@ -282,10 +296,11 @@ def _score_matrix(ex: Examples, classes: list) -> np.ndarray:
     else:
         lengths = {len(s) if isinstance(s, list) else 1 for s in scores}
         if lengths != {len(classes)}:
-            raise LlmkitError(f"scores hold {sorted(lengths)} values per row but there are {len(classes)} classes "
-                              f"({', '.join(map(_show, classes))})",
-                              "give one probability per class, in the sorted order of the classes (numbers numerically), "
-                              "or name their order (--classes a,b,c)")
+            raise LlmkitError(
+                f"scores hold {sorted(lengths)} values per row but there are {len(classes)} classes ({', '.join(map(_show, classes))})",
+                "give one probability per class, in the sorted order of the classes (numbers numerically), "
+                "or name their order (--classes a,b,c)",
+            )
         out = np.asarray(scores, dtype=float)
     bad = np.flatnonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1))
     if len(bad):
@@ -315,7 +330,9 @@ def per_example(metric: str, ex: Examples) -> np.ndarray | None:
 
         return np.array([meteor_score([r.split() for r in refs], p.split()) for p, refs in zip(ex.predictions, ex.references)])
     if metric == "exact_match":
-        return np.array([float(max(_normalize_squad(p) == _normalize_squad(r) for r in refs)) for p, refs in zip(ex.predictions, ex.references)])
+        return np.array(
+            [float(max(_normalize_squad(p) == _normalize_squad(r) for r in refs)) for p, refs in zip(ex.predictions, ex.references)]
+        )
     if metric == "token_f1":
         return np.array([max(_token_f1(p, r) for r in refs) for p, refs in zip(ex.predictions, ex.references)])
     if metric == "accuracy":
@@ -435,7 +452,7 @@ def expand(metrics: list[str]) -> list[str]:
     """`rouge` means its four forms; duplicates go."""
     out = []
     for m in metrics:
-        for name in (ROUGE_KEYS if m == "rouge" else (m,)):
+        for name in ROUGE_KEYS if m == "rouge" else (m,):
             kind_of(name)
             if name not in out:
                 out.append(name)

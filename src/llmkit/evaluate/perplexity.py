@@ -42,21 +42,22 @@ def window_plan(n_tokens: int, window: int, stride: int | None = None) -> list[t
 
 
 @torch.no_grad()
-def score_tokens(model, ids, window: int, stride: int | None = None, *, batch_size: int = 8, max_windows: int | None = None,
-                 autocast_dtype=None) -> tuple[float, int]:
+def score_tokens(
+    model, ids, window: int, stride: int | None = None, *, batch_size: int = 8, max_windows: int | None = None, autocast_dtype=None
+) -> tuple[float, int]:
     """(total nats, tokens scored) of a decoder on the 1-D token sequence `ids`."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids, dtype=torch.long)
     plan = window_plan(len(ids), window, stride)[:max_windows]
     nats, count = 0.0, 0
     for i in range(0, len(plan), batch_size):
-        group = plan[i:i + batch_size]
+        group = plan[i : i + batch_size]
         width = max(e - s for s, e, _ in group) - 1  # a window of N tokens is N - 1 inputs predicting N - 1 next tokens
         x = torch.zeros(len(group), width, dtype=torch.long)
         targets = torch.full((len(group), width), -100, dtype=torch.long)
         for r, (s, e, n) in enumerate(group):
-            x[r, :e - s - 1] = ids[s:e - 1]
-            targets[r, e - s - 1 - n:e - s - 1] = ids[e - n:e]  # input position p predicts token p + 1
+            x[r, : e - s - 1] = ids[s : e - 1]
+            targets[r, e - s - 1 - n : e - s - 1] = ids[e - n : e]  # input position p predicts token p + 1
         x, targets = x.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(x)  # (b, width, V)
@@ -68,12 +69,26 @@ def score_tokens(model, ids, window: int, stride: int | None = None, *, batch_si
 
 def summarize(nats: float, tokens: int, n_bytes: float) -> dict:
     per_token = nats / max(tokens, 1)
-    return {"tokens": tokens, "nats_per_token": per_token, "perplexity": math.exp(min(per_token, 700)),
-            "bits_per_byte": nats / math.log(2) / max(n_bytes, 1e-9), "bytes": n_bytes}
+    return {
+        "tokens": tokens,
+        "nats_per_token": per_token,
+        "perplexity": math.exp(min(per_token, 700)),
+        "bits_per_byte": nats / math.log(2) / max(n_bytes, 1e-9),
+        "bytes": n_bytes,
+    }
 
 
-def evaluate_text(model, tokenizer, text: str, window: int, stride: int | None = None, *, batch_size: int = 8,
-                  max_tokens: int | None = None, prefix_id: int | None = None) -> dict:
+def evaluate_text(
+    model,
+    tokenizer,
+    text: str,
+    window: int,
+    stride: int | None = None,
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    prefix_id: int | None = None,
+) -> dict:
     """tokens, nats/token, perplexity and bits per byte of a decoder on `text` (its first `max_tokens` tokens).
 
     `prefix_id` puts one token (bos, or eos as lm-eval's rolling log-likelihood does) before the text so that its first

@@ -17,8 +17,21 @@ from pathlib import Path
 from llmkit import io
 from llmkit.errors import LlmkitError
 
-BOUNDED = {"acc": (0, 1), "acc_norm": (0, 1), "exact_match": (0, 1), "em": (0, 1), "f1": (0, 1), "f1a": (0, 1), "accuracy": (0, 1),
-           "precision": (0, 1), "recall": (0, 1), "token_f1": (0, 1), "mc1": (0, 1), "mc2": (0, 1), "mcc": (-1, 1)}
+BOUNDED = {
+    "acc": (0, 1),
+    "acc_norm": (0, 1),
+    "exact_match": (0, 1),
+    "em": (0, 1),
+    "f1": (0, 1),
+    "f1a": (0, 1),
+    "accuracy": (0, 1),
+    "precision": (0, 1),
+    "recall": (0, 1),
+    "token_f1": (0, 1),
+    "mc1": (0, 1),
+    "mc2": (0, 1),
+    "mcc": (-1, 1),
+}
 
 
 def _interval(name: str, value: float, err: float) -> tuple[float, float]:
@@ -45,14 +58,34 @@ def rows_of(results: dict) -> list[dict]:
                     low = high = None
                     if isinstance(err, (int, float)):
                         low, high = _interval(name, value, err)
-                    rows.append({"model": model, "task": task, "shots": int(k), "metric": name if filt == "none" else f"{name} ({filt})",
-                                 "value": float(value), "low": low, "high": high, "n": n})
+                    rows.append(
+                        {
+                            "model": model,
+                            "task": task,
+                            "shots": int(k),
+                            "metric": name if filt == "none" else f"{name} ({filt})",
+                            "value": float(value),
+                            "low": low,
+                            "high": high,
+                            "n": n,
+                        }
+                    )
     elif "tasks" in results:  # llmkit eval glue
         for task, metrics in results["tasks"].items():
             for name, value in metrics.items():
                 if name not in ("n",):
-                    rows.append({"model": model, "task": task, "shots": results.get("shots", 0), "metric": name, "value": float(value),
-                                 "low": None, "high": None, "n": metrics.get("n")})
+                    rows.append(
+                        {
+                            "model": model,
+                            "task": task,
+                            "shots": results.get("shots", 0),
+                            "metric": name,
+                            "value": float(value),
+                            "low": None,
+                            "high": None,
+                            "n": metrics.get("n"),
+                        }
+                    )
     return rows
 
 

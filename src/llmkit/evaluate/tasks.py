@@ -56,7 +56,7 @@ def _cloze_docs(split: str, n: int, seed: int) -> list[dict]:
         others = rng.sample([ln for j, ln in enumerate(lines) if abs(j - i) > 3 and ln != lines[i]], 3)
         choices = others + [lines[i]]
         rng.shuffle(choices)
-        docs.append({"context": "\n".join(lines[i - 3:i]), "choices": choices, "gold": choices.index(lines[i])})
+        docs.append({"context": "\n".join(lines[i - 3 : i]), "choices": choices, "gold": choices.index(lines[i])})
     return docs
 
 
@@ -80,29 +80,60 @@ def _play_docs(split: str, n: int, seed: int) -> list[dict]:
 def _generation_docs(task: str, split: str, n: int, seed: int) -> list[dict]:
     from llmkit.finetune.tasks import task_examples
 
-    return [{"question": ex.messages[0]["content"], "answer": ex.answer} for ex in task_examples(task, n, "val" if split == "validation" else "train", seed)]
+    return [
+        {"question": ex.messages[0]["content"], "answer": ex.answer}
+        for ex in task_examples(task, n, "val" if split == "validation" else "train", seed)
+    ]
 
 
 def _yaml(task: str, folder: Path) -> dict:
     files = {"train": str(folder / f"{task}.train.jsonl"), "validation": str(folder / f"{task}.validation.jsonl")}
-    common = {"task": task, "tag": ["llmkit"], "dataset_path": "json", "dataset_kwargs": {"data_files": files},
-              "training_split": "train", "fewshot_split": "train", "validation_split": "validation", "metadata": {"version": 1.0}}
+    common = {
+        "task": task,
+        "tag": ["llmkit"],
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": files},
+        "training_split": "train",
+        "fewshot_split": "train",
+        "validation_split": "validation",
+        "metadata": {"version": 1.0},
+    }
     if task == "shakespeare_cloze":
-        return {**common, "output_type": "multiple_choice", "doc_to_text": "{{context}}\n", "doc_to_choice": "{{choices}}",
-                "doc_to_target": "{{gold}}", "target_delimiter": "",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+        return {
+            **common,
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}\n",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{gold}}",
+            "target_delimiter": "",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        }
     if task == "play":
-        return {**common, "output_type": "multiple_choice",
-                "doc_to_text": "Which Shakespeare play is this line from?\n\"{{line}}\"\nAnswer:", "doc_to_choice": "{{choices}}",
-                "doc_to_target": "{{gold}}",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
-    return {**common, "output_type": "generate_until", "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer}}",
-            "generation_kwargs": {"until": ["\n", "Question:"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 24},
-            "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
-                             "ignore_punctuation": False}]}  # a sign, a date's dashes or a word's apostrophe count
+        return {
+            **common,
+            "output_type": "multiple_choice",
+            "doc_to_text": 'Which Shakespeare play is this line from?\n"{{line}}"\nAnswer:',
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{gold}}",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        }
+    return {
+        **common,
+        "output_type": "generate_until",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n", "Question:"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 24},
+        "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+        "metric_list": [
+            {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True, "ignore_punctuation": False}
+        ],
+    }  # a sign, a date's dashes or a word's apostrophe count
 
 
 def write_builtin_tasks(folder: str | Path, names=BUILTIN, *, seed: int = 0, n_validation: int = 200, n_train: int = 50) -> Path:
@@ -155,7 +186,10 @@ def resolve(tasks: list[str], include_path: list[str] | None, folder: Path, seed
         elif Path(t).is_dir():
             found = _task_names_in(Path(t))
             if not found:
-                raise LlmkitError(f"the folder {t} holds no lm-eval task YAML (a file with a `task:` name)", "point --tasks at a folder of task YAML files")
+                raise LlmkitError(
+                    f"the folder {t} holds no lm-eval task YAML (a file with a `task:` name)",
+                    "point --tasks at a folder of task YAML files",
+                )
             names += found
             paths.append(str(Path(t)))
         else:
@@ -163,9 +197,20 @@ def resolve(tasks: list[str], include_path: list[str] | None, folder: Path, seed
     return names, paths
 
 
-def run_tasks(model, tasks: list[str], *, shots: list[int], out: str | Path, limit: int | float | None = None,
-              include_path: list[str] | None = None, chat: bool = False, batch_size: int = 8, seed: int = 0,
-              bootstrap_iters: int = 1000, log=print) -> dict:
+def run_tasks(
+    model,
+    tasks: list[str],
+    *,
+    shots: list[int],
+    out: str | Path,
+    limit: int | float | None = None,
+    include_path: list[str] | None = None,
+    chat: bool = False,
+    batch_size: int = 8,
+    seed: int = 0,
+    bootstrap_iters: int = 1000,
+    log=print,
+) -> dict:
     """Evaluate `model` (a name, a path or a loaded model) on `tasks` at each number of `shots`; writes
     OUT/results.json (and OUT/tasks/, OUT/cache/: a re-run, after a kill too, reuses every request already answered)."""
     offline()
@@ -190,17 +235,33 @@ def run_tasks(model, tasks: list[str], *, shots: list[int], out: str | Path, lim
     manager = TaskManager(include_path=paths or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise LlmkitError(f"unknown task(s): {', '.join(unknown)}",
-                          f"use built-in tasks ({', '.join(BUILTIN)}), a folder of task YAML, or --include-path DIR for your own")
+        raise LlmkitError(
+            f"unknown task(s): {', '.join(unknown)}",
+            f"use built-in tasks ({', '.join(BUILTIN)}), a folder of task YAML, or --include-path DIR for your own",
+        )
     lm = LlmkitLM(model=model, batch_size=batch_size)
     summary = {"model": lm.name, "tasks": names, "shots": {}, "limit": limit, "chat": chat, "seed": seed}
     for k in shots:
         log(f"{lm.name}: {', '.join(names)} with {k} shot(s)")
-        result = simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit, task_manager=manager,
-                                 use_cache=str(out / "cache" / f"{lm.tokenizer_name}-{lm.fingerprint}-{k}shot-{'chat' if chat else 'plain'}"),
-                                 apply_chat_template=chat, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                 fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters, log_samples=False)
-        summary["shots"][str(k)] = {"results": result["results"], "n-samples": result.get("n-samples", {}),
-                                    "higher_is_better": result.get("higher_is_better", {})}
+        result = simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=k,
+            limit=limit,
+            task_manager=manager,
+            use_cache=str(out / "cache" / f"{lm.tokenizer_name}-{lm.fingerprint}-{k}shot-{'chat' if chat else 'plain'}"),
+            apply_chat_template=chat,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+        )
+        summary["shots"][str(k)] = {
+            "results": result["results"],
+            "n-samples": result.get("n-samples", {}),
+            "higher_is_better": result.get("higher_is_better", {}),
+        }
     io.write_json(out / "results.json", json.loads(json.dumps(summary, default=str)))
     return summary

@@ -65,9 +65,9 @@ def batch_tensors(ids: list[list[int]], types: list[list[int]], pad_id: int):
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     t = torch.zeros(len(ids), width, dtype=torch.long)
     for r, (a, b) in enumerate(zip(ids, types)):
-        x[r, :len(a)] = torch.tensor(a)
-        mask[r, :len(a)] = 1
-        t[r, :len(b)] = torch.tensor(b)
+        x[r, : len(a)] = torch.tensor(a)
+        mask[r, : len(a)] = 1
+        t[r, : len(b)] = torch.tensor(b)
     return x, mask, t
 
 
@@ -78,7 +78,7 @@ def predict(model: Classifier, tok, examples, batch: int = 32) -> torch.Tensor:
     ids, types = encode_rows(tok, examples, model.config.max_seq_len)
     out = []
     for i in range(0, len(ids), batch):
-        x, mask, t = batch_tensors(ids[i:i + batch], types[i:i + batch], tok.pad_id or 0)
+        x, mask, t = batch_tensors(ids[i : i + batch], types[i : i + batch], tok.pad_id or 0)
         logits = model(x, mask, t).float()
         out.append(logits[:, 0] if model.regression else logits.softmax(-1))
     return torch.cat(out)
@@ -124,8 +124,10 @@ def load_classifier(run: str | Path) -> Classifier:
     run = Path(run)
     for name in ("classifier.safetensors", "labels.json", "finetune_config.json"):
         if not (run / name).exists():
-            raise LlmkitError(f"{run} has no {name}: it is not a classifier run of `llmkit finetune`",
-                              "fine-tune an encoder on labelled rows first (llmkit finetune --model minilm --data rows.jsonl)")
+            raise LlmkitError(
+                f"{run} has no {name}: it is not a classifier run of `llmkit finetune`",
+                "fine-tune an encoder on labelled rows first (llmkit finetune --model minilm --data rows.jsonl)",
+            )
     raw = io.read_json(run / "finetune_config.json")
     cfg = FinetuneConfig(**{k: v for k, v in raw.items() if k in FinetuneConfig.__dataclass_fields__})
     encoder = llmkit.load(cfg.model)

@@ -18,12 +18,25 @@ from llmkit.errors import LlmkitError
 
 def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | None = None) -> dict:
     multitask = method.startswith("multitask-")
-    args = [sys.executable, "-m", "llmkit", "finetune", *base_args, "--method", method.removeprefix("multitask-"), "--out", str(out),
-            "--json", *(extra or [])]
+    args = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "finetune",
+        *base_args,
+        "--method",
+        method.removeprefix("multitask-"),
+        "--out",
+        str(out),
+        "--json",
+        *(extra or []),
+    ]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise LlmkitError(f"the {method} run failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}",
-                          f"run it alone to see why: {' '.join(args[2:])}")
+        raise LlmkitError(
+            f"the {method} run failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}",
+            f"run it alone to see why: {' '.join(args[2:])}",
+        )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["method"] = method if not multitask else method
     return result
@@ -47,8 +60,12 @@ def few_shot(model_name: str, task: str, shots: int, n_val: int, seed: int, max_
         prompts.append(chat_prompt_ids(tok, history + ex.messages[:-1]))
     preds = []
     for i in range(0, len(prompts), 8):
-        preds += [g.text for g in generate(model, tok, prompts[i:i + 8], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False),
-                                           warn=lambda m: None)]
+        preds += [
+            g.text
+            for g in generate(
+                model, tok, prompts[i : i + 8], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False), warn=lambda m: None
+            )
+        ]
     return exact_match(preds, val)
 
 
@@ -58,11 +75,22 @@ def table_rows(results: list[dict]) -> list[dict]:
         b, a = r["before"], r["after"]
         metric = next(m for m in ("exact_match", "score", "accuracy", "pearson") if m in a)
         forget = {k: a[k] - b[k] for k in a if k.startswith("untrained_")}
-        rows.append({"method": r["method"], "n_train": r.get("n_train"), "trainable_share": r["trainable_share"],
-                     "metric": metric, "before": b[metric], "after": a[metric], "gain": a[metric] - b[metric],
-                     "general_bpb_change": (a["general_bpb"] - b["general_bpb"]) if "general_bpb" in a else None,
-                     "untrained_change": sum(forget.values()) / len(forget) if forget else None,
-                     "embedding_drift": a.get("embedding_drift_cosine"), "seconds": r["seconds"], "peak_memory_mb": r["peak_memory_mb"]})
+        rows.append(
+            {
+                "method": r["method"],
+                "n_train": r.get("n_train"),
+                "trainable_share": r["trainable_share"],
+                "metric": metric,
+                "before": b[metric],
+                "after": a[metric],
+                "gain": a[metric] - b[metric],
+                "general_bpb_change": (a["general_bpb"] - b["general_bpb"]) if "general_bpb" in a else None,
+                "untrained_change": sum(forget.values()) / len(forget) if forget else None,
+                "embedding_drift": a.get("embedding_drift_cosine"),
+                "seconds": r["seconds"],
+                "peak_memory_mb": r["peak_memory_mb"],
+            }
+        )
     return rows
 
 
@@ -76,8 +104,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         x = r["general_bpb_change"] if r["general_bpb_change"] is not None else 1 - (r["embedding_drift"] or 1)
         ax.scatter([x], [r["gain"]], s=80)
-        ax.annotate(f"{r['method']}" + (f" ({r['n_train']})" if r.get("n_train") else ""), (x, r["gain"]), textcoords="offset points",
-                    xytext=(6, 6))
+        ax.annotate(
+            f"{r['method']}" + (f" ({r['n_train']})" if r.get("n_train") else ""), (x, r["gain"]), textcoords="offset points", xytext=(6, 6)
+        )
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("forgetting: change of bits per byte on general text (or 1 - embedding cosine)")
@@ -88,16 +117,32 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(base_args: list[str], methods: list[str], out: Path, *, task: str, model: str, shots: list[int], curve: list[int],
-            n_val: int, seed: int, max_new_tokens: int, log=print) -> dict:
+def compare(
+    base_args: list[str],
+    methods: list[str],
+    out: Path,
+    *,
+    task: str,
+    model: str,
+    shots: list[int],
+    curve: list[int],
+    n_val: int,
+    seed: int,
+    max_new_tokens: int,
+    log=print,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     def flags(method: str) -> list[str]:
         """A multitask method trains on a mixture of the task with the other built-in ones, and is evaluated on the task."""
         if not method.startswith("multitask-"):
             return []
-        return ["--task", f"{task}:2,reverse:1,sort:1,dates:1" if task != "reverse" else f"{task}:2,arithmetic:1,sort:1,dates:1",
-                "--eval-task", task]
+        return [
+            "--task",
+            f"{task}:2,reverse:1,sort:1,dates:1" if task != "reverse" else f"{task}:2,arithmetic:1,sort:1,dates:1",
+            "--eval-task",
+            task,
+        ]
 
     results = []
     for m in methods:

@@ -78,19 +78,26 @@ def to_example(row: dict, task: str = "data") -> Example:
         return Example(messages=msgs, task=task, answer=msgs[-1]["content"])
     if "instruction" in row and "output" in row:
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return Example(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}],
-                       task=task, answer=str(row["output"]))
+        return Example(
+            messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}],
+            task=task,
+            answer=str(row["output"]),
+        )
     if "source" in row and "target" in row:
-        return Example(messages=[{"role": "user", "content": str(row["source"])}, {"role": "assistant", "content": str(row["target"])}],
-                       task=task, answer=str(row["target"]))
+        return Example(
+            messages=[{"role": "user", "content": str(row["source"])}, {"role": "assistant", "content": str(row["target"])}],
+            task=task,
+            answer=str(row["target"]),
+        )
     if "text" in row and "label" in row:
         label = row["label"]
         if not isinstance(label, (int, float)) or isinstance(label, bool):  # numbers stay numbers: regression, or classes
             label = str(label)
         pair = row.get("text_pair")
         return Example(text=str(row["text"]), label=label, text_pair=None if pair is None else str(pair), task=task)
-    raise LlmkitError(f"cannot tell the format of the row with keys {sorted(row)}",
-                      "use instruction/input/output, messages, source/target, or text/label")
+    raise LlmkitError(
+        f"cannot tell the format of the row with keys {sorted(row)}", "use instruction/input/output, messages, source/target, or text/label"
+    )
 
 
 def encode_chat(tokenizer, messages: list[dict], *, train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -102,11 +109,13 @@ def encode_chat(tokenizer, messages: list[dict], *, train_on_prompt: bool = Fals
         if m["role"] != "assistant":
             continue
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not before.startswith(done_text) or not upto.startswith(before):
-            raise LlmkitError("the chat template does not render turn by turn (a prefix changed)", "use a template whose output grows with the messages")
-        prompt_part = tokenizer.encode(before[len(done_text):], add_special_tokens=False)  # the template writes its own
-        answer_part = tokenizer.encode(upto[len(before):], add_special_tokens=False)
+            raise LlmkitError(
+                "the chat template does not render turn by turn (a prefix changed)", "use a template whose output grows with the messages"
+            )
+        prompt_part = tokenizer.encode(before[len(done_text) :], add_special_tokens=False)  # the template writes its own
+        answer_part = tokenizer.encode(upto[len(before) :], add_special_tokens=False)
         ids += prompt_part + answer_part
         labels += (prompt_part if train_on_prompt else [IGNORE] * len(prompt_part)) + answer_part
         done_text = upto
@@ -122,8 +131,9 @@ class Prepared:
     segments: list[list[int]] | None = None  # packed rows: which example each token belongs to
 
 
-def prepare_examples(tokenizer, examples: list[Example], max_len: int, *, train_on_prompt: bool = False, truncate: bool = False,
-                     pack: bool = False) -> Prepared:
+def prepare_examples(
+    tokenizer, examples: list[Example], max_len: int, *, train_on_prompt: bool = False, truncate: bool = False, pack: bool = False
+) -> Prepared:
     """Encode chat examples; rows longer than `max_len` are dropped (or cut with `truncate`), and counted."""
     out = Prepared([], [])
     for ex in examples:
@@ -137,7 +147,9 @@ def prepare_examples(tokenizer, examples: list[Example], max_len: int, *, train_
         out.ids.append(ids)
         out.labels.append(labels)
     if not out.ids:
-        raise LlmkitError(f"every one of the {len(examples)} examples is longer than {max_len} tokens", "raise --max-len or pass --truncate")
+        raise LlmkitError(
+            f"every one of the {len(examples)} examples is longer than {max_len} tokens", "raise --max-len or pass --truncate"
+        )
     if pack:
         out.ids, out.labels, out.segments = _pack(out.ids, out.labels, max_len)
     return out
@@ -177,7 +189,7 @@ def collate_packed(ids: list[list[int]], labels: list[list[int]], segments: list
     B, T = x.shape
     seg = torch.full((B, T), -1, dtype=torch.long)
     for r, s in enumerate(segments):
-        seg[r, :len(s)] = torch.tensor(s)
+        seg[r, : len(s)] = torch.tensor(s)
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (B, T, T)
     mask = same & torch.ones(T, T, dtype=torch.bool).tril()
     mask |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself (no row of the softmax may be empty)
@@ -194,7 +206,7 @@ def collate(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple
     y = torch.full((len(ids), width), IGNORE, dtype=torch.long)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     for r, (a, b) in enumerate(zip(ids, labels)):
-        x[r, :len(a)] = torch.tensor(a)
-        y[r, :len(b)] = torch.tensor(b)
-        mask[r, :len(a)] = 1
+        x[r, : len(a)] = torch.tensor(a)
+        y[r, : len(b)] = torch.tensor(b)
+        mask[r, : len(a)] = 1
     return x, y, mask

@@ -123,8 +123,10 @@ def _targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
         pattern = re.compile(target_modules)
         chosen = [n for n in names if pattern.search(n)]
     if not chosen:
-        raise LlmkitError(f"no linear layer matches the LoRA targets {target_modules!r}",
-                          f"use 'all-linear', names like q_proj,v_proj, or a pattern; the model has e.g. {names[:3]}")
+        raise LlmkitError(
+            f"no linear layer matches the LoRA targets {target_modules!r}",
+            f"use 'all-linear', names like q_proj,v_proj, or a pattern; the model has e.g. {names[:3]}",
+        )
     return chosen
 
 
@@ -133,8 +135,14 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, target_modules: str | list[str] = "all-linear",
-               rslora: bool = False) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    rslora: bool = False,
+) -> list[str]:
     """Freeze `model` and wrap the targeted linear layers in LoRALinear; returns their names."""
     freeze(model)
     names = _targets(model, target_modules)
@@ -142,8 +150,13 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora))
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
-                         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names})}
+    model.lora_config = {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+    }
     return names
 
 
@@ -226,11 +239,23 @@ def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -
     directory.mkdir(parents=True, exist_ok=True)
     with io.atomic_open(directory / "adapter_model.safetensors", "wb") as f:
         f.write(save(tensors, metadata={"format": "pt"}))
-    io.write_json(directory / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if model.config.family == "decoder" else "FEATURE_EXTRACTION",
-        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"], "use_rslora": cfg["use_rslora"],
-        "target_modules": cfg["target_modules"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "base_model_name_or_path": base_model_name, "init_lora_weights": True})
+    io.write_json(
+        directory / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM" if model.config.family == "decoder" else "FEATURE_EXTRACTION",
+            "r": cfg["r"],
+            "lora_alpha": cfg["lora_alpha"],
+            "lora_dropout": cfg["lora_dropout"],
+            "use_rslora": cfg["use_rslora"],
+            "target_modules": cfg["target_modules"],
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "base_model_name_or_path": base_model_name,
+            "init_lora_weights": True,
+        },
+    )
     return directory
 
 

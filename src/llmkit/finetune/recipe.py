@@ -86,7 +86,9 @@ def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None)
     if len(unique) < len(rows) and log is not None:
         log(f"      {len(rows) - len(unique)} duplicate row(s) dropped before the split")
     if len(unique) < 2:
-        raise LlmkitError(f"the data has {len(unique)} distinct row(s): nothing to hold out for validation", "add rows, or pass --val-data FILE")
+        raise LlmkitError(
+            f"the data has {len(unique)} distinct row(s): nothing to hold out for validation", "add rows, or pass --val-data FILE"
+        )
     random.Random(seed).shuffle(unique)
     cut = max(1, round(len(unique) * val_fraction))
     return unique[cut:], unique[:cut]
@@ -103,22 +105,31 @@ def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
         raise LlmkitError(f"--glue {cfg.glue} needs --data: the task's official file or folder", "e.g. --data glue_data/SST-2/train.tsv")
     task = glue.get_task(cfg.glue)
     if task.name in ("axb", "axg"):
-        raise LlmkitError(f"{task.folder} is a diagnostic set with no training data (its one file is the test)",
-                          "fine-tune on RTE (--glue rte-superglue --data superglue_data/RTE), then `llmkit eval glue --task "
-                          f"{task.name} --model RUN --data superglue_data`")
+        raise LlmkitError(
+            f"{task.folder} is a diagnostic set with no training data (its one file is the test)",
+            "fine-tune on RTE (--glue rte-superglue --data superglue_data/RTE), then `llmkit eval glue --task "
+            f"{task.name} --model RUN --data superglue_data`",
+        )
     train_file = glue.task_file(task, cfg.data, "train")
     val_file = Path(cfg.val_data) if cfg.val_data else glue.task_file(task, train_file.parent, "validation")
 
     def examples(path) -> list[Example]:
-        return [Example(text=r.text, text_pair=r.text_pair, label=r.label if task.kind == "regression" else str(r.label), task=task.name,
-                        meta={"group": r.group, "gold": r.gold, "candidate": r.candidate, "pair_id": r.pair_id})
-                for r in glue.read_rows(task, path)]
+        return [
+            Example(
+                text=r.text,
+                text_pair=r.text_pair,
+                label=r.label if task.kind == "regression" else str(r.label),
+                task=task.name,
+                meta={"group": r.group, "gold": r.gold, "candidate": r.candidate, "pair_id": r.pair_id},
+            )
+            for r in glue.read_rows(task, path)
+        ]
 
     return examples(train_file), examples(val_file)
 
 
 def label_kind(examples: list[Example], regression: bool = False) -> str:
-    """"regression" when every label is a number and some are not whole (3.5), or when asked for (--regression);
+    """ "regression" when every label is a number and some are not whole (3.5), or when asked for (--regression);
     else "classification", every label then a class name ("4" for 4). Labels are made so in place."""
     numeric = all(isinstance(ex.label, (int, float)) and not isinstance(ex.label, bool) for ex in examples)
     if regression and not numeric:
@@ -126,7 +137,11 @@ def label_kind(examples: list[Example], regression: bool = False) -> str:
         raise LlmkitError(f"--regression needs a number as every label; one is {bad!r}", "give numeric labels, or leave out --regression")
     regression = regression or (numeric and any(float(ex.label) != int(ex.label) for ex in examples))
     for ex in examples:
-        ex.label = float(ex.label) if regression else (str(int(ex.label)) if isinstance(ex.label, float) and ex.label.is_integer() else str(ex.label))
+        ex.label = (
+            float(ex.label)
+            if regression
+            else (str(int(ex.label)) if isinstance(ex.label, float) and ex.label.is_integer() else str(ex.label))
+        )
     return "regression" if regression else "classification"
 
 
@@ -141,7 +156,7 @@ def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[E
         return [to_example(r) for r in train], [to_example(r) for r in val]
     if cfg.task == "genre":
         train, val = T.genre_examples("train", cfg.seed), T.genre_examples("val", cfg.seed)
-        return train[:cfg.n_train], val[:cfg.n_val]
+        return train[: cfg.n_train], val[: cfg.n_val]
     return T.mixture(cfg.task, cfg.n_train, "train", cfg.seed), T.mixture(cfg.eval_task or cfg.task, cfg.n_val, "val", cfg.seed)
 
 
@@ -174,8 +189,12 @@ def answer(model, tok, examples: list[Example], max_new_tokens: int, batch: int 
     prompts = [chat_prompt_ids(tok, ex.messages[:-1]) for ex in examples]
     out = []
     for i in range(0, len(prompts), batch):
-        out += [g.text for g in generate(model, tok, prompts[i:i + batch], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False),
-                                         warn=lambda m: None)]
+        out += [
+            g.text
+            for g in generate(
+                model, tok, prompts[i : i + batch], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False), warn=lambda m: None
+            )
+        ]
     return out
 
 
@@ -186,10 +205,11 @@ def answer_loss(model, tok, examples: list[Example], cfg: FinetuneConfig, batch:
     prep = prepare_examples(tok, examples, min(cfg.max_len, model.config.max_seq_len), truncate=True)
     nats, count = 0.0, 0
     for i in range(0, len(prep.ids), batch):
-        x, y, mask = collate(prep.ids[i:i + batch], prep.labels[i:i + batch], tok.pad_id or 0)
+        x, y, mask = collate(prep.ids[i : i + batch], prep.labels[i : i + batch], tok.pad_id or 0)
         logits = model(x, attention_mask=mask)[:, :-1]
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE,
-                                reduction="sum").item()
+        nats += F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
         count += int((y[:, 1:] != IGNORE).sum())
     return nats / max(count, 1)
 
@@ -271,17 +291,27 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         train_ids, train_types = encode_rows(tok, train_ex, model.config.max_seq_len)
         train_y = [ex.label for ex in train_ex] if regression else [labels.index(ex.label) for ex in train_ex]
         pairs = sum(ex.text_pair is not None for ex in train_ex)
-        log(f"      {'regression' if regression else f'{len(labels)} labels: ' + ', '.join(labels)}"
-            + (f"; {pairs} sentence pairs" if pairs else ""))
+        log(
+            f"      {'regression' if regression else f'{len(labels)} labels: ' + ', '.join(labels)}"
+            + (f"; {pairs} sentence pairs" if pairs else "")
+        )
     else:
         if model.config.family != "decoder":
             raise LlmkitError("instruction data needs a decoder model", "use --model smollm2 or a decoder you trained")
-        prep = prepare_examples(tok, train_ex, min(cfg.max_len, model.config.max_seq_len), train_on_prompt=cfg.train_on_prompt,
-                                truncate=cfg.truncate, pack=cfg.pack)
+        prep = prepare_examples(
+            tok,
+            train_ex,
+            min(cfg.max_len, model.config.max_seq_len),
+            train_on_prompt=cfg.train_on_prompt,
+            truncate=cfg.truncate,
+            pack=cfg.pack,
+        )
         n_tokens = sum(map(len, prep.ids))
         n_answer = sum(sum(1 for t in y if t != IGNORE) for y in prep.labels)
-        log(f"      {len(prep.ids)} sequences, {n_tokens:,} tokens, {n_answer:,} with loss; "
-            f"{prep.dropped} dropped and {prep.truncated} truncated for the length limit of {cfg.max_len}")
+        log(
+            f"      {len(prep.ids)} sequences, {n_tokens:,} tokens, {n_answer:,} with loss; "
+            f"{prep.dropped} dropped and {prep.truncated} truncated for the length limit of {cfg.max_len}"
+        )
 
     log(f"[3/7] prepare model: {cfg.method}")
     if classification:
@@ -307,8 +337,11 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         if classification:
             return classifier_metrics(model, tok, val_ex, cfg)
         preds = answer(model, tok, val_ex, cfg.max_new_tokens)
-        out = {"exact_match": exact_match(preds, val_ex), "answer_loss": answer_loss(model, tok, val_ex, cfg),
-               "general_bpb": general_bits_per_byte(model, tok, cfg)}
+        out = {
+            "exact_match": exact_match(preds, val_ex),
+            "answer_loss": answer_loss(model, tok, val_ex, cfg),
+            "general_bpb": general_bits_per_byte(model, tok, cfg),
+        }
         for t, exs in forget_sets.items():
             out[f"untrained_{t}"] = exact_match(answer(model, tok, exs, cfg.max_new_tokens), exs)
         out["_predictions"] = preds[: cfg.show]
@@ -348,22 +381,32 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
 
     def checkpoint(elapsed):
         trainable_state = {names[id(p)]: p.detach() for p in params}
-        save_checkpoint(run, model_state=trainable_state, optimizer_state=optimizer.state_dict(),
-                        state={"step": step, "elapsed": elapsed, "tokens": tokens_seen, "warm_progress": warm_progress,
-                               "config": dataclasses.asdict(cfg)})
+        save_checkpoint(
+            run,
+            model_state=trainable_state,
+            optimizer_state=optimizer.state_dict(),
+            state={
+                "step": step,
+                "elapsed": elapsed,
+                "tokens": tokens_seen,
+                "warm_progress": warm_progress,
+                "config": dataclasses.asdict(cfg),
+            },
+        )
 
     def micro_batch(step: int, micro: int):
         """(forward inputs, targets, count of targets, tokens) of one micro-batch. A step draws batch_size x grad_accum
         rows from (seed, step) and micro-step m takes the m-th slice: batch 8 x 1 and batch 4 x 2 see the same rows."""
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum,), generator=g).tolist()
-        rows = drawn[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
+        rows = drawn[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
         if classification:
             x, mask, types = batch_tensors([train_ids[r] for r in rows], [train_types[r] for r in rows], tok.pad_id or 0)
             return (x, mask, types), torch.tensor([train_y[r] for r in rows]), len(rows), int(mask.sum())
         if prep.segments is not None:  # packed: attention stays inside each example, positions restart
-            x, y, mask, positions = collate_packed([prep.ids[r] for r in rows], [prep.labels[r] for r in rows],
-                                                   [prep.segments[r] for r in rows], tok.pad_id or 0)
+            x, y, mask, positions = collate_packed(
+                [prep.ids[r] for r in rows], [prep.labels[r] for r in rows], [prep.segments[r] for r in rows], tok.pad_id or 0
+            )
             return (x, mask, positions), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), sum(len(prep.ids[r]) for r in rows)
         x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], tok.pad_id or 0)
         return (x, mask, None), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), int(mask.sum())
@@ -391,8 +434,9 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = cur_lr
             micro = [micro_batch(step, m) for m in range(cfg.grad_accum)]
-            loss_sum, n_targets = accumulate_gradients(model, micro, lambda m: summed_loss(m[0], m[1]), [m[2] for m in micro],
-                                                       Dist(device=device), amp, scaler)  # every target token of the step weighs the same
+            loss_sum, n_targets = accumulate_gradients(
+                model, micro, lambda m: summed_loss(m[0], m[1]), [m[2] for m in micro], Dist(device=device), amp, scaler
+            )  # every target token of the step weighs the same
             total_loss = loss_sum / max(n_targets, 1)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -403,7 +447,9 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
             tokens_seen += sum(m[3] for m in micro)
             losses.append(total_loss)
             metrics.log({"step": step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": tokens_seen})
-            bar.update(task, completed=step if budget.steps else (tokens_seen if budget.tokens else elapsed), description=f"loss {total_loss:.3f}")
+            bar.update(
+                task, completed=step if budget.steps else (tokens_seen if budget.tokens else elapsed), description=f"loss {total_loss:.3f}"
+            )
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint(elapsed_before + time.perf_counter() - start)
     elapsed = elapsed_before + time.perf_counter() - start
@@ -412,8 +458,11 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     log("[6/7] evaluate")
     after = measure()
     if classification:
-        after["embedding_drift_cosine"] = float(torch.nn.functional.cosine_similarity(
-            before_emb, _embeddings(model.encoder, tok, [ex.text for ex in val_ex[:32]]), dim=-1).mean())
+        after["embedding_drift_cosine"] = float(
+            torch.nn.functional.cosine_similarity(
+                before_emb, _embeddings(model.encoder, tok, [ex.text for ex in val_ex[:32]]), dim=-1
+            ).mean()
+        )
     _log_metrics(log, "after", after)
 
     log("[7/7] predict")
@@ -421,21 +470,51 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         for ex, p in zip(shown, after["_predictions"]):
             log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
     saved = _save(model, tok, cfg, run)
-    result = {"model": cfg.model, "method": cfg.method, "task": cfg.data or cfg.task, "steps": step, "seconds": round(elapsed, 1),
-              "trainable": trainable, "parameters": total, "trainable_share": trainable / total,
-              "peak_memory_mb": _peak_memory_mb(),
-              "before": {k: v for k, v in before.items() if not k.startswith("_")},
-              "after": {k: v for k, v in after.items() if not k.startswith("_")}, "saved": saved,
-              "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None}
+    result = {
+        "model": cfg.model,
+        "method": cfg.method,
+        "task": cfg.data or cfg.task,
+        "steps": step,
+        "seconds": round(elapsed, 1),
+        "trainable": trainable,
+        "parameters": total,
+        "trainable_share": trainable / total,
+        "peak_memory_mb": _peak_memory_mb(),
+        "before": {k: v for k, v in before.items() if not k.startswith("_")},
+        "after": {k: v for k, v in after.items() if not k.startswith("_")},
+        "saved": saved,
+        "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+    }
     io.write_json(run / "results.json", result)
     metrics.plot(run / "loss.png", title="fine-tuning loss")
     log(f"done: {saved} -> {run}")
     return result
 
 
-RESUME_KEYS = ("model", "method", "task", "eval_task", "data", "val_data", "n_train", "lora_r", "lora_alpha", "lora_dropout",
-               "lora_targets", "rslora", "adapter_size", "max_len", "pack", "train_on_prompt", "truncate", "batch_size", "grad_accum",
-               "seed", "glue", "regression")
+RESUME_KEYS = (
+    "model",
+    "method",
+    "task",
+    "eval_task",
+    "data",
+    "val_data",
+    "n_train",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "rslora",
+    "adapter_size",
+    "max_len",
+    "pack",
+    "train_on_prompt",
+    "truncate",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "glue",
+    "regression",
+)
 
 
 def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, tuple], saved: dict) -> None:
@@ -447,10 +526,21 @@ def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, t
     extra = sorted(set(saved) - set(trainable))
     shapes = [n for n in trainable if n in saved and tuple(saved[n].shape) != trainable[n]]
     if changed or missing or extra or shapes:
-        detail = "; ".join(filter(None, [", ".join(changed), f"not in the checkpoint: {missing[:3]}" if missing else "",
-                                         f"not in this model: {extra[:3]}" if extra else "", f"other shapes: {shapes[:3]}" if shapes else ""]))
-        raise LlmkitError(f"the checkpoint in {path} was made by another fine-tuning run ({detail})",
-                          "resume with the options of the original run, or choose a new --out")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    ", ".join(changed),
+                    f"not in the checkpoint: {missing[:3]}" if missing else "",
+                    f"not in this model: {extra[:3]}" if extra else "",
+                    f"other shapes: {shapes[:3]}" if shapes else "",
+                ],
+            )
+        )
+        raise LlmkitError(
+            f"the checkpoint in {path} was made by another fine-tuning run ({detail})",
+            "resume with the options of the original run, or choose a new --out",
+        )
 
 
 def _log_metrics(log, when: str, m: dict) -> None:

@@ -24,11 +24,19 @@ import random
 from llmkit.errors import LlmkitError
 from llmkit.finetune.data import Example
 
-WORDS = ("apple river stone cloud tiger candle mirror garden silver harbor falcon meadow lantern violet thunder pepper "
-         "castle orchard marble willow ember copper velvet saddle raven anchor maple sparrow quartz cedar").split()
+WORDS = (
+    "apple river stone cloud tiger candle mirror garden silver harbor falcon meadow lantern violet thunder pepper "
+    "castle orchard marble willow ember copper velvet saddle raven anchor maple sparrow quartz cedar"
+).split()
 MONTHS = "January February March April May June July August September October November December".split()
-PLAYS = {"hamlet": "Hamlet", "macbeth": "Macbeth", "romeo-and-juliet": "Romeo and Juliet", "othello": "Othello",
-         "king-lear": "King Lear", "the-tempest": "The Tempest"}
+PLAYS = {
+    "hamlet": "Hamlet",
+    "macbeth": "Macbeth",
+    "romeo-and-juliet": "Romeo and Juliet",
+    "othello": "Othello",
+    "king-lear": "King Lear",
+    "the-tempest": "The Tempest",
+}
 
 
 def _chat(prompt: str, answer: str, task: str) -> Example:
@@ -80,7 +88,7 @@ def play_examples(n: int, split: str, seed: int) -> list[Example]:
     for _ in range(n):
         title = rng.choice(titles)
         line = rng.choice(lines[title][0 if split == "train" else 1])
-        out.append(_chat(f"Which Shakespeare play is this line from: \"{line}\"? Choose from {', '.join(titles)}.", title, "play"))
+        out.append(_chat(f'Which Shakespeare play is this line from: "{line}"? Choose from {", ".join(titles)}.', title, "play"))
     return out
 
 
@@ -137,7 +145,7 @@ def genre_examples(split: str, seed: int = 0, lines_per_passage: int = 4, per_pl
         k = per_play if split == "train" else max(4, per_play // 4)
         for _ in range(k):
             start = rng.randrange(0, max(1, len(pool) - lines_per_passage))
-            out.append(Example(text=" ".join(pool[start:start + lines_per_passage]), label=doc.meta["genre"], task="genre"))
+            out.append(Example(text=" ".join(pool[start : start + lines_per_passage]), label=doc.meta["genre"], task="genre"))
     rng.shuffle(out)
     return out
 

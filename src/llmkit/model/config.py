@@ -67,17 +67,25 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.d_model % self.n_heads:
-                raise LlmkitError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", "pick n_heads that divides d_model, or set head_dim")
+                raise LlmkitError(
+                    f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}",
+                    "pick n_heads that divides d_model, or set head_dim",
+                )
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise LlmkitError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}", "use n_kv_heads that divides n_heads")
+            raise LlmkitError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}", "use n_kv_heads that divides n_heads"
+            )
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
-        for name, allowed in (("position", ("sinusoidal", "learned", "rope", "relative")),
-                              ("activation", ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")),
-                              ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post"))):
+        for name, allowed in (
+            ("position", ("sinusoidal", "learned", "rope", "relative")),
+            ("activation", ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("norm_position", ("pre", "post")),
+        ):
             if getattr(self, name) not in allowed:
                 raise LlmkitError(f"unknown {name} {getattr(self, name)!r}", f"use one of: {', '.join(allowed)}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") in (None, "default"):
@@ -86,8 +94,10 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling)
             factors = self.rope_scaling.get("factors")
             if factors is not None and len(factors) != self.head_dim // 2:
-                raise LlmkitError(f"RoPE frequency factors: {len(factors)} given, the head size {self.head_dim} needs {self.head_dim // 2}",
-                                  "check the GGUF's rope_freqs tensor")
+                raise LlmkitError(
+                    f"RoPE frequency factors: {len(factors)} given, the head size {self.head_dim} needs {self.head_dim // 2}",
+                    "check the GGUF's rope_freqs tensor",
+                )
 
     @property
     def eos_ids(self) -> list[int]:
@@ -149,16 +159,21 @@ class ModelConfig:
 # --- RoPE scaling (transformers' `rope_scaling` / `rope_parameters`) ---------------------------------------------
 
 # rope_type -> the keys it needs. `freq_factors` is llama.cpp's form (a GGUF's `rope_freqs` tensor: inv_freq / factor).
-ROPE_SCALINGS = {"linear": ("factor",), "dynamic": ("factor", "original_max_position_embeddings"),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                 "yarn": ("factor", "original_max_position_embeddings"), "freq_factors": ("factors",)}
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "freq_factors": ("factors",),
+}
 
 
 def check_rope_scaling(scaling: dict) -> None:
     kind = scaling.get("rope_type")
     if kind not in ROPE_SCALINGS:
-        raise LlmkitError(f"RoPE scaling {kind!r} is not implemented",
-                          f"use a model whose rope_scaling is one of: {', '.join(ROPE_SCALINGS)} (or none)")
+        raise LlmkitError(
+            f"RoPE scaling {kind!r} is not implemented", f"use a model whose rope_scaling is one of: {', '.join(ROPE_SCALINGS)} (or none)"
+        )
     missing = [k for k in ROPE_SCALINGS[kind] if scaling.get(k) is None]
     if missing:
         raise LlmkitError(f"RoPE scaling {kind!r} lacks {', '.join(missing)}", "complete the model's rope_scaling in its config.json")
@@ -167,23 +182,67 @@ def check_rope_scaling(scaling: dict) -> None:
 # --- presets: data, not subclasses -----------------------------------------------------------------
 
 _GPT = dict(family="decoder", position="learned", activation="gelu_tanh", norm="layernorm", norm_position="pre", bias=True)
-_LLAMA = dict(family="decoder", position="rope", activation="swiglu", norm="rmsnorm", norm_position="pre", bias=False,
-              tie_embeddings=False)
-_BERT = dict(family="encoder", position="learned", activation="gelu", norm="layernorm", norm_position="post", norm_eps=1e-12,
-             bias=True, type_vocab_size=2, embedding_norm=True, lm_head_bias=True, mlm_transform=True)
-_T5 = dict(family="encoder-decoder", position="relative", activation="relu", norm="rmsnorm", norm_eps=1e-6, norm_position="pre",
-           bias=False, attn_scale=1.0, scale_decoder_outputs=True, fp16_clamp=True)
+_LLAMA = dict(family="decoder", position="rope", activation="swiglu", norm="rmsnorm", norm_position="pre", bias=False, tie_embeddings=False)
+_BERT = dict(
+    family="encoder",
+    position="learned",
+    activation="gelu",
+    norm="layernorm",
+    norm_position="post",
+    norm_eps=1e-12,
+    bias=True,
+    type_vocab_size=2,
+    embedding_norm=True,
+    lm_head_bias=True,
+    mlm_transform=True,
+)
+_T5 = dict(
+    family="encoder-decoder",
+    position="relative",
+    activation="relu",
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    norm_position="pre",
+    bias=False,
+    attn_scale=1.0,
+    scale_decoder_outputs=True,
+    fp16_clamp=True,
+)
 
 PRESETS: dict[str, dict] = {
     # Vaswani et al. 2017, "Attention Is All You Need", base model: sinusoidal positions, ReLU, post-norm.
-    "vaswani": dict(family="encoder-decoder", vocab_size=37000, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=512,
-                    position="sinusoidal", activation="relu", norm="layernorm", norm_eps=1e-6, norm_position="post", bias=True,
-                    dropout=0.1, scale_embeddings=True),
+    "vaswani": dict(
+        family="encoder-decoder",
+        vocab_size=37000,
+        d_model=512,
+        n_layers=6,
+        n_heads=8,
+        d_ff=2048,
+        max_seq_len=512,
+        position="sinusoidal",
+        activation="relu",
+        norm="layernorm",
+        norm_eps=1e-6,
+        norm_position="post",
+        bias=True,
+        dropout=0.1,
+        scale_embeddings=True,
+    ),
     "gpt2": dict(_GPT, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "gpt2-medium": dict(_GPT, vocab_size=50257, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
     "llama": dict(_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_seq_len=4096),  # Llama-2-7B
-    "smollm2-135m": dict(_LLAMA, vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536, max_seq_len=8192,
-                         rope_theta=100000.0, tie_embeddings=True),
+    "smollm2-135m": dict(
+        _LLAMA,
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+    ),
     "bert": dict(_BERT, vocab_size=30522, d_model=768, n_layers=12, n_heads=12, max_seq_len=512),  # bert-base
     "t5": dict(_T5, vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=512),  # t5-small
     # Small ones that train in minutes on a laptop CPU.
@@ -191,12 +250,24 @@ PRESETS: dict[str, dict] = {
     # `llmkit pretrain`'s default: the best validation bits per byte on Shakespeare in 5 minutes on 2 CPU cores among
     # the shapes we measured (benchmarks/RESULTS.md).
     "cpu-gpt": dict(_GPT, vocab_size=2048, d_model=192, n_layers=4, n_heads=4, max_seq_len=128),
-    "tiny-llama": dict(_LLAMA, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=256,
-                       tie_embeddings=True),
+    "tiny-llama": dict(
+        _LLAMA, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=256, tie_embeddings=True
+    ),
     "tiny-bert": dict(_BERT, vocab_size=8192, d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
     "tiny-t5": dict(_T5, vocab_size=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256),
-    "tiny-vaswani": dict(family="encoder-decoder", vocab_size=8192, d_model=256, n_layers=3, n_heads=4, max_seq_len=256,
-                         position="sinusoidal", activation="relu", norm="layernorm", norm_position="post", scale_embeddings=True),
+    "tiny-vaswani": dict(
+        family="encoder-decoder",
+        vocab_size=8192,
+        d_model=256,
+        n_layers=3,
+        n_heads=4,
+        max_seq_len=256,
+        position="sinusoidal",
+        activation="relu",
+        norm="layernorm",
+        norm_position="post",
+        scale_embeddings=True,
+    ),
 }
 
 

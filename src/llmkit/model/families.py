@@ -1,9 +1,9 @@
 """The three model families, each a thin assembly of the layers in `layers.py`.
 
-    Decoder          (GPT-2, Llama)  ids ─► embed ─► N × Block(causal) ─► norm ─► LM head ─► next-token logits
-    Encoder          (BERT)          ids ─► embed ─► N × Block(bidirectional) ─► MLM head | hidden states
-    EncoderDecoder   (T5, Vaswani)   source ─► encoder ─┐
-                                     target ─► embed ─► N × Block(causal + cross-attention) ─► LM head
+Decoder          (GPT-2, Llama)  ids ─► embed ─► N × Block(causal) ─► norm ─► LM head ─► next-token logits
+Encoder          (BERT)          ids ─► embed ─► N × Block(bidirectional) ─► MLM head | hidden states
+EncoderDecoder   (T5, Vaswani)   source ─► encoder ─┐
+                                 target ─► embed ─► N × Block(causal + cross-attention) ─► LM head
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Embedding(nn.Module):
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                check: bool = True) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None, check: bool = True
+    ) -> torch.Tensor:
         if check:
             check_ids(ids, self.cfg.vocab_size)
         x = self.tokens(ids)  # (B, T, D)
@@ -63,14 +64,18 @@ def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         first = int(ids[bad][0])
-        raise LlmkitError(f"token id {first} is outside the model's vocabulary of {vocab_size} (ids must be 0..{vocab_size - 1})",
-                          "use the tokenizer that belongs to this model")
+        raise LlmkitError(
+            f"token id {first} is outside the model's vocabulary of {vocab_size} (ids must be 0..{vocab_size - 1})",
+            "use the tokenizer that belongs to this model",
+        )
 
 
 def _check_length(cfg: ModelConfig, length: int) -> None:  # relative positions have no limit
     if cfg.position in ("learned", "sinusoidal", "rope") and length > cfg.max_seq_len:
-        raise LlmkitError(f"the input is {length} tokens, longer than the model's context of {cfg.max_seq_len}",
-                          f"shorten or truncate it to {cfg.max_seq_len} tokens")
+        raise LlmkitError(
+            f"the input is {length} tokens, longer than the model's context of {cfg.max_seq_len}",
+            f"shorten or truncate it to {cfg.max_seq_len} tokens",
+        )
 
 
 def _init_weights(model: nn.Module, cfg: ModelConfig, n_residual_layers: int) -> None:
@@ -113,8 +118,9 @@ class Decoder(nn.Module):
         p = self.embed.tokens.weight
         return KVCache.for_model(self.config, batch, max_len, dtype=dtype or p.dtype, device=p.device)
 
-    def hidden_states(self, ids, attention_mask=None, cache: KVCache | None = None, position_ids=None, need_weights=False,
-                      check_ids: bool = True):
+    def hidden_states(
+        self, ids, attention_mask=None, cache: KVCache | None = None, position_ids=None, need_weights=False, check_ids: bool = True
+    ):
         B, T = ids.shape  # (B, T)
         start = cache.pos if cache is not None else 0
         if position_ids is None:
@@ -127,8 +133,13 @@ class Decoder(nn.Module):
         rel = self.rel_bias(T, start + T, offset=start) if self.rel_bias is not None else None  # (1, nh, T, start+T)
         plain = attention_mask is None and start == 0 and rel is None  # a fresh causal pass: SDPA's is_causal, no mask tensor
         one_step = attention_mask is None and T == 1 and rel is None  # one new token sees every cached one: no mask at all
-        bias = None if plain or one_step else attention_bias(T, start + T, causal=True, key_padding=attention_mask, offset=start,
-                                                             position_bias=rel, dtype=x.dtype, device=ids.device)
+        bias = (
+            None
+            if plain or one_step
+            else attention_bias(
+                T, start + T, causal=True, key_padding=attention_mask, offset=start, position_bias=rel, dtype=x.dtype, device=ids.device
+            )
+        )
         maps = []
         for i, block in enumerate(self.blocks):
             x, w = block(x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
@@ -139,8 +150,16 @@ class Decoder(nn.Module):
             x = self.norm(x)
         return x, maps
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None, *, last_only: bool = False, check_ids: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+        check_ids: bool = True,
+    ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (`last_only`: a prefill needs no more).
         `attention_mask` (B, cached + T) marks real tokens with 1; `cache` continues a decode; `check_ids=False` skips
         the vocabulary check (a host sync) for ids the caller already checked."""
@@ -260,7 +279,9 @@ class EncoderDecoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.enc_embed.tokens.weight
-        return KVCache.for_model(self.config, batch, max_len, n_layers=self.config.n_decoder_layers, dtype=dtype or p.dtype, device=p.device)
+        return KVCache.for_model(
+            self.config, batch, max_len, n_layers=self.config.n_decoder_layers, dtype=dtype or p.dtype, device=p.device
+        )
 
     def encode(self, ids, attention_mask=None, need_weights=False):
         B, T = ids.shape
@@ -276,8 +297,9 @@ class EncoderDecoder(nn.Module):
             maps.append(w)
         return (self.enc_norm(x) if self.enc_norm is not None else x), maps
 
-    def decode(self, decoder_ids, encoder_out, attention_mask=None, cache: KVCache | None = None, need_weights=False,
-               check_ids: bool = True):
+    def decode(
+        self, decoder_ids, encoder_out, attention_mask=None, cache: KVCache | None = None, need_weights=False, check_ids: bool = True
+    ):
         """Logits (B, T_dec, V) of the decoder given the encoder's output (B, T_enc, D). With a cache, the cross-attention
         keys and values are computed from `encoder_out` at the first call and reused after."""
         B, T = decoder_ids.shape
@@ -291,15 +313,16 @@ class EncoderDecoder(nn.Module):
         rope = self.rotary(positions) if self.rotary is not None else None
         maps = []
         for i, block in enumerate(self.decoder):
-            x, w = block(x, bias=bias, rope=rope, cache=cache, layer=i, context=encoder_out, context_bias=context_bias,
-                         need_weights=need_weights)
+            x, w = block(
+                x, bias=bias, rope=rope, cache=cache, layer=i, context=encoder_out, context_bias=context_bias, need_weights=need_weights
+            )
             maps.append(w)
         if cache is not None:
             cache.advance(T)
         if self.dec_norm is not None:
             x = self.dec_norm(x)
         if self.config.scale_decoder_outputs:
-            x = x * self.config.d_model ** -0.5
+            x = x * self.config.d_model**-0.5
         return self.lm_head(x), maps
 
     def forward(self, ids, decoder_ids, attention_mask=None, cache: KVCache | None = None, encoder_out=None) -> torch.Tensor:

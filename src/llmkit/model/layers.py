@@ -100,14 +100,14 @@ class AbsolutePosition(nn.Module):
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq (hd/2,) float32, cos/sin scale) of RoPE, with transformers' scalings for longer contexts:
 
-        linear        every frequency / factor (position interpolation, Chen et al. 2023)
-        dynamic       NTK-aware: the base grows with the length beyond the original context (computed per call)
-        llama3        low frequencies / factor, high ones kept, a smooth ramp between (Llama 3.1)
-        yarn          per-frequency ramp between interpolation and extrapolation, cos/sin scaled (Peng et al. 2023)
-        freq_factors  llama.cpp's `rope_freqs` tensor: frequency i / factors[i]
+    linear        every frequency / factor (position interpolation, Chen et al. 2023)
+    dynamic       NTK-aware: the base grows with the length beyond the original context (computed per call)
+    llama3        low frequencies / factor, high ones kept, a smooth ramp between (Llama 3.1)
+    yarn          per-frequency ramp between interpolation and extrapolation, cos/sin scaled (Peng et al. 2023)
+    freq_factors  llama.cpp's `rope_freqs` tensor: frequency i / factors[i]
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (hd/2,)
-    inv = 1.0 / (theta ** exponents)
+    inv = 1.0 / (theta**exponents)
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
         return inv, 1.0
@@ -121,7 +121,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, s
         if seq_len is None or seq_len <= original:
             return inv, 1.0
         base = theta * ((factor * torch.tensor(float(seq_len)) / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
-        return 1.0 / (base ** exponents), 1.0
+        return 1.0 / (base**exponents), 1.0
     if kind == "llama3":
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         wavelen = 2 * math.pi / inv
@@ -151,7 +151,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, s
     hi = hi + 0.001 if lo == hi else hi
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1: keep the frequency (high ones), 0: interpolate it (low ones)
-    pos_freqs = theta ** exponents
+    pos_freqs = theta**exponents
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     return inv, float(attention_factor)
 
@@ -219,8 +219,9 @@ class RelativePositionBias(nn.Module):
         else:
             distance = -torch.clamp(relative, max=0)
         exact = n_buckets // 2
-        log_bucket = exact + (torch.log(distance.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
-                              * (n_buckets - exact)).long()
+        log_bucket = (
+            exact + (torch.log(distance.float().clamp(min=1) / exact) / math.log(self.max_distance / exact) * (n_buckets - exact)).long()
+        )
         log_bucket = torch.clamp(log_bucket, max=n_buckets - 1)
         return out + torch.where(distance < exact, distance, log_bucket)
 
@@ -234,8 +235,17 @@ class RelativePositionBias(nn.Module):
 # --- masks -----------------------------------------------------------------------------------------------
 
 
-def attention_bias(q_len: int, k_len: int, *, causal: bool, key_padding: torch.Tensor | None = None, offset: int = 0,
-                   position_bias: torch.Tensor | None = None, dtype=torch.float32, device=None) -> torch.Tensor | None:
+def attention_bias(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding: torch.Tensor | None = None,
+    offset: int = 0,
+    position_bias: torch.Tensor | None = None,
+    dtype=torch.float32,
+    device=None,
+) -> torch.Tensor | None:
     """Additive mask (B|1, nh|1, Tq, Tk), or None when every query may see every key.
 
     `key_padding` is (B, Tk) with 1 for real tokens and 0 for padding, or (B, Tq, Tk) with 1 where query i may see
@@ -276,16 +286,18 @@ class KVCache:
         self.max_len, self.pos = max_len, 0
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, batch: int, max_len: int | None = None, *, n_layers: int | None = None, dtype=torch.float32, device=None):
+    def for_model(
+        cls, cfg: ModelConfig, batch: int, max_len: int | None = None, *, n_layers: int | None = None, dtype=torch.float32, device=None
+    ):
         return cls(n_layers or cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, dtype=dtype, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full ({self.pos} + {T})")
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]  # (B, nkv, pos+T, hd)
+        self.k[layer][:, :, self.pos : self.pos + T] = k
+        self.v[layer][:, :, self.pos : self.pos + T] = v
+        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]  # (B, nkv, pos+T, hd)
 
     def advance(self, n: int) -> None:
         self.pos += n
@@ -321,9 +333,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                is_causal: bool = False, rope: tuple | None = None, cache: KVCache | None = None, layer: int = 0,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         if context is not None and cache is not None and cache.cross[layer] is not None:
@@ -358,17 +379,29 @@ class Attention(nn.Module):
             y = (weights @ v.float()).to(q.dtype)  # (B, nh, T, hd)
         else:
             extra = {"enable_gqa": True} if share_kv else {}
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=is_causal and bias is None, scale=self.scale, **extra)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if bias is None else bias.to(q.dtype),
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal and bias is None,
+                scale=self.scale,
+                **extra,
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y), weights
 
 
 # --- feed-forward ----------------------------------------------------------------------------------------
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-               "swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 class MLP(nn.Module):
@@ -393,8 +426,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One layer: self-attention, (cross-attention), feed-forward, each wrapped in a residual and a norm.
 
-        pre-norm (GPT-2, Llama, T5):   x = x + f(norm(x))
-        post-norm (Vaswani, BERT):     x = norm(x + f(x))
+    pre-norm (GPT-2, Llama, T5):   x = x + f(norm(x))
+    post-norm (Vaswani, BERT):     x = norm(x + f(x))
     """
 
     def __init__(self, cfg: ModelConfig, cross: bool = False):
@@ -419,12 +452,17 @@ class Block(nn.Module):
             x = x.clamp(-bound, bound)
         return x, w
 
-    def forward(self, x, *, bias=None, is_causal=False, rope=None, cache=None, layer=0, context=None, context_bias=None,
-                need_weights=False):
-        x, w = self._residual(x, self.attn_norm, lambda h: self.attn(h, bias=bias, is_causal=is_causal, rope=rope, cache=cache,
-                                                                    layer=layer, need_weights=need_weights))
+    def forward(
+        self, x, *, bias=None, is_causal=False, rope=None, cache=None, layer=0, context=None, context_bias=None, need_weights=False
+    ):
+        x, w = self._residual(
+            x,
+            self.attn_norm,
+            lambda h: self.attn(h, bias=bias, is_causal=is_causal, rope=rope, cache=cache, layer=layer, need_weights=need_weights),
+        )
         if self.cross_attn is not None:
-            x, _ = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, context=context, bias=context_bias, cache=cache,
-                                                                               layer=layer))
+            x, _ = self._residual(
+                x, self.cross_norm, lambda h: self.cross_attn(h, context=context, bias=context_bias, cache=cache, layer=layer)
+            )
         x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
         return x, w

@@ -62,49 +62,116 @@ def rope_scaling_from_hf(hf: dict) -> tuple[dict | None, int]:
 def config_from_hf(hf: dict) -> ModelConfig:
     t = hf.get("model_type")
     if t == "gpt2":
-        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[hf.get("activation_function", "gelu_new")]
-        return ModelConfig(family="decoder", vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                           d_ff=hf.get("n_inner") or 4 * hf["n_embd"], max_seq_len=hf["n_positions"], position="learned", activation=act,
-                           norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre", bias=True,
-                           tie_embeddings=hf.get("tie_word_embeddings", True), bos_token_id=hf.get("bos_token_id"),
-                           eos_token_id=hf.get("eos_token_id"), extra={"hf_model_type": t})
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}[
+            hf.get("activation_function", "gelu_new")
+        ]
+        return ModelConfig(
+            family="decoder",
+            vocab_size=hf["vocab_size"],
+            d_model=hf["n_embd"],
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_seq_len=hf["n_positions"],
+            position="learned",
+            activation=act,
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            norm_position="pre",
+            bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            extra={"hf_model_type": t},
+        )
     if t == "llama":
         d, nh = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("hidden_act", "silu") != "silu":
             raise LlmkitError(f"Llama hidden_act {hf['hidden_act']!r} is not supported", "use a Llama with SiLU (SwiGLU) feed-forward")
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):  # transformers' defaults: both False
-            raise LlmkitError("a Llama config with biases on attention but not on the feed-forward (or the reverse) is not supported",
-                              "use attention_bias == mlp_bias")
+            raise LlmkitError(
+                "a Llama config with biases on attention but not on the feed-forward (or the reverse) is not supported",
+                "use attention_bias == mlp_bias",
+            )
         scaling, context = rope_scaling_from_hf(hf)
-        return ModelConfig(family="decoder", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=nh,
-                           n_kv_heads=hf.get("num_key_value_heads") or nh, head_dim=hf.get("head_dim") or d // nh, d_ff=hf["intermediate_size"],
-                           max_seq_len=context, position="rope", rope_theta=_rope_theta(hf), rope_scaling=scaling,
-                           activation="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_position="pre",
-                           bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
-                           bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), extra={"hf_model_type": t})
+        return ModelConfig(
+            family="decoder",
+            vocab_size=hf["vocab_size"],
+            d_model=d,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=nh,
+            n_kv_heads=hf.get("num_key_value_heads") or nh,
+            head_dim=hf.get("head_dim") or d // nh,
+            d_ff=hf["intermediate_size"],
+            max_seq_len=context,
+            position="rope",
+            rope_theta=_rope_theta(hf),
+            rope_scaling=scaling,
+            activation="swiglu",
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            norm_position="pre",
+            bias=bool(hf.get("attention_bias", False)),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            extra={"hf_model_type": t},
+        )
     if t == "bert":
-        return ModelConfig(family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                           n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
-                           position="learned", activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hf.get("hidden_act", "gelu")],
-                           norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", bias=True,
-                           type_vocab_size=hf.get("type_vocab_size", 2), embedding_norm=True, lm_head_bias=True, mlm_transform=True,
-                           tie_embeddings=hf.get("tie_word_embeddings", True), pad_token_id=hf.get("pad_token_id") or 0,
-                           extra={"hf_model_type": t})
+        return ModelConfig(
+            family="encoder",
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            d_ff=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"],
+            position="learned",
+            activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hf.get("hidden_act", "gelu")],
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_eps", 1e-12),
+            norm_position="post",
+            bias=True,
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            embedding_norm=True,
+            lm_head_bias=True,
+            mlm_transform=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            pad_token_id=hf.get("pad_token_id") or 0,
+            extra={"hf_model_type": t},
+        )
     if t == "t5":
         proj = hf.get("feed_forward_proj", "relu")
         act = {"relu": "relu", "gated-gelu": "geglu"}.get(proj)
         if act is None:
             raise LlmkitError(f"T5 feed_forward_proj {proj!r} is not supported", "use a T5 with relu or gated-gelu feed-forward")
-        return ModelConfig(family="encoder-decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["num_layers"],
-                           n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], n_heads=hf["num_heads"], head_dim=hf["d_kv"],
-                           d_ff=hf["d_ff"], max_seq_len=hf.get("n_positions", 512), position="relative",
-                           relative_buckets=hf.get("relative_attention_num_buckets", 32),
-                           relative_max_distance=hf.get("relative_attention_max_distance", 128), activation=act, norm="rmsnorm",
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_position="pre", bias=False, attn_scale=1.0,
-                           tie_embeddings=hf.get("tie_word_embeddings", True), fp16_clamp=True,
-                           scale_decoder_outputs=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
-                           pad_token_id=hf.get("pad_token_id", 0), eos_token_id=hf.get("eos_token_id"),
-                           decoder_start_token_id=hf.get("decoder_start_token_id", 0), extra={"hf_model_type": t})
+        return ModelConfig(
+            family="encoder-decoder",
+            vocab_size=hf["vocab_size"],
+            d_model=hf["d_model"],
+            n_layers=hf["num_layers"],
+            n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+            n_heads=hf["num_heads"],
+            head_dim=hf["d_kv"],
+            d_ff=hf["d_ff"],
+            max_seq_len=hf.get("n_positions", 512),
+            position="relative",
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128),
+            activation=act,
+            norm="rmsnorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+            norm_position="pre",
+            bias=False,
+            attn_scale=1.0,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            fp16_clamp=True,
+            scale_decoder_outputs=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
+            pad_token_id=hf.get("pad_token_id", 0),
+            eos_token_id=hf.get("eos_token_id"),
+            decoder_start_token_id=hf.get("decoder_start_token_id", 0),
+            extra={"hf_model_type": t},
+        )
     raise LlmkitError(f"Hugging Face model type {t!r} is not supported", "use a GPT-2, BERT, Llama or T5 checkpoint")
 
 
@@ -230,10 +297,20 @@ def check_state_names(model: torch.nn.Module, shapes: dict[str, tuple], *, sourc
     unexpected = [k for k in shapes if k not in own]
     wrong = [f"{k}: {tuple(shapes[k])} vs {tuple(own[k].shape)}" for k in shapes if k in own and tuple(shapes[k]) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
-                                         f"shape mismatch {wrong[:3]}" if wrong else ""]))
-        raise LlmkitError(f"the weights in {source} do not fit the model ({detail})",
-                          "check that the checkpoint and its config.json belong together (re-export or re-train it)")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:4]}" if missing else "",
+                    f"unexpected {unexpected[:4]}" if unexpected else "",
+                    f"shape mismatch {wrong[:3]}" if wrong else "",
+                ],
+            )
+        )
+        raise LlmkitError(
+            f"the weights in {source} do not fit the model ({detail})",
+            "check that the checkpoint and its config.json belong together (re-export or re-train it)",
+        )
 
 
 def copy_tensors(model: torch.nn.Module, items) -> None:
@@ -284,7 +361,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise LlmkitError(f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it") from None
+        raise LlmkitError(
+            f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it"
+        ) from None
 
 
 def _safetensors_keys(path: Path) -> dict[str, tuple]:
@@ -295,7 +374,9 @@ def _safetensors_keys(path: Path) -> dict[str, tuple]:
         with safe_open(str(path), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise LlmkitError(f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it") from None
+        raise LlmkitError(
+            f"{path} is not a readable safetensors file ({e})", "the file is corrupt or truncated: re-save or re-download it"
+        ) from None
 
 
 def _stream_safetensors(path: Path):
@@ -330,7 +411,9 @@ def _load_hf(directory: Path, hf: dict, dtype=None) -> torch.nn.Module:
             cfg.extra["generation_eos_token_id"] = eos
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise LlmkitError(f"{directory} has no .safetensors weights", "convert the checkpoint to safetensors (llmkit never unpickles .bin files)")
+        raise LlmkitError(
+            f"{directory} has no .safetensors weights", "convert the checkpoint to safetensors (llmkit never unpickles .bin files)"
+        )
     model_type = cfg.extra["hf_model_type"]
     # our names and shapes, from the files' headers (meta tensors: nothing is read yet)
     shapes = {}
@@ -391,8 +474,11 @@ def _gguf_rope_scaling(fields: dict, rope_freqs: torch.Tensor | None, context: i
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        return {"rope_type": "yarn", "factor": factor,
-                "original_max_position_embeddings": fields.get("llama.rope.scaling.original_context_length") or context}
+        return {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": fields.get("llama.rope.scaling.original_context_length") or context,
+        }
     raise LlmkitError(f"GGUF RoPE scaling {kind!r} is not implemented", "use a GGUF with linear or yarn scaling, rope_freqs, or none")
 
 
@@ -407,7 +493,9 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
-        raise LlmkitError(f"{path} is not a readable GGUF file ({e})", "the file is corrupt or truncated: re-download or re-install it") from None
+        raise LlmkitError(
+            f"{path} is not a readable GGUF file ({e})", "the file is corrupt or truncated: re-download or re-install it"
+        ) from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
     if arch != "llama":
@@ -421,19 +509,41 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     if rope_freqs is not None:
         rope_freqs = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).copy())
     context = g("context_length", 2048)
-    cfg = ModelConfig(family="decoder", vocab_size=g("vocab_size") or len(tokens), d_model=d, n_layers=g("block_count"), n_heads=nh,
-                      n_kv_heads=g("attention.head_count_kv") or nh, head_dim=g("attention.key_length") or d // nh,
-                      d_ff=g("feed_forward_length"), max_seq_len=context, position="rope",
-                      rope_theta=g("rope.freq_base", 10000.0), rope_scaling=_gguf_rope_scaling(fields, rope_freqs, context),
-                      activation="swiglu", norm="rmsnorm",
-                      norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), norm_position="pre", bias=False,
-                      bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
-                      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-                      extra={"source": "gguf", "name": fields.get("general.name")})
+    cfg = ModelConfig(
+        family="decoder",
+        vocab_size=g("vocab_size") or len(tokens),
+        d_model=d,
+        n_layers=g("block_count"),
+        n_heads=nh,
+        n_kv_heads=g("attention.head_count_kv") or nh,
+        head_dim=g("attention.key_length") or d // nh,
+        d_ff=g("feed_forward_length"),
+        max_seq_len=context,
+        position="rope",
+        rope_theta=g("rope.freq_base", 10000.0),
+        rope_scaling=_gguf_rope_scaling(fields, rope_freqs, context),
+        activation="swiglu",
+        norm="rmsnorm",
+        norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5),
+        norm_position="pre",
+        bias=False,
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
+        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        extra={"source": "gguf", "name": fields.get("general.name")},
+    )
     names = {"token_embd.weight": "embed.tokens.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
-    per_layer = {"attn_norm": "attn_norm.weight", "attn_q": "attn.q_proj.weight", "attn_k": "attn.k_proj.weight",
-                 "attn_v": "attn.v_proj.weight", "attn_output": "attn.o_proj.weight", "ffn_norm": "mlp_norm.weight",
-                 "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight"}
+    per_layer = {
+        "attn_norm": "attn_norm.weight",
+        "attn_q": "attn.q_proj.weight",
+        "attn_k": "attn.k_proj.weight",
+        "attn_v": "attn.v_proj.weight",
+        "attn_output": "attn.o_proj.weight",
+        "ffn_norm": "mlp_norm.weight",
+        "ffn_gate": "mlp.gate_proj.weight",
+        "ffn_up": "mlp.up_proj.weight",
+        "ffn_down": "mlp.down_proj.weight",
+    }
     ours = {}
     for t in reader.tensors:
         m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
@@ -473,8 +583,10 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
     cfg = io.read_json(path / "adapter_config.json")
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise LlmkitError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)",
-                          "write the base model's name or path there (e.g. smollm2)")
+        raise LlmkitError(
+            f"{path}/adapter_config.json names no base model (base_model_name_or_path)",
+            "write the base model's name or path there (e.g. smollm2)",
+        )
     if Path(str(base)).resolve() == path.resolve():
         raise LlmkitError(f"{path}: the adapter names itself as its base model", "set base_model_name_or_path to the base model")
     model = load(base, device=device)
@@ -516,8 +628,12 @@ def sentence_config(path: Path) -> dict | None:
         kind = m.get("type", "")
         if kind.endswith("Pooling") and (path / m.get("path", "") / "config.json").exists():
             pooling = io.read_json(path / m["path"] / "config.json")
-            for key, name in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
-                              ("pooling_mode_lasttoken", "last"), ("pooling_mode_max_tokens", "max")):
+            for key, name in (
+                ("pooling_mode_mean_tokens", "mean"),
+                ("pooling_mode_cls_token", "cls"),
+                ("pooling_mode_lasttoken", "last"),
+                ("pooling_mode_max_tokens", "max"),
+            ):
                 if pooling.get(key):
                     out["pooling"] = name
                     break
@@ -548,12 +664,19 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
         if (path / "tokenizer.json").exists():
             tokenizer = Tokenizer.load(path)
     elif path.exists():
-        raise LlmkitError(f"{path} is neither a model folder (config.json + safetensors) nor a GGUF file", "point at a run folder, a Hugging Face folder or a .gguf file")
+        raise LlmkitError(
+            f"{path} is neither a model folder (config.json + safetensors) nor a GGUF file",
+            "point at a run folder, a Hugging Face folder or a .gguf file",
+        )
     else:
-        raise LlmkitError(f"no model at {spec!r}", f"give a run folder, a Hugging Face folder, a .gguf file, or one of: {', '.join(EMBEDDED)}")
+        raise LlmkitError(
+            f"no model at {spec!r}", f"give a run folder, a Hugging Face folder, a .gguf file, or one of: {', '.join(EMBEDDED)}"
+        )
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}",
-                          "use the tokenizer that was saved with this model")
+        raise LlmkitError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}",
+            "use the tokenizer that was saved with this model",
+        )
     model.tokenizer = tokenizer
     model.name_or_path = spec
     model.sentence_config = sentence_config(path) if path.is_dir() else None
@@ -577,7 +700,7 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
     out = []
     if cfg.scale_embeddings:
         out.append("scale_embeddings (token embeddings x sqrt(d_model))")
-    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim ** -0.5) > 1e-12:
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12:
         out.append(f"attn_scale {cfg.attn_scale} (transformers scales by 1/sqrt(head_dim))")
     if cfg.embedding_norm and arch != "bert":
         out.append("embedding_norm")
@@ -598,34 +721,88 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
 
 def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
     """The Hugging Face config.json that describes our model, or an error naming what has no HF equivalent."""
-    gpt2_like = (cfg.family == "decoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "pre"
-                 and cfg.bias and cfg.activation in ("gelu_tanh", "gelu", "relu") and cfg.n_kv_heads == cfg.n_heads and cfg.tie_embeddings)
-    llama_like = (cfg.family == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.norm_position == "pre"
-                  and cfg.activation == "swiglu")
-    bert_like = (cfg.family == "encoder" and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "post"
-                 and cfg.bias and cfg.embedding_norm and cfg.type_vocab_size > 0 and (cfg.mlm_transform and cfg.lm_head_bias or not mlm_head)
-                 and cfg.activation in ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"))
+    gpt2_like = (
+        cfg.family == "decoder"
+        and cfg.position == "learned"
+        and cfg.norm == "layernorm"
+        and cfg.norm_position == "pre"
+        and cfg.bias
+        and cfg.activation in ("gelu_tanh", "gelu", "relu")
+        and cfg.n_kv_heads == cfg.n_heads
+        and cfg.tie_embeddings
+    )
+    llama_like = (
+        cfg.family == "decoder"
+        and cfg.position == "rope"
+        and cfg.norm == "rmsnorm"
+        and cfg.norm_position == "pre"
+        and cfg.activation == "swiglu"
+    )
+    bert_like = (
+        cfg.family == "encoder"
+        and cfg.position == "learned"
+        and cfg.norm == "layernorm"
+        and cfg.norm_position == "post"
+        and cfg.bias
+        and cfg.embedding_norm
+        and cfg.type_vocab_size > 0
+        and (cfg.mlm_transform and cfg.lm_head_bias or not mlm_head)
+        and cfg.activation in ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+    )
     arch = "gpt2" if gpt2_like else "llama" if llama_like else "bert" if bert_like else None
     if arch is None:
-        raise LlmkitError(f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
-                          f"{cfg.activation})", "export GPT-2-like or Llama-like decoders and BERT-like encoders, or keep llmkit's own format")
+        raise LlmkitError(
+            f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
+            f"{cfg.activation})",
+            "export GPT-2-like or Llama-like decoders and BERT-like encoders, or keep llmkit's own format",
+        )
     blockers = _export_blockers(cfg, arch)
     if blockers:
-        raise LlmkitError(f"transformers' {arch} would run this model differently: {'; '.join(blockers)}",
-                          "keep llmkit's own format (llmkit.load reads it), or train without these settings")
+        raise LlmkitError(
+            f"transformers' {arch} would run this model differently: {'; '.join(blockers)}",
+            "keep llmkit's own format (llmkit.load reads it), or train without these settings",
+        )
     if gpt2_like:
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
-                "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len,
-                "activation_function": act, "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                "tie_word_embeddings": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_seq_len,
+            "activation_function": act,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": True,
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+        }
     if llama_like:
-        out = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-               "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-               "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
-               "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": cfg.bias,
-               "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
-               "eos_token_id": cfg.eos_token_id}
+        out = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.d_ff,
+            "max_position_embeddings": cfg.max_seq_len,
+            "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.norm_eps,
+            "hidden_act": "silu",
+            "attention_bias": cfg.bias,
+            "mlp_bias": cfg.bias,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+        }
         if cfg.rope_scaling:
             scaling = dict(cfg.rope_scaling)
             if scaling["rope_type"] == "dynamic":  # transformers' dynamic NTK starts growing at max_position_embeddings
@@ -633,11 +810,23 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
             out["rope_scaling"] = {**scaling, "rope_theta": cfg.rope_theta}
         return out
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
-    return {"model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff,
-            "hidden_act": act, "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
-            "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-            "pad_token_id": cfg.pad_token_id, "tie_word_embeddings": cfg.tie_embeddings}
+    return {
+        "model_type": "bert",
+        "architectures": ["BertForMaskedLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": act,
+        "max_position_embeddings": cfg.max_seq_len,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "pad_token_id": cfg.pad_token_id,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
 
 
 def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
@@ -662,8 +851,13 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=No
                 elif rest.startswith(("attn.k_proj", "attn.v_proj")):
                     continue
                 else:
-                    hf_rest = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
-                               "mlp.down_proj": "mlp.c_proj"}
+                    hf_rest = {
+                        "attn_norm": "ln_1",
+                        "mlp_norm": "ln_2",
+                        "attn.o_proj": "attn.c_proj",
+                        "mlp.up_proj": "mlp.c_fc",
+                        "mlp.down_proj": "mlp.c_proj",
+                    }
                     mod, kind = rest.rsplit(".", 1)
                     out[p + f"{hf_rest[mod]}.{kind}"] = v.t() if kind == "weight" and mod not in ("attn_norm", "mlp_norm") else v
             elif name == "embed.tokens.weight":
@@ -693,28 +887,35 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=No
 def _invert_name(model_type: str, name: str) -> str | None:
     """Our parameter name -> the Hugging Face name (Llama and BERT: one-to-one renames)."""
     if model_type == "llama":
-        rules = [(r"embed\.tokens\.weight", "model.embed_tokens.weight"), (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-                 (r"blocks\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-                 (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-                 (r"blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
-                 (r"norm\.weight", "model.norm.weight"), (r"lm_head\.weight", "lm_head.weight")]
+        rules = [
+            (r"embed\.tokens\.weight", "model.embed_tokens.weight"),
+            (r"blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+            (r"blocks\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+            (r"blocks\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+            (r"blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+            (r"norm\.weight", "model.norm.weight"),
+            (r"lm_head\.weight", "lm_head.weight"),
+        ]
     else:  # bert
-        rules = [(r"embed\.tokens\.weight", "bert.embeddings.word_embeddings.weight"),
-                 (r"embed\.position\.weight", "bert.embeddings.position_embeddings.weight"),
-                 (r"embed\.token_type\.weight", "bert.embeddings.token_type_embeddings.weight"),
-                 (r"embed\.norm\.(weight|bias)", r"bert.embeddings.LayerNorm.\1"),
-                 (r"blocks\.(\d+)\.attn\.q_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.query.\2"),
-                 (r"blocks\.(\d+)\.attn\.k_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.key.\2"),
-                 (r"blocks\.(\d+)\.attn\.v_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.value.\2"),
-                 (r"blocks\.(\d+)\.attn\.o_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.output.dense.\2"),
-                 (r"blocks\.(\d+)\.attn_norm\.(weight|bias)", r"bert.encoder.layer.\1.attention.output.LayerNorm.\2"),
-                 (r"blocks\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"bert.encoder.layer.\1.intermediate.dense.\2"),
-                 (r"blocks\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"bert.encoder.layer.\1.output.dense.\2"),
-                 (r"blocks\.(\d+)\.mlp_norm\.(weight|bias)", r"bert.encoder.layer.\1.output.LayerNorm.\2"),
-                 (r"pooler\.0\.(weight|bias)", r"bert.pooler.dense.\1"),
-                 (r"mlm_transform\.0\.(weight|bias)", r"cls.predictions.transform.dense.\1"),
-                 (r"mlm_transform\.2\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
-                 (r"lm_head\.weight", "cls.predictions.decoder.weight"), (r"lm_head\.bias", "cls.predictions.bias")]
+        rules = [
+            (r"embed\.tokens\.weight", "bert.embeddings.word_embeddings.weight"),
+            (r"embed\.position\.weight", "bert.embeddings.position_embeddings.weight"),
+            (r"embed\.token_type\.weight", "bert.embeddings.token_type_embeddings.weight"),
+            (r"embed\.norm\.(weight|bias)", r"bert.embeddings.LayerNorm.\1"),
+            (r"blocks\.(\d+)\.attn\.q_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.query.\2"),
+            (r"blocks\.(\d+)\.attn\.k_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.key.\2"),
+            (r"blocks\.(\d+)\.attn\.v_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.self.value.\2"),
+            (r"blocks\.(\d+)\.attn\.o_proj\.(weight|bias)", r"bert.encoder.layer.\1.attention.output.dense.\2"),
+            (r"blocks\.(\d+)\.attn_norm\.(weight|bias)", r"bert.encoder.layer.\1.attention.output.LayerNorm.\2"),
+            (r"blocks\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"bert.encoder.layer.\1.intermediate.dense.\2"),
+            (r"blocks\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"bert.encoder.layer.\1.output.dense.\2"),
+            (r"blocks\.(\d+)\.mlp_norm\.(weight|bias)", r"bert.encoder.layer.\1.output.LayerNorm.\2"),
+            (r"pooler\.0\.(weight|bias)", r"bert.pooler.dense.\1"),
+            (r"mlm_transform\.0\.(weight|bias)", r"cls.predictions.transform.dense.\1"),
+            (r"mlm_transform\.2\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
+            (r"lm_head\.weight", "cls.predictions.decoder.weight"),
+            (r"lm_head\.bias", "cls.predictions.bias"),
+        ]
     for pattern, template in rules:
         m = re.match(pattern + "$", name)
         if m:

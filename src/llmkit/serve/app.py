@@ -55,15 +55,37 @@ from llmkit.serve.protocol import (
 
 log = logging.getLogger("llmkit.serve")
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize",
-          "/detokenize", "/", "/applications", "/arena/battles", "/arena/votes", "/arena/leaderboard", "/ratings")
+ROUTES = (
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/tokenize",
+    "/detokenize",
+    "/",
+    "/applications",
+    "/arena/battles",
+    "/arena/votes",
+    "/arena/leaderboard",
+    "/ratings",
+)
 PUBLIC = ("/health", "/", "/favicon.ico")  # and the page's files under /ui/: no data, so the page can load and ask for the key
 WEB = Path(__file__).parent / "web"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None, counted: bool = False):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+        counted: bool = False,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
         self.counted = counted  # already in the error metrics (the engine counts what it reports)
@@ -102,8 +124,9 @@ class Served:
         family = model.config.family
         self.embedding = embedding or family == "encoder"
         self.context = model.config.max_seq_len
-        self.engine = None if self.embedding else Engine(model, name, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                                                         metrics=metrics)
+        self.engine = (
+            None if self.embedding else Engine(model, name, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
+        )
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"llmkit-embed-{name}") if self.embedding else None
         self.pending = 0  # embedding requests taken and not answered
         self.byte_level = _decoder_type(self.tok) == "ByteLevel"
@@ -185,8 +208,9 @@ class State:
                         model = loaded[spec]
                     elif isinstance(spec, str):
                         log.info("loading %s from %s", name, spec)
-                        model = loaded[spec] = llmkit.load(spec, dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None,
-                                                           quantize=self.settings.quantize)
+                        model = loaded[spec] = llmkit.load(
+                            spec, dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None, quantize=self.settings.quantize
+                        )
                     else:
                         model = spec
                     self.models[name] = Served(name, model, self.settings, self.metrics, embedding)
@@ -220,22 +244,39 @@ class State:
         if self.closing:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         if not self.ready.is_set():
-            raise APIError(503, self.load_error or "the models are still loading; retry in a few seconds", "server_error",
-                           code="loading", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                self.load_error or "the models are still loading; retry in a few seconds",
+                "server_error",
+                code="loading",
+                headers={"Retry-After": "5"},
+            )
 
     def get(self, name: str, *, embedding: bool) -> Served:
         self.check_ready()
         served = self.models.get(name)
         if served is None:
-            raise APIError(404, f"the model {name!r} does not exist; this server has: {', '.join(self.models)}", "invalid_request_error",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server has: {', '.join(self.models)}",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
         if embedding and not served.embedding:
-            raise APIError(400, f"the model {name!r} generates text; embed with an embedding model: "
-                           f"{', '.join(n for n, s in self.models.items() if s.embedding) or 'none is served (--embedding-model)'}",
-                           param="model")
+            raise APIError(
+                400,
+                f"the model {name!r} generates text; embed with an embedding model: "
+                f"{', '.join(n for n, s in self.models.items() if s.embedding) or 'none is served (--embedding-model)'}",
+                param="model",
+            )
         if not embedding and served.embedding:
-            raise APIError(400, f"the model {name!r} is an embedding model; use /v1/embeddings, or a generating model: "
-                           f"{', '.join(n for n, s in self.models.items() if not s.embedding) or 'none is served'}", param="model")
+            raise APIError(
+                400,
+                f"the model {name!r} is an embedding model; use /v1/embeddings, or a generating model: "
+                f"{', '.join(n for n, s in self.models.items() if not s.embedding) or 'none is served'}",
+                param="model",
+            )
         return served
 
 
@@ -250,8 +291,11 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings, metrics = self.state.settings, self.state.metrics
-        route = scope["path"] if scope["path"] in ROUTES else ("/v1/models" if scope["path"].startswith("/v1/models/") else
-                                                               "/ui" if scope["path"].startswith("/ui/") else "other")
+        route = (
+            scope["path"]
+            if scope["path"] in ROUTES
+            else ("/v1/models" if scope["path"].startswith("/v1/models/") else "/ui" if scope["path"].startswith("/ui/") else "other")
+        )
         started, status = time.monotonic(), [500]
 
         async def send_counted(message):
@@ -272,8 +316,15 @@ class Guard:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > settings.max_body:
                 metrics.errors.labels("too_large").inc()
-                return await _send_json(send_counted, 413, error_body(
-                    f"the body is {int(length)} bytes, more than the limit of {settings.max_body}", "invalid_request_error", code="body_too_large"))
+                return await _send_json(
+                    send_counted,
+                    413,
+                    error_body(
+                        f"the body is {int(length)} bytes, more than the limit of {settings.max_body}",
+                        "invalid_request_error",
+                        code="body_too_large",
+                    ),
+                )
             seen = [0]
 
             async def receive_counted():
@@ -301,7 +352,9 @@ async def _send_json(send, status: int, body: dict, headers: dict | None = None)
 # --- requests to the engine ------------------------------------------------------------------------------------------
 
 
-def _fit(served: Served, ids: list[int], requested: int | None, default: int | None, truncate: int | None, param: str) -> tuple[list[int], int]:
+def _fit(
+    served: Served, ids: list[int], requested: int | None, default: int | None, truncate: int | None, param: str
+) -> tuple[list[int], int]:
     """(prompt ids, new tokens): the prompt checked against the context (or cut, when the request asks), and max_tokens
     capped by the room left (the last new token is never fed back: P + N - 1 positions)."""
     C = served.context
@@ -317,9 +370,14 @@ def _fit(served: Served, ids: list[int], requested: int | None, default: int | N
         raise APIError(400, f"token id {bad} is outside the model's vocabulary (0..{limit - 1})", param=param)
     seq2seq = served.model.config.family == "encoder-decoder"
     if len(ids) > C:
-        raise APIError(400, f"the prompt is {len(ids)} tokens and the model's context is {C} tokens"
-                       f"; shorten the prompt, or send "
-                       f"truncate_prompt_tokens (-1 keeps the last tokens that fit)", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt is {len(ids)} tokens and the model's context is {C} tokens"
+            f"; shorten the prompt, or send "
+            f"truncate_prompt_tokens (-1 keeps the last tokens that fit)",
+            param=param,
+            code="context_length_exceeded",
+        )
     room = C if seq2seq else C - len(ids) + 1
     n = room if requested is None and default is None else (default if requested is None else requested)
     return ids, min(n, room)
@@ -327,9 +385,16 @@ def _fit(served: Served, ids: list[int], requested: int | None, default: int | N
 
 def used_settings(cfg: GenerationConfig) -> dict:
     """The sampling settings a generation really used (for the votes database)."""
-    return {"temperature": cfg.temperature if cfg.do_sample else 0.0, "top_p": cfg.top_p, "top_k": cfg.top_k,
-            "repetition_penalty": cfg.repetition_penalty, "presence_penalty": cfg.presence_penalty,
-            "frequency_penalty": cfg.frequency_penalty, "max_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    return {
+        "temperature": cfg.temperature if cfg.do_sample else 0.0,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "repetition_penalty": cfg.repetition_penalty,
+        "presence_penalty": cfg.presence_penalty,
+        "frequency_penalty": cfg.frequency_penalty,
+        "max_tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+    }
 
 
 def _config(body, max_new: int, seed: int | None, vocab: int, defaults: dict | None = None) -> GenerationConfig:
@@ -343,10 +408,20 @@ def _config(body, max_new: int, seed: int | None, vocab: int, defaults: dict | N
         if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
             raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1})", param="logit_bias")
         bias[int(key)] = value
-    cfg = GenerationConfig(logit_bias=bias or None, stop_token_ids=[] if body.ignore_eos else None,max_new_tokens=max_new, do_sample=temperature > 0, temperature=temperature, top_k=body.top_k,
-                           top_p=body.top_p, repetition_penalty=body.repetition_penalty or 1.0,
-                           presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                           stop_strings=body.stops(), seed=seed)
+    cfg = GenerationConfig(
+        logit_bias=bias or None,
+        stop_token_ids=[] if body.ignore_eos else None,
+        max_new_tokens=max_new,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        stop_strings=body.stops(),
+        seed=seed,
+    )
     try:
         cfg.check()
     except LlmkitError as e:
@@ -357,14 +432,14 @@ def _config(body, max_new: int, seed: int | None, vocab: int, defaults: dict | N
 class Job:
     """The engine requests of one API request (prompts × n choices) and the events they send back, on the event loop."""
 
-    def __init__(self, served: Served, prompts: list[list[int]], configs: list[GenerationConfig], logprobs: int | None,
-                 timeout: float):
+    def __init__(self, served: Served, prompts: list[list[int]], configs: list[GenerationConfig], logprobs: int | None, timeout: float):
         self.served = served
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + timeout
-        self.reqs = [EngineRequest(p, c, self._emitter(i), logprobs=logprobs, deadline=deadline)
-                     for i, (p, c) in enumerate(zip(prompts, configs))]
+        self.reqs = [
+            EngineRequest(p, c, self._emitter(i), logprobs=logprobs, deadline=deadline) for i, (p, c) in enumerate(zip(prompts, configs))
+        ]
         self.count = len(self.reqs)  # the choices, those answered without the engine (max_tokens 0) included
 
     def _emitter(self, index: int):
@@ -373,18 +448,28 @@ class Job:
                 self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
+
         return emit
 
     def submit(self) -> None:
         try:
             self.served.engine.submit(self.reqs)
         except TooMany as e:
-            raise APIError(400, f"the request asks for {e.asked} sequences (prompts x n) and this server runs and queues at most "
-                           f"{e.limit}; lower n or send fewer prompts", param="n") from None
+            raise APIError(
+                400,
+                f"the request asks for {e.asked} sequences (prompts x n) and this server runs and queues at most "
+                f"{e.limit}; lower n or send fewer prompts",
+                param="n",
+            ) from None
         except QueueFull as e:
-            raise APIError(429, f"the server is busy: {self.served.engine.running} requests run and the queue "
-                           f"({self.served.engine.max_queue}) is full; retry after {e.retry_after} s", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+            raise APIError(
+                429,
+                f"the server is busy: {self.served.engine.running} requests run and the queue "
+                f"({self.served.engine.max_queue}) is full; retry after {e.retry_after} s",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         except ShuttingDown:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down") from None
 
@@ -472,8 +557,13 @@ def _completion_logprobs(served: Served, tokens: list[tuple[int, tuple]], offset
 # --- the app ---------------------------------------------------------------------------------------------------------------
 
 
-def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[str, object]] = (), settings: Settings | None = None,
-               *, load_in_background: bool = True) -> FastAPI:
+def create_app(
+    models: list[tuple[str, object]],
+    embedding_models: list[tuple[str, object]] = (),
+    settings: Settings | None = None,
+    *,
+    load_in_background: bool = True,
+) -> FastAPI:
     """The API over `models` [(name, spec or loaded model)] and `embedding_models`. With `load_in_background`, the
     server answers at once (/health is 503 until the models are loaded)."""
     settings = settings or Settings()
@@ -494,7 +584,9 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         if not e.counted:
-            kind = {400: "bad_request", 404: "not_found", 429: "queue_full", 499: "cancelled", 503: "unavailable"}.get(e.status, "server_error")
+            kind = {400: "bad_request", 404: "not_found", 429: "queue_full", 499: "cancelled", 503: "unavailable"}.get(
+                e.status, "server_error"
+            )
             state.metrics.errors.labels(kind).inc()
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
@@ -507,8 +599,10 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, e: BodyTooLarge):
         state.metrics.errors.labels("too_large").inc()
-        return JSONResponse(error_body(f"the body is more than the limit of {settings.max_body} bytes", "invalid_request_error",
-                                       code="body_too_large"), status_code=413)
+        return JSONResponse(
+            error_body(f"the body is more than the limit of {settings.max_body} bytes", "invalid_request_error", code="body_too_large"),
+            status_code=413,
+        )
 
     @app.exception_handler(LlmkitError)
     async def llmkit_error(request: Request, e: LlmkitError):
@@ -541,8 +635,14 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         return Response(state.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card(served: Served) -> dict:
-        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "llmkit",
-                "max_model_len": served.context, "kind": "embedding" if served.embedding else "generation"}
+        return {
+            "id": served.name,
+            "object": "model",
+            "created": served.created,
+            "owned_by": "llmkit",
+            "max_model_len": served.context,
+            "kind": "embedding" if served.embedding else "generation",
+        }
 
     @app.get("/v1/models")
     async def list_models():
@@ -576,16 +676,29 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
             raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_completion_tokens")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids, max_new = _fit(served, prompt_of_messages(served, body.messages), body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-                            None, body.truncate_prompt_tokens, "messages")
+        ids, max_new = _fit(
+            served,
+            prompt_of_messages(served, body.messages),
+            body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+            None,
+            body.truncate_prompt_tokens,
+            "messages",
+        )
         log_request("chat", served, [ids], lambda: json.dumps([m.model_dump() for m in body.messages], ensure_ascii=False))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        configs = [_config(body, max_new, None if body.seed is None else body.seed + i, served.tok.id_limit, settings.sampling.get(served.name)) for i in range(body.n)]
+        configs = [
+            _config(body, max_new, None if body.seed is None else body.seed + i, served.tok.id_limit, settings.sampling.get(served.name))
+            for i in range(body.n)
+        ]
         record = None  # the page's answers (it sends its session) get an id, so that they can be rated
         if state.votes is not None and body.n == 1 and "x-llmkit-session" in request.headers:
             system = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer")) or None
-            record = {"model": served.name, "prompt": json.dumps([m.model_dump(exclude_none=True) for m in body.messages], ensure_ascii=False),
-                      "system": system, "settings": used_settings(configs[0])}
+            record = {
+                "model": served.name,
+                "prompt": json.dumps([m.model_dump(exclude_none=True) for m in body.messages], ensure_ascii=False),
+                "system": system,
+                "settings": used_settings(configs[0]),
+            }
         return await run_job(request, served, [ids] * body.n, configs, logprobs, chat=True, body=body, record=record)
 
     @app.post("/v1/completions")
@@ -603,15 +716,20 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         else:
             raise APIError(400, "the prompt is empty", param="prompt")
         if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (log-probabilities of the prompt) is not supported; use llmkit eval for scoring",
-                           param="echo")
+            raise APIError(
+                400, "echo with logprobs (log-probabilities of the prompt) is not supported; use llmkit eval for scoring", param="echo"
+            )
         fitted = [_fit(served, p, body.max_tokens, 16, body.truncate_prompt_tokens, "prompt") for p in prompts]
         log_request("completions", served, [p for p, _ in fitted], lambda: json.dumps(raw, ensure_ascii=False))
         all_prompts, configs = [], []
         for p, max_new in fitted:
             for i in range(body.n):
                 all_prompts.append(p)
-                configs.append(_config(body, max_new, None if body.seed is None else body.seed + i, served.tok.id_limit, settings.sampling.get(served.name)))
+                configs.append(
+                    _config(
+                        body, max_new, None if body.seed is None else body.seed + i, served.tok.id_limit, settings.sampling.get(served.name)
+                    )
+                )
         return await run_job(request, served, all_prompts, configs, body.logprobs, chat=False, body=body)
 
     async def run_job(request: Request, served: Served, prompts, configs, logprobs, *, chat: bool, body, record: dict | None = None):
@@ -628,8 +746,11 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         if job.reqs:
             job.submit()
         if body.stream:
-            return StreamingResponse(stream_job(job, served, rid, created, chat, body, prompts, echo, record),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream_job(job, served, rid, created, chat, body, prompts, echo, record),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         out, error = await _collect(job, request)
         if error is not None:
             raise error
@@ -637,23 +758,39 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         for i, o in enumerate(out):
             text = "".join(o["text"])
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text},
-                          "logprobs": _chat_logprobs(served, o["tokens"]) if logprobs is not None else None, "finish_reason": o["finish"]}
+                choice = {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": _chat_logprobs(served, o["tokens"]) if logprobs is not None else None,
+                    "finish_reason": o["finish"],
+                }
             else:
                 full = (echo[i] + text) if echo else text
-                choice = {"index": i, "text": full, "finish_reason": o["finish"],
-                          "logprobs": _completion_logprobs(served, o["tokens"], len(echo[i]) if echo else 0) if logprobs is not None else None}
+                choice = {
+                    "index": i,
+                    "text": full,
+                    "finish_reason": o["finish"],
+                    "logprobs": _completion_logprobs(served, o["tokens"], len(echo[i]) if echo else 0) if logprobs is not None else None,
+                }
             choices.append(choice)
-        prompt_tokens = sum(len(p) for p in prompts[::body.n])  # each prompt once, however many choices
+        prompt_tokens = sum(len(p) for p in prompts[:: body.n])  # each prompt once, however many choices
         completion_tokens = sum(o["usage"]["completion_tokens"] for o in out)
         extra = {"answer_id": state.keep_answer(answer=choices[0]["message"]["content"], **record)} if record else {}
-        return {**extra, "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": served.name,
-                "system_fingerprint": None, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+        return {
+            **extra,
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": served.name,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
 
     async def stream_job(job: Job, served: Served, rid: str, created: int, chat: bool, body, prompts, echo, record: dict | None = None):
         kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        prompt_tokens = sum(len(p) for p in prompts[::body.n])
+        prompt_tokens = sum(len(p) for p in prompts[:: body.n])
         completion_tokens, left = 0, len(prompts)
         offsets = [len(e) for e in echo] if echo else [0] * len(prompts)
 
@@ -684,7 +821,9 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
                         continue
                     logprobs = None
                     if token is not None and lp is not None:
-                        logprobs = _chat_logprobs(served, [(token, lp)]) if chat else _completion_logprobs(served, [(token, lp)], offsets[i])
+                        logprobs = (
+                            _chat_logprobs(served, [(token, lp)]) if chat else _completion_logprobs(served, [(token, lp)], offsets[i])
+                        )
                     if not piece and logprobs is None:
                         continue
                     offsets[i] += len(piece)
@@ -702,8 +841,17 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
                     break
             else:
                 if include_usage:
-                    yield _sse({"id": rid, "object": kind, "created": created, "model": served.name, "system_fingerprint": None,
-                                "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": kind,
+                            "created": created,
+                            "model": served.name,
+                            "system_fingerprint": None,
+                            "choices": [],
+                            "usage": _usage(prompt_tokens, completion_tokens),
+                        }
+                    )
             yield _sse("[DONE]")
         finally:  # the client left mid-stream (the task is cancelled) or the stream ended: free the slots
             job.withdraw()
@@ -729,20 +877,28 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
             if not ids or (isinstance(t, str) and not t):
                 raise APIError(400, f"input {i} is empty", param="input")
             if len(ids) > limit:
-                raise APIError(400, f"input {i} is {len(ids)} tokens, more than the model's limit of {limit}; shorten it or split it",
-                               param="input", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"input {i} is {len(ids)} tokens, more than the model's limit of {limit}; shorten it or split it",
+                    param="input",
+                    code="context_length_exceeded",
+                )
             bad = next((x for x in ids if x < 0 or x >= served.model.config.vocab_size), None)
             if bad is not None:
                 raise APIError(400, f"input {i}: token id {bad} is outside the model's vocabulary", param="input")
             encoded.append(ids)
         D = served.model.config.d_model
         if body.dimensions is not None and body.dimensions != D:
-            raise APIError(400, f"the model {served.name!r} makes {D}-dimensional vectors; dimensions {body.dimensions} is not supported",
-                           param="dimensions")
+            raise APIError(
+                400,
+                f"the model {served.name!r} makes {D}-dimensional vectors; dimensions {body.dimensions} is not supported",
+                param="dimensions",
+            )
         if served.pending >= settings.max_queue + 1:  # one running, max_queue waiting
             state.metrics.errors.labels("queue_full").inc()
-            raise APIError(429, "the embedding queue is full; retry in a second", "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                429, "the embedding queue is full; retry in a second", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+            )
         served.pending += 1
         try:
             vectors = await asyncio.get_running_loop().run_in_executor(served.pool, lambda: embed_ids(served.model, encoded))
@@ -759,8 +915,9 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         state.check_ready()
         served = state.models.get(name)
         if served is None:
-            raise APIError(404, f"the model {name!r} does not exist; this server has: {', '.join(state.models)}", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404, f"the model {name!r} does not exist; this server has: {', '.join(state.models)}", param="model", code="model_not_found"
+            )
         return served
 
     @app.post("/tokenize")
@@ -768,8 +925,11 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         served = any_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send either prompt or messages", param="prompt")
-        ids = (served.tok.encode(body.prompt, add_special_tokens=body.add_special_tokens) if body.prompt is not None
-               else prompt_of_messages(served, body.messages))
+        ids = (
+            served.tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            if body.prompt is not None
+            else prompt_of_messages(served, body.messages)
+        )
         return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
 
     @app.post("/detokenize")
@@ -784,8 +944,13 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
     @app.get("/", include_in_schema=False)
     async def page():
         # the page loads only its own files and talks only to this server, whatever a model writes
-        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache", "Content-Security-Policy":
-                            "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"})
+        return FileResponse(
+            WEB / "index.html",
+            headers={
+                "Cache-Control": "no-cache",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+            },
+        )
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():
@@ -801,9 +966,16 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
         fields = {**fields, **settings.sampling.get(served.name, {})}  # the served name's own settings win
         ids, max_new = _fit(served, chat_prompt_ids(served.tok, messages), fields.get("max_tokens"), None, None, "prompt")
         temperature = fields.get("temperature", 1.0)
-        cfg = GenerationConfig(max_new_tokens=max_new, do_sample=temperature > 0, temperature=temperature, top_p=fields.get("top_p"),
-                               top_k=fields.get("top_k"), repetition_penalty=fields.get("repetition_penalty", 1.0),
-                               presence_penalty=fields.get("presence_penalty", 0.0), frequency_penalty=fields.get("frequency_penalty", 0.0))
+        cfg = GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=temperature > 0,
+            temperature=temperature,
+            top_p=fields.get("top_p"),
+            top_k=fields.get("top_k"),
+            repetition_penalty=fields.get("repetition_penalty", 1.0),
+            presence_penalty=fields.get("presence_penalty", 0.0),
+            frequency_penalty=fields.get("frequency_penalty", 0.0),
+        )
         try:
             cfg.check()
         except LlmkitError as e:
@@ -832,8 +1004,13 @@ def create_app(models: list[tuple[str, object]], embedding_models: list[tuple[st
     if settings.cors_origins:  # outside the guard: its 401 and 413 answers carry the CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["*"], expose_headers=["Retry-After"])  # the openai JS client sends x-stainless-* headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+        )  # the openai JS client sends x-stainless-* headers
     return app
 
 

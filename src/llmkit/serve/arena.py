@@ -86,8 +86,13 @@ class Limiter:
             times.popleft()
         if len(times) >= self.per_minute:
             wait = max(1, int(times[0] + 60 - now) + 1)
-            raise APIError(429, f"too many {self.what} from this client: at most {self.per_minute} a minute", "rate_limit_error",
-                           code="vote_rate_limit" if self.what == "votes" else "battle_rate_limit", headers={"Retry-After": str(wait)})
+            raise APIError(
+                429,
+                f"too many {self.what} from this client: at most {self.per_minute} a minute",
+                "rate_limit_error",
+                code="vote_rate_limit" if self.what == "votes" else "battle_rate_limit",
+                headers={"Retry-After": str(wait)},
+            )
         times.append(now)
 
 
@@ -120,8 +125,7 @@ def add_routes(app: FastAPI, state, settings, run) -> None:
         battles.check(client_of(request))
         names = [n for n, s in state.models.items() if not s.embedding]
         if len(names) < 2:
-            raise APIError(400, f"a battle needs two generating models and this server has {len(names)}",
-                           code="arena_needs_two_models")
+            raise APIError(400, f"a battle needs two generating models and this server has {len(names)}", code="arena_needs_two_models")
         pair = random.SystemRandom().sample(names, 2)
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [{"role": "user", "content": body.prompt}]
         fields = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p}
@@ -137,7 +141,9 @@ def add_routes(app: FastAPI, state, settings, run) -> None:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001  (any failure ends the battle with an error, never a truncated answer)
-                await queue.put((side, ("error", e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error"))))
+                await queue.put(
+                    (side, ("error", e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")))
+                )
             finally:
                 await queue.put((side, ("end", None)))
 
@@ -185,13 +191,22 @@ def add_routes(app: FastAPI, state, settings, run) -> None:
                     raise error
                 settings = {"request": fields, "a": used["a"], "b": used["b"]}
                 battle_id, _, _ = await asyncio.to_thread(
-                    store.add_battle, prompt=body.prompt, system=body.system, settings=settings, model_a=pair[0], model_b=pair[1],
-                    answer_a=texts["a"], answer_b=texts["b"], session=session)
+                    store.add_battle,
+                    prompt=body.prompt,
+                    system=body.system,
+                    settings=settings,
+                    model_a=pair[0],
+                    model_b=pair[1],
+                    answer_a=texts["a"],
+                    answer_b=texts["b"],
+                    session=session,
+                )
                 yield {"battle_id": battle_id, "a": {"text": texts["a"]}, "b": {"text": texts["b"]}}
             finally:
                 await close_all(tasks)
 
         if stream:
+
             async def sse():
                 try:
                     async for event in events():
@@ -238,8 +253,16 @@ def add_routes(app: FastAPI, state, settings, run) -> None:
         session = session_of(request)
         limiter.check(client_of(request))
         try:
-            model = await asyncio.to_thread(store.rate, body.answer_id, body.score, correctness=body.correctness, fluency=body.fluency,
-                                            comment=body.comment, session=session, answer=state.answers.get(body.answer_id))
+            model = await asyncio.to_thread(
+                store.rate,
+                body.answer_id,
+                body.score,
+                correctness=body.correctness,
+                fluency=body.fluency,
+                comment=body.comment,
+                session=session,
+                answer=state.answers.get(body.answer_id),
+            )
         except VoteError as e:
             raise vote_error(e) from None
         return {"answer_id": body.answer_id, "model": model, "saved": True}

@@ -44,8 +44,9 @@ class BackgroundServer:
         self.thread.join(30)
 
 
-def chat_screenshot(base_url: str, path: str | Path, question: str, *, model: str | None = None, max_tokens: int = 60,
-                    timeout_s: float = 180) -> str:
+def chat_screenshot(
+    base_url: str, path: str | Path, question: str, *, model: str | None = None, max_tokens: int = 60, timeout_s: float = 180
+) -> str:
     """Open the page, ask `question` in the chat (greedy), wait for the whole answer, screenshot the page to `path`;
     returns the answer's text."""
     from playwright.sync_api import sync_playwright
@@ -53,7 +54,9 @@ def chat_screenshot(base_url: str, path: str | Path, question: str, *, model: st
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=find_chromium(), headless=True, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 760}, bypass_csp=True)  # the test harness evaluates JS; the page needs no eval
+            page = browser.new_page(
+                viewport={"width": 1200, "height": 760}, bypass_csp=True
+            )  # the test harness evaluates JS; the page needs no eval
             page.goto(base_url + "/")
             page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')", timeout=timeout_s * 1000)
             if model:
@@ -62,8 +65,9 @@ def chat_screenshot(base_url: str, path: str | Path, question: str, *, model: st
             page.fill("#chat-max-tokens", str(max_tokens))
             page.fill("#chat-input", question)
             page.click("#chat-send")
-            page.wait_for_function("!document.getElementById('chat-send').disabled && document.querySelector('.msg.assistant')",
-                                   timeout=timeout_s * 1000)
+            page.wait_for_function(
+                "!document.getElementById('chat-send').disabled && document.querySelector('.msg.assistant')", timeout=timeout_s * 1000
+            )
             answer = page.inner_text(".msg.assistant .body")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(path))

@@ -89,10 +89,11 @@ class _Row:
 class Engine:
     """Owns `model` (a decoder or an encoder-decoder) on a worker thread; `submit` requests, get events back."""
 
-    def __init__(self, model, name: str, *, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 4096,
-                 metrics=None):
+    def __init__(self, model, name: str, *, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 4096, metrics=None):
         if max_batch < 1 or max_queue < 0:
-            raise LlmkitError(f"max_batch {max_batch} / max_queue {max_queue} are not valid", "use --max-batch 1 or more and --max-queue 0 or more")
+            raise LlmkitError(
+                f"max_batch {max_batch} / max_queue {max_queue} are not valid", "use --max-batch 1 or more and --max-queue 0 or more"
+            )
         self.model, self.name, self.tok = model, name, model.tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.metrics = metrics
@@ -254,7 +255,7 @@ class Engine:
                 v[i][:b, :, :w] = self._v[i][:b, :, :w]
         mask = torch.zeros(self.max_batch, cap, dtype=torch.long, device=self.device)
         if self._cap and self.rows:
-            mask[:, :self.width] = self.mask[:, :self.width]
+            mask[:, : self.width] = self.mask[:, : self.width]
         self._k, self._v, self.mask, self._cap = k, v, mask, cap
 
     def _shift(self, by: int) -> None:
@@ -262,15 +263,15 @@ class Engine:
         b, w = len(self.rows), self.width
         for t in self._k + self._v:
             if by < 0:
-                t[:b, :, :w + by] = t[:b, :, -by:w].clone()
+                t[:b, :, : w + by] = t[:b, :, -by:w].clone()
             else:
-                t[:b, :, by:w + by] = t[:b, :, :w].clone()
+                t[:b, :, by : w + by] = t[:b, :, :w].clone()
                 t[:b, :, :by] = 0
         if by < 0:
-            self.mask[:, :w + by] = self.mask[:, -by:w].clone()
-            self.mask[:, w + by:w] = 0
+            self.mask[:, : w + by] = self.mask[:, -by:w].clone()
+            self.mask[:, w + by : w] = 0
         else:
-            self.mask[:, by:w + by] = self.mask[:, :w].clone()
+            self.mask[:, by : w + by] = self.mask[:, :w].clone()
             self.mask[:, :by] = 0
         for row in self.rows:
             row.start += by
@@ -324,14 +325,20 @@ class Engine:
             ids = torch.full((n, P), self.tok.pad_id if self.tok.pad_id is not None else 0, dtype=torch.long)
             mask = torch.zeros(n, P, dtype=torch.long)
             for i, r in enumerate(reqs):
-                ids[i, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-                mask[i, P - len(r.prompt_ids):] = 1
+                ids[i, P - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+                mask[i, P - len(r.prompt_ids) :] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             plain = n == 1  # one prompt, no padding: the causal fast path, exactly as `llmkit generate` computes it
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = self.model.new_cache(n, P)
-            new_logits = self.model(ids, attention_mask=None if plain else mask, cache=cache, position_ids=None if plain else positions,
-                                    last_only=True, check_ids=False)[:, -1]
+            new_logits = self.model(
+                ids,
+                attention_mask=None if plain else mask,
+                cache=cache,
+                position_ids=None if plain else positions,
+                last_only=True,
+                check_ids=False,
+            )[:, -1]
         except Exception as e:  # noqa: BLE001  (these requests fail; the batch goes on)
             log.exception("engine %s: a prefill failed", self.name)
             for r in reqs:
@@ -348,10 +355,10 @@ class Engine:
             self._shift(P - self.width)
         b, w = len(self.rows), self.width
         for i in range(len(self._k)):
-            self._k[i][b:b + n, :, w - P:w] = cache.k[i]
-            self._v[i][b:b + n, :, w - P:w] = cache.v[i]
-        self.mask[b:b + n] = 0
-        self.mask[b:b + n, w - P:w] = mask
+            self._k[i][b : b + n, :, w - P : w] = cache.k[i]
+            self._v[i][b : b + n, :, w - P : w] = cache.v[i]
+        self.mask[b : b + n] = 0
+        self.mask[b : b + n, w - P : w] = mask
         configs = [r.config for r in reqs]
         if not self.rows:
             self.sampler = Sampler(configs, self.n_valid, self.device, generators=gens)
@@ -376,7 +383,7 @@ class Engine:
         want = [r.req.logprobs for r in self.rows]
         if all(k is None for k in want):
             return [None] * len(want)
-        lp = logits[:, :self.n_valid].float().log_softmax(-1)
+        lp = logits[:, : self.n_valid].float().log_softmax(-1)
         chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
         k = max(x or 0 for x in want)
         top = lp.topk(k, dim=-1) if k else None
@@ -436,8 +443,13 @@ class Engine:
         b, w = len(self.rows), self.width
         self.mask[:b, w] = 1
         plain = b == 1 and self.rows[0].start == 0  # a lone row from column 0: exactly `llmkit generate`'s path
-        out = self.model(tokens[:, None], attention_mask=None if plain else self.mask[:b, :w + 1], cache=self._cache(),
-                         position_ids=None if plain else self.positions, check_ids=False)[:, -1]
+        out = self.model(
+            tokens[:, None],
+            attention_mask=None if plain else self.mask[:b, : w + 1],
+            cache=self._cache(),
+            position_ids=None if plain else self.positions,
+            check_ids=False,
+        )[:, -1]
         self.width += 1
         self.positions = self.positions + 1
         return out
@@ -454,7 +466,7 @@ class Engine:
                 for t in self._k + self._v:
                     t[dst].copy_(t[src])
                 self.mask[dst] = self.mask[src]
-        self.mask[len(keep):b] = 0
+        self.mask[len(keep) : b] = 0
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.positions = self.positions.index_select(0, index)
         self.sampler.keep_rows(keep)

@@ -21,12 +21,17 @@ class Metrics:
         self.running = Gauge("llmkit_running_batch_size", "sequences decoded together now", ["model"], registry=r)
         self.tokens = Counter("llmkit_generated_tokens", "tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("llmkit_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
-        self.tokens_per_second = Gauge("llmkit_tokens_per_second", "tokens generated per second over the last 10 s", ["model"],
-                                       registry=r)
-        self.ttft = Histogram("llmkit_time_to_first_token_seconds", "from arrival to the first generated token", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("llmkit_request_duration_seconds", "from arrival to the last byte, by route", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_per_second = Gauge("llmkit_tokens_per_second", "tokens generated per second over the last 10 s", ["model"], registry=r)
+        self.ttft = Histogram(
+            "llmkit_time_to_first_token_seconds",
+            "from arrival to the first generated token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "llmkit_request_duration_seconds", "from arrival to the last byte, by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self._window: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._lock = threading.Lock()
 

@@ -71,8 +71,10 @@ class VoteStore:
                     self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                     self.db.execute("INSERT INTO meta VALUES ('secret', ?)", (secrets.token_hex(32),))
                 elif int(version) > SCHEMA_VERSION:
-                    raise LlmkitError(f"{self.path} has schema version {version}, newer than this llmkit's {SCHEMA_VERSION}",
-                                      "upgrade llmkit, or use another --db file")
+                    raise LlmkitError(
+                        f"{self.path} has schema version {version}, newer than this llmkit's {SCHEMA_VERSION}",
+                        "upgrade llmkit, or use another --db file",
+                    )
         except sqlite3.DatabaseError as e:
             raise LlmkitError(f"{self.path} is not a votes database ({e})", "give another --db file, or move this one away") from None
         self.secret = bytes.fromhex(self._meta("secret") or "")
@@ -112,26 +114,51 @@ class VoteStore:
 
     # --- writes ------------------------------------------------------------------------------------------------------
 
-    def add_answer(self, *, model: str, prompt: str, answer: str, settings: dict, system: str | None = None,
-                   session: str | None = None, kind: str = "chat") -> str:
+    def add_answer(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        answer: str,
+        settings: dict,
+        system: str | None = None,
+        session: str | None = None,
+        kind: str = "chat",
+    ) -> str:
         answer_id = self.sign(f"ans-{secrets.token_urlsafe(12)}")
         with self.lock, self._tx():
-            self.db.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (answer_id, time.time(), session, model, prompt, system, answer, json.dumps(settings), kind))
+            self.db.execute(
+                "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (answer_id, time.time(), session, model, prompt, system, answer, json.dumps(settings), kind),
+            )
         return answer_id
 
-    def add_battle(self, *, prompt: str, system: str | None, settings: dict, model_a: str, model_b: str, answer_a: str,
-                   answer_b: str, session: str | None = None) -> tuple[str, str, str]:
+    def add_battle(
+        self,
+        *,
+        prompt: str,
+        system: str | None,
+        settings: dict,
+        model_a: str,
+        model_b: str,
+        answer_a: str,
+        answer_b: str,
+        session: str | None = None,
+    ) -> tuple[str, str, str]:
         """(battle id, answer id of a, of b): both answers and the battle in one transaction."""
         battle_id = self.sign(f"bat-{secrets.token_urlsafe(12)}")
         ids = [self.sign(f"ans-{secrets.token_urlsafe(12)}") for _ in range(2)]
         now = time.time()
         with self.lock, self._tx():
             for answer_id, model, answer in zip(ids, (model_a, model_b), (answer_a, answer_b)):
-                self.db.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (answer_id, now, session, model, prompt, system, answer, json.dumps(settings), "battle"))
-            self.db.execute("INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
-                            (battle_id, now, session, prompt, system, json.dumps(settings), model_a, model_b, answer_a, answer_b, *ids))
+                self.db.execute(
+                    "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (answer_id, now, session, model, prompt, system, answer, json.dumps(settings), "battle"),
+                )
+            self.db.execute(
+                "INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                (battle_id, now, session, prompt, system, json.dumps(settings), model_a, model_b, answer_a, answer_b, *ids),
+            )
         return battle_id, ids[0], ids[1]
 
     def vote(self, battle_id: str, winner: str) -> tuple[str, str]:
@@ -149,8 +176,17 @@ class VoteStore:
             self.db.execute("UPDATE battles SET winner = ?, voted = ? WHERE id = ?", (winner, time.time(), battle_id))
         return row[0], row[1]
 
-    def rate(self, answer_id: str, score: int, *, correctness: int | None = None, fluency: int | None = None,
-             comment: str | None = None, session: str | None = None, answer: dict | None = None) -> str:
+    def rate(
+        self,
+        answer_id: str,
+        score: int,
+        *,
+        correctness: int | None = None,
+        fluency: int | None = None,
+        comment: str | None = None,
+        session: str | None = None,
+        answer: dict | None = None,
+    ) -> str:
         """Record a rating of an answer this server produced (once per session); returns the answer's model. `answer`:
         the answer's record when the server kept it in memory only (a chat answer), stored with its first rating."""
         for name, value in (("score", score), ("correctness", correctness), ("fluency", fluency)):
@@ -161,16 +197,32 @@ class VoteStore:
         with self.lock, self._tx():
             row = self.db.execute("SELECT model FROM answers WHERE id = ?", (answer_id,)).fetchone()
             if row is None and answer is not None:
-                self.db.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (answer_id, time.time(), session, answer["model"], answer["prompt"], answer.get("system"),
-                                 answer["answer"], json.dumps(answer.get("settings", {})), "chat"))
+                self.db.execute(
+                    "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        answer_id,
+                        time.time(),
+                        session,
+                        answer["model"],
+                        answer["prompt"],
+                        answer.get("system"),
+                        answer["answer"],
+                        json.dumps(answer.get("settings", {})),
+                        "chat",
+                    ),
+                )
                 row = (answer["model"],)
             if row is None:
-                raise VoteError(404, "no such answer (the server forgets unrated chat answers when it restarts)",
-                                "rate an answer the server gave (its answer_id)")
+                raise VoteError(
+                    404,
+                    "no such answer (the server forgets unrated chat answers when it restarts)",
+                    "rate an answer the server gave (its answer_id)",
+                )
             try:
-                self.db.execute("INSERT INTO ratings (answer_id, created, session, score, correctness, fluency, comment) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)", (answer_id, time.time(), session, score, correctness, fluency, comment))
+                self.db.execute(
+                    "INSERT INTO ratings (answer_id, created, session, score, correctness, fluency, comment) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (answer_id, time.time(), session, score, correctness, fluency, comment),
+                )
             except sqlite3.IntegrityError:
                 raise VoteError(409, "this answer already has your rating", "rate another answer") from None
         return row[0]
@@ -198,7 +250,9 @@ class VoteStore:
             cur = self.db.execute("SELECT * FROM battles WHERE winner IS NOT NULL ORDER BY voted, id")
             cols = [c[0] for c in cur.description]
             battles = [{"type": "vote", **dict(zip(cols, r))} for r in cur.fetchall()]
-            cur = self.db.execute("SELECT r.*, a.model, a.prompt, a.answer FROM ratings r JOIN answers a ON a.id = r.answer_id ORDER BY r.id")
+            cur = self.db.execute(
+                "SELECT r.*, a.model, a.prompt, a.answer FROM ratings r JOIN answers a ON a.id = r.answer_id ORDER BY r.id"
+            )
             cols = [c[0] for c in cur.description]
             ratings = [{"type": "rating", **dict(zip(cols, r))} for r in cur.fetchall()]
         for row in battles:

@@ -1,12 +1,12 @@
 """Compare tokenizer kinds on one corpus: train each on the same documents, measure on held-out ones.
 
-    fertility       tokens per word (words = whitespace-separated)     lower: fewer steps per sentence
-    bytes/token     UTF-8 bytes per token (compression)                higher: more text per context
-    unk rate        share of tokens that are the unknown token         0 for byte-level BPE
-    vocab used      share of the vocabulary seen in the held-out text
-    train s         training time
-    MB/s            encoding throughput through llmkit, and through the raw `tokenizers` library
-                    on the same texts in the same run (the ratio shows llmkit's overhead)
+fertility       tokens per word (words = whitespace-separated)     lower: fewer steps per sentence
+bytes/token     UTF-8 bytes per token (compression)                higher: more text per context
+unk rate        share of tokens that are the unknown token         0 for byte-level BPE
+vocab used      share of the vocabulary seen in the held-out text
+train s         training time
+MB/s            encoding throughput through llmkit, and through the raw `tokenizers` library
+                on the same texts in the same run (the ratio shows llmkit's overhead)
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def measure(tok: Tokenizer, texts: list[str], repeats: int = 3) -> dict:
     }
 
 
-def compare(texts: list[str], kinds=KINDS, *, vocab_size: int = 8192, val_fraction: float = 0.1, seed: int = 1337,
-            save_dir=None, log=None) -> list[dict]:
+def compare(
+    texts: list[str], kinds=KINDS, *, vocab_size: int = 8192, val_fraction: float = 0.1, seed: int = 1337, save_dir=None, log=None
+) -> list[dict]:
     """Train every kind on the training documents of `texts`; measure each on the held-out ones.
 
     Returns one row per kind; with `save_dir`, each tokenizer is saved to `save_dir/KIND/`.
@@ -79,12 +80,32 @@ def print_table(rows: list[dict], console) -> None:
     from rich.table import Table
 
     table = Table(title="tokenizers on held-out text")
-    for name in ("kind", "vocab", "tokens/word", "bytes/token", "unk rate", "vocab used", "train s", "MB/s llmkit", "MB/s tokenizers", "ratio"):
+    for name in (
+        "kind",
+        "vocab",
+        "tokens/word",
+        "bytes/token",
+        "unk rate",
+        "vocab used",
+        "train s",
+        "MB/s llmkit",
+        "MB/s tokenizers",
+        "ratio",
+    ):
         table.add_column(name, justify="left" if name == "kind" else "right")
     for r in rows:
-        table.add_row(r["kind"], f"{r['vocab_size']:,}", f"{r['tokens_per_word']:.2f}", f"{r['bytes_per_token']:.2f}",
-                      f"{r['unk_rate']:.2%}", f"{r['vocab_used']:.1%}", f"{r['train_seconds']:.1f}", f"{r['encode_mb_s']:.2f}",
-                      f"{r['raw_tokenizers_mb_s']:.2f}", f"{r['encode_mb_s'] / r['raw_tokenizers_mb_s']:.2f}x")
+        table.add_row(
+            r["kind"],
+            f"{r['vocab_size']:,}",
+            f"{r['tokens_per_word']:.2f}",
+            f"{r['bytes_per_token']:.2f}",
+            f"{r['unk_rate']:.2%}",
+            f"{r['vocab_used']:.1%}",
+            f"{r['train_seconds']:.1f}",
+            f"{r['encode_mb_s']:.2f}",
+            f"{r['raw_tokenizers_mb_s']:.2f}",
+            f"{r['encode_mb_s'] / r['raw_tokenizers_mb_s']:.2f}x",
+        )
     console.print(table)
 
 
@@ -95,9 +116,14 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measures = [("tokens_per_word", "tokens per word"), ("bytes_per_token", "bytes per token"),
-                ("unk_rate", "unknown-token rate"), ("vocab_used", "share of vocabulary used"),
-                ("train_seconds", "training time (s)"), ("encode_mb_s", "encoding MB/s")]
+    measures = [
+        ("tokens_per_word", "tokens per word"),
+        ("bytes_per_token", "bytes per token"),
+        ("unk_rate", "unknown-token rate"),
+        ("vocab_used", "share of vocabulary used"),
+        ("train_seconds", "training time (s)"),
+        ("encode_mb_s", "encoding MB/s"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     kinds = [r["kind"] for r in rows]
     for ax, (key, title) in zip(axes.flat, measures):

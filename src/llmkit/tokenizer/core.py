@@ -74,8 +74,14 @@ class Tokenizer:
     'To be, or not to be'
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, special: dict[str, str] | None = None,
-                 chat_template: str | None = None, info: dict | None = None):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        special: dict[str, str] | None = None,
+        chat_template: str | None = None,
+        info: dict | None = None,
+    ):
         self.backend = backend
         backend.no_padding()  # a shipped tokenizer.json may pad or cut to a length; batching is the caller's job
         backend.no_truncation()
@@ -84,7 +90,9 @@ class Tokenizer:
         self.info = dict(info or {})  # kind, options, origin
         for role, token in self.special.items():
             if backend.token_to_id(token) is None:
-                raise LlmkitError(f"special token {token!r} ({role}) is not in the vocabulary", "retrain the tokenizer with it, or drop the role")
+                raise LlmkitError(
+                    f"special token {token!r} ({role}) is not in the vocabulary", "retrain the tokenizer with it, or drop the role"
+                )
 
     # --- ids -------------------------------------------------------------------------------
     @property
@@ -123,8 +131,9 @@ class Tokenizer:
         return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
     # --- text <-> ids ----------------------------------------------------------------------
-    def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False,
-               max_length: int | None = None) -> list[int]:
+    def encode(
+        self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False, max_length: int | None = None
+    ) -> list[int]:
         """Token ids of `text`, with the special tokens the tokenizer itself adds, as `transformers` does by default:
         its post-processor (BERT's [CLS] ... [SEP], T5's ... </s>, Llama 3's <|begin_of_text|> ...; a GGUF's
         `add_bos_token`). `add_special_tokens=False` gives the bare text's ids (chat templates and data shards write
@@ -150,8 +159,9 @@ class Tokenizer:
             self.backend.no_truncation()
         return enc.ids, enc.type_ids
 
-    def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True, add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
         """Encode many texts at once, in parallel on all cores (the Rust thread pool); options as `encode`."""
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [self._wrap(e.ids, add_bos, add_eos) for e in encode(texts, add_special_tokens=add_special_tokens)]
@@ -176,8 +186,10 @@ class Tokenizer:
         limit = self.id_limit
         bad = next((i for i in ids if i < 0 or (strict and i >= limit)), None)
         if bad is not None:
-            raise LlmkitError(f"token id {bad} is outside this tokenizer's vocabulary of {limit} (ids must be 0..{limit - 1})",
-                              "decode with the tokenizer the ids were made with")
+            raise LlmkitError(
+                f"token id {bad} is outside this tokenizer's vocabulary of {limit} (ids must be 0..{limit - 1})",
+                "decode with the tokenizer the ids were made with",
+            )
         if not strict:
             ids = [i for i in ids if i < limit]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -229,7 +241,9 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust loader's message names the broken field
-            raise LlmkitError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]})", "re-train or re-export the tokenizer") from None
+            raise LlmkitError(
+                f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]})", "re-train or re-export the tokenizer"
+            ) from None
         config_file = file.parent / "tokenizer_config.json"
         config = io.read_json(config_file) if config_file.exists() else {}
         special = {role: _token_text(config.get(f"{role}_token")) for role in ROLES}

@@ -56,8 +56,10 @@ PRE_TOKENIZERS = {
 
 
 def _pre_tokenizer(kind: str):
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in SPLITS[kind]] +
-                                   [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in SPLITS[kind]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -83,7 +85,9 @@ def gguf_fields(path: str | os.PathLike, prefix: str = "") -> dict:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
-        raise LlmkitError(f"{path} is not a readable GGUF file ({e})", "check the file is complete (re-download or re-install it)") from None
+        raise LlmkitError(
+            f"{path} is not a readable GGUF file ({e})", "check the file is complete (re-download or re-install it)"
+        ) from None
     out = {}
     for key, f in reader.fields.items():
         if key.startswith(prefix):
@@ -118,11 +122,15 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
     """The tokenizer described by a GGUF's `tokenizer.*` metadata (already read, as Python values)."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise LlmkitError(f"{path}: GGUF tokenizer model {model!r} is not supported yet", "use a GGUF with a byte-level BPE ('gpt2') tokenizer")
+        raise LlmkitError(
+            f"{path}: GGUF tokenizer model {model!r} is not supported yet", "use a GGUF with a byte-level BPE ('gpt2') tokenizer"
+        )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
-        raise LlmkitError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported, so its text would be split wrongly",
-                          f"use a GGUF whose tokenizer.ggml.pre is one of: {', '.join(sorted(p for p in PRE_TOKENIZERS if p))}")
+        raise LlmkitError(
+            f"{path}: GGUF pre-tokenizer {pre!r} is not supported, so its text would be split wrongly",
+            f"use a GGUF whose tokenizer.ggml.pre is one of: {', '.join(sorted(p for p in PRE_TOKENIZERS if p))}",
+        )
     kind, llama3 = PRE_TOKENIZERS[pre]
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -134,10 +142,12 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
     backend.pre_tokenizer = _pre_tokenizer(kind)
     backend.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>, ...) are matched whole in text, never split.
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet])
-    backend.add_tokens([AddedToken(t, normalized=False, special=False)
-                        for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab])
+    backend.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet]
+    )
+    backend.add_tokens(
+        [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
+    )
     special = {}
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -147,7 +157,9 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     for flag, role in ((add_bos, "bos"), (add_eos, "eos")):
         if flag and role not in special:
-            raise LlmkitError(f"{path}: the file asks for a {role} token on every text but names none", f"set tokenizer.ggml.{role}_token_id")
+            raise LlmkitError(
+                f"{path}: the file asks for a {role} token on every text but names none", f"set tokenizer.ggml.{role}_token_id"
+            )
     if add_bos or add_eos:  # as a post-processor, so `encode` adds them and the saved tokenizer.json keeps doing so
         bos, eos = special.get("bos"), special.get("eos")
 
@@ -156,7 +168,13 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
             return " ".join(parts)
 
         backend.post_processor = processors.TemplateProcessing(
-            single=template("A", 0), pair=template("A", 0) + " " + template("B", 1),
-            special_tokens=[(t, backend.token_to_id(t)) for t, flag in ((bos, add_bos), (eos, add_eos)) if flag])
-    return Tokenizer(backend, special=special, chat_template=meta.get("tokenizer.chat_template"),
-                     info={"kind": "byte-bpe", "origin": str(path), "format": "gguf", "pre": pre})
+            single=template("A", 0),
+            pair=template("A", 0) + " " + template("B", 1),
+            special_tokens=[(t, backend.token_to_id(t)) for t, flag in ((bos, add_bos), (eos, add_eos)) if flag],
+        )
+    return Tokenizer(
+        backend,
+        special=special,
+        chat_template=meta.get("tokenizer.chat_template"),
+        info={"kind": "byte-bpe", "origin": str(path), "format": "gguf", "pre": pre},
+    )

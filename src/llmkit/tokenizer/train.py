@@ -85,9 +85,16 @@ def build(kind: str, *, vocab_size: int, min_frequency: int, special: SpecialTok
     return tok, trainer
 
 
-def train_tokenizer(texts: Iterable[str] | list[str], kind: str = "byte-bpe", vocab_size: int = 8192, *,
-                    min_frequency: int = 2, lowercase: bool = False, special: SpecialTokens | None = None,
-                    show_progress: bool = False) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str] | list[str],
+    kind: str = "byte-bpe",
+    vocab_size: int = 8192,
+    *,
+    min_frequency: int = 2,
+    lowercase: bool = False,
+    special: SpecialTokens | None = None,
+    show_progress: bool = False,
+) -> Tokenizer:
     """Train a tokenizer of `kind` on `texts` and return it (save it with `.save(dir)`).
 
     `vocab_size` includes the special tokens; a `char` tokenizer stops at the characters it saw.
@@ -96,14 +103,20 @@ def train_tokenizer(texts: Iterable[str] | list[str], kind: str = "byte-bpe", vo
     texts = list(texts)
     if not any(t.strip() for t in texts):
         raise LlmkitError("cannot train a tokenizer on an empty corpus", "give --source some text")
-    tok, trainer = build(kind, vocab_size=vocab_size, min_frequency=min_frequency if kind != "char" else 1,
-                         special=special, show_progress=show_progress)
+    tok, trainer = build(
+        kind, vocab_size=vocab_size, min_frequency=min_frequency if kind != "char" else 1, special=special, show_progress=show_progress
+    )
     tok.normalizer = _normalizer(kind, lowercase)
     start = time.perf_counter()
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     seconds = time.perf_counter() - start
     if tok.get_vocab_size() <= len(special.tokens()):
         raise LlmkitError(f"the {kind} tokenizer learned no token beyond its special tokens", "give it more text or lower --min-frequency")
-    info = {"kind": kind, "vocab_size_requested": vocab_size, "min_frequency": min_frequency,
-            "lowercase": lowercase, "train_seconds": round(seconds, 3)}
+    info = {
+        "kind": kind,
+        "vocab_size_requested": vocab_size,
+        "min_frequency": min_frequency,
+        "lowercase": lowercase,
+        "train_seconds": round(seconds, 3),
+    }
     return Tokenizer(tok, special=special.roles(), chat_template=DEFAULT_CHAT_TEMPLATE if special.chat else None, info=info)

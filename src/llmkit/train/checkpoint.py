@@ -92,8 +92,9 @@ def set_rng_states(saved: dict[str, torch.Tensor], rank: int = 0, *, fallback_se
         torch.cuda.set_rng_state(cuda)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, *, model_state: dict, optimizer_state: dict, state: dict,
-                    rng: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike, *, model_state: dict, optimizer_state: dict, state: dict, rng: dict[str, torch.Tensor] | None = None
+) -> Path:
     """`rng`: the generators to save (default: this process's, as rank 0)."""
     run_dir = Path(run_dir)
     tmp, final, prev = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.prev"
@@ -148,8 +149,10 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     for name in NAMES[:2]:
         file = path / name
         if not file.exists() or _sha256(file) != state.get("sha256", {}).get(name):
-            raise LlmkitError(f"checkpoint {path} is corrupt: {name} is missing or does not match its recorded hash",
-                              "start the run again without --resume, or restore the checkpoint folder")
+            raise LlmkitError(
+                f"checkpoint {path} is corrupt: {name} is missing or does not match its recorded hash",
+                "start the run again without --resume, or restore the checkpoint folder",
+            )
     model_state = load_file(str(path / "model.safetensors"))
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     state["rng"] = {k: opt_tensors.pop(k) for k in [k for k in opt_tensors if k.startswith("rng.")]}

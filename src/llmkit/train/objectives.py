@@ -33,8 +33,15 @@ def causal_lm(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return windows[:, :-1], windows[:, 1:]
 
 
-def masked_lm(windows: torch.Tensor, *, mask_id: int, vocab_size: int, special_ids: set[int] | list[int], generator: torch.Generator,
-              rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_lm(
+    windows: torch.Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: set[int] | list[int],
+    generator: torch.Generator,
+    rate: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """windows (B, T) -> corrupted inputs (B, T), targets (B, T) (-100 where not picked). Special tokens are never picked."""
     special = torch.tensor(sorted(special_ids), dtype=windows.dtype)
     maskable = ~torch.isin(windows, special)  # (B, T)
@@ -73,13 +80,21 @@ def _span_mask(length: int, rng: np.random.Generator, density: float, mean_span:
     pos = 0
     for keep, noise in zip(keep_lengths, noise_lengths):
         pos += keep
-        mask[pos:pos + noise] = True
+        mask[pos : pos + noise] = True
         pos += noise
     return mask
 
 
-def span_corruption(windows: torch.Tensor, *, sentinel_ids: list[int], eos_id: int | None, pad_id: int, rng: np.random.Generator,
-                    density: float = 0.15, mean_span: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+def span_corruption(
+    windows: torch.Tensor,
+    *,
+    sentinel_ids: list[int],
+    eos_id: int | None,
+    pad_id: int,
+    rng: np.random.Generator,
+    density: float = 0.15,
+    mean_span: float = 3.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """windows (B, T) -> encoder inputs (B, S) and decoder targets (B, U), padded with `pad_id` (targets with -100).
 
     Each noise span becomes the next sentinel in the input; the target is sentinel, span, sentinel, span, ..., final
@@ -109,8 +124,8 @@ def span_corruption(windows: torch.Tensor, *, sentinel_ids: list[int], eos_id: i
     enc = torch.full((len(inputs), S), pad_id, dtype=torch.long)
     out = torch.full((len(targets), U), IGNORE, dtype=torch.long)
     for i, (a, b) in enumerate(zip(inputs, targets)):
-        enc[i, :len(a)] = torch.tensor(a)
-        out[i, :len(b)] = torch.tensor(b)
+        enc[i, : len(a)] = torch.tensor(a)
+        out[i, : len(b)] = torch.tensor(b)
     return enc, out
 
 

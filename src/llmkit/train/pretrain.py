@@ -105,8 +105,11 @@ class Budget:
 
     def progress(self, step: int, tokens: int, seconds: float) -> float:
         """How much of the budget is used, 0..1 (the largest share of any limit)."""
-        parts = [step / self.steps if self.steps else 0, tokens / self.tokens if self.tokens else 0,
-                 seconds / self.seconds if self.seconds else 0]
+        parts = [
+            step / self.steps if self.steps else 0,
+            tokens / self.tokens if self.tokens else 0,
+            seconds / self.seconds if self.seconds else 0,
+        ]
         return min(1.0, max(parts))
 
     def exhausted(self, step, tokens, seconds) -> str | None:
@@ -173,7 +176,9 @@ def peak_flops(device: torch.device, dtype) -> tuple[float, str]:
             if key in name:
                 return value, f"{name} datasheet (bf16 dense)"
     n = 1024
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype or torch.float32)  # leaves the global RNG alone
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(
+        device=device, dtype=dtype or torch.float32
+    )  # leaves the global RNG alone
     for _ in range(2):
         a @ a
     start, reps = time.perf_counter(), 10
@@ -259,14 +264,22 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
         return Path(cfg.data)
     data_dir = Path(cfg.out) / "data"
     val_fraction = 0.1
-    recipe = {"data": cfg.data, "tokenizer_kind": cfg.tokenizer_kind, "vocab_size": cfg.vocab_size, "seed": cfg.seed, "val_fraction": val_fraction}
+    recipe = {
+        "data": cfg.data,
+        "tokenizer_kind": cfg.tokenizer_kind,
+        "vocab_size": cfg.vocab_size,
+        "seed": cfg.seed,
+        "val_fraction": val_fraction,
+    }
     if d.main:
         meta = io.read_json(data_dir / "meta.json") if (data_dir / "meta.json").exists() else None
         if meta is not None and not cfg.resume:  # the same options and the same text, or it is prepared again
             from llmkit.data.prepare import source_fingerprint
 
             recipe["source_sha256"] = source_fingerprint(cfg.data)
-        stale = meta is not None and not cfg.resume and {**meta.get("prepared_for", {}), "source_sha256": meta.get("source_sha256")} != recipe
+        stale = (
+            meta is not None and not cfg.resume and {**meta.get("prepared_for", {}), "source_sha256": meta.get("source_sha256")} != recipe
+        )
         if stale and meta is not None:  # a resumed run keeps its own data: its checkpoint's tokenizer fingerprint is checked
             log(f"{data_dir} was prepared from other options ({meta.get('prepared_for')}); preparing it again")
             (data_dir / "meta.json").unlink()
@@ -325,22 +338,37 @@ class Objective:
         self.cfg, self.tok, self.rank = cfg, tok, rank
         self.window = cfg.block_size + 1 if cfg.family == "decoder" else cfg.block_size
         if cfg.family == "encoder" and tok.mask_id is None:
-            raise LlmkitError("masked-LM pretraining needs a <mask> token in the tokenizer", "train the tokenizer with its default special tokens")
+            raise LlmkitError(
+                "masked-LM pretraining needs a <mask> token in the tokenizer", "train the tokenizer with its default special tokens"
+            )
         if cfg.family == "encoder-decoder" and len(tok.sentinel_ids) < 20:
-            raise LlmkitError("span corruption needs sentinel tokens <extra_id_N> in the tokenizer", "train the tokenizer with --sentinels 100")
+            raise LlmkitError(
+                "span corruption needs sentinel tokens <extra_id_N> in the tokenizer", "train the tokenizer with --sentinels 100"
+            )
 
     def prepare(self, batch: torch.Tensor, keys: list[tuple[int, ...]]) -> Prepared:
         """`keys`: one tuple of ints per row."""
         if self.cfg.family == "decoder":
             return Prepared(*objectives.causal_lm(batch))
         if self.cfg.family == "encoder":
-            pairs = [objectives.masked_lm(row[None], mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size, special_ids=self.tok.special_ids,
-                                          generator=torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0])))
-                     for row, key in zip(batch, keys)]
+            pairs = [
+                objectives.masked_lm(
+                    row[None],
+                    mask_id=self.tok.mask_id,
+                    vocab_size=self.tok.vocab_size,
+                    special_ids=self.tok.special_ids,
+                    generator=torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0])),
+                )
+                for row, key in zip(batch, keys)
+            ]
             return Prepared(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
         pad = self.tok.pad_id or 0
-        pairs = [objectives.span_corruption(row[None], sentinel_ids=self.tok.sentinel_ids, eos_id=self.tok.eos_id, pad_id=pad,
-                                            rng=np.random.default_rng(list(key))) for row, key in zip(batch, keys)]
+        pairs = [
+            objectives.span_corruption(
+                row[None], sentinel_ids=self.tok.sentinel_ids, eos_id=self.tok.eos_id, pad_id=pad, rng=np.random.default_rng(list(key))
+            )
+            for row, key in zip(batch, keys)
+        ]
         width = max(e.shape[1] for e, _ in pairs), max(y.shape[1] for _, y in pairs)
         enc = torch.cat([F.pad(e, (0, width[0] - e.shape[1]), value=pad) for e, _ in pairs])
         y = torch.cat([F.pad(t, (0, width[1] - t.shape[1]), value=objectives.IGNORE) for _, t in pairs])
@@ -355,13 +383,13 @@ class Objective:
         else:
             logits = model(p.inputs.to(device))
         y = p.targets.to(device)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=objectives.IGNORE,
-                               reduction="sum")
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=objectives.IGNORE, reduction="sum")
         return loss, p.n_targets
 
 
-def accumulate_gradients(train_model, micro: list, loss_sum_fn, counts: list[int], d: Dist, amp, scaler=None,
-                         sharded: bool = False) -> tuple[float, int]:
+def accumulate_gradients(
+    train_model, micro: list, loss_sum_fn, counts: list[int], d: Dist, amp, scaler=None, sharded: bool = False
+) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step, weighting every target token alike: each micro-batch's
     summed loss (`loss_sum_fn(m)`, over `counts[i]` targets) is divided by the count of targets in the whole step, over
     every micro-batch of every rank (a micro-batch with 3 targets weighs 3/40 of one with 40, not as much, unlike a mean
@@ -407,12 +435,12 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, m
     val = open_shard(data_dir, "val")
     window = min(objective.window, len(val))
     n_win = min(cfg.eval_windows, len(val) // window)
-    mine = [i * window for i in range(n_win)][d.rank::d.world]
+    mine = [i * window for i in range(n_win)][d.rank :: d.world]
     n_batches = math.ceil(math.ceil(n_win / d.world) / cfg.batch_size)
     nats, count = 0.0, 0.0
     for b in range(n_batches):
-        starts = mine[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        rows = torch.from_numpy(np.stack([val[s:s + window] for s in (starts or [0])]).astype(np.int64))
+        starts = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        rows = torch.from_numpy(np.stack([val[s : s + window] for s in (starts or [0])]).astype(np.int64))
         with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, n = objective.loss_sum(model, objective.prepare(rows, [(cfg.seed, 10**9, s) for s in (starts or [0])]))  # fixed draws
         if starts:
@@ -429,7 +457,7 @@ def sample_text(model, tok, data_dir: Path, cfg: PretrainConfig, n_tokens: int =
     from llmkit.data.loader import open_shard
     from llmkit.generate import GenerationConfig, generate
 
-    prompt = [int(i) for i in open_shard(data_dir, "val")[:min(16, model.config.max_seq_len // 4)]]
+    prompt = [int(i) for i in open_shard(data_dir, "val")[: min(16, model.config.max_seq_len // 4)]]
     n_tokens = min(n_tokens, model.config.max_seq_len - len(prompt))
     model.eval()
     out = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=cfg.seed))[0]
@@ -515,8 +543,10 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     if cfg.eval_windows < 1:
         raise LlmkitError(f"--eval-windows {cfg.eval_windows} scores nothing", "use 1 or more (default: 64)")
     if meta["val_tokens"] < 2:
-        raise LlmkitError(f"the validation shard of {data_dir} has {meta['val_tokens']} tokens: nothing to evaluate on",
-                          "prepare the data with a validation split (--val-fraction 0.1) or more text")
+        raise LlmkitError(
+            f"the validation shard of {data_dir} has {meta['val_tokens']} tokens: nothing to evaluate on",
+            "prepare the data with a validation split (--val-fraction 0.1) or more text",
+        )
     tok = Tokenizer.load(data_dir)
     check_tokenizer(meta, tok)
     model = build(cfg, tok.vocab_size).to(d.device)
@@ -525,15 +555,18 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     if d.device.type == "cuda":
         torch.cuda.manual_seed(cfg.seed + 1_000_003 * d.rank)
     objective = Objective(cfg, tok, d.rank)
-    loader = WindowLoader(data_dir, "train", window=objective.window, batch_size=cfg.batch_size, seed=cfg.seed,
-                          rank=d.rank, world_size=d.world)
+    loader = WindowLoader(
+        data_dir, "train", window=objective.window, batch_size=cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world
+    )
     step, tokens_seen, elapsed_before, best_val, bad_evals, warm_progress = 0, 0, 0.0, float("inf"), 0, None
     opt_state = scaler_state = None
     if ckpt_path is not None:
         model_state, opt_state, state = load_checkpoint(ckpt_path)
         if ModelConfig.from_dict(state["model_config"]).to_dict() != mcfg.to_dict() or state["tokenizer"] != tok.fingerprint():
-            raise LlmkitError(f"the checkpoint in {ckpt_path} belongs to another model or tokenizer than this command builds",
-                              "resume with the same options as the original run (its train_config.json lists them)")
+            raise LlmkitError(
+                f"the checkpoint in {ckpt_path} belongs to another model or tokenizer than this command builds",
+                "resume with the same options as the original run (its train_config.json lists them)",
+            )
         load_state(model, model_state, source=str(ckpt_path))  # full weights, before any sharding
         set_rng_states(state["rng"], d.rank, fallback_seed=cfg.seed + 1_000_003 * d.rank + state["step"], log=log)
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -572,13 +605,23 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
     metrics = Metrics(run_dir, d.main, step if ckpt_path is not None else None)
     if d.main:
-        io.write_json(run_dir / "train_config.json", {**dataclasses.asdict(cfg), "data_dir": str(data_dir), "world_size": d.world,
-                                                      "peak_flops_per_process": peak, "peak_flops_source": peak_source})
+        io.write_json(
+            run_dir / "train_config.json",
+            {
+                **dataclasses.asdict(cfg),
+                "data_dir": str(data_dir),
+                "world_size": d.world,
+                "peak_flops_per_process": peak,
+                "peak_flops_source": peak_source,
+            },
+        )
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"{mcfg.family} {cfg.preset or DEFAULT_PRESETS[cfg.family]}: {n_params:,} parameters, vocab {tok.vocab_size}, "
+    say(
+        f"{mcfg.family} {cfg.preset or DEFAULT_PRESETS[cfg.family]}: {n_params:,} parameters, vocab {tok.vocab_size}, "
         f"context {cfg.block_size}, {tokens_per_step:,} tokens/step, {d.world} process(es) on {d.device.type}, "
         f"precision {amp or 'fp32'}{' with loss scaling' if scaler.is_enabled() else ''}; peak {peak / 1e9:.0f} GFLOP/s per process "
-        f"({peak_source})")
+        f"({peak_source})"
+    )
 
     def full_state():
         """(model state, optimizer state), gathered whole on every rank when the model is sharded."""
@@ -594,11 +637,24 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         rngs = _all_gather(rng_states(), d)  # every rank's generators, so dropout resumes exactly on each
         if d.main:
             aliases = _aliases(model)
-            save_checkpoint(run_dir, model_state={k: v for k, v in model_state.items() if k not in aliases}, optimizer_state=opt_state,
-                            state={"step": step, "tokens": tokens_seen, "elapsed": elapsed, "best_val": best_val, "bad_evals": bad_evals,
-                                   "warm_progress": warm_progress, "model_config": mcfg.to_dict(), "tokenizer": tok.fingerprint(),
-                                   "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None, "world_size": d.world},
-                            rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()})
+            save_checkpoint(
+                run_dir,
+                model_state={k: v for k, v in model_state.items() if k not in aliases},
+                optimizer_state=opt_state,
+                state={
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "elapsed": elapsed,
+                    "best_val": best_val,
+                    "bad_evals": bad_evals,
+                    "warm_progress": warm_progress,
+                    "model_config": mcfg.to_dict(),
+                    "tokenizer": tok.fingerprint(),
+                    "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "world_size": d.world,
+                },
+                rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()},
+            )
         _barrier(d)
 
     # ---------------------------------------------------------------- train
@@ -616,8 +672,12 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             if d.world > 1:  # one decision and one clock for all ranks: the slowest clock, and any rank's stop stops all
                 elapsed, stopping, diverged = _all_reduce_sum([elapsed, 1.0 if stop_reason else 0.0, nonfinite], d, op="max")
                 if diverged:
-                    raise LlmkitError(f"the loss became infinite or NaN at step {step - 1} on a rank", "lower --lr, or use --precision fp32")
-                stop_reason = stop_reason or budget.exhausted(step, tokens_seen, elapsed) or ("budget reached on another rank" if stopping else None)
+                    raise LlmkitError(
+                        f"the loss became infinite or NaN at step {step - 1} on a rank", "lower --lr, or use --precision fp32"
+                    )
+                stop_reason = (
+                    stop_reason or budget.exhausted(step, tokens_seen, elapsed) or ("budget reached on another rank" if stopping else None)
+                )
             if stop_reason:
                 break
             progress_now = budget.progress(step, tokens_seen, elapsed)
@@ -630,8 +690,9 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             for m in range(cfg.grad_accum):
                 rows, index = loader.rows(step, m, cfg.grad_accum)
                 micro.append(objective.prepare(rows, [(cfg.seed, step, i) for i in index]))
-            loss_local, n_targets = accumulate_gradients(train_model, micro, lambda p: objective.loss_sum(train_model, p)[0],
-                                                         [p.n_targets for p in micro], d, amp, scaler, sharded)
+            loss_local, n_targets = accumulate_gradients(
+                train_model, micro, lambda p: objective.loss_sum(train_model, p)[0], [p.n_targets for p in micro], d, amp, scaler, sharded
+            )
             if not math.isfinite(loss_local):
                 if d.world == 1:
                     raise LlmkitError(f"the loss became {loss_local} at step {step}", "lower --lr, or use --precision fp32")
@@ -652,8 +713,16 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                 tps = window_tokens / max(now - window_start, 1e-9)  # all processes' tokens
                 window_start, window_tokens = now, 0
                 mfu = flops * tps / (peak * d.world)  # against every process's peak, not one
-                row = {"step": step, "split": "train", "loss": loss_mean, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tps, "mfu": mfu,
-                       "elapsed": round(elapsed, 2)}
+                row = {
+                    "step": step,
+                    "split": "train",
+                    "loss": loss_mean,
+                    "lr": lr,
+                    "tokens": tokens_seen,
+                    "tokens_per_s": tps,
+                    "mfu": mfu,
+                    "elapsed": round(elapsed, 2),
+                }
                 if scaler.is_enabled():
                     row["loss_scale"] = scaler.get_scale()
                 metrics.log(row)
@@ -688,21 +757,34 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     checkpoint()
     final_state = full_state()[0]
     train_rows = [r for r in metrics.rows if r.get("split") == "train"]
-    summary = {"stop_reason": stop_reason, "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 1),
-               # this session's rate: the tokens since it started (or resumed) over the time since then
-               "session_tokens": tokens_seen - tokens_at_start, "session_seconds": elapsed - elapsed_before,
-               "tokens_per_s": (tokens_seen - tokens_at_start) / max(elapsed - elapsed_before, 1e-9) if step else 0.0,
-               "mfu": (sum(r["mfu"] for r in train_rows[-20:]) / len(train_rows[-20:])) if train_rows else 0.0,
-               "val_loss": final_val["loss"], "val_ppl": final_val["ppl"], "val_bpb": final_val["bpb"], "parameters": n_params,
-               "family": cfg.family, "preset": cfg.preset or DEFAULT_PRESETS[cfg.family], "world_size": d.world}
+    summary = {
+        "stop_reason": stop_reason,
+        "steps": step,
+        "tokens": tokens_seen,
+        "seconds": round(elapsed, 1),
+        # this session's rate: the tokens since it started (or resumed) over the time since then
+        "session_tokens": tokens_seen - tokens_at_start,
+        "session_seconds": elapsed - elapsed_before,
+        "tokens_per_s": (tokens_seen - tokens_at_start) / max(elapsed - elapsed_before, 1e-9) if step else 0.0,
+        "mfu": (sum(r["mfu"] for r in train_rows[-20:]) / len(train_rows[-20:])) if train_rows else 0.0,
+        "val_loss": final_val["loss"],
+        "val_ppl": final_val["ppl"],
+        "val_bpb": final_val["bpb"],
+        "parameters": n_params,
+        "family": cfg.family,
+        "preset": cfg.preset or DEFAULT_PRESETS[cfg.family],
+        "world_size": d.world,
+    }
     if d.main:
         save_model(model, run_dir, tokenizer=tok, state=final_state)
         if cfg.family == "decoder" and cfg.samples and not sharded:
             summary["sample"] = sample_text(model, tok, data_dir, cfg)
         metrics.plot(run_dir / "loss.png")
         _write_report(run_dir, summary)
-        say(f"stopped: {stop_reason}. {step} steps, {tokens_seen:,} tokens in {elapsed:.0f}s; "
-            f"val loss {final_val['loss']:.4f}, ppl {final_val['ppl']:.2f}, {final_val['bpb']:.4f} bits/byte -> {run_dir}")
+        say(
+            f"stopped: {stop_reason}. {step} steps, {tokens_seen:,} tokens in {elapsed:.0f}s; "
+            f"val loss {final_val['loss']:.4f}, ppl {final_val['ppl']:.2f}, {final_val['bpb']:.4f} bits/byte -> {run_dir}"
+        )
     if d.world > 1:
         import torch.distributed as dist
 
@@ -716,11 +798,17 @@ def _append_sample(run_dir: Path, step: int, text: str) -> None:
 
 
 def _write_report(run_dir: Path, s: dict) -> None:
-    lines = ["# pretraining run", "", f"- family: {s['family']} ({s['preset']}), {s['parameters']:,} parameters",
-             f"- stopped: {s['stop_reason']}", f"- {s['steps']} steps, {s['tokens']:,} tokens, {s['seconds']} s, "
-             f"{s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}",
-             f"- validation: loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}, {s['val_bpb']:.4f} bits per byte",
-             "", "![loss](loss.png)", ""]
+    lines = [
+        "# pretraining run",
+        "",
+        f"- family: {s['family']} ({s['preset']}), {s['parameters']:,} parameters",
+        f"- stopped: {s['stop_reason']}",
+        f"- {s['steps']} steps, {s['tokens']:,} tokens, {s['seconds']} s, {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}",
+        f"- validation: loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}, {s['val_bpb']:.4f} bits per byte",
+        "",
+        "![loss](loss.png)",
+        "",
+    ]
     if s.get("sample"):
         lines += ["## sample", "", "```", s["sample"], "```", ""]
     io.write_text(run_dir / "report.md", "\n".join(lines))
