@@ -90,7 +90,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cores")
     print(
-        f"{args.preset}: {sum(p.numel() for p in build_model(cfg).parameters()):,} parameters, batch {args.batch_size} x {args.block_size}, "
+        f"{args.preset}: {sum(p.numel() for p in build_model(cfg).parameters()):,} parameters, "
+        f"batch {args.batch_size} x {args.block_size}, "
         f"compile={args.compile}"
     )
     for prec in precisions:
@@ -105,7 +106,8 @@ def main() -> None:
             del model
         for label, rate in rates.items():
             print(
-                f"{prec:>5} {label:<13} {rate:>12,.0f} tokens/s   MFU {flops * rate / peak:6.1%}  (peak {peak / 1e12:.1f} TFLOP/s, {source})"
+                f"{prec:>5} {label:<13} {rate:>12,.0f} tokens/s   MFU {flops * rate / peak:6.1%}  "
+                f"(peak {peak / 1e12:.1f} TFLOP/s, {source})"
             )
         print(f"{prec:>5} ratio llmkit / transformers: {rates['llmkit'] / rates['transformers']:.2f}x")
 

@@ -157,7 +157,8 @@ def test_metrics_command_reads_files_and_prints_one_json_object(tmp_path):
         ),
         (
             {
-                "p.jsonl": '{"label": "a", "prediction": "a", "score": [0.5, 0.5]}\n{"label": "b", "prediction": "a", "score": [0.2, 0.8]}\n'
+                "p.jsonl": '{"label": "a", "prediction": "a", "score": [0.5, 0.5]}\n'
+                '{"label": "b", "prediction": "a", "score": [0.2, 0.8]}\n'
                 '{"label": "c", "prediction": "c", "score": [0.1, 0.9]}\n'
             },
             "scores hold \\[2\\] values per row but there are 3 classes \\(a, b, c\\)",

@@ -290,7 +290,8 @@ def stop_rules(tokenizer, cfg: GenerationConfig, model=None, warn=warn_stderr) -
             )
         if len(tokenizer.encode(s, add_special_tokens=False)) > cfg.max_new_tokens:
             warn(
-                f"warning: the stop string {s!r} is longer than the {cfg.max_new_tokens} new tokens allowed, so it can never stop the output"
+                f"warning: the stop string {s!r} is longer than the {cfg.max_new_tokens} new tokens allowed, "
+                "so it can never stop the output"
             )
         strings.append(s)
     return ids, strings

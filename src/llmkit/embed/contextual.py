@@ -8,8 +8,9 @@
 
 A sentence-transformers folder's own rules come first: its pooling and its `max_seq_length` (256 for MiniLM, not the
 model's 512 positions). Texts are encoded with the model's own special tokens, cut to that length, sorted by length and
-embedded in batches (right padding, an attention mask), then put back in their order. A word's vector in a sentence is the mean of the states of the
-tokens its characters span (sub-words averaged), so "bank" by a river and "bank" with a loan get different vectors.
+embedded in batches (right padding, an attention mask), then put back in their order. A word's vector in a sentence is
+the mean of the states of the tokens its characters span (sub-words averaged), so "bank" by a river and "bank" with a
+loan get different vectors.
 """
 
 from __future__ import annotations

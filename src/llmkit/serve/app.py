@@ -948,7 +948,8 @@ def create_app(
             WEB / "index.html",
             headers={
                 "Cache-Control": "no-cache",
-                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                "frame-ancestors 'none'",
             },
         )
 
