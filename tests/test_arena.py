@@ -190,12 +190,10 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.error
 
     from llmkit.model.weights import save_model
 
-    from test_serve import _free_port, _tiny, get, request
+    from test_serve import _free_port, _tiny, request, wait_healthy
 
     tok = tokenizers_by_kind["byte-bpe"]
     save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
@@ -226,15 +224,7 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if get(base + "/health", key=None)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_healthy(base, proc)
         status, battle, _ = request("POST", base + "/arena/battles", {"prompt": "Say hi", "max_tokens": 8}, key=None)
         assert status == 200 and battle["a"]["text"] is not None and set(battle) == {"battle_id", "a", "b"}
         status, names, _ = request("POST", base + "/arena/votes", {"battle_id": battle["battle_id"], "winner": "b"}, key=None)

@@ -102,6 +102,20 @@ def request(method: str, url: str, body: bytes | dict | None = None, key: str | 
         return status, raw.decode(), hdrs
 
 
+def wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Until the `llmkit serve` process answers /health with 200 (its models loaded); fails if it exits."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if get(base + "/health", key=None)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert proc.poll() is None, f"the server exited: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "the server did not get ready in time"
+        time.sleep(0.2)
+
+
 def get(url: str, key: str | None = KEY):
     return request("GET", url, key=key)
 
@@ -163,6 +177,15 @@ def _collect(engine: Engine, jobs: list[tuple[list[int], GenerationConfig]], sta
     return results
 
 
+def _served(model, jobs, *, stagger: float = 0.0, max_batch: int = 3, max_queue: int = 0) -> list[dict]:
+    """`jobs` through an engine of their own (closed after)."""
+    engine = Engine(model, "test", max_batch=max_batch, max_queue=max_queue)
+    try:
+        return _collect(engine, jobs, stagger=stagger)
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("kind,overrides", [("tiny-llama", {}), ("tiny-gpt", {}), ("tiny-llama", {"position": "relative"})])
 def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind, overrides):
     """Requests of many lengths join and leave a batch of 4 at different steps (prompts longer than the running rows
@@ -203,11 +226,7 @@ def test_stop_strings_and_tokens_end_each_row_as_alone(tokenizers_by_kind):
         (prompts[1], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[free[1].ids[6]])),
         (prompts[2], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[])),
     ]
-    engine = Engine(model, "t", max_batch=3, max_queue=0)
-    try:
-        out = _collect(engine, jobs)
-    finally:
-        engine.close()
+    out = _served(model, jobs)
     for (p, cfg), o in zip(jobs, out):
         a = generate(model, tok, [p], cfg)[0]
         assert (o["text"], o["ids"], o["end"][1]) == (a.text, a.ids, a.finish_reason)
@@ -517,15 +536,7 @@ def test_the_serve_command_needs_its_key_and_stops_cleanly_on_sigterm(tiny_dir, 
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if get(base + "/health", key=None)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1] if proc.poll() is not None else "slow"
-            time.sleep(0.2)
+        wait_healthy(base, proc)
         assert get(base + "/v1/models", key=None)[0] == 401
         assert get(base + "/v1/models")[1]["data"][0]["id"] == "tiny"
         # a stream runs while SIGTERM arrives: it finishes, then the server exits 0
@@ -551,11 +562,7 @@ def test_an_encoder_decoder_is_served_one_request_at_a_time_as_generate_does(tok
     t5.tokenizer = tok
     prompts = [tok.encode(t) for t in ("To be, or not to be", "Friends, Romans, countrymen")]
     jobs = [(p, GenerationConfig(max_new_tokens=12, do_sample=False)) for p in prompts]
-    engine = Engine(t5, "t5", max_batch=2, max_queue=4)
-    try:
-        out = _collect(engine, jobs)
-    finally:
-        engine.close()
+    out = _served(t5, jobs, max_batch=2, max_queue=4)
     for (p, cfg), o in zip(jobs, out):
         a = generate(t5, tok, [p], cfg)[0]
         assert (o["text"], o["end"][1]) == (a.text, a.finish_reason)
@@ -568,11 +575,7 @@ def test_logit_bias_bans_and_forces_tokens_per_row(tokenizers_by_kind):
     free = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[]))[0]
     banned = GenerationConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[], logit_bias={free.ids[0]: -100})
     forced = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=[], logit_bias={77: 100})
-    engine = Engine(model, "t", max_batch=3, max_queue=0)
-    try:
-        out = _collect(engine, [(prompt, banned), (prompt, forced)])
-    finally:
-        engine.close()
+    out = _served(model, [(prompt, banned), (prompt, forced)])
     assert out[0]["ids"][0] != free.ids[0] and out[0]["ids"] == generate(model, tok, [prompt], banned)[0].ids
     assert out[1]["ids"] == [77] * 6
     with pytest.raises(Exception, match="not in \\[-100, 100\\]"):
