@@ -11,7 +11,7 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c require
 # Beyond pip: WordNet 3.0 for METEOR (Debian's wordnet-base + wordnet-sense-index, apt-get as root).
 WORDNET := $(VENV)/nltk_data/corpora/wordnet/lexnames
 
-.PHONY: demo test test-fast bench clean-venv wordnet browser
+.PHONY: demo test test-fast lint bench clean-venv wordnet browser
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,16 @@ browser:
 demo: $(STAMP) $(WORDNET) browser
 	$(BIN)/llmkit demo
 
-test: $(STAMP) $(WORDNET) browser
+# Lint (ruff), format (ruff format) and types (mypy on the public API), all in check mode: seconds, run before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint $(STAMP) $(WORDNET) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
-test-fast: $(STAMP) $(WORDNET) browser
+test-fast: lint $(STAMP) $(WORDNET) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 bench: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +240,12 @@ def test_model_export_of_minilm_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert (ref(ids).last_hidden_state - ours(ids)).abs().max().item() <= 1e-4
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    import llmkit
+
+    assert run_cli("--version").stdout.strip() == f"llmkit {version('llmkit')}" == f"llmkit {llmkit.__version__}"
+    assert (Path(llmkit.__file__).parent / "py.typed").exists()  # type checkers see the hints

@@ -4,20 +4,40 @@ One package, one command (`llmkit`): tokenizers, data shards, transformers, pret
 evaluation and serving, on embedded defaults that need no download (see DESIGN.md).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _package_version
+from typing import TYPE_CHECKING
+
+try:
+    __version__ = _package_version("llmkit")  # the installed package's metadata (pyproject.toml's version)
+except _PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0.0.0+unknown"
 
 from llmkit.errors import LlmkitError
 
+if TYPE_CHECKING:
+    import torch
 
-def load(name_or_path, **kwargs):
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+) -> torch.nn.Module:
     """Load a model: `smollm2`, `minilm`, a run folder, a Hugging Face folder or a GGUF file.
 
     Returns a `torch.nn.Module` in eval mode; called on token ids (B, T) it gives logits (B, T, V) (hidden states
-    for an encoder without a head). `.tokenizer` and `.config` hang on it.
+    for an encoder without a head). `.tokenizer` and `.config` hang on it. `dtype` casts it (e.g. torch.bfloat16),
+    `device` places it, `quantize="int8"` makes its linear layers weight-only int8.
     """
     from llmkit.model.weights import load as _load
 
-    return _load(name_or_path, **kwargs)
+    return _load(name_or_path, dtype=dtype, device=device, quantize=quantize)
 
 
 __all__ = ["LlmkitError", "__version__", "load"]

@@ -94,7 +94,8 @@ def _read_lines(path: Path) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-empty line."""
     rows = []
     for n, line in enumerate(_read_lines(path), 1):
         if not line.strip():
@@ -369,38 +370,38 @@ def metric_value(metric: str, ex: Examples, *, pos_label=None):
         index = {c: i for i, c in enumerate(classes)}
         if any(_key(v) not in index for v in ex.labels):
             raise LlmkitError("a label is not one of the classes given", "list every class")
-        y = [index[_key(v)] for v in ex.labels]
+        y_index = [index[_key(v)] for v in ex.labels]
         one_column = all(isinstance(s, (int, float)) for s in ex.scores)
         score = _score_matrix(ex, classes if not one_column else [0, 1])
         if len(classes) <= 2:
             pos = _positive(classes, pos_label)
             if score.ndim == 2:  # one probability per class: keep the positive one's
                 score = score[:, classes.index(pos)]
-            truth = [int(classes[i] == pos) for i in y]
+            truth = [int(classes[i] == pos) for i in y_index]
             return float((sk.roc_auc_score if metric == "roc_auc" else sk.average_precision_score)(truth, score))
         if score.ndim == 1:
             raise LlmkitError(f"{metric} over {len(classes)} classes needs one probability per class in each score", "give lists of scores")
         if metric == "roc_auc":
-            return float(sk.roc_auc_score(y, score, multi_class="ovr", average="macro", labels=list(range(len(classes)))))
-        return float(sk.average_precision_score(np.eye(len(classes))[y], score, average="macro"))
+            return float(sk.roc_auc_score(y_index, score, multi_class="ovr", average="macro", labels=list(range(len(classes)))))
+        return float(sk.average_precision_score(np.eye(len(classes))[y_index], score, average="macro"))
     classes = _classes(ex)
     index = {c: i for i, c in enumerate(classes)}
     unknown = [v for v in list(ex.labels) + list(ex.predictions) if _key(v) not in index]
     if unknown:
         raise LlmkitError(f"{unknown[0]!r} is not one of the classes given ({', '.join(map(_show, classes))})", "list every class")
-    y = [index[_key(v)] for v in ex.labels]
-    p = [index[_key(v)] for v in ex.predictions]
+    gold = [index[_key(v)] for v in ex.labels]
+    guess = [index[_key(v)] for v in ex.predictions]
     everyone = list(range(len(classes)))
     if metric == "mcc":
-        return float(sk.matthews_corrcoef(y, p))
+        return float(sk.matthews_corrcoef(gold, guess))
     if metric == "confusion":
-        return {"labels": [_show(c) for c in classes], "matrix": sk.confusion_matrix(y, p, labels=everyone).tolist()}
+        return {"labels": [_show(c) for c in classes], "matrix": sk.confusion_matrix(gold, guess, labels=everyone).tolist()}
     name, _, average = resolve(metric, ex).partition("_")
     fn = {"precision": sk.precision_score, "recall": sk.recall_score, "f1": sk.f1_score}[name]
     if average == "binary":
         pos = _positive(_binary(ex, pos_label)[0], pos_label)
-        return float(fn(y, p, average="binary", pos_label=index[pos], zero_division=0))
-    return float(fn(y, p, average=average, labels=everyone if average != "micro" else None, zero_division=0))
+        return float(fn(gold, guess, average="binary", pos_label=index[pos], zero_division=0))
+    return float(fn(gold, guess, average=average, labels=everyone if average != "micro" else None, zero_division=0))
 
 
 def _rouge_rows(ex: Examples) -> dict[str, list[float]]:

@@ -155,8 +155,8 @@ def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[E
         train, val = split_rows(rows, cfg.seed, log=log)
         return [to_example(r) for r in train], [to_example(r) for r in val]
     if cfg.task == "genre":
-        train, val = T.genre_examples("train", cfg.seed), T.genre_examples("val", cfg.seed)
-        return train[: cfg.n_train], val[: cfg.n_val]
+        genre_train, genre_val = T.genre_examples("train", cfg.seed), T.genre_examples("val", cfg.seed)
+        return genre_train[: cfg.n_train], genre_val[: cfg.n_val]
     return T.mixture(cfg.task, cfg.n_train, "train", cfg.seed), T.mixture(cfg.eval_task or cfg.task, cfg.n_val, "val", cfg.seed)
 
 
@@ -337,7 +337,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         if classification:
             return classifier_metrics(model, tok, val_ex, cfg)
         preds = answer(model, tok, val_ex, cfg.max_new_tokens)
-        out = {
+        out: dict[str, object] = {
             "exact_match": exact_match(preds, val_ex),
             "answer_loss": answer_loss(model, tok, val_ex, cfg),
             "general_bpb": general_bits_per_byte(model, tok, cfg),
@@ -413,7 +413,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
 
     def summed_loss(inputs, targets) -> torch.Tensor:
         if classification:
-            return model.loss(model(*inputs), targets)
+            return model.loss(model(*inputs), targets)  # type: ignore[operator]  # a classifier head's own loss (an attribute)
         x, mask, positions = inputs
         logits = model(x, attention_mask=mask, position_ids=positions)[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
