@@ -229,6 +229,7 @@ def test_generate_and_chat_commands(tmp_path):
     out = run_cli("generate", "--model", "smollm2", "--greedy", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--json")
     row = json.loads(out.stdout)
     assert row["text"].strip().startswith("Paris") and len(row["ids"]) == 4 and row["finish_reason"] == "length"
+    assert row["prompt_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0  # the run's own speeds, to measure without a benchmark
     out = run_cli("generate", "--model", "smollm2", "--greedy", "--chat", "--max-new-tokens", "24", input="What is the capital of France?")
     assert "Paris" in out.stdout
     (tmp_path / "p.jsonl").write_text('{"q": "One, two,"}\n{"q": "Monday, Tuesday,"}\n')

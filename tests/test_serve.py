@@ -31,6 +31,7 @@ from llmkit.generate import GenerationConfig, generate
 from llmkit.model import build_model, preset
 from llmkit.model.weights import save_model
 from llmkit.serve import Engine, Request, Settings, create_app
+from llmkit.serve.browser import BackgroundServer
 
 from conftest import run_cli
 
@@ -56,21 +57,12 @@ def _tiny(tok, kind: str = "tiny-llama", **overrides):
     return model
 
 
-class LiveServer:
-    """uvicorn on a free local port in a thread; stops by itself at the end of the module."""
+class LiveServer(BackgroundServer):
+    """uvicorn on a free local port in a thread (llmkit.serve.browser's), with what the tests ask of it."""
 
     def __init__(self, app):
-        import uvicorn
-
-        self.app, self.port = app, _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
+        super().__init__(app)
+        self.app = app
 
     def wait_ready(self, seconds: float = 120) -> None:
         deadline = time.monotonic() + seconds
@@ -80,10 +72,6 @@ class LiveServer:
 
     def engine(self, name: str) -> Engine:
         return self.app.state.llmkit.models[name].engine
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def request(method: str, url: str, body: bytes | dict | None = None, key: str | None = KEY, headers: dict | None = None):

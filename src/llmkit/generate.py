@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -422,10 +423,19 @@ def _check_prompt_ids(prompts: list[list[int]], model, tokenizer) -> None:
 
 @torch.no_grad()
 def stream_batch(
-    model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, *, warn=warn_stderr, streams: list | None = None
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    *,
+    warn=warn_stderr,
+    streams: list | None = None,
+    stats: dict | None = None,
 ) -> Iterator[list[tuple[int, str, bool]]]:
     """Decode a batch of token prompts together; yields, per step, (row, text piece, finished) for each row that moved.
-    `streams`, if given, receives each row's TextStream (its ids, text and finish_reason)."""
+    `streams`, if given, receives each row's TextStream (its ids, text and finish_reason); `stats`, if given, receives
+    the speeds as llama.cpp reports them: prompt_tokens_per_s (the prefill) and decode_tokens_per_s (the tokens after
+    each row's first, over the time after the first)."""
     mcfg = model.config
     if mcfg.family != "decoder":
         raise LlmkitError(
@@ -460,6 +470,7 @@ def stream_batch(
     sampler.add_prompts(prompts)
     done = [False] * B
     plain = B == 1  # one prompt, no padding: the causal fast path
+    started = time.perf_counter()
     logits = model(
         ids,
         attention_mask=None if plain else mask[:, :width],
@@ -468,7 +479,13 @@ def stream_batch(
         last_only=True,
         check_ids=False,
     )[:, -1]  # (B, V)
+    _sync(device)
+    prefilled = time.perf_counter()
+    if stats is not None:
+        stats.update(prompt_tokens=sum(map(len, prompts)), prefill_s=prefilled - started, decode_tokens=0, decode_s=0.0)
+        stats["prompt_tokens_per_s"] = stats["prompt_tokens"] / max(stats["prefill_s"], 1e-9)
     next_pos = positions[:, -1:] + 1  # (B, 1)
+    first_token = prefilled  # when the first new tokens were out (set at step 0)
     for step in range(cfg.max_new_tokens):
         tok = sampler(logits)  # (B,)
         sampler.observe(tok)
@@ -488,6 +505,12 @@ def stream_batch(
                 piece += rows[r].flush()
                 rows[r].finish_reason, done[r] = "length", True
             events.append((r, piece, done[r]))
+        if stats is not None and step:
+            stats["decode_tokens"] += len(events)
+            stats["decode_s"] = time.perf_counter() - first_token
+            stats["decode_tokens_per_s"] = stats["decode_tokens"] / max(stats["decode_s"], 1e-9)
+        if step == 0:
+            first_token = time.perf_counter()
         yield events
         if all(done):
             break
@@ -502,6 +525,12 @@ def stream_batch(
         next_pos = next_pos + 1
 
 
+def _sync(device) -> None:
+    """Wait for the device's queued work (timings on a GPU); nothing on a CPU."""
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
     """Text prompts are encoded with the tokenizer's own special tokens (bos for Llama, [CLS] for BERT, </s> for T5), as
     transformers does; token-id prompts are taken as they are (chat templates encode their own)."""
@@ -509,15 +538,22 @@ def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
 
 
 def generate(
-    model, tokenizer, prompts: list[str] | list[list[int]], cfg: GenerationConfig | None = None, *, warn=warn_stderr
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    cfg: GenerationConfig | None = None,
+    *,
+    warn=warn_stderr,
+    stats: dict | None = None,
 ) -> list[Generation]:
-    """Generate for every prompt (text or token ids); decoders batch them, encoder-decoders use generate_seq2seq."""
+    """Generate for every prompt (text or token ids); decoders batch them, encoder-decoders use generate_seq2seq.
+    `stats` (decoders) receives prompt_tokens_per_s and decode_tokens_per_s (see stream_batch)."""
     cfg = cfg or GenerationConfig()
     token_prompts = _encode_prompts(tokenizer, prompts)
     if model.config.family == "encoder-decoder":
         return [generate_seq2seq(model, tokenizer, p, cfg, warn=warn) for p in token_prompts]
     streams: list[TextStream] = []
-    for _ in stream_batch(model, tokenizer, token_prompts, cfg, warn=warn, streams=streams):
+    for _ in stream_batch(model, tokenizer, token_prompts, cfg, warn=warn, streams=streams, stats=stats):
         pass
     return [Generation(s.prompt_ids, s.ids, s.text, s.finish_reason) for s in streams]
 

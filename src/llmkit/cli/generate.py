@@ -37,7 +37,12 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message through the chat template")
     p.add_argument("--system", default=None, help="a system message (with --chat)")
-    p.add_argument("--json", action="store_true", help="print JSON lines: prompt, new token ids, new text, finish reason")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON lines: prompt, new token ids, new text, finish reason, and the batch's prompt_tokens_per_s and "
+        "decode_tokens_per_s",
+    )
     p.add_argument(
         "--task",
         default=None,
@@ -119,14 +124,14 @@ def cmd_generate(args) -> None:
         sys.stdout.write("\n")
         return
     for i in range(0, len(prompts), args.batch_size):
-        for g in generate(model, tok, prompts[i : i + args.batch_size], cfg, warn=warn):
+        stats: dict = {}  # the batch's speeds (decoders), in every --json row of the batch
+        for g in generate(model, tok, prompts[i : i + args.batch_size], cfg, warn=warn, stats=stats):
             if args.json:
-                print(
-                    json.dumps(
-                        {"prompt": tok.decode(g.prompt_ids), "ids": g.ids, "text": g.text, "finish_reason": g.finish_reason},
-                        ensure_ascii=False,
-                    )
-                )
+                row = {"prompt": tok.decode(g.prompt_ids), "ids": g.ids, "text": g.text, "finish_reason": g.finish_reason}
+                for key in ("prompt_tokens_per_s", "decode_tokens_per_s"):
+                    if key in stats:
+                        row[key] = round(stats[key], 2)
+                print(json.dumps(row, ensure_ascii=False))
             else:
                 print(g.text)
 
