@@ -52,6 +52,7 @@ from llmkit.serve.protocol import (
     describe_validation,
     error_body,
 )
+from llmkit.tokenizer.pretrained import bytes_to_unicode
 
 log = logging.getLogger("llmkit.serve")
 
@@ -145,20 +146,7 @@ def _decoder_type(tok) -> str | None:
         return None
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-BYTE_DECODER = _byte_decoder()
+BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}  # GPT-2's byte-level alphabet, reversed
 
 
 def token_info(served: Served, token_id: int, logprob: float) -> dict:
@@ -252,7 +240,8 @@ class State:
                 headers={"Retry-After": "5"},
             )
 
-    def get(self, name: str, *, embedding: bool) -> Served:
+    def get(self, name: str, *, embedding: bool | None) -> Served:
+        """The served model `name`: an embedding one (embedding=True), a generating one (False) or either (None)."""
         self.check_ready()
         served = self.models.get(name)
         if served is None:
@@ -263,14 +252,14 @@ class State:
                 param="model",
                 code="model_not_found",
             )
-        if embedding and not served.embedding:
+        if embedding is True and not served.embedding:
             raise APIError(
                 400,
                 f"the model {name!r} generates text; embed with an embedding model: "
                 f"{', '.join(n for n, s in self.models.items() if s.embedding) or 'none is served (--embedding-model)'}",
                 param="model",
             )
-        if not embedding and served.embedding:
+        if embedding is False and served.embedding:
             raise APIError(
                 400,
                 f"the model {name!r} is an embedding model; use /v1/embeddings, or a generating model: "
@@ -651,11 +640,7 @@ def create_app(
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        state.check_ready()
-        served = state.models.get(name)
-        if served is None:
-            raise APIError(404, f"the model {name!r} does not exist; this server has: {', '.join(state.models)}", code="model_not_found")
-        return model_card(served)
+        return model_card(state.get(name, embedding=None))
 
     def prompt_of_messages(served: Served, messages) -> list[int]:
         from llmkit.chat import chat_prompt_ids
@@ -911,18 +896,9 @@ def create_app(
         n = sum(map(len, encoded))
         return {"object": "list", "data": data, "model": served.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
-    def any_model(name: str) -> Served:
-        state.check_ready()
-        served = state.models.get(name)
-        if served is None:
-            raise APIError(
-                404, f"the model {name!r} does not exist; this server has: {', '.join(state.models)}", param="model", code="model_not_found"
-            )
-        return served
-
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        served = any_model(body.model)
+        served = state.get(body.model, embedding=None)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send either prompt or messages", param="prompt")
         ids = (
@@ -934,7 +910,7 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        served = any_model(body.model)
+        served = state.get(body.model, embedding=None)
         limit = served.tok.id_limit
         bad = next((i for i in body.tokens if i < 0 or i >= limit), None)
         if bad is not None:
@@ -966,21 +942,8 @@ def create_app(
 
         fields = {**fields, **settings.sampling.get(served.name, {})}  # the served name's own settings win
         ids, max_new = _fit(served, chat_prompt_ids(served.tok, messages), fields.get("max_tokens"), None, None, "prompt")
-        temperature = fields.get("temperature", 1.0)
-        cfg = GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=temperature > 0,
-            temperature=temperature,
-            top_p=fields.get("top_p"),
-            top_k=fields.get("top_k"),
-            repetition_penalty=fields.get("repetition_penalty", 1.0),
-            presence_penalty=fields.get("presence_penalty", 0.0),
-            frequency_penalty=fields.get("frequency_penalty", 0.0),
-        )
-        try:
-            cfg.check()
-        except LlmkitError as e:
-            raise APIError(400, f"{e.message} ({e.fix})") from None
+        sampling = ChatRequest.model_construct(model=served.name, messages=[], **fields)  # unvalidated: _config checks the values
+        cfg = _config(sampling, max_new, None, served.tok.id_limit)
         job = Job(served, [ids], [cfg], None, settings.timeout)
         job.submit()
         try:

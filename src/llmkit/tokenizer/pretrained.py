@@ -102,7 +102,7 @@ def _byte_level_spelling(token: str, alphabet: set[str], spelling: dict[int, str
     return "".join(spelling[b] for b in token.encode("utf-8"))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character (the byte-level alphabet)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, n = printable[:], 0
@@ -134,7 +134,7 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
     kind, llama3 = PRE_TOKENIZERS[pre]
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {_byte_level_spelling(t, alphabet, spelling): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
