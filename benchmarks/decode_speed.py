@@ -3,6 +3,7 @@ weights) and llama.cpp (`llama-cpp-python`, the same GGUF, if installed), in one
 
     python benchmarks/decode_speed.py                 # CPU, 2 threads: decode tokens/s and prompt (512 tokens) tokens/s
     python benchmarks/decode_speed.py --device cuda --batch-sizes 1,32 --dtypes bf16
+    python benchmarks/decode_speed.py --dtypes int4 --engine-batches 1,4,16 --skip transformers   # the server's engine
 
 Each figure is the median of --repeats runs. llama.cpp is a benchmark extra (`pip install llama-cpp-python`, see
 benchmarks/RESULTS.md for the build flags), never a test dependency.
@@ -18,8 +19,9 @@ import torch
 
 import llmkit
 from llmkit.generate import GenerationConfig, stream_batch
+from llmkit.model.compiled import use_compiled_decode
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
 
 
 def sync(device):
@@ -53,6 +55,40 @@ def bench_llmkit(model, prompt: list[int], new: int, batch: int, device) -> tupl
         sync(device)
         decode = time.perf_counter() - start
     return batch * len(prompt) / prefill, batch * steps / decode
+
+
+def bench_engine(model, prompt: list[int], new: int, batch: int) -> tuple[float, float]:
+    """(0, decode tokens/s of all rows together) through the server's engine (continuous batching): `batch` requests of
+    `new` greedy tokens after an 8-token prompt, submitted together; the rate counts every row's tokens after its first."""
+    import threading
+
+    from llmkit.serve.engine import Engine, Request
+
+    engine = Engine(model, "bench", max_batch=max(batch, 1), max_queue=batch)
+    try:
+        firsts: list[float] = []
+        done = threading.Semaphore(0)
+        counts = [0] * batch
+
+        def emitter(i):
+            def emit(event):
+                if event[0] == "token":
+                    counts[i] += 1
+                    if counts[i] == 1:
+                        firsts.append(time.perf_counter())
+                else:
+                    done.release()
+
+            return emit
+
+        cfg = GenerationConfig(max_new_tokens=new, do_sample=False, stop_token_ids=[])
+        engine.submit([Request(list(prompt[:8]), cfg, emitter(i)) for i in range(batch)])
+        for _ in range(batch):
+            done.acquire()
+        end = time.perf_counter()
+    finally:
+        engine.close()
+    return 0.0, (sum(counts) - batch) / (end - max(firsts))
 
 
 def bench_transformers(model, prompt: list[int], new: int, batch: int, device) -> tuple[float, float]:
@@ -98,8 +134,16 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1")
-    p.add_argument("--dtypes", default="fp32,bf16,int8", help="fp32, bf16, int8 (llmkit's weight-only int8; no transformers peer)")
+    p.add_argument(
+        "--dtypes", default="fp32,bf16,int8,int4", help="fp32, bf16, int8, int4 (llmkit's weight-only int8 / int4; no transformers peer)"
+    )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--engine-batches", default="", help="also decode through the server's engine with these many requests at once, e.g. 1,4,16"
+    )
+    p.add_argument(
+        "--compile", default="both", choices=["on", "off", "both"], help="llmkit's decode step compiled, eager, or both (default)"
+    )
     p.add_argument("--skip", default="", help="comma list of engines to skip: llmkit,transformers,llama.cpp")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,8 +168,14 @@ def main() -> None:
         dtype = DTYPES[name]
         for batch in map(int, args.batch_sizes.split(",")):
             if "llmkit" not in skip:
-                model = llmkit.load("smollm2", dtype=dtype, device=device, quantize="int8" if name == "int8" else None)
-                record("llmkit", name, batch, lambda: bench_llmkit(model, prompt, args.new_tokens, batch, device))
+                model = llmkit.load("smollm2", dtype=dtype, device=device, quantize=name if name in ("int8", "int4") else None)
+                for compiled in [False, True] if args.compile == "both" else [args.compile == "on"]:
+                    use_compiled_decode(model, compiled)
+                    engine = "llmkit compiled" if compiled else "llmkit"
+                    record(engine, name, batch, lambda: bench_llmkit(model, prompt, args.new_tokens, batch, device))
+                    for n in [int(x) for x in args.engine_batches.split(",") if x] if batch == 1 else []:
+                        bench_engine(model, prompt, 8, n)  # the engine's warm-up (compiles) is not timed
+                        record(f"{engine} engine", name, n, lambda: bench_engine(model, prompt, args.new_tokens, n))
                 del model
             if "transformers" not in skip and name != "int8":
                 from transformers import AutoModelForCausalLM
@@ -151,9 +201,9 @@ def main() -> None:
                 )
         except ImportError:
             print("llama.cpp: llama-cpp-python is not installed (a benchmark extra; see benchmarks/RESULTS.md)")
-    print("\nratios (decode, prompt) against transformers of the same dtype and batch (int8: against fp32):")
+    print("\nratios (decode, prompt) against transformers of the same dtype and batch (int8, int4: against fp32):")
     for engine, dtype, batch, pre, dec in rows:
-        ref = [r for r in rows if r[0] == "transformers" and r[1] == ("fp32" if dtype == "int8" else dtype) and r[2] == batch]
+        ref = [r for r in rows if r[0] == "transformers" and r[1] == ("fp32" if dtype in ("int8", "int4") else dtype) and r[2] == batch]
         if ref and engine != "transformers":
             print(f"  {engine} {dtype} batch {batch}: decode {dec / ref[0][4]:.2f}x, prompt {pre / ref[0][3]:.2f}x")
     lc = [r for r in rows if r[0] == "llama.cpp"]

@@ -277,7 +277,8 @@ def test_int8_weight_only_quantization_stays_close_to_float():
         ref = model(ids)
         quantize(model)
         out = model(ids)
-    assert isinstance(model.blocks[0].attn.q_proj, Int8Linear) and model.blocks[0].attn.q_proj.weight_int8.dtype == torch.int8
+    qkv = model.blocks[0].attn.qkv_proj  # q, k and v fused into one matrix before quantizing
+    assert isinstance(qkv, Int8Linear) and qkv.weight_int8.dtype == torch.int8 and model.blocks[0].attn.q_proj is None
     assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
     with pytest.raises(LlmkitError, match="unknown quantization"):

@@ -174,10 +174,15 @@ def _served(model, jobs, *, stagger: float = 0.0, max_batch: int = 3, max_queue:
         engine.close()
 
 
-@pytest.mark.parametrize("kind,overrides", [("tiny-llama", {}), ("tiny-gpt", {}), ("tiny-llama", {"position": "relative"})])
-def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind, overrides):
+@pytest.mark.parametrize(
+    "kind,overrides,static",
+    [("tiny-llama", {}, False), ("tiny-gpt", {}, False), ("tiny-llama", {"position": "relative"}, False), ("tiny-llama", {}, True)],
+)
+def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind, overrides, static):
     """Requests of many lengths join and leave a batch of 4 at different steps (prompts longer than the running rows
-    move them right; the timeline is shifted and grown): greedy and seeded sampled outputs equal each decoded alone."""
+    move them right; the timeline is shifted and grown): greedy and seeded sampled outputs equal each decoded alone.
+    `static`: the engine decodes with the static-cache step the compiler takes (rows padded to a power of two), run
+    eagerly here (tests/test_fast_decode.py compiles it)."""
     tok = tokenizers_by_kind["byte-bpe"]
     model = _tiny(tok, kind, max_seq_len=256, **overrides)
     g = torch.Generator().manual_seed(1)
@@ -193,6 +198,8 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
         cfg.stop_token_ids = []  # run to max_new_tokens: the longest overlaps
         jobs.append((prompt, cfg))
     alone = [generate(model, tok, [p], c)[0] for p, c in jobs]
+    if static:  # the engine only: each request alone above ran the plain eager model
+        model.compiled_decode = "eager"
     engine = Engine(model, kind, max_batch=4, max_queue=20)
     try:
         together = _collect(engine, jobs, stagger=0.01)
@@ -262,7 +269,9 @@ def test_chat_streams_with_usage_and_equals_the_generate_command(server, client)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0 and len(finish) == 1
-    out = run_cli("generate", "--model", "smollm2", "--chat", "--greedy", "--prompt", question, "--max-new-tokens", "24").stdout
+    out = run_cli(
+        "generate", "--model", "smollm2", "--chat", "--greedy", "--prompt", question, "--max-new-tokens", "24", "--quantize", "none"
+    ).stdout  # the server's weights (float32; the command's default would be int4)
     assert text == out[:-1]  # the command ends the text with a newline
     # logprobs of a chat answer: each token with its bytes and its best alternatives
     r = client.chat.completions.create(

@@ -465,7 +465,9 @@ def stream_batch(
         mask[r, width - len(p) : width] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    cache = model.new_cache(B, total)
+    # the compiled decode step, when the model asks for it (`use_compiled_decode`)
+    fast = static_decoder(model, B, total) if cfg.max_new_tokens > 1 else None
+    cache = fast.cache() if fast is not None else model.new_cache(B, total)
     sampler = Sampler([cfg] * B, min(tokenizer.id_limit, mcfg.vocab_size), device, generator=seeded_generator(cfg.seed, device))
     sampler.add_prompts(prompts)
     done = [False] * B
@@ -515,14 +517,29 @@ def stream_batch(
         if all(done):
             break
         mask[:, width + step] = 1
-        logits = model(
-            tok[:, None],
-            attention_mask=None if plain else mask[:, : width + step + 1],
-            cache=cache,
-            position_ids=None if plain else next_pos,
-            check_ids=False,
-        )[:, -1]
+        if fast is not None:
+            logits = fast.step(tok, next_pos[:, 0], width + step, mask)
+        else:
+            logits = model(
+                tok[:, None],
+                attention_mask=None if plain else mask[:, : width + step + 1],
+                cache=cache,
+                position_ids=None if plain else next_pos,
+                check_ids=False,
+            )[:, -1]
         next_pos = next_pos + 1
+
+
+def static_decoder(model, batch: int, capacity: int):
+    """A StaticDecoder (the compiled one-token step) for `model` when `use_compiled_decode(model)` turned it on and
+    the model's step compiles (`model.compiled_decode = "eager"`: the same static step, not compiled); else None."""
+    if not getattr(model, "compiled_decode", False):
+        return None
+    from llmkit.model.compiled import StaticDecoder, compilable
+
+    if compilable(model) is not None:
+        return None
+    return StaticDecoder(model, batch, capacity, compile=model.compiled_decode != "eager")
 
 
 def _sync(device) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from llmkit.cli.common import console, subcommand
 
 
@@ -40,6 +42,29 @@ def register(commands) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a share of the peak (default: 0.1)")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"warmup steps (default: {d.warmup})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices (default: 0.1)")
+    p.add_argument(
+        "--optimizer",
+        default=d.optimizer,
+        choices=["muon", "adamw"],
+        help="muon (default): torch.optim.Muon for the blocks' matrices, AdamW (--lr) for embeddings, head and norms; adamw: AdamW for all",
+    )
+    p.add_argument("--muon-lr", type=float, default=d.muon_lr, help=f"Muon's peak learning rate (default: {d.muon_lr})")
+    p.add_argument("--muon-momentum", type=float, default=d.muon_momentum, help=f"Muon's momentum (default: {d.muon_momentum})")
+    p.add_argument(
+        "--schedule",
+        default=d.schedule,
+        choices=["wsd", "cosine"],
+        help="after warmup: wsd (default: the peak, then a linear decay over the last --cooldown of the budget) or cosine",
+    )
+    p.add_argument("--cooldown", type=float, default=d.cooldown, help=f"share of the budget the wsd decay takes (default: {d.cooldown})")
+    p.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a model config field over the preset's, e.g. activation=gelu, qk_norm=false, logit_softcap=none, "
+        "position=learned, tie_embeddings=true (repeatable; see `llmkit model info PRESET`)",
+    )
     p.add_argument("--beta1", type=float, default=d.beta1)
     p.add_argument("--beta2", type=float, default=d.beta2)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (0: off; default: 1.0)")
@@ -55,9 +80,17 @@ def register(commands) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
     p.add_argument(
-        "--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: bf16 where the hardware has it)"
+        "--precision",
+        default=d.precision,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast (auto: bf16 where the hardware has it and, measured, its matmuls run faster than float32)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for a single-process decoder on a CPU, where it pays; LLMKIT_COMPILE=0 turns it off)",
+    )
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
     p.add_argument(
         "--peak-flops",
@@ -79,4 +112,35 @@ def cmd_pretrain(args) -> None:
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["samples"] = not args.no_samples
+    values["model_options"] = parse_model_options(args.model_option)
     pretrain(PretrainConfig(**values), log=lambda m: console().print(m))
+
+
+def parse_model_options(items: list[str]) -> dict:
+    """["qk_norm=false", "logit_softcap=15", "activation=gelu"] -> {"qk_norm": False, "logit_softcap": 15.0, ...}: the
+    value read as JSON where it parses (numbers, true/false, null), `none` as null, else as a string."""
+    import dataclasses
+    import json
+
+    from llmkit.errors import LlmkitError
+    from llmkit.model.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    fixed = {"vocab_size": "--vocab-size", "max_seq_len": "--block-size", "dropout": "--dropout", "family": "--family"}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise LlmkitError(
+                f"--model-option {item!r} is not KEY=VALUE with a model config field", f"use one of: {', '.join(sorted(names))}"
+            )
+        if key in fixed:
+            raise LlmkitError(f"--model-option {key} has its own flag", f"use {fixed[key]}")
+        raw = raw.strip()
+        try:
+            value = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
+        except json.JSONDecodeError:
+            value = None if raw.lower() == "none" else raw
+        out[key] = value
+    return out

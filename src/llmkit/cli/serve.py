@@ -60,7 +60,18 @@ def register(commands) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="URL", help="allow browser pages from this origin; repeatable")
     p.add_argument("--log-prompts", action="store_true", help="log the prompts (off by default: prompts may be private)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers (faster CPU decoding)")
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["auto", "none", "int8", "int4"],
+        help="weight-only int8 or int4 linear layers; auto: int4 on a CPU for weights straight from a Q4_1 GGUF (default: none)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with the compiled one-token step on a CPU (each padded batch size compiled at start; measured no faster "
+        "than eager at 16 requests yet, see benchmarks/RESULTS.md)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -140,6 +151,7 @@ def cmd_serve(args) -> None:
         log_prompts=args.log_prompts,
         dtype=args.dtype if args.dtype != "fp32" else None,
         quantize=args.quantize,
+        compile=args.compile,
         db=None if args.db.lower() == "none" else args.db,
         sampling=sampling_options(args.sampling, names),
     )

@@ -6,8 +6,11 @@ subclass. `flops_per_token` and `param_count` derive from the config alone (`llm
     family            decoder (GPT/Llama) | encoder (BERT) | encoder-decoder (T5, the original Transformer)
     position          sinusoidal | learned | rope | relative (T5's bucketed bias), in every family
     rope_scaling      None | {"rope_type": linear | dynamic | llama3 | yarn | freq_factors, ...} (as transformers)
-    activation        relu | gelu | gelu_tanh | swiglu | geglu
+    activation        relu | relu2 (ReLU², Primer) | gelu | gelu_tanh | swiglu | geglu
     norm              layernorm | rmsnorm, at norm_position pre | post
+    qk_norm           RMS-normalize each head's queries and keys before attention (Dehghani et al. 2023; modded-nanogpt)
+    logit_softcap     logits = cap · tanh(logits / cap) (Gemma 2; modded-nanogpt)
+    zero_init         attention and feed-forward output projections start at zero: each block starts as the identity
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class ModelConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     norm_position: str = "pre"
+    qk_norm: bool = False
+    logit_softcap: float | None = None
+    zero_init: bool = False
     bias: bool = True  # biases of the attention and feed-forward projections
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -82,12 +88,14 @@ class ModelConfig:
             self.n_decoder_layers = self.n_layers
         for name, allowed in (
             ("position", ("sinusoidal", "learned", "rope", "relative")),
-            ("activation", ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")),
+            ("activation", ("relu", "relu2", "gelu", "gelu_tanh", "swiglu", "geglu")),
             ("norm", ("layernorm", "rmsnorm")),
             ("norm_position", ("pre", "post")),
         ):
             if getattr(self, name) not in allowed:
                 raise LlmkitError(f"unknown {name} {getattr(self, name)!r}", f"use one of: {', '.join(allowed)}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise LlmkitError(f"logit_softcap must be positive, not {self.logit_softcap}", "use e.g. 15.0, or None for no cap")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") in (None, "default"):
             self.rope_scaling = None
         if self.rope_scaling is not None:
@@ -247,9 +255,28 @@ PRESETS: dict[str, dict] = {
     "t5": dict(_T5, vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_seq_len=512),  # t5-small
     # Small ones that train in minutes on a laptop CPU.
     "tiny-gpt": dict(_GPT, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, max_seq_len=256),
-    # `llmkit pretrain`'s default: the best validation bits per byte on Shakespeare in 5 minutes on 2 CPU cores among
-    # the shapes we measured (benchmarks/RESULTS.md).
+    # The best 5-minute shape on 2 CPU cores with the GPT-2 recipe (benchmarks/RESULTS.md, issue 4).
     "cpu-gpt": dict(_GPT, vocab_size=2048, d_model=192, n_layers=4, n_heads=4, max_seq_len=128),
+    # `llmkit pretrain`'s default: the speedrun recipe (modded-nanogpt, nanochat) at the size 5 minutes on 2 CPU cores
+    # train: RoPE, RMSNorm, ReLU², QK-norm, an untied head, logit soft-capping, zero-initialized output projections
+    # (trained with Muon and a warmup-stable-decay schedule by `llmkit pretrain`; benchmarks/RESULTS.md, issue 15).
+    "cpu-modern": dict(
+        family="decoder",
+        vocab_size=2048,
+        d_model=192,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=128,
+        position="rope",
+        norm="rmsnorm",
+        norm_position="pre",
+        activation="relu2",
+        bias=False,
+        qk_norm=True,
+        tie_embeddings=False,
+        logit_softcap=15.0,
+        zero_init=True,
+    ),
     "tiny-llama": dict(
         _LLAMA, vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=256, tie_embeddings=True
     ),

@@ -79,15 +79,25 @@ def _check_length(cfg: ModelConfig, length: int) -> None:  # relative positions 
 
 
 def _init_weights(model: nn.Module, cfg: ModelConfig, n_residual_layers: int) -> None:
-    """N(0, 0.02) for weights, zero biases; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+    """N(0, 0.02) for weights, zero biases; residual output projections scaled by 1/sqrt(2L) (GPT-2), or zero with
+    `zero_init` (modded-nanogpt: each block starts as the identity)."""
     if any(p.is_meta for p in model.parameters()):
         return  # built on the meta device for loading: the weights come from a file
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * n_residual_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+            if residual_out and cfg.zero_init:
+                nn.init.zeros_(p)
+                continue
+            std = 0.02 / math.sqrt(2 * n_residual_layers) if residual_out else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap · tanh(logits / cap): logits bounded to (-cap, cap), near-identity for small ones (Gemma 2)."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def _rotary(cfg: ModelConfig) -> Rotary | None:
@@ -166,7 +176,7 @@ class Decoder(nn.Module):
         x, _ = self.hidden_states(ids, attention_mask, cache, position_ids, check_ids=check_ids)
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
-        return self.lm_head(x)  # (B, T, V)
+        return softcap(self.lm_head(x), self.config.logit_softcap)  # (B, T, V)
 
     def attention_maps(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every layer, each (B, n_heads, T, T) (the slow path)."""
@@ -223,7 +233,7 @@ class Encoder(nn.Module):
             return x  # (B, T, D)
         if self.mlm_transform is not None:
             x = self.mlm_transform(x)
-        return self.lm_head(x)  # (B, T, V)
+        return softcap(self.lm_head(x), self.config.logit_softcap)  # (B, T, V)
 
     def embed_sentences(self, ids, attention_mask=None, pooling: str = "mean", normalize: bool = True, token_type_ids=None) -> torch.Tensor:
         """One vector per sequence (B, D): the mean of the real tokens' states, or the first ([CLS]) token's."""
@@ -323,7 +333,7 @@ class EncoderDecoder(nn.Module):
             x = self.dec_norm(x)
         if self.config.scale_decoder_outputs:
             x = x * self.config.d_model**-0.5
-        return self.lm_head(x), maps
+        return softcap(self.lm_head(x), self.config.logit_softcap), maps
 
     def forward(self, ids, decoder_ids, attention_mask=None, cache: KVCache | None = None, encoder_out=None) -> torch.Tensor:
         if encoder_out is None:

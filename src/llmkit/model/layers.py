@@ -322,8 +322,9 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head (n_kv_heads == n_heads) or grouped-query attention; self- or cross-attention."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
+        self.self_attention = not cross
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
         self.dropout = cfg.dropout
@@ -332,6 +333,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matrix (`quantize.fuse_projections`, for inference)
+        # QK-norm: each head's queries and keys RMS-normalized (a learned gain per channel) before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's q (B, nh, T, hd), k and v (B, nkv, T, hd), before positions."""
+        B, T, _ = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -346,14 +365,19 @@ class Attention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        if context is None:
+            q, k, v = self.project(x)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+            q = (self.q_norm(q) if self.q_norm is not None else q).transpose(1, 2)  # (B, nh, T, hd)
         if context is not None and cache is not None and cache.cross[layer] is not None:
             k, v = cache.cross[layer]  # cross-attention: the encoder's keys and values, projected once
         else:
-            src = x if context is None else context
-            S = src.shape[1]
-            k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-            v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+            if context is not None:
+                S = context.shape[1]
+                k = self.k_proj(context).view(B, S, self.n_kv_heads, self.head_dim)
+                k = (self.k_norm(k) if self.k_norm is not None else k).transpose(1, 2)  # (B, nkv, S, hd)
+                v = self.v_proj(context).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
             if rope is not None:
                 k = apply_rope(k, *rope)
             if cache is not None and context is None:
@@ -377,6 +401,8 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             weights = scores.softmax(-1)
             y = (weights @ v.float()).to(q.dtype)  # (B, nh, T, hd)
+        elif T == 1 and bias is not None and hasattr(cache, "attend"):  # the compiled decode step's own attention
+            y = cache.attend(q, k, v, bias, self.scale)  # type: ignore[union-attr]
         else:
             extra = {"enable_gqa": True} if share_kv else {}
             y = F.scaled_dot_product_attention(
@@ -397,6 +423,7 @@ class Attention(nn.Module):
 
 ACTIVATIONS = {
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # Primer (So et al. 2021); modded-nanogpt's MLP
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "swiglu": F.silu,
@@ -414,9 +441,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.float32_down = False  # T5 in float16 keeps its down projection (`wo`) in float32, as transformers does
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matrix (`quantize.fuse_projections`, for inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            h = self.act(gate) * up
+        elif self.gate_proj is not None:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = self.act(self.up_proj(x))
         return self.down_proj(h.float() if self.float32_down else h)
 
 
@@ -435,7 +469,7 @@ class Block(nn.Module):
         self.pre = cfg.norm_position == "pre"
         self.fp16_clamp = cfg.fp16_clamp
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
-        self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg)) if cross else (None, None)
+        self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg, cross=True)) if cross else (None, None)
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 

@@ -482,6 +482,14 @@ def _gguf_rope_scaling(fields: dict, rope_freqs: torch.Tensor | None, context: i
     raise LlmkitError(f"GGUF RoPE scaling {kind!r} is not implemented", "use a GGUF with linear or yarn scaling, rope_freqs, or none")
 
 
+def _gguf_block_type(reader) -> str | None:
+    """The quantization of most of a GGUF's block matrices ("Q4_1", "Q8_0", "F16", ...): what the file's quality is."""
+    import collections
+
+    kinds = collections.Counter(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
 def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, object]:
     """A Llama-architecture GGUF file -> (Decoder with dequantized weights in `dtype` (float32 by default), Tokenizer).
     Each tensor is cast as it is dequantized, so a bf16 load never holds a float32 copy of the model."""
@@ -569,6 +577,8 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
             yield name, w
 
     copy_tensors(model, stream())
+    # what the file's matrices are stored as (not saved with the config: a fine-tuned copy's weights are off that grid)
+    model.gguf_weights = _gguf_block_type(reader)
     return model, tokenizer_from_gguf_fields(fields, str(path))
 
 
@@ -592,6 +602,7 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
     model = load(base, device=device)
     load_lora(model, path)
     merge_and_unwrap(model)
+    model.gguf_weights = None  # merged weights are no longer the file's
     model.requires_grad_(False)
     model.config.extra["adapter"] = str(path)
     if quantize:
@@ -716,6 +727,10 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
         out.append(f"grouped-query attention ({cfg.n_kv_heads} key/value heads for {cfg.n_heads})")
     if arch == "llama" and (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
         out.append("llama.cpp rope_freqs factors (no rope_scaling of transformers holds them)")
+    if cfg.qk_norm:
+        out.append("qk_norm (transformers' Llama, GPT-2 and BERT do not normalize queries and keys)")
+    if cfg.logit_softcap is not None:
+        out.append(f"logit_softcap {cfg.logit_softcap} (transformers' Llama, GPT-2 and BERT do not cap logits)")
     return out
 
 

@@ -109,7 +109,8 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     dtype: str | None = None
-    quantize: str | None = None
+    quantize: str | None = None  # auto | none | int8 | int4 (None: as loaded)
+    compile: bool = False  # the compiled decode step on a CPU (`llmkit serve` turns it on; --no-compile)
     db: str | None = None  # the SQLite file of votes, ratings and the answers they rate (the CLI's default: runs/votes.db)
     sampling: dict[str, dict] = field(default_factory=dict)  # served name -> default sampling fields (temperature, top_p, ...)
 
@@ -185,6 +186,7 @@ class State:
         import torch
 
         import llmkit
+        from llmkit.model.compiled import prepare_for_decoding
 
         loaded: dict[str, object] = {}  # one spec served under two names (e.g. two sampling settings) is loaded once
         try:
@@ -196,9 +198,14 @@ class State:
                         model = loaded[spec]
                     elif isinstance(spec, str):
                         log.info("loading %s from %s", name, spec)
+                        q = self.settings.quantize
                         model = loaded[spec] = llmkit.load(
-                            spec, dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None, quantize=self.settings.quantize
+                            spec,
+                            dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None,
+                            quantize=q if embedding and q not in (None, "auto", "none") else None,
                         )
+                        if not embedding:  # int4 for a Q4_1 GGUF's weights (auto), and the compiled decode step on a CPU
+                            prepare_for_decoding(model, q, self.settings.compile)
                     else:
                         model = spec
                     self.models[name] = Served(name, model, self.settings, self.metrics, embedding)

@@ -37,6 +37,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, Sampler, TextStream, generate_seq2seq, seeded_generator, stop_rules
+from llmkit.model.compiled import WIDTH_STEP, decode_step
 
 log = logging.getLogger("llmkit.serve")
 
@@ -99,6 +100,8 @@ class Engine:
         self.metrics = metrics
         cfg = model.config
         self.seq2seq = cfg.family == "encoder-decoder"
+        # the compiled one-token step (`use_compiled_decode`): rows padded to a power of two, one graph per such batch
+        self.compiled = bool(getattr(model, "compiled_decode", False)) and not self.seq2seq
         self.context = None if cfg.position == "relative" else cfg.max_seq_len
         self.device = next(model.parameters()).device
         self.n_valid = min(self.tok.id_limit, cfg.vocab_size)
@@ -159,8 +162,33 @@ class Engine:
             self.metrics.queue_length.labels(self.name).set(len(self.waiting))
             self.metrics.running.labels(self.name).set(len(self.rows))
 
+    def _warm_up(self) -> None:
+        """Compile the decode step for every padded batch size (1, 2, 4, ... max_batch) before the first request, so
+        that no running request waits for a compile (loaded from inductor's cache on disk after the first time)."""
+        cfg = self.model.config
+        dtype = self.model.embed.tokens.weight.dtype
+        n = 1
+        while True:
+            start = time.monotonic()
+            shape = (n, cfg.n_kv_heads, 2 * WIDTH_STEP, cfg.head_dim)
+            ks = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
+            vs = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
+            zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+            valid = torch.ones(n, 1, dtype=torch.bool, device=self.device)
+            decode_step(self.model, ks, vs, zeros, zeros.clone(), 0, valid, compiled=self.model.compiled_decode != "eager")
+            log.info("%s: decode step for %d rows ready in %.1fs", self.name, n, time.monotonic() - start)
+            if n >= self.max_batch:
+                break
+            n = min(self.max_batch, 2 * n)
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.compiled:
+            try:
+                self._warm_up()
+            except Exception as e:  # noqa: BLE001  (decode eagerly rather than not at all)
+                log.error("%s: the compiled decode step failed (%s); decoding eagerly", self.name, e)
+                self.compiled = False
         logits = None
         while True:
             with self.lock:
@@ -245,7 +273,8 @@ class Engine:
         """(Re)allocate the cache to `cap` columns, keeping what the running rows hold."""
         cfg = self.model.config
         dtype = self.model.embed.tokens.weight.dtype
-        shape = (self.max_batch, cfg.n_kv_heads, cap, cfg.head_dim)
+        spare = WIDTH_STEP if self.compiled else 0  # the compiled step attends to fewer columns than the buffers hold
+        shape = (self.max_batch, cfg.n_kv_heads, cap + spare, cfg.head_dim)
         k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
         v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
         if self._cap and self.rows:
@@ -443,13 +472,29 @@ class Engine:
         b, w = len(self.rows), self.width
         self.mask[:b, w] = 1
         plain = b == 1 and self.rows[0].start == 0  # a lone row from column 0: exactly `llmkit generate`'s path
-        out = self.model(
-            tokens[:, None],
-            attention_mask=None if plain else self.mask[:b, : w + 1],
-            cache=self._cache(),
-            position_ids=None if plain else self.positions,
-            check_ids=False,
-        )[:, -1]
+        if self.compiled:
+            n = min(self.max_batch, 1 << (b - 1).bit_length())  # padding rows see only column 0 and are dropped
+            pad = torch.zeros(n - b, dtype=torch.long, device=self.device)
+            valid = self.mask[:n].bool()
+            valid[b:, 0] = True
+            out = decode_step(
+                self.model,
+                [t[:n] for t in self._k],
+                [t[:n] for t in self._v],
+                torch.cat([tokens, pad]),
+                torch.cat([self.positions[:, 0], pad]),
+                w,
+                valid,
+                compiled=self.model.compiled_decode != "eager",
+            )[:b]
+        else:
+            out = self.model(
+                tokens[:, None],
+                attention_mask=None if plain else self.mask[:b, : w + 1],
+                cache=self._cache(),
+                position_ids=None if plain else self.positions,
+                check_ids=False,
+            )[:, -1]
         self.width += 1
         self.positions = self.positions + 1
         return out

@@ -33,7 +33,7 @@ from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.train import objectives
 
-DEFAULT_PRESETS = {"decoder": "cpu-gpt", "encoder": "tiny-bert", "encoder-decoder": "tiny-t5"}
+DEFAULT_PRESETS = {"decoder": "cpu-modern", "encoder": "tiny-bert", "encoder-decoder": "tiny-t5"}
 
 
 @dataclass
@@ -49,10 +49,16 @@ class PretrainConfig:
     block_size: int = 128
     batch_size: int = 32  # per process and micro-step
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 3e-3  # AdamW's: embeddings, the head, norms and biases (and every parameter with --optimizer adamw)
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
+    optimizer: str = "muon"  # muon (torch.optim.Muon for the blocks' matrices, AdamW for the rest) | adamw
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    schedule: str = "wsd"  # wsd (warmup, stable, linear decay over the last `cooldown` of the budget) | cosine
+    cooldown: float = 0.4
+    model_options: dict = field(default_factory=dict)  # ModelConfig fields over the preset's (--model-option KEY=VALUE)
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
@@ -64,7 +70,7 @@ class PretrainConfig:
     log_every: int = 10
     save_every: int | None = None  # checkpoint every N steps (default: at each evaluation)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False
+    compile: bool | None = None  # None: on for a single-process decoder on a CPU (it pays: 1.3x), unless LLMKIT_COMPILE=0
     seed: int = 1337
     out: str = "runs/pretrain"
     resume: bool = False
@@ -122,23 +128,36 @@ class Budget:
         return None
 
 
-def learning_rate(cfg, step: int, progress: float, warm_progress: float = 0.0) -> float:
-    """Linear warmup over `cfg.warmup` steps, then cosine decay from `cfg.lr` to `cfg.min_lr_ratio` x it over the rest of
-    the budget. `progress` is the share of the budget used (0..1); `warm_progress` the share used when warmup ended
-    (warmup / steps for a step budget; measured for time and token budgets), so the cosine starts at its top exactly
-    where warmup ends: no jump.
+def lr_scale(cfg, step: int, progress: float, warm_progress: float = 0.0) -> float:
+    """The learning rate as a share of its peak (every parameter group's peak: AdamW's lr, Muon's muon_lr).
 
-        lr │    ╱‾‾‾‾‾‾──╮
-           │   ╱          ╲___
-           │  ╱                ‾‾‾──  min_lr_ratio x lr
-           └──┴──────────────────────► budget used
-             warmup
+    Linear warmup over `cfg.warmup` steps, then `cfg.schedule`:
+
+        cosine   decay to `min_lr_ratio` over the rest of the budget; `progress` is the share of the budget used
+                 (0..1), `warm_progress` the share used when warmup ended (warmup / steps for a step budget; measured
+                 for time and token budgets), so the cosine starts at its top exactly where warmup ends: no jump.
+        wsd      warmup-stable-decay (Hu et al. 2024, MiniCPM; modded-nanogpt): the peak until the last `cooldown` of
+                 the budget, then a straight line down to `min_lr_ratio`.
+
+        lr │    ╱‾‾‾‾‾‾──╮                    lr │    ╱‾‾‾‾‾‾‾‾‾‾‾‾╲
+           │   ╱          ╲___    cosine         │   ╱              ╲      wsd
+           │  ╱                ‾‾‾──             │  ╱                 ╲──
+           └──┴──────────────────────►           └──┴──────────────────►
+             warmup          budget used           warmup    cooldown
     """
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    floor = cfg.lr * cfg.min_lr_ratio
+        return (step + 1) / cfg.warmup
+    floor = cfg.min_lr_ratio
+    if getattr(cfg, "schedule", "cosine") == "wsd":
+        start = max(1.0 - cfg.cooldown, warm_progress)  # a warmup that ran into the cooldown hands over to it at the peak
+        return floor + (1 - floor) * min(1.0, max(0.0, (1.0 - progress) / max(1.0 - start, 1e-9)))
     decay = min(1.0, max(0.0, (progress - warm_progress) / max(1.0 - warm_progress, 1e-9)))
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * decay))
+    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * decay))
+
+
+def learning_rate(cfg, step: int, progress: float, warm_progress: float = 0.0) -> float:
+    """AdamW's learning rate at this point of the run: `cfg.lr` x `lr_scale` (see there)."""
+    return cfg.lr * lr_scale(cfg, step, progress, warm_progress)
 
 
 # --- hardware --------------------------------------------------------------------------------------------
@@ -152,8 +171,10 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    """The autocast dtype for `precision` on `device`, or None for float32."""
+def autocast_dtype(precision: str, device: torch.device, *, measure: bool = False):
+    """The autocast dtype for `precision` on `device`, or None for float32. `auto` on a CPU with bf16 instructions:
+    bf16 when `measure` finds its matmuls at least 1.15x float32's on this machine (on some VMs with AVX512-BF16 they
+    are slower: 161 against 286 GFLOP/s), float32 otherwise; without `measure` (several processes must agree) bf16."""
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -162,7 +183,20 @@ def autocast_dtype(precision: str, device: torch.device):
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None  # measured: bf16 autocast ~2x fp32 training on AVX512-BF16
+    if not cpu_has_bf16():
+        return None
+    return torch.bfloat16 if not measure or bf16_pays_on_cpu() else None
+
+
+_BF16_PAYS: list[bool] = []
+
+
+def bf16_pays_on_cpu() -> bool:
+    """Whether bf16 matmuls run at least 1.15x float32's on this CPU (measured once per process)."""
+    if not _BF16_PAYS:
+        cpu = torch.device("cpu")
+        _BF16_PAYS.append(peak_flops(cpu, torch.bfloat16)[0] >= 1.15 * peak_flops(cpu, torch.float32)[0])
+    return _BF16_PAYS[0]
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -304,7 +338,7 @@ def build(cfg: PretrainConfig, vocab_size: int):
     from llmkit.model import build_model, preset
 
     name = cfg.preset or DEFAULT_PRESETS[cfg.family]
-    overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads") if getattr(cfg, k) is not None}
+    overrides = {**cfg.model_options, **{k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads") if getattr(cfg, k) is not None}}
     mcfg = preset(name, vocab_size=vocab_size, max_seq_len=cfg.block_size, dropout=cfg.dropout, **overrides)
     if mcfg.family != cfg.family:
         raise LlmkitError(f"preset {name!r} is a {mcfg.family}, not a {cfg.family}", f"use --family {mcfg.family} or another preset")
@@ -409,13 +443,102 @@ def accumulate_gradients(
     return loss_sum, total
 
 
-def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms or 1-D tensors); fused on CUDA."""
+class Optimizers:
+    """Several optimizers stepped as one (Muon for the matrices, AdamW for the rest), with one state dict in the usual
+    layout (parameters numbered across all of them in order), so checkpoints and GradScaler take it as one optimizer."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer | None):
+        self.optimizers: list[torch.optim.Optimizer] = [o for o in optimizers if o is not None]
+        self.base_lrs = [g["base_lr"] for g in self.param_groups]  # this run's peaks: a resumed state does not override them
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: st for o in self.optimizers for p, st in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({offset + i: st for i, st in sd["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups = list(sd["param_groups"])
+        if len(groups) != len(self.param_groups):
+            raise LlmkitError(
+                f"the checkpoint's optimizer has {len(groups)} parameter groups, this run's {len(self.param_groups)}",
+                "resume with the same --optimizer as the original run",
+            )
+        for o in self.optimizers:
+            # torch maps a saved group's parameter keys (indices, or FSDP2's names) to its own by position
+            mine, groups = groups[: len(o.param_groups)], groups[len(o.param_groups) :]
+            keys = {k for g in mine for k in g["params"]}
+            o.load_state_dict({"state": {k: st for k, st in sd["state"].items() if k in keys}, "param_groups": mine})
+        for g, lr in zip(self.param_groups, self.base_lrs):
+            g["base_lr"] = lr
+
+
+def muon_parameters(model) -> list:
+    """The matrices Muon trains: the weights of the hidden linear layers (the blocks' attention and feed-forward
+    projections, and BERT's MLM transform and pooler). Embeddings, the LM head (tied or not), norms, biases and
+    classifier heads stay with AdamW, as in modded-nanogpt."""
+    from torch import nn
+
+    head = getattr(model, "lm_head", None)
+    skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    skip |= {id(p) for p in head.parameters()} if head is not None else set()
+    classifier = getattr(model, "classifier", None)
+    skip |= {id(p) for p in classifier.parameters()} if classifier is not None else set()
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m.weight) not in skip and m.weight.dim() == 2
+    ]
+
+
+def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimizers:
+    """`--optimizer muon`: torch.optim.Muon (momentum, Newton–Schulz orthogonalized updates) for the blocks' matrices and
+    AdamW for the rest; `--optimizer adamw`: AdamW for everything. AdamW decays matrices only (not biases, norms or
+    1-D tensors) and is fused on CUDA. Each group keeps its peak lr as `base_lr` (the schedule scales it)."""
+    if cfg.optimizer not in ("muon", "adamw"):
+        raise LlmkitError(f"unknown optimizer {cfg.optimizer!r}", "use muon or adamw")
+    if cfg.schedule not in ("wsd", "cosine") or not 0 < cfg.cooldown <= 1:
+        raise LlmkitError(
+            f"schedule {cfg.schedule!r} with cooldown {cfg.cooldown} is not valid", "use wsd or cosine, and a cooldown in (0, 1]"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    muon_params = muon_parameters(model) if cfg.optimizer == "muon" else []
+    if muon_params and not hasattr(torch.optim, "Muon"):
+        raise LlmkitError(f"torch {torch.__version__} has no torch.optim.Muon", "upgrade torch (2.9 or later), or use --optimizer adamw")
+    in_muon = {id(p) for p in muon_params}
+    rest = [p for p in params if id(p) not in in_muon]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    for g in groups:
+        g["base_lr"] = cfg.lr
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    muon = None
+    if muon_params:
+        # "original" adjusts the lr by sqrt(max(1, rows / columns)), as Keller Jordan's Muon; no weight decay (modded-nanogpt)
+        muon = torch.optim.Muon(
+            [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0, nesterov=True
+        )
+    return Optimizers(muon, adamw)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
@@ -575,7 +698,9 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)
         scaler_state = state.get("grad_scaler")
         say(f"resumed from {ckpt_path} at step {step}")
-    amp = autocast_dtype(cfg.precision, d.device)
+    amp = autocast_dtype(cfg.precision, d.device, measure=d.world == 1)  # measured for one process; ranks must agree
+    if cfg.precision == "auto" and ckpt_path is not None and state.get("autocast") is not None:  # a resumed run keeps its choice
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[state["autocast"]]
     train_model = model
     sharded = d.world > 1 and cfg.fsdp
     if sharded:
@@ -591,14 +716,17 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(train_model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(train_model, optimizer.optimizers, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
     # float16 needs loss scaling (small gradients underflow to zero), as nanoGPT does; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
-    if cfg.compile:
+    compiled = cfg.compile
+    if compiled is None:  # measured on 2 cores: the 5-minute default trains 1.3x faster compiled, the compile included
+        compiled = d.device.type == "cpu" and d.world == 1 and cfg.family == "decoder" and os.environ.get("LLMKIT_COMPILE", "1") != "0"
+    if compiled:
         train_model = torch.compile(train_model)
     flops = mcfg.flops_per_token(cfg.block_size)["train"]
     peak, peak_source = (cfg.peak_flops, "given") if cfg.peak_flops else peak_flops(d.device, amp)
@@ -630,7 +758,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(train_model, options=opts), get_optimizer_state_dict(train_model, optimizer, options=opts)
+        return get_model_state_dict(train_model, options=opts), get_optimizer_state_dict(train_model, optimizer.optimizers, options=opts)
 
     def checkpoint():
         model_state, opt_state = full_state()
@@ -652,6 +780,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                     "tokenizer": tok.fingerprint(),
                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "world_size": d.world,
+                    "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp],
                 },
                 rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()},
             )
@@ -683,9 +812,10 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             progress_now = budget.progress(step, tokens_seen, elapsed)
             if step >= cfg.warmup and warm_progress is None:  # where the cosine starts: the budget used when warmup ended
                 warm_progress = cfg.warmup / budget.steps if budget.steps and not (budget.tokens or budget.seconds) else progress_now
-            lr = learning_rate(cfg, step, progress_now, warm_progress or 0.0)
+            scale = lr_scale(cfg, step, progress_now, warm_progress or 0.0)
+            lr = cfg.lr * scale
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["base_lr"] * scale
             micro = []
             for m in range(cfg.grad_accum):
                 rows, index = loader.rows(step, m, cfg.grad_accum)
@@ -698,9 +828,11 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                     raise LlmkitError(f"the loss became {loss_local} at step {step}", "lower --lr, or use --precision fp32")
                 nonfinite = 1.0  # every rank hears of it at the next step's all-reduce and stops together
             if cfg.grad_clip:
-                scaler.unscale_(optimizer)
+                for opt in optimizer.optimizers:  # GradScaler takes each optimizer on its own (Muon and AdamW)
+                    scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+            for opt in optimizer.optimizers:
+                scaler.step(opt)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1

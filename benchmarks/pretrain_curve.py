@@ -1,0 +1,79 @@
+"""Validation bits per byte against the training budget: llmkit's default recipe (cpu-modern, Muon + AdamW,
+warmup-stable-decay) against the GPT-2 recipe it replaced (cpu-gpt, AdamW, cosine), each budget a separate run of
+`llmkit pretrain` on the same prepared Shakespeare shards, in one session on this machine.
+
+    python benchmarks/pretrain_curve.py                          # budgets 1, 2, 5, 10 minutes (about 36 minutes)
+    python benchmarks/pretrain_curve.py --budgets 1,2,5,10,30 --out runs/curve
+
+Prints a table with the ratio and writes curve.png (bits per byte against minutes, both recipes) and curve.json.
+Runs already in --out (a finished report) are read, not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = {
+    "gpt2 (cpu-gpt, AdamW, cosine)": ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine"],
+    "speedrun (cpu-modern, Muon, WSD; the default)": [],
+}
+
+
+def run(out: Path, minutes: float, flags: list[str], data: str) -> dict:
+    final = out / "metrics.jsonl"
+    if not (out / "report.md").exists():
+        cmd = [sys.executable, "-m", "llmkit", "pretrain", "--budget", f"{minutes * 60:.0f}s", "--out", str(out), "--no-samples"]
+        subprocess.run(cmd + ["--data", data] + flags, check=True)
+    rows = [json.loads(line) for line in final.read_text().splitlines()]
+    val = [r for r in rows if r.get("split") == "val"][-1]
+    train = [r for r in rows if r.get("split") == "train"]
+    return {"minutes": minutes, "val_bpb": val["bpb"], "val_loss": val["loss"], "steps": train[-1]["step"] if train else 0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--budgets", default="1,2,5,10", help="minutes, comma-separated")
+    p.add_argument("--out", default="runs/curve")
+    args = p.parse_args()
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "meta.json").exists():  # the shards every run reads: prepared once, as `llmkit pretrain` would
+        subprocess.run(
+            [sys.executable, "-m", "llmkit", "pretrain", "--budget", "1steps", "--out", str(out / "prepare"), "--no-samples"], check=True
+        )
+        (out / "prepare" / "data").rename(data)
+    results: dict[str, list[dict]] = {}
+    for name, flags in RECIPES.items():
+        key = "modern" if "default" in name else "gpt2"
+        results[name] = [run(out / f"{key}-{m}m", float(m), flags, str(data)) for m in args.budgets.split(",")]
+    names = list(results)
+    print(f"\n{'minutes':>8} | " + " | ".join(f"{n[:28]:>28}" for n in names) + " | ratio (gpt2 / default)")
+    for i, m in enumerate(args.budgets.split(",")):
+        a, b = results[names[0]][i]["val_bpb"], results[names[1]][i]["val_bpb"]
+        print(f"{m:>8} | {a:>28.3f} | {b:>28.3f} | {a / b:.3f}")
+    (out / "curve.json").write_text(json.dumps(results, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in results.items():
+        ax.plot([r["minutes"] for r in rows], [r["val_bpb"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training budget (minutes, 2 CPU cores)")
+    ax.set_ylabel("validation bits per byte (held-out plays)")
+    ax.set_title("llmkit pretrain on Shakespeare: bits per byte against budget")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    print(f"wrote {out / 'curve.png'} and {out / 'curve.json'}")
+
+
+if __name__ == "__main__":
+    main()
