@@ -118,7 +118,7 @@ class StaticDecoder:
         shape = (batch, cfg.n_kv_heads, self.capacity + WIDTH_STEP, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(cfg.n_layers)]
-        self.fn = _compiled_step(p.device) if compile else _step
+        self.compiled = compile
         if compile:
             self.warm_up()
 
@@ -134,17 +134,14 @@ class StaticDecoder:
 
     def cache(self) -> KVCache:
         """A KVCache over the static buffers, at column 0 (the eager prefill writes the prompt's columns)."""
-        cache = KVCache.__new__(KVCache)
-        cache.k, cache.v, cache.cross = self.k, self.v, [None] * len(self.k)
-        cache.max_len, cache.pos = self.capacity, 0
-        return cache
+        return KVCache.over(self.k, self.v, self.capacity)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int, valid: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of one token per row: `tokens` (B,) at cache column `column` with positions (B,); `valid`
         (B, >= column + 1) marks the cached columns each row may see (its own, with the new one)."""
         if column >= self.capacity:
             raise ValueError(f"the static KV cache of {self.capacity} columns is full")
-        return decode_step(self.model, self.k, self.v, tokens, positions, column, valid, compiled=self.fn is not _step)
+        return decode_step(self.model, self.k, self.v, tokens, positions, column, valid, compiled=self.compiled)
 
 
 def decode_step(model, ks, vs, tokens, positions, column: int, valid, *, compiled: bool = True) -> torch.Tensor:

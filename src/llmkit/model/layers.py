@@ -286,6 +286,14 @@ class KVCache:
         self.max_len, self.pos = max_len, 0
 
     @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor], max_len: int, pos: int = 0) -> KVCache:
+        """A KVCache over buffers someone else owns (a static cache, the serving engine's rows): no copy."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.cross = k, v, [None] * len(k)
+        cache.max_len, cache.pos = max_len, pos
+        return cache
+
+    @classmethod
     def for_model(
         cls, cfg: ModelConfig, batch: int, max_len: int | None = None, *, n_layers: int | None = None, dtype=torch.float32, device=None
     ):

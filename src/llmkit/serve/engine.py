@@ -37,7 +37,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, Sampler, TextStream, generate_seq2seq, seeded_generator, stop_rules
-from llmkit.model.compiled import WIDTH_STEP, decode_step
+from llmkit.model.compiled import WIDTH_STEP, StaticDecoder, decode_step
 
 log = logging.getLogger("llmkit.serve")
 
@@ -165,17 +165,10 @@ class Engine:
     def _warm_up(self) -> None:
         """Compile the decode step for every padded batch size (1, 2, 4, ... max_batch) before the first request, so
         that no running request waits for a compile (loaded from inductor's cache on disk after the first time)."""
-        cfg = self.model.config
-        dtype = self.model.embed.tokens.weight.dtype
         n = 1
         while True:
             start = time.monotonic()
-            shape = (n, cfg.n_kv_heads, 2 * WIDTH_STEP, cfg.head_dim)
-            ks = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
-            vs = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.n_layers)]
-            zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-            valid = torch.ones(n, 1, dtype=torch.bool, device=self.device)
-            decode_step(self.model, ks, vs, zeros, zeros.clone(), 0, valid, compiled=self.model.compiled_decode != "eager")
+            StaticDecoder(self.model, n, WIDTH_STEP, compile=self.model.compiled_decode != "eager")  # compiles on creation
             log.info("%s: decode step for %d rows ready in %.1fs", self.name, n, time.monotonic() - start)
             if n >= self.max_batch:
                 break
@@ -325,13 +318,8 @@ class Engine:
         """A KVCache view of the running rows (no copy: slices of the preallocated buffers)."""
         from llmkit.model.layers import KVCache
 
-        cache = KVCache.__new__(KVCache)
         b = len(self.rows)
-        cache.k = [t[:b] for t in self._k]
-        cache.v = [t[:b] for t in self._v]
-        cache.cross = [None] * len(self._k)
-        cache.max_len, cache.pos = self._cap, self.width
-        return cache
+        return KVCache.over([t[:b] for t in self._k], [t[:b] for t in self._v], self._cap, self.width)
 
     def _admit(self, logits: torch.Tensor | None) -> torch.Tensor | None:
         """Prefill the waiting requests that fit and join them to the batch; returns every row's next-token logits.
