@@ -64,9 +64,34 @@ def test_int4_quantization_keeps_the_head_at_8_bits_and_the_logits_close():
         quantize(model, "int4")
         out = model(ids)
     assert isinstance(model.blocks[0].attn.qkv_proj, Int4Linear) and isinstance(model.blocks[0].mlp.down_proj, Int4Linear)
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.activations == "int8"
     assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.8
+
+
+def test_int8_activations_after_the_rotation_keep_the_outputs_close():
+    """The int4 head's int8 × int8 product: the rotation is orthogonal, the product stays close to the float one, and
+    with a few outlier input dimensions (as LLM hidden states have) it errs far less than rounding the unrotated rows."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 300, bias=False)
+    x = torch.randn(64, 128)
+    x[:, [3, 40, 77]] *= 25  # outlier dimensions
+    q = Int8Linear(linear, activations="int8")
+    torch.testing.assert_close(q.rotation @ q.rotation.t(), torch.eye(128), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q.dequantized(), linear.weight.detach(), rtol=0, atol=2e-3)
+    ref = F.linear(x, linear.weight.detach())
+    err = (q(x) - ref).pow(2).mean().sqrt()
+    # the same int8 rows without the rotation: one scale per row, set by the outliers
+    w = Int8Linear(linear).dequantized()
+    s = x.abs().amax(-1, keepdim=True) / 127
+    plain = (F.linear(torch.round(x / s) * s, w) - ref).pow(2).mean().sqrt()
+    assert err < 0.02 * ref.pow(2).mean().sqrt() and err < 0.5 * plain
+    assert q.weight_int8.dtype == torch.int8 and q(x[:1]).shape == (1, 300)
+    before = q(x)
+    q.to(torch.bfloat16)  # a cast after quantizing (in place) leaves the rotation exact
+    assert q.rotation.dtype == torch.float32
+    torch.testing.assert_close(q.rotation @ q.rotation.t(), torch.eye(128), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q(x.bfloat16()).float(), before, rtol=0.02, atol=0.02 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("name,dtype", [("tiny-llama", torch.float32), ("tiny-gpt", torch.float32), ("tiny-llama", torch.bfloat16)])
@@ -134,6 +159,56 @@ def test_compiled_decoding_gives_the_eager_tokens(tokenizers_by_kind):
     assert [g.ids for g in out] == [g.ids for g in ref] and out1[0].ids == ref1[0].ids and len(again[0].ids) == 30
     # one graph per batch size (2 and 1), whatever the cache length or the attended width
     assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+@pytest.mark.slow
+def test_each_model_has_its_own_compiled_step_and_a_changed_model_compiles_again():
+    """The compiled step skips dynamo's guards on the model's modules, so two models with caches of the same shape
+    (a model and its int8 copy) must never share a graph, and a model quantized after its first compiled step must
+    compile again: each compiled step gives the logits of the same step run eagerly."""
+    import copy
+
+    a = tiny("tiny-llama")
+    b = quantize(copy.deepcopy(a), "int8")
+    ids = torch.randint(0, 101, (1, 9))
+    valid = torch.ones(1, 9, dtype=torch.bool)
+
+    def step_logits(model, compiled: bool) -> torch.Tensor:
+        static = StaticDecoder(model, 1, 64, compile=compiled)
+        with torch.no_grad():
+            model(ids[:, :8], cache=static.cache())
+            return static.step(ids[:, 8], torch.tensor([8]), 8, valid)
+
+    eager_a, eager_b = step_logits(a, False), step_logits(b, False)
+    assert (eager_a - eager_b).abs().max() > 1e-3  # the int8 copy's logits differ: a shared graph would show
+    for model, ref in [(a, eager_a), (b, eager_b), (a, eager_a)]:
+        torch.testing.assert_close(step_logits(model, True), ref, rtol=1e-4, atol=1e-4)
+    quantize(a, "int8")  # the same model object, its modules replaced
+    torch.testing.assert_close(step_logits(a, True), step_logits(a, False), rtol=1e-4, atol=1e-4)
+
+    # a LoRA merged after the first compiled step changes a flag, not a module type: it compiles again too
+    from llmkit.finetune.peft import apply_lora, merge_lora
+
+    c = tiny("tiny-llama")
+    apply_lora(c, r=4)
+    with torch.no_grad():
+        for layer in c.modules():
+            if hasattr(layer, "lora_B"):
+                layer.lora_B.normal_(0, 0.5)  # a delta that shows
+    unmerged = step_logits(c, True)
+    merge_lora(c)
+    merged = step_logits(c, True)
+    torch.testing.assert_close(merged, step_logits(c, False), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-3, atol=1e-3)  # merging keeps the function
+
+    # the compiled step does not keep its model alive
+    import gc
+    import weakref
+
+    gone = weakref.ref(c)
+    del c
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.slow

@@ -208,7 +208,7 @@ def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) ->
         "--quantize",
         default="auto",
         choices=["auto", "none", "int8", "int4"],
-        help="weight-only int8 or int4 (groups of 32, as Q4_1) linear layers; auto (default): int4 on a CPU when the weights "
+        help="int8 or int4 (groups of 32, as Q4_1; the head int8) linear layers; auto (default): int4 on a CPU when the weights "
         "come straight from a Q4_1 GGUF (the file's own codes again), else none",
     )
     p.add_argument(

@@ -64,7 +64,7 @@ def register(commands) -> None:
         "--quantize",
         default="none",
         choices=["auto", "none", "int8", "int4"],
-        help="weight-only int8 or int4 linear layers; auto: int4 on a CPU for weights straight from a Q4_1 GGUF (default: none)",
+        help="int8 or int4 (the head int8) linear layers; auto: int4 on a CPU for weights straight from a Q4_1 GGUF (default: none)",
     )
     p.add_argument(
         "--compile",

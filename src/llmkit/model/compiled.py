@@ -1,16 +1,17 @@
 """One decoding step of a decoder, compiled: a static-shape KV cache and `torch.compile` (inductor's C++ backend on a
-CPU, CUDA graphs with `mode="reduce-overhead"` on a GPU).
+CPU, CUDA graphs on a GPU).
 
 Decoding one token runs a few hundred small kernels; in eager PyTorch the Python between them costs as much as the
 matrix multiplies. Compiled, the step is one graph: the norms, RoPE, residual adds and activations fuse into a few C++
-loops around the matrix-multiply and attention kernels, and no Python runs between layers.
+loops around the matrix-multiply and attention kernels, called from C++ (`cpp_wrapper`): no Python runs between
+layers, and dynamo's guards skip the model's modules (each model has its compiled step of its own).
 
     prefill (eager)   the prompt through the model, its keys and values written into the cache's first columns
     step (compiled)   token (B,) at column c, RoPE/learned position p (B,) -> logits (B, V)
                       keys and values written at column c in place; attention over columns [0, W) where W is c + 1
                       rounded up to a multiple of 64 (a dynamic size: one graph for every width), masked per row
 
-The graph is compiled once per model, batch size and dtype; the first step pays the compile (about a minute for
+The graph is compiled once per model, batch size and dtype; the first step pays the compile (about two minutes for
 SmolLM2 on 2 cores, seconds once inductor's cache on disk holds it). Every decoder with pre-norm blocks and
 absolute or rotary positions (not dynamic NTK) compiles; others decode eagerly, with the same results.
 """
@@ -18,6 +19,9 @@ absolute or rotary positions (not dynamic NTK) compiles; others decode eagerly, 
 from __future__ import annotations
 
 import os
+import threading
+import types
+import weakref
 
 import torch
 from torch import nn
@@ -84,19 +88,57 @@ def _step(model, ks, vs, tokens, positions, column, valid) -> torch.Tensor:
     return softcap(model.lm_head(x)[:, 0], model.config.logit_softcap)  # (B, V)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its structure, its compiled step)
+_COMPILING = threading.Lock()
 
 
-def _compiled_step(device: torch.device):
-    """The compiled `_step` (one per device kind; dynamo keeps a graph per model, batch and dtype under it)."""
-    kind = device.type
-    if kind not in _COMPILED:
+def _structure(model: nn.Module) -> tuple:
+    """What the compiled step of `model` assumes and, with the module guards skipped, no guard checks: its config,
+    each module's type, plain attributes (training, LoRA's merged flag, scalings...) and hooks, and each weight's
+    name, dtype, device and shape."""
+    modules = tuple(
+        (
+            name,
+            type(m),
+            tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None))))),
+            tuple(len(h) for h in (m._forward_hooks, m._forward_pre_hooks)),
+        )
+        for name, m in model.named_modules()
+    )
+    tensors = tuple((n, t.dtype, t.device, tuple(t.shape)) for n, t in (*model.named_parameters(), *model.named_buffers()))
+    return repr(model.config), modules, tensors
+
+
+def _compiled_step(model: nn.Module, device: torch.device, *, refresh: bool = False):
+    """The compiled `_step` of `model`: a copy of its own per model, compiled once; dynamo keeps a graph per batch
+    size and dtype under it.
+
+    Dynamo checks guards before every call; on the model's ~300 weights they cost 0.64 ms per token (SmolLM2). Since this copy
+    only ever sees `model`, the guards on its modules are dropped (`skip_guard_on_all_nn_modules_unsafe`; the KV
+    cache's, tokens' and mask's shapes and dtypes are still checked), and a change they would have caught — modules
+    replaced, train mode, a LoRA merge, a cast, a new config — is caught here instead when `refresh` (a StaticDecoder's
+    creation, the engine's warm-up): `_structure` differs, so a fresh copy compiles. On a CPU the compiled step calls
+    its kernels from C++ (`cpp_wrapper`), not Python."""
+    with _COMPILING:  # one model served under two names warms up from two threads: both get the same compiled step
+        entry = _COMPILED.get(model)
+        if entry is not None and (not refresh or entry[0] == _structure(model)):
+            return entry[1]
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        mode = "reduce-overhead" if kind == "cuda" else None  # CUDA graphs on a GPU
-        _COMPILED[kind] = torch.compile(_step, fullgraph=True, dynamic=False, mode=mode)
-    return _COMPILED[kind]
+        # a function of its own: dynamo keeps compiled code per code object, so models never share graphs or guards
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, "_step", _step.__defaults__, _step.__closure__)
+        options: dict = {}
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+        if skip_module_guards is not None:
+            options["guard_filter_fn"] = skip_module_guards
+        if device.type == "cpu":
+            options["cpp_wrapper"] = True
+        elif device.type == "cuda":
+            options["triton.cudagraphs"] = True  # mode="reduce-overhead": CUDA graphs
+        compiled = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+        _COMPILED[model] = (_structure(model), compiled)
+        return compiled
 
 
 class StaticDecoder:
@@ -120,6 +162,7 @@ class StaticDecoder:
         self.v = [torch.zeros(shape, dtype=dtype, device=p.device) for _ in range(cfg.n_layers)]
         self.compiled = compile
         if compile:
+            _compiled_step(model, p.device, refresh=True)  # a fresh compile if the model changed since the last one
             self.warm_up()
 
     def warm_up(self) -> None:
@@ -146,7 +189,9 @@ class StaticDecoder:
 
 def decode_step(model, ks, vs, tokens, positions, column: int, valid, *, compiled: bool = True) -> torch.Tensor:
     """One token per row through cache buffers `ks`/`vs` (each (B, nkv, C, hd), C > the attended width; their length
-    marked dynamic when compiled): the attended width is `column` + 1 rounded up to WIDTH_STEP (at most C - 1)."""
+    marked dynamic when compiled): the attended width is `column` + 1 rounded up to WIDTH_STEP (at most C - 1).
+    Compiled, it uses the model's step as last set up (a StaticDecoder's creation notices a changed model; this does
+    not look)."""
     width = min(ks[0].shape[2] - 1, (column // WIDTH_STEP + 1) * WIDTH_STEP)
     mask = torch.zeros(valid.shape[0], width, dtype=torch.bool, device=valid.device)  # fresh strides: no guard fails
     n = min(width, valid.shape[1])
@@ -158,7 +203,7 @@ def decode_step(model, ks, vs, tokens, positions, column: int, valid, *, compile
 
     for t in (mask, *ks, *vs):  # one graph for every width and cache length
         dynamo.mark_dynamic(t, t.dim() - 1 if t is mask else 2)
-    return _compiled_step(tokens.device)(model, ks, vs, tokens, positions, col, mask)
+    return _compiled_step(model, tokens.device)(model, ks, vs, tokens, positions, col, mask)
 
 
 def compile_default() -> bool:
