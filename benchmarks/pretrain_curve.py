@@ -1,6 +1,6 @@
 """Validation bits per byte against the training budget: llmkit's default recipe (cpu-modern, Muon + AdamW,
 warmup-stable-decay) against the GPT-2 recipe it replaced (cpu-gpt, AdamW, cosine), each budget a separate run of
-`llmkit pretrain` on the same prepared Shakespeare shards, in one session on this machine.
+`llmkit pretrain` on Shakespeare shards prepared once per recipe's vocabulary, in one session on this machine.
 
     python benchmarks/pretrain_curve.py                          # budgets 1, 2, 5, 10 minutes (about 36 minutes)
     python benchmarks/pretrain_curve.py --budgets 1,2,5,10,30 --out runs/curve
@@ -17,9 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {
-    "gpt2 (cpu-gpt, AdamW, cosine)": ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine"],
-    "speedrun (cpu-modern, Muon, WSD; the default)": [],
+from llmkit.train.pretrain import PretrainConfig
+
+# name -> (flags, tokenizer vocabulary: None for the default); the GPT-2 recipe as `llmkit pretrain` ran it before
+RECIPES: dict[str, tuple[list[str], int | None]] = {
+    "gpt2 (cpu-gpt, AdamW, cosine, vocab 2048)": (["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine"], 2048),
+    "speedrun (cpu-modern, Muon, WSD; the default)": ([], None),
 }
 
 
@@ -40,16 +43,19 @@ def main() -> None:
     p.add_argument("--out", default="runs/curve")
     args = p.parse_args()
     out = Path(args.out)
-    data = out / "data"
-    if not (data / "meta.json").exists():  # the shards every run reads: prepared once, as `llmkit pretrain` would
-        subprocess.run(
-            [sys.executable, "-m", "llmkit", "pretrain", "--budget", "1steps", "--out", str(out / "prepare"), "--no-samples"], check=True
-        )
-        (out / "prepare" / "data").rename(data)
     results: dict[str, list[dict]] = {}
-    for name, flags in RECIPES.items():
+    for name, (flags, vocab) in RECIPES.items():
+        vocab = vocab or PretrainConfig().vocab_size
+        # the shards a recipe's runs read: prepared once per vocabulary, as `llmkit pretrain` would
+        data = out / f"data-{vocab}"
+        if not (data / "meta.json").exists():
+            prepare = out / f"prepare-{vocab}"
+            cmd = [sys.executable, "-m", "llmkit", "pretrain", "--budget", "1steps", "--out", str(prepare), "--no-samples"]
+            subprocess.run(cmd + ["--vocab-size", str(vocab)], check=True)
+            (prepare / "data").rename(data)
         key = "modern" if "default" in name else "gpt2"
-        results[name] = [run(out / f"{key}-{m}m", float(m), flags, str(data)) for m in args.budgets.split(",")]
+        # the vocabulary in the folder's name: a finished run of another vocabulary is never read as this one
+        results[name] = [run(out / f"{key}-v{vocab}-{m}m", float(m), flags, str(data)) for m in args.budgets.split(",")]
     names = list(results)
     print(f"\n{'minutes':>8} | " + " | ".join(f"{n[:28]:>28}" for n in names) + " | ratio (gpt2 / default)")
     for i, m in enumerate(args.budgets.split(",")):

@@ -27,7 +27,7 @@ def register(commands) -> None:
     )
     p.add_argument("--family", default=d.family, choices=["decoder", "encoder", "encoder-decoder"], help="model family (default: decoder)")
     p.add_argument(
-        "--preset", default=None, help="model preset (default: cpu-gpt / tiny-bert / tiny-t5 by family); see `llmkit model info --all`"
+        "--preset", default=None, help="model preset (default: cpu-modern / tiny-bert / tiny-t5 by family); see `llmkit model info --all`"
     )
     p.add_argument("--d-model", type=int, default=None, help="override the preset's width")
     p.add_argument("--n-layers", type=int, default=None, help="override the preset's depth")
