@@ -121,7 +121,10 @@ def _compiled_step(model: nn.Module, device: torch.device, *, refresh: bool = Fa
     its kernels from C++ (`cpp_wrapper`), not Python."""
     with _COMPILING:  # one model served under two names warms up from two threads: both get the same compiled step
         entry = _COMPILED.get(model)
-        if entry is not None and (not refresh or entry[0] == _structure(model)):
+        if entry is not None and not refresh:
+            return entry[1]
+        structure = _structure(model)
+        if entry is not None and entry[0] == structure:
             return entry[1]
         import torch._dynamo as dynamo
 
@@ -137,7 +140,7 @@ def _compiled_step(model: nn.Module, device: torch.device, *, refresh: bool = Fa
         elif device.type == "cuda":
             options["triton.cudagraphs"] = True  # mode="reduce-overhead": CUDA graphs
         compiled = torch.compile(step, fullgraph=True, dynamic=False, options=options)
-        _COMPILED[model] = (_structure(model), compiled)
+        _COMPILED[model] = (structure, compiled)
         return compiled
 
 

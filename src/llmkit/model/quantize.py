@@ -69,16 +69,18 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rotation = self.rotation if self.activations == "int8" else None
-        if rotation is not None and x.device.type == "cpu":
-            x2 = x.reshape(-1, shape[-1]).float() @ rotation  # (N, in)
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        a8 = self.activations == "int8"
+        if a8:
+            x2 = x2.float() @ self.rotation  # the inputs turned as the weights were
+        cpu = x.device.type == "cpu"
+        if a8 and cpu:
             row_scale = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0  # (N, 1)
             xq = torch.round(x2 / row_scale).to(torch.int8)
             y = torch._int_mm(xq, self.weight_int8.t()).float() * row_scale * self.scale.float()  # (N, out)
-        elif rotation is None and self._kernel and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)  # (N, out)
-        else:  # other devices: the int8 weights in bf16 (the inputs rotated as the weights were)
-            x2 = x.reshape(-1, shape[-1]) if rotation is None else x.reshape(-1, shape[-1]).float() @ rotation
+        elif self._kernel and cpu:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scale)  # (N, out)
+        else:  # other devices: the int8 weights in bf16
             y = F.linear(x2.to(torch.bfloat16), self.weight_int8.to(torch.bfloat16) * self.scale[:, None])
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
