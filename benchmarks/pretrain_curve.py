@@ -6,7 +6,8 @@ warmup-stable-decay) against the GPT-2 recipe it replaced (cpu-gpt, AdamW, cosin
     python benchmarks/pretrain_curve.py --budgets 1,2,5,10,30 --out runs/curve
 
 Prints a table with the ratio and writes curve.png (bits per byte against minutes, both recipes) and curve.json.
-Runs already in --out (a finished report) are read, not run again.
+Runs already in --out (a finished report) are read, not run again; every run's final model is scored again by this
+llmkit's validation (bytes counted exactly).
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from pathlib import Path
 
 from llmkit.train.pretrain import PretrainConfig
 
-# name -> (flags, tokenizer vocabulary: None for the default); the GPT-2 recipe as `llmkit pretrain` ran it before
-RECIPES: dict[str, tuple[list[str], int | None]] = {
-    "gpt2 (cpu-gpt, AdamW, cosine, vocab 2048)": (["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine"], 2048),
-    "speedrun (cpu-modern, Muon, WSD; the default)": ([], None),
+# name -> (flags, tokenizer kind and vocabulary: None for the default's); the GPT-2 recipe as `llmkit pretrain` ran it
+# before (a byte-level BPE of 2,048 tokens)
+RECIPES: dict[str, tuple[list[str], str | None, int | None]] = {
+    "gpt2 (cpu-gpt, AdamW, cosine, byte-bpe 2048)": (
+        ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine"],
+        "byte-bpe",
+        2048,
+    ),
+    "speedrun (cpu-modern, Muon, WSD; the default)": ([], None, None),
 }
 
 
@@ -32,9 +38,25 @@ def run(out: Path, minutes: float, flags: list[str], data: str) -> dict:
         cmd = [sys.executable, "-m", "llmkit", "pretrain", "--budget", f"{minutes * 60:.0f}s", "--out", str(out), "--no-samples"]
         subprocess.run(cmd + ["--data", data] + flags, check=True)
     rows = [json.loads(line) for line in final.read_text().splitlines()]
-    val = [r for r in rows if r.get("split") == "val"][-1]
     train = [r for r in rows if r.get("split") == "train"]
+    val = rescore(out, Path(data))
     return {"minutes": minutes, "val_bpb": val["bpb"], "val_loss": val["loss"], "steps": train[-1]["step"] if train else 0}
+
+
+def rescore(out: Path, data: Path) -> dict:
+    """The run's final model scored again by this llmkit's validation (the same windows; bytes counted exactly), so a
+    run written by an older llmkit (whose bits per byte estimated the bytes from the shard's average) compares alike."""
+    import llmkit
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.train.pretrain import Dist, Objective, evaluate
+
+    config = json.loads((out / "train_config.json").read_text())
+    cfg = PretrainConfig(**{k: v for k, v in config.items() if k in PretrainConfig.__dataclass_fields__})
+    meta = json.loads((data / "meta.json").read_text())
+    tok = Tokenizer.load(data)
+    if Tokenizer.load(out).fingerprint() != tok.fingerprint():  # a run copied in beside shards of another tokenizer
+        raise SystemExit(f"{out} was trained with another tokenizer than {data}'s: give each recipe its own --out")
+    return evaluate(llmkit.load(out), Objective(cfg, tok, 0), cfg, data, meta, Dist(), None)  # fp32, as on a CPU
 
 
 def main() -> None:
@@ -44,18 +66,18 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
-    for name, (flags, vocab) in RECIPES.items():
-        vocab = vocab or PretrainConfig().vocab_size
-        # the shards a recipe's runs read: prepared once per vocabulary, as `llmkit pretrain` would
-        data = out / f"data-{vocab}"
+    for name, (flags, kind, vocab) in RECIPES.items():
+        kind, vocab = kind or PretrainConfig().tokenizer_kind, vocab or PretrainConfig().vocab_size
+        # the shards a recipe's runs read: prepared once per tokenizer, as `llmkit pretrain` would
+        data = out / f"data-{kind}-{vocab}"
         if not (data / "meta.json").exists():
-            prepare = out / f"prepare-{vocab}"
+            prepare = out / f"prepare-{kind}-{vocab}"
             cmd = [sys.executable, "-m", "llmkit", "pretrain", "--budget", "1steps", "--out", str(prepare), "--no-samples"]
-            subprocess.run(cmd + ["--vocab-size", str(vocab)], check=True)
+            subprocess.run(cmd + ["--tokenizer-kind", kind, "--vocab-size", str(vocab)], check=True)
             (prepare / "data").rename(data)
         key = "modern" if "default" in name else "gpt2"
-        # the vocabulary in the folder's name: a finished run of another vocabulary is never read as this one
-        results[name] = [run(out / f"{key}-v{vocab}-{m}m", float(m), flags, str(data)) for m in args.budgets.split(",")]
+        # the tokenizer in the folder's name: a finished run of another tokenizer is never read as this one
+        results[name] = [run(out / f"{key}-{kind}-{vocab}-{m}m", float(m), flags, str(data)) for m in args.budgets.split(",")]
     names = list(results)
     print(f"\n{'minutes':>8} | " + " | ".join(f"{n[:28]:>28}" for n in names) + " | ratio (gpt2 / default)")
     for i, m in enumerate(args.budgets.split(",")):

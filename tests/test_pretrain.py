@@ -299,8 +299,8 @@ def _torchrun(args: list[str], port: str) -> subprocess.CompletedProcess:
 def test_torchrun_two_processes_follow_the_single_process_loss_curve(small_data, tmp_path, sharding, family, optimizer):
     """2 ranks x 4 rows (DDP: 2 ranks x 2 rows x 2 accumulation steps) = 1 process x 8 rows, loss for loss. The encoder's
     masked LM scores a different number of tokens in every row, so this holds only if every target token weighs the
-    same, across micro-steps and ranks. Muon (on FSDP2's sharded parameters) orthogonalizes in bf16, where the
-    all-reduce's other summation order moves a few roundings: its curve agrees to 2e-3 instead of 1e-4."""
+    same, across micro-steps and ranks. Muon (on FSDP2's sharded parameters) amplifies the few roundings the
+    all-reduce's other summation order moves: its curve agrees to 2e-3 instead of 1e-4."""
     opt = ["--optimizer", optimizer]
     run_cli(*_pretrain_cmd(small_data, tmp_path / "one", "--budget", "10steps", "--batch-size", "8", "--family", family, *opt))
     extra = ["--fsdp", "--batch-size", "4"] if sharding == "fsdp" else ["--batch-size", "2", "--grad-accum", "2"]
@@ -462,7 +462,7 @@ def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch
     seen = {}
     real = tokmod.train_tokenizer
     monkeypatch.setattr(tokmod, "train_tokenizer", lambda texts, *a, **k: seen.setdefault("texts", list(texts)) and real(texts, *a, **k))
-    cfg = PretrainConfig(data=str(docs), vocab_size=600, out=str(tmp_path / "run"))
+    cfg = PretrainConfig(data=str(docs), tokenizer_kind="byte-bpe", vocab_size=600, out=str(tmp_path / "run"))  # decodes byte for byte
     data = prepare_data(cfg, Dist(), lambda m: None)
     tok = tokmod.Tokenizer.load(data)
     val_docs = [t for t in tok.decode(open_shard(data, "val").tolist()).split(tok.special["eos"]) if t.strip()]
@@ -470,8 +470,46 @@ def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch
     assert val_docs and set(val_docs).isdisjoint(seen["texts"]) and set(train_docs) == set(seen["texts"])
     # the run folder remembers what it was prepared from: other options prepare it again
     meta = json.loads((data / "meta.json").read_text())
-    prepare_data(PretrainConfig(data=str(docs), vocab_size=500, out=str(tmp_path / "run")), Dist(), lambda m: None)
+    prepare_data(
+        PretrainConfig(data=str(docs), tokenizer_kind="byte-bpe", vocab_size=500, out=str(tmp_path / "run")), Dist(), lambda m: None
+    )
     assert json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"] == 500 != meta["tokenizer"]["vocab_size"]
+
+
+def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp_path):
+    """The default tokenizer (a unigram with byte fallback) never maps a held-out character to <unk>, and validation
+    bits per byte divide by the bytes the scored tokens stand for, exactly; T5's span corruption gets its 100
+    sentinels, decoders and encoders none (dead rows in the head)."""
+    import math
+
+    from llmkit.data.loader import open_shard
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.train.pretrain import Dist, Objective, build, evaluate, prepare_data
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = [d.text for d in llmkit.data.sources.shakespeare("macbeth")][0]
+    for i in range(10):
+        (docs / f"{i}.txt").write_text(text[i * 6000 : (i + 1) * 6000])
+    tokenizers = {
+        family: Tokenizer.load(
+            prepare_data(PretrainConfig(family=family, data=str(docs), vocab_size=700, out=str(tmp_path / family)), Dist(), print)
+        )
+        for family in ("decoder", "encoder", "encoder-decoder")
+    }
+    odd = "Exeunt — naïve 😀 $5 *"
+    data = tmp_path / "decoder" / "data"
+    cfg = PretrainConfig(data=str(data), d_model=32, n_layers=1, n_heads=2, block_size=32, batch_size=4, eval_windows=6)
+    model = build(cfg, 700)
+    val = evaluate(model, Objective(cfg, tokenizers["decoder"], 0), cfg, data, {}, Dist(), None)
+    targets = torch.from_numpy(np.asarray(open_shard(data, "val")[: 6 * 33]).astype(np.int64)).reshape(6, 33)[:, 1:]
+    exact = sum(tokenizers["decoder"].token_bytes[int(i)] for i in targets.flatten())  # the scored tokens' own bytes
+    assert val["bpb"] == pytest.approx(val["loss"] / math.log(2) * targets.numel() / exact, rel=1e-6)
+    for family, tok in tokenizers.items():
+        assert tok.kind == PretrainConfig().tokenizer_kind == "unigram" and tok.vocab_size == 700
+        ids = tok.encode(odd)
+        assert tok.unk_id not in ids and tok.decode(ids) == odd, family
+        assert len(tok.sentinel_ids) == (100 if family == "encoder-decoder" else 0), family
 
 
 def test_a_validation_shard_shorter_than_a_window_is_scored_or_refused(tmp_path):
@@ -567,14 +605,15 @@ def test_each_model_option_changes_what_it_should_in_every_family(family):
     assert torch.equal(mlp.act(x), torch.relu(x) ** 2)
 
 
-def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Keller Jordan's quintic Newton–Schulz orthogonalization, written out (the reference for torch.optim.Muon)."""
+def _newton_schulz(g: torch.Tensor, steps: int = 5, dtype=torch.bfloat16) -> torch.Tensor:
+    """Keller Jordan's quintic Newton–Schulz orthogonalization, written out (the reference for torch.optim.Muon, which
+    computes it in bf16; llmkit's Muon on a CPU in float32)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.shape[0] > g.shape[1]
     x = x.T if tall else x
     x = x / x.norm().clamp(min=1e-7)  # spectral norm at most 1
-    for _ in range(steps):  # x <- a x + (b G + c G²) x with G = x xᵀ, in bf16 as Muon computes it
+    for _ in range(steps):  # x <- a x + (b G + c G²) x with G = x xᵀ
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
@@ -609,11 +648,55 @@ def test_muon_updates_matrices_by_newton_schulz_and_the_rest_by_adamw():
     # Nesterov momentum from a zero buffer: buf = (1 - m) g, update = g + m (buf - g); lr scaled by sqrt(max(1, rows/cols))
     m = 0.95
     update = g.lerp(torch.zeros_like(g).lerp_(g, 1 - m), m)  # = g + m (buf - g), rounded as torch's lerp rounds it
-    expected = before - 0.02 * math.sqrt(max(1, w.shape[0] / w.shape[1])) * _newton_schulz(update).float()
+    expected = before - 0.02 * math.sqrt(max(1, w.shape[0] / w.shape[1])) * _newton_schulz(update, dtype=torch.float32)
     torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-6)
     # AdamW's first step (bias-corrected moments): decay, then lr x g / (|g| + eps), about lr x sign(g)
     expected_e = e_before * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * ge / (ge.abs() + 1e-8)
     torch.testing.assert_close(e.detach(), expected_e, rtol=0, atol=1e-6)
+
+
+def test_llmkits_muon_is_torchs_with_the_newton_schulz_in_float32(monkeypatch):
+    """ns_dtype=bf16 is torch.optim.Muon's step bit for bit; float32 (the CPU default) is torch's step with its
+    Newton–Schulz run in float32, bit for bit (momentum, Nesterov, lr adjustment, weight decay all torch's), and that
+    Newton–Schulz is the written-out reference's, orthogonalizing as well (singular values in torch's band)."""
+    import torch.optim._muon as torch_muon
+
+    from llmkit.model import build_model
+    from llmkit.model.config import preset
+    from llmkit.train.pretrain import Muon, make_optimizer, newton_schulz
+
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 32), torch.randn(32, 32), torch.randn(32, 96)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params], opt
+
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
+    torch_bf16, _ = run(lambda ps: torch.optim.Muon(ps, **kw))
+    bf16, _ = run(lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **kw))
+    fp32, opt = run(lambda ps: Muon(ps, ns_dtype=torch.float32, **kw))
+    with monkeypatch.context() as m:
+        m.setattr(torch_muon, "_zeropower_via_newtonschulz", lambda g, coef, steps, eps: newton_schulz(g, coef, steps, eps, torch.float32))
+        torch_fp32, _ = run(lambda ps: torch.optim.Muon(ps, **kw))
+    for a, b, c, d in zip(torch_bf16, bf16, torch_fp32, fp32):
+        assert torch.equal(a, b) and torch.equal(c, d) and not torch.equal(a, d)
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}  # torch's state layout: checkpoints resume either way
+    g = torch.randn(32, 96)
+    ours = newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    assert torch.equal(ours, _newton_schulz(g, dtype=torch.float32))
+    s = torch.linalg.svdvals(ours)
+    assert 0.6 < s.min() and s.max() < 1.3
+    model = build_model(preset("cpu-modern", vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        muon = make_optimizer(model, PretrainConfig(muon_precision=precision), torch.device("cpu")).optimizers[0]
+        assert isinstance(muon, torch.optim.Muon) and muon.ns_dtype == dtype
 
 
 def test_the_wsd_schedule_holds_the_peak_then_decays_linearly():

@@ -65,6 +65,59 @@ def test_unigram_round_trips_text_in_its_alphabet(tokenizers_by_kind, plays):
     check()
 
 
+@pytest.fixture(scope="module")
+def unigram_bytes(plays):
+    return train_tokenizer(plays, "unigram", 1280, byte_fallback=True, special=SpecialTokens(sentinels=0))
+
+
+def test_unigram_with_byte_fallback_round_trips_any_text(unigram_bytes, plays, tmp_path):
+    """Characters the pieces do not cover are spelled in UTF-8 bytes, never <unk> (a plain unigram gives <unk>); text
+    the pieces cover takes no byte token; transformers reads the file and gives the same ids and text back."""
+    from transformers import AutoTokenizer
+
+    tok = unigram_bytes
+    assert tok.vocab_size == 1280 and "<0x00>" in tok.backend.get_vocab() and "<0xFF>" in tok.backend.get_vocab()
+    plain = train_tokenizer(plays, "unigram", 1280 - 256, special=SpecialTokens(sentinels=0))
+    odd = 'Enter HAMLET — naïve 😀 "quoted" costs $5 * 中文'
+    assert plain.unk_id in plain.encode(odd)
+    ids = tok.encode(odd)
+    assert tok.unk_id not in ids and tok.decode(ids) == odd
+    assert ids.count(tok.backend.token_to_id("<0xF0>")) == 1  # the emoji: 4 byte tokens, F0 9F 98 80
+    known, byte_ids = plays[1][:2000].lstrip(" "), {tok.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    assert byte_ids.isdisjoint(tok.encode(known)) and tok.decode(tok.encode(known)) == known  # pieces cover the plays
+    tok.save(tmp_path)
+    assert Tokenizer.load(tmp_path).fingerprint() == tok.fingerprint()
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert auto(odd, add_special_tokens=False)["input_ids"] == ids and auto.decode(ids) == odd
+
+    for typed in ("x <0x41> y", "<0xF0><0x9F>", "<0xZZ> <0x4>"):  # byte tokens' names typed out stay text
+        assert tok.decode(tok.encode(typed)) == typed and byte_ids.isdisjoint(tok.encode(typed))
+
+    @SETTINGS
+    @given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=200))  # ▁: a space
+    def check(text):
+        text = unicodedata.normalize("NFC", text).lstrip(" ")  # as the plain unigram: NFC, leading spaces dropped
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids and tok.decode(ids) == text
+
+    check()
+    with pytest.raises(LlmkitError, match="unigram"):
+        train_tokenizer(plays, "bpe", 1280, byte_fallback=True)
+
+
+@pytest.mark.parametrize("kind", ["byte-bpe", "char", "bpe", "unigram", "unigram-bytes"])
+def test_token_bytes_add_up_to_the_bytes_of_the_text(tokenizers_by_kind, unigram_bytes, plays, kind):
+    """Bits per byte divides by the bytes the scored tokens stand for: summed over a text's ids, they are its UTF-8
+    bytes (a unigram counts the space ▁ it puts before the first word); special tokens stand for none."""
+    tok = unigram_bytes if kind == "unigram-bytes" else tokenizers_by_kind[kind]
+    text = plays[2][:3000].lstrip(" ") + (" — naïve 😀 $5" if kind in ("byte-bpe", "unigram-bytes") else "")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.unk_id not in ids
+    first_space = 1 if kind.startswith("unigram") else 0
+    assert sum(tok.token_bytes[i] for i in ids) == len(text.encode()) + first_space
+    assert all(tok.token_bytes[i] == 0 for i in tok.special_ids)
+
+
 def test_word_round_trips_text_made_of_its_words(tokenizers_by_kind):
     tok = tokenizers_by_kind["word"]
     vocab = tok.backend.get_vocab()
@@ -118,6 +171,7 @@ def test_saved_tokenizer_loads_in_tokenizers_and_transformers(tokenizers_by_kind
     assert auto.convert_tokens_to_ids(auto.pad_token) == tok.pad_id
     reloaded = Tokenizer.load(tmp_path)
     assert reloaded.encode(text) == ours and reloaded.special == tok.special and reloaded.kind == kind
+    assert reloaded.fingerprint() == tok.fingerprint()  # shards and checkpoints made with it accept it back
 
 
 def test_special_tokens_are_whole_and_each_kind_keeps_those_it_needs(tokenizers_by_kind):

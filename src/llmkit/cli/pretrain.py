@@ -33,7 +33,11 @@ def register(commands) -> None:
     p.add_argument("--n-layers", type=int, default=None, help="override the preset's depth")
     p.add_argument("--n-heads", type=int, default=None, help="override the preset's number of heads")
     p.add_argument("--data", default=d.data, help="a prepared shard folder, or a source to prepare: shakespeare (default), files, a glob")
-    p.add_argument("--tokenizer-kind", default=d.tokenizer_kind, help="tokenizer trained when --data is a source (default: byte-bpe)")
+    p.add_argument(
+        "--tokenizer-kind",
+        default=d.tokenizer_kind,
+        help=f"tokenizer trained when --data is a source (default: {d.tokenizer_kind}, with byte fallback)",
+    )
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"its vocabulary (default: {d.vocab_size})")
     p.add_argument("--block-size", type=int, default=d.block_size, help=f"context length in tokens (default: {d.block_size})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per process and micro-step (default: {d.batch_size})")
@@ -50,6 +54,12 @@ def register(commands) -> None:
     )
     p.add_argument("--muon-lr", type=float, default=d.muon_lr, help=f"Muon's peak learning rate (default: {d.muon_lr})")
     p.add_argument("--muon-momentum", type=float, default=d.muon_momentum, help=f"Muon's momentum (default: {d.muon_momentum})")
+    p.add_argument(
+        "--muon-precision",
+        default=d.muon_precision,
+        choices=["auto", "fp32", "bf16"],
+        help="Muon's Newton-Schulz in fp32 or bf16 (default: auto = fp32 on a CPU, where it is faster; bf16 on a GPU, as torch)",
+    )
     p.add_argument(
         "--schedule",
         default=d.schedule,

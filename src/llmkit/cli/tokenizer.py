@@ -32,6 +32,7 @@ def register(commands) -> None:
             "llmkit tokenizer train --kind wordpiece --lowercase --source 'notes/*.md' --out runs/wp",
             "llmkit tokenizer train --kind char --source shakespeare:hamlet --out runs/char",
             "llmkit tokenizer train --kind unigram --source rows.jsonl --field body --out runs/uni",
+            "llmkit tokenizer train --kind unigram --byte-fallback --vocab-size 1280 --source shakespeare --out runs/uni-bytes",
         ),
         cmd_tokenizer_train,
     )
@@ -40,6 +41,11 @@ def register(commands) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including special tokens (default: 8192)")
     p.add_argument("--min-frequency", type=int, default=2, help="drop merges/words seen fewer times (default: 2)")
     p.add_argument("--lowercase", action="store_true", help="lower-case text before tokenizing")
+    p.add_argument(
+        "--byte-fallback",
+        action="store_true",
+        help="unigram: 256 byte tokens (in --vocab-size) spell characters no piece covers, so none is unknown (SentencePiece's option)",
+    )
     p.add_argument("--sentinels", type=int, default=100, help="number of T5 sentinel tokens <extra_id_N> (default: 100)")
     p.add_argument("--no-chat-tokens", action="store_true", help="leave out the chat role tokens <|system|> <|user|> <|assistant|> <|end|>")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN", help="an extra special token (repeatable)")
@@ -138,6 +144,7 @@ def cmd_tokenizer_train(args) -> None:
         lowercase=args.lowercase,
         special=special,
         show_progress=sys.stderr.isatty(),
+        byte_fallback=args.byte_fallback,
     )
     tok.info.update(source=source, val_fraction=args.val_fraction, seed=args.seed)
     out = tok.save(args.out)

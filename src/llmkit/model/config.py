@@ -262,7 +262,7 @@ PRESETS: dict[str, dict] = {
     # (trained with Muon and a warmup-stable-decay schedule by `llmkit pretrain`; benchmarks/RESULTS.md, issue 15).
     "cpu-modern": dict(
         family="decoder",
-        vocab_size=1024,
+        vocab_size=1280,
         d_model=192,
         n_layers=4,
         n_heads=4,

@@ -130,6 +130,30 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
+    @functools.cached_property
+    def token_bytes(self) -> list[int]:
+        """How many bytes of text each id stands for (0 for special tokens), so that a sum over scored tokens gives the
+        bytes they cover, for bits per byte: a byte-level token's characters are one byte each (GPT-2's byte alphabet),
+        a byte-fallback token <0xXX> one byte, a unigram's ▁ a space (the one put before a text's first word
+        included), a non-special added token its own UTF-8. Exact for lossless tokenizers (byte-level BPE, unigram
+        with byte fallback); <unk> counts 0 bytes, and WordPiece's spaces (not in its tokens) are not counted."""
+        spec = self.backend.to_str().replace(" ", "")
+        byte_level = '"type":"ByteLevel"' in spec
+        fallback = '"byte_fallback":true' in spec
+        added = self.backend.get_added_tokens_decoder()
+        out = [0] * self.id_limit
+        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                out[i] = 0 if added[i].special else len(added[i].content.encode())
+            elif byte_level:
+                out[i] = len(token)
+            elif fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                out[i] = 1
+            else:
+                text = token.replace("\u2581", " ")
+                out[i] = len((text[2:] if self.kind == "wordpiece" and text.startswith("##") else text).encode())
+        return out
+
     # --- text <-> ids ----------------------------------------------------------------------
     def encode(
         self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False, max_length: int | None = None

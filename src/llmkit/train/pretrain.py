@@ -44,8 +44,11 @@ class PretrainConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     data: str = "shakespeare"  # a prepared shard folder, or a source to prepare (shakespeare, files, globs)
-    tokenizer_kind: str = "byte-bpe"  # for data prepared here
-    vocab_size: int = 1024  # the 5-minute sweep's best on Shakespeare: 512 2.090, 1024 2.050, 2048 2.073, 4096 2.118 bits per byte
+    # for data prepared here: a unigram with byte fallback (5 minutes, 3 seeds, exact bits per byte on the held-out plays:
+    # 2.036 against 2.051 for a byte-level BPE of 1,024; 2 minutes: byte-bpe 1,024 2.160, 1,280 2.166, unigram 1,280
+    # 2.150, 1,536 2.154; benchmarks/RESULTS.md, "Speed, part 2")
+    tokenizer_kind: str = "unigram"
+    vocab_size: int = 1280  # with the 256 byte tokens: 1,015 pieces besides them and 9 special tokens
     block_size: int = 128
     batch_size: int = 32  # per process and micro-step
     grad_accum: int = 1
@@ -56,6 +59,7 @@ class PretrainConfig:
     optimizer: str = "muon"  # muon (torch.optim.Muon for the blocks' matrices, AdamW for the rest) | adamw
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_precision: str = "auto"  # Newton–Schulz in fp32 | bf16 | auto: fp32 on a CPU (1.7x faster there), bf16 elsewhere (torch's)
     schedule: str = "wsd"  # wsd (warmup, stable, linear decay over the last `cooldown` of the budget) | cosine
     cooldown: float = 0.4
     model_options: dict = field(default_factory=dict)  # ModelConfig fields over the preset's (--model-option KEY=VALUE)
@@ -286,6 +290,14 @@ def _barrier(d: Dist) -> None:
 # --- data --------------------------------------------------------------------------------------------------
 
 
+def _sentinels(cfg: PretrainConfig) -> int:
+    """T5's sentinel tokens <extra_id_N> for span corruption; decoders and encoders never see them (100 rows of the
+    default 1,280-token head would be dead weight)."""
+    from llmkit.tokenizer.core import N_SENTINELS
+
+    return N_SENTINELS if cfg.family == "encoder-decoder" else 0
+
+
 def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
     """A prepared shard folder: `cfg.data` itself, or a source prepared into OUT/data with a new tokenizer.
 
@@ -301,6 +313,8 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
     recipe = {
         "data": cfg.data,
         "tokenizer_kind": cfg.tokenizer_kind,
+        "byte_fallback": cfg.tokenizer_kind == "unigram",
+        "sentinels": _sentinels(cfg),
         "vocab_size": cfg.vocab_size,
         "seed": cfg.seed,
         "val_fraction": val_fraction,
@@ -320,11 +334,18 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
             meta = None
         if meta is None:
             from llmkit.data.prepare import split_corpus, write_shards
-            from llmkit.tokenizer import train_tokenizer
+            from llmkit.tokenizer import SpecialTokens, train_tokenizer
 
             log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
             split = split_corpus(cfg.data, val_fraction=val_fraction, seed=cfg.seed, log=log)
-            tok = train_tokenizer(split.train, cfg.tokenizer_kind, cfg.vocab_size)
+            # a unigram falls back to bytes: every held-out character costs bits (none is an unknown token)
+            tok = train_tokenizer(
+                split.train,
+                cfg.tokenizer_kind,
+                cfg.vocab_size,
+                byte_fallback=cfg.tokenizer_kind == "unigram",
+                special=SpecialTokens(sentinels=_sentinels(cfg)),
+            )
             write_shards(split, tok, data_dir, source=cfg.data, extra={"prepared_for": recipe})
     _barrier(d)
     load_meta(data_dir)
@@ -408,8 +429,9 @@ class Objective:
         y = torch.cat([F.pad(t, (0, width[1] - t.shape[1]), value=objectives.IGNORE) for _, t in pairs])
         return Prepared(enc, y, objectives.shift_right(y, pad, pad))
 
-    def loss_sum(self, model, p: Prepared) -> tuple[torch.Tensor, int]:
-        """(summed cross-entropy over the targets, number of targets)."""
+    def loss_sum(self, model, p: Prepared, reduction: str = "sum") -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy over the targets, number of targets); `reduction="none"`: each position's (0 where
+        the target is ignored)."""
         device = next(model.parameters()).device
         if p.decoder_inputs is not None:
             enc = p.inputs.to(device)
@@ -417,7 +439,9 @@ class Objective:
         else:
             logits = model(p.inputs.to(device))
         y = p.targets.to(device)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=objectives.IGNORE, reduction="sum")
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=objectives.IGNORE, reduction=reduction
+        )
         return loss, p.n_targets
 
 
@@ -492,6 +516,65 @@ class Optimizers:
             g["base_lr"] = lr
 
 
+def _muon_base():
+    if not hasattr(torch.optim, "Muon"):
+        return torch.optim.Optimizer  # torch < 2.9: make_optimizer refuses --optimizer muon with a clear error
+    return torch.optim.Muon
+
+
+class Muon(_muon_base()):  # type: ignore[misc]
+    """torch.optim.Muon (same state, same update), with the Newton–Schulz orthogonalization in `ns_dtype`. torch runs
+    it in bfloat16, which pays on GPU tensor cores; on a CPU without AMX bfloat16 matrix products are slower than
+    float32 ones: the default model's 24 matrices orthogonalize in 41 ms per step in float32 against 70 in bfloat16
+    (2 cores, a fifth of the step). `ns_dtype=torch.bfloat16` is torch's own step, unchanged."""
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if getattr(self, "ns_dtype", torch.bfloat16) == torch.bfloat16:  # a copy (deepcopy, pickle) keeps torch's defaults only
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        from torch.optim._muon import _adjust_lr
+
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or torch.is_complex(p) or p.grad.dim() != 2:
+                    raise RuntimeError("Muon takes dense real 2-D matrices only")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Keller Jordan's quintic Newton–Schulz iteration (torch.optim.Muon's), in `dtype`: about U Vᵀ of g = U S Vᵀ,
+    computed on the wide orientation (X Xᵀ is the smaller Gram matrix)."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.to(dtype)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):  # x <- a x + (b G + c G²) x, G = x xᵀ
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 def muon_parameters(model) -> list:
     """The matrices Muon trains: the weights of the hidden linear layers (the blocks' attention and feed-forward
     projections, and BERT's MLM transform and pooler). Embeddings, the LM head (tied or not), norms, biases and
@@ -522,6 +605,9 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimize
         )
     params = [p for p in model.parameters() if p.requires_grad]
     muon_params = muon_parameters(model) if cfg.optimizer == "muon" else []
+    precision = cfg.muon_precision if cfg.muon_precision != "auto" else ("fp32" if device.type == "cpu" else "bf16")
+    if precision not in ("fp32", "bf16"):
+        raise LlmkitError(f"unknown Muon precision {cfg.muon_precision!r}", "use auto, fp32 or bf16")
     if muon_params and not hasattr(torch.optim, "Muon"):
         raise LlmkitError(f"torch {torch.__version__} has no torch.optim.Muon", "upgrade torch (2.9 or later), or use --optimizer adamw")
     in_muon = {id(p) for p in muon_params}
@@ -535,8 +621,13 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimize
     muon = None
     if muon_params:
         # "original" adjusts the lr by sqrt(max(1, rows / columns)), as Keller Jordan's Muon; no weight decay (modded-nanogpt)
-        muon = torch.optim.Muon(
-            [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.0, nesterov=True
+        muon = Muon(
+            [{"params": muon_params, "base_lr": cfg.muon_lr}],
+            lr=cfg.muon_lr,
+            momentum=cfg.muon_momentum,
+            weight_decay=0.0,
+            nesterov=True,
+            ns_dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
         )
     return Optimizers(muon, adamw)
 
@@ -560,20 +651,27 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, m
     n_win = min(cfg.eval_windows, len(val) // window)
     mine = [i * window for i in range(n_win)][d.rank :: d.world]
     n_batches = math.ceil(math.ceil(n_win / d.world) / cfg.batch_size)
-    nats, count = 0.0, 0.0
+    token_bytes = torch.tensor(objective.tok.token_bytes + [0] * max(0, model.config.vocab_size - len(objective.tok.token_bytes)))
+    nats, count, byte_nats, n_bytes = 0.0, 0.0, 0.0, 0.0
     for b in range(n_batches):
         starts = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         rows = torch.from_numpy(np.stack([val[s : s + window] for s in (starts or [0])]).astype(np.int64))
+        batch = objective.prepare(rows, [(cfg.seed, 10**9, s) for s in (starts or [0])])  # fixed draws
         with torch.autocast(d.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, n = objective.loss_sum(model, objective.prepare(rows, [(cfg.seed, 10**9, s) for s in (starts or [0])]))  # fixed draws
+            losses, n = objective.loss_sum(model, batch, reduction="none")
         if starts:
-            nats += loss.item()
+            targets = batch.targets.reshape(-1)
+            weights = token_bytes[targets.clamp(min=0)] * (targets != objectives.IGNORE)  # the bytes each target stands for
+            nats += losses.sum().item()
             count += n
-    nats, count = _all_reduce_sum([nats, float(count)], d)
+            # bits per byte over the targets that stand for text (as nanochat): an eos, a sentinel has no bytes
+            byte_nats += losses.cpu()[weights > 0].sum().item()
+            n_bytes += float(weights.sum())
+    nats, count, byte_nats, n_bytes = _all_reduce_sum([nats, float(count), byte_nats, n_bytes], d)
     model.train()
-    bytes_per_token = meta["val_bytes"] / max(meta["val_tokens"], 1)
-    out = summarize(nats, int(count), count * bytes_per_token)
-    return {"loss": out["nats_per_token"], "ppl": out["perplexity"], "bpb": out["bits_per_byte"]}
+    out = summarize(nats, int(count), n_bytes)
+    bpb = byte_nats / math.log(2) / n_bytes if n_bytes else float("nan")
+    return {"loss": out["nats_per_token"], "ppl": out["perplexity"], "bpb": bpb}
 
 
 def sample_text(model, tok, data_dir: Path, cfg: PretrainConfig, n_tokens: int = 120) -> str:
@@ -585,7 +683,7 @@ def sample_text(model, tok, data_dir: Path, cfg: PretrainConfig, n_tokens: int =
     model.eval()
     out = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=cfg.seed))[0]
     model.train()
-    return tok.decode(prompt) + out.text
+    return tok.decode(prompt + out.ids)  # decoded together: a unigram's decoder drops the space before a first piece
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
@@ -732,6 +830,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     peak, peak_source = (cfg.peak_flops, "given") if cfg.peak_flops else peak_flops(d.device, amp)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
     metrics = Metrics(run_dir, d.main, step if ckpt_path is not None else None)
+    muon_ns = next((str(o.ns_dtype).removeprefix("torch.") for o in optimizer.optimizers if isinstance(o, Muon)), None)  # as resolved
     if d.main:
         io.write_json(
             run_dir / "train_config.json",
@@ -741,13 +840,15 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                 "world_size": d.world,
                 "peak_flops_per_process": peak,
                 "peak_flops_source": peak_source,
+                "muon_newton_schulz": muon_ns,
             },
         )
     n_params = sum(p.numel() for p in model.parameters())
     say(
         f"{mcfg.family} {cfg.preset or DEFAULT_PRESETS[cfg.family]}: {n_params:,} parameters, vocab {tok.vocab_size}, "
         f"context {cfg.block_size}, {tokens_per_step:,} tokens/step, {d.world} process(es) on {d.device.type}, "
-        f"precision {amp or 'fp32'}{' with loss scaling' if scaler.is_enabled() else ''}; peak {peak / 1e9:.0f} GFLOP/s per process "
+        f"precision {amp or 'fp32'}{' with loss scaling' if scaler.is_enabled() else ''}"
+        f"{f', Muon orthogonalizing in {muon_ns}' if muon_ns else ''}; peak {peak / 1e9:.0f} GFLOP/s per process "
         f"({peak_source})"
     )
 
