@@ -52,11 +52,10 @@ def rescore(out: Path, data: Path) -> dict:
 
     config = json.loads((out / "train_config.json").read_text())
     cfg = PretrainConfig(**{k: v for k, v in config.items() if k in PretrainConfig.__dataclass_fields__})
-    meta = json.loads((data / "meta.json").read_text())
     tok = Tokenizer.load(data)
     if Tokenizer.load(out).fingerprint() != tok.fingerprint():  # a run copied in beside shards of another tokenizer
         raise SystemExit(f"{out} was trained with another tokenizer than {data}'s: give each recipe its own --out")
-    return evaluate(llmkit.load(out), Objective(cfg, tok, 0), cfg, data, meta, Dist(), None)  # fp32, as on a CPU
+    return evaluate(llmkit.load(out), Objective(cfg, tok, 0), cfg, data, Dist(), None)  # fp32, as on a CPU
 
 
 def main() -> None:

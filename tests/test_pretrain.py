@@ -501,7 +501,7 @@ def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp
     data = tmp_path / "decoder" / "data"
     cfg = PretrainConfig(data=str(data), d_model=32, n_layers=1, n_heads=2, block_size=32, batch_size=4, eval_windows=6)
     model = build(cfg, 700)
-    val = evaluate(model, Objective(cfg, tokenizers["decoder"], 0), cfg, data, {}, Dist(), None)
+    val = evaluate(model, Objective(cfg, tokenizers["decoder"], 0), cfg, data, Dist(), None)
     targets = torch.from_numpy(np.asarray(open_shard(data, "val")[: 6 * 33]).astype(np.int64)).reshape(6, 33)[:, 1:]
     exact = sum(tokenizers["decoder"].token_bytes[int(i)] for i in targets.flatten())  # the scored tokens' own bytes
     assert val["bpb"] == pytest.approx(val["loss"] / math.log(2) * targets.numel() / exact, rel=1e-6)

@@ -310,11 +310,13 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
         return Path(cfg.data)
     data_dir = Path(cfg.out) / "data"
     val_fraction = 0.1
+    byte_fallback = cfg.tokenizer_kind == "unigram"  # every held-out character costs bits (none is an unknown token)
+    sentinels = _sentinels(cfg)
     recipe = {
         "data": cfg.data,
         "tokenizer_kind": cfg.tokenizer_kind,
-        "byte_fallback": cfg.tokenizer_kind == "unigram",
-        "sentinels": _sentinels(cfg),
+        "byte_fallback": byte_fallback,
+        "sentinels": sentinels,
         "vocab_size": cfg.vocab_size,
         "seed": cfg.seed,
         "val_fraction": val_fraction,
@@ -338,13 +340,12 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
 
             log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
             split = split_corpus(cfg.data, val_fraction=val_fraction, seed=cfg.seed, log=log)
-            # a unigram falls back to bytes: every held-out character costs bits (none is an unknown token)
             tok = train_tokenizer(
                 split.train,
                 cfg.tokenizer_kind,
                 cfg.vocab_size,
-                byte_fallback=cfg.tokenizer_kind == "unigram",
-                special=SpecialTokens(sentinels=_sentinels(cfg)),
+                byte_fallback=byte_fallback,
+                special=SpecialTokens(sentinels=sentinels),
             )
             write_shards(split, tok, data_dir, source=cfg.data, extra={"prepared_for": recipe})
     _barrier(d)
@@ -636,7 +637,7 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimize
 
 
 @torch.no_grad()
-def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, meta: dict, d: Dist, amp) -> dict:
+def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d: Dist, amp) -> dict:
     """Validation loss, perplexity and bits per byte on the first eval_windows windows of val.bin, split by rank.
 
     Every rank makes the same number of forward calls (a rank short of windows runs a dummy one, not counted): under
@@ -963,7 +964,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             bar.update(task, completed=step if budget.steps else (tokens_seen if budget.tokens else elapsed))
             evaluating = step % cfg.eval_every == 0
             if evaluating:
-                last_val = evaluate(model, objective, cfg, data_dir, meta, d, amp)
+                last_val = evaluate(model, objective, cfg, data_dir, d, amp)
                 metrics.log({"step": step, "split": "val", **last_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
                 if cfg.family == "decoder" and cfg.samples and d.main and not sharded:
                     text = sample_text(model, tok, data_dir, cfg)
@@ -984,7 +985,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                 break
 
     # ---------------------------------------------------------------- cleanup
-    final_val = last_val if last_val is not None and step % cfg.eval_every == 0 else evaluate(model, objective, cfg, data_dir, meta, d, amp)
+    final_val = last_val if last_val is not None and step % cfg.eval_every == 0 else evaluate(model, objective, cfg, data_dir, d, amp)
     if step % cfg.eval_every:
         metrics.log({"step": step, "split": "val", **final_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
     checkpoint()
