@@ -195,3 +195,58 @@ def test_data_prepare_warns_when_the_tokenizer_saw_the_validation_documents(tmp_
     notes.clear()
     prepare("shakespeare:macbeth", tok, str(tmp_path / "e"), val_fraction=0.1, seed=1337, log=notes.append)
     assert not any("warning" in n for n in notes)
+
+
+def _token_shard(folder, n_tokens: int):
+    """A train shard whose token i is i: a window's first token is where it starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.arange(n_tokens, dtype=np.uint16).tofile(folder / "train.bin")
+    (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "train_tokens": n_tokens, "val_tokens": 0}))
+    return folder
+
+
+def test_shuffled_windows_take_every_token_once_per_epoch(tmp_path):
+    """`sampling="shuffle"`: each epoch the shard cut `stride` apart from its own offset, every window once in its own
+    order; with windows one token longer than the stride each token between the epoch's first and last cut is a target
+    once. A pure function of (seed, step) as the random sampler: called in any order (a resumed run), split between
+    ranks or micro-steps, across an epoch's end too."""
+    n_tokens = 1000
+    _token_shard(tmp_path, n_tokens)
+
+    def loader(batch_size=4, seed=3, **kw):
+        return WindowLoader(tmp_path, window=17, batch_size=batch_size, seed=seed, sampling="shuffle", stride=16, **kw)
+
+    one = loader()
+    n = one.windows_per_epoch()
+    slack = n_tokens - 17 - (n - 1) * 16  # the last offset that keeps the last window whole
+    assert n == 61 and slack == 23
+    steps = range(2 * n // 4 + 1)  # a little over two epochs
+    rows = torch.cat([one.batch(step) for step in steps])
+    backwards = {step: one.batch(step) for step in reversed(steps)}
+    assert torch.equal(torch.cat([backwards[step] for step in steps]), rows)
+    offsets = []
+    for e in (0, 1):
+        epoch = rows[e * n : (e + 1) * n]
+        offset = int(epoch[:, 0].min())
+        assert sorted((epoch[:, 0] - offset).tolist()) == [16 * k for k in range(n)]
+        assert all(torch.equal(r, torch.arange(int(r[0]), int(r[0]) + 17)) for r in epoch)  # contiguous slices
+        assert sorted(epoch[:, 1:].flatten().tolist()) == list(range(offset + 1, offset + 1 + 16 * n))
+        offsets.append(offset)
+    assert not torch.equal(rows[:n, 0] - offsets[0], rows[n : 2 * n, 0] - offsets[1])  # each epoch its own order
+    full = loader(batch_size=8).batch(7)  # global rows 56..63: across the first epoch's end (61)
+    assert torch.equal(full, rows[56:64])
+    assert torch.equal(torch.cat([loader(rank=r, world_size=2).batch(7) for r in (0, 1)]), full)
+    assert torch.equal(torch.cat([loader().batch(7, m, 2) for m in (0, 1)]), full)
+    # the offset moves between epochs over all of 0..slack, so the cuts move and the shard's ends get trained on
+    whole = loader(batch_size=n)  # one step = one epoch
+    epoch_offsets = [int(whole.batch(e)[:, 0].min()) for e in range(60)]
+    assert min(epoch_offsets) >= 0 and max(epoch_offsets) <= slack and max(epoch_offsets) >= 16 and len(set(epoch_offsets)) > 10
+    assert not torch.equal(loader(seed=4).batch(0), one.batch(0))
+    for length in (17, 18, 32, 33, 40):  # shards of one window or a few: every window whole, inside the shard
+        tiny = WindowLoader(_token_shard(tmp_path / str(length), length), window=17, batch_size=3, seed=1, sampling="shuffle", stride=16)
+        starts = torch.cat([tiny.batch(step) for step in range(20)])[:, 0]
+        assert 0 <= int(starts.min()) and int(starts.max()) <= length - 17
+    with pytest.raises(LlmkitError, match="sampling"):
+        WindowLoader(tmp_path, window=17, sampling="epochs")
+    with pytest.raises(LlmkitError, match="stride"):
+        WindowLoader(tmp_path, window=17, sampling="shuffle", stride=0)

@@ -697,6 +697,19 @@ def test_llmkits_muon_is_torchs_with_the_newton_schulz_in_float32(monkeypatch):
     for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
         muon = make_optimizer(model, PretrainConfig(muon_precision=precision), torch.device("cpu")).optimizers[0]
         assert isinstance(muon, torch.optim.Muon) and muon.ns_dtype == dtype
+    groups = make_optimizer(model, PretrainConfig(muon_weight_decay=0.05), torch.device("cpu")).optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.05]  # --muon-weight-decay reaches torch's decoupled decay
+    # --embedding-lr: the input embeddings in a group of their own (not a tied head's); without it the two groups of old
+    groups = make_optimizer(model, PretrainConfig(embedding_lr=0.05), torch.device("cpu")).optimizers[1].param_groups
+    assert [(g["lr"], g["base_lr"]) for g in groups] == [(3e-3, 3e-3), (3e-3, 3e-3), (0.05, 0.05)]
+    assert groups[2]["params"] == [model.embed.tokens.weight] and groups[2]["weight_decay"] == 0.1
+    assert len(make_optimizer(model, PretrainConfig(), torch.device("cpu")).optimizers[1].param_groups) == 2
+    gpt = build_model(preset("cpu-gpt", vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, tie_embeddings=False))
+    groups = make_optimizer(gpt, PretrainConfig(embedding_lr=0.05), torch.device("cpu")).optimizers[1].param_groups
+    assert groups[2]["params"] == [gpt.embed.tokens.weight, gpt.embed.position.weight]  # learned positions too
+    tied = build_model(preset("cpu-modern", vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, tie_embeddings=True))
+    with pytest.raises(LlmkitError, match="tied"):
+        make_optimizer(tied, PretrainConfig(embedding_lr=0.05), torch.device("cpu"))
 
 
 def test_the_wsd_schedule_holds_the_peak_then_decays_linearly():
@@ -753,8 +766,9 @@ def test_the_optimizers_state_round_trips_and_keeps_this_runs_peaks():
     first.step()
     saved = first.state_dict()
     assert sorted(saved["state"]) == list(range(sum(1 for p in model.parameters())))  # one numbering across both
-    second = make_optimizer(model, PretrainConfig(lr=5e-4, muon_lr=0.01), torch.device("cpu"))
+    second = make_optimizer(model, PretrainConfig(lr=5e-4, muon_lr=0.01, weight_decay=0.2, muon_weight_decay=0.05), torch.device("cpu"))
     second.load_state_dict(saved)
+    assert sorted(g["weight_decay"] for g in second.param_groups) == [0.0, 0.05, 0.2]  # and its new decays
     for a, b in zip(first.optimizers, second.optimizers):
         for p in a.state:
             for key, value in a.state[p].items():

@@ -41,11 +41,27 @@ def register(commands) -> None:
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"its vocabulary (default: {d.vocab_size})")
     p.add_argument("--block-size", type=int, default=d.block_size, help=f"context length in tokens (default: {d.block_size})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per process and micro-step (default: {d.batch_size})")
+    p.add_argument(
+        "--sampling",
+        default=d.sampling,
+        choices=["random", "shuffle"],
+        help="training windows: shuffle = every window once per epoch in a random order; random = anywhere, independently "
+        f"(default: {d.sampling})",
+    )
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step (default: 1)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument(
+        "--embedding-lr", type=float, default=d.embedding_lr, help="AdamW's peak learning rate for the input embeddings (default: --lr)"
+    )
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a share of the peak (default: 0.1)")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"warmup steps (default: {d.warmup})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices (default: 0.1)")
+    p.add_argument(
+        "--muon-weight-decay",
+        type=float,
+        default=d.muon_weight_decay,
+        help=f"Muon's decoupled weight decay on the blocks' matrices (default: {d.muon_weight_decay})",
+    )
     p.add_argument(
         "--optimizer",
         default=d.optimizer,

@@ -51,14 +51,19 @@ class PretrainConfig:
     vocab_size: int = 1280  # with the 256 byte tokens: 1,015 pieces besides them and 9 special tokens
     block_size: int = 128
     batch_size: int = 32  # per process and micro-step
+    # training windows: shuffle (each window once per epoch, in a random order) | random (anywhere, independently; nanoGPT).
+    # 5 minutes, exact bits per byte: shuffle 2.017 against random 2.036 (means of 4 and 3 runs; benchmarks/RESULTS.md)
+    sampling: str = "shuffle"
     grad_accum: int = 1
     lr: float = 3e-3  # AdamW's: embeddings, the head, norms and biases (and every parameter with --optimizer adamw)
+    embedding_lr: float | None = None  # AdamW's for the input embeddings (None: --lr)
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
     optimizer: str = "muon"  # muon (torch.optim.Muon for the blocks' matrices, AdamW for the rest) | adamw
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     muon_precision: str = "auto"  # Newton–Schulz in fp32 | bf16 | auto: fp32 on a CPU (1.7x faster there), bf16 elsewhere (torch's)
     schedule: str = "wsd"  # wsd (warmup, stable, linear decay over the last `cooldown` of the budget) | cosine
     cooldown: float = 0.4
@@ -474,7 +479,9 @@ class Optimizers:
 
     def __init__(self, *optimizers: torch.optim.Optimizer | None):
         self.optimizers: list[torch.optim.Optimizer] = [o for o in optimizers if o is not None]
-        self.base_lrs = [g["base_lr"] for g in self.param_groups]  # this run's peaks: a resumed state does not override them
+        # this run's peaks and weight decays: a resumed state does not override them
+        self.base_lrs = [g["base_lr"] for g in self.param_groups]
+        self.weight_decays = [g["weight_decay"] for g in self.param_groups]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -506,15 +513,15 @@ class Optimizers:
         if len(groups) != len(self.param_groups):
             raise LlmkitError(
                 f"the checkpoint's optimizer has {len(groups)} parameter groups, this run's {len(self.param_groups)}",
-                "resume with the same --optimizer as the original run",
+                "resume with the same --optimizer (and --embedding-lr given or not) as the original run",
             )
         for o in self.optimizers:
             # torch maps a saved group's parameter keys (indices, or FSDP2's names) to its own by position
             mine, groups = groups[: len(o.param_groups)], groups[len(o.param_groups) :]
             keys = {k for g in mine for k in g["params"]}
             o.load_state_dict({"state": {k: st for k, st in sd["state"].items() if k in keys}, "param_groups": mine})
-        for g, lr in zip(self.param_groups, self.base_lrs):
-            g["base_lr"] = lr
+        for g, lr, wd in zip(self.param_groups, self.base_lrs, self.weight_decays):
+            g["base_lr"], g["weight_decay"] = lr, wd
 
 
 def _muon_base():
@@ -594,6 +601,22 @@ def muon_parameters(model) -> list:
     ]
 
 
+def _embedding_parameters(model) -> set[int]:
+    """ids of the input embedding tables (tokens, learned positions, token types: the matrices of each family's
+    embedding layer, not its norm nor T5's relative-position biases), less the LM head's when it is tied to them."""
+    from llmkit.model.families import Embedding
+
+    head = getattr(model, "lm_head", None)
+    shared = {id(p) for p in head.parameters()} if head is not None else set()
+    tables = {id(p) for m in model.modules() if isinstance(m, Embedding) for p in m.parameters() if p.dim() >= 2}
+    if not tables - shared:
+        raise LlmkitError(
+            "--embedding-lr has no input embedding of its own to train: the model's embeddings are its (tied) LM head",
+            "leave --embedding-lr out (--lr trains the tied matrix), or untie it: --model-option tie_embeddings=false",
+        )
+    return tables - shared
+
+
 def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimizers:
     """`--optimizer muon`: torch.optim.Muon (momentum, Newton–Schulz orthogonalized updates) for the blocks' matrices and
     AdamW for the rest; `--optimizer adamw`: AdamW for everything. AdamW decays matrices only (not biases, norms or
@@ -613,20 +636,30 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimize
         raise LlmkitError(f"torch {torch.__version__} has no torch.optim.Muon", "upgrade torch (2.9 or later), or use --optimizer adamw")
     in_muon = {id(p) for p in muon_params}
     rest = [p for p in params if id(p) not in in_muon]
-    decay = [p for p in rest if p.dim() >= 2]
+    embeddings = _embedding_parameters(model) if cfg.embedding_lr is not None else set()
+    decay = [p for p in rest if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in rest if p.dim() < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    for g in groups:
-        g["base_lr"] = cfg.lr
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+            {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+            {"params": [p for p in rest if id(p) in embeddings], "weight_decay": cfg.weight_decay, "base_lr": cfg.embedding_lr},
+        )
+        if g["params"]
+    ]
+    adamw = torch.optim.AdamW(
+        [{**g, "lr": g["base_lr"]} for g in groups], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
     muon = None
     if muon_params:
-        # "original" adjusts the lr by sqrt(max(1, rows / columns)), as Keller Jordan's Muon; no weight decay (modded-nanogpt)
+        # "original" adjusts the lr by sqrt(max(1, rows / columns)), as Keller Jordan's Muon; decoupled weight decay
+        # p <- p (1 - lr * wd), scaled by the schedule as the update
         muon = Muon(
             [{"params": muon_params, "base_lr": cfg.muon_lr}],
             lr=cfg.muon_lr,
             momentum=cfg.muon_momentum,
-            weight_decay=0.0,
+            weight_decay=cfg.muon_weight_decay,
             nesterov=True,
             ns_dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
         )
@@ -754,6 +787,13 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     # ---------------------------------------------------------------- setup
     if cfg.family not in DEFAULT_PRESETS:
         raise LlmkitError(f"unknown family {cfg.family!r}", "use decoder, encoder or encoder-decoder")
+    if cfg.sampling not in ("shuffle", "random"):
+        raise LlmkitError(f"unknown sampling {cfg.sampling!r}", "use shuffle or random")
+    if cfg.embedding_lr is not None and not cfg.embedding_lr > 0 or cfg.muon_weight_decay < 0:
+        raise LlmkitError(
+            f"--embedding-lr {cfg.embedding_lr} / --muon-weight-decay {cfg.muon_weight_decay} is out of range",
+            "use a learning rate above 0 and a weight decay of 0 or more",
+        )
     budget = Budget.parse(cfg.budget)
     d = init_distributed()
     say = log if d.main else (lambda *a, **k: None)
@@ -778,7 +818,15 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         torch.cuda.manual_seed(cfg.seed + 1_000_003 * d.rank)
     objective = Objective(cfg, tok, d.rank)
     loader = WindowLoader(
-        data_dir, "train", window=objective.window, batch_size=cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world
+        data_dir,
+        "train",
+        window=objective.window,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=d.rank,
+        world_size=d.world,
+        sampling=cfg.sampling,
+        stride=cfg.block_size,  # a decoder's windows (block + 1 tokens) overlap by one: every token is a target once per epoch
     )
     step, tokens_seen, elapsed_before, best_val, bad_evals, warm_progress = 0, 0, 0.0, float("inf"), 0, None
     opt_state = scaler_state = None
@@ -797,6 +845,14 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)
         scaler_state = state.get("grad_scaler")
         say(f"resumed from {ckpt_path} at step {step}")
+        before, global_batch = state.get("sampling", "random"), cfg.batch_size * d.world * cfg.grad_accum
+        if before != cfg.sampling:  # a run from before the shuffled default, resumed with the default flags
+            say(f"[yellow]warning:[/] the run drew its windows with --sampling {before}; it goes on with {cfg.sampling}")
+        elif cfg.sampling == "shuffle" and state.get("global_batch", global_batch) != global_batch:
+            say(
+                f"[yellow]warning:[/] the global batch was {state['global_batch']} rows and is now {global_batch}: this epoch's "
+                f"window order goes on from row {step} × {global_batch}, so some of its windows are skipped or seen twice"
+            )
     amp = autocast_dtype(cfg.precision, d.device, measure=d.world == 1)  # measured for one process; ranks must agree
     if cfg.precision == "auto" and ckpt_path is not None and state.get("autocast") is not None:  # a resumed run keeps its choice
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[state["autocast"]]
@@ -882,6 +938,8 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                     "tokenizer": tok.fingerprint(),
                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "world_size": d.world,
+                    "sampling": cfg.sampling,
+                    "global_batch": cfg.batch_size * d.world * cfg.grad_accum,
                     "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp],
                 },
                 rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()},
