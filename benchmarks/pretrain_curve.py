@@ -21,10 +21,10 @@ from pathlib import Path
 from llmkit.train.pretrain import PretrainConfig
 
 # name -> (flags, tokenizer kind and vocabulary: None for the default's); the GPT-2 recipe as `llmkit pretrain` ran it
-# before (a byte-level BPE of 2,048 tokens)
+# before (a byte-level BPE of 2,048 tokens, nanoGPT's random windows)
 RECIPES: dict[str, tuple[list[str], str | None, int | None]] = {
     "gpt2 (cpu-gpt, AdamW, cosine, byte-bpe 2048)": (
-        ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine"],
+        ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine", "--sampling", "random"],
         "byte-bpe",
         2048,
     ),
