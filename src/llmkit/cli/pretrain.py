@@ -8,6 +8,7 @@ from llmkit.cli.common import console, subcommand
 
 
 def register(commands) -> None:
+    from llmkit.data.loader import SAMPLINGS
     from llmkit.train.pretrain import PretrainConfig
 
     d = PretrainConfig()
@@ -44,7 +45,7 @@ def register(commands) -> None:
     p.add_argument(
         "--sampling",
         default=d.sampling,
-        choices=["random", "shuffle"],
+        choices=list(SAMPLINGS),
         help="training windows: shuffle = every window once per epoch in a random order; random = anywhere, independently "
         f"(default: {d.sampling})",
     )

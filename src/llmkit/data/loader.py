@@ -68,6 +68,7 @@ def check_tokenizer(meta: dict, tokenizer) -> None:
         )
 
 
+SAMPLINGS = ("shuffle", "random")  # how training windows are drawn (the module docstring)
 _SHUFFLE_STREAM = 0x5348  # the spawn key that tells the epochs' random streams apart
 
 
@@ -97,8 +98,8 @@ class WindowLoader:
         self.data = open_shard(data_dir, split)
         self.split, self.window, self.batch_size, self.seed = split, window, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        if sampling not in ("random", "shuffle"):
-            raise LlmkitError(f"unknown sampling {sampling!r}", "use random or shuffle")
+        if sampling not in SAMPLINGS:
+            raise LlmkitError(f"unknown sampling {sampling!r}", f"use {' or '.join(SAMPLINGS)}")
         if stride is not None and stride < 1:
             raise LlmkitError(f"the window stride is {stride}", "use a stride of at least 1 token")
         self.sampling, self.stride = sampling, stride or window

@@ -777,7 +777,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     """Run the recipe; returns the summary written to report.md."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from llmkit.data.loader import WindowLoader, check_tokenizer, load_meta
+    from llmkit.data.loader import SAMPLINGS, WindowLoader, check_tokenizer, load_meta
     from llmkit.model import ModelConfig
     from llmkit.model.weights import _aliases, load_state, save_model
     from llmkit.progress import progress
@@ -787,8 +787,8 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
     # ---------------------------------------------------------------- setup
     if cfg.family not in DEFAULT_PRESETS:
         raise LlmkitError(f"unknown family {cfg.family!r}", "use decoder, encoder or encoder-decoder")
-    if cfg.sampling not in ("shuffle", "random"):
-        raise LlmkitError(f"unknown sampling {cfg.sampling!r}", "use shuffle or random")
+    if cfg.sampling not in SAMPLINGS:  # before the data is prepared; the loader checks again for its other callers
+        raise LlmkitError(f"unknown sampling {cfg.sampling!r}", f"use {' or '.join(SAMPLINGS)}")
     if cfg.embedding_lr is not None and not cfg.embedding_lr > 0 or cfg.muon_weight_decay < 0:
         raise LlmkitError(
             f"--embedding-lr {cfg.embedding_lr} / --muon-weight-decay {cfg.muon_weight_decay} is out of range",
@@ -828,6 +828,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         sampling=cfg.sampling,
         stride=cfg.block_size,  # a decoder's windows (block + 1 tokens) overlap by one: every token is a target once per epoch
     )
+    global_batch = cfg.batch_size * d.world * cfg.grad_accum  # rows per optimizer step, all ranks and micro-steps
     step, tokens_seen, elapsed_before, best_val, bad_evals, warm_progress = 0, 0, 0.0, float("inf"), 0, None
     opt_state = scaler_state = None
     if ckpt_path is not None:
@@ -845,7 +846,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)
         scaler_state = state.get("grad_scaler")
         say(f"resumed from {ckpt_path} at step {step}")
-        before, global_batch = state.get("sampling", "random"), cfg.batch_size * d.world * cfg.grad_accum
+        before = state.get("sampling", "random")
         if before != cfg.sampling:  # a run from before the shuffled default, resumed with the default flags
             say(f"[yellow]warning:[/] the run drew its windows with --sampling {before}; it goes on with {cfg.sampling}")
         elif cfg.sampling == "shuffle" and state.get("global_batch", global_batch) != global_batch:
@@ -885,7 +886,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         train_model = torch.compile(train_model)
     flops = mcfg.flops_per_token(cfg.block_size)["train"]
     peak, peak_source = (cfg.peak_flops, "given") if cfg.peak_flops else peak_flops(d.device, amp)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * cfg.block_size
+    tokens_per_step = global_batch * cfg.block_size
     metrics = Metrics(run_dir, d.main, step if ckpt_path is not None else None)
     muon_ns = next((str(o.ns_dtype).removeprefix("torch.") for o in optimizer.optimizers if isinstance(o, Muon)), None)  # as resolved
     if d.main:
@@ -939,7 +940,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "world_size": d.world,
                     "sampling": cfg.sampling,
-                    "global_batch": cfg.batch_size * d.world * cfg.grad_accum,
+                    "global_batch": global_batch,
                     "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp],
                 },
                 rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()},
