@@ -21,10 +21,10 @@ from pathlib import Path
 from llmkit.train.pretrain import PretrainConfig
 
 # name -> (flags, tokenizer kind and vocabulary: None for the default's); the GPT-2 recipe as `llmkit pretrain` ran it
-# before (a byte-level BPE of 2,048 tokens, nanoGPT's random windows)
+# before (a byte-level BPE of 2,048 tokens, nanoGPT's random windows, no epoch limit)
 RECIPES: dict[str, tuple[list[str], str | None, int | None]] = {
     "gpt2 (cpu-gpt, AdamW, cosine, byte-bpe 2048)": (
-        ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine", "--sampling", "random"],
+        ["--preset", "cpu-gpt", "--optimizer", "adamw", "--schedule", "cosine", "--sampling", "random", "--max-epochs", "0"],
         "byte-bpe",
         2048,
     ),
@@ -44,8 +44,9 @@ def run(out: Path, minutes: float, flags: list[str], data: str) -> dict:
 
 
 def rescore(out: Path, data: Path) -> dict:
-    """The run's final model scored again by this llmkit's validation (the same windows; bytes counted exactly), so a
-    run written by an older llmkit (whose bits per byte estimated the bytes from the shard's average) compares alike."""
+    """The run's final model scored again by this llmkit's final validation (the whole held-out shard up to
+    --final-eval-tokens; bytes counted exactly), so a run written by an older llmkit (which scored the first 64 windows
+    and estimated the bytes from the shard's average) compares alike."""
     import llmkit
     from llmkit.tokenizer import Tokenizer
     from llmkit.train.pretrain import Dist, Objective, evaluate
@@ -55,7 +56,9 @@ def rescore(out: Path, data: Path) -> dict:
     tok = Tokenizer.load(data)
     if Tokenizer.load(out).fingerprint() != tok.fingerprint():  # a run copied in beside shards of another tokenizer
         raise SystemExit(f"{out} was trained with another tokenizer than {data}'s: give each recipe its own --out")
-    return evaluate(llmkit.load(out), Objective(cfg, tok, 0), cfg, data, Dist(), None)  # fp32, as on a CPU
+    objective = Objective(cfg, tok, 0)
+    windows = max(1, cfg.final_eval_tokens // objective.window)
+    return evaluate(llmkit.load(out), objective, cfg, data, Dist(), None, windows=windows)  # fp32, as on a CPU
 
 
 def main() -> None:

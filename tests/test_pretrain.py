@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -102,6 +103,36 @@ def test_budget_and_schedule():
     assert learning_rate(cfg, 50, 0.5) == pytest.approx(0.55e-3) and learning_rate(cfg, 100, 1.0) == pytest.approx(1e-4)
 
 
+def test_a_time_budget_stops_after_four_epochs_and_a_step_budget_stays_exact():
+    timed, steps = Budget.parse("30m"), Budget.parse("30m,500steps")
+    timed.limit_epochs(None, 1000)
+    steps.limit_epochs(None, 1000)
+    assert timed.epoch_limit == 4000 and steps.epoch_limit is None  # the default limit: a budget of time alone
+    assert timed.exhausted(10, 3999, 60) is None and "4 epochs" in timed.exhausted(11, 4000, 60)
+    assert timed.progress(5, 2000, 60) == pytest.approx(0.5)  # the schedule runs on the nearer limit
+    steps.limit_epochs(2, 1000)  # an explicit limit holds for every budget; 0 lifts it
+    assert steps.epoch_limit == 2000 and "2 epochs" in steps.exhausted(4, 2000, 1)
+    timed.limit_epochs(0, 1000)
+    assert timed.epoch_limit is None and timed.exhausted(10**6, 10**9, 60) is None
+
+
+def test_a_narrower_d_model_keeps_the_presets_mlp_ratio():
+    from llmkit.train.pretrain import build
+
+    assert build(PretrainConfig(), 100).config.d_ff == 576  # cpu-modern: 3 x 192
+    assert build(PretrainConfig(d_model=64, n_heads=2), 100).config.d_ff == 192
+    assert build(PretrainConfig(d_model=64, n_heads=2, model_options={"d_ff": 100}), 100).config.d_ff == 100
+    assert build(PretrainConfig(preset="cpu-gpt", d_model=64, n_heads=2), 100).config.d_ff == 256  # no d_ff in the preset: 4x
+
+
+def test_evaluation_windows_spread_over_the_shard():
+    from llmkit.train.pretrain import eval_starts
+
+    assert eval_starts(1000, 10, 4) == [120, 370, 620, 870]  # the middle window of each quarter, not the first one's opening
+    assert eval_starts(95, 10, 64) == [i * 10 for i in range(9)]  # fewer windows than asked: all of them
+    assert eval_starts(10, 10, 4) == [0]
+
+
 # --- perplexity windows ---------------------------------------------------------------------------------------------
 
 
@@ -183,6 +214,34 @@ def test_the_loss_falls_for_all_three_families(small_data, tmp_path, family):
     assert last < first - 0.5, (first, last)  # from ~ln(512) = 6.2 nats
     assert summary["stop_reason"] == "budget of 60 steps reached" and summary["steps"] == 60
     assert np.isfinite(summary["val_loss"]) and summary["val_bpb"] > 0
+
+
+def test_a_time_budget_stops_after_four_epochs_by_default(small_data, tmp_path):
+    from llmkit.data.loader import WindowLoader
+
+    cfg = _cfg(small_data, tmp_path, budget="10m", d_model=16, n_layers=1, batch_size=256, block_size=16, eval_every=10**6)
+    summary = pretrain(cfg, log=lambda m: None)
+    per_epoch = WindowLoader(small_data, "train", window=17, batch_size=256, stride=16).windows_per_epoch()
+    assert summary["steps"] == math.ceil(4 * per_epoch / 256) and summary["stop_reason"].startswith("4 epochs")
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert max(lrs) == pytest.approx(cfg.lr) and lrs[-1] < 0.2 * cfg.lr  # the decay ran to its end on the epochs, not the clock
+
+
+def test_max_epochs_stops_the_run_and_the_final_evaluation_scores_the_whole_validation_shard(small_data, tmp_path):
+    from llmkit.data.loader import WindowLoader, open_shard
+
+    cfg = _cfg(small_data, tmp_path, budget="1000steps", max_epochs=0.25, eval_every=1000)
+    summary = pretrain(cfg, log=lambda m: None)
+    per_epoch = WindowLoader(small_data, "train", window=33, batch_size=8, stride=32).windows_per_epoch()
+    assert summary["steps"] == math.ceil(0.25 * per_epoch / 8) and "0.25 epochs" in summary["stop_reason"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r.get("final")]
+    assert len(final) == 1 and final[0]["windows"] == summary["val_windows"] == len(open_shard(small_data, "val")) // 33
+    assert final[0]["bpb"] == summary["val_bpb"] and f"validation ({final[0]['windows']} windows)" in (tmp_path / "report.md").read_text()
+    # resumed with a larger limit: the finished run's final score leaves metrics.jsonl, the new one is added
+    pretrain(_cfg(small_data, tmp_path, budget="1000steps", max_epochs=0.3, eval_every=1000, resume=True), log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("final")] == [math.ceil(0.3 * per_epoch / 8)]
 
 
 def test_a_killed_run_resumes_exactly(small_data, tmp_path):
@@ -338,6 +397,8 @@ def test_torchrun_stops_every_rank_together_on_a_time_budget(small_data, tmp_pat
         tmp_path / "run",
         "--budget",
         "6s",
+        "--max-epochs",
+        "0",
         "--eval-every",
         "7",
         "--eval-windows",
@@ -480,11 +541,9 @@ def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp
     """The default tokenizer (a unigram with byte fallback) never maps a held-out character to <unk>, and validation
     bits per byte divide by the bytes the scored tokens stand for, exactly; T5's span corruption gets its 100
     sentinels, decoders and encoders none (dead rows in the head)."""
-    import math
-
     from llmkit.data.loader import open_shard
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train.pretrain import Dist, Objective, build, evaluate, prepare_data
+    from llmkit.train.pretrain import Dist, Objective, build, eval_starts, evaluate, prepare_data
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -502,9 +561,18 @@ def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp
     cfg = PretrainConfig(data=str(data), d_model=32, n_layers=1, n_heads=2, block_size=32, batch_size=4, eval_windows=6)
     model = build(cfg, 700)
     val = evaluate(model, Objective(cfg, tokenizers["decoder"], 0), cfg, data, Dist(), None)
-    targets = torch.from_numpy(np.asarray(open_shard(data, "val")[: 6 * 33]).astype(np.int64)).reshape(6, 33)[:, 1:]
+    shard = np.asarray(open_shard(data, "val"))
+    starts = eval_starts(len(shard), 33, 6)
+    assert starts[1] > 33  # spread over the shard
+    targets = torch.from_numpy(np.stack([shard[s : s + 33] for s in starts]).astype(np.int64))[:, 1:]
     exact = sum(tokenizers["decoder"].token_bytes[int(i)] for i in targets.flatten())  # the scored tokens' own bytes
     assert val["bpb"] == pytest.approx(val["loss"] / math.log(2) * targets.numel() / exact, rel=1e-6)
+    grad_modes: list[bool] = []
+    objective = Objective(cfg, tokenizers["decoder"], 0)
+    score = objective.loss_sum
+    objective.loss_sum = lambda *a, **k: (grad_modes.append(torch.is_grad_enabled()), score(*a, **k))[1]
+    evaluate(model, objective, cfg, data, Dist(), None)
+    assert grad_modes and not any(grad_modes)  # validation builds no autograd graph
     for family, tok in tokenizers.items():
         assert tok.kind == PretrainConfig().tokenizer_kind == "unigram" and tok.vocab_size == 700
         ids = tok.encode(odd)
@@ -620,8 +688,6 @@ def _newton_schulz(g: torch.Tensor, steps: int = 5, dtype=torch.bfloat16) -> tor
 
 
 def test_muon_updates_matrices_by_newton_schulz_and_the_rest_by_adamw():
-    import math
-
     from llmkit.model import build_model
     from llmkit.model.config import preset
     from llmkit.train.pretrain import make_optimizer, muon_parameters

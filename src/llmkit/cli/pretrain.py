@@ -99,10 +99,26 @@ def register(commands) -> None:
     p.add_argument(
         "--budget", default=d.budget, help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m)"
     )
+    p.add_argument(
+        "--max-epochs",
+        type=float,
+        default=None,
+        help="stop after this many passes over the training windows (default: 4 for a budget of time alone, where more "
+        "epochs memorize the data; none for a step or token count; 0: no limit)",
+    )
     p.add_argument("--patience", type=int, default=d.patience, help="stop after N evaluations without improvement (0: never)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"evaluate every N steps (default: {d.eval_every})")
     p.add_argument(
-        "--eval-windows", type=int, default=d.eval_windows, help=f"validation windows per evaluation (default: {d.eval_windows})"
+        "--eval-windows",
+        type=int,
+        default=d.eval_windows,
+        help=f"validation windows per evaluation during the run, spread over the shard (default: {d.eval_windows})",
+    )
+    p.add_argument(
+        "--final-eval-tokens",
+        type=int,
+        default=d.final_eval_tokens,
+        help=f"the final evaluation scores the whole validation shard up to this many tokens (default: {d.final_eval_tokens:,})",
     )
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")

@@ -52,7 +52,8 @@ class PretrainConfig:
     block_size: int = 128
     batch_size: int = 32  # per process and micro-step
     # training windows: shuffle (each window once per epoch, in a random order) | random (anywhere, independently; nanoGPT).
-    # 5 minutes, exact bits per byte: shuffle 2.017 against random 2.036 (means of 4 and 3 runs; benchmarks/RESULTS.md)
+    # 5 minutes, exact bits per byte on the first 64 validation windows: shuffle 2.017 against random 2.036 (means of 4
+    # and 3 runs; benchmarks/RESULTS.md)
     sampling: str = "shuffle"
     grad_accum: int = 1
     lr: float = 3e-3  # AdamW's: embeddings, the head, norms and biases (and every parameter with --optimizer adamw)
@@ -73,8 +74,13 @@ class PretrainConfig:
     grad_clip: float = 1.0
     dropout: float = 0.0
     budget: str = "5m"  # 5m, 300s, 1h, 2000steps, 2000, 5Mtokens; several joined by commas
+    # passes over the training windows at most; None: TIME_BUDGET_EPOCHS for a budget of time alone (a step or token count
+    # is exact), 0: no limit. Past a few epochs the model memorizes (30 minutes of the default are 13 epochs: 2.089 bits
+    # per byte on the held-out plays against 1.925 for 10 minutes, 4.4 epochs; benchmarks/RESULTS.md)
+    max_epochs: float | None = None
     eval_every: int = 200
-    eval_windows: int = 64
+    eval_windows: int = 64  # per evaluation during the run, spread evenly over the validation shard
+    final_eval_tokens: int = 2**20  # the final evaluation scores the whole validation shard up to this many tokens
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     log_every: int = 10
     save_every: int | None = None  # checkpoint every N steps (default: at each evaluation)
@@ -91,11 +97,28 @@ class PretrainConfig:
 # --- budget and schedule --------------------------------------------------------------------------------
 
 
+TIME_BUDGET_EPOCHS = 4.0  # the epoch limit of a budget of time alone (--max-epochs)
+
+
 @dataclass
 class Budget:
     steps: int | None = None
     tokens: int | None = None
     seconds: float | None = None
+    epochs: float | None = None  # a limit in passes over the data: `epoch_tokens` tokens each (set once the data is known)
+    epoch_tokens: int | None = None
+
+    def limit_epochs(self, max_epochs: float | None, epoch_tokens: int) -> None:
+        """`max_epochs` (--max-epochs): None takes TIME_BUDGET_EPOCHS for a budget of time alone (a step or token count
+        is kept exact, as Hugging Face's max_steps overrides its epochs), 0 no limit."""
+        time_alone = self.seconds is not None and self.steps is None and self.tokens is None
+        self.epochs = (TIME_BUDGET_EPOCHS if time_alone else None) if max_epochs is None else (max_epochs or None)
+        self.epoch_tokens = epoch_tokens
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """The epoch limit in tokens, or None."""
+        return max(1, math.ceil(self.epochs * self.epoch_tokens)) if self.epochs and self.epoch_tokens else None
 
     @classmethod
     def parse(cls, spec: str) -> Budget:
@@ -124,10 +147,13 @@ class Budget:
             step / self.steps if self.steps else 0,
             tokens / self.tokens if self.tokens else 0,
             seconds / self.seconds if self.seconds else 0,
+            tokens / self.epoch_limit if self.epoch_limit else 0,
         ]
         return min(1.0, max(parts))
 
     def exhausted(self, step, tokens, seconds) -> str | None:
+        if self.epoch_limit and tokens >= self.epoch_limit:
+            return f"{self.epochs:g} epochs of the training windows reached (--max-epochs)"
         if self.steps and step >= self.steps:
             return f"budget of {self.steps} steps reached"
         if self.tokens and tokens >= self.tokens:
@@ -363,9 +389,13 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
 
 def build(cfg: PretrainConfig, vocab_size: int):
     from llmkit.model import build_model, preset
+    from llmkit.model.config import PRESETS
 
     name = cfg.preset or DEFAULT_PRESETS[cfg.family]
     overrides = {**cfg.model_options, **{k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads") if getattr(cfg, k) is not None}}
+    base = PRESETS.get(name, {})
+    if base.get("d_ff") and base.get("d_model") and "d_model" in overrides and "d_ff" not in overrides:  # keep the MLP's ratio
+        overrides["d_ff"] = max(1, round(base["d_ff"] * overrides["d_model"] / base["d_model"]))
     mcfg = preset(name, vocab_size=vocab_size, max_seq_len=cfg.block_size, dropout=cfg.dropout, **overrides)
     if mcfg.family != cfg.family:
         raise LlmkitError(f"preset {name!r} is a {mcfg.family}, not a {cfg.family}", f"use --family {mcfg.family} or another preset")
@@ -669,9 +699,20 @@ def make_optimizer(model, cfg: PretrainConfig, device: torch.device) -> Optimize
 # --- evaluation ---------------------------------------------------------------------------------------------
 
 
+def eval_starts(n_tokens: int, window: int, n: int) -> list[int]:
+    """Start offsets of `n` windows of `window` tokens spread evenly over a shard of `n_tokens` tokens, each the middle
+    one of its share (every window when the shard holds `n` or fewer): a sample of every held-out document, not the
+    opening of the first one (the first 64 windows of Shakespeare's held-out plays read 0.05-0.09 bits per byte above
+    the whole plays)."""
+    available = n_tokens // window
+    n = min(n, available)
+    return [(2 * i + 1) * available // (2 * n) * window for i in range(n)]
+
+
 @torch.no_grad()
-def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d: Dist, amp) -> dict:
-    """Validation loss, perplexity and bits per byte on the first eval_windows windows of val.bin, split by rank.
+def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d: Dist, amp, windows: int | None = None) -> dict:
+    """Validation loss, perplexity and bits per byte on `windows` (default: eval_windows) windows of val.bin spread
+    evenly over it (`eval_starts`), split by rank.
 
     Every rank makes the same number of forward calls (a rank short of windows runs a dummy one, not counted): under
     FSDP each forward all-gathers the weights, and a rank that skipped one would leave the others waiting forever. A
@@ -682,8 +723,8 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d
     model.eval()
     val = open_shard(data_dir, "val")
     window = min(objective.window, len(val))
-    n_win = min(cfg.eval_windows, len(val) // window)
-    mine = [i * window for i in range(n_win)][d.rank :: d.world]
+    starts = eval_starts(len(val), window, windows or cfg.eval_windows)
+    n_win, mine = len(starts), starts[d.rank :: d.world]
     n_batches = math.ceil(math.ceil(n_win / d.world) / cfg.batch_size)
     token_bytes = torch.tensor(objective.tok.token_bytes + [0] * max(0, model.config.vocab_size - len(objective.tok.token_bytes)))
     nats, count, byte_nats, n_bytes = 0.0, 0.0, 0.0, 0.0
@@ -705,7 +746,7 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d
     model.train()
     out = summarize(nats, int(count), n_bytes)
     bpb = byte_nats / math.log(2) / n_bytes if n_bytes else float("nan")
-    return {"loss": out["nats_per_token"], "ppl": out["perplexity"], "bpb": bpb}
+    return {"loss": out["nats_per_token"], "ppl": out["perplexity"], "bpb": bpb, "windows": n_win}
 
 
 def sample_text(model, tok, data_dir: Path, cfg: PretrainConfig, n_tokens: int = 120) -> str:
@@ -730,7 +771,8 @@ class Metrics:
         self.path, self.enabled = run_dir / "metrics.jsonl", enabled
         self.rows: list[dict] = []
         if enabled and resume_step is not None and self.path.exists():  # drop what a killed run logged after its checkpoint
-            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+            rows = map(json.loads, self.path.read_text().splitlines())
+            self.rows = [r for r in rows if r["step"] <= resume_step and not r.get("final")]  # a finished run's last score goes too
             io.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         elif enabled:
             io.write_text(self.path, "")
@@ -751,12 +793,15 @@ class Metrics:
         import matplotlib.pyplot as plt
 
         train = [(r["step"], r["loss"]) for r in self.rows if r.get("split") == "train"]
-        val = [(r["step"], r["loss"]) for r in self.rows if r.get("split") == "val"]
+        val = [(r["step"], r["loss"]) for r in self.rows if r.get("split") == "val" and not r.get("final")]
+        final = [r for r in self.rows if r.get("split") == "val" and r.get("final")]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if train:
             ax.plot(*zip(*train), label="train", alpha=0.8)
         if val:
             ax.plot(*zip(*val), "o-", label="validation")
+        for r in final:
+            ax.plot([r["step"]], [r["loss"]], "*", markersize=14, label=f"final: {r.get('windows', '?')} validation windows")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(title)
@@ -794,6 +839,11 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             f"--embedding-lr {cfg.embedding_lr} / --muon-weight-decay {cfg.muon_weight_decay} is out of range",
             "use a learning rate above 0 and a weight decay of 0 or more",
         )
+    if cfg.max_epochs is not None and not 0 <= cfg.max_epochs < math.inf or cfg.final_eval_tokens < 1:
+        raise LlmkitError(
+            f"--max-epochs {cfg.max_epochs} / --final-eval-tokens {cfg.final_eval_tokens} is out of range",
+            "use a finite number of epochs, 0 or more (0: no limit), and 1 or more tokens",
+        )
     budget = Budget.parse(cfg.budget)
     d = init_distributed()
     say = log if d.main else (lambda *a, **k: None)
@@ -829,6 +879,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         stride=cfg.block_size,  # a decoder's windows (block + 1 tokens) overlap by one: every token is a target once per epoch
     )
     global_batch = cfg.batch_size * d.world * cfg.grad_accum  # rows per optimizer step, all ranks and micro-steps
+    budget.limit_epochs(cfg.max_epochs, loader.windows_per_epoch() * cfg.block_size)  # tokens_seen's unit: rows x block size
     step, tokens_seen, elapsed_before, best_val, bad_evals, warm_progress = 0, 0, 0.0, float("inf"), 0, None
     opt_state = scaler_state = None
     if ckpt_path is not None:
@@ -846,6 +897,11 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)
         scaler_state = state.get("grad_scaler")
         say(f"resumed from {ckpt_path} at step {step}")
+        if "epoch_limit" not in state and budget.epoch_limit:  # a run from before the limit, resumed with the same flags
+            say(
+                f"[yellow]warning:[/] the run started without an epoch limit and now stops after {budget.epochs:g} epochs "
+                f"({budget.epoch_limit:,} tokens; it has seen {tokens_seen:,}): resume with --max-epochs 0 to go on without"
+            )
         before = state.get("sampling", "random")
         if before != cfg.sampling:  # a run from before the shuffled default, resumed with the default flags
             say(f"[yellow]warning:[/] the run drew its windows with --sampling {before}; it goes on with {cfg.sampling}")
@@ -906,6 +962,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         f"{mcfg.family} {cfg.preset or DEFAULT_PRESETS[cfg.family]}: {n_params:,} parameters, vocab {tok.vocab_size}, "
         f"context {cfg.block_size}, {tokens_per_step:,} tokens/step, {d.world} process(es) on {d.device.type}, "
         f"precision {amp or 'fp32'}{' with loss scaling' if scaler.is_enabled() else ''}"
+        f"{f', at most {budget.epochs:g} epochs of {budget.epoch_tokens:,} tokens' if budget.epoch_limit else ''}"
         f"{f', Muon orthogonalizing in {muon_ns}' if muon_ns else ''}; peak {peak / 1e9:.0f} GFLOP/s per process "
         f"({peak_source})"
     )
@@ -941,6 +998,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                     "world_size": d.world,
                     "sampling": cfg.sampling,
                     "global_batch": global_batch,
+                    "epoch_limit": budget.epoch_limit,
                     "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp],
                 },
                 rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()},
@@ -972,7 +1030,8 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
                 break
             progress_now = budget.progress(step, tokens_seen, elapsed)
             if step >= cfg.warmup and warm_progress is None:  # where the cosine starts: the budget used when warmup ended
-                warm_progress = cfg.warmup / budget.steps if budget.steps and not (budget.tokens or budget.seconds) else progress_now
+                exact = not (budget.tokens or budget.seconds or budget.epoch_limit)
+                warm_progress = cfg.warmup / budget.steps if budget.steps and exact else progress_now
             scale = lr_scale(cfg, step, progress_now, warm_progress or 0.0)
             lr = cfg.lr * scale
             for group in optimizer.param_groups:
@@ -1042,11 +1101,12 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
             if cfg.patience and bad_evals >= cfg.patience:
                 stop_reason = f"validation loss plateau ({cfg.patience} evaluations without improvement)"
                 break
+        bar.update(task, completed=total)  # the run is over, whichever limit ended it
 
     # ---------------------------------------------------------------- cleanup
-    final_val = last_val if last_val is not None and step % cfg.eval_every == 0 else evaluate(model, objective, cfg, data_dir, d, amp)
-    if step % cfg.eval_every:
-        metrics.log({"step": step, "split": "val", **final_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
+    # the final model on the whole validation shard (up to --final-eval-tokens): 5 s on 2 cores for Shakespeare's
+    final_val = evaluate(model, objective, cfg, data_dir, d, amp, windows=max(1, cfg.final_eval_tokens // objective.window))
+    metrics.log({"step": step, "split": "val", "final": True, **final_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
     checkpoint()
     final_state = full_state()[0]
     train_rows = [r for r in metrics.rows if r.get("split") == "train"]
@@ -1063,6 +1123,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
         "val_loss": final_val["loss"],
         "val_ppl": final_val["ppl"],
         "val_bpb": final_val["bpb"],
+        "val_windows": final_val["windows"],
         "parameters": n_params,
         "family": cfg.family,
         "preset": cfg.preset or DEFAULT_PRESETS[cfg.family],
@@ -1097,7 +1158,8 @@ def _write_report(run_dir: Path, s: dict) -> None:
         f"- family: {s['family']} ({s['preset']}), {s['parameters']:,} parameters",
         f"- stopped: {s['stop_reason']}",
         f"- {s['steps']} steps, {s['tokens']:,} tokens, {s['seconds']} s, {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}",
-        f"- validation: loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}, {s['val_bpb']:.4f} bits per byte",
+        f"- validation ({s['val_windows']} windows): loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}, "
+        f"{s['val_bpb']:.4f} bits per byte",
         "",
         "![loss](loss.png)",
         "",
