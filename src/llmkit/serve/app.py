@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig
-from llmkit.serve.engine import Engine, QueueFull, ShuttingDown, TooMany
+from llmkit.serve.engine import Engine, QueueFull, ShuttingDown, TooMany, release_openmp_threads
 from llmkit.serve.engine import Request as EngineRequest
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.protocol import (
@@ -140,6 +140,16 @@ class Served:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _embed(model, encoded):
+    """Embed on the pool's thread, then let that thread's OpenMP workers go: alive, they slow the engines' threads."""
+    from llmkit.embed.contextual import embed_ids
+
+    try:
+        return embed_ids(model, encoded)
+    finally:
+        release_openmp_threads()
+
+
 def _decoder_type(tok) -> str | None:
     try:
         return (json.loads(tok.backend.to_str()).get("decoder") or {}).get("type")
@@ -209,6 +219,9 @@ class State:
                     else:
                         model = spec
                     self.models[name] = Served(name, model, self.settings, self.metrics, embedding)
+            for served in self.models.values():  # ready once every engine has compiled its steps (seconds when cached)
+                if served.engine is not None:
+                    served.engine.warm.wait()
             self.ready.set()
             log.info("ready: %s", ", ".join(self.models))
         except Exception as e:  # noqa: BLE001  (reported on /health and to the CLI)
@@ -850,7 +863,7 @@ def create_app(
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
-        from llmkit.embed.contextual import embed_ids, input_limit
+        from llmkit.embed.contextual import input_limit
 
         served = state.get(body.model, embedding=True)
         raw = body.input
@@ -893,7 +906,7 @@ def create_app(
             )
         served.pending += 1
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(served.pool, lambda: embed_ids(served.model, encoded))
+            vectors = await asyncio.get_running_loop().run_in_executor(served.pool, lambda: _embed(served.model, encoded))
         finally:
             served.pending -= 1
         data = []

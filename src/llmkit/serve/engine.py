@@ -25,6 +25,7 @@ time on the same worker (beam search and cross-attention do not batch this way).
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import math
 import secrets
@@ -87,6 +88,21 @@ class _Row:
     generated: int = 0
 
 
+def release_openmp_threads() -> bool:
+    """Let the calling thread's OpenMP worker threads go (OpenMP 5's `omp_pause_resource_all`: libgomp frees the calling
+    thread's pool); True if the runtime did. PyTorch's CPU kernels run in an OpenMP team of the thread that calls them,
+    and libgomp counts every thread's team: once they outnumber the cores, its workers stop spinning between parallel
+    regions and sleep, and each of a decode step's hundreds of small kernels pays a wake-up. The idle team the model's
+    loading left on another thread made the engine's decode step 2.7x slower (SmolLM2 int4, batch 1, 2 cores: 21.9
+    against 8.0 ms; benchmarks/RESULTS.md). Call it on a thread that is done with PyTorch for a while."""
+    try:
+        pause = ctypes.CDLL(None).omp_pause_resource_all  # the runtime PyTorch loaded (libgomp, or LLVM's libomp)
+    except (AttributeError, OSError, TypeError):  # no OpenMP 5 runtime, or no process-wide symbol lookup (Windows)
+        return False
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause(1) == 0  # omp_pause_soft
+
+
 class Engine:
     """Owns `model` (a decoder or an encoder-decoder) on a worker thread; `submit` requests, get events back."""
 
@@ -116,6 +132,8 @@ class Engine:
         self._admitting: list[Request] = []  # those requests (they get an error if the prefill fails)
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
+        self.warm = threading.Event()  # set once the compiled step is ready for every batch size (at once when eager)
+        release_openmp_threads()  # the creating thread's idle OpenMP team (from loading the model) would slow every step
         self.thread = threading.Thread(target=self._run, name=f"llmkit-engine-{name}", daemon=True)
         self.thread.start()
 
@@ -182,6 +200,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001  (decode eagerly rather than not at all)
                 log.error("%s: the compiled decode step failed (%s); decoding eagerly", self.name, e)
                 self.compiled = False
+        self.warm.set()
         logits = None
         while True:
             with self.lock:
