@@ -65,16 +65,16 @@ def register(commands) -> None:
         "--quantize",
         default="auto",
         choices=["auto", "none", "int8", "int4"],
-        help="int8 or int4 (the head int8) linear layers; auto (the default, as generate and chat): int4 on a CPU for weights "
-        "straight from a Q4_1 GGUF (the embedded SmolLM2), the weights as loaded otherwise",
+        help="int8 or int4 (the head int8) linear layers; auto (the default, as generate and chat): int4 for float32 weights "
+        "straight from a Q4_1 GGUF on a CPU (the embedded SmolLM2), the weights as loaded otherwise (--dtype bf16 included)",
     )
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="decode with the compiled one-token step on a CPU (default: on unless LLMKIT_COMPILE=0; each padded batch size "
-        "compiled when the engine starts, minutes the first time, then from inductor's cache on disk; 1.3-1.8x the eager "
-        "engine's tokens/s at 1 to 16 requests, benchmarks/RESULTS.md)",
+        help="decode with the compiled one-token step on a CPU (default: on; LLMKIT_COMPILE=0 turns it off whatever the flag; "
+        "each padded batch size compiled when the engine starts, minutes the first time, then from inductor's cache on "
+        "disk; 1.3-1.8x the eager engine's tokens/s at 1 to 16 requests, benchmarks/RESULTS.md)",
     )
     p.add_argument(
         "--shutdown-timeout",

@@ -220,8 +220,11 @@ class State:
                         model = spec
                     self.models[name] = Served(name, model, self.settings, self.metrics, embedding)
             for served in self.models.values():  # ready once every engine has compiled its steps (seconds when cached)
-                if served.engine is not None:
-                    served.engine.warm.wait()
+                while served.engine is not None and not served.engine.warm.wait(0.5):
+                    if self.closing or not served.engine.thread.is_alive():
+                        break
+            if self.closing:
+                return
             self.ready.set()
             log.info("ready: %s", ", ".join(self.models))
         except Exception as e:  # noqa: BLE001  (reported on /health and to the CLI)
@@ -231,6 +234,8 @@ class State:
             log.error("a model failed to load: %s", self.load_error)
             if self.on_load_error is not None:
                 self.on_load_error(self.load_error)
+        finally:
+            release_openmp_threads()  # the load's idle OpenMP team (the embedding model's, say) would slow the engines
 
     def keep_answer(self, **record) -> str:
         """An id for an answer the page may rate: the answer stays in memory (the last 2,000) and reaches the database
