@@ -56,9 +56,7 @@ def rescore(out: Path, data: Path) -> dict:
     tok = Tokenizer.load(data)
     if Tokenizer.load(out).fingerprint() != tok.fingerprint():  # a run copied in beside shards of another tokenizer
         raise SystemExit(f"{out} was trained with another tokenizer than {data}'s: give each recipe its own --out")
-    objective = Objective(cfg, tok, 0)
-    windows = max(1, cfg.final_eval_tokens // objective.window)
-    return evaluate(llmkit.load(out), objective, cfg, data, Dist(), None, windows=windows)  # fp32, as on a CPU
+    return evaluate(llmkit.load(out), Objective(cfg, tok, 0), cfg, data, Dist(), None, final=True)  # fp32, as on a CPU
 
 
 def main() -> None:

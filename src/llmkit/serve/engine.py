@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -89,9 +90,11 @@ class _Row:
     generated: int = 0
 
 
+@functools.cache  # looked up once: the embedding thread calls it after every request
 def _libgomp_pause():
-    """`omp_pause_resource_all` of the libgomp this process loaded (PyTorch's), or None: another runtime (LLVM's libomp,
-    Intel's libiomp5) pauses the whole process rather than freeing one thread's workers, so it is left alone."""
+    """`omp_pause_resource_all` of the libgomp this process loaded (PyTorch's, loaded with torch above), or None: another
+    runtime (LLVM's libomp, Intel's libiomp5) pauses the whole process rather than freeing one thread's workers, so it
+    is left alone."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
             path = next((line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]), None)

@@ -710,9 +710,9 @@ def eval_starts(n_tokens: int, window: int, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d: Dist, amp, windows: int | None = None) -> dict:
-    """Validation loss, perplexity and bits per byte on `windows` (default: eval_windows) windows of val.bin spread
-    evenly over it (`eval_starts`), split by rank.
+def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d: Dist, amp, final: bool = False) -> dict:
+    """Validation loss, perplexity and bits per byte on `eval_windows` windows of val.bin spread evenly over it
+    (`eval_starts`), split by rank; `final`: on the whole of it, up to `final_eval_tokens` tokens.
 
     Every rank makes the same number of forward calls (a rank short of windows runs a dummy one, not counted): under
     FSDP each forward all-gathers the weights, and a rank that skipped one would leave the others waiting forever. A
@@ -723,7 +723,7 @@ def evaluate(model, objective: Objective, cfg: PretrainConfig, data_dir: Path, d
     model.eval()
     val = open_shard(data_dir, "val")
     window = min(objective.window, len(val))
-    starts = eval_starts(len(val), window, windows or cfg.eval_windows)
+    starts = eval_starts(len(val), window, max(1, cfg.final_eval_tokens // window) if final else cfg.eval_windows)
     n_win, mine = len(starts), starts[d.rank :: d.world]
     n_batches = math.ceil(math.ceil(n_win / d.world) / cfg.batch_size)
     token_bytes = torch.tensor(objective.tok.token_bytes + [0] * max(0, model.config.vocab_size - len(objective.tok.token_bytes)))
@@ -1105,7 +1105,7 @@ def pretrain(cfg: PretrainConfig, *, log=print, crash_after_step: int | None = N
 
     # ---------------------------------------------------------------- cleanup
     # the final model on the whole validation shard (up to --final-eval-tokens): 5 s on 2 cores for Shakespeare's
-    final_val = evaluate(model, objective, cfg, data_dir, d, amp, windows=max(1, cfg.final_eval_tokens // objective.window))
+    final_val = evaluate(model, objective, cfg, data_dir, d, amp, final=True)
     metrics.log({"step": step, "split": "val", "final": True, **final_val, "tokens": tokens_seen, "elapsed": round(elapsed, 2)})
     checkpoint()
     final_state = full_state()[0]
