@@ -1,20 +1,22 @@
-"""Quantization for fast CPU decoding: int8 and int4 weights.
+"""Fast CPU decoding from fewer bytes per weight: a GGUF file's own blocks (exact), or int8 and int4 weights (opt-in).
 
 Decoding one token reads every weight once, so its speed is set by memory traffic and per-op overhead, not FLOPs.
-Each `nn.Linear` becomes a quantized one; the activations (but the int4 head's, below) and everything else stay as
-they were, and embedding tables are left alone (a lookup reads one row).
 
+    gguf   the file's Q4_0 / Q4_1 / Q8_0 blocks, decoded in float32 inside the compiled decode step: the very weights
+           `--quantize none` multiplies, half a byte each instead of four (`BlockLinear`; the default for GGUF files)
     int8   symmetric per output channel:  w ≈ q · scale,               q in [-127, 127]   (`_weight_int8pack_mm`)
     int4   asymmetric per group of 32 inputs, as llama.cpp's Q4_1 (outputs a multiple of 16):
            w ≈ q · scale + min = (q - 8) · scale + (min + 8 · scale),  q in [0, 15]       (`_weight_int4pack_mm_for_cpu`)
 
-Both kernels take bf16 activations. With int4 the output matrix (the LM head) stays int8, as llama.cpp keeps it at
-8 bits (4 bits there cost SmolLM2 2.7 perplexity points), and multiplies int8 activations by its int8 weights after a
-fixed random rotation of its inputs (`Int8Linear(activations="int8")`: twice as fast as the bf16-activation kernel,
-and on SmolLM2 more accurate than int8 weights alone); a layer the int4 kernel cannot take (inputs not a multiple of
-the group, outputs not of 16) is quantized to int8 instead. On a Q4_1 GGUF, int4 finds the file's own codes again
-(same groups, same rounding; the scales rounded to bf16). Before quantizing, `fuse_projections` merges q/k/v and
-gate/up into one matrix each, so a decoding step runs 4 matrix multiplies per layer instead of 7.
+int8 and int4 round, and are for a user who asks: PyTorch's fast int4 kernel takes bf16 activations, bf16 scales and
+zero points, and writes a bf16 output (its float32 path is a scalar reference, ~40x slower), so even a Q4_1 file's own
+codes give other numbers through it (SmolLM2: top-1 agreement with the float weights 97%, and "What is the capital of
+France?" answered wrongly; benchmarks/RESULTS.md). With int4 the output matrix (the LM head) stays int8, as llama.cpp
+keeps it at 8 bits, and multiplies int8 activations by its int8 weights after a fixed random rotation of its inputs
+(`Int8Linear(activations="int8")`); a layer the int4 kernel cannot take (inputs not a multiple of the group, outputs
+not of 16) is quantized to int8 instead. Before quantizing, `fuse_projections` merges q/k/v and gate/up into one matrix
+each, so a decoding step runs 4 matrix multiplies per layer instead of 7. Embedding tables are left alone (a lookup
+reads one row).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 
-METHODS = ("int8", "int4")
+METHODS = ("gguf", "int8", "int4")
+GEMV_ROWS = 2  # up to this many rows the compiled step reads the blocks; more rows share one float32 matrix multiply
 INT4_GROUP = 32
 
 
@@ -84,6 +87,81 @@ class Int8Linear(nn.Module):
             y = F.linear(x2.to(torch.bfloat16), self.weight_int8.to(torch.bfloat16) * self.scale[:, None])
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class BlockLinear(nn.Module):
+    """A GGUF file's own quantized blocks, with the float32 weights they decode to exactly:
+
+        Q4_1   w = d · q + m          q in 0..15    d, m float16 per block of 32 inputs
+        Q4_0   w = d · (q - 8)        q in 0..15
+        Q8_0   w = d · q              q in -127..127
+
+    Eagerly (the prefill, a decode step that is not compiled) it is `F.linear` on the float32 weights. Inside the
+    compiled decode step, for up to GEMV_ROWS rows, it reads the blocks instead: the expression below (codes to float,
+    times d, plus m, times the input, summed) is one loop after inductor fuses it, in float32, so a token reads ~0.6 byte
+    per weight instead of 4 and computes the same weights' products (only the order of the float32 sums differs).
+    Batches of more rows multiply the float32 matrix once for all of them, which costs less than decoding the blocks
+    once per row. The blocks are checked against the float weights when this is made: a weight changed since the file
+    was read (fine-tuned, merged) is refused."""
+
+    def __init__(self, linear: nn.Linear, kind: str, raw: torch.Tensor):
+        super().__init__()
+        if kind not in ("Q4_0", "Q4_1", "Q8_0"):
+            raise LlmkitError(f"GGUF block type {kind} is not decoded exactly by llmkit", "use --quantize none (float32 weights)")
+        out, inp = linear.weight.shape
+        if raw.shape[:2] != (out, inp // 32) or inp % 32:
+            raise ValueError(f"{kind} blocks {tuple(raw.shape)} do not fit a ({out}, {inp}) weight")
+        self.kind, self.in_features, self.out_features = kind, inp, out
+        self.weight = linear.weight  # the float32 weights (shared, not copied)
+        self.bias = linear.bias
+        d = raw[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # (out, blocks)
+        self.register_buffer("scale", d)
+        if kind == "Q8_0":
+            self.register_buffer("codes", raw[..., 2:34].contiguous().view(torch.int8))  # (out, blocks, 32)
+            self.register_buffer("minimum", None)
+        else:
+            m = raw[..., 2:4].contiguous().view(torch.float16).float()[..., 0] if kind == "Q4_1" else -8 * d  # Q4_0: d·q - 8d
+            first = 4 if kind == "Q4_1" else 2
+            self.register_buffer("codes", raw[..., first : first + 16].contiguous())  # (out, blocks, 16): element j low, j+16 high
+            self.register_buffer("minimum", m)
+        if not torch.equal(self.dequantized(), linear.weight.detach()):
+            raise LlmkitError(
+                "the weights no longer equal the GGUF file's blocks (changed after loading)", "decode them with --quantize none"
+            )
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights (out, in) the blocks hold, computed as the gguf package computes them."""
+        d = self.scale[..., None]
+        if self.kind == "Q8_0":
+            w = self.codes.float() * d
+        else:
+            m = self.minimum[..., None]
+            w = torch.cat([(self.codes & 15).float() * d + m, (self.codes >> 4).float() * d + m], -1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def _from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) float32 -> (N, out), every block's codes read inside the sum (for inductor to fuse into one loop):
+
+            y = Σ_blocks d · Σ_j q_j x_j  +  m · Σ_j x_j        (the same products as Σ (d · q_j + m) x_j, grouped so
+                                                                 that d multiplies 16 lanes at once; m's sums of x are
+                                                                 shared by every output row)
+
+        The codes are widened to int32 before their nibbles are cut: AVX-512 shifts 32-bit lanes, not bytes."""
+        N, nb = x.shape[0], self.in_features // 32
+        d = self.scale[None, :, :, None]  # (1, out, blocks, 1)
+        if self.kind == "Q8_0":
+            return ((self.codes[None].float() * x.view(N, 1, nb, 32)) * d).sum((-1, -2))
+        xg = x.view(N, 1, nb, 2, 16)  # each block's first 16 inputs (low nibbles) and last 16 (high nibbles)
+        c = self.codes.to(torch.int32)[None]  # (1, out, blocks, 16)
+        qx = (c & 15).float() * xg[:, :, :, 0] + (c >> 4).float() * xg[:, :, :, 1]  # (N, out, blocks, 16)
+        return (qx * d).sum((-1, -2)) + (xg.sum((-1, -2)) * self.minimum[None]).sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= GEMV_ROWS and x.dtype == torch.float32 and torch.compiler.is_compiling():
+            y = self._from_blocks(x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 def random_rotation(n: int, seed: int = 0) -> torch.Tensor:
@@ -152,6 +230,9 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
         if first.bias is not None:
             fused.bias.copy_(torch.cat([p.bias for p in parts]))  # type: ignore[misc]
     fused.weight.requires_grad_(False)
+    blocks = [getattr(p, "gguf_block", None) for p in parts]  # a GGUF file's blocks, row-stacked as the weights are
+    if all(b is not None and b[0] == blocks[0][0] for b in blocks):
+        fused.gguf_block = (blocks[0][0], torch.cat([b[1] for b in blocks]))
     return fused
 
 
@@ -170,11 +251,41 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
+def use_gguf_blocks(model: nn.Module, fuse: bool = False) -> nn.Module:
+    """Give every linear layer whose weights came from a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks those blocks
+    (`BlockLinear`, in place; for inference): the same float32 weights, read from half a byte each by the compiled
+    decode step. Layers without blocks (float tensors in the file) stay as they are. Each layer is swapped in one
+    assignment and computes what it did before, so a thread may do this while another decodes eagerly (`fuse`, which
+    changes the structure in several steps, may not)."""
+    source = getattr(model, "gguf_blocks", None)
+    if source is None:
+        raise LlmkitError("this model was not loaded from a GGUF file with quantized blocks", "use --quantize none, int8 or int4")
+    blocks = source.read()
+    tied = model.config.tie_embeddings
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            key = "embed.tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
+            if key in blocks:
+                module.gguf_block = blocks[key]
+    if fuse:
+        fuse_projections(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and getattr(child, "gguf_block", None) is not None:
+                setattr(module, child_name, BlockLinear(child, *child.gguf_block))
+                del child.gguf_block
+    model.eval()
+    return model
+
+
 def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     """Fuse the projections, then replace every nn.Linear of `model` by its quantized form (in place; for inference
-    only): int8 weights, or int4 weights with the head at int8 × int8 after a rotation."""
+    only): the GGUF file's own blocks ("gguf", exact), int8 weights, or int4 weights with the head at int8 × int8
+    after a rotation."""
     if method not in METHODS:
         raise LlmkitError(f"unknown quantization {method!r}", f"use one of: {', '.join(METHODS)}")
+    if method == "gguf":
+        return use_gguf_blocks(model)
     fuse_projections(model)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

@@ -498,12 +498,7 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     from llmkit.model import build_model
     from llmkit.tokenizer.pretrained import tokenizer_from_gguf_fields
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise LlmkitError(
-            f"{path} is not a readable GGUF file ({e})", "the file is corrupt or truncated: re-download or re-install it"
-        ) from None
+    reader = io.open_gguf(path)
     fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
     if arch != "llama":
@@ -579,7 +574,43 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     copy_tensors(model, stream())
     # what the file's matrices are stored as (not saved with the config: a fine-tuned copy's weights are off that grid)
     model.gguf_weights = _gguf_block_type(reader)
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
+    model.gguf_blocks = GGUFBlocks(
+        path,
+        {
+            t.name: (ours[t.name][0], heads.get(ours[t.name][2]))
+            for t in reader.tensors
+            if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2
+        },
+    )
     return model, tokenizer_from_gguf_fields(fields, str(path))
+
+
+BLOCK_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the blocks llmkit decodes exactly from the file (`quantize.BlockLinear`)
+
+
+class GGUFBlocks:
+    """Where a GGUF model's quantized matrices came from, to read their blocks again exactly as the file holds them
+    (`quantize(model, "gguf")`): each tensor's raw bytes, (rows, blocks, bytes per block), rows in our order."""
+
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, tuple[str, int | None]]):
+        self.path, self.tensors = Path(path), tensors  # GGUF name -> (our name, heads whose q/k rows llama.cpp interleaved)
+
+    def read(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """our name -> (block kind, uint8 tensor (rows, blocks, bytes per block))."""
+        import gguf
+
+        reader = io.open_gguf(self.path)
+        out = {}
+        for t in reader.tensors:
+            if t.name not in self.tensors:
+                continue
+            name, heads = self.tensors[t.name]
+            kind = t.tensor_type.name
+            size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]
+            raw = torch.from_numpy(t.data.copy()).reshape(t.data.shape[0], -1, size)  # (rows, blocks, bytes)
+            out[name] = (kind, _unpermute_qk(raw, heads) if heads else raw)
+        return out
 
 
 # --- the front door --------------------------------------------------------------------------------------

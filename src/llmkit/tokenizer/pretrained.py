@@ -80,14 +80,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def gguf_fields(path: str | os.PathLike, prefix: str = "") -> dict:
     """GGUF metadata as Python values (strings decoded, arrays as lists), keys starting with `prefix`."""
-    import gguf
+    from llmkit import io
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise LlmkitError(
-            f"{path} is not a readable GGUF file ({e})", "check the file is complete (re-download or re-install it)"
-        ) from None
+    reader = io.open_gguf(path)
     out = {}
     for key, f in reader.fields.items():
         if key.startswith(prefix):
