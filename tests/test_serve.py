@@ -271,7 +271,7 @@ def test_chat_streams_with_usage_and_equals_the_generate_command(server, client)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0 and len(finish) == 1
     out = run_cli(
         "generate", "--model", "smollm2", "--chat", "--greedy", "--prompt", question, "--max-new-tokens", "24", "--quantize", "none"
-    ).stdout  # the server's weights (float32; the command's default would be int4)
+    ).stdout  # the server's weights (float32, as the command's default)
     assert text == out[:-1]  # the command ends the text with a newline
     # logprobs of a chat answer: each token with its bytes and its best alternatives
     r = client.chat.completions.create(
@@ -603,7 +603,7 @@ def test_a_prompt_whose_prefill_fails_fails_alone(tokenizers_by_kind):
 
 _RELEASE_SCRIPT = """
 import json, os, threading, time, torch
-from llmkit.serve.engine import release_openmp_threads
+from llmkit.threads import release_openmp_threads
 
 torch.set_num_threads(2)
 

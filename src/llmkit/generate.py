@@ -465,8 +465,8 @@ def stream_batch(
         mask[r, width - len(p) : width] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    # the compiled decode step, when the model asks for it (`use_compiled_decode`)
-    fast = static_decoder(model, B, total) if cfg.max_new_tokens > 1 else None
+    # the compiled decode step, when the model asks for it (`use_compiled_decode`) and where it pays
+    fast = static_decoder(model, B, total, steps=cfg.max_new_tokens - 1, log=warn) if cfg.max_new_tokens > 1 else None
     cache = fast.cache() if fast is not None else model.new_cache(B, total)
     sampler = Sampler([cfg] * B, min(tokenizer.id_limit, mcfg.vocab_size), device, generator=seeded_generator(cfg.seed, device))
     sampler.add_prompts(prompts)
@@ -530,16 +530,24 @@ def stream_batch(
         next_pos = next_pos + 1
 
 
-def static_decoder(model, batch: int, capacity: int):
-    """A StaticDecoder (the compiled one-token step) for `model` when `use_compiled_decode(model)` turned it on and
-    the model's step compiles (`model.compiled_decode = "eager"`: the same static step, not compiled); else None."""
-    if not getattr(model, "compiled_decode", False):
+def static_decoder(model, batch: int, capacity: int, *, steps: int | None = None, log=None):
+    """A StaticDecoder (the compiled one-token step) for `model` when `use_compiled_decode(model)` turned it on and the
+    model's step compiles, else None: `model.compiled_decode` True compiles before the first step, "auto" compiles (in
+    the background) only when the `steps` to come pay for it, "eager" runs the same static step uncompiled. `log`
+    hears when a compile starts and ends."""
+    mode = getattr(model, "compiled_decode", False)
+    if not mode:
         return None
     from llmkit.model.compiled import StaticDecoder, compilable
 
     if compilable(model) is not None:
         return None
-    return StaticDecoder(model, batch, capacity, compile=model.compiled_decode != "eager")
+    compile: bool | str = True  # True: compile before the first step
+    if mode == "eager":
+        compile = False
+    elif mode == "auto":
+        compile = "pays"
+    return StaticDecoder(model, batch, capacity, compile=compile, steps=steps, log=log)
 
 
 def _sync(device) -> None:

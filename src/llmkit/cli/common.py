@@ -101,3 +101,17 @@ def load_config(path: str) -> dict:
     if not isinstance(data, dict):
         raise LlmkitError(f"config file {path} must hold a mapping of option: value", "write it as `option: value` lines")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+QUANTIZE_CHOICES = ["auto", "none", "gguf", "int8", "int4"]
+QUANTIZE_HELP = (
+    "auto (default): a GGUF's own Q4_0/Q4_1/Q8_0 blocks, read by the compiled decode step on a CPU: the same float32 "
+    "weights as none, in fewer bytes (the embedded SmolLM2); the weights as loaded otherwise. int8 / int4 round the "
+    "weights for speed (int4: groups of 32 with bf16 activations, the head int8 x int8): answers may differ (opt-in)"
+)
+
+
+def decode_weight_options(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize of every command that decodes with a model (generate, chat, serve)."""
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
+    p.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmkit.cli.common import console, subcommand
+from llmkit.cli.common import console, decode_weight_options, subcommand
 from llmkit.errors import LlmkitError
 
 PRESET_NAMES = ("assistant", "summarize", "translate", "explain", "write", "sentiment")  # llmkit.applications.PRESETS
@@ -145,7 +145,18 @@ def cmd_chat(args) -> None:
         model, model.tokenizer, system=args.system, config=generation_config(args), warn=lambda m: con.print(f"[yellow]{m}[/]")
     )
     con.print(f"[bold]chatting with {args.model}[/] — /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops an answer")
+    notes: list[str] = []  # what the background compile says, shown before the next prompt (never inside an answer)
+    if getattr(model, "compiled_decode", False) == "auto" and sys.stdin.isatty():  # a conversation: compile while the user types
+        from llmkit.model.compiled import compile_estimate, compile_step
+
+        seconds, cached = compile_estimate(model, 1)
+        what = "loading the compiled decode step from the cache" if cached else "compiling the decode step for this machine, once"
+        con.print(f"[dim]({what}, in the background: ~{seconds:.0f} s; answers decode eagerly until then)[/]")
+        compile_step(model, 1, background="process", log=lambda m: notes.append(m) if "ready" in m or "did not" in m else None)
     while True:
+        for note in notes:
+            con.print(f"[dim]({note})[/]")
+        notes.clear()
         try:
             line = input("you> ")
         except EOFError:
@@ -203,19 +214,13 @@ def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) ->
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (encoder-decoders)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--truncate", action="store_true", help="cut a prompt that does not fit the context instead of refusing it")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
-    p.add_argument(
-        "--quantize",
-        default="auto",
-        choices=["auto", "none", "int8", "int4"],
-        help="int8 or int4 (groups of 32, as Q4_1; the head int8) linear layers; auto (default): int4 on a CPU when the weights "
-        "come straight from a Q4_1 GGUF (the file's own codes again), else none",
-    )
+    decode_weight_options(p)
     p.add_argument(
         "--no-compile",
         action="store_true",
-        help="decode eagerly; by default a decoder's one-token step is compiled with torch.compile (paid once, cached on disk; "
-        "LLMKIT_COMPILE=0 also turns it off)",
+        help="never compile the decode step; by default a decoder's one-token step is compiled with torch.compile where it "
+        "pays: in the background for chat, for generate only when the tokens to come save more than the compile costs "
+        "(minutes the first time, seconds from inductor's cache on disk; LLMKIT_COMPILE=0 also turns it off)",
     )
 
 
@@ -241,8 +246,8 @@ def generation_config(args):
 
 
 def load_for_generation(name: str, dtype: str = "fp32", quantize: str | None = "auto", compile: bool = True):
-    """The model for generate/chat: quantized as asked (auto: int4 on a CPU for a Q4_1 GGUF's weights) and with the
-    compiled decode step unless `compile` is False or LLMKIT_COMPILE=0."""
+    """The model for generate/chat: quantized as asked (auto: a GGUF's own blocks for the compiled step) and with the
+    compiled decode step where it pays unless `compile` is False or LLMKIT_COMPILE=0."""
     import torch
 
     import llmkit

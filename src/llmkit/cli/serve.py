@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from llmkit.cli.common import console, subcommand
+from llmkit.cli.common import console, decode_weight_options, subcommand
 from llmkit.errors import LlmkitError
 
 
@@ -60,21 +60,14 @@ def register(commands) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; beyond, 413 (default: 4)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="URL", help="allow browser pages from this origin; repeatable")
     p.add_argument("--log-prompts", action="store_true", help="log the prompts (off by default: prompts may be private)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
-    p.add_argument(
-        "--quantize",
-        default="auto",
-        choices=["auto", "none", "int8", "int4"],
-        help="int8 or int4 (the head int8) linear layers; auto (the default, as generate and chat): int4 for float32 weights "
-        "straight from a Q4_1 GGUF on a CPU (the embedded SmolLM2), the weights as loaded otherwise (--dtype bf16 included)",
-    )
+    decode_weight_options(p)
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="decode with the compiled one-token step on a CPU (default: on; LLMKIT_COMPILE=0 turns it off whatever the flag; "
-        "each padded batch size compiled when the engine starts, minutes the first time, then from inductor's cache on "
-        "disk; 1.3-1.8x the eager engine's tokens/s at 1 to 16 requests, benchmarks/RESULTS.md)",
+        "each padded batch size compiles in the background while the engine serves eagerly, minutes the first time, then "
+        "from inductor's cache on disk; 1.3-1.8x the eager engine's tokens/s at 1 to 16 requests, benchmarks/RESULTS.md)",
     )
     p.add_argument(
         "--shutdown-timeout",

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig
-from llmkit.serve.engine import Engine, QueueFull, ShuttingDown, TooMany, release_openmp_threads
+from llmkit.serve.engine import Engine, QueueFull, ShuttingDown, TooMany
 from llmkit.serve.engine import Request as EngineRequest
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.protocol import (
@@ -52,6 +52,7 @@ from llmkit.serve.protocol import (
     describe_validation,
     error_body,
 )
+from llmkit.threads import release_openmp_threads
 from llmkit.tokenizer.pretrained import bytes_to_unicode
 
 log = logging.getLogger("llmkit.serve")
@@ -214,12 +215,12 @@ class State:
                             dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None,
                             quantize=q if embedding and q not in (None, "auto", "none") else None,
                         )
-                        if not embedding:  # int4 for a Q4_1 GGUF's weights (auto), and the compiled decode step on a CPU
+                        if not embedding:  # a GGUF's own blocks (auto) and the compiled decode step on a CPU, built behind
                             prepare_for_decoding(model, q, self.settings.compile)
                     else:
                         model = spec
                     self.models[name] = Served(name, model, self.settings, self.metrics, embedding)
-            for served in self.models.values():  # ready once every engine has compiled its steps (seconds when cached)
+            for served in self.models.values():  # ready once every engine's worker runs (its compiled steps build behind it)
                 while served.engine is not None and not served.engine.warm.wait(0.5):
                     if self.closing or not served.engine.thread.is_alive():
                         break

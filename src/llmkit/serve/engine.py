@@ -25,11 +25,8 @@ time on the same worker (beam search and cross-attention do not batch this way).
 from __future__ import annotations
 
 import collections
-import ctypes
-import functools
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -40,7 +37,8 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, Sampler, TextStream, generate_seq2seq, seeded_generator, stop_rules
-from llmkit.model.compiled import WIDTH_STEP, StaticDecoder, decode_step
+from llmkit.model.compiled import WIDTH_STEP, decode_step
+from llmkit.threads import release_openmp_threads
 
 log = logging.getLogger("llmkit.serve")
 
@@ -90,34 +88,6 @@ class _Row:
     generated: int = 0
 
 
-@functools.cache  # looked up once: the embedding thread calls it after every request
-def _libgomp_pause():
-    """`omp_pause_resource_all` of the libgomp this process loaded (PyTorch's, loaded with torch above), or None: another
-    runtime (LLVM's libomp, Intel's libiomp5) pauses the whole process rather than freeing one thread's workers, so it
-    is left alone."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            path = next((line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]), None)
-        if path is None:
-            return None
-        pause = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).omp_pause_resource_all  # the loaded copy, not a second one
-    except (OSError, AttributeError):  # not Linux, or a libgomp before OpenMP 5
-        return None
-    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-    return pause
-
-
-def release_openmp_threads() -> bool:
-    """Let the calling thread's OpenMP worker threads go (libgomp's `omp_pause_resource_all` frees the calling thread's
-    pool; its next parallel kernel builds a new one); True if it did. PyTorch's CPU kernels run in an OpenMP team of the
-    thread that calls them, and libgomp counts every thread's team: once they outnumber the cores, its workers stop
-    spinning between parallel regions and sleep, and each of a decode step's hundreds of small kernels pays a wake-up.
-    The idle team the model's loading left on another thread made the engine's decode step 2.8x slower (SmolLM2 int4,
-    batch 1, 2 cores: 21.9 against 7.8 ms; benchmarks/RESULTS.md). Call it on a thread done with PyTorch for a while."""
-    pause = _libgomp_pause()
-    return pause is not None and pause(1) == 0  # omp_pause_soft; -1 inside a parallel region
-
-
 class Engine:
     """Owns `model` (a decoder or an encoder-decoder) on a worker thread; `submit` requests, get events back."""
 
@@ -147,7 +117,9 @@ class Engine:
         self._admitting: list[Request] = []  # those requests (they get an error if the prefill fails)
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
-        self.warm = threading.Event()  # set once the compiled step is ready for every batch size (at once when eager)
+        self.warm = threading.Event()  # set when the worker runs: the compiled steps build in the background meanwhile
+        self.jobs: dict = {}  # padded batch size -> its CompileJob (the compiled step is used once that is ready)
+        self._built_since: dict[int, float] = {}  # when each built step began to wait for an idle moment to load
         release_openmp_threads()  # the creating thread's idle OpenMP team (from loading the model) would slow every step
         self.thread = threading.Thread(target=self._run, name=f"llmkit-engine-{name}", daemon=True)
         self.thread.start()
@@ -195,35 +167,54 @@ class Engine:
             self.metrics.queue_length.labels(self.name).set(len(self.waiting))
             self.metrics.running.labels(self.name).set(len(self.rows))
 
-    def _warm_up(self) -> None:
-        """Compile the decode step for every padded batch size (1, 2, 4, ... max_batch) before the first request, so
-        that no running request waits for a compile (loaded from inductor's cache on disk after the first time)."""
+    def _start_compiles(self) -> None:
+        """The compiled decode step for every padded batch size (1, 2, 4, ... max_batch). By default a background process
+        compiles them into inductor's cache on disk, smallest first, while the engine serves eagerly; each is then
+        loaded into this process (seconds) when the engine is idle (`_load_compiled`) and used from its next step.
+        LLMKIT_COMPILE=always (`compiled_decode` True) compiles them all here before the first request instead."""
+        if self.model.compiled_decode == "eager":
+            return
+        from llmkit.model.compiled import compile_step
+
+        now = self.model.compiled_decode is True
         n = 1
         while True:
-            start = time.monotonic()
-            StaticDecoder(self.model, n, WIDTH_STEP, compile=self.model.compiled_decode != "eager")  # compiles on creation
-            log.info("%s: decode step for %d rows ready in %.1fs", self.name, n, time.monotonic() - start)
+            say = lambda m, n=n: log.info("%s: %s [%d rows]", self.name, m, n)  # noqa: E731
+            background = False if now else "process"
+            self.jobs[n] = compile_step(self.model, n, background=background, hold=True, log=say)
             if n >= self.max_batch:
                 break
             n = min(self.max_batch, 2 * n)
+
+    def _load_compiled(self, idle: bool) -> None:
+        """Load a compiled step a background process has built: when the engine is idle, or after it has waited 30 s
+        for an idle moment (the running rows then pause for the load's seconds once; decoding beside it would crawl)."""
+        for n, job in self.jobs.items():
+            if job.built.is_set() and not job.done.is_set():
+                since = self._built_since.setdefault(n, time.monotonic())
+                if idle or time.monotonic() - since > 30:
+                    job.load()
+                return
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         try:
             if self.compiled:
-                self._warm_up()
+                self._start_compiles()
         except Exception as e:  # noqa: BLE001  (decode eagerly rather than not at all)
             log.error("%s: the compiled decode step failed (%s); decoding eagerly", self.name, e)
             self.compiled = False
         finally:
-            self.warm.set()  # whatever happened: the server's load waits for it
+            self.warm.set()
         logits = None
         while True:
             with self.lock:
-                while not self.closing and not self.waiting and not self.rows:
-                    self.lock.wait()
+                while not self.closing and not self.waiting and not self.rows and not self._loadable():
+                    self.lock.wait(1.0 if any(not job.done.is_set() for job in self.jobs.values()) else None)
                 if self.closing:
                     break
+            if self._loadable():
+                self._load_compiled(idle=not self.rows and not self.waiting)
             try:
                 if self.seq2seq:
                     self._one_seq2seq()
@@ -247,6 +238,10 @@ class Engine:
         for req in left:
             self._finish_error(req, "shutdown", "the server is shutting down")
         self.rows = []
+
+    def _loadable(self) -> bool:
+        """A background process has built a compiled step this engine has not loaded yet."""
+        return any(job.built.is_set() and not job.done.is_set() for job in self.jobs.values())
 
     def _finish_error(self, req: Request, kind: str, message: str) -> None:
         if self.metrics is not None:
@@ -495,8 +490,10 @@ class Engine:
         b, w = len(self.rows), self.width
         self.mask[:b, w] = 1
         plain = b == 1 and self.rows[0].start == 0  # a lone row from column 0: exactly `llmkit generate`'s path
-        if self.compiled:
-            n = min(self.max_batch, 1 << (b - 1).bit_length())  # padding rows see only column 0 and are dropped
+        n = min(self.max_batch, 1 << (b - 1).bit_length())  # padding rows see only column 0 and are dropped
+        job = self.jobs.get(n)
+        ready = job is not None and job.ready.is_set()
+        if self.compiled and (ready or self.model.compiled_decode == "eager"):  # the static step: compiled, or "eager" (tests)
             pad = torch.zeros(n - b, dtype=torch.long, device=self.device)
             valid = self.mask[:n].bool()
             valid[b:, 0] = True
@@ -508,7 +505,7 @@ class Engine:
                 torch.cat([self.positions[:, 0], pad]),
                 w,
                 valid,
-                compiled=self.model.compiled_decode != "eager",
+                step=job.step if ready else None,  # type: ignore[union-attr]
             )[:b]
         else:
             out = self.model(
