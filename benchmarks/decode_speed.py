@@ -21,7 +21,14 @@ import llmkit
 from llmkit.generate import GenerationConfig, stream_batch
 from llmkit.model.compiled import use_compiled_decode
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32, "int4": torch.float32}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "gguf": torch.float32,  # the GGUF's own blocks in the compiled step: the default's (exact) weights
+    "int8": torch.float32,
+    "int4": torch.float32,
+}
 
 
 def sync(device):
@@ -135,7 +142,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1")
     p.add_argument(
-        "--dtypes", default="fp32,bf16,int8,int4", help="fp32, bf16, int8, int4 (llmkit's weight-only int8 / int4; no transformers peer)"
+        "--dtypes",
+        default="fp32,bf16,gguf,int8,int4",
+        help="fp32, bf16, gguf (the GGUF's own blocks: the default), int8, int4 (llmkit's weight-only int8 / int4; no transformers peer)",
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
@@ -168,7 +177,7 @@ def main() -> None:
         dtype = DTYPES[name]
         for batch in map(int, args.batch_sizes.split(",")):
             if "llmkit" not in skip:
-                model = llmkit.load("smollm2", dtype=dtype, device=device, quantize=name if name in ("int8", "int4") else None)
+                model = llmkit.load("smollm2", dtype=dtype, device=device, quantize=name if name in ("gguf", "int8", "int4") else None)
                 for compiled in [False, True] if args.compile == "both" else [args.compile == "on"]:
                     use_compiled_decode(model, compiled)
                     engine = "llmkit compiled" if compiled else "llmkit"
@@ -177,7 +186,7 @@ def main() -> None:
                         bench_engine(model, prompt, 8, n)  # the engine's warm-up (compiles) is not timed
                         record(f"{engine} engine", name, n, lambda: bench_engine(model, prompt, args.new_tokens, n))
                 del model
-            if "transformers" not in skip and name != "int8":
+            if "transformers" not in skip and name not in ("gguf", "int8"):
                 from transformers import AutoModelForCausalLM
 
                 from llmkit.embedded import embedded_path

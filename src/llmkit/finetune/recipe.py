@@ -271,12 +271,25 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     budget = Budget.parse(cfg.budget)
 
     io.write_json(run / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and `--resume` read back
-    log("[1/7] load data")
+    phases: dict[str, float] = {}  # each phase's seconds, in results.json (benchmarks/first_run.py reads them)
+    clock = [time.perf_counter(), ""]
+
+    def phase(number: int, name: str) -> None:
+        """Close the running phase (its time on the line after it) and open the next one."""
+        now = time.perf_counter()
+        if clock[1]:
+            phases[str(clock[1])] = round(now - float(clock[0]), 2)
+            log(f"      ({phases[str(clock[1])]:.1f} s)")
+        clock[:] = [now, name]
+        if number:
+            log(f"[{number}/7] {name}")
+
+    phase(1, "load data")
     train_ex, val_ex = load_examples(cfg, log)
     classification = train_ex[0].text is not None
     log(f"      {len(train_ex)} training and {len(val_ex)} validation examples ({cfg.data or cfg.task})")
 
-    log("[2/7] preprocess")
+    phase(2, "preprocess")
     model = llmkit.load(cfg.model)
     tok = model.tokenizer
     if classification:
@@ -313,7 +326,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
             f"{prep.dropped} dropped and {prep.truncated} truncated for the length limit of {cfg.max_len}"
         )
 
-    log(f"[3/7] prepare model: {cfg.method}")
+    phase(3, f"prepare model: {cfg.method}")
     if classification:
         before_emb = _embeddings(model, tok, [ex.text for ex in val_ex[:32]])
         model = Classifier(model, labels)
@@ -328,7 +341,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     trainable, total = trainable_share(model)
     log(f"      {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
 
-    log("[4/7] initial predictions")
+    phase(4, "initial predictions")
     shown = val_ex[: cfg.show]
     forget_tasks = [t for t in cfg.forgetting_tasks.split(",") if t and t not in cfg.task] if not classification else []  # not trained on
     forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in forget_tasks}
@@ -354,7 +367,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         for ex, p in zip(shown, before["_predictions"]):
             log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
 
-    log("[5/7] train")
+    phase(5, "train")
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -455,7 +468,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     elapsed = elapsed_before + time.perf_counter() - start
     checkpoint(elapsed)
 
-    log("[6/7] evaluate")
+    phase(6, "evaluate")
     after = measure()
     if classification:
         after["embedding_drift_cosine"] = float(
@@ -465,11 +478,12 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         )
     _log_metrics(log, "after", after)
 
-    log("[7/7] predict")
+    phase(7, "predict")
     if not classification:
         for ex, p in zip(shown, after["_predictions"]):
             log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
     saved = _save(model, tok, cfg, run)
+    phase(0, "")
     result = {
         "model": cfg.model,
         "method": cfg.method,
@@ -484,6 +498,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         "after": {k: v for k, v in after.items() if not k.startswith("_")},
         "saved": saved,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+        "phases": phases,
     }
     io.write_json(run / "results.json", result)
     metrics.plot(run / "loss.png", title="fine-tuning loss")
