@@ -185,7 +185,7 @@ def test_each_model_has_its_own_compiled_step_and_a_changed_model_compiles_again
     torch.testing.assert_close(step_logits(a, True), step_logits(a, False), rtol=1e-4, atol=1e-4)
 
     # a LoRA merged after the first compiled step changes a flag, not a module type: it compiles again too
-    from llmkit.finetune.peft import apply_lora, merge_lora
+    from llmkit.model.lora import apply_lora, merge_lora
 
     c = tiny("tiny-llama")
     apply_lora(c, r=4)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import llmkit
+from llmkit.data import tasks as T
 from llmkit.errors import LlmkitError
-from llmkit.finetune import tasks as T
 from llmkit.finetune.data import IGNORE, encode_chat, prepare_examples, read_rows, to_example
-from llmkit.finetune.peft import apply_adapters, apply_lora, lora_layers, merge_lora, save_lora, trainable_share, unmerge_lora
 from llmkit.model import build_model, preset
+from llmkit.model.lora import apply_adapters, apply_lora, lora_layers, merge_lora, save_lora, trainable_share, unmerge_lora
 from llmkit.model.weights import export_hf
 
 from conftest import run_cli
@@ -51,7 +51,7 @@ def test_our_lora_equals_peft_and_our_adapter_loads_in_peft(tmp_path, rslora):
     peft_model = get_peft_model(
         hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, use_rslora=rslora)
     ).eval()
-    from llmkit.finetune.peft import _hf_name
+    from llmkit.model.lora import _hf_name
 
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_packed_rows_attend_within_each_example_with_positions_from_zero():
 
 
 def test_lora_lives_where_its_base_layer_lives():
-    from llmkit.finetune.peft import LoRALinear
+    from llmkit.model.lora import LoRALinear
 
     base = torch.nn.Linear(8, 4, bias=True).to(torch.bfloat16)
     layer = LoRALinear(base, r=2, alpha=4)

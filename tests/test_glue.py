@@ -322,7 +322,7 @@ def test_a_decoder_scores_glue_zero_shot_by_label_words(tmp_path):
 
 
 def test_diagnostics_are_not_fine_tuned_and_whole_number_labels_are_classes(tmp_path):
-    from llmkit.finetune.data import Example
+    from llmkit.data.tasks import Example
     from llmkit.finetune.recipe import label_kind
 
     (tmp_path / "AX-b").mkdir()

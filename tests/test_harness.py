@@ -173,7 +173,7 @@ def test_report_sets_runs_side_by_side_and_a_lora_folder_is_a_model(tiny_run, tm
     import torch
 
     import llmkit
-    from llmkit.finetune.peft import apply_lora, lora_layers, save_lora
+    from llmkit.model.lora import apply_lora, lora_layers, save_lora
 
     model = llmkit.load(tiny_run)
     apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])

@@ -453,16 +453,16 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
 @pytest.fixture(scope="module")
 def busy_server(tiny_dir, monkeypatch_module):
     """One running slot, one queue place; its model loads only when the test lets it (to see /health say 503)."""
-    import llmkit
+    from llmkit.model import weights
 
     gate = threading.Event()
-    real = llmkit.load
+    real = weights.load
 
     def slow_load(spec, **kw):
         gate.wait(60)
         return real(spec, **kw)
 
-    monkeypatch_module.setattr(llmkit, "load", slow_load)
+    monkeypatch_module.setattr(weights, "load", slow_load)
     live = LiveServer(create_app([("tiny", str(tiny_dir))], [], Settings(max_batch=1, max_queue=1)))
     live.gate = gate
     yield live

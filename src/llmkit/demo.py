@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from llmkit import io
+from llmkit.model.weights import load as load_model
 from llmkit.progress import console
 
 
@@ -27,7 +28,7 @@ def run_demo(
     from llmkit.data.clean import normalize
     from llmkit.data.prepare import prepare
     from llmkit.data.sources import read_source
-    from llmkit.tokenizer.compare import compare, plot, print_table
+    from llmkit.evaluate.tokenizers import compare, plot, print_table
 
     out = Path(out)
     start = time.perf_counter()
@@ -52,11 +53,10 @@ def run_demo(
     )
 
     console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
-    import llmkit
     from llmkit.chat import chat_prompt_ids
     from llmkit.generate import GenerationConfig, generate
 
-    ours = llmkit.load(out / "pretrain")
+    ours = load_model(out / "pretrain")
     samples = [
         g.text
         for g in generate(
@@ -65,7 +65,7 @@ def run_demo(
     ]
     for prompt, text in zip(["ROMEO:\n", "First Citizen:\n"], samples):
         console.print(f"[bold]{prompt.strip()}[/]\n{text}\n")
-    smol = llmkit.load("smollm2")
+    smol = load_model("smollm2")
     question = "Who wrote the play Hamlet? Answer in one sentence."
     chat_prompt = chat_prompt_ids(smol.tokenizer, [{"role": "user", "content": question}])
     answer = generate(smol, smol.tokenizer, [chat_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0].text.strip()
@@ -252,7 +252,6 @@ def embeddings_stage(out: Path, texts: list[str]) -> dict:
     and three semantic searches over four plays. Returns the numbers and the report's markdown lines."""
     import numpy as np
 
-    import llmkit
     from llmkit.embed.contextual import cosine_matrix, word_vectors
     from llmkit.embed.explore import draw_map, project
     from llmkit.embed.search import SearchIndex, build_index
@@ -290,7 +289,7 @@ def embeddings_stage(out: Path, texts: list[str]) -> dict:
         groups=[c for _, c in words],
         title="GloVe on Shakespeare: words by category (PCA)",
     )
-    minilm = llmkit.load("minilm")
+    minilm = load_model("minilm")
     bank = np.stack([v for _, v in word_vectors(minilm, BANK, "bank")])
     draw_map(
         project(bank, "pca"),

@@ -195,7 +195,7 @@ def cmd_tokenizer_info(args) -> None:
 def cmd_tokenizer_compare(args) -> None:
     from llmkit import io
     from llmkit.data.clean import normalize
-    from llmkit.tokenizer.compare import compare, plot, print_table
+    from llmkit.evaluate.tokenizers import compare, plot, print_table
     from llmkit.tokenizer.train import KINDS
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]

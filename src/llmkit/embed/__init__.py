@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llmkit.errors import LlmkitError
+from llmkit.model.weights import load as load_model
 
 
 def is_static(spec: str) -> bool:
@@ -38,11 +39,10 @@ def vectors_of(spec: str, items: list[str], *, pooling: str | None = None) -> np
     if is_static(spec):
         vecs = load_vectors(spec)
         return np.stack([vecs.vector(w) for w in items])
-    import llmkit
     from llmkit.embed.contextual import embed_texts
 
     try:
-        model = llmkit.load(spec)
+        model = load_model(spec)
     except LlmkitError as e:
         raise LlmkitError(
             f"{spec!r} is neither a folder of static vectors nor a model ({e.message})",

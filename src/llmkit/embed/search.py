@@ -20,6 +20,7 @@ import numpy as np
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+from llmkit.model.weights import load as load_model
 
 IVF_FROM = 20_000  # passages: from here an IVF index (sqrt(n) lists, 32 probed) instead of an exact flat one
 
@@ -88,14 +89,13 @@ def build_index(
     """Index `source` (any --source form) into `out`; returns meta.json's contents."""
     import faiss
 
-    import llmkit
     from llmkit.data.sources import read_source
     from llmkit.embed.contextual import default_pooling, embed_texts
     from llmkit.model.weights import weights_fingerprint
 
     out = Path(out)
     corpus = read_source(source)
-    model = llmkit.load(model_name)
+    model = load_model(model_name)
     pooling = pooling or default_pooling(model)
     fingerprint = weights_fingerprint(model)
     reuse = _previous(out, {"model": str(model_name), "weights": fingerprint, "pooling": pooling, "chunking": chunking})
@@ -146,15 +146,13 @@ class SearchIndex:
     def __init__(self, folder: str | Path):
         import faiss
 
-        import llmkit
-
         folder = Path(folder)
         if not (folder / "meta.json").exists():
             raise LlmkitError(f"{folder} is not a search index (no meta.json)", "build one with `llmkit embed index`")
         self.meta = io.read_json(folder / "meta.json")
         self.rows = [json.loads(line) for line in (folder / "passages.jsonl").read_text(encoding="utf-8").splitlines()]
         self.index = faiss.deserialize_index(np.frombuffer((folder / "index.faiss").read_bytes(), dtype=np.uint8))
-        self.model = llmkit.load(self.meta["model"])
+        self.model = load_model(self.meta["model"])
 
     def search(self, query: str, top: int = 5) -> list[dict]:
         from llmkit.embed.contextual import embed_texts

@@ -499,8 +499,8 @@ def evaluate_decoder(lm, task: Task, rows: list[Row], train: list[Row] | None = 
 
 
 def evaluate_classifier(model, tok, task: Task, rows: list[Row]) -> dict:
-    """A fine-tuned encoder classifier's (llmkit.finetune.classifier) official scores on `rows`."""
-    from llmkit.finetune import classifier
+    """A fine-tuned encoder classifier's (llmkit.model.classifier) official scores on `rows`."""
+    from llmkit.model import classifier
 
     p = classifier.predict(model, tok, rows)
     if model.regression:
@@ -527,7 +527,7 @@ def run_glue(
     "score" (the one suite's, else None)}."""
     is_classifier = (Path(model) / "classifier.safetensors").exists()
     if is_classifier:
-        from llmkit.finetune.classifier import load_classifier
+        from llmkit.model.classifier import load_classifier
 
         clf = load_classifier(model)
     else:

@@ -28,6 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from llmkit.errors import LlmkitError
+from llmkit.model.weights import load as load_model
 
 
 class _TemplateView:
@@ -56,8 +57,6 @@ class LlmkitLM(TemplateLM):
         **kwargs,
     ):
         super().__init__()
-        import llmkit
-
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm_eval's command line asks for cuda by default, as its hf model, which falls back too
         if isinstance(model, torch.nn.Module):
@@ -78,7 +77,7 @@ class LlmkitLM(TemplateLM):
             if dtype not in dtypes:
                 raise LlmkitError(f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
             dt = dtypes[dtype]
-            self.model, self.name = llmkit.load(model, dtype=dt, quantize=quantize, device=device), str(model)
+            self.model, self.name = load_model(model, dtype=dt, quantize=quantize, device=device), str(model)
         self.model.eval()
         self.tok = self.model.tokenizer
         if self.tok is None:

@@ -61,10 +61,10 @@ def _cloze_docs(split: str, n: int, seed: int) -> list[dict]:
 
 
 def _play_docs(split: str, n: int, seed: int) -> list[dict]:
-    from llmkit.finetune.tasks import _play_lines
+    from llmkit.data.tasks import play_lines
 
     rng = random.Random(f"play-{split}-{seed}")
-    lines = _play_lines()
+    lines = play_lines()
     titles = sorted(lines)
     docs, seen = [], set()
     pool = sum(len(set(lines[t][0 if split == "train" else 1])) for t in titles)
@@ -78,7 +78,7 @@ def _play_docs(split: str, n: int, seed: int) -> list[dict]:
 
 
 def _generation_docs(task: str, split: str, n: int, seed: int) -> list[dict]:
-    from llmkit.finetune.tasks import task_examples
+    from llmkit.data.tasks import task_examples
 
     return [
         {"question": ex.messages[0]["content"], "answer": ex.answer}

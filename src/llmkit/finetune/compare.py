@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+from llmkit.model.weights import load as load_model
 
 
 def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | None = None) -> dict:
@@ -44,13 +45,12 @@ def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | 
 
 def few_shot(model_name: str, task: str, shots: int, n_val: int, seed: int, max_new_tokens: int) -> float:
     """Exact-match accuracy of the untouched model with `shots` solved training examples before each question."""
-    import llmkit
     from llmkit.chat import chat_prompt_ids
-    from llmkit.finetune import tasks as T
+    from llmkit.data import tasks as T
     from llmkit.finetune.recipe import exact_match
     from llmkit.generate import GenerationConfig, generate
 
-    model = llmkit.load(model_name)
+    model = load_model(model_name)
     tok = model.tokenizer
     val = T.mixture(task, n_val, "val", seed)
     demos = T.mixture(task, max(shots, 1), "train", seed + 99)[:shots]

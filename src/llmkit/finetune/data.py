@@ -22,26 +22,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmkit.chat import render_chat
+from llmkit.data.tasks import Example
 from llmkit.errors import LlmkitError
 
 IGNORE = -100
-
-
-@dataclass
-class Example:
-    messages: list[dict] | None = None  # chat form (instruction, chat and text-to-text rows)
-    text: str | None = None  # classification (and regression)
-    label: str | int | float | None = None  # a class name, or a number (regression, or a class; see recipe.label_kind)
-    text_pair: str | None = None  # a second sentence: the pair goes in as [CLS] text [SEP] text_pair [SEP]
-    task: str = "data"
-    answer: str | None = None  # the reference answer, for exact-match evaluation
-    meta: dict = field(default_factory=dict)
 
 
 def read_rows(path: str | Path, warn=None) -> list[dict]:

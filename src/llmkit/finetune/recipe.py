@@ -24,10 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import io
+from llmkit.data import tasks as T
 from llmkit.errors import LlmkitError
-from llmkit.finetune import tasks as T
-from llmkit.finetune.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, save_classifier
+from llmkit.evaluate.metrics import Examples, metric_value
 from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepare_examples, read_rows, to_example
+from llmkit.model.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, predict, save_classifier
+from llmkit.model.lora import METHOD_FIELDS, apply_method
+from llmkit.model.weights import load as load_model
 
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3}
 
@@ -161,20 +164,7 @@ def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[E
 
 
 def prepare_model(model, cfg: FinetuneConfig):
-    from llmkit.finetune.peft import apply_adapters, apply_lora
-
-    if cfg.method == "lora":
-        from llmkit.finetune.peft import LINEAR_NAMES
-
-        names = [t.strip() for t in cfg.lora_targets.split(",")]
-        # 'all-linear', short names (q_proj,v_proj), or else a regular expression on the full module name
-        targets = names if all(n in LINEAR_NAMES for n in names) else cfg.lora_targets
-        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.rslora)
-    elif cfg.method == "adapter":
-        apply_adapters(model, cfg.adapter_size)
-    elif cfg.method != "full":
-        raise LlmkitError(f"unknown method {cfg.method!r}", "use full, lora or adapter")
-    return model
+    return apply_method(model, cfg.method, **{k: getattr(cfg, k) for k in METHOD_FIELDS})
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -233,11 +223,29 @@ def general_bits_per_byte(model, tok, cfg: FinetuneConfig) -> float:
 def classifier_metrics(model, tok, examples: list[Example], cfg: FinetuneConfig) -> dict:
     """The task's official metrics for a GLUE/SuperGLUE task, else accuracy, macro-F1 and ROC-AUC (Pearson and Spearman
     for regression)."""
-    from llmkit.finetune import classifier
-
     if not cfg.glue:
-        return classifier.metrics(model, tok, examples)
+        return classification_scores(model, tok, examples)
     return glue_scores(model, tok, examples, cfg.glue)
+
+
+def classification_scores(model: Classifier, tok, examples) -> dict:
+    """Accuracy, macro-F1 and ROC-AUC (or Pearson and Spearman for regression) on `examples`."""
+    p = predict(model, tok, examples).numpy()
+    if model.regression:
+        ex = Examples(p.tolist(), labels=[float(e.label) for e in examples])
+        return {"pearson": metric_value("pearson", ex), "spearman": metric_value("spearman", ex)}
+    labels = [model.labels[i] for i in p.argmax(-1)]
+    ex = Examples(labels, labels=[e.label for e in examples], scores=p.tolist())
+    out = {"accuracy": metric_value("accuracy", ex), "macro_f1": metric_value("f1_macro", ex)}
+    try:
+        present = sorted({e.label for e in examples})
+        if len(present) == len(model.labels):
+            out["roc_auc"] = metric_value("roc_auc", ex)
+        else:
+            out["roc_auc"] = float("nan")  # a class absent from the validation set
+    except (ValueError, LlmkitError):
+        out["roc_auc"] = float("nan")
+    return out
 
 
 def glue_scores(model, tok, examples: list[Example], task_name: str) -> dict:
@@ -258,8 +266,7 @@ def _embeddings(encoder, tok, texts: list[str]) -> torch.Tensor:
 
 
 def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
-    import llmkit
-    from llmkit.finetune.peft import trainable_share
+    from llmkit.model.lora import trainable_share
     from llmkit.progress import progress
     from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_states
     from llmkit.train.pretrain import Budget, Dist, Metrics, accumulate_gradients, autocast_dtype, learning_rate
@@ -290,7 +297,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     log(f"      {len(train_ex)} training and {len(val_ex)} validation examples ({cfg.data or cfg.task})")
 
     phase(2, "preprocess")
-    model = llmkit.load(cfg.model)
+    model = load_model(cfg.model)
     tok = model.tokenizer
     if classification:
         if model.config.family != "encoder":
@@ -569,7 +576,7 @@ def _peak_memory_mb() -> float:
 
 
 def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
-    from llmkit.finetune.peft import merge_and_unwrap, save_lora
+    from llmkit.model.lora import merge_and_unwrap, save_lora
     from llmkit.model.weights import save_model
 
     if isinstance(model, Classifier):

@@ -32,6 +32,7 @@ from torch import nn
 
 from llmkit.model.families import softcap
 from llmkit.model.layers import KVCache
+from llmkit.model.weights import load as load_model
 from llmkit.threads import release_openmp_threads
 
 WIDTH_STEP = 64  # attention runs over the filled columns rounded up to this
@@ -556,8 +557,6 @@ def main(argv: list[str] | None = None) -> None:
     disk, as `generate`, `chat` and `serve` would prepare it (the background process of `compile_step`)."""
     import argparse
 
-    import llmkit
-
     p = argparse.ArgumentParser(prog="python -m llmkit.model.compiled", description=main.__doc__)
     p.add_argument("model")
     p.add_argument("--batch", type=int, default=1)
@@ -567,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = llmkit.load(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    model = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     prepare_for_decoding(model, args.quantize, True)
     compile_step(model, args.batch)
 

@@ -619,7 +619,7 @@ class GGUFBlocks:
 def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
     """A LoRA run of `llmkit finetune` (adapter_config.json + adapter_model.safetensors, PEFT's format): its base model
     (`base_model_name_or_path`) with the adapter merged in, so it decodes as fast as the base."""
-    from llmkit.finetune.peft import load_lora, merge_and_unwrap
+    from llmkit.model.lora import load_lora, merge_and_unwrap
 
     cfg = io.read_json(path / "adapter_config.json")
     base = cfg.get("base_model_name_or_path")

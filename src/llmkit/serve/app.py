@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig
+from llmkit.model import weights as model_weights
 from llmkit.serve.engine import Engine, QueueFull, ShuttingDown, TooMany
 from llmkit.serve.engine import Request as EngineRequest
 from llmkit.serve.metrics import Metrics
@@ -196,7 +197,6 @@ class State:
     def load(self) -> None:
         import torch
 
-        import llmkit
         from llmkit.model.compiled import prepare_for_decoding
 
         loaded: dict[str, object] = {}  # one spec served under two names (e.g. two sampling settings) is loaded once
@@ -210,7 +210,7 @@ class State:
                     elif isinstance(spec, str):
                         log.info("loading %s from %s", name, spec)
                         q = self.settings.quantize
-                        model = loaded[spec] = llmkit.load(
+                        model = loaded[spec] = model_weights.load(
                             spec,
                             dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None,
                             quantize=q if embedding and q not in (None, "auto", "none") else None,

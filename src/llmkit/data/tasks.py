@@ -20,9 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass, field
 
+from llmkit.data.sources import shakespeare
 from llmkit.errors import LlmkitError
-from llmkit.finetune.data import Example
+
+
+@dataclass
+class Example:
+    """One example of a task or a data file: chat messages (decoders) or a text with a label (encoders)."""
+
+    messages: list[dict] | None = None  # chat form (instruction, chat and text-to-text rows)
+    text: str | None = None  # classification (and regression)
+    label: str | int | float | None = None  # a class name, or a number (regression, or a class; see recipe.label_kind)
+    text_pair: str | None = None  # a second sentence: the pair goes in as [CLS] text [SEP] text_pair [SEP]
+    task: str = "data"
+    answer: str | None = None  # the reference answer, for exact-match evaluation
+    meta: dict = field(default_factory=dict)
+
 
 WORDS = (
     "apple river stone cloud tiger candle mirror garden silver harbor falcon meadow lantern violet thunder pepper "
@@ -67,9 +82,8 @@ def dates(rng: random.Random) -> Example:
 GENERATORS = {"arithmetic": arithmetic, "reverse": reverse, "sort": sort_words, "dates": dates}
 
 
-def _play_lines() -> dict[str, tuple[list[str], list[str]]]:
+def play_lines() -> dict[str, tuple[list[str], list[str]]]:
     """Per play: (training lines, validation lines), speech lines of 40+ characters, validation = the last fifth."""
-    from llmkit.data.sources import shakespeare
 
     out = {}
     for slug, title in PLAYS.items():
@@ -82,7 +96,7 @@ def _play_lines() -> dict[str, tuple[list[str], list[str]]]:
 
 def play_examples(n: int, split: str, seed: int) -> list[Example]:
     rng = random.Random(seed)
-    lines = _play_lines()
+    lines = play_lines()
     titles = sorted(lines)
     out = []
     for _ in range(n):
@@ -134,7 +148,6 @@ def mixture(spec: str, n: int, split: str, seed: int = 0) -> list[Example]:
 
 def genre_examples(split: str, seed: int = 0, lines_per_passage: int = 4, per_play: int = 40) -> list[Example]:
     """Passages labelled with the genre folder of their play (validation from the last fifth of each play)."""
-    from llmkit.data.sources import shakespeare
 
     rng = random.Random(seed)
     out = []

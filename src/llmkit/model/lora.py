@@ -279,3 +279,30 @@ def load_lora(model: nn.Module, directory) -> list[str]:
                     raise LlmkitError(f"the adapter in {directory} lacks {key}", "save the adapter again with this model")
                 getattr(layer, part).copy_(tensors[key])
     return names
+
+
+def apply_method(
+    model: nn.Module,
+    method: str,
+    *,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    lora_targets: str = "all-linear",
+    rslora: bool = False,
+    adapter_size: int = 32,
+) -> nn.Module:
+    """`model` made ready for a fine-tuning `method`: "lora" (its targets: 'all-linear', short names such as
+    q_proj,v_proj, or else a regular expression on the full module name), "adapter", or "full" (unchanged)."""
+    if method == "lora":
+        names = [t.strip() for t in lora_targets.split(",")]
+        targets = names if all(n in LINEAR_NAMES for n in names) else lora_targets
+        apply_lora(model, lora_r, lora_alpha, lora_dropout, targets, rslora)
+    elif method == "adapter":
+        apply_adapters(model, adapter_size)
+    elif method != "full":
+        raise LlmkitError(f"unknown method {method!r}", "use full, lora or adapter")
+    return model
+
+
+METHOD_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "adapter_size")  # apply_method's options

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+from llmkit.model.lora import METHOD_FIELDS, apply_method
+from llmkit.model.weights import load, read_safetensors
 
 REGRESSION = "<regression>"
 
@@ -84,28 +86,6 @@ def predict(model: Classifier, tok, examples, batch: int = 32) -> torch.Tensor:
     return torch.cat(out)
 
 
-def metrics(model: Classifier, tok, examples) -> dict:
-    """Accuracy, macro-F1 and ROC-AUC (or Pearson and Spearman for regression) on `examples`."""
-    from llmkit.evaluate.metrics import Examples, metric_value
-
-    p = predict(model, tok, examples).numpy()
-    if model.regression:
-        ex = Examples(p.tolist(), labels=[float(e.label) for e in examples])
-        return {"pearson": metric_value("pearson", ex), "spearman": metric_value("spearman", ex)}
-    labels = [model.labels[i] for i in p.argmax(-1)]
-    ex = Examples(labels, labels=[e.label for e in examples], scores=p.tolist())
-    out = {"accuracy": metric_value("accuracy", ex), "macro_f1": metric_value("f1_macro", ex)}
-    try:
-        present = sorted({e.label for e in examples})
-        if len(present) == len(model.labels):
-            out["roc_auc"] = metric_value("roc_auc", ex)
-        else:
-            out["roc_auc"] = float("nan")  # a class absent from the validation set
-    except (ValueError, LlmkitError):
-        out["roc_auc"] = float("nan")
-    return out
-
-
 def save_classifier(model: Classifier, run: Path) -> None:
     from safetensors.torch import save
 
@@ -117,10 +97,6 @@ def save_classifier(model: Classifier, run: Path) -> None:
 
 def load_classifier(run: str | Path) -> Classifier:
     """A classifier fine-tuned by `llmkit finetune` (a run folder with classifier.safetensors), ready to predict."""
-    import llmkit
-    from llmkit.finetune.recipe import FinetuneConfig, prepare_model
-    from llmkit.model.weights import read_safetensors
-
     run = Path(run)
     for name in ("classifier.safetensors", "labels.json", "finetune_config.json"):
         if not (run / name).exists():
@@ -128,12 +104,11 @@ def load_classifier(run: str | Path) -> Classifier:
                 f"{run} has no {name}: it is not a classifier run of `llmkit finetune`",
                 "fine-tune an encoder on labelled rows first (llmkit finetune --model minilm --data rows.jsonl)",
             )
-    raw = io.read_json(run / "finetune_config.json")
-    cfg = FinetuneConfig(**{k: v for k, v in raw.items() if k in FinetuneConfig.__dataclass_fields__})
-    encoder = llmkit.load(cfg.model)
+    cfg = io.read_json(run / "finetune_config.json")
+    encoder = load(cfg["model"])
     tok = encoder.tokenizer
     model = Classifier(encoder, io.read_json(run / "labels.json"))
-    prepare_model(model.encoder, cfg)
+    apply_method(model.encoder, cfg["method"], **{k: cfg[k] for k in METHOD_FIELDS if k in cfg})
     state = read_safetensors(run / "classifier.safetensors")
     own = dict(model.named_parameters())
     missing = [k for k in state if k not in own]
