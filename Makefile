@@ -32,11 +32,13 @@ browser:
 demo: $(STAMP) $(WORDNET) browser
 	$(BIN)/llmkit demo
 
-# Lint (ruff), format (ruff format) and types (mypy on the public API), all in check mode: seconds, run before the tests.
+# Lint (ruff), format (ruff format), types (mypy) and the layers contract (lint-imports, pyproject.toml), all in check
+# mode: seconds, run before the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint $(STAMP) $(WORDNET) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests

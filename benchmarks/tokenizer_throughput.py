@@ -17,7 +17,7 @@ from llmkit.data.clean import normalize
 from llmkit.data.sources import shakespeare
 from llmkit.data.split import split_documents
 from llmkit.tokenizer import KINDS, Tokenizer, train_tokenizer
-from llmkit.tokenizer.compare import measure
+from llmkit.evaluate.tokenizers import measure
 
 
 def main() -> None:
