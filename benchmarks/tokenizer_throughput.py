@@ -16,8 +16,8 @@ import time
 from llmkit.data.clean import normalize
 from llmkit.data.sources import shakespeare
 from llmkit.data.split import split_documents
-from llmkit.tokenizer import KINDS, Tokenizer, train_tokenizer
 from llmkit.evaluate.tokenizers import measure
+from llmkit.tokenizer import KINDS, Tokenizer, train_tokenizer
 
 
 def main() -> None:

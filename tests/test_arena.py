@@ -237,8 +237,8 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
             proc.kill()
             proc.wait()
     # the limiter: 30 votes a minute per session, then 429 with Retry-After
-    from llmkit.serve.app import APIError
-    from llmkit.serve.arena import Limiter
+    from llmkit.serve.routes.arena import Limiter
+    from llmkit.serve.state import APIError
 
     limiter = Limiter(per_minute=3)
     for _ in range(3):

@@ -1,0 +1,408 @@
+"""A request's way through the engine: its prompt fitted to the context, its sampling settings, the engine requests
+it becomes (`Job`), and the answer they send back, whole or streamed as server-sent events (OpenAI's shapes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from llmkit.chat import chat_prompt_ids
+from llmkit.errors import LlmkitError
+from llmkit.generate import GenerationConfig
+from llmkit.serve.engine import QueueFull, ShuttingDown, TooMany
+from llmkit.serve.engine import Request as EngineRequest
+from llmkit.serve.protocol import ChatRequest, error_body
+from llmkit.serve.state import APIError, Served, State
+from llmkit.tokenizer.pretrained import bytes_to_unicode
+
+log = logging.getLogger("llmkit.serve")
+
+BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}  # GPT-2's byte-level alphabet, reversed
+
+
+def token_info(served: Served, token_id: int, logprob: float) -> dict:
+    """{"token", "logprob", "bytes"} of one token, as OpenAI reports it (bytes: the token's own UTF-8 bytes, which
+    may be part of a character)."""
+    text = served.tok.decode([token_id], strict=False)
+    piece = served.tok.backend.id_to_token(token_id) or ""
+    if served.byte_level and piece and all(c in BYTE_DECODER for c in piece):
+        raw = [BYTE_DECODER[c] for c in piece]
+    elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        raw = [int(piece[3:5], 16)]
+    else:
+        raw = list(text.encode("utf-8"))
+    return {"token": text, "logprob": logprob, "bytes": raw}
+
+
+def fit(
+    served: Served, ids: list[int], requested: int | None, default: int | None, truncate: int | None, param: str
+) -> tuple[list[int], int]:
+    """(prompt ids, new tokens): the prompt checked against the context (or cut, when the request asks), and max_tokens
+    capped by the room left (the last new token is never fed back: P + N - 1 positions)."""
+    C = served.context
+    if truncate is not None and truncate != 0:
+        reserve = requested if requested is not None else (default if default is not None else min(256, C // 4))
+        keep = truncate if truncate > 0 else max(C - max(reserve - 1, 0), 1)
+        ids = ids[-keep:]
+    if not ids:
+        raise APIError(400, "the prompt is empty", param=param)
+    limit = served.model.config.vocab_size
+    bad = next((i for i in ids if i < 0 or i >= limit), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the model's vocabulary (0..{limit - 1})", param=param)
+    seq2seq = served.model.config.family == "encoder-decoder"
+    if len(ids) > C:
+        raise APIError(
+            400,
+            f"the prompt is {len(ids)} tokens and the model's context is {C} tokens"
+            f"; shorten the prompt, or send "
+            f"truncate_prompt_tokens (-1 keeps the last tokens that fit)",
+            param=param,
+            code="context_length_exceeded",
+        )
+    room = C if seq2seq else C - len(ids) + 1
+    n = room if requested is None and default is None else (default if requested is None else requested)
+    return ids, min(n, room)
+
+
+def used_settings(cfg: GenerationConfig) -> dict:
+    """The sampling settings a generation really used (for the votes database)."""
+    return {
+        "temperature": cfg.temperature if cfg.do_sample else 0.0,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "repetition_penalty": cfg.repetition_penalty,
+        "presence_penalty": cfg.presence_penalty,
+        "frequency_penalty": cfg.frequency_penalty,
+        "max_tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+    }
+
+
+def sampling_config(body, max_new: int, seed: int | None, vocab: int, defaults: dict | None = None) -> GenerationConfig:
+    """The request's sampling settings; a field it leaves out takes the served name's --sampling default."""
+    for key, value in (defaults or {}).items():
+        if getattr(body, key, None) is None:
+            body = body.model_copy(update={key: value})
+    temperature = 1.0 if body.temperature is None else body.temperature
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1})", param="logit_bias")
+        bias[int(key)] = value
+    cfg = GenerationConfig(
+        logit_bias=bias or None,
+        stop_token_ids=[] if body.ignore_eos else None,
+        max_new_tokens=max_new,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        stop_strings=body.stops(),
+        seed=seed,
+    )
+    try:
+        cfg.check()
+    except LlmkitError as e:
+        raise APIError(400, f"{e.message} ({e.fix})") from None
+    return cfg
+
+
+class Job:
+    """The engine requests of one API request (prompts × n choices) and the events they send back, on the event loop."""
+
+    def __init__(self, served: Served, prompts: list[list[int]], configs: list[GenerationConfig], logprobs: int | None, timeout: float):
+        self.served = served
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        deadline = time.monotonic() + timeout
+        self.reqs = [
+            EngineRequest(p, c, self._emitter(i), logprobs=logprobs, deadline=deadline) for i, (p, c) in enumerate(zip(prompts, configs))
+        ]
+        self.count = len(self.reqs)  # the choices, those answered without the engine (max_tokens 0) included
+
+    def _emitter(self, index: int):
+        def emit(event):
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
+
+        return emit
+
+    def submit(self) -> None:
+        try:
+            self.served.engine.submit(self.reqs)
+        except TooMany as e:
+            raise APIError(
+                400,
+                f"the request asks for {e.asked} sequences (prompts x n) and this server runs and queues at most "
+                f"{e.limit}; lower n or send fewer prompts",
+                param="n",
+            ) from None
+        except QueueFull as e:
+            raise APIError(
+                429,
+                f"the server is busy: {self.served.engine.running} requests run and the queue "
+                f"({self.served.engine.max_queue}) is full; retry after {e.retry_after} s",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
+        except ShuttingDown:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down") from None
+
+    def withdraw(self) -> None:
+        for r in self.reqs:
+            self.served.engine.withdraw(r)
+
+
+def error_from_event(kind: str, message: str) -> APIError:
+    status = {"timeout": 504, "shutdown": 503}.get(kind, 500)
+    return APIError(status, message, "server_error" if status != 504 else "timeout", code=kind, counted=True)
+
+
+async def collect(job: Job, request: Request) -> tuple[list[dict], APIError | None]:
+    """Wait for every choice to finish (a client that leaves withdraws them); [{text, tokens, finish, usage}, ...]."""
+    out = [{"text": [], "tokens": [], "finish": None, "usage": None} for _ in range(job.count)]
+    left = job.count
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        while left:
+            get = asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                job.withdraw()
+                return out, APIError(499, "the client closed the connection", code="cancelled")
+            i, event = get.result()
+            if event[0] == "token":
+                out[i]["text"].append(event[1])
+                if event[2] is not None:
+                    out[i]["tokens"].append((event[2], event[3]))
+            elif event[0] == "done":
+                out[i]["finish"], out[i]["usage"] = event[1], event[2]
+                left -= 1
+            else:
+                job.withdraw()
+                return out, error_from_event(event[1], event[2])
+        return out, None
+    finally:  # a cancelled task (the server's shutdown timeout) leaves nothing decoding
+        gone.cancel()
+        if left:
+            job.withdraw()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read by then: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def chat_logprobs(served: Served, tokens: list[tuple[int, tuple]]) -> dict:
+    content = []
+    for t, (lp, best) in tokens:
+        item = token_info(served, t, lp)
+        item["top_logprobs"] = [token_info(served, b, blp) for b, blp in best]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(served: Served, tokens: list[tuple[int, tuple]], offset: int) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t, (lp, best) in tokens:
+        text = served.tok.decode([t], strict=False)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        top: dict[str, float] = {}
+        for b, blp in best:
+            top.setdefault(served.tok.decode([b], strict=False), blp)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def prompt_of_messages(served: Served, messages) -> list[int]:
+    return chat_prompt_ids(served.tok, [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages])
+
+
+def log_request(state: State, route: str, served: Served, prompts: list[list[int]], text=None) -> None:
+    """One line per request; the prompt itself only with --log-prompts (`text` is called only then)."""
+    if state.settings.log_prompts and text is not None:
+        log.info("%s model=%s prompt_tokens=%s prompt=%s", route, served.name, [len(p) for p in prompts], text())
+    else:
+        log.info("%s model=%s prompt_tokens=%s", route, served.name, [len(p) for p in prompts])
+
+
+async def run_job(
+    state: State, request: Request, served: Served, prompts, configs, logprobs, *, chat: bool, body, record: dict | None = None
+):
+    """Generate prompts[i] with configs[i] (each prompt repeated body.n times in a row: its n choices)."""
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    echo = [served.tok.decode(p, skip_special_tokens=True) for p in prompts] if not chat and body.echo else None
+    zero = [i for i, c in enumerate(configs) if c.max_new_tokens == 0]
+    job = Job(served, prompts, configs, logprobs, state.settings.timeout)
+    if zero:  # nothing to generate (max_tokens 0): answered here, never queued
+        job.reqs = [r for i, r in enumerate(job.reqs) if i not in zero]
+        for i in zero:
+            job.events.put_nowait((i, ("done", "length", {"prompt_tokens": len(prompts[i]), "completion_tokens": 0})))
+    if job.reqs:
+        job.submit()
+    if body.stream:
+        return StreamingResponse(
+            stream_job(state, job, served, rid, created, chat, body, prompts, echo, record),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    out, error = await collect(job, request)
+    if error is not None:
+        raise error
+    choices = []
+    for i, o in enumerate(out):
+        text = "".join(o["text"])
+        if chat:
+            choice = {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": chat_logprobs(served, o["tokens"]) if logprobs is not None else None,
+                "finish_reason": o["finish"],
+            }
+        else:
+            full = (echo[i] + text) if echo else text
+            choice = {
+                "index": i,
+                "text": full,
+                "finish_reason": o["finish"],
+                "logprobs": completion_logprobs(served, o["tokens"], len(echo[i]) if echo else 0) if logprobs is not None else None,
+            }
+        choices.append(choice)
+    prompt_tokens = sum(len(p) for p in prompts[:: body.n])  # each prompt once, however many choices
+    completion_tokens = sum(o["usage"]["completion_tokens"] for o in out)
+    extra = {"answer_id": state.keep_answer(answer=choices[0]["message"]["content"], **record)} if record else {}
+    return {
+        **extra,
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+async def stream_job(
+    state: State, job: Job, served: Served, rid: str, created: int, chat: bool, body, prompts, echo, record: dict | None = None
+):
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    prompt_tokens = sum(len(p) for p in prompts[:: body.n])
+    completion_tokens, left = 0, len(prompts)
+    offsets = [len(e) for e in echo] if echo else [0] * len(prompts)
+
+    answer: list[str] = []  # choice 0's text, when the answer is kept (record)
+
+    def chunk(i: int, *, delta: dict | None = None, text: str | None = None, finish=None, logprobs=None, extra=None) -> str:
+        choice = {"index": i, "logprobs": logprobs, "finish_reason": finish}
+        if chat:
+            choice["delta"] = delta or {}
+        else:
+            choice["text"] = text or ""
+        data = {"id": rid, "object": kind, "created": created, "model": served.name, "system_fingerprint": None, "choices": [choice]}
+        if include_usage:
+            data["usage"] = None
+        return sse({**data, **(extra or {})})
+
+    try:
+        for i in range(len(prompts)):
+            if chat:
+                yield chunk(i, delta={"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(i, text=echo[i])
+        while left:
+            i, event = await job.events.get()
+            if event[0] == "token":
+                _, piece, token, lp = event
+                if not piece and token is None:
+                    continue
+                logprobs = None
+                if token is not None and lp is not None:
+                    logprobs = chat_logprobs(served, [(token, lp)]) if chat else completion_logprobs(served, [(token, lp)], offsets[i])
+                if not piece and logprobs is None:
+                    continue
+                offsets[i] += len(piece)
+                answer.append(piece)
+                yield chunk(i, delta={"content": piece}, text=piece, logprobs=logprobs)
+            elif event[0] == "done":
+                completion_tokens += event[2]["completion_tokens"]
+                left -= 1
+                extra = {"answer_id": state.keep_answer(answer="".join(answer), **record)} if record else None
+                yield chunk(i, finish=event[1], extra=extra)
+            else:
+                e = error_from_event(event[1], event[2])
+                yield sse(error_body(e.message, e.type, code=e.code))
+                job.withdraw()
+                break
+        else:
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": kind,
+                        "created": created,
+                        "model": served.name,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": usage(prompt_tokens, completion_tokens),
+                    }
+                )
+        yield sse("[DONE]")
+    finally:  # the client left mid-stream (the task is cancelled) or the stream ended: free the slots
+        job.withdraw()
+
+
+async def chat_events(state: State, served: Served, messages: list[dict], fields: dict, request: Request):
+    """One chat answer as events for the arena: ("queued", None) once submitted, then ("delta", text) and ("done",
+    finish reason); APIError for what goes wrong."""
+    fields = {**fields, **state.settings.sampling.get(served.name, {})}  # the served name's own settings win
+    ids, max_new = fit(served, chat_prompt_ids(served.tok, messages), fields.get("max_tokens"), None, None, "prompt")
+    sampling = ChatRequest.model_construct(model=served.name, messages=[], **fields)  # unvalidated: _config checks the values
+    cfg = sampling_config(sampling, max_new, None, served.tok.id_limit)
+    job = Job(served, [ids], [cfg], None, state.settings.timeout)
+    job.submit()
+    try:
+        yield ("queued", used_settings(cfg))
+        while True:
+            _, event = await job.events.get()
+            if event[0] == "token":
+                if event[1]:
+                    yield ("delta", event[1])
+            elif event[0] == "done":
+                yield ("done", event[1])
+                return
+            else:
+                raise error_from_event(event[1], event[2])
+    finally:
+        job.withdraw()
