@@ -49,7 +49,8 @@ def rescore(out: Path, data: Path) -> dict:
     and estimated the bytes from the shard's average) compares alike."""
     import llmkit
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train.pretrain import Dist, Objective, evaluate
+    from llmkit.train.pretrain import Objective, evaluate
+    from llmkit.train.runtime import Dist
 
     config = json.loads((out / "train_config.json").read_text())
     cfg = PretrainConfig(**{k: v for k, v in config.items() if k in PretrainConfig.__dataclass_fields__})

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.model import build_model, preset
-from llmkit.train.pretrain import peak_flops
+from llmkit.train.runtime import peak_flops
 
 
 def hf_gpt2(cfg):

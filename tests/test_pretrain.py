@@ -20,9 +20,27 @@ import llmkit
 from llmkit.errors import LlmkitError
 from llmkit.evaluate.perplexity import score_tokens, window_plan
 from llmkit.train import objectives
-from llmkit.train.pretrain import Budget, PretrainConfig, _Crash, learning_rate, pretrain
+from llmkit.train.pretrain import PretrainConfig, Pretraining, pretrain
+from llmkit.train.runtime import Budget, learning_rate
 
 from conftest import run_cli
+
+
+class _Crash(Exception):
+    """Stops a run as a kill would (no final save)."""
+
+
+class _Killed(Pretraining):
+    """A run killed after step `after` (the hook runs after each step and its checkpoint)."""
+
+    def __init__(self, cfg, after: int, **kw):
+        super().__init__(cfg, **kw)
+        self.after = after
+
+    def after_step(self) -> None:
+        if self.step >= self.after:
+            raise _Crash(self.step)
+
 
 # --- objectives -------------------------------------------------------------------------------------------------
 
@@ -249,7 +267,7 @@ def test_a_killed_run_resumes_exactly(small_data, tmp_path):
     pretrain(full, log=lambda m: None)
     killed = _cfg(small_data, tmp_path / "killed", budget="16steps", save_every=6, dropout=0.1)
     with pytest.raises(_Crash):
-        pretrain(killed, log=lambda m: None, crash_after_step=8)  # dies after step 8; its last checkpoint is step 6
+        _Killed(killed, 8, log=lambda m: None).run()  # dies after step 8; its last checkpoint is step 6
     with pytest.raises(LlmkitError, match="already holds a run"):
         pretrain(killed, log=lambda m: None)
     summary = pretrain(_cfg(small_data, tmp_path / "killed", budget="16steps", save_every=6, dropout=0.1, resume=True), log=lambda m: None)
@@ -473,7 +491,8 @@ def test_eval_perplexity_of_smollm2_equals_transformers_loss(tmp_path):
 def test_every_target_token_weighs_the_same_across_micro_batches(small_data, tmp_path):
     """Masked-LM rows score different numbers of tokens: batch 8 in one step and 4 + 4 accumulated give the same gradient."""
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train.pretrain import Dist, Objective, accumulate_gradients, build
+    from llmkit.train.pretrain import Objective, build
+    from llmkit.train.runtime import Dist, accumulate_gradients
 
     cfg = _cfg(small_data, tmp_path, family="encoder")
     tok = Tokenizer.load(small_data)
@@ -511,8 +530,10 @@ def test_the_learning_rate_is_continuous_at_the_end_of_warmup():
 def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch):
     """Empty and duplicate documents must not shift the split between tokenizer training and the shards."""
     import llmkit.tokenizer as tokmod
+    import llmkit.train.pretrain as pretrain_module
     from llmkit.data.loader import open_shard
-    from llmkit.train.pretrain import Dist, prepare_data
+    from llmkit.train.pretrain import prepare_data
+    from llmkit.train.runtime import Dist
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -522,7 +543,9 @@ def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch
         (docs / f"{i:02d}.txt").write_text(text)
     seen = {}
     real = tokmod.train_tokenizer
-    monkeypatch.setattr(tokmod, "train_tokenizer", lambda texts, *a, **k: seen.setdefault("texts", list(texts)) and real(texts, *a, **k))
+    monkeypatch.setattr(
+        pretrain_module, "train_tokenizer", lambda texts, *a, **k: seen.setdefault("texts", list(texts)) and real(texts, *a, **k)
+    )
     cfg = PretrainConfig(data=str(docs), tokenizer_kind="byte-bpe", vocab_size=600, out=str(tmp_path / "run"))  # decodes byte for byte
     data = prepare_data(cfg, Dist(), lambda m: None)
     tok = tokmod.Tokenizer.load(data)
@@ -543,7 +566,8 @@ def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp
     sentinels, decoders and encoders none (dead rows in the head)."""
     from llmkit.data.loader import open_shard
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train.pretrain import Dist, Objective, build, eval_starts, evaluate, prepare_data
+    from llmkit.train.pretrain import Objective, build, eval_starts, evaluate, prepare_data
+    from llmkit.train.runtime import Dist
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -626,7 +650,7 @@ def test_float16_trains_with_loss_scaling(small_data, tmp_path):
 
 def test_a_resumed_run_reports_its_own_throughput(small_data, tmp_path):
     with pytest.raises(_Crash):
-        pretrain(_cfg(small_data, tmp_path, budget="12steps", save_every=6), log=lambda m: None, crash_after_step=7)
+        _Killed(_cfg(small_data, tmp_path, budget="12steps", save_every=6), 7, log=lambda m: None).run()
     summary = pretrain(_cfg(small_data, tmp_path, budget="12steps", save_every=6, resume=True), log=lambda m: None)
     assert summary["session_tokens"] == 6 * 8 * 32 and summary["tokens"] == 12 * 8 * 32
     assert summary["tokens_per_s"] == pytest.approx(summary["session_tokens"] / summary["session_seconds"], rel=1e-6)
@@ -690,7 +714,7 @@ def _newton_schulz(g: torch.Tensor, steps: int = 5, dtype=torch.bfloat16) -> tor
 def test_muon_updates_matrices_by_newton_schulz_and_the_rest_by_adamw():
     from llmkit.model import build_model
     from llmkit.model.config import preset
-    from llmkit.train.pretrain import make_optimizer, muon_parameters
+    from llmkit.train.optim import make_optimizer, muon_parameters
 
     torch.manual_seed(0)
     model = build_model(preset("cpu-modern", vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
@@ -729,7 +753,7 @@ def test_llmkits_muon_is_torchs_with_the_newton_schulz_in_float32(monkeypatch):
 
     from llmkit.model import build_model
     from llmkit.model.config import preset
-    from llmkit.train.pretrain import Muon, make_optimizer, newton_schulz
+    from llmkit.train.optim import Muon, make_optimizer, newton_schulz
 
     torch.manual_seed(0)
     weights = [torch.randn(96, 32), torch.randn(32, 32), torch.randn(32, 96)]
@@ -779,7 +803,7 @@ def test_llmkits_muon_is_torchs_with_the_newton_schulz_in_float32(monkeypatch):
 
 
 def test_the_wsd_schedule_holds_the_peak_then_decays_linearly():
-    from llmkit.train.pretrain import lr_scale
+    from llmkit.train.runtime import lr_scale
 
     cfg = PretrainConfig(warmup=10, schedule="wsd", cooldown=0.4, min_lr_ratio=0.0)
     assert lr_scale(cfg, 0, 0.0) == pytest.approx(0.1) and lr_scale(cfg, 9, 0.05) == pytest.approx(1.0)
@@ -823,7 +847,7 @@ def test_the_default_recipe_trains_with_muon_and_its_loss_falls(small_data, tmp_
 def test_the_optimizers_state_round_trips_and_keeps_this_runs_peaks():
     from llmkit.model import build_model
     from llmkit.model.config import preset
-    from llmkit.train.pretrain import make_optimizer
+    from llmkit.train.optim import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(preset("cpu-modern", vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))

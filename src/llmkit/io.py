@@ -1,5 +1,8 @@
 """Files in and out: atomic writes (a temporary file in the same folder, fsync, then rename: a kill at any moment leaves
-either the old file or the new one, never half of one), JSON, figures, and GGUF files opened for reading.
+either the old file or the new one, never half of one), JSON and JSON Lines, figures, and GGUF files opened for reading.
+
+JSON Lines end at "\n" only (as the format says): a row may hold U+2028, U+0085 or "\r" inside its strings, which
+`str.splitlines()` would cut. Every JSONL file llmkit reads or writes goes through `parse_jsonl` / `write_jsonl`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,37 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def parse_jsonl(text: str, where: str | os.PathLike, fix: str = "fix that line, or remove it") -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of JSON Lines `text`; a line that does not parse is an error naming
+    `where` and its line."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LlmkitError(f"{where}:{n} is not valid JSON ({e.msg})", fix) from None
+    return rows
+
+
+def read_jsonl(path: str | os.PathLike, fix: str = "fix that line, or remove it") -> list[Any]:
+    """The values of a JSON Lines file (UTF-8), blank lines skipped."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [row for _, row in parse_jsonl(f.read(), path, fix)]
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    """`rows` as JSON Lines, atomically (non-ASCII kept as is)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | os.PathLike, row: Any) -> None:
+    """One more line (a log that grows: metrics.jsonl)."""
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
