@@ -24,13 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import io
+from llmkit.chat import chat_prompt_ids
 from llmkit.data import tasks as T
+from llmkit.data.sources import read_source
 from llmkit.errors import LlmkitError
+from llmkit.evaluate import glue
 from llmkit.evaluate.metrics import Examples, metric_value
+from llmkit.evaluate.perplexity import evaluate_text
 from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepare_examples, read_rows, to_example
+from llmkit.generate import GenerationConfig, generate
 from llmkit.model.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, predict, save_classifier
-from llmkit.model.lora import METHOD_FIELDS, apply_method
+from llmkit.model.lora import METHOD_FIELDS, apply_method, merge_and_unwrap, save_lora, trainable_share
 from llmkit.model.weights import load as load_model
+from llmkit.model.weights import save_model
+from llmkit.progress import progress
+from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_states
+from llmkit.train.runtime import Budget, Dist, Metrics, accumulate_gradients, autocast_dtype, learning_rate
 
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3}
 
@@ -100,10 +109,6 @@ def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None)
 def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
     """A GLUE/SuperGLUE task's training and validation rows from its official files (the validation file beside the
     training one, or --val-data)."""
-    from pathlib import Path
-
-    from llmkit.evaluate import glue
-
     if not cfg.data:
         raise LlmkitError(f"--glue {cfg.glue} needs --data: the task's official file or folder", "e.g. --data glue_data/SST-2/train.tsv")
     task = glue.get_task(cfg.glue)
@@ -172,9 +177,6 @@ def prepare_model(model, cfg: FinetuneConfig):
 
 @torch.no_grad()
 def answer(model, tok, examples: list[Example], max_new_tokens: int, batch: int = 8) -> list[str]:
-    from llmkit.chat import chat_prompt_ids
-    from llmkit.generate import GenerationConfig, generate
-
     model.eval()
     prompts = [chat_prompt_ids(tok, ex.messages[:-1]) for ex in examples]
     out = []
@@ -211,9 +213,6 @@ def exact_match(predictions: list[str], examples: list[Example]) -> float:
 
 @torch.no_grad()
 def general_bits_per_byte(model, tok, cfg: FinetuneConfig) -> float:
-    from llmkit.data.sources import read_source
-    from llmkit.evaluate.perplexity import evaluate_text
-
     model.eval()
     text = read_source(cfg.general_text).texts[0]
     window = min(256, model.config.max_seq_len)
@@ -249,8 +248,6 @@ def classification_scores(model: Classifier, tok, examples) -> dict:
 
 
 def glue_scores(model, tok, examples: list[Example], task_name: str) -> dict:
-    from llmkit.evaluate import glue
-
     rows = [glue.Row(ex.text, ex.text_pair, ex.label, **ex.meta) for ex in examples]
     return glue.evaluate_classifier(model, tok, glue.get_task(task_name), rows)
 
@@ -265,62 +262,72 @@ def _embeddings(encoder, tok, texts: list[str]) -> torch.Tensor:
 # --- the recipe ------------------------------------------------------------------------------------------------------
 
 
-def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
-    from llmkit.model.lora import trainable_share
-    from llmkit.progress import progress
-    from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_states
-    from llmkit.train.pretrain import Budget, Dist, Metrics, accumulate_gradients, autocast_dtype, learning_rate
+class Finetuning:
+    """The recipe as its seven printed phases over one run's state: `run()` calls them in order, each timed (the seconds
+    go to results.json's "phases")."""
 
-    run = Path(cfg.out)
-    ckpt = resume_point(run, cfg.resume)
-    torch.manual_seed(cfg.seed)
-    lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
-    budget = Budget.parse(cfg.budget)
+    PHASES = ("load data", "preprocess", "prepare model", "initial predictions", "train", "evaluate", "predict")
 
-    io.write_json(run / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and `--resume` read back
-    phases: dict[str, float] = {}  # each phase's seconds, in results.json (benchmarks/first_run.py reads them)
-    clock = [time.perf_counter(), ""]
+    def __init__(self, cfg: FinetuneConfig, *, log=print):
+        self.cfg, self.log = cfg, log
+        self.run_dir = Path(cfg.out)
+        self.phases: dict[str, float] = {}  # each phase's seconds (benchmarks/first_run.py reads them)
 
-    def phase(number: int, name: str) -> None:
-        """Close the running phase (its time on the line after it) and open the next one."""
-        now = time.perf_counter()
-        if clock[1]:
-            phases[str(clock[1])] = round(now - float(clock[0]), 2)
-            log(f"      ({phases[str(clock[1])]:.1f} s)")
-        clock[:] = [now, name]
-        if number:
-            log(f"[{number}/7] {name}")
-
-    phase(1, "load data")
-    train_ex, val_ex = load_examples(cfg, log)
-    classification = train_ex[0].text is not None
-    log(f"      {len(train_ex)} training and {len(val_ex)} validation examples ({cfg.data or cfg.task})")
-
-    phase(2, "preprocess")
-    model = load_model(cfg.model)
-    tok = model.tokenizer
-    if classification:
-        if model.config.family != "encoder":
-            raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
-        from llmkit.evaluate.glue import get_task
-
-        asked = cfg.regression or bool(cfg.glue and get_task(cfg.glue).kind == "regression")
-        regression = label_kind(train_ex + val_ex, asked) == "regression"
-        # a label seen only in validation still gets an output
-        labels = [REGRESSION] if regression else sorted({ex.label for ex in train_ex + val_ex})
-        train_ids, train_types = encode_rows(tok, train_ex, model.config.max_seq_len)
-        train_y = [ex.label for ex in train_ex] if regression else [labels.index(ex.label) for ex in train_ex]
-        pairs = sum(ex.text_pair is not None for ex in train_ex)
-        log(
-            f"      {'regression' if regression else f'{len(labels)} labels: ' + ', '.join(labels)}"
-            + (f"; {pairs} sentence pairs" if pairs else "")
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.ckpt = resume_point(self.run_dir, cfg.resume)
+        torch.manual_seed(cfg.seed)
+        io.write_json(self.run_dir / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and --resume read
+        steps = (
+            self.load_data,
+            self.preprocess,
+            self.prepare_model,
+            self.initial_predictions,
+            self.train,
+            self.evaluate,
+            self.predict,
         )
-    else:
+        for number, (name, step) in enumerate(zip(self.PHASES, steps), 1):
+            self.log(f"[{number}/7] {name}" + (f": {cfg.method}" if name == "prepare model" else ""))
+            started = time.perf_counter()
+            step()
+            key = f"{name}: {cfg.method}" if name == "prepare model" else name
+            self.phases[key] = round(time.perf_counter() - started, 2)
+            self.log(f"      ({self.phases[key]:.1f} s)")
+        return self.results()
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        self.train_ex, self.val_ex = load_examples(cfg, self.log)
+        self.classification = self.train_ex[0].text is not None
+        self.log(f"      {len(self.train_ex)} training and {len(self.val_ex)} validation examples ({cfg.data or cfg.task})")
+
+    def preprocess(self) -> None:
+        """Classification rows as ids and token types with label indices; chat rows through the template, loss on the
+        answers (packed or not)."""
+        cfg = self.cfg
+        self.model = model = load_model(cfg.model)
+        self.tok = tok = model.tokenizer
+        if self.classification:
+            if model.config.family != "encoder":
+                raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
+            asked = cfg.regression or bool(cfg.glue and glue.get_task(cfg.glue).kind == "regression")
+            both = self.train_ex + self.val_ex
+            regression = label_kind(both, asked) == "regression"
+            self.labels = [REGRESSION] if regression else sorted({ex.label for ex in both})  # a label seen only in validation too
+            self.train_ids, self.train_types = encode_rows(tok, self.train_ex, model.config.max_seq_len)
+            self.train_y = [ex.label for ex in self.train_ex] if regression else [self.labels.index(ex.label) for ex in self.train_ex]
+            pairs = sum(ex.text_pair is not None for ex in self.train_ex)
+            self.log(
+                f"      {'regression' if regression else f'{len(self.labels)} labels: ' + ', '.join(self.labels)}"
+                + (f"; {pairs} sentence pairs" if pairs else "")
+            )
+            return
         if model.config.family != "decoder":
             raise LlmkitError("instruction data needs a decoder model", "use --model smollm2 or a decoder you trained")
-        prep = prepare_examples(
+        self.prep = prep = prepare_examples(
             tok,
-            train_ex,
+            self.train_ex,
             min(cfg.max_len, model.config.max_seq_len),
             train_on_prompt=cfg.train_on_prompt,
             truncate=cfg.truncate,
@@ -328,33 +335,31 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
         )
         n_tokens = sum(map(len, prep.ids))
         n_answer = sum(sum(1 for t in y if t != IGNORE) for y in prep.labels)
-        log(
+        self.log(
             f"      {len(prep.ids)} sequences, {n_tokens:,} tokens, {n_answer:,} with loss; "
             f"{prep.dropped} dropped and {prep.truncated} truncated for the length limit of {cfg.max_len}"
         )
 
-    phase(3, f"prepare model: {cfg.method}")
-    if classification:
-        before_emb = _embeddings(model, tok, [ex.text for ex in val_ex[:32]])
-        model = Classifier(model, labels)
-        torch.manual_seed(cfg.seed)
-        torch.nn.init.normal_(model.head.weight, std=0.02)
-        torch.nn.init.zeros_(model.head.bias)
-        prepare_model(model.encoder, cfg)
-        for p in model.head.parameters():
-            p.requires_grad_(True)
-    else:
-        prepare_model(model, cfg)
-    trainable, total = trainable_share(model)
-    log(f"      {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
+    def prepare_model(self) -> None:
+        cfg = self.cfg
+        if self.classification:
+            self.before_emb = _embeddings(self.model, self.tok, [ex.text for ex in self.val_ex[:32]])
+            self.model = Classifier(self.model, self.labels)
+            torch.manual_seed(cfg.seed)
+            torch.nn.init.normal_(self.model.head.weight, std=0.02)
+            torch.nn.init.zeros_(self.model.head.bias)
+            prepare_model(self.model.encoder, cfg)
+            for p in self.model.head.parameters():
+                p.requires_grad_(True)
+        else:
+            prepare_model(self.model, cfg)
+        self.trainable, self.total = trainable_share(self.model)
+        self.log(f"      {self.trainable:,} of {self.total:,} parameters trainable ({self.trainable / self.total:.2%})")
 
-    phase(4, "initial predictions")
-    shown = val_ex[: cfg.show]
-    forget_tasks = [t for t in cfg.forgetting_tasks.split(",") if t and t not in cfg.task] if not classification else []  # not trained on
-    forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in forget_tasks}
-
-    def measure() -> dict:
-        if classification:
+    def measure(self) -> dict:
+        """The task metric; for decoders also the answers' loss, general text's bits per byte, the untrained tasks."""
+        cfg, model, tok, val_ex = self.cfg, self.model, self.tok, self.val_ex
+        if self.classification:
             return classifier_metrics(model, tok, val_ex, cfg)
         preds = answer(model, tok, val_ex, cfg.max_new_tokens)
         out: dict[str, object] = {
@@ -362,155 +367,179 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
             "answer_loss": answer_loss(model, tok, val_ex, cfg),
             "general_bpb": general_bits_per_byte(model, tok, cfg),
         }
-        for t, exs in forget_sets.items():
+        for t, exs in self.forget_sets.items():
             out[f"untrained_{t}"] = exact_match(answer(model, tok, exs, cfg.max_new_tokens), exs)
         out["_predictions"] = preds[: cfg.show]
         return out
 
-    before = measure() if not (ckpt and (run / "before.json").exists()) else io.read_json(run / "before.json")
-    io.write_json(run / "before.json", before)
-    _log_metrics(log, "before", before)
-    if not classification:
-        for ex, p in zip(shown, before["_predictions"]):
-            log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
+    def initial_predictions(self) -> None:
+        cfg = self.cfg
+        untrained = [t for t in cfg.forgetting_tasks.split(",") if t and t not in cfg.task] if not self.classification else []
+        self.forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in untrained}
+        saved = self.run_dir / "before.json"
+        self.before = self.measure() if not (self.ckpt and saved.exists()) else io.read_json(saved)
+        io.write_json(saved, self.before)
+        _log_metrics(self.log, "before", self.before)
+        self._show(self.before)
 
-    phase(5, "train")
-    device = next(model.parameters()).device
-    amp = autocast_dtype(cfg.precision, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16 needs loss scaling
-    names = {id(p): n for n, p in model.named_parameters()}
-    step, tokens_seen, elapsed_before, warm_progress = 0, 0, 0.0, None
-    if ckpt is not None:
-        model_state, opt_state, state = load_checkpoint(ckpt)
-        _check_resume(ckpt, state, cfg, {names[id(p)]: tuple(p.shape) for p in params}, model_state)
+    def _show(self, measured: dict) -> None:
+        if not self.classification:
+            for ex, p in zip(self.val_ex[: self.cfg.show], measured["_predictions"]):
+                self.log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
+
+    def train(self) -> None:
+        """AdamW over the trainable parameters, warmup then cosine to a tenth, every target token of a step weighing the
+        same (`accumulate_gradients`), clipped at 1.0; checkpoints every --save-every steps and at the end."""
+        cfg, model = self.cfg, self.model
+        budget = Budget.parse(cfg.budget)
+        device = next(model.parameters()).device
+        amp = autocast_dtype(cfg.precision, device)
+        self.params = params = [p for p in model.parameters() if p.requires_grad]
+        lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
+        self.optimizer = optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16 needs loss scaling
+        self.step, self.tokens_seen, elapsed_before, self.warm_progress = 0, 0, 0.0, None
+        if self.ckpt is not None:
+            elapsed_before = self._resume()
+        metrics = self.metrics = Metrics(self.run_dir, True, self.step if self.ckpt is not None else None)  # keeps what was logged
+        schedule = dataclasses.make_dataclass("Schedule", ["lr", "warmup", "min_lr_ratio"])(lr, cfg.warmup, 0.1)
+        model.train()
+        start = time.perf_counter()
+        self.losses: list[float] = []
+        with progress("steps") as bar:
+            task = bar.add_task("finetune", total=budget.steps or budget.tokens or budget.seconds or 1)
+            while True:
+                elapsed = elapsed_before + time.perf_counter() - start
+                if budget.exhausted(self.step, self.tokens_seen, elapsed):
+                    break
+                progress_now = budget.progress(self.step, self.tokens_seen, elapsed)
+                if self.step >= cfg.warmup and self.warm_progress is None:
+                    exact = not (budget.tokens or budget.seconds)
+                    self.warm_progress = cfg.warmup / budget.steps if budget.steps and exact else progress_now
+                cur_lr = learning_rate(schedule, self.step, progress_now, self.warm_progress or 0.0)  # warmup, then cosine to a tenth
+                for g in optimizer.param_groups:
+                    g["lr"] = cur_lr
+                micro = [self.micro_batch(self.step, m) for m in range(cfg.grad_accum)]
+                loss_sum, n_targets = accumulate_gradients(
+                    model, micro, lambda m: self.summed_loss(m[0], m[1]), [m[2] for m in micro], Dist(device=device), amp, scaler
+                )  # every target token of the step weighs the same
+                total_loss = loss_sum / max(n_targets, 1)
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += sum(m[3] for m in micro)
+                self.losses.append(total_loss)
+                metrics.log({"step": self.step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": self.tokens_seen})
+                done = self.step if budget.steps else (self.tokens_seen if budget.tokens else elapsed)
+                bar.update(task, completed=done, description=f"loss {total_loss:.3f}")
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.checkpoint(elapsed_before + time.perf_counter() - start)
+        self.elapsed = elapsed_before + time.perf_counter() - start
+        self.checkpoint(self.elapsed)
+
+    def _resume(self) -> float:
+        """The trainable weights, optimizer, generators and counters of the checkpoint; returns its elapsed seconds."""
+        cfg, model = self.cfg, self.model
+        names = {id(p): n for n, p in model.named_parameters()}
+        model_state, opt_state, state = load_checkpoint(self.ckpt)
+        _check_resume(self.ckpt, state, cfg, {names[id(p)]: tuple(p.shape) for p in self.params}, model_state)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in model_state:
                     p.copy_(model_state[n])
-        optimizer.load_state_dict(opt_state)
-        set_rng_states(state["rng"], log=log)
-        step, elapsed_before = state["step"], state["elapsed"]
-        tokens_seen = state.get("tokens", 0)
-        warm_progress = state.get("warm_progress", 0.0 if step > cfg.warmup else None)  # older checkpoints: cosine from 0
-        log(f"      resumed at step {step}")
-    n_rows = len(train_ids) if classification else len(prep.ids)
-    metrics = Metrics(run, True, step if ckpt is not None else None)  # a resumed run keeps what was logged up to its checkpoint
-    schedule = dataclasses.make_dataclass("Schedule", ["lr", "warmup", "min_lr_ratio"])(lr, cfg.warmup, 0.1)
+        self.optimizer.load_state_dict(opt_state)
+        set_rng_states(state["rng"], log=self.log)
+        self.step = state["step"]
+        self.tokens_seen = state.get("tokens", 0)
+        self.warm_progress = state.get("warm_progress", 0.0 if self.step > cfg.warmup else None)  # older ones: cosine from 0
+        self.log(f"      resumed at step {self.step}")
+        return state["elapsed"]
 
-    def checkpoint(elapsed):
-        trainable_state = {names[id(p)]: p.detach() for p in params}
+    def checkpoint(self, elapsed: float) -> None:
+        names = {id(p): n for n, p in self.model.named_parameters()}
         save_checkpoint(
-            run,
-            model_state=trainable_state,
-            optimizer_state=optimizer.state_dict(),
+            self.run_dir,
+            model_state={names[id(p)]: p.detach() for p in self.params},
+            optimizer_state=self.optimizer.state_dict(),
             state={
-                "step": step,
+                "step": self.step,
                 "elapsed": elapsed,
-                "tokens": tokens_seen,
-                "warm_progress": warm_progress,
-                "config": dataclasses.asdict(cfg),
+                "tokens": self.tokens_seen,
+                "warm_progress": self.warm_progress,
+                "config": dataclasses.asdict(self.cfg),
             },
         )
 
-    def micro_batch(step: int, micro: int):
+    def micro_batch(self, step: int, micro: int):
         """(forward inputs, targets, count of targets, tokens) of one micro-batch. A step draws batch_size x grad_accum
         rows from (seed, step) and micro-step m takes the m-th slice: batch 8 x 1 and batch 4 x 2 see the same rows."""
+        cfg, pad = self.cfg, self.tok.pad_id or 0
+        n_rows = len(self.train_ids) if self.classification else len(self.prep.ids)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum,), generator=g).tolist()
         rows = drawn[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
-        if classification:
-            x, mask, types = batch_tensors([train_ids[r] for r in rows], [train_types[r] for r in rows], tok.pad_id or 0)
-            return (x, mask, types), torch.tensor([train_y[r] for r in rows]), len(rows), int(mask.sum())
+        if self.classification:
+            x, mask, types = batch_tensors([self.train_ids[r] for r in rows], [self.train_types[r] for r in rows], pad)
+            return (x, mask, types), torch.tensor([self.train_y[r] for r in rows]), len(rows), int(mask.sum())
+        prep = self.prep
         if prep.segments is not None:  # packed: attention stays inside each example, positions restart
             x, y, mask, positions = collate_packed(
-                [prep.ids[r] for r in rows], [prep.labels[r] for r in rows], [prep.segments[r] for r in rows], tok.pad_id or 0
+                [prep.ids[r] for r in rows], [prep.labels[r] for r in rows], [prep.segments[r] for r in rows], pad
             )
             return (x, mask, positions), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), sum(len(prep.ids[r]) for r in rows)
-        x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], tok.pad_id or 0)
+        x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], pad)
         return (x, mask, None), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), int(mask.sum())
 
-    def summed_loss(inputs, targets) -> torch.Tensor:
-        if classification:
+    def summed_loss(self, inputs, targets) -> torch.Tensor:
+        model = self.model
+        if self.classification:
             return model.loss(model(*inputs), targets)  # type: ignore[operator]  # a classifier head's own loss (an attribute)
         x, mask, positions = inputs
         logits = model(x, attention_mask=mask, position_ids=positions)[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
-    model.train()
-    start = time.perf_counter()
-    losses = []
-    with progress("steps") as bar:
-        task = bar.add_task("finetune", total=budget.steps or budget.tokens or budget.seconds or 1)
-        while True:
-            elapsed = elapsed_before + time.perf_counter() - start
-            if budget.exhausted(step, tokens_seen, elapsed):
-                break
-            progress_now = budget.progress(step, tokens_seen, elapsed)
-            if step >= cfg.warmup and warm_progress is None:
-                warm_progress = cfg.warmup / budget.steps if budget.steps and not (budget.tokens or budget.seconds) else progress_now
-            cur_lr = learning_rate(schedule, step, progress_now, warm_progress or 0.0)  # warmup, then cosine to a tenth
-            for g in optimizer.param_groups:
-                g["lr"] = cur_lr
-            micro = [micro_batch(step, m) for m in range(cfg.grad_accum)]
-            loss_sum, n_targets = accumulate_gradients(
-                model, micro, lambda m: summed_loss(m[0], m[1]), [m[2] for m in micro], Dist(device=device), amp, scaler
-            )  # every target token of the step weighs the same
-            total_loss = loss_sum / max(n_targets, 1)
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += sum(m[3] for m in micro)
-            losses.append(total_loss)
-            metrics.log({"step": step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": tokens_seen})
-            bar.update(
-                task, completed=step if budget.steps else (tokens_seen if budget.tokens else elapsed), description=f"loss {total_loss:.3f}"
-            )
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint(elapsed_before + time.perf_counter() - start)
-    elapsed = elapsed_before + time.perf_counter() - start
-    checkpoint(elapsed)
+    def evaluate(self) -> None:
+        self.after = self.measure()
+        if self.classification:
+            now = _embeddings(self.model.encoder, self.tok, [ex.text for ex in self.val_ex[:32]])
+            self.after["embedding_drift_cosine"] = float(F.cosine_similarity(self.before_emb, now, dim=-1).mean())
+        _log_metrics(self.log, "after", self.after)
 
-    phase(6, "evaluate")
-    after = measure()
-    if classification:
-        after["embedding_drift_cosine"] = float(
-            torch.nn.functional.cosine_similarity(
-                before_emb, _embeddings(model.encoder, tok, [ex.text for ex in val_ex[:32]]), dim=-1
-            ).mean()
-        )
-    _log_metrics(log, "after", after)
+    def predict(self) -> None:
+        self._show(self.after)
+        self.saved = _save(self.model, self.tok, self.cfg, self.run_dir)
 
-    phase(7, "predict")
-    if not classification:
-        for ex, p in zip(shown, after["_predictions"]):
-            log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
-    saved = _save(model, tok, cfg, run)
-    phase(0, "")
-    result = {
-        "model": cfg.model,
-        "method": cfg.method,
-        "task": cfg.data or cfg.task,
-        "steps": step,
-        "seconds": round(elapsed, 1),
-        "trainable": trainable,
-        "parameters": total,
-        "trainable_share": trainable / total,
-        "peak_memory_mb": _peak_memory_mb(),
-        "before": {k: v for k, v in before.items() if not k.startswith("_")},
-        "after": {k: v for k, v in after.items() if not k.startswith("_")},
-        "saved": saved,
-        "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-        "phases": phases,
-    }
-    io.write_json(run / "results.json", result)
-    metrics.plot(run / "loss.png", title="fine-tuning loss")
-    log(f"done: {saved} -> {run}")
-    return result
+    def results(self) -> dict:
+        """results.json, the loss plot, and the line that says where the run is."""
+        cfg = self.cfg
+        result = {
+            "model": cfg.model,
+            "method": cfg.method,
+            "task": cfg.data or cfg.task,
+            "steps": self.step,
+            "seconds": round(self.elapsed, 1),
+            "trainable": self.trainable,
+            "parameters": self.total,
+            "trainable_share": self.trainable / self.total,
+            "peak_memory_mb": _peak_memory_mb(),
+            "before": {k: v for k, v in self.before.items() if not k.startswith("_")},
+            "after": {k: v for k, v in self.after.items() if not k.startswith("_")},
+            "saved": self.saved,
+            "final_loss": sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None,
+            "phases": self.phases,
+        }
+        io.write_json(self.run_dir / "results.json", result)
+        self.metrics.plot(self.run_dir / "loss.png", title="fine-tuning loss")
+        self.log(f"done: {self.saved} -> {self.run_dir}")
+        return result
+
+
+def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
+    """Run the recipe (`Finetuning`: its seven phases); returns what results.json holds."""
+    return Finetuning(cfg, log=log).run()
 
 
 RESUME_KEYS = (
@@ -576,9 +605,6 @@ def _peak_memory_mb() -> float:
 
 
 def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
-    from llmkit.model.lora import merge_and_unwrap, save_lora
-    from llmkit.model.weights import save_model
-
     if isinstance(model, Classifier):
         save_classifier(model, run)
         return "classifier.safetensors (trained weights) + labels.json + finetune_config.json"
