@@ -485,3 +485,27 @@ def test_ivf_index_for_large_collections_finds_nearly_all_true_neighbours():
     small = _faiss_index(vectors[:100])
     _, exact = small.search(queries[:10], 5)
     assert (exact == np.argsort(-(queries[:10] @ vectors[:100].T), axis=1)[:, :5]).all()
+
+
+def test_a_passage_holding_line_separators_survives_the_index_and_its_rebuild(tmp_path):
+    """passages.jsonl is JSON Lines: rows end at \\n only. A passage with U+2028 or U+0085 (which str.splitlines() cuts)
+    is read back whole by the search and by the rebuild that reuses its vector."""
+    from llmkit import io
+    from llmkit.embed.search import SearchIndex, build_index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    odd = "The ghost\u2028walks the walls\u0085at night; remember me."
+    (docs / "odd.txt").write_text(f"{odd}\n\nThe baker bakes the bread.\n", encoding="utf-8", newline="")
+    assert build_index("minilm", str(docs), tmp_path / "index", chunking="paragraph", log=lambda m: None)["passages"] == 2
+    with open(tmp_path / "index" / "passages.jsonl", encoding="utf-8", newline="") as f:
+        raw = f.read()
+    assert "\u2028" in raw and raw.count("\n") == 2  # written as is, one row per \n
+    index = SearchIndex(tmp_path / "index")
+    assert index.search("a ghost at night", top=1)[0]["text"] == odd
+    again = build_index("minilm", str(docs), tmp_path / "index", chunking="paragraph", log=lambda m: None)
+    assert again["reused"] == 2 and again["embedded"] == 0
+    assert [r["text"] for r in io.read_jsonl(tmp_path / "index" / "passages.jsonl")][0] == odd
+    with pytest.raises(LlmkitError, match=r"passages.jsonl:2 is not valid JSON"):
+        (tmp_path / "index" / "passages.jsonl").write_text(raw.replace("\n", "\n{broken\n", 1), encoding="utf-8")
+        io.read_jsonl(tmp_path / "index" / "passages.jsonl")

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmkit import io
 from llmkit.errors import LlmkitError
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
@@ -186,13 +186,7 @@ def read_source(spec: str | list[str], *, field: str = "text") -> Corpus:
 
 def _jsonl_documents(path: Path, text: str, field: str) -> list[Document]:
     docs = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # JSON Lines end at \n only: U+2028 and \r belong to the row
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{path}:{lineno} is not valid JSON ({e.msg})", "fix that line, or remove it") from None
+    for lineno, row in io.parse_jsonl(text, path):
         if not isinstance(row, dict) or field not in row:
             keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
             raise LlmkitError(f"{path}:{lineno} has no field {field!r} (it has: {keys})", "pass --field with the name of the text field")

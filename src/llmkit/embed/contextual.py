@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from llmkit.errors import LlmkitError
-
-POOLINGS = ("mean", "cls", "last", "max")
+from llmkit.model.layers import POOLINGS, pad_right, pool
+from llmkit.progress import progress as bar_of
 
 
 def default_pooling(model) -> str:
@@ -63,16 +63,6 @@ def _states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model.encode(ids, mask)[0]
 
 
-def _batch(rows: list[list[int]], pad: int):
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        mask[r, : len(row)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def embed_texts(
     model,
@@ -110,23 +100,13 @@ def embed_ids(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out = np.zeros((len(encoded), model.config.d_model), dtype=np.float32)
     device = next(model.parameters()).device
-    from llmkit.progress import progress as bar_of
-
     with bar_of("texts", disable=None if progress else True) as bar:
         task = bar.add_task("embed", total=len(encoded))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            ids, mask = _batch([encoded[i] for i in chunk], tok.pad_id or 0)
+            ids, mask = pad_right([encoded[i] for i in chunk], tok.pad_id or 0)
             states = _states(model, ids.to(device), mask.to(device)).float()  # (B, T, D)
-            m = mask.to(device).float()[..., None]
-            if pooling == "mean":
-                vec = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            elif pooling == "cls":
-                vec = states[:, 0]
-            elif pooling == "max":
-                vec = states.masked_fill(m == 0, float("-inf")).amax(1)
-            else:
-                vec = states[torch.arange(len(chunk)), mask.sum(1).to(device) - 1]
+            vec = pool(states, mask, pooling)
             if normalize:
                 vec = torch.nn.functional.normalize(vec, dim=-1)
             out[chunk] = vec.cpu().numpy()
@@ -154,7 +134,7 @@ def word_vectors(model, sentences: list[str], word: str) -> list[tuple[str, np.n
         picked = [t for t, (a, b) in enumerate(enc.offsets) if b > a and any(a < e and b > st for st, e in spans)]
         if not picked:
             raise LlmkitError(f"no token of {s!r} covers the word {word!r}", "check the word's spelling in the sentence")
-        ids, mask = _batch([enc.ids], tok.pad_id or 0)
+        ids, mask = pad_right([enc.ids], tok.pad_id or 0)
         states = _states(model, ids.to(device), mask.to(device))[0].float()  # (T, D)
         out.append((s, states[picked].mean(0).cpu().numpy()))
     return out

@@ -12,7 +12,6 @@ or changed documents are embedded again.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def _previous(out: Path, settings: dict) -> dict[str, tuple[list[str], np.ndarra
     if any(meta.get(k) != v for k, v in settings.items()):
         return {}
     vectors = np.load(out / "vectors.npy", allow_pickle=False)
-    rows = [json.loads(line) for line in (out / "passages.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = io.read_jsonl(out / "passages.jsonl")
     if len(rows) != len(vectors) or len(rows) != meta.get("passages"):
         return {}
     blocks: list[tuple[tuple, list[int]]] = []  # one block of rows per document, as they were written
@@ -122,7 +121,7 @@ def build_index(
     (out / "meta.json").unlink(missing_ok=True)  # until the new meta.json lands, the folder is not an index
     with io.atomic_open(out / "vectors.npy", "wb") as f:
         np.save(f, matrix, allow_pickle=False)
-    io.write_text(out / "passages.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    io.write_jsonl(out / "passages.jsonl", rows)
     with io.atomic_open(out / "index.faiss", "wb") as f:
         f.write(faiss.serialize_index(index).tobytes())
     meta = {
@@ -150,7 +149,7 @@ class SearchIndex:
         if not (folder / "meta.json").exists():
             raise LlmkitError(f"{folder} is not a search index (no meta.json)", "build one with `llmkit embed index`")
         self.meta = io.read_json(folder / "meta.json")
-        self.rows = [json.loads(line) for line in (folder / "passages.jsonl").read_text(encoding="utf-8").splitlines()]
+        self.rows = io.read_jsonl(folder / "passages.jsonl")
         self.index = faiss.deserialize_index(np.frombuffer((folder / "index.faiss").read_bytes(), dtype=np.uint8))
         self.model = load_model(self.meta["model"])
 

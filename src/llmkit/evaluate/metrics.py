@@ -16,7 +16,6 @@ uncertainty with it.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit import io as llmkit_io
 from llmkit.errors import LlmkitError
 
 AVERAGES = ("binary", "macro", "micro", "weighted")
@@ -96,17 +96,10 @@ def _read_lines(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of each non-empty line."""
-    rows = []
-    for n, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{path}:{n} is not valid JSON ({e.msg})", "fix or remove that line") from None
+    rows = llmkit_io.parse_jsonl("\n".join(_read_lines(path)), path, "fix or remove that line")
+    for n, row in rows:
         if not isinstance(row, dict):
             raise LlmkitError(f"{path}:{n} is not a JSON object", 'write rows like {"prediction": ..., "label": ...}')
-        rows.append((n, row))
     return rows
 
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmkit import io as llmkit_io
 from llmkit.chat import render_chat
 from llmkit.data.tasks import Example
 from llmkit.errors import LlmkitError
+from llmkit.model.layers import pad_right
 
 IGNORE = -100
 
@@ -48,13 +49,7 @@ def read_rows(path: str | Path, warn=None) -> list[dict]:
     if path.suffix.lower() in (".csv", ".tsv"):
         rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     else:
-        rows = []
-        for n, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise LlmkitError(f"{path}:{n} is not valid JSON ({e.msg})", "fix or remove that line") from None
+        rows = [row for _, row in llmkit_io.parse_jsonl(text, path, "fix or remove that line")]
     if not rows:
         raise LlmkitError(f"{path} holds no rows", "give it at least one example")
     return rows
@@ -191,12 +186,6 @@ def collate_packed(ids: list[list[int]], labels: list[list[int]], segments: list
 
 def collate(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input ids, labels, attention mask), each (B, T)."""
-    width = max(map(len, ids))
-    x = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    y = torch.full((len(ids), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for r, (a, b) in enumerate(zip(ids, labels)):
-        x[r, : len(a)] = torch.tensor(a)
-        y[r, : len(b)] = torch.tensor(b)
-        mask[r, : len(a)] = 1
+    x, mask = pad_right(ids, pad_id)
+    y, _ = pad_right(labels, IGNORE)  # each row of labels as long as its ids
     return x, y, mask

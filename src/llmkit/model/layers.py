@@ -508,3 +508,39 @@ class Block(nn.Module):
             )
         x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
         return x, w
+
+
+def pad_right(rows: list[list[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one right-padded batch: (ids filled with `value`, mask of the real tokens), each (B, T) long. The
+    one padding collate: fine-tuning's, the classifier's, the embedders' and lm-eval's batches go through it."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
+POOLINGS = ("mean", "cls", "last", "max")
+
+
+def pool(states: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """One vector per sequence (B, D) from hidden states (B, T, D) and a right-padded mask (B, T) of real tokens:
+
+    mean   the mean over the real tokens (sentence-transformers' default for encoders)
+    cls    the first token's state (BERT's [CLS])
+    last   the last real token's state (a decoder's: it has seen the whole text)
+    max    the element-wise maximum over the real tokens
+    """
+    m = (mask if mask is not None else torch.ones(states.shape[:2], device=states.device)).to(states.device)
+    if pooling == "mean":
+        w = m.to(states.dtype)[..., None]  # (B, T, 1)
+        return (states * w).sum(1) / w.sum(1).clamp(min=1e-9)
+    if pooling == "cls":
+        return states[:, 0]
+    if pooling == "max":
+        return states.masked_fill(m[..., None] == 0, float("-inf")).amax(1)
+    if pooling == "last":
+        return states[torch.arange(states.shape[0], device=states.device), m.sum(1).long() - 1]
+    raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")

@@ -114,24 +114,12 @@ class VoteStore:
 
     # --- writes ------------------------------------------------------------------------------------------------------
 
-    def add_answer(
-        self,
-        *,
-        model: str,
-        prompt: str,
-        answer: str,
-        settings: dict,
-        system: str | None = None,
-        session: str | None = None,
-        kind: str = "chat",
-    ) -> str:
-        answer_id = self.sign(f"ans-{secrets.token_urlsafe(12)}")
-        with self.lock, self._tx():
-            self.db.execute(
-                "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (answer_id, time.time(), session, model, prompt, system, answer, json.dumps(settings), kind),
-            )
-        return answer_id
+    def _insert_answer(self, answer_id: str, when: float, session, model: str, prompt: str, system, answer: str, settings, kind: str):
+        """One row of `answers` (inside the caller's transaction)."""
+        self.db.execute(
+            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (answer_id, when, session, model, prompt, system, answer, json.dumps(settings), kind),
+        )
 
     def add_battle(
         self,
@@ -151,10 +139,7 @@ class VoteStore:
         now = time.time()
         with self.lock, self._tx():
             for answer_id, model, answer in zip(ids, (model_a, model_b), (answer_a, answer_b)):
-                self.db.execute(
-                    "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (answer_id, now, session, model, prompt, system, answer, json.dumps(settings), "battle"),
-                )
+                self._insert_answer(answer_id, now, session, model, prompt, system, answer, settings, "battle")
             self.db.execute(
                 "INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
                 (battle_id, now, session, prompt, system, json.dumps(settings), model_a, model_b, answer_a, answer_b, *ids),
@@ -197,19 +182,9 @@ class VoteStore:
         with self.lock, self._tx():
             row = self.db.execute("SELECT model FROM answers WHERE id = ?", (answer_id,)).fetchone()
             if row is None and answer is not None:
-                self.db.execute(
-                    "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        answer_id,
-                        time.time(),
-                        session,
-                        answer["model"],
-                        answer["prompt"],
-                        answer.get("system"),
-                        answer["answer"],
-                        json.dumps(answer.get("settings", {})),
-                        "chat",
-                    ),
+                a = answer
+                self._insert_answer(
+                    answer_id, time.time(), session, a["model"], a["prompt"], a.get("system"), a["answer"], a.get("settings", {}), "chat"
                 )
                 row = (answer["model"],)
             if row is None:
