@@ -1,7 +1,8 @@
 """llmkit: a complete, fast, hackable large-language-model toolkit.
 
 One package, one command (`llmkit`): tokenizers, data shards, transformers, pretraining, fine-tuning,
-evaluation and serving, on embedded defaults that need no download (see DESIGN.md).
+embeddings, evaluation and serving, on embedded defaults that need no download. The map of the code: CONTRIBUTING.md;
+its layers and the reasons behind each dependency: docs/design.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from llmkit.errors import LlmkitError
 if TYPE_CHECKING:
     import torch
 
+    from llmkit.model.families import LanguageModel
+
 
 def load(
     name_or_path: str | os.PathLike,
@@ -28,10 +31,10 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
-) -> torch.nn.Module:
+) -> LanguageModel:
     """Load a model: `smollm2`, `minilm`, a run folder, a Hugging Face folder or a GGUF file.
 
-    Returns a `torch.nn.Module` in eval mode; called on token ids (B, T) it gives logits (B, T, V) (hidden states
+    Returns a `LanguageModel` (a `torch.nn.Module`) in eval mode; called on token ids (B, T) it gives logits (B, T, V) (hidden states
     for an encoder without a head). `.tokenizer` and `.config` hang on it. `dtype` casts it (e.g. torch.bfloat16),
     `device` places it, `quantize="int8"` makes its linear layers weight-only int8.
     """

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit import io as llmkit_io
 from llmkit.errors import LlmkitError
 
 
@@ -198,14 +198,7 @@ def _jsonl(path: Path) -> list[dict]:
     from llmkit.data.sources import read_text
 
     text, _ = read_text(path)
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LlmkitError(f"{path}:{n} is not valid JSON ({e.msg})", "use SuperGLUE's JSONL files as distributed") from None
-    return out
+    return [row for _, row in llmkit_io.parse_jsonl(text, path, "use SuperGLUE's JSONL files as distributed")]
 
 
 def task_file(task: Task, data: str | Path, split: str) -> Path:
@@ -471,7 +464,7 @@ def evaluate_decoder(lm, task: Task, rows: list[Row], train: list[Row] | None = 
                 requests.append((prefix + prompt(r), w))
                 owners.append(i)
         elif task.name == "record":
-            requests.append((prefix + r.text + "\n-", " " + r.text_pair))
+            requests.append((prefix + r.text + "\n-", " " + str(r.text_pair)))  # ReCoRD: the candidate entity
             owners.append(i)
         else:  # copa: the premise and its connector, then the alternative
             alt = r.text_pair[:1].lower() + r.text_pair[1:]

@@ -21,6 +21,8 @@ their common context (a KV cache), and generation decodes up to `gen_batch_size`
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
@@ -28,7 +30,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from llmkit.errors import LlmkitError
+from llmkit.model.families import Decoder, LanguageModel
+from llmkit.model.layers import pad_right
 from llmkit.model.weights import load as load_model
+from llmkit.tokenizer.core import Tokenizer
 
 
 class _TemplateView:
@@ -59,8 +64,9 @@ class LlmkitLM(TemplateLM):
         super().__init__()
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm_eval's command line asks for cuda by default, as its hf model, which falls back too
+        self.model: LanguageModel
         if isinstance(model, torch.nn.Module):
-            self.model, self.name = model, getattr(model, "name_or_path", type(model).__name__)
+            self.model, self.name = cast(LanguageModel, model), getattr(model, "name_or_path", type(model).__name__)
         else:
             dtypes = {
                 "bf16": torch.bfloat16,
@@ -79,9 +85,9 @@ class LlmkitLM(TemplateLM):
             dt = dtypes[dtype]
             self.model, self.name = load_model(model, dtype=dt, quantize=quantize, device=device), str(model)
         self.model.eval()
-        self.tok = self.model.tokenizer
-        if self.tok is None:
+        if self.model.tokenizer is None:
             raise LlmkitError(f"{self.name} has no tokenizer", "evaluate a model folder that holds tokenizer.json")
+        self.tok: Tokenizer = self.model.tokenizer
         family = self.model.config.family
         if family == "encoder":
             raise LlmkitError(
@@ -196,26 +202,27 @@ class LlmkitLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
 
         for chunk in self._shared_chunks(shared, requests):
-            scored = self._score_shared([c for c, _ in chunk], [[requests[i][2] for i in m] for _, m in chunk])
-            for (_, members), results in zip(chunk, scored):
+            per_question = self._score_shared([c for c, _ in chunk], [[requests[i][2] for i in m] for _, m in chunk])
+            for (_, members), results in zip(chunk, per_question):
                 for i, r in zip(members, results):
                     record(i, r)
         single.sort(key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(single), self.batch_size):
-            chunk = single[start : start + self.batch_size]
+            rows = single[start : start + self.batch_size]
             scored = (
-                self._score_causal([requests[i] for i in chunk])
+                self._score_causal([requests[i] for i in rows])
                 if self.backend == "causal"
-                else [self._score_seq2seq(requests[i]) for i in chunk]
+                else [self._score_seq2seq(requests[i]) for i in rows]
             )
-            for i, r in zip(chunk, scored):
+            for i, r in zip(rows, scored):
                 record(i, r)
-        return out
+        return cast("list[tuple[float, bool]]", out)  # every request was scored
 
     def _shared_chunks(self, shared, requests):
         """Batches of questions (longest context first) whose longest context plus longest choice still fits the
         model: the batch's cache holds that many positions, so each question's context and choices must fit it."""
-        chunk, ctx, cont = [], 0, 0
+        chunk: list = []
+        ctx, cont = 0, 0
         for context, members in shared:
             longest = max(len(requests[i][2]) for i in members)
             if chunk and (len(chunk) == self.batch_size or max(ctx, len(context)) + max(cont, longest) - 1 > self.max_length):
@@ -244,7 +251,7 @@ class LlmkitLM(TemplateLM):
             ids[g, W - len(c) :] = torch.tensor(c)
             mask[g, W - len(c) : W] = 1
         positions = (mask[:, :W].cumsum(-1) - 1).clamp(min=0)
-        cache = self.model.new_cache(G, W + max(width, 0))
+        cache = cast(Decoder, self.model).new_cache(G, W + max(width, 0))
         first = F.log_softmax(
             self.model(
                 ids.to(self._device),
@@ -280,7 +287,7 @@ class LlmkitLM(TemplateLM):
             results = []
             for c in conts:
                 target = torch.tensor(c, device=self._device)
-                rows = first[g : g + 1] if len(c) == 1 else torch.cat([first[g : g + 1], rest[r, : len(c) - 1]])  # (len(c), V)
+                rows = first[g : g + 1] if len(c) == 1 else torch.cat([first[g : g + 1], cast(torch.Tensor, rest)[r, : len(c) - 1]])
                 results.append((rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())))
                 r += 1
             out.append(results)
@@ -293,12 +300,7 @@ class LlmkitLM(TemplateLM):
             whole = (context + continuation)[-(self.max_length + 1) :]
             inputs.append(whole[:-1])
             spans.append(len(continuation))
-        width = max(map(len, inputs))
-        x = torch.zeros(len(inputs), width, dtype=torch.long)
-        mask = torch.zeros(len(inputs), width, dtype=torch.long)
-        for r, ids in enumerate(inputs):
-            x[r, : len(ids)] = torch.tensor(ids)
-            mask[r, : len(ids)] = 1
+        x, mask = pad_right(inputs, 0)
         x, mask = x.to(self._device), mask.to(self._device)
         logp = F.log_softmax(self.model(x, attention_mask=mask).float(), dim=-1)  # (B, T, V)
         results = []
@@ -381,7 +383,7 @@ class LlmkitLM(TemplateLM):
                         text = text.split(u)[0]
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", args[i], text)
-        return out
+        return cast("list[str]", out)  # every request was answered
 
 
 def main(argv: list[str] | None = None) -> None:

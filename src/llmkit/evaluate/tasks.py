@@ -17,6 +17,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 from llmkit import io
 from llmkit.errors import LlmkitError
@@ -46,7 +47,8 @@ def _cloze_docs(split: str, n: int, seed: int) -> list[dict]:
         lines = [ln.strip() for ln in doc.text.splitlines() if len(ln.strip()) >= 25 and not ln.strip().endswith(":")]
         cut = int(len(lines) * 0.8)
         plays.append(lines[:cut] if split == "train" else lines[cut:])
-    docs, seen = [], set()
+    docs: list[dict] = []
+    seen: set = set()
     while len(docs) < n:
         lines = rng.choice(plays)
         i = rng.randrange(3, len(lines))
@@ -66,7 +68,8 @@ def _play_docs(split: str, n: int, seed: int) -> list[dict]:
     rng = random.Random(f"play-{split}-{seed}")
     lines = play_lines()
     titles = sorted(lines)
-    docs, seen = [], set()
+    docs: list[dict] = []
+    seen: set = set()
     pool = sum(len(set(lines[t][0 if split == "train" else 1])) for t in titles)
     while len(docs) < min(n, pool):  # without repeats
         title = rng.choice(titles)
@@ -81,7 +84,7 @@ def _generation_docs(task: str, split: str, n: int, seed: int) -> list[dict]:
     from llmkit.data.tasks import task_examples
 
     return [
-        {"question": ex.messages[0]["content"], "answer": ex.answer}
+        {"question": (ex.messages or [{}])[0]["content"], "answer": ex.answer}
         for ex in task_examples(task, n, "val" if split == "validation" else "train", seed)
     ]
 
@@ -240,7 +243,7 @@ def run_tasks(
             f"use built-in tasks ({', '.join(BUILTIN)}), a folder of task YAML, or --include-path DIR for your own",
         )
     lm = LlmkitLM(model=model, batch_size=batch_size)
-    summary = {"model": lm.name, "tasks": names, "shots": {}, "limit": limit, "chat": chat, "seed": seed}
+    summary: dict[str, Any] = {"model": lm.name, "tasks": names, "shots": {}, "limit": limit, "chat": chat, "seed": seed}
     for k in shots:
         log(f"{lm.name}: {', '.join(names)} with {k} shot(s)")
         result = simple_evaluate(

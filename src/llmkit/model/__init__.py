@@ -2,11 +2,11 @@
 weights in and out (`weights.py`: our run folders, Hugging Face folders, GGUF)."""
 
 from llmkit.model.config import PRESETS, ModelConfig, preset
-from llmkit.model.families import Decoder, Encoder, EncoderDecoder
+from llmkit.model.families import Decoder, Encoder, EncoderDecoder, LanguageModel
 from llmkit.model.layers import KVCache
 
 
-def build_model(cfg: ModelConfig, *, empty: bool = False, dtype=None, **kwargs):
+def build_model(cfg: ModelConfig, *, empty: bool = False, dtype=None, **kwargs) -> LanguageModel:
     """A randomly initialized model of the config's family; `empty=True` skips the initialization (for
     weights about to be loaded): parameters are allocated uninitialized, in `dtype` (no float32 copy first),
     and computed buffers (RoPE frequencies, sinusoidal tables) are rebuilt in float32."""
@@ -34,4 +34,4 @@ def build_model(cfg: ModelConfig, *, empty: bool = False, dtype=None, **kwargs):
     return model
 
 
-__all__ = ["PRESETS", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "ModelConfig", "build_model", "preset"]
+__all__ = ["PRESETS", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "LanguageModel", "ModelConfig", "build_model", "preset"]

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+from llmkit.model.families import LanguageModel
+from llmkit.model.layers import pad_right
 from llmkit.model.lora import METHOD_FIELDS, apply_method
 from llmkit.model.weights import load, read_safetensors
 
 REGRESSION = "<regression>"
 
 
-class Classifier(torch.nn.Module):
+class Classifier(LanguageModel):
     """An encoder with a head on its mean-pooled sentence embedding: len(labels) logits, or one score for regression."""
 
     def __init__(self, encoder, labels: list[str]):
@@ -62,14 +64,8 @@ def encode_rows(tok, examples, max_length: int) -> tuple[list[list[int]], list[l
 
 def batch_tensors(ids: list[list[int]], types: list[list[int]], pad_id: int):
     """Right-padded (ids, attention mask, token types), each (B, T)."""
-    width = max(map(len, ids))
-    x = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    t = torch.zeros(len(ids), width, dtype=torch.long)
-    for r, (a, b) in enumerate(zip(ids, types)):
-        x[r, : len(a)] = torch.tensor(a)
-        mask[r, : len(a)] = 1
-        t[r, : len(b)] = torch.tensor(b)
+    x, mask = pad_right(ids, pad_id)
+    t, _ = pad_right(types, 0)
     return x, mask, t
 
 

@@ -24,7 +24,9 @@ from llmkit.model.layers import (
     Rotary,
     attention_bias,
     make_norm,
+    pool,
 )
+from llmkit.tokenizer.core import Tokenizer
 
 
 class Embedding(nn.Module):
@@ -108,7 +110,15 @@ def _relative(cfg: ModelConfig, bidirectional: bool) -> RelativePositionBias | N
     return RelativePositionBias(cfg, bidirectional) if cfg.position == "relative" else None
 
 
-class Decoder(nn.Module):
+class LanguageModel(nn.Module):
+    """What every family is, and what `llmkit.load` returns: a module with its `config` and the `tokenizer` that loading
+    attaches (None for a model built from a config alone). Functions that take a model take this."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer | None = None
+
+
+class Decoder(LanguageModel):
     """Decoder-only language model: `forward(ids (B, T)) -> logits (B, T, V)`."""
 
     def __init__(self, cfg: ModelConfig):
@@ -183,7 +193,7 @@ class Decoder(nn.Module):
         return self.hidden_states(ids, need_weights=True)[1]
 
 
-class Encoder(nn.Module):
+class Encoder(LanguageModel):
     """Bidirectional encoder: `forward(ids)` -> masked-LM logits (B, T, V), or hidden states (B, T, D) without a head.
 
     Also `embed_sentences` (mean / CLS pooling) and `classify` (a sequence-classification head when num_labels > 0).
@@ -237,14 +247,10 @@ class Encoder(nn.Module):
 
     def embed_sentences(self, ids, attention_mask=None, pooling: str = "mean", normalize: bool = True, token_type_ids=None) -> torch.Tensor:
         """One vector per sequence (B, D): the mean of the real tokens' states, or the first ([CLS]) token's."""
-        x, _ = self.hidden_states(ids, attention_mask, token_type_ids)
-        if pooling == "cls":
-            out = x[:, 0]
-        elif pooling == "mean":
-            m = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(x.dtype)[..., None]  # (B, T, 1)
-            out = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        else:
+        if pooling not in ("mean", "cls"):
             raise LlmkitError(f"unknown pooling {pooling!r}", "use 'mean' or 'cls'")
+        x, _ = self.hidden_states(ids, attention_mask, token_type_ids)
+        out = pool(x, attention_mask, pooling)
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
     def classify(self, ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
@@ -267,7 +273,7 @@ class _Activation(nn.Module):
         return self.fn(x)
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(LanguageModel):
     """Encoder-decoder: `forward(ids, decoder_ids) -> logits (B, T_dec, V)`. Embeddings are shared."""
 
     def __init__(self, cfg: ModelConfig):

@@ -19,6 +19,7 @@ from llmkit import io
 from llmkit.embedded import EMBEDDED, embedded_path
 from llmkit.errors import LlmkitError
 from llmkit.model.config import ModelConfig
+from llmkit.model.families import LanguageModel
 
 FORMAT = "llmkit"
 
@@ -683,11 +684,11 @@ def sentence_config(path: Path) -> dict | None:
     return out
 
 
-def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> torch.nn.Module:
+def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> LanguageModel:
     """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a LoRA run folder (its base model with the
     adapter merged), a Hugging Face folder or a GGUF file.
 
-    Returns the model (in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None) attached. `dtype` casts
+    Returns the model (a `LanguageModel`, in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None). `dtype` casts
     it (e.g. torch.bfloat16); `quantize="int8"` makes its linear layers weight-only int8 (fast CPU decoding).
     """
     from llmkit.tokenizer import Tokenizer

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -40,7 +41,7 @@ log = logging.getLogger("llmkit.serve")
 
 def create_app(
     models: list[tuple[str, object]],
-    embedding_models: list[tuple[str, object]] = (),
+    embedding_models: Sequence[tuple[str, object]] = (),
     settings: Settings | None = None,
     *,
     load_in_background: bool = True,
@@ -48,7 +49,6 @@ def create_app(
     """The API over `models` [(name, spec or loaded model)] and `embedding_models`. With `load_in_background`, the
     server answers at once (/health is 503 until the models are loaded)."""
     state = State(list(models), list(embedding_models), settings or Settings())
-    state.arena = arena.Arena()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -142,7 +142,7 @@ class Job:
 
     def submit(self) -> None:
         try:
-            self.served.engine.submit(self.reqs)
+            self.served.generator.submit(self.reqs)
         except TooMany as e:
             raise APIError(
                 400,
@@ -153,8 +153,8 @@ class Job:
         except QueueFull as e:
             raise APIError(
                 429,
-                f"the server is busy: {self.served.engine.running} requests run and the queue "
-                f"({self.served.engine.max_queue}) is full; retry after {e.retry_after} s",
+                f"the server is busy: {self.served.generator.running} requests run and the queue "
+                f"({self.served.generator.max_queue}) is full; retry after {e.retry_after} s",
                 "rate_limit_error",
                 code="queue_full",
                 headers={"Retry-After": str(e.retry_after)},
@@ -164,7 +164,7 @@ class Job:
 
     def withdraw(self) -> None:
         for r in self.reqs:
-            self.served.engine.withdraw(r)
+            self.served.generator.withdraw(r)
 
 
 def error_from_event(kind: str, message: str) -> APIError:
@@ -174,7 +174,7 @@ def error_from_event(kind: str, message: str) -> APIError:
 
 async def collect(job: Job, request: Request) -> tuple[list[dict], APIError | None]:
     """Wait for every choice to finish (a client that leaves withdraws them); [{text, tokens, finish, usage}, ...]."""
-    out = [{"text": [], "tokens": [], "finish": None, "usage": None} for _ in range(job.count)]
+    out: list[dict] = [{"text": [], "tokens": [], "finish": None, "usage": None} for _ in range(job.count)]
     left = job.count
     gone = asyncio.ensure_future(disconnected(request))
     try:
@@ -229,7 +229,7 @@ def chat_logprobs(served: Served, tokens: list[tuple[int, tuple]]) -> dict:
 
 
 def completion_logprobs(served: Served, tokens: list[tuple[int, tuple]], offset: int) -> dict:
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t, (lp, best) in tokens:
         text = served.tok.decode([t], strict=False)
         out["tokens"].append(text)

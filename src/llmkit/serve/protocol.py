@@ -7,7 +7,8 @@ types and ranges; `top_k`, `repetition_penalty` and `truncate_prompt_tokens` are
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -105,7 +106,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+def describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
     """One readable sentence (and the field) for pydantic's errors: the first one, named by its path."""
     first = errors[0]
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]

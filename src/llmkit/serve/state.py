@@ -3,6 +3,7 @@ embedding model), the metrics, the votes database; and the API's error (`APIErro
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -27,6 +28,8 @@ from llmkit.serve.votes import VoteStore
 from llmkit.threads import release_openmp_threads
 
 log = logging.getLogger("llmkit.serve")
+VOTES_PER_MINUTE = 30  # votes and ratings, per client (address and session)
+BATTLES_PER_MINUTE = 20
 
 
 class APIError(Exception):
@@ -86,6 +89,13 @@ class Served:
         self.pending = 0  # embedding requests taken and not answered
         self.byte_level = _decoder_type(self.tok) == "ByteLevel"
 
+    @property
+    def generator(self) -> Engine:
+        """The engine of a generating model (an embedding model has none)."""
+        if self.engine is None:
+            raise APIError(400, f"the model {self.name!r} is an embedding model; it does not generate", param="model")
+        return self.engine
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
@@ -108,6 +118,42 @@ def _decoder_type(tok) -> str | None:
         return None
 
 
+class Limiter:
+    """At most `per_minute` events per client in any 60 s (idle clients are forgotten)."""
+
+    def __init__(self, per_minute: int = VOTES_PER_MINUTE, what: str = "votes"):
+        self.per_minute, self.what = per_minute, what
+        self.times: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+    def check(self, client: str) -> None:
+        now = time.monotonic()
+        if len(self.times) > 10_000:  # forget the clients idle for a minute
+            for key in [k for k, t in self.times.items() if not t or t[-1] < now - 60]:
+                del self.times[key]
+        times = self.times[client]
+        while times and times[0] < now - 60:
+            times.popleft()
+        if len(times) >= self.per_minute:
+            wait = max(1, int(times[0] + 60 - now) + 1)
+            raise APIError(
+                429,
+                f"too many {self.what} from this client: at most {self.per_minute} a minute",
+                "rate_limit_error",
+                code="vote_rate_limit" if self.what == "votes" else "battle_rate_limit",
+                headers={"Retry-After": str(wait)},
+            )
+        times.append(now)
+
+
+class Arena:
+    """The arena's state in one app: the per-client limits and the last leaderboard (refit only when votes came)."""
+
+    def __init__(self):
+        self.votes, self.battles = Limiter(), Limiter(BATTLES_PER_MINUTE, what="battles")
+        self.board: dict = {}
+        self.board_lock = asyncio.Lock()
+
+
 class State:
     """What the app holds: the settings, the models (once loaded), the metrics."""
 
@@ -123,7 +169,7 @@ class State:
         self.load_error: str | None = None
         self.closing = False
         self.on_load_error = None  # called with the message when a model fails to load (the CLI stops the server)
-        self.arena = None  # the arena routes' limits and leaderboard (`routes.arena.Arena`), set by create_app
+        self.arena = Arena()  # the arena routes' limits and leaderboard
 
     def load(self) -> None:
         loaded: dict[str, object] = {}  # one spec served under two names (e.g. two sampling settings) is loaded once
@@ -168,6 +214,8 @@ class State:
     def keep_answer(self, **record) -> str:
         """An id for an answer the page may rate: the answer stays in memory (the last 2,000) and reaches the database
         only with a rating (unrated chats are never stored)."""
+        if self.votes is None:
+            raise RuntimeError("answers are kept only with a votes database")
         answer_id = self.votes.sign(f"ans-{secrets.token_urlsafe(12)}")
         self.answers[answer_id] = record
         while len(self.answers) > 2000:

@@ -17,11 +17,9 @@ and battles are limited per client address; each answer is rated once per sessio
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import random
 import re
-import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -34,8 +32,6 @@ from llmkit.serve.protocol import Body
 from llmkit.serve.state import APIError, AppState
 from llmkit.serve.votes import VoteError
 
-VOTES_PER_MINUTE = 30  # votes and ratings, per client (address and session)
-BATTLES_PER_MINUTE = 20
 SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -69,42 +65,6 @@ def session_of(request: Request) -> str:
 def client_of(request: Request) -> str:
     """What the limits count by: the address (a client that invents a new session id per request is still one client)."""
     return request.client.host if request.client else "unknown"
-
-
-class Limiter:
-    """At most `per_minute` events per client in any 60 s (idle clients are forgotten)."""
-
-    def __init__(self, per_minute: int = VOTES_PER_MINUTE, what: str = "votes"):
-        self.per_minute, self.what = per_minute, what
-        self.times: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-
-    def check(self, client: str) -> None:
-        now = time.monotonic()
-        if len(self.times) > 10_000:  # forget the clients idle for a minute
-            for key in [k for k, t in self.times.items() if not t or t[-1] < now - 60]:
-                del self.times[key]
-        times = self.times[client]
-        while times and times[0] < now - 60:
-            times.popleft()
-        if len(times) >= self.per_minute:
-            wait = max(1, int(times[0] + 60 - now) + 1)
-            raise APIError(
-                429,
-                f"too many {self.what} from this client: at most {self.per_minute} a minute",
-                "rate_limit_error",
-                code="vote_rate_limit" if self.what == "votes" else "battle_rate_limit",
-                headers={"Retry-After": str(wait)},
-            )
-        times.append(now)
-
-
-class Arena:
-    """The arena's state in one app: the per-client limits and the last leaderboard (refit only when votes came)."""
-
-    def __init__(self):
-        self.votes, self.battles = Limiter(), Limiter(BATTLES_PER_MINUTE, what="battles")
-        self.board: dict = {}
-        self.board_lock = asyncio.Lock()
 
 
 router = APIRouter()

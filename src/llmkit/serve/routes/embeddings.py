@@ -19,6 +19,7 @@ router = APIRouter()
 async def embeddings(body: EmbeddingRequest, state: AppState):
     served = state.get(body.model, embedding=True)
     raw = body.input
+    texts: list
     if isinstance(raw, str):
         texts = [raw]
     elif raw and all(isinstance(x, int) for x in raw):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -51,7 +52,7 @@ async def chat(body: ChatRequest, request: Request, state: AppState):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: AppState):
     served = state.get(body.model, embedding=False)
-    raw = body.prompt
+    raw: Any = body.prompt
     if isinstance(raw, str):
         prompts = [served.tok.encode(raw)]
     elif raw and all(isinstance(x, int) for x in raw):
