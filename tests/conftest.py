@@ -1,16 +1,25 @@
-"""Shared fixtures: small real text (a few Shakespeare plays) and tokenizers trained on it once per session."""
+"""Shared fixtures and helpers: small real text (a few Shakespeare plays) and tokenizers trained on it once per session,
+one tiny-model factory, the llmkit command in a subprocess, and a live server with its HTTP helpers. Test modules
+import from here, never from each other."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
 
 from llmkit.data.clean import normalize
 from llmkit.data.sources import shakespeare
+from llmkit.model import build_model, preset
+from llmkit.serve.browser import BackgroundServer
 from llmkit.tokenizer import KINDS, train_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -52,3 +61,84 @@ def run_cli(*args: str, input: str | None = None, cwd=None, check: bool = True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"llmkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def tiny_model(kind: str = "tiny-llama", vocab_size: int = 101, *, seed: int = 0, confident: bool = False, tokenizer=None, **shape):
+    """A tiny random model of a preset (2 layers, width 64, 4 heads unless `shape` says otherwise), in eval mode, the
+    same for the same arguments. `confident`: the LM head scaled 30x, so greedy paths stay far from ties."""
+    torch.manual_seed(seed)
+    model = build_model(preset(kind, **{"vocab_size": vocab_size, "d_model": 64, "n_layers": 2, "n_heads": 4, **shape})).eval()
+    if confident:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30.0)
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
+    return model
+
+
+def served_model(tok, kind: str = "tiny-llama", **overrides):
+    """The tiny decoder the server tests serve: `tok`'s vocabulary, a context of 1,024, a confident head."""
+    shape = {"max_seq_len": 1024, **({"n_kv_heads": 2, "d_ff": 128} if kind == "tiny-llama" else {}), **overrides}
+    return tiny_model(kind, tok.vocab_size, confident=True, tokenizer=tok, **shape)
+
+
+# --- a live server ------------------------------------------------------------------------------------------------------
+
+KEY = "sk-test-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer(BackgroundServer):
+    """uvicorn on a free local port in a thread (llmkit.serve.browser's), with what the tests ask of it."""
+
+    def __init__(self, app):
+        super().__init__(app)
+        self.app = app
+
+    def wait_ready(self, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while get(self.base + "/health")[0] != 200:
+            assert time.monotonic() < deadline, f"the models did not load: {get(self.base + '/health')}"
+            time.sleep(0.2)
+
+    def engine(self, name: str):
+        return self.app.state.llmkit.models[name].engine
+
+
+def request(method: str, url: str, body: bytes | dict | None = None, key: str | None = KEY, headers: dict | None = None):
+    """(status, parsed JSON or text, headers) of one plain HTTP request."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, raw, hdrs = r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        status, raw, hdrs = e.code, e.read(), dict(e.headers)
+    try:
+        return status, json.loads(raw), hdrs
+    except ValueError:
+        return status, raw.decode(), hdrs
+
+
+def get(url: str, key: str | None = KEY):
+    return request("GET", url, key=key)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Until the `llmkit serve` process answers /health with 200 (its models loaded); fails if it exits."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if get(base + "/health", key=None)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert proc.poll() is None, f"the server exited: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "the server did not get ready in time"
+        time.sleep(0.2)

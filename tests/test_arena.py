@@ -16,7 +16,7 @@ from llmkit.errors import LlmkitError
 from llmkit.evaluate.arena import ab_test, bootstrap_bt, bradley_terry, leaderboard, online_elo, votes_needed, wilson
 from llmkit.serve.votes import VoteError, VoteStore
 
-from conftest import run_cli
+from conftest import LiveServer, free_port, request, run_cli, served_model, wait_healthy
 
 
 def _published_elo(battles, K=4, SCALE=400, BASE=10, INIT_RATING=1000):
@@ -193,11 +193,9 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
 
     from llmkit.model.weights import save_model
 
-    from test_serve import _free_port, _tiny, request, wait_healthy
-
     tok = tokenizers_by_kind["byte-bpe"]
-    save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
-    db, port = tmp_path / "votes.db", _free_port()
+    save_model(served_model(tok), tmp_path / "tiny", tokenizer=tok)
+    db, port = tmp_path / "votes.db", free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -237,8 +235,7 @@ def test_a_vote_survives_kill_9_right_after_its_answer_and_votes_are_rate_limite
             proc.kill()
             proc.wait()
     # the limiter: 30 votes a minute per session, then 429 with Retry-After
-    from llmkit.serve.routes.arena import Limiter
-    from llmkit.serve.state import APIError
+    from llmkit.serve.state import APIError, Limiter
 
     limiter = Limiter(per_minute=3)
     for _ in range(3):
@@ -255,10 +252,8 @@ def test_streamed_battles_votes_and_ratings_over_http(tmp_path, tokenizers_by_ki
     from llmkit.model.weights import save_model
     from llmkit.serve import Settings, create_app
 
-    from test_serve import LiveServer, _tiny, request
-
     tok = tokenizers_by_kind["byte-bpe"]
-    save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
+    save_model(served_model(tok), tmp_path / "tiny", tokenizer=tok)
     spec = str(tmp_path / "tiny")
     live = LiveServer(
         create_app(

@@ -15,10 +15,11 @@ from llmkit.model.compiled import StaticDecoder, compilable, use_compiled_decode
 from llmkit.model.config import preset
 from llmkit.model.quantize import BlockLinear, Int4Linear, Int8Linear, fuse_projections, int4_codes, quantize
 
+from conftest import tiny_model
+
 
 def tiny(name: str, vocab_size: int = 101, **kw):
-    torch.manual_seed(0)
-    return build_model(preset(name, **{**dict(vocab_size=vocab_size, d_model=64, n_layers=2, n_heads=4, max_seq_len=96), **kw})).eval()
+    return tiny_model(name, vocab_size, **{"max_seq_len": 96, **kw})
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt"])

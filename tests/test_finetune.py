@@ -16,14 +16,11 @@ from llmkit.model import build_model, preset
 from llmkit.model.lora import apply_adapters, apply_lora, lora_layers, merge_lora, save_lora, trainable_share, unmerge_lora
 from llmkit.model.weights import export_hf
 
-from conftest import run_cli
+from conftest import run_cli, tiny_model
 
 
 def _tiny_llama():
-    torch.manual_seed(0)
-    return build_model(
-        preset("tiny-llama", vocab_size=101, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96, n_layers=2, max_seq_len=64)
-    ).eval()
+    return tiny_model("tiny-llama", 101, n_kv_heads=2, d_ff=96, max_seq_len=64)
 
 
 def _randomize_lora(model, seed=1):

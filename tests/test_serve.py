@@ -19,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -31,87 +29,16 @@ from llmkit.generate import GenerationConfig, generate
 from llmkit.model import build_model, preset
 from llmkit.model.weights import save_model
 from llmkit.serve import Engine, Request, Settings, create_app
-from llmkit.serve.browser import BackgroundServer
 
-from conftest import run_cli
+from conftest import KEY, LiveServer, free_port, get, request, run_cli, served_model, wait_healthy
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker starts these servers, not both
-KEY = "sk-test-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny(tok, kind: str = "tiny-llama", **overrides):
-    torch.manual_seed(0)
-    shape = dict(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, max_seq_len=1024)
-    if kind == "tiny-llama":
-        shape.update(n_kv_heads=2, d_ff=128)
-    model = build_model(preset(kind, **{**shape, **overrides})).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)  # confident: greedy paths far from ties
-    model.tokenizer = tok
-    return model
-
-
-class LiveServer(BackgroundServer):
-    """uvicorn on a free local port in a thread (llmkit.serve.browser's), with what the tests ask of it."""
-
-    def __init__(self, app):
-        super().__init__(app)
-        self.app = app
-
-    def wait_ready(self, seconds: float = 120) -> None:
-        deadline = time.monotonic() + seconds
-        while get(self.base + "/health")[0] != 200:
-            assert time.monotonic() < deadline, f"the models did not load: {get(self.base + '/health')}"
-            time.sleep(0.2)
-
-    def engine(self, name: str) -> Engine:
-        return self.app.state.llmkit.models[name].engine
-
-
-def request(method: str, url: str, body: bytes | dict | None = None, key: str | None = KEY, headers: dict | None = None):
-    """(status, parsed JSON or text, headers) of one plain HTTP request."""
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    req = urllib.request.Request(url, data=data, method=method, headers=h)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            status, raw, hdrs = r.status, r.read(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        status, raw, hdrs = e.code, e.read(), dict(e.headers)
-    try:
-        return status, json.loads(raw), hdrs
-    except ValueError:
-        return status, raw.decode(), hdrs
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
-    """Until the `llmkit serve` process answers /health with 200 (its models loaded); fails if it exits."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if get(base + "/health", key=None)[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        assert proc.poll() is None, f"the server exited: {proc.communicate()[1]}"
-        assert time.monotonic() < deadline, "the server did not get ready in time"
-        time.sleep(0.2)
-
-
-def get(url: str, key: str | None = KEY):
-    return request("GET", url, key=key)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizers_by_kind):
     path = tmp_path_factory.mktemp("tiny-serve")
-    save_model(_tiny(tokenizers_by_kind["byte-bpe"]), path, tokenizer=tokenizers_by_kind["byte-bpe"])
+    save_model(served_model(tokenizers_by_kind["byte-bpe"]), path, tokenizer=tokenizers_by_kind["byte-bpe"])
     return path
 
 
@@ -184,7 +111,7 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
     `static`: the engine decodes with the static-cache step the compiler takes (rows padded to a power of two), run
     eagerly here (tests/test_fast_decode.py compiles it)."""
     tok = tokenizers_by_kind["byte-bpe"]
-    model = _tiny(tok, kind, max_seq_len=256, **overrides)
+    model = served_model(tok, kind, max_seq_len=256, **overrides)
     g = torch.Generator().manual_seed(1)
     jobs = []
     for i in range(14):
@@ -213,7 +140,7 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
 
 def test_stop_strings_and_tokens_end_each_row_as_alone(tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
-    model = _tiny(tok)
+    model = served_model(tok)
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("To be, or not to be", "Friends, Romans", "O Romeo")]
     free = [generate(model, tok, [p], GenerationConfig(max_new_tokens=20, do_sample=False, stop_token_ids=[]))[0] for p in prompts]
     jobs = [
@@ -509,7 +436,7 @@ def test_loading_is_503_then_a_full_queue_is_429_and_the_rest_succeed(busy_serve
 def test_the_serve_command_needs_its_key_and_stops_cleanly_on_sigterm(tiny_dir, tmp_path):
     key_file = tmp_path / "key.txt"
     key_file.write_text(KEY + "\n")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -567,7 +494,7 @@ def test_an_encoder_decoder_is_served_one_request_at_a_time_as_generate_does(tok
 
 def test_logit_bias_bans_and_forces_tokens_per_row(tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
-    model = _tiny(tok)
+    model = served_model(tok)
     prompt = tok.encode("To be, or not to be", add_special_tokens=False)
     free = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[]))[0]
     banned = GenerationConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[], logit_bias={free.ids[0]: -100})
@@ -581,7 +508,7 @@ def test_logit_bias_bans_and_forces_tokens_per_row(tokenizers_by_kind):
 
 def test_a_prompt_whose_prefill_fails_fails_alone(tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
-    model = _tiny(tok)
+    model = served_model(tok)
     prompt = tok.encode("To be, or not to be", add_special_tokens=False)
     engine = Engine(model, "t", max_batch=4, max_queue=4)
     try:

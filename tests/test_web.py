@@ -17,7 +17,7 @@ from llmkit.model.weights import save_model
 from llmkit.serve import Settings, create_app
 from llmkit.serve.votes import VoteStore
 
-from test_serve import KEY, LiveServer, request
+from conftest import KEY, LiveServer, request, served_model
 
 pytestmark = pytest.mark.xdist_group("web")
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "web"
@@ -42,11 +42,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory, tokenizers_by_kind):
-    from test_serve import _tiny
 
     folder = tmp_path_factory.mktemp("web")
     tok = tokenizers_by_kind["byte-bpe"]
-    save_model(_tiny(tok), folder / "tiny", tokenizer=tok)
+    save_model(served_model(tok), folder / "tiny", tokenizer=tok)
     db = folder / "votes.db"
     live = LiveServer(
         create_app(
@@ -214,10 +213,9 @@ def test_rate_an_answer(page, web):
 
 
 def test_a_busy_server_is_explained_in_words(browser, tmp_path, tokenizers_by_kind):
-    from test_serve import _tiny
 
     tok = tokenizers_by_kind["byte-bpe"]
-    save_model(_tiny(tok), tmp_path / "tiny", tokenizer=tok)
+    save_model(served_model(tok), tmp_path / "tiny", tokenizer=tok)
     live = LiveServer(create_app([("tiny", str(tmp_path / "tiny"))], [], Settings(max_batch=1, max_queue=0)))
     try:
         live.wait_ready()
