@@ -371,7 +371,7 @@ def test_rope_scaling_equals_transformers_beyond_the_original_context(tmp_path, 
 
 
 def test_unknown_rope_scaling_is_refused(tmp_path):
-    from llmkit.model.weights import config_from_hf
+    from llmkit.model.convert.hf import config_from_hf
 
     hf = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96, vocab_size=50)
     with pytest.raises(LlmkitError, match="RoPE scaling 'longrope' is not implemented"):
@@ -508,7 +508,7 @@ def test_export_refuses_what_transformers_would_run_differently(tmp_path, change
 
 
 def test_export_and_import_refuse_bert_and_llama_variants_transformers_lacks(tmp_path):
-    from llmkit.model.weights import config_from_hf
+    from llmkit.model.convert.hf import config_from_hf
 
     for change, message in ((dict(activation="geglu"), "activation geglu"), (dict(n_kv_heads=2), "grouped-query")):
         with pytest.raises(LlmkitError, match=message):

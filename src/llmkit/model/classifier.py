@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+from llmkit.model.convert.tensors import read_safetensors
 from llmkit.model.families import LanguageModel
 from llmkit.model.layers import pad_right
 from llmkit.model.lora import METHOD_FIELDS, apply_method
-from llmkit.model.weights import load, read_safetensors
+from llmkit.model.weights import load
 
 REGRESSION = "<regression>"
 

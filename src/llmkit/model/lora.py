@@ -28,6 +28,8 @@ from torch import nn
 
 from llmkit import io
 from llmkit.errors import LlmkitError
+from llmkit.model.convert.hf import hf_config_for, hf_name
+from llmkit.model.convert.tensors import read_safetensors
 
 
 class LoRALinear(nn.Module):
@@ -211,12 +213,10 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 def _hf_name(model, name: str) -> str:
     """Our module name -> the Hugging Face module name of the model's export (for PEFT's adapter keys)."""
-    from llmkit.model.weights import _invert_name, hf_config_for
-
     model_type = hf_config_for(model.config)["model_type"]
     if model_type == "gpt2":
         raise LlmkitError("GPT-2's fused attention has no PEFT-compatible LoRA names", "save the merged model instead")
-    hf = _invert_name(model_type, name + ".weight")
+    hf = hf_name(model_type, name + ".weight")
     if hf is None:
         raise LlmkitError(f"no Hugging Face name for {name}", "adapt only attention and feed-forward projections")
     return hf[: -len(".weight")]
@@ -261,8 +261,6 @@ def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -
 
 def load_lora(model: nn.Module, directory) -> list[str]:
     """Apply the LoRA adapter saved in `directory` (ours or PEFT's, same format) to `model`."""
-    from llmkit.model.weights import read_safetensors
-
     directory = Path(directory)
     if not (directory / "adapter_config.json").exists():
         raise LlmkitError(f"{directory} has no adapter_config.json", "point at a folder written by `llmkit finetune --method lora`")

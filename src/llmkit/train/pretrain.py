@@ -34,7 +34,8 @@ from llmkit.evaluate.perplexity import summarize
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model import ModelConfig, build_model, preset
 from llmkit.model.config import PRESETS
-from llmkit.model.weights import _aliases, load_state, save_model
+from llmkit.model.convert.own import save_model
+from llmkit.model.convert.tensors import _aliases, load_state
 from llmkit.progress import progress
 from llmkit.tokenizer import SpecialTokens, Tokenizer, train_tokenizer
 from llmkit.tokenizer.core import N_SENTINELS
