@@ -270,3 +270,43 @@ def test_report_keeps_unbounded_metrics_and_names_two_runs_of_one_model(tmp_path
     acc = next(r for r in rows if r["metric"] == "acc" and "plain" in r["model"])
     assert acc["low"] == 0.0 and acc["high"] == pytest.approx(0.4 + 1.96 * 0.3)
     assert len({r["model"] for r in rows}) == 2 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _lm_eval(*args: str, out: Path) -> dict:
+    """`lm_eval ARGS --output_path OUT` as a user runs it; the results JSON it writes."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), *args, "--output_path", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n(run `make` once: it registers llmkit with lm_eval)"
+    return json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+
+def test_lm_eval_keeps_its_own_models_beside_llmkit_and_both_score_alike(tiny_run, tmp_path):
+    """Registering llmkit must not hide lm-eval's own models: `lm_eval --model hf` on the model's Hugging Face export and
+    `lm_eval --model llmkit` on the run folder both run from the command line, on the same task, to the same scores;
+    `simple_evaluate(model="hf")` needs no extra import; a process that never uses lm-eval never imports it."""
+    export = tmp_path / "hf"
+    run_cli("model", "export", "--model", str(tiny_run), "--out", str(export))
+    folder = write_builtin_tasks(tmp_path / "tasks", ["play"], n_validation=8, n_train=4)
+    common = ["--tasks", "play", "--include_path", str(folder), "--batch_size", "4", "--limit", "8"]
+    hf = _lm_eval("--model", "hf", "--model_args", f"pretrained={export}", *common, out=tmp_path / "out-hf")
+    ours = _lm_eval("--model", "llmkit", "--model_args", f"model={tiny_run}", *common, out=tmp_path / "out-llmkit")
+    for key in ("acc,none", "acc_norm,none"):
+        assert ours["play"][key] == pytest.approx(hf["play"][key]), key
+
+    api = (
+        "from lm_eval import simple_evaluate; from lm_eval.tasks import TaskManager; "
+        f"r = simple_evaluate(model='hf', model_args='pretrained={export}', tasks=['play'], "
+        f"task_manager=TaskManager(include_path='{folder}'), limit=4, device='cpu'); print(r['results']['play']['acc,none'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 0.0 <= float(proc.stdout.strip().splitlines()[-1]) <= 1.0
+
+    startup = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'torch', 'transformers')))"
+    proc = subprocess.run([sys.executable, "-c", startup], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"

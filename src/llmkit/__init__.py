@@ -8,14 +8,7 @@ its layers and the reasons behind each dependency: docs/design.md.
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _package_version
 from typing import TYPE_CHECKING
-
-try:
-    __version__ = _package_version("llmkit")  # the installed package's metadata (pyproject.toml's version)
-except _PackageNotFoundError:  # a source tree on sys.path without an install
-    __version__ = "0.0.0+unknown"
 
 from llmkit.errors import LlmkitError
 
@@ -41,6 +34,21 @@ def load(
     from llmkit.model.weights import load as _load
 
     return _load(name_or_path, dtype=dtype, device=device, quantize=quantize)
+
+
+def __getattr__(name: str):
+    """`__version__`, read from the installed package's metadata on first use: importlib.metadata costs ~60 ms, which
+    `import llmkit` (and lm-eval's registration hook at every start-up) should not pay."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("llmkit")  # pyproject.toml's version
+        except PackageNotFoundError:  # a source tree on sys.path without an install
+            value = "0.0.0+unknown"
+        globals()["__version__"] = value
+        return value
+    raise AttributeError(f"module 'llmkit' has no attribute {name!r}")
 
 
 __all__ = ["LlmkitError", "__version__", "load"]

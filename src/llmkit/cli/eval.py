@@ -372,7 +372,7 @@ def _votes(args):
         from llmkit import io
 
         rows = store.export()
-        io.write_text(args.export, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        io.write_jsonl(args.export, rows)
         console().print(f"{len(rows)} votes and ratings -> {args.export}")
     return store
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import cast
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while it is empty)
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils

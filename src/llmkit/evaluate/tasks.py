@@ -153,7 +153,7 @@ def write_builtin_tasks(folder: str | Path, names=BUILTIN, *, seed: int = 0, n_v
                 docs = _play_docs(split, n, seed)
             else:
                 docs = _generation_docs(task, split, n, seed)
-            io.write_text(folder / f"{task}.{split}.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+            io.write_jsonl(folder / f"{task}.{split}.jsonl", docs)
         io.write_text(folder / f"{task}.yaml", yaml.safe_dump(_yaml(task, folder), sort_keys=False, allow_unicode=True))
     return folder
 
