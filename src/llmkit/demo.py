@@ -46,8 +46,8 @@ def run_demo(
     console.rule("[bold]3. pretrain: a small GPT on the shards")
     lines += pretrain_stage(out, pretrain_budget)
     console.rule("[bold]4. generate: our GPT, and SmolLM2-135M-Instruct")
-    smol, question, lines = generate_stage(out)
-    lines += lines
+    smol, question, said = generate_stage(out)
+    lines += said
     console.rule("[bold]5. finetune: LoRA on SmolLM2 for arithmetic")
     lines += finetune_stage(out, finetune_budget)
     console.rule("[bold]6. evaluate: SmolLM2 before and after its LoRA, through lm-evaluation-harness")
