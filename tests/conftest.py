@@ -47,7 +47,9 @@ def tokenizers_by_kind(plays):
     return {kind: train_tokenizer(plays, kind, 2048, min_frequency=1) for kind in KINDS}
 
 
-def run_cli(*args: str, input: str | None = None, cwd=None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, input: str | None = None, cwd=None, check: bool = True, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `llmkit ARGS` as a user would, in a fresh process (`env`: variables set on top of this one's)."""
     proc = subprocess.run(
         [sys.executable, "-m", "llmkit", *args],
@@ -55,7 +57,7 @@ def run_cli(*args: str, input: str | None = None, cwd=None, check: bool = True, 
         text=True,
         input=input,
         cwd=cwd,
-        timeout=600,
+        timeout=timeout,
         env={**os.environ, **env} if env else None,
     )
     if check and proc.returncode != 0:

@@ -170,7 +170,9 @@ def test_data_prepare_and_info_from_the_cli(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--out", str(out), "--vocab-size", "2048", "--pretrain-budget", "30steps", "--finetune-budget", "3steps")
+    # ~4 minutes alone on 2 cores; the limit leaves room for a machine under load (600 s was too little there)
+    args = ("demo", "--out", str(out), "--vocab-size", "2048", "--pretrain-budget", "30steps", "--finetune-budget", "3steps")
+    proc = run_cli(*args, timeout=1800)
     assert "report" in proc.stderr
     for name in (
         "report.md",

@@ -303,7 +303,9 @@ def test_lm_eval_keeps_its_own_models_beside_llmkit_and_both_score_alike(tiny_ru
         f"r = simple_evaluate(model='hf', model_args='pretrained={export}', tasks=['play'], "
         f"task_manager=TaskManager(include_path='{folder}'), limit=4, device='cpu'); print(r['results']['play']['acc,none'])"
     )
-    proc = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", api], capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 0.0 <= float(proc.stdout.strip().splitlines()[-1]) <= 1.0
 
