@@ -566,3 +566,61 @@ def test_release_openmp_threads_lets_the_calling_threads_workers_go():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["released"] and set(out["workers"]) - set(out["left"]), out  # the OpenMP worker is gone (others stay)
+
+
+def test_a_poisoned_request_fails_alone_and_the_batch_goes_on(tokenizers_by_kind, monkeypatch):
+    """Eight streams run; requests that fail in the middle of them (NaN scores from the model, a stop rule that raises,
+    settings at the edge of what a sampler computes: temperature 1e-40, top_k 10**30) end alone, and the eight finish
+    exactly as each does alone."""
+    import llmkit.serve.engine as engine_module
+    from llmkit.generate import TextStream
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = served_model(tok, max_seq_len=256)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, tok.vocab_size, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(8)]
+    jobs = []
+    for i, p in enumerate(prompts):
+        cfg = GenerationConfig(max_new_tokens=30, do_sample=i % 2 == 1, temperature=0.8, seed=i)
+        cfg.stop_token_ids = []
+        jobs.append((p, cfg))
+    alone = [generate(model, tok, [p], c)[0] for p, c in jobs]
+
+    nan_marker, raise_marker = 7, 8  # a prompt ending in 7 gets NaN scores; one ending in 8 has a stop rule that raises
+    real_forward = model.forward
+
+    def forward(ids, *args, **kwargs):
+        out = real_forward(ids, *args, **kwargs)
+        if ids.shape[1] > 1:  # a prefill
+            out[ids[:, -1] == nan_marker] = float("nan")
+        return out
+
+    class Failing(TextStream):
+        def push(self, token_id):
+            if self.prompt_ids and self.prompt_ids[-1] == raise_marker and len(self.ids) >= 3:
+                raise RuntimeError("a stop rule failed")
+            return super().push(token_id)
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(engine_module, "TextStream", Failing)
+    poison = [
+        ([11, 12, nan_marker], GenerationConfig(max_new_tokens=30, do_sample=False)),
+        ([11, 12, raise_marker], GenerationConfig(max_new_tokens=30, do_sample=False)),
+        ([11, 13], GenerationConfig(max_new_tokens=30, temperature=1e-40, seed=1)),  # greedy: below SAMPLING_EPS
+        ([11, 14], GenerationConfig(max_new_tokens=30, temperature=0.7, top_k=10**30, seed=2)),  # top-k = the vocabulary
+    ]
+    mixed = jobs[:3] + poison[:2] + jobs[3:6] + poison[2:] + jobs[6:]
+    engine = Engine(model, "poison", max_batch=12, max_queue=20)
+    try:
+        out = _collect(engine, mixed, stagger=0.02)
+    finally:
+        engine.close()
+    results = out[:3] + out[5:8] + out[10:]
+    for (p, cfg), a, b in zip(jobs, alone, results):
+        assert b["ids"] == a.ids and b["text"] == a.text and b["end"][:2] == ("done", "length"), (len(p), cfg)
+    nan_row, raise_row, tiny_t, huge_k = out[3], out[4], out[8], out[9]
+    assert nan_row["end"][:2] == ("error", "server_error") and "not numbers" in nan_row["end"][2]
+    assert raise_row["end"][:2] == ("error", "server_error") and "a stop rule failed" in raise_row["end"][2]
+    greedy = generate(model, tok, [[11, 13]], GenerationConfig(max_new_tokens=30, do_sample=False))[0]
+    assert tiny_t["end"][:2] == ("done", "length") and tiny_t["ids"] == greedy.ids
+    assert huge_k["end"][:2] == ("done", "length") and len(huge_k["ids"]) == 30

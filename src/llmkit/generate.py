@@ -29,6 +29,8 @@ import torch
 
 from llmkit.errors import LlmkitError
 
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's rule): dividing logits by it would overflow to NaN
+
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end|>", "</s>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
 
@@ -41,7 +43,7 @@ def warn_stderr(message: str) -> None:
 class GenerationConfig:
     max_new_tokens: int = 128
     do_sample: bool = True
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below SAMPLING_EPS) means greedy
     top_k: int | None = None  # None or 0: no top-k filter
     top_p: float | None = None  # None or 1.0: no nucleus filter
     repetition_penalty: float = 1.0  # CTRL's, on prompt and output tokens (1.0: off)
@@ -57,7 +59,7 @@ class GenerationConfig:
     early_stopping: bool = False
 
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature < SAMPLING_EPS
 
     def check(self) -> None:
         """Refuse settings that would silently do something else (negative temperature, top-p of 0, ...)."""
@@ -165,8 +167,8 @@ class Sampler:
         self.temperature = torch.tensor([x.temperature if not x.greedy() else 1.0 for x in c], device=dev)[:, None]
         # per-row filters, or None when no row uses one (decided here, once: no host sync per step)
         ks, ps = [x.top_k or 0 for x in c], [x.top_p if x.top_p is not None else 1.0 for x in c]
-        # a row without top-k keeps every token: k = the vocabulary
-        self.top_k = torch.tensor([k if k > 0 else self.n_valid for k in ks], device=dev) if any(ks) else None
+        # a row without top-k keeps every token: k = the vocabulary (a larger k is the vocabulary too)
+        self.top_k = torch.tensor([min(k, self.n_valid) if k > 0 else self.n_valid for k in ks], device=dev) if any(ks) else None
         self.top_p = torch.tensor(ps, device=dev) if any(p < 1 for p in ps) else None
         self.rep = torch.tensor([x.repetition_penalty for x in c], device=dev)[:, None]
         self.presence = torch.tensor([x.presence_penalty for x in c], device=dev)[:, None]

@@ -361,6 +361,7 @@ class Engine:
             return logits
         try:
             gens = self._generators(reqs)
+            Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens)  # their settings, checked alone
             joined = []
             for r in reqs:
                 stop_ids, strings = stop_rules(self.tok, r.config, self.model, warn=log.warning)
@@ -443,41 +444,42 @@ class Engine:
             out.append((chosen[r], best))
         return out
 
+    def _poisoned(self, logits: torch.Tensor) -> list[int]:
+        """Rows whose logits hold NaN (a numerical failure of that row alone): they end with an error, the rest go on."""
+        bad = torch.isnan(logits[:, : self.n_valid]).any(-1)
+        return bad.nonzero()[:, 0].tolist() if bool(bad.any()) else []
+
     def _step(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Sample every row's next token, report it, let finished rows leave, and compute the next logits."""
+        """Sample every row's next token, report it, let finished rows leave, and compute the next logits. A row whose
+        logits are not numbers, or whose stop rule or stream fails, ends alone with its error: one request never fails
+        another."""
+        poisoned = self._poisoned(logits)
+        if poisoned:
+            for r in poisoned:
+                self._finish_error(
+                    self.rows[r].req, "server_error", "generation failed: the model's scores for this request are not numbers"
+                )
+            keep = [r for r in range(len(self.rows)) if r not in poisoned]
+            self._drop(keep)
+            if not self.rows:
+                self._gauges()
+                return None
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
         tokens = self.sampler(logits)
         self.sampler.observe(tokens)
         lps = self._logprobs(logits, tokens)
         now = time.monotonic()
         keep, produced = [], 0
         for r, (row, t) in enumerate(zip(self.rows, tokens.tolist())):
-            gone = self._expired(row.req, now)
-            if gone:
-                if gone == "timeout":
-                    self._finish_error(row.req, "timeout", f"the request timed out after {row.generated} tokens")
-                self._done_metrics(row, cancelled=True)
+            try:
+                finish, made = self._advance(row, t, lps[r], now)
+            except Exception as e:  # noqa: BLE001  (this request fails alone)
+                log.exception("engine %s: a request's step failed", self.name)
+                self._finish_error(row.req, "server_error", f"generation failed: {type(e).__name__}: {e}")
                 continue
-            finish, stop_token = None, t in row.stop_ids
-            if stop_token:  # not part of the output: it ends it
-                piece, finish = row.text.flush(), "stop"
-            else:
-                piece = row.text.push(t)
-                row.generated += 1
-                if row.text.stopped:
-                    finish = "stop"
-                elif row.generated >= row.req.config.max_new_tokens:
-                    piece += row.text.flush()
-                    finish = "length"
-                if row.generated == 1 and self.metrics is not None:
-                    self.metrics.ttft.labels(self.name).observe(now - row.req.submitted)
-                produced += 1
-            if piece or not stop_token:
-                row.req.emit(("token", piece, None if stop_token else t, None if stop_token else lps[r]))
-            if finish:
-                row.req.emit(("done", finish, {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": row.generated}))
-                self._done_metrics(row)
-                continue
-            keep.append(r)
+            produced += made
+            if finish is None:
+                keep.append(r)
         if self.metrics is not None:
             self.metrics.generated(self.name, produced)
         if len(keep) < len(self.rows):
@@ -518,6 +520,36 @@ class Engine:
         self.width += 1
         self.positions = self.positions + 1
         return out
+
+    def _advance(self, row: _Row, t: int, lp, now: float) -> tuple[str | None, int]:
+        """Token `t` for `row`: its text piece out, and whether the row is over ("stop", "length", "gone"); (finish,
+        tokens produced)."""
+        gone = self._expired(row.req, now)
+        if gone:
+            if gone == "timeout":
+                self._finish_error(row.req, "timeout", f"the request timed out after {row.generated} tokens")
+            self._done_metrics(row, cancelled=True)
+            return "gone", 0
+        finish, stop_token, made = None, t in row.stop_ids, 0
+        if stop_token:  # not part of the output: it ends it
+            piece, finish = row.text.flush(), "stop"
+        else:
+            piece = row.text.push(t)
+            row.generated += 1
+            if row.text.stopped:
+                finish = "stop"
+            elif row.generated >= row.req.config.max_new_tokens:
+                piece += row.text.flush()
+                finish = "length"
+            if row.generated == 1 and self.metrics is not None:
+                self.metrics.ttft.labels(self.name).observe(now - row.req.submitted)
+            made = 1
+        if piece or not stop_token:
+            row.req.emit(("token", piece, None if stop_token else t, None if stop_token else lp))
+        if finish:
+            row.req.emit(("done", finish, {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": row.generated}))
+            self._done_metrics(row)
+        return finish, made
 
     def _done_metrics(self, row: _Row, cancelled: bool = False) -> None:
         if not cancelled:
