@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llmkit import io
 from llmkit.train.pretrain import PretrainConfig
 
 # name -> (flags, tokenizer kind and vocabulary: None for the default's); the GPT-2 recipe as `llmkit pretrain` ran it
@@ -37,7 +38,7 @@ def run(out: Path, minutes: float, flags: list[str], data: str) -> dict:
     if not (out / "report.md").exists():
         cmd = [sys.executable, "-m", "llmkit", "pretrain", "--budget", f"{minutes * 60:.0f}s", "--out", str(out), "--no-samples"]
         subprocess.run(cmd + ["--data", data] + flags, check=True)
-    rows = [json.loads(line) for line in final.read_text().splitlines()]
+    rows = io.read_jsonl(final)
     train = [r for r in rows if r.get("split") == "train"]
     val = rescore(out, Path(data))
     return {"minutes": minutes, "val_bpb": val["bpb"], "val_loss": val["loss"], "steps": train[-1]["step"] if train else 0}

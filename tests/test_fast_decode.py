@@ -196,6 +196,7 @@ def test_each_model_has_its_own_compiled_step_and_a_changed_model_compiles_again
                 layer.lora_B.normal_(0, 0.5)  # a delta that shows
     unmerged = step_logits(c, True)
     merge_lora(c)
+    assert StaticDecoder(c, 1, 64, compile="pays").job is None  # the default mode never reuses the unmerged model's graph
     merged = step_logits(c, True)
     torch.testing.assert_close(merged, step_logits(c, False), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(merged, unmerged, rtol=1e-3, atol=1e-3)  # merging keeps the function
@@ -248,6 +249,37 @@ def test_gguf_blocks_decode_to_the_files_weights_exactly(kind):
         linear.weight[0, 0] += 1e-3
     with pytest.raises(LlmkitError, match="no longer equal"):
         BlockLinear(linear, kind, raw)
+
+
+def test_a_model_whose_weights_left_its_gguf_blocks_keeps_its_float_layers():
+    """A fine-tune (a LoRA merged) of a GGUF model: auto picks no blocks for it, and blocks that no longer match one
+    layer change no layer (the swap is all or nothing)."""
+    from llmkit.model.compiled import auto_quantization
+    from llmkit.model.quantize import use_gguf_blocks
+
+    model = tiny("tiny-llama", n_layers=1)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0]
+    blocks = {}
+    for i, name in enumerate(names):
+        layer = model.get_submodule(name)
+        raw, w = _gguf_blocks("Q4_1", layer.out_features, layer.in_features, seed=i)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        blocks[f"{name}.weight"] = ("Q4_1", raw)
+
+    class Source:
+        def read(self):
+            return blocks
+
+    model.gguf_blocks, model.gguf_weights = Source(), "Q4_1"
+    assert auto_quantization(model) == "gguf"
+    with torch.no_grad():
+        model.get_submodule(names[1]).weight[0, 0] += 1e-3  # one layer no longer matches its blocks
+    with pytest.raises(LlmkitError, match="no longer equal"):
+        use_gguf_blocks(model)
+    assert not any(isinstance(m, BlockLinear) or hasattr(m, "gguf_block") for m in model.modules())
+    model.gguf_weights = None  # what loading a LoRA run sets (its merged weights are off the file's grid)
+    assert auto_quantization(model) is None
 
 
 def test_the_int4_kernel_rounds_to_bf16_where_the_blocks_do_not():

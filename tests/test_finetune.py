@@ -475,3 +475,12 @@ def test_near_duplicates_are_checked_by_their_true_similarity():
     near[200] = "y"  # Jaccard 0.98: a near duplicate
     keep, dropped = drop_near_duplicates([" ".join(words), " ".join(similar), " ".join(near)], threshold=0.8)
     assert keep == [0, 1] and dropped == 1
+
+
+def test_a_budget_that_does_not_parse_is_refused_before_anything_runs(tmp_path):
+    from llmkit.errors import LlmkitError
+    from llmkit.finetune.recipe import FinetuneConfig, finetune
+
+    with pytest.raises(LlmkitError, match="cannot read the budget"):
+        finetune(FinetuneConfig(budget="abc", out=str(tmp_path / "run")), log=lambda m: None)
+    assert not (tmp_path / "run" / "finetune_config.json").exists()

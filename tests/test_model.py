@@ -580,3 +580,15 @@ def test_a_hugging_face_folder_tokenizer_adds_its_own_special_tokens(tmp_path, t
     assert out.prompt_ids[0] == tok.bos_id
     scored = evaluate_text(model, model.tokenizer, text, window=32)
     assert scored["tokens"] == len(theirs(text)["input_ids"]) - 1  # every text token is scored, the first one after bos
+
+
+def test_an_encoder_with_a_classification_head_exports_as_bert_without_it(tmp_path):
+    """BertForMaskedLM has no sequence-classification head: the export leaves it out (transformers would warn of
+    unexpected keys, and llmkit.load would build a head the config does not declare)."""
+    from safetensors import safe_open
+
+    model = build_model(preset("tiny-bert", vocab_size=97, d_model=64, n_heads=4, num_labels=3))
+    export_hf(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "bert.embeddings.word_embeddings.weight" in keys and not any(k.startswith("classifier") for k in keys)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from llmkit import io
 from llmkit.cli.common import console, decode_weight_options, subcommand
 from llmkit.errors import LlmkitError
 
@@ -93,8 +94,9 @@ def cmd_generate(args) -> None:
             console().print(f"[yellow]warning: {args.file} has {bad} bytes that are not UTF-8; they read as U+FFFD[/]")
     cfg = generation_config(args)
     if args.prompts_file:
-        rows = [json.loads(line) for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        missing = [i for i, r in enumerate(rows, 1) if args.field not in r]
+        numbered = io.parse_jsonl(Path(args.prompts_file).read_text(encoding="utf-8"), args.prompts_file)
+        rows = [r for _, r in numbered]
+        missing = [n for n, r in numbered if not isinstance(r, dict) or args.field not in r]
         if missing:
             raise LlmkitError(
                 f"{args.prompts_file}: line {missing[0]} has no field {args.field!r}", "pass --field with the prompt field's name"

@@ -58,7 +58,7 @@ class Finder:
         finally:
             sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
+            spec.loader = _Loader(spec.loader)  # type: ignore[assignment]  # duck-typed: importlib.abc costs start-up time
         return spec
 
 

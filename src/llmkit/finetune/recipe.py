@@ -275,6 +275,7 @@ class Finetuning:
 
     def run(self) -> dict:
         cfg = self.cfg
+        self.budget = Budget.parse(cfg.budget)  # a budget that does not parse is refused before anything runs
         self.ckpt = resume_point(self.run_dir, cfg.resume)
         torch.manual_seed(cfg.seed)
         io.write_json(self.run_dir / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and --resume read
@@ -391,7 +392,7 @@ class Finetuning:
         """AdamW over the trainable parameters, warmup then cosine to a tenth, every target token of a step weighing the
         same (`accumulate_gradients`), clipped at 1.0; checkpoints every --save-every steps and at the end."""
         cfg, model = self.cfg, self.model
-        budget = Budget.parse(cfg.budget)
+        budget = self.budget
         device = next(model.parameters()).device
         amp = autocast_dtype(cfg.precision, device)
         self.params = params = [p for p in model.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ absolute or rotary positions (not dynamic NTK) compiles; others decode eagerly, 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import threading
@@ -132,11 +133,24 @@ class CompileJob:
         self.seconds: float | None = None
         self.step = None  # the compiled function, once ready
         self._load = None  # set by compile_step: loads (or compiles) the step in the calling thread
+        self._lock = threading.Lock()  # two engines of one model (one model served under two names) load it once
+        self.process = None  # the child process building the step, while it runs
 
     def load(self) -> None:
         """Load the compiled step into this process now (after a child process built it; no-op when done)."""
-        if self._load is not None and not self.done.is_set():
-            self._load()
+        with self._lock:
+            if self._load is not None and not self.done.is_set():
+                self._load()
+
+    def cancel(self) -> None:
+        """Stop a compile nobody will use (its engine closed): the child process ends, the job lets its model go."""
+        with self._lock:
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+            if not self.done.is_set():
+                self.error = self.error or "cancelled"
+                self._load = None
+                self.done.set()
 
 
 class _Entry:
@@ -329,11 +343,12 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
             if not cached:
                 say(f"{_what(False)}, in a background process (decoding goes on meanwhile): ~{estimate:.0f} s (cache: {_cache_dir()})")
                 with _CHILD:
-                    error = _build_in_child(model, batch)
-                if error is not None:
-                    job.error, job._load = error, None
-                    say(f"the decode step did not compile ({error}); decoding eagerly")
-                    job.done.set()
+                    error = "cancelled" if job.done.is_set() else _build_in_child(model, batch, job)
+                if error is not None or job.done.is_set():
+                    if not job.done.is_set():
+                        job.error, job._load = error, None
+                        say(f"the decode step did not compile ({error}); decoding eagerly")
+                        job.done.set()
                     return
             job.built.set()
             if not hold:
@@ -355,7 +370,7 @@ def _cache_dir() -> str:
     return str(cache_dir())
 
 
-def _build_in_child(model: nn.Module, batch: int) -> str | None:
+def _build_in_child(model: nn.Module, batch: int, job: CompileJob | None = None) -> str | None:
     """Compile the step of the model `model.decode_spec` names, for `batch` rows, in a child process at low priority
     (nice 10: the decoding here keeps the cores it needs) with this process's thread count (inductor's code depends on
     it). None when it worked, else the child's last error line."""
@@ -367,10 +382,14 @@ def _build_in_child(model: nn.Module, batch: int) -> str | None:
     cmd += ["--threads", str(torch.get_num_threads()), "--quantize", str(spec.get("quantize") or "none"), "--dtype", spec["dtype"]]
     env = {**os.environ, "LLMKIT_COMPILE": "1"}
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10), env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     except OSError as e:
         return f"the compile process did not start: {e}"
+    with contextlib.suppress(OSError, AttributeError):  # nice 10 (no preexec_fn: it is unsafe in a threaded process)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
     _CHILDREN.add(proc)
+    if job is not None:
+        job.process = proc
     try:
         _, err = proc.communicate()
     finally:
@@ -432,7 +451,10 @@ class StaticDecoder:
         elif compile == "pays":
             entry = _COMPILED.get(model)
             job = entry.jobs.get(batch) if entry is not None else None
-            if job is not None and not job.error:  # compiled, or compiling in the background (a chat's): use it when ready
+            # compiled for the model as it is now (the guards on its modules are skipped: a changed model needs a new
+            # compile), or compiling in the background (a chat's): use it when ready
+            current = job is not None and (not job.done.is_set() or entry.structure == _structure(model))
+            if current and not job.error:
                 self.job = job if (job.ready.is_set() or not job.done.is_set()) else None
 
     @property
@@ -519,7 +541,8 @@ def auto_quantization(model: nn.Module) -> str | None:
     such weights included. int8 and int4 round the weights and are never chosen for the user."""
     p = next(model.parameters())
     decoder = model.config.family == "decoder"
-    return "gguf" if p.dtype == torch.float32 and p.device.type == "cpu" and getattr(model, "gguf_blocks", None) and decoder else None
+    from_file = getattr(model, "gguf_blocks", None) is not None and getattr(model, "gguf_weights", None) is not None
+    return "gguf" if p.dtype == torch.float32 and p.device.type == "cpu" and from_file and decoder else None
 
 
 def prepare_for_decoding(model: nn.Module, quantize: str | None = "auto", compile: bool = True) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so its speed is set by memory traffic and per-op overhead, not FLOPs.
 
-    gguf   the file's Q4_0 / Q4_1 / Q8_0 blocks, decoded in float32 inside the compiled decode step: the very weights
+    gguf   the file's Q4_0 / Q4_1 / Q8_0 blocks, decoded in float32 inside the compiled decode step: the same weights
            `--quantize none` multiplies, half a byte each instead of four (`BlockLinear`; the default for GGUF files)
     int8   symmetric per output channel:  w ≈ q · scale,               q in [-127, 127]   (`_weight_int8pack_mm`)
     int4   asymmetric per group of 32 inputs, as llama.cpp's Q4_1 (outputs a multiple of 16):
@@ -260,20 +260,32 @@ def use_gguf_blocks(model: nn.Module, fuse: bool = False) -> nn.Module:
     source = getattr(model, "gguf_blocks", None)
     if source is None:
         raise LlmkitError("this model was not loaded from a GGUF file with quantized blocks", "use --quantize none, int8 or int4")
+    if next(model.parameters()).dtype != torch.float32:
+        raise LlmkitError(
+            "the GGUF blocks decode in float32, and this model was cast", "load it in float32 (--dtype fp32), or --quantize none"
+        )
     blocks = source.read()
     tied = model.config.tie_embeddings
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            key = "embed.tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
-            if key in blocks:
-                module.gguf_block = blocks[key]
-    if fuse:
-        fuse_projections(model)
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and getattr(child, "gguf_block", None) is not None:
-                setattr(module, child_name, BlockLinear(child, *child.gguf_block))
-                del child.gguf_block
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                key = "embed.tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
+                if key in blocks:
+                    module.gguf_block = blocks[key]
+        if fuse:
+            fuse_projections(model)
+        swaps = [  # every layer checked against its blocks first: a refusal leaves the model as it was
+            (module, child_name, BlockLinear(child, *child.gguf_block))
+            for module in list(model.modules())
+            for child_name, child in list(module.named_children())
+            if isinstance(child, nn.Linear) and getattr(child, "gguf_block", None) is not None
+        ]
+    finally:
+        for module in model.modules():
+            if hasattr(module, "gguf_block"):
+                del module.gguf_block
+    for module, child_name, block in swaps:
+        setattr(module, child_name, block)
     model.eval()
     return model
 

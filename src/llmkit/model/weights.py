@@ -48,7 +48,8 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
     model = load(base, device=device)
     load_lora(model, path)
     merge_and_unwrap(model)
-    model.gguf_weights = None  # merged weights are no longer the file's
+    model.gguf_weights = model.gguf_blocks = None  # merged weights are no longer the file's
+    model.name_or_path = str(path)  # what a background compile process loads: this merged model, not its base
     model.requires_grad_(False)
     model.config.extra["adapter"] = str(path)
     if quantize:

@@ -132,14 +132,12 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     # what the file's matrices are stored as (not saved with the config: a fine-tuned copy's weights are off that grid)
     model.gguf_weights = _gguf_block_type(reader)
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}
-    model.gguf_blocks = GGUFBlocks(
-        path,
-        {
-            t.name: (ours[t.name][0], heads.get(ours[t.name][2]))
-            for t in reader.tensors
-            if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2
-        },
-    )
+    blocks = {
+        t.name: (ours[t.name][0], heads.get(ours[t.name][2]))
+        for t in reader.tensors
+        if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2
+    }
+    model.gguf_blocks = GGUFBlocks(path, blocks) if blocks else None  # None: no matrix in blocks llmkit decodes exactly
     return model, tokenizer_from_gguf_fields(fields, str(path))
 
 

@@ -67,6 +67,7 @@ class Rename:
     theirs: str  # a template: literal text and {name} or {name:regex} parts (i: a layer number, w: weight|bias)
     ours: str
     how: str | None = None  # "t": transposed (Conv1D); "qkv": one fused tensor of theirs, three of ours ({qkv} part)
+    export: bool = True  # False: read on import only (a head the exported architecture does not have)
 
 
 PART = {"i": r"\d+", "w": "weight|bias"}
@@ -270,8 +271,8 @@ BERT = Architecture(
         Rename("cls.predictions.transform.LayerNorm.{w}", "mlm_transform.2.{w}"),
         Rename("cls.predictions.decoder.weight", "lm_head.weight"),
         Rename("cls.predictions.bias", "lm_head.bias"),
-        Rename("cls.predictions.decoder.bias", "lm_head.bias"),
-        Rename("classifier.{w}", "classifier.1.{w}"),
+        Rename("cls.predictions.decoder.bias", "lm_head.bias", export=False),
+        Rename("classifier.{w}", "classifier.1.{w}", export=False),  # BertForSequenceClassification's head: read only
     ),
     optional_prefix="bert.",
     # gated activations match too, so that the export names them as what transformers' BERT would run differently
@@ -473,7 +474,7 @@ def hf_name(model_type: str, name: str) -> str | None:
     """Our tensor name -> theirs (one-to-one renames only: None for GPT-2's fused attention and for unknown names)."""
     for _, ours, rule in architecture(model_type)._rules():
         m = ours.match(name)
-        if m and rule.how != "qkv":
+        if m and rule.how != "qkv" and rule.export:
             return _fill(rule.theirs, m.groupdict())
     return None
 
@@ -484,7 +485,7 @@ def to_theirs(model_type: str, state: dict[str, torch.Tensor]) -> Iterator[tuple
     for name, tensor in state.items():
         for _, ours, rule in rules:
             m = ours.match(name)
-            if not m:
+            if not m or not rule.export:
                 continue
             parts = m.groupdict()
             if rule.how == "qkv":
