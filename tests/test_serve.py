@@ -304,6 +304,44 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client):
     assert "llmkit_time_to_first_token_seconds_count" in text and 'llmkit_running_batch_size{model="tiny"}' in text
 
 
+def test_what_a_hostile_client_sends_is_a_400_and_health_checks_and_metrics_see_the_truth(server):
+    """Lone surrogates anywhere, a logit_bias key that only looks like a number, a Host name the server does not answer
+    to: each a 400 naming it; HEAD on / and /health (health checkers) is 200; /v1/models gives an embedding model's
+    real input limit; a stream the client abandons counts as 499 in /metrics, not 200."""
+    chat = server.base + "/v1/chat/completions"
+    for body, where in [
+        ({"model": "tiny", "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "stop.0"),
+    ]:
+        status, answer, _ = request("POST", chat, json.dumps(body).encode())  # json escapes a lone surrogate: "\ud800"
+        assert status == 400 and "lone surrogate" in answer["error"]["message"] and where in answer["error"]["message"], answer
+    for url, body in [
+        (server.base + "/v1/embeddings", {"model": "minilm", "input": "x\ud800"}),
+        (server.base + "/tokenize", {"model": "tiny", "prompt": "\ud800"}),
+        (server.base + "/v1/completions", {"model": "tiny", "prompt": "\ud800"}),
+    ]:
+        assert request("POST", url, json.dumps(body).encode())[0] == 400
+    status, answer, _ = request("POST", chat, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"²": 5}})
+    assert status == 400 and answer["error"]["param"] == "logit_bias"
+    status, answer, _ = request("GET", server.base + "/v1/models", headers={"Host": "evil.example:8000"})
+    assert status == 400 and answer["error"]["code"] == "host_not_allowed"
+    assert request("GET", server.base.replace("127.0.0.1", "localhost") + "/health", key=None)[0] == 200
+    for path in ("/health", "/"):
+        assert request("HEAD", server.base + path, key=None)[0] == 200, path
+    cards = {m["id"]: m for m in get(server.base + "/v1/models")[1]["data"]}
+    assert cards["minilm"]["max_model_len"] == 256 and cards["tiny"]["max_model_len"] == 1024
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    conn.close()  # the client leaves mid-stream
+    deadline = time.monotonic() + 30
+    while 'llmkit_requests_total{route="/v1/completions",status="499"}' not in get(server.base + "/metrics")[1]:
+        assert time.monotonic() < deadline, "the abandoned stream was never counted as cancelled"
+        time.sleep(0.2)
+
+
 def test_tokenize_and_detokenize(server):
     status, body, _ = request("POST", server.base + "/tokenize", {"model": "smollm2", "prompt": "Hello world"})
     tok = server.app.state.llmkit.models["smollm2"].tok
@@ -453,6 +491,8 @@ def test_the_serve_command_needs_its_key_and_stops_cleanly_on_sigterm(tiny_dir, 
             "2",
             "--log-level",
             "warning",
+            "--shutdown-timeout",
+            "5",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -463,15 +503,22 @@ def test_the_serve_command_needs_its_key_and_stops_cleanly_on_sigterm(tiny_dir, 
         wait_healthy(base, proc)
         assert get(base + "/v1/models", key=None)[0] == 401
         assert get(base + "/v1/models")[1]["data"][0]["id"] == "tiny"
-        # a stream runs while SIGTERM arrives: it finishes, then the server exits 0
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        body = {"model": "tiny", "prompt": "To be", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-        response = conn.getresponse()
-        first = response.readline()
+        # SIGTERM while two streams run: the short one finishes; the one that outlasts the grace period (--shutdown-timeout
+        # 5: sixteen choices of a whole context each) ends with an error event and [DONE], never a cut connection
+        streams = []
+        for max_tokens, n in ((20, 1), (1000000, 16)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            body = {"model": "tiny", "prompt": "To be", "max_tokens": max_tokens, "n": n, "ignore_eos": True, "stream": True}
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+            conn.request("POST", "/v1/completions", json.dumps(body), headers)
+            response = conn.getresponse()
+            streams.append((response, response.readline()))
         os.kill(proc.pid, signal.SIGTERM)
-        rest = response.read().decode()
+        (short, first), (long, _) = streams
+        rest = short.read().decode()
         assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+        rest = long.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"code": "shutdown"' in rest, rest[-500:]
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

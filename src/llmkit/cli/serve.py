@@ -48,6 +48,14 @@ def register(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="the port (default: 8000; 0 picks a free one)")
     p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name requests may carry, besides localhost / 127.0.0.1 / ::1 (refused otherwise, against DNS "
+        "rebinding); repeatable; on a non-loopback --host without it, any Host is accepted (with a warning)",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
         help="require `Authorization: Bearer KEY` on every route but /health "
@@ -152,12 +160,18 @@ def cmd_serve(args) -> None:
         compile=compile_default() if args.compile is None else args.compile,
         db=None if args.db.lower() == "none" else args.db,
         sampling=sampling_options(args.sampling, names),
+        allowed_hosts=allowed_hosts(args.host, args.allowed_host),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     con = console()
     if not _loopback(args.host) and key is None:
         con.print(
             f"[yellow]warning: serving on {args.host} without an API key: anyone who reaches this machine can use it (--api-key-file)[/]"
+        )
+    if settings.allowed_hosts is None:
+        con.print(
+            f"[yellow]warning: serving on {args.host} accepts requests for any Host name: name this machine's with "
+            "--allowed-host NAME (a page of another origin could otherwise reach the API through DNS rebinding)[/]"
         )
     app = create_app(models, embedding, settings)
     config = uvicorn.Config(
@@ -169,8 +183,8 @@ def cmd_serve(args) -> None:
         timeout_graceful_shutdown=args.shutdown_timeout,
         limit_concurrency=None,
     )
-    server = uvicorn.Server(config)
     state = app.state.llmkit
+    server = _Server(config, state, args.shutdown_timeout)
     failed: list[str] = []
 
     def stop(message: str) -> None:
@@ -192,6 +206,39 @@ def cmd_serve(args) -> None:
             signal.signal(sig, handler)
     if failed:
         raise LlmkitError(f"the server stopped: {failed[0]}", "fix the model given to --model / --embedding-model")
+
+
+class _Server:  # made a uvicorn.Server subclass on first use (uvicorn is imported lazily)
+    def __new__(cls, config, state, grace: float):
+        import asyncio
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                """SIGTERM / Ctrl-C: requests still running just before the grace period ends get an error event (then
+                [DONE] for streams) from their engine, rather than a connection cut mid-stream by uvicorn. (A signal
+                handler may interrupt the loop anywhere: it only wakes the loop, which sets the timer.)"""
+                if not self.should_exit:
+                    try:
+                        loop = asyncio.get_running_loop()
+                        loop.call_soon_threadsafe(loop.call_later, max(0.0, grace - min(2.0, grace / 5)), state.end_requests)
+                    except RuntimeError:  # no loop runs yet: nothing to end
+                        pass
+                super().handle_exit(sig, frame)
+
+        return Server(config)
+
+
+def allowed_hosts(bind: str, extra: list[str]) -> list[str] | None:
+    """The Host names the server answers to: the loopback names (and --allowed-host names) when bound to loopback or
+    given names; None (any) on another address without --allowed-host."""
+    from llmkit.serve.state import LOOPBACK_HOSTS
+
+    names = [n.strip().lower().strip("[]") for n in extra if n.strip()]
+    if _loopback(bind) or names:
+        return [*LOOPBACK_HOSTS, *names, *([bind.lower()] if bind not in ("0.0.0.0", "::") and not _loopback(bind) else [])]
+    return None
 
 
 SAMPLING_KEYS = {

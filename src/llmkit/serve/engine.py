@@ -147,17 +147,22 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        """Requests decoding, and those being prefilled to join them."""
+        return len(self.rows) + len(self._admitting)
 
     @property
     def queued(self) -> int:
         return len(self.waiting)
 
     def close(self, wait: float = 5.0) -> None:
-        """Stop taking requests, cancel whatever still runs or waits, and end the worker."""
+        """Stop taking requests, cancel whatever still runs or waits (and any compile of a step it would have used), and
+        end the worker."""
         with self.lock:
             self.closing = True
             self.lock.notify()
+        for job in self.jobs.values():
+            if job.built.is_set() or not job.done.is_set():
+                job.cancel()
         self.thread.join(wait)
 
     # --- the worker --------------------------------------------------------------------------------------------------
@@ -213,9 +218,9 @@ class Engine:
                     self.lock.wait(1.0 if any(not job.done.is_set() for job in self.jobs.values()) else None)
                 if self.closing:
                     break
-            if self._loadable():
-                self._load_compiled(idle=not self.rows and not self.waiting)
             try:
+                if self._loadable():
+                    self._load_compiled(idle=not self.rows and not self.waiting)
                 if self.seq2seq:
                     self._one_seq2seq()
                     continue

@@ -1,5 +1,6 @@
-"""The guard before every route: the API key, the body's size, and the metrics per route (plain ASGI, so streaming
-and disconnects pass untouched)."""
+"""The guard before every route: the Host header (against DNS rebinding), the API key, the body's size, and the
+metrics per route (plain ASGI, so streaming and disconnects pass untouched; a response the client left before its end
+is counted as 499, cancelled)."""
 
 from __future__ import annotations
 
@@ -42,15 +43,25 @@ class Guard:
             if scope["path"] in ROUTES
             else ("/v1/models" if scope["path"].startswith("/v1/models/") else "/ui" if scope["path"].startswith("/ui/") else "other")
         )
-        started, status = time.monotonic(), [500]
+        started, status, ended = time.monotonic(), [500], [False]
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended[0] = True
             await send(message)
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            host = _host_name(headers.get("host", ""))
+            if settings.allowed_hosts is not None and host not in settings.allowed_hosts:
+                metrics.errors.labels("bad_request").inc()
+                message = (
+                    f"this server does not answer to the host {host!r} (allowed: {', '.join(settings.allowed_hosts)}); "
+                    "start it with --allowed-host NAME to add one"
+                )
+                return await _send_json(send_counted, 400, error_body(message, "invalid_request_error", code="host_not_allowed"))
             public = scope["path"] in PUBLIC or scope["path"].startswith("/ui/")
             if settings.api_key and not public:
                 given = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
@@ -75,7 +86,9 @@ class Guard:
 
             async def receive_counted():
                 message = await receive()
-                if message["type"] == "http.request":
+                if message["type"] == "http.disconnect" and status[0] < 400 and not ended[0]:
+                    status[0] = 499  # the client left before the response ended (a stream it abandoned)
+                elif message["type"] == "http.request":
                     seen[0] += len(message.get("body", b""))
                     if seen[0] > settings.max_body:
                         raise BodyTooLarge()
@@ -85,6 +98,14 @@ class Guard:
         finally:
             metrics.requests.labels(route, str(status[0])).inc()
             metrics.latency.labels(route).observe(time.monotonic() - started)
+
+
+def _host_name(host: str) -> str:
+    """The Host header's name without its port, lower case ("[::1]:8000" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:

@@ -94,7 +94,7 @@ def sampling_config(body, max_new: int, seed: int | None, vocab: int, defaults: 
     temperature = 1.0 if body.temperature is None else body.temperature
     bias = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+        if not re.fullmatch(r"-?[0-9]+", key.strip()) or not 0 <= int(key) < vocab:
             raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab - 1})", param="logit_bias")
         bias[int(key)] = value
     cfg = GenerationConfig(

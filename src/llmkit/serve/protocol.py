@@ -7,14 +7,42 @@ types and ranges; `top_k`, `repetition_penalty` and `truncate_prompt_tokens` are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def _surrogate(value, path: str = "") -> str | None:
+    """The path of the first string in `value` holding a lone surrogate (U+D800-U+DFFF: not a character, and not
+    encodable as UTF-8), else None."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _surrogate(key, path) if isinstance(key, str) else None
+        found = found or _surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = _surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone surrogate (a half of a UTF-16 pair): send valid Unicode text")
+        return data
 
 
 class StreamOptions(Body):

@@ -18,7 +18,7 @@ import torch
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmkit.embed.contextual import embed_ids
+from llmkit.embed.contextual import embed_ids, input_limit
 from llmkit.errors import LlmkitError
 from llmkit.model import weights as model_weights
 from llmkit.model.compiled import prepare_for_decoding
@@ -28,6 +28,7 @@ from llmkit.serve.votes import VoteStore
 from llmkit.threads import release_openmp_threads
 
 log = logging.getLogger("llmkit.serve")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 VOTES_PER_MINUTE = 30  # votes and ratings, per client (address and session)
 BATTLES_PER_MINUTE = 20
 
@@ -69,6 +70,9 @@ class Settings:
     compile: bool = False  # the compiled decode step on a CPU (`llmkit serve` turns it on; --no-compile)
     db: str | None = None  # the SQLite file of votes, ratings and the answers they rate (the CLI's default: runs/votes.db)
     sampling: dict[str, dict] = field(default_factory=dict)  # served name -> default sampling fields (temperature, top_p, ...)
+    # the Host names requests may carry (against DNS rebinding: a page of another origin reaching a local server); the
+    # loopback names by default, as the server binds 127.0.0.1; None: any (`llmkit serve` on another address)
+    allowed_hosts: list[str] | None = field(default_factory=lambda: list(LOOPBACK_HOSTS))
 
 
 class Served:
@@ -82,6 +86,8 @@ class Served:
         family = model.config.family
         self.embedding = embedding or family == "encoder"
         self.context = model.config.max_seq_len
+        # what a request may hold: the context, or for an embedding model the tokens it embeds (MiniLM: 256, not 512)
+        self.input_limit = input_limit(model) if self.embedding else self.context
         self.engine = (
             None if self.embedding else Engine(model, name, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
         )
@@ -186,7 +192,7 @@ class State:
                         model = loaded[spec] = model_weights.load(
                             spec,
                             dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None,
-                            quantize=q if embedding and q not in (None, "auto", "none") else None,
+                            quantize=q if embedding and q not in (None, "auto", "none", "gguf") else None,  # GGUF blocks: decoders only
                         )
                         if not embedding:  # a GGUF's own blocks (auto) and the compiled decode step on a CPU, built behind
                             prepare_for_decoding(model, q, self.settings.compile)
@@ -221,6 +227,12 @@ class State:
         while len(self.answers) > 2000:
             self.answers.popitem(last=False)
         return answer_id
+
+    def end_requests(self) -> None:
+        """End every running and waiting generation with a "shutdown" error (the server stops; its grace is over)."""
+        for served in self.models.values():
+            if served.engine is not None:
+                served.engine.close(wait=0)
 
     def close(self) -> None:
         self.closing = True

@@ -6,7 +6,8 @@ battles and votes, and ratings.
               answer is stored only once it is rated
     battles   id, created, session, prompt, system, settings, model_a, model_b, answer_a, answer_b, answer_a_id,
               answer_b_id, winner ("a" | "b" | "tie" | "both_bad", NULL until voted), voted
-    ratings   id, answer_id, created, session, score (1-5), correctness, fluency, comment (one per answer and session)
+    ratings   id, answer_id, created, session, score (1-5), correctness, fluency, comment, client (one per answer and
+              session, and one per answer and client address)
 
 WAL mode and synchronous=FULL: each vote is one transaction, on disk when the server answers (a `kill -9` right after
 loses nothing), and several processes may share the file (SQLite's locks; a busy one waits up to 10 s). Battle ids
@@ -66,6 +67,10 @@ class VoteStore:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         self.db.execute(statement)
+                columns = {r[1] for r in self.db.execute("PRAGMA table_info(ratings)")}
+                if "client" not in columns:  # a database from before ratings were one per client address too
+                    self.db.execute("ALTER TABLE ratings ADD COLUMN client TEXT")
+                self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS ratings_client ON ratings (answer_id, client)")
                 version = self._meta("schema_version")
                 if version is None:
                     self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -171,9 +176,11 @@ class VoteStore:
         comment: str | None = None,
         session: str | None = None,
         answer: dict | None = None,
+        client: str | None = None,
     ) -> str:
-        """Record a rating of an answer this server produced (once per session); returns the answer's model. `answer`:
-        the answer's record when the server kept it in memory only (a chat answer), stored with its first rating."""
+        """Record a rating of an answer this server produced (once per session, and once per client address: a client
+        that invents session ids still rates an answer once); returns the answer's model. `answer`: the answer's
+        record when the server kept it in memory only (a chat answer), stored with its first rating."""
         for name, value in (("score", score), ("correctness", correctness), ("fluency", fluency)):
             if value is not None and not (isinstance(value, int) and 1 <= value <= 5):
                 raise VoteError(400, f"{name} {value!r} is not a whole number from 1 to 5")
@@ -195,8 +202,9 @@ class VoteStore:
                 )
             try:
                 self.db.execute(
-                    "INSERT INTO ratings (answer_id, created, session, score, correctness, fluency, comment) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (answer_id, time.time(), session, score, correctness, fluency, comment),
+                    "INSERT INTO ratings (answer_id, created, session, score, correctness, fluency, comment, client) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (answer_id, time.time(), session, score, correctness, fluency, comment, client),
                 )
             except sqlite3.IntegrityError:
                 raise VoteError(409, "this answer already has your rating", "rate another answer") from None
@@ -229,7 +237,8 @@ class VoteStore:
                 "SELECT r.*, a.model, a.prompt, a.answer FROM ratings r JOIN answers a ON a.id = r.answer_id ORDER BY r.id"
             )
             cols = [c[0] for c in cur.description]
-            ratings = [{"type": "rating", **dict(zip(cols, r))} for r in cur.fetchall()]
+            # the client address only enforces one rating per client: it stays out of exports
+            ratings = [{"type": "rating", **{k: v for k, v in zip(cols, r) if k != "client"}} for r in cur.fetchall()]
         for row in battles:
             row["settings"] = json.loads(row["settings"])
         return battles + ratings

@@ -227,6 +227,7 @@ async def rate(body: RatingRequest, request: Request, state: AppState):
             comment=body.comment,
             session=session,
             answer=state.answers.get(body.answer_id),
+            client=client_of(request),
         )
     except VoteError as e:
         raise vote_error(e) from None

@@ -8,7 +8,6 @@ import base64
 import numpy as np
 from fastapi import APIRouter
 
-from llmkit.embed.contextual import input_limit
 from llmkit.serve.protocol import EmbeddingRequest
 from llmkit.serve.state import APIError, AppState, embed_on_worker
 
@@ -28,7 +27,7 @@ async def embeddings(body: EmbeddingRequest, state: AppState):
         texts = list(raw)
     if not texts:
         raise APIError(400, "the input is empty: give a text, a list of texts or token ids", param="input")
-    limit = input_limit(served.model)
+    limit = served.input_limit
     encoded = []
     for i, t in enumerate(texts):
         ids = served.tok.encode(t) if isinstance(t, str) else list(t)

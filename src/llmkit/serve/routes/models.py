@@ -10,7 +10,7 @@ from llmkit.serve.state import AppState, Served
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # health checkers send HEAD
 async def health(state: AppState):
     if state.ready.is_set() and not state.closing:
         return {"status": "ok", "models": list(state.models)}
@@ -29,7 +29,7 @@ def model_card(served: Served) -> dict:
         "object": "model",
         "created": served.created,
         "owned_by": "llmkit",
-        "max_model_len": served.context,
+        "max_model_len": served.input_limit,
         "kind": "embedding" if served.embedding else "generation",
     }
 

@@ -12,7 +12,7 @@ WEB = Path(__file__).parent.parent / "web"
 router = APIRouter()
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def page():
     # the page loads only its own files and talks only to this server, whatever a model writes
     return FileResponse(

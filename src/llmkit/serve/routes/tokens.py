@@ -21,7 +21,7 @@ async def tokenize(body: TokenizeRequest, state: AppState):
         if body.prompt is not None
         else prompt_of_messages(served, body.messages)
     )
-    return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
+    return {"count": len(ids), "max_model_len": served.input_limit, "tokens": ids}
 
 
 @router.post("/detokenize")
