@@ -136,9 +136,12 @@ def test_the_votes_database_signs_ids_takes_one_vote_and_is_shared_safely(tmp_pa
     with pytest.raises(VoteError) as e:
         one.vote(VoteStore(tmp_path / "other.db").sign("bat-made-up"), "a")  # signed by another database
     assert e.value.status == 404
-    assert two.rate(answer_a, 4, comment="fine", session="s1") == "m1"
+    assert two.rate(answer_a, 4, comment="fine", session="s1", client="10.0.0.1") == "m1"
     with pytest.raises(VoteError) as e:
         one.rate(answer_a, 2, session="s1")  # once per answer and session
+    assert e.value.status == 409
+    with pytest.raises(VoteError) as e:
+        one.rate(answer_a, 2, session="s2", client="10.0.0.1")  # a new session id from the same address: still once
     assert e.value.status == 409
     chat_id = one.sign("ans-kept-in-memory")
     with pytest.raises(VoteError):
