@@ -592,3 +592,59 @@ def test_an_encoder_with_a_classification_head_exports_as_bert_without_it(tmp_pa
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "bert.embeddings.word_embeddings.weight" in keys and not any(k.startswith("classifier") for k in keys)
+
+
+def _randomize(model, seed: int = 0) -> None:
+    """Random norms and biases (a fresh model's are ones and zeros, which would hide a missing or misplaced one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g) if "norm" in name else 0.5 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, family):
+    """Qwen2 (q/k/v biases, tied embeddings), Qwen3 (per-head q/k RMSNorm, its own head size) and Mistral (a sliding
+    window: within it, full attention is exact, so the context is the window) read from tiny random `transformers`
+    models with random norms and biases: logits and greedy tokens equal theirs; the KV-cache path equals the full
+    forward; an export loads back in transformers with the same logits."""
+    import transformers
+
+    shape = dict(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(**shape, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=1000.0)
+        ref = transformers.Qwen2ForCausalLM(cfg)
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(**shape, head_dim=24, max_position_embeddings=128, tie_word_embeddings=False)
+        ref = transformers.Qwen3ForCausalLM(cfg)
+    else:
+        cfg = transformers.MistralConfig(**shape, max_position_embeddings=256, sliding_window=48, tie_word_embeddings=False)
+        ref = transformers.MistralForCausalLM(cfg)
+    _randomize(ref)
+    ref.eval().save_pretrained(tmp_path / "hf")
+    ours = llmkit.load(tmp_path / "hf")
+    c = ours.config
+    assert (c.qkv_bias, c.bias, c.qk_norm) == {"qwen2": (True, False, False), "qwen3": (None, False, True), "mistral": (None, False, False)}[family]
+    if family == "mistral":
+        assert c.max_seq_len == 48 and c.extra["sliding_window"] == 48
+    ids = _ids(101, (2, 40))
+    with torch.no_grad():
+        assert _max_diff(ours(ids), ref(ids).logits) <= TOL
+        cache = ours.new_cache(2, 40)
+        stepped = torch.cat([ours(ids[:, :30], cache=cache), *(ours(ids[:, t : t + 1], cache=cache) for t in range(30, 40))], 1)
+        assert _max_diff(stepped, ours(ids)) <= TOL
+    prompt = ids[:1, :6]
+    theirs = ref.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    seq = prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
+    assert seq[6:] == theirs
+    export_hf(ours, tmp_path / "out")
+    again = getattr(transformers, {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "LlamaForCausalLM"}[family])
+    back = again.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert _max_diff(back(ids).logits, ref(ids).logits) <= TOL

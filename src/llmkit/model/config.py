@@ -49,6 +49,7 @@ class ModelConfig:
     logit_softcap: float | None = None
     zero_init: bool = False
     bias: bool = True  # biases of the attention and feed-forward projections
+    qkv_bias: bool | None = None  # biases of the query, key and value projections alone (Qwen2); None: as `bias`
     dropout: float = 0.0
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)

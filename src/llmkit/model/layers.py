@@ -337,9 +337,10 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
         self.dropout = cfg.dropout
         inner, kv_inner = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias  # Qwen2: biases on q, k, v only
+        self.q_proj = nn.Linear(cfg.d_model, inner, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_inner, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=qkv_bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matrix (`quantize.fuse_projections`, for inference)
         # QK-norm: each head's queries and keys RMS-normalized (a learned gain per channel) before RoPE

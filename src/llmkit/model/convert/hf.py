@@ -225,7 +225,68 @@ LLAMA = Architecture(
         Rename("lm_head.weight", "lm_head.weight"),
     ),
     check=_check_llama,
+    # Llama's biases are all or none; queries and keys without norms (Qwen2 and Qwen3 export as themselves)
+    fits=lambda cfg: cfg.qkv_bias in (None, cfg.bias) and not cfg.qk_norm,
 )
+
+
+def _llama_like(model_type: str, cls: str, *, fixed: dict, fields: tuple, renames: tuple, check, fits) -> Architecture:
+    """A family that is Llama's layout with a few rows changed: its fields and tensor names start from Llama's."""
+    replaced = {(f.ours, f.theirs) for f in fields}
+    base = tuple(f for f in LLAMA.fields if f.theirs not in ("attention_bias", "mlp_bias") and (f.ours, f.theirs) not in replaced)
+    return Architecture(
+        model_type, (cls,), "decoder", {**LLAMA.fixed, **fixed}, base + fields, LLAMA.renames + renames, check=check, fits=fits
+    )
+
+
+def _check_qwen(hf: dict) -> None:
+    _check_llama({**hf, "attention_bias": False, "mlp_bias": False})
+    if hf.get("attention_bias"):  # Qwen3: biases on q, k, v and o but none in the feed-forward: not one of our settings
+        raise LlmkitError("a Qwen3 config with attention_bias true is not supported", "use a Qwen3 without attention biases")
+
+
+QWEN2 = _llama_like(
+    "qwen2",
+    "Qwen2ForCausalLM",
+    fixed={"bias": False, "qkv_bias": True},  # q, k, v with biases; o and the feed-forward without
+    fields=(),
+    renames=(),
+    check=_check_qwen,
+    fits=lambda cfg: cfg.qkv_bias is True and not cfg.bias and not cfg.qk_norm,
+)
+QWEN3 = _llama_like(
+    "qwen3",
+    "Qwen3ForCausalLM",
+    fixed={"bias": False, "qk_norm": True},  # each head's queries and keys RMS-normalized before RoPE
+    fields=(),
+    renames=(Rename("model.layers.{i}.self_attn.{p:q|k}_norm.weight", "blocks.{i}.attn.{p}_norm.weight"),),
+    check=_check_qwen,
+    fits=lambda cfg: cfg.qk_norm and not cfg.bias and cfg.qkv_bias in (None, False),
+)
+MISTRAL = _llama_like(
+    "mistral",
+    "MistralForCausalLM",
+    fixed={"bias": False},
+    fields=(),
+    renames=(),
+    check=_check_qwen,
+    fits=lambda cfg: False,  # a Mistral without a window is a Llama: exported as one
+)
+
+
+def sliding_window(hf: dict) -> int | None:
+    """The attention window of a config's sliding-window layers, or None when every layer attends to the whole
+    context: `layer_types` when given (transformers 5), else Qwen's `use_sliding_window`, else Mistral's window."""
+    window = hf.get("sliding_window")
+    if not window:
+        return None
+    types = hf.get("layer_types")
+    if types is not None:
+        return int(window) if "sliding_attention" in types else None
+    if hf.get("model_type") in ("qwen2", "qwen3"):
+        return int(window) if hf.get("use_sliding_window") else None
+    return int(window)
+
 
 BERT = Architecture(
     "bert",
@@ -345,7 +406,7 @@ T5 = Architecture(
     exportable=False,
 )
 
-ARCHITECTURES = {a.model_type: a for a in (GPT2, LLAMA, BERT, T5)}
+ARCHITECTURES = {a.model_type: a for a in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, BERT, T5)}
 
 
 def architecture(model_type: str | None) -> Architecture:
@@ -367,10 +428,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
     values: dict[str, Any] = {"family": arch.family, **arch.fixed}
     for f in arch.fields:
         values[f.ours] = f.read(hf)
+    extra: dict[str, Any] = {"hf_model_type": arch.model_type}
     if arch.position_rope:  # RoPE's base may sit in rope_parameters; its scaling sets the context too
         values["rope_theta"] = _rope_theta(hf)
         values["rope_scaling"], values["max_seq_len"] = rope_scaling_from_hf(hf)
-    return ModelConfig(**values, extra={"hf_model_type": arch.model_type})
+    window = sliding_window(hf)
+    if window is not None and window < values["max_seq_len"]:
+        # within one window a sliding-window layer attends to exactly what a full one does: the context is the window
+        # (exact everywhere: full forward, KV cache, compiled step, engine, beam search), never a silent approximation
+        extra["sliding_window"], extra["context_of_the_file"] = window, values["max_seq_len"]
+        values["max_seq_len"] = window
+    return ModelConfig(**values, extra=extra)
 
 
 def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
@@ -394,8 +462,8 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
         out.append(f"grouped-query attention ({cfg.n_kv_heads} key/value heads for {cfg.n_heads})")
     if arch == "llama" and (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
         out.append("llama.cpp rope_freqs factors (no rope_scaling of transformers holds them)")
-    if cfg.qk_norm:
-        out.append("qk_norm (transformers' Llama, GPT-2 and BERT do not normalize queries and keys)")
+    if cfg.qk_norm and arch != "qwen3":
+        out.append(f"qk_norm (transformers' {arch} does not normalize queries and keys)")
     if cfg.logit_softcap is not None:
         out.append(f"logit_softcap {cfg.logit_softcap} (transformers' Llama, GPT-2 and BERT do not cap logits)")
     return out
@@ -430,7 +498,7 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
     for f in arch.fields:
         if f.export:
             out[f.theirs] = f.write(cfg)
-    if arch is LLAMA:
+    if arch.position_rope:
         out["hidden_act"] = "silu"
         if cfg.rope_scaling:
             scaling = dict(cfg.rope_scaling)
