@@ -205,6 +205,11 @@ def test_bad_input_gets_clear_messages(tokenizers_by_kind):
     assert "can never stop the output" in warnings[-1]
     with pytest.raises(LlmkitError, match="no model at 'gpt-17'"):
         llmkit.load("gpt-17")
+    # a default number of new tokens the context cannot hold is cut to the room left, and the user hears so once
+    prompt = tok.encode("word " * 10)
+    notes = []
+    out = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=128, fit_new_tokens=True, stop_token_ids=[]), warn=notes.append)[0]
+    assert len(out.ids) == 32 - len(prompt) + 1 and len(notes) == 1 and "new tokens at most" in notes[0]
 
 
 def test_chat_session_keeps_turns_and_drops_old_ones_to_fit(tokenizers_by_kind, tmp_path):

@@ -176,6 +176,8 @@ def test_superglue_files_parse_and_candidate_tasks_group_their_rows(tmp_path):
     assert glue.read_rows(glue.get_task("boolq"), d / "BoolQ" / "val.jsonl")[0].label == "True"
     assert glue.read_rows(glue.get_task("wic"), d / "WiC" / "val.jsonl")[0].label == "False"
     assert glue.read_rows(glue.get_task("axg"), glue.task_file(glue.get_task("axg"), d / "AX-g", "validation"))[0].pair_id == 7
+    with pytest.raises(LlmkitError, match=r"SST-2/train.tsv does not exist \(fix"):  # the file itself named, not a path inside it
+        glue.task_file(glue.get_task("sst2"), d / "SST-2" / "train.tsv", "train")
     _jsonl(d / "CB2" / "val.jsonl", [{"premise": "P", "label": "neutral"}])
     with pytest.raises(Exception, match="lacks the field 'hypothesis'"):
         glue.read_rows(glue.get_task("cb"), d / "CB2" / "val.jsonl")

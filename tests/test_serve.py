@@ -330,6 +330,7 @@ def test_what_a_hostile_client_sends_is_a_400_and_health_checks_and_metrics_see_
         assert request("HEAD", server.base + path, key=None)[0] == 200, path
     cards = {m["id"]: m for m in get(server.base + "/v1/models")[1]["data"]}
     assert cards["minilm"]["max_model_len"] == 256 and cards["tiny"]["max_model_len"] == 1024
+    assert cards["smollm2"]["default_max_tokens"] == 1024 and "default_max_tokens" not in cards["minilm"]
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     body = {"model": "tiny", "prompt": "To be", "max_tokens": 900, "ignore_eos": True, "stream": True}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})

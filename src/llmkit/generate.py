@@ -19,6 +19,7 @@ the text is decoded incrementally (a few tokens per step, never the whole output
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -54,6 +55,7 @@ class GenerationConfig:
     seed: int | None = None
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to a token's logit before anything else ([-100, 100])
     truncate: bool = False  # cut a prompt that does not fit the context (from the left) instead of refusing it
+    fit_new_tokens: bool = False  # a max_new_tokens the context cannot hold after the prompt is cut to the room left
     num_beams: int = 1  # encoder-decoders
     length_penalty: float = 1.0
     early_stopping: bool = False
@@ -446,6 +448,11 @@ def stream_batch(
     cfg.check()
     stop_ids, stop_strings = stop_rules(tokenizer, cfg, model, warn)
     context = None if mcfg.position == "relative" else mcfg.max_seq_len  # relative positions have no fixed limit
+    if cfg.fit_new_tokens and context is not None and prompts:
+        room = context - max(len(p) for p in prompts) + 1  # the last new token is never fed back
+        if 1 <= room < cfg.max_new_tokens:
+            warn(f"note: {room} new tokens at most (not {cfg.max_new_tokens}): the model's context is {context} tokens")
+            cfg = dataclasses.replace(cfg, max_new_tokens=room)
     prompts = [fit_prompt(list(p), cfg.max_new_tokens, context, cfg.truncate, warn) for p in prompts]
     _check_prompt_ids(prompts, model, tokenizer)
     rows = [TextStream(tokenizer, stop_strings) for _ in prompts]

@@ -229,9 +229,11 @@ def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) ->
 def generation_config(args):
     from llmkit.generate import GenerationConfig
 
-    if args.max_new_tokens is None:
+    default = args.max_new_tokens is None  # the default is cut to what the context holds; a number asked for is not
+    if default:
         args.max_new_tokens = args._max_new_tokens
     cfg = GenerationConfig(
+        fit_new_tokens=default,
         max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
         temperature=args.temperature,

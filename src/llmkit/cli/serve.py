@@ -64,6 +64,12 @@ def register(commands) -> None:
     p.add_argument("--api-key-file", default=None, help="read the API key from this file")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model (default: 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; beyond, 429 (default: 64)")
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        help="new tokens of a chat answer whose request names no max_tokens (default: 1024; /v1/models shows it)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, waiting included (default: 600)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; beyond, 413 (default: 4)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="URL", help="allow browser pages from this origin; repeatable")
@@ -141,6 +147,8 @@ def cmd_serve(args) -> None:
     embedding = named([e for e in embedding if e.lower() != "none"])
     if args.max_batch < 1 or args.max_queue < 0:
         raise LlmkitError("--max-batch must be 1 or more and --max-queue 0 or more", "e.g. --max-batch 16 --max-queue 64")
+    if args.default_max_tokens < 1:
+        raise LlmkitError(f"--default-max-tokens {args.default_max_tokens} allows no answer", "use 1 or more, e.g. 1024")
     if args.timeout <= 0 or args.max_body_mb <= 0:
         raise LlmkitError("--timeout and --max-body-mb must be positive", "e.g. --timeout 600 --max-body-mb 4")
     names = [n for n, _ in models + embedding]
@@ -152,6 +160,7 @@ def cmd_serve(args) -> None:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         timeout=args.timeout,
+        default_max_tokens=args.default_max_tokens,
         max_body=int(args.max_body_mb * 1024 * 1024),
         cors_origins=list(args.cors_origin),
         log_prompts=args.log_prompts,

@@ -206,6 +206,8 @@ def task_file(task: Task, data: str | Path, split: str) -> Path:
     data = Path(data)
     if data.is_file():
         return data
+    if data.suffix in (".tsv", ".jsonl") and not data.exists():  # a file that is missing, not a folder to look in
+        raise LlmkitError(f"{data} does not exist", f"point --data at {task.folder}'s {task.train}, or at the task's folder")
     if (data / task.folder).is_dir():  # the suite's folder (glue_data) holding the task's
         data = data / task.folder
     name = task.train if split == "train" else task.validation

@@ -63,6 +63,7 @@ class Settings:
     max_queue: int = 64
     timeout: float = 600.0  # seconds a request may take, queue included
     max_body: int = 4 * 1024 * 1024
+    default_max_tokens: int = 1024  # a chat answer's length when the request names none (/v1/models says so)
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     dtype: str | None = None

@@ -25,7 +25,7 @@ async def chat(body: ChatRequest, request: Request, state: AppState):
         served,
         prompt_of_messages(served, body.messages),
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-        None,
+        state.settings.default_max_tokens,
         body.truncate_prompt_tokens,
         "messages",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from llmkit.serve.state import AppState, Served
+from llmkit.serve.state import AppState, Served, State
 
 router = APIRouter()
 
@@ -34,12 +34,21 @@ def model_card(served: Served) -> dict:
     }
 
 
+def generation_card(served: Served, state: State) -> dict:
+    """A generating model's card: also the new tokens a chat answer gets when the request gives no max_tokens (16 for
+    completions, as OpenAI's)."""
+    card = model_card(served)
+    if not served.embedding:
+        card["default_max_tokens"] = min(state.settings.default_max_tokens, served.context)
+    return card
+
+
 @router.get("/v1/models")
 async def list_models(state: AppState):
     state.check_ready()
-    return {"object": "list", "data": [model_card(s) for s in state.models.values()]}
+    return {"object": "list", "data": [generation_card(s, state) for s in state.models.values()]}
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, state: AppState):
-    return model_card(state.get(name, embedding=None))
+    return generation_card(state.get(name, embedding=None), state)
