@@ -4,6 +4,8 @@ round, numbers close to them)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,7 +167,6 @@ def test_each_model_has_its_own_compiled_step_and_a_changed_model_compiles_again
     """The compiled step skips dynamo's guards on the model's modules, so two models with caches of the same shape
     (a model and its int8 copy) must never share a graph, and a model quantized after its first compiled step must
     compile again: each compiled step gives the logits of the same step run eagerly."""
-    import copy
 
     a = tiny("tiny-llama")
     b = quantize(copy.deepcopy(a), "int8")
@@ -273,6 +274,14 @@ def test_a_model_whose_weights_left_its_gguf_blocks_keeps_its_float_layers():
 
     model.gguf_blocks, model.gguf_weights = Source(), "Q4_1"
     assert auto_quantization(model) == "gguf"
+    # what a compile cost is remembered under: the same key before the blocks are swapped in (pending) and after
+    model.pending_gguf_blocks = True
+    before = compiled._record_key(model, 1)
+    swapped = copy.deepcopy(model)
+    use_gguf_blocks(swapped)
+    swapped.pending_gguf_blocks = False
+    assert any(isinstance(m, BlockLinear) for m in swapped.modules()) and compiled._record_key(swapped, 1) == before
+    model.pending_gguf_blocks = False
     with torch.no_grad():
         model.get_submodule(names[1]).weight[0, 0] += 1e-3  # one layer no longer matches its blocks
     with pytest.raises(LlmkitError, match="no longer equal"):

@@ -611,9 +611,7 @@ def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, 
     forward; an export loads back in transformers with the same logits."""
     import transformers
 
-    shape = dict(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
+    shape = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     if family == "qwen2":
         cfg = transformers.Qwen2Config(**shape, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=1000.0)
         ref = transformers.Qwen2ForCausalLM(cfg)
@@ -627,7 +625,11 @@ def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, 
     ref.eval().save_pretrained(tmp_path / "hf")
     ours = llmkit.load(tmp_path / "hf")
     c = ours.config
-    assert (c.qkv_bias, c.bias, c.qk_norm) == {"qwen2": (True, False, False), "qwen3": (None, False, True), "mistral": (None, False, False)}[family]
+    assert (c.qkv_bias, c.bias, c.qk_norm) == {
+        "qwen2": (True, False, False),
+        "qwen3": (None, False, True),
+        "mistral": (None, False, False),
+    }[family]
     if family == "mistral":
         assert c.max_seq_len == 48 and c.extra["sliding_window"] == 48
     ids = _ids(101, (2, 40))

@@ -672,3 +672,58 @@ def test_a_poisoned_request_fails_alone_and_the_batch_goes_on(tokenizers_by_kind
     greedy = generate(model, tok, [[11, 13]], GenerationConfig(max_new_tokens=30, do_sample=False))[0]
     assert tiny_t["end"][:2] == ("done", "length") and tiny_t["ids"] == greedy.ids
     assert huge_k["end"][:2] == ("done", "length") and len(huge_k["ids"]) == 30
+
+
+def test_chunked_prefill_equals_each_request_alone_and_keeps_streams_moving(tokenizers_by_kind):
+    """Prompts prefilled 7 columns at a time, between decode steps of the running rows (one and several prompts
+    joining, padded): greedy and seeded outputs equal each request decoded alone; a stream that runs while a long
+    prompt is prefilled gets tokens between its chunks."""
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = served_model(tok, max_seq_len=256)
+    g = torch.Generator().manual_seed(5)
+    jobs = []
+    for i in range(8):
+        prompt = torch.randint(10, tok.vocab_size, (int(torch.randint(1, 70, (1,), generator=g)),), generator=g).tolist()
+        cfg = GenerationConfig(max_new_tokens=int(torch.randint(5, 40, (1,), generator=g)), do_sample=i % 2 == 1, temperature=0.9, seed=i)
+        cfg.stop_token_ids = []
+        jobs.append((prompt, cfg))
+    alone = [generate(model, tok, [p], c)[0] for p, c in jobs]
+    engine = Engine(model, "chunked", max_batch=4, max_queue=20, prefill_chunk=7)
+    try:
+        together = _collect(engine, jobs, stagger=0.01)
+        # one stream runs; a 150-token prompt joins: the stream's tokens keep coming while the prompt is prefilled
+        times: list[float] = []
+        done = threading.Event()
+
+        def emit(event):
+            if event[0] == "token":
+                times.append(time.monotonic())
+            else:
+                done.set()
+
+        running = GenerationConfig(max_new_tokens=60, do_sample=False, stop_token_ids=[])
+        engine.submit([Request([11, 12, 13], running, emit)])
+        while len(times) < 3:
+            time.sleep(0.001)
+        long_prompt = torch.randint(10, tok.vocab_size, (150,), generator=g).tolist()
+        first: list[float] = []
+        long_done = threading.Event()
+        ids: list[int] = []
+
+        def emit_long(event):
+            if event[0] == "token":
+                first.append(time.monotonic())
+                ids.append(event[2])
+            else:
+                long_done.set()
+
+        submitted = time.monotonic()
+        engine.submit([Request(long_prompt, GenerationConfig(max_new_tokens=2, do_sample=False, stop_token_ids=[]), emit_long)])
+        assert long_done.wait(60) and done.wait(60)
+    finally:
+        engine.close()
+    for (prompt, cfg), a, b in zip(jobs, alone, together):
+        assert b["ids"] == a.ids and b["text"] == a.text, (len(prompt), cfg)
+    assert ids == generate(model, tok, [long_prompt], GenerationConfig(max_new_tokens=2, do_sample=False, stop_token_ids=[]))[0].ids
+    during = [t for t in times if submitted < t < first[0]]
+    assert len(times) == 60 and len(during) >= 10, len(during)  # 22 chunks of 7: a decode step between each two

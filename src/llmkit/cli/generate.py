@@ -118,12 +118,22 @@ def cmd_generate(args) -> None:
             chat_prompt_ids(tok, ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}])
             for p in prompts
         ]
-    warn = lambda m: console().print(f"[yellow]{m}[/]")  # noqa: E731  (the console writes to stderr)
+    notes: list[str] = []  # notes about the run (decoding without compiling) wait for the end: never inside the answer
+
+    def warn(message: str) -> None:
+        if message.startswith("note:"):
+            notes.append(message)
+        else:
+            console().print(f"[yellow]{message}[/]")  # the console writes to stderr
+
     if len(prompts) == 1 and not args.json and model.config.family == "decoder":
         for piece in stream(model, tok, prompts[0], cfg, warn=warn):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        for note in notes:
+            console().print(f"[dim]{note}[/]", soft_wrap=True)
         return
     for i in range(0, len(prompts), args.batch_size):
         stats: dict = {}  # the batch's speeds (decoders), in every --json row of the batch
@@ -136,6 +146,9 @@ def cmd_generate(args) -> None:
                 print(json.dumps(row, ensure_ascii=False))
             else:
                 print(g.text)
+    sys.stdout.flush()
+    for note in notes:
+        console().print(f"[dim]{note}[/]", soft_wrap=True)
 
 
 def cmd_chat(args) -> None:
@@ -148,14 +161,21 @@ def cmd_chat(args) -> None:
     )
     con.print(f"[bold]chatting with {args.model}[/] — /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops an answer")
     notes: list[str] = []  # what the background compile says, shown before the next prompt (never inside an answer)
+    job = None
     if getattr(model, "compiled_decode", False) == "auto" and sys.stdin.isatty():  # a conversation: compile while the user types
         from llmkit.model.compiled import compile_estimate, compile_step
 
         seconds, cached = compile_estimate(model, 1)
-        what = "loading the compiled decode step from the cache" if cached else "compiling the decode step for this machine, once"
-        con.print(f"[dim]({what}, in the background: ~{seconds:.0f} s; answers decode eagerly until then)[/]")
-        compile_step(model, 1, background="process", log=lambda m: notes.append(m) if "ready" in m or "did not" in m else None)
+        what = "the compiled decode step is in inductor's cache" if cached else "compiling the decode step for this machine, once"
+        con.print(f"[dim]({what}: a background process builds it, ~{seconds:.0f} s; answers decode eagerly until then)[/]")
+        # built in the background, loaded here between two turns (seconds): never during an answer, never left half-loaded
+        job = compile_step(model, 1, background="process", hold=True, log=lambda m: notes.append(m) if "did not" in m else None)
     while True:
+        if job is not None and job.built.is_set() and not job.done.is_set():
+            con.print("[dim](loading the compiled decode step into this process: a few seconds, once)[/]")
+            job.load()
+            if job.ready.is_set():
+                con.print(f"[dim](answers now use the compiled decode step; loaded in {job.seconds:.0f} s)[/]")
         for note in notes:
             con.print(f"[dim]({note})[/]")
         notes.clear()

@@ -65,6 +65,13 @@ def register(commands) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model (default: 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; beyond, 429 (default: 64)")
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled between two decode steps, so that a long prompt never stalls the running streams "
+        "(default: 256; 0: each prompt at once)",
+    )
+    p.add_argument(
         "--default-max-tokens",
         type=int,
         default=1024,
@@ -147,6 +154,8 @@ def cmd_serve(args) -> None:
     embedding = named([e for e in embedding if e.lower() != "none"])
     if args.max_batch < 1 or args.max_queue < 0:
         raise LlmkitError("--max-batch must be 1 or more and --max-queue 0 or more", "e.g. --max-batch 16 --max-queue 64")
+    if args.prefill_chunk < 0:
+        raise LlmkitError(f"--prefill-chunk {args.prefill_chunk} is negative", "use e.g. 256, or 0 for whole prompts")
     if args.default_max_tokens < 1:
         raise LlmkitError(f"--default-max-tokens {args.default_max_tokens} allows no answer", "use 1 or more, e.g. 1024")
     if args.timeout <= 0 or args.max_body_mb <= 0:
@@ -161,6 +170,7 @@ def cmd_serve(args) -> None:
         max_queue=args.max_queue,
         timeout=args.timeout,
         default_max_tokens=args.default_max_tokens,
+        prefill_chunk=args.prefill_chunk or None,
         max_body=int(args.max_body_mb * 1024 * 1024),
         cors_origins=list(args.cors_origin),
         log_prompts=args.log_prompts,

@@ -99,7 +99,8 @@ _TOLD_EAGER: weakref.WeakSet = weakref.WeakSet()  # models whose user heard why 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Entry: its structure, compiled step, jobs
 _COMPILING = threading.Lock()  # the registry
 _RUNNING = threading.Lock()  # one compile at a time: dynamo and inductor share their caches, and two cores gain nothing
-_CHILD = threading.Lock()  # one background compile process at a time
+_CHILD = threading.Condition()  # one background compile process at a time, in the order they were asked for
+_TICKETS = [0, 0]  # [next ticket to give, ticket whose turn it is]
 
 
 def _structure(model: nn.Module) -> tuple:
@@ -217,8 +218,10 @@ def _record_key(model: nn.Module, batch: int) -> str:
     are swapped in."""
     import hashlib
 
-    kinds = {type(m).__name__ for m in model.modules()} | ({"BlockLinear"} if getattr(model, "pending_gguf_blocks", False) else set())
-    what = (torch.__version__, repr(model.config), sorted(kinds), str(_cache_dtype(model)), batch)
+    kinds = {type(m).__name__ for m in model.modules()}
+    blocks = "BlockLinear" in kinds or bool(getattr(model, "pending_gguf_blocks", False))
+    kinds -= {"Linear", "BlockLinear"}  # a model with its blocks pending still has plain Linear layers: one key for both
+    what = (torch.__version__, repr(model.config), sorted(kinds), blocks, str(_cache_dtype(model)), batch)
     return hashlib.sha1(repr(what).encode()).hexdigest()[:16]
 
 
@@ -337,19 +340,41 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
     elif mode == "thread":
         threading.Thread(target=compile_here, args=(" in the background (decoding goes on meanwhile)",), daemon=True).start()
     else:
+        estimate, cached = compile_estimate(model, batch)
+        ticket = None
+        if not cached:
+            with _CHILD:
+                ticket = _TICKETS[0]
+                _TICKETS[0] += 1
+
+        def build() -> str | None:
+            """The child process's compile, in turn: one child at a time, in the order they were asked for (a server's
+            smallest batch first). None when it worked, else why not."""
+            with _CHILD:
+                while _TICKETS[1] != ticket:
+                    _CHILD.wait()
+            try:
+                if job.done.is_set():
+                    return "cancelled"
+                say(f"{_what(False)}, in a background process (decoding goes on meanwhile): ~{estimate:.0f} s (cache: {_cache_dir()})")
+                started = time.monotonic()
+                error = _build_in_child(model, batch, job)
+                if error is None:
+                    say(f"built by the background process in {time.monotonic() - started:.0f} s")
+                return error
+            finally:
+                with _CHILD:
+                    _TICKETS[1] += 1
+                    _CHILD.notify_all()
 
         def watch() -> None:
-            estimate, cached = compile_estimate(model, batch)
-            if not cached:
-                say(f"{_what(False)}, in a background process (decoding goes on meanwhile): ~{estimate:.0f} s (cache: {_cache_dir()})")
-                with _CHILD:
-                    error = "cancelled" if job.done.is_set() else _build_in_child(model, batch, job)
-                if error is not None or job.done.is_set():
-                    if not job.done.is_set():
-                        job.error, job._load = error, None
-                        say(f"the decode step did not compile ({error}); decoding eagerly")
-                        job.done.set()
-                    return
+            error = None if cached else build()
+            if error is not None or job.done.is_set():
+                if not job.done.is_set():
+                    job.error, job._load = error, None
+                    say(f"the decode step did not compile ({error}); decoding eagerly")
+                    job.done.set()
+                return
             job.built.set()
             if not hold:
                 compile_here(" into this process")
@@ -361,7 +386,9 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
 def _tick(stop: threading.Event, started: float, estimate: float, say, every: float = 20.0) -> None:
     """A line every `every` seconds while a compile the user waits for runs."""
     while not stop.wait(every):
-        say(f"still compiling the decode step: {time.monotonic() - started:.0f} s of ~{estimate:.0f} s")
+        spent = time.monotonic() - started
+        of = f"of ~{estimate:.0f} s" if spent <= estimate else f"(longer than the ~{estimate:.0f} s expected: a busy machine)"
+        say(f"still compiling the decode step: {spent:.0f} s {of}")
 
 
 def _cache_dir() -> str:
@@ -482,8 +509,8 @@ class StaticDecoder:
         elif self.log is not None and self.model not in _TOLD_EAGER:  # once per model: fine-tuning's evaluation decodes often
             _TOLD_EAGER.add(self.model)
             self.log(
-                f"decoding eagerly ({1 / eager:.0f} tokens/s): compiling the decode step (~{estimate:.0f} s, once per machine) "
-                f"would not pay for {self.steps_left} tokens; LLMKIT_COMPILE=always compiles it anyway"
+                f"note: decoded without compiling ({1 / eager:.1f} tokens/s): compiling the decode step takes ~{estimate:.0f} s "
+                f"and would not pay for at most {self.steps_left} more tokens (LLMKIT_COMPILE=always compiles anyway)"
             )
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int, valid: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ time on the same worker (beam search and cross-attention do not batch this way).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import secrets
@@ -38,6 +39,7 @@ import torch
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, Sampler, TextStream, generate_seq2seq, seeded_generator, stop_rules
 from llmkit.model.compiled import WIDTH_STEP, decode_step
+from llmkit.model.layers import KVCache
 from llmkit.threads import release_openmp_threads
 
 log = logging.getLogger("llmkit.serve")
@@ -88,16 +90,48 @@ class _Row:
     generated: int = 0
 
 
+PREFILL_CHUNK = 256  # prompt columns per prefill chunk; see `Engine._admit` and benchmarks/RESULTS.md
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """Prompts being prefilled, chunk by chunk, in a cache of their own until they join the batch."""
+
+    reqs: list
+    gens: list
+    joined: list
+    ids: torch.Tensor  # (n, P) left-padded
+    mask: torch.Tensor  # (n, P)
+    positions: torch.Tensor  # (n, P)
+    cache: KVCache
+    done: int = 0  # columns prefilled so far
+    failed: bool = False
+
+
 class Engine:
     """Owns `model` (a decoder or an encoder-decoder) on a worker thread; `submit` requests, get events back."""
 
-    def __init__(self, model, name: str, *, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 4096, metrics=None):
+    def __init__(
+        self,
+        model,
+        name: str,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_tokens: int = 4096,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+        metrics=None,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise LlmkitError(
                 f"max_batch {max_batch} / max_queue {max_queue} are not valid", "use --max-batch 1 or more and --max-queue 0 or more"
             )
         self.model, self.name, self.tok = model, name, model.tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise LlmkitError(f"prefill_chunk {prefill_chunk} is not valid", "use --prefill-chunk 1 or more (e.g. 256)")
+        self.prefill_chunk = prefill_chunk  # prompt columns prefilled between two decode steps (None: a prompt at once)
+        self._prefill: _Prefill | None = None  # the prompts being prefilled, chunk by chunk
         self.metrics = metrics
         cfg = model.config
         self.seq2seq = cfg.family == "encoder-decoder"
@@ -184,7 +218,7 @@ class Engine:
         now = self.model.compiled_decode is True
         n = 1
         while True:
-            say = lambda m, n=n: log.info("%s: %s [%d rows]", self.name, m, n)  # noqa: E731
+            say = lambda m, n=n: log.info("%s, batches of %d: %s", self.name, n, m)  # noqa: E731
             background = False if now else "process"
             self.jobs[n] = compile_step(self.model, n, background=background, hold=True, log=say)
             if n >= self.max_batch:
@@ -214,7 +248,7 @@ class Engine:
         logits = None
         while True:
             with self.lock:
-                while not self.closing and not self.waiting and not self.rows and not self._loadable():
+                while not self.closing and not self.waiting and not self.rows and self._prefill is None and not self._loadable():
                     self.lock.wait(1.0 if any(not job.done.is_set() for job in self.jobs.values()) else None)
                 if self.closing:
                     break
@@ -351,47 +385,38 @@ class Engine:
 
     def _cache(self):
         """A KVCache view of the running rows (no copy: slices of the preallocated buffers)."""
-        from llmkit.model.layers import KVCache
 
         b = len(self.rows)
         return KVCache.over([t[:b] for t in self._k], [t[:b] for t in self._v], self._cap, self.width)
 
     def _admit(self, logits: torch.Tensor | None) -> torch.Tensor | None:
-        """Prefill the waiting requests that fit and join them to the batch; returns every row's next-token logits.
+        """Prefill waiting requests and join them to the batch; returns every row's next-token logits.
 
-        Everything that belongs to the new requests alone (their generators, stop rules, the prefill in a cache of
-        their own) is done first: if it fails, only they get the error and the running rows go on."""
-        reqs = self._take(self.max_batch - len(self.rows))
-        if not reqs:
+        A long prompt is prefilled `prefill_chunk` columns at a time, one chunk between two decode steps of the running
+        rows (chunked prefill, as vLLM and llama.cpp do): a 3,000-token prompt never stops the others' streams for the
+        whole of its prefill. Everything that belongs to the new requests alone (their generators, stop rules, the
+        prefill in a cache of their own) is done apart: if it fails, only they get the error and the running rows go on."""
+        if self._prefill is None:
+            reqs = self._take(self.max_batch - len(self.rows))
+            if not reqs:
+                return logits
+            self._prefill = self._guarded(reqs, lambda: self._start_prefill(reqs))
+            if self._prefill is None:
+                return logits
+        pre = self._prefill
+        new_logits = self._guarded(pre.reqs, lambda: self._prefill_chunk(pre))
+        if new_logits is None:  # more chunks to go (or it failed: the requests have their error)
+            if pre.failed:
+                self._prefill = None
             return logits
+        self._prefill = None
+        self._join(pre)
+        return new_logits if logits is None else torch.cat([logits, new_logits])
+
+    def _guarded(self, reqs: list[Request], work):
+        """`work()`, or None after giving `reqs` (and only them) the error it raised."""
         try:
-            gens = self._generators(reqs)
-            Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens)  # their settings, checked alone
-            joined = []
-            for r in reqs:
-                stop_ids, strings = stop_rules(self.tok, r.config, self.model, warn=log.warning)
-                text = TextStream(self.tok, strings)
-                text.prompt_ids = r.prompt_ids
-                joined.append(_Row(r, text, stop_ids, start=0))
-            P = max(len(r.prompt_ids) for r in reqs)
-            n = len(reqs)
-            ids = torch.full((n, P), self.tok.pad_id if self.tok.pad_id is not None else 0, dtype=torch.long)
-            mask = torch.zeros(n, P, dtype=torch.long)
-            for i, r in enumerate(reqs):
-                ids[i, P - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-                mask[i, P - len(r.prompt_ids) :] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            plain = n == 1  # one prompt, no padding: the causal fast path, exactly as `llmkit generate` computes it
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = self.model.new_cache(n, P)
-            new_logits = self.model(
-                ids,
-                attention_mask=None if plain else mask,
-                cache=cache,
-                position_ids=None if plain else positions,
-                last_only=True,
-                check_ids=False,
-            )[:, -1]
+            return work()
         except Exception as e:  # noqa: BLE001  (these requests fail; the batch goes on)
             log.exception("engine %s: a prefill failed", self.name)
             for r in reqs:
@@ -399,8 +424,50 @@ class Engine:
             with self.lock:
                 self._joining, self._admitting = 0, []
                 self._gauges()
-            return logits
-        # place them so that their prompts end at the current column (the others move right if a prompt is longer)
+            if self._prefill is not None:
+                self._prefill.failed = True
+            return None
+
+    def _start_prefill(self, reqs: list[Request]) -> _Prefill:
+        """The new requests' sampler settings (checked alone), stop rules and left-padded prompts in a cache of their own."""
+        gens = self._generators(reqs)
+        Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens)  # their settings, checked alone
+        joined = []
+        for r in reqs:
+            stop_ids, strings = stop_rules(self.tok, r.config, self.model, warn=log.warning)
+            text = TextStream(self.tok, strings)
+            text.prompt_ids = r.prompt_ids
+            joined.append(_Row(r, text, stop_ids, start=0))
+        P, n = max(len(r.prompt_ids) for r in reqs), len(reqs)
+        ids = torch.full((n, P), self.tok.pad_id if self.tok.pad_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros(n, P, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, P - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, P - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return _Prefill(reqs, gens, joined, ids, mask, positions, self.model.new_cache(n, P))
+
+    def _prefill_chunk(self, pre: _Prefill) -> torch.Tensor | None:
+        """The next chunk of the prompts through the model: their last position's logits once the prompts are done."""
+        P = pre.ids.shape[1]
+        end = P if self.prefill_chunk is None else min(P, pre.done + self.prefill_chunk)
+        plain = pre.ids.shape[0] == 1  # one prompt, no padding: the causal fast path, exactly as `llmkit generate` computes it
+        out = self.model(
+            pre.ids[:, pre.done : end],
+            attention_mask=None if plain else pre.mask[:, :end],
+            cache=pre.cache,
+            position_ids=None if plain else pre.positions[:, pre.done : end],
+            last_only=True,
+            check_ids=False,
+        )[:, -1]
+        pre.done = end
+        return out if end == P else None
+
+    def _join(self, pre: _Prefill) -> None:
+        """Place the prefilled rows so that their prompts end at the current column (the others move right if a prompt
+        is longer), with their sampler rows."""
+        reqs, n, P = pre.reqs, len(pre.reqs), pre.ids.shape[1]
         if not self.rows:
             self.width = 0
         if P > self.width:
@@ -408,27 +475,26 @@ class Engine:
             self._shift(P - self.width)
         b, w = len(self.rows), self.width
         for i in range(len(self._k)):
-            self._k[i][b : b + n, :, w - P : w] = cache.k[i]
-            self._v[i][b : b + n, :, w - P : w] = cache.v[i]
+            self._k[i][b : b + n, :, w - P : w] = pre.cache.k[i]
+            self._v[i][b : b + n, :, w - P : w] = pre.cache.v[i]
         self.mask[b : b + n] = 0
-        self.mask[b : b + n, w - P : w] = mask
+        self.mask[b : b + n, w - P : w] = pre.mask
         configs = [r.config for r in reqs]
         if not self.rows:
-            self.sampler = Sampler(configs, self.n_valid, self.device, generators=gens)
-            self.positions = positions[:, -1:] + 1
+            self.sampler = Sampler(configs, self.n_valid, self.device, generators=pre.gens)
+            self.positions = pre.positions[:, -1:] + 1
         else:
-            self.sampler.add_rows(configs, gens)
-            self.positions = torch.cat([self.positions, positions[:, -1:] + 1])
+            self.sampler.add_rows(configs, pre.gens)
+            self.positions = torch.cat([self.positions, pre.positions[:, -1:] + 1])
         self.sampler.add_prompts([r.prompt_ids for r in reqs], rows=list(range(b, b + n)))
         if self.metrics is not None:
             self.metrics.prompt_tokens.labels(self.name).inc(sum(len(r.prompt_ids) for r in reqs))
-        for row in joined:
+        for row in pre.joined:
             row.start = w - len(row.req.prompt_ids)
         with self.lock:
-            self.rows = self.rows + joined
+            self.rows = self.rows + pre.joined
             self._joining, self._admitting = 0, []
         self._gauges()
-        return new_logits if logits is None else torch.cat([logits, new_logits])
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple | None]:
         """(chosen token's log-probability, [(id, logprob) of the k best]) for the rows that asked; the model's own

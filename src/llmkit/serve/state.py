@@ -63,6 +63,7 @@ class Settings:
     max_queue: int = 64
     timeout: float = 600.0  # seconds a request may take, queue included
     max_body: int = 4 * 1024 * 1024
+    prefill_chunk: int | None = 256  # prompt tokens prefilled between two decode steps (None: a whole prompt at once)
     default_max_tokens: int = 1024  # a chat answer's length when the request names none (/v1/models says so)
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
@@ -90,7 +91,16 @@ class Served:
         # what a request may hold: the context, or for an embedding model the tokens it embeds (MiniLM: 256, not 512)
         self.input_limit = input_limit(model) if self.embedding else self.context
         self.engine = (
-            None if self.embedding else Engine(model, name, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
+            None
+            if self.embedding
+            else Engine(
+                model,
+                name,
+                max_batch=settings.max_batch,
+                max_queue=settings.max_queue,
+                prefill_chunk=settings.prefill_chunk,
+                metrics=metrics,
+            )
         )
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"llmkit-embed-{name}") if self.embedding else None
         self.pending = 0  # embedding requests taken and not answered
