@@ -516,6 +516,13 @@ def test_export_and_import_refuse_bert_and_llama_variants_transformers_lacks(tmp
     hf = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96, vocab_size=50)
     with pytest.raises(LlmkitError, match="biases on attention but not on the feed-forward"):
         config_from_hf({**hf, "attention_bias": True})  # transformers' mlp_bias defaults to False
+    gpt2 = dict(model_type="gpt2", vocab_size=50, n_embd=64, n_layer=1, n_head=4, n_positions=32)
+    with pytest.raises(LlmkitError, match="scale_attn_by_inverse_layer_idx True is not implemented"):
+        config_from_hf({**gpt2, "scale_attn_by_inverse_layer_idx": True})
+    bert = dict(model_type="bert", vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96)
+    with pytest.raises(LlmkitError, match="position_embedding_type 'relative_key' is not implemented"):
+        config_from_hf({**bert, "max_position_embeddings": 32, "position_embedding_type": "relative_key"})
+    assert config_from_hf({**gpt2, "scale_attn_by_inverse_layer_idx": False}).n_layers == 1  # transformers' default
 
 
 def test_out_of_range_ids_are_named():

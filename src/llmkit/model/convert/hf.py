@@ -157,6 +157,27 @@ def _check_llama(hf: dict) -> None:
 
 GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
+
+def _refuse(hf: dict, settings: dict) -> None:
+    """A config field that changes the math in a way llmkit does not compute: refused by name, never ignored."""
+    for key, ok in settings.items():
+        value = hf.get(key)
+        if value is not None and not ok(value):
+            raise LlmkitError(
+                f"{hf.get('model_type')} {key} {value!r} is not implemented (it changes the model's numbers)",
+                "use a checkpoint without it, or keep transformers for this model",
+            )
+
+
+def _check_gpt2(hf: dict) -> None:
+    _refuse(hf, {"scale_attn_by_inverse_layer_idx": lambda v: not v})  # (reorder_and_upcast_attn only changes precision)
+    _refuse(hf, {"scale_attn_weights": lambda v: v})
+
+
+def _check_bert(hf: dict) -> None:
+    _refuse(hf, {"position_embedding_type": lambda v: v == "absolute"})
+
+
 GPT2 = Architecture(
     "gpt2",
     ("GPT2LMHeadModel",),
@@ -190,6 +211,7 @@ GPT2 = Architecture(
         Rename("transformer.ln_f.{w}", "norm.{w}"),
         Rename("lm_head.weight", "lm_head.weight"),
     ),
+    check=_check_gpt2,
     fits=lambda cfg: cfg.n_kv_heads == cfg.n_heads and cfg.activation in ("gelu_tanh", "gelu", "relu"),
 )
 
@@ -335,6 +357,7 @@ BERT = Architecture(
         Rename("cls.predictions.decoder.bias", "lm_head.bias", export=False),
         Rename("classifier.{w}", "classifier.1.{w}", export=False),  # BertForSequenceClassification's head: read only
     ),
+    check=_check_bert,
     optional_prefix="bert.",
     # gated activations match too, so that the export names them as what transformers' BERT would run differently
     fits=lambda cfg: cfg.type_vocab_size > 0 and cfg.activation in ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"),
