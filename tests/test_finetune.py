@@ -484,3 +484,16 @@ def test_a_budget_that_does_not_parse_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(LlmkitError, match="cannot read the budget"):
         finetune(FinetuneConfig(budget="abc", out=str(tmp_path / "run")), log=lambda m: None)
     assert not (tmp_path / "run" / "finetune_config.json").exists()
+
+
+def test_a_finished_fine_tune_says_so_on_resume_and_a_larger_budget_extends_it(tiny_base, tmp_path):
+    from llmkit.errors import LlmkitError
+    from llmkit.finetune.recipe import finetune
+
+    out = tmp_path / "run"
+    assert finetune(_ft(tiny_base, out, budget="2steps"), log=lambda m: None)["steps"] == 2
+    with pytest.raises(LlmkitError, match=r"is finished \(2 steps"):
+        finetune(_ft(tiny_base, out, budget=None, resume=True), log=lambda m: None)
+    said: list[str] = []
+    assert finetune(_ft(tiny_base, out, budget="3steps", resume=True), log=said.append)["steps"] == 3
+    assert any("extending the finished run" in m and "2steps -> 3steps" in m for m in said)

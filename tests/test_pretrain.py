@@ -864,3 +864,17 @@ def test_the_optimizers_state_round_trips_and_keeps_this_runs_peaks():
             for key, value in a.state[p].items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.state[p][key])), key
     assert sorted(g["base_lr"] for g in second.param_groups) == [5e-4, 5e-4, 0.01]  # a resumed run's new --lr / --muon-lr
+
+
+def test_a_finished_run_says_so_on_resume_and_a_larger_budget_extends_it(small_data, tmp_path):
+    """`--resume` without `--budget` keeps the run's own budget: a finished run is refused with the reason (never
+    trained on under a default budget without a word); a larger budget extends it, and says so."""
+    out = tmp_path / "run"
+    first = pretrain(_cfg(small_data, out, budget="6steps", eval_every=3), log=lambda m: None)
+    assert first["steps"] == 6
+    with pytest.raises(LlmkitError, match=r"is finished \(budget of 6 steps reached, 6 steps\)"):
+        pretrain(_cfg(small_data, out, budget=None, eval_every=3, resume=True), log=lambda m: None)
+    said: list[str] = []
+    more = pretrain(_cfg(small_data, out, budget="9steps", eval_every=3, resume=True), log=said.append)
+    assert more["steps"] == 9 and any("extending the finished run" in m and "6steps -> 9steps" in m for m in said)
+    assert json.loads((out / "train_config.json").read_text())["budget"] == "9steps"

@@ -68,7 +68,12 @@ def register(commands) -> None:
         p.add_argument("--val-data", default=None, help="validation rows (default: a tenth of --data)")
         p.add_argument("--n-train", type=int, default=f.n_train, help=f"built-in task: training examples (default: {f.n_train})")
         p.add_argument("--n-val", type=int, default=f.n_val, help=f"built-in task: validation examples (default: {f.n_val})")
-        p.add_argument("--budget", default=f.budget, help=f"when to stop: steps or time (default: {f.budget})")
+        p.add_argument(
+            "--budget",
+            default=None,
+            help="when to stop: steps or time (default: 100steps; with --resume the run's own: a finished run then says so, "
+            "and a larger budget trains it further)",
+        )
         p.add_argument("--batch-size", type=int, default=f.batch_size)
         p.add_argument("--grad-accum", type=int, default=f.grad_accum)
         p.add_argument("--lr", type=float, default=None, help="learning rate (default: full 5e-5, lora and adapter 1e-3)")

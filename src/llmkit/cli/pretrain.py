@@ -97,7 +97,10 @@ def register(commands) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (0: off; default: 1.0)")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument(
-        "--budget", default=d.budget, help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m)"
+        "--budget",
+        default=None,
+        help="when to stop: 5m, 300s, 1h, 2000steps, 5Mtokens, or several joined by commas (default: 5m; with --resume "
+        "the run's own: a finished run then says so, and a larger budget trains it further)",
     )
     p.add_argument(
         "--max-epochs",

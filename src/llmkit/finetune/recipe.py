@@ -41,6 +41,7 @@ from llmkit.progress import progress
 from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_states
 from llmkit.train.runtime import Budget, Dist, Metrics, accumulate_gradients, autocast_dtype, learning_rate
 
+DEFAULT_BUDGET = "100steps"
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3}
 
 
@@ -56,7 +57,7 @@ class FinetuneConfig:
     val_data: str | None = None
     n_train: int = 400
     n_val: int = 48
-    budget: str = "100steps"
+    budget: str | None = None  # None: DEFAULT_BUDGET, or with `resume` the run's own (a finished run is then refused)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None  # default by method: full 5e-5, lora and adapter 1e-3
@@ -275,8 +276,14 @@ class Finetuning:
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.budget = Budget.parse(cfg.budget)  # a budget that does not parse is refused before anything runs
         self.ckpt = resume_point(self.run_dir, cfg.resume)
+        if cfg.budget is None:  # a resumed run keeps its own budget; a new one takes the default
+            saved = self.run_dir / "finetune_config.json"
+            own = io.read_json(saved).get("budget") if self.ckpt is not None and saved.exists() else None
+            self.cfg = cfg = dataclasses.replace(cfg, budget=own or DEFAULT_BUDGET)
+        self.budget = Budget.parse(cfg.budget or DEFAULT_BUDGET)  # a budget that does not parse is refused before anything runs
+        if self.ckpt is not None:
+            self._refuse_finished()
         torch.manual_seed(cfg.seed)
         io.write_json(self.run_dir / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and --resume read
         steps = (
@@ -296,6 +303,20 @@ class Finetuning:
             self.phases[key] = round(time.perf_counter() - started, 2)
             self.log(f"      ({self.phases[key]:.1f} s)")
         return self.results()
+
+    def _refuse_finished(self) -> None:
+        """A run that finished (results.json written at its last checkpoint's step) resumes only with a new budget."""
+        results = self.run_dir / "results.json"
+        state = io.read_json(self.ckpt / "state.json")  # type: ignore[operator]
+        if not results.exists() or io.read_json(results).get("steps") != state.get("step"):
+            return  # killed before its end: it resumes
+        before = state.get("config", {}).get("budget")
+        if before == self.cfg.budget:
+            raise LlmkitError(
+                f"the run in {self.run_dir} is finished ({state['step']} steps, results.json written): nothing is left to resume",
+                f"give a larger --budget than its {before} to train it further, or start a new --out",
+            )
+        self.log(f"extending the finished run in {self.run_dir}: budget {before} -> {self.cfg.budget}")
 
     def load_data(self) -> None:
         cfg = self.cfg

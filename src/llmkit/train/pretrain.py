@@ -56,6 +56,7 @@ from llmkit.train.runtime import (
     peak_flops,
 )
 
+DEFAULT_BUDGET = "5m"
 DEFAULT_PRESETS = {"decoder": "cpu-modern", "encoder": "tiny-bert", "encoder-decoder": "tiny-t5"}
 
 
@@ -96,7 +97,8 @@ class PretrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     dropout: float = 0.0
-    budget: str = "5m"  # 5m, 300s, 1h, 2000steps, 2000, 5Mtokens; several joined by commas
+    budget: str | None = None  # 5m, 300s, 1h, 2000steps, 2000, 5Mtokens; several joined by commas. None: DEFAULT_BUDGET,
+    # or with `resume` the run's own (a finished run is then refused: nothing is left to train; a larger budget extends it)
     # passes over the training windows at most; None: TIME_BUDGET_EPOCHS for a budget of time alone (a step or token count
     # is exact), 0: no limit. Past a few epochs the model memorizes (30 minutes of the default are 13 epochs: 2.089 bits
     # per byte on the held-out plays against 1.925 for 10 minutes, 4.4 epochs; benchmarks/RESULTS.md)
@@ -342,6 +344,7 @@ class Pretraining:
 
     def __init__(self, cfg: PretrainConfig, *, log=print):
         self.cfg, self.log = cfg, log
+        self.finished: str | None = None  # why the run stopped, once it has
 
     def run(self) -> dict:
         self.setup()
@@ -353,11 +356,15 @@ class Pretraining:
     def setup(self) -> None:
         cfg = self.cfg
         check_options(cfg)
-        self.budget = Budget.parse(cfg.budget)
-        self.d = d = init_distributed()
-        self.say = self.log if d.main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.out)
         self.ckpt_path = resume_point(self.run_dir, cfg.resume)
+        if cfg.budget is None:  # a resumed run keeps its own budget; a new one takes the default
+            saved = self.run_dir / "train_config.json"
+            own = io.read_json(saved).get("budget") if self.ckpt_path is not None and saved.exists() else None
+            self.cfg = cfg = dataclasses.replace(cfg, budget=own or DEFAULT_BUDGET)
+        self.budget = Budget.parse(cfg.budget or DEFAULT_BUDGET)
+        self.d = d = init_distributed()
+        self.say = self.log if d.main else (lambda *a, **k: None)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data_dir = prepare_data(cfg, d, self.say)
         self._data_and_model()
@@ -404,6 +411,13 @@ class Pretraining:
         if self.ckpt_path is None:
             return
         model_state, self.opt_state, state = load_checkpoint(self.ckpt_path)
+        if state.get("finished"):  # the run ended (its budget, a plateau): resuming trains on only with a new budget
+            if state.get("budget") == cfg.budget:
+                raise LlmkitError(
+                    f"the run in {self.run_dir} is finished ({state['finished']}, {state['step']} steps): nothing is left to resume",
+                    f"give a larger --budget than its {cfg.budget} to train it further, or start a new --out",
+                )
+            say(f"extending the finished run in {self.run_dir}: budget {state.get('budget')} -> {cfg.budget}")
         if (
             ModelConfig.from_dict(state["model_config"]).to_dict() != self.model.config.to_dict()
             or state["tokenizer"] != self.tok.fingerprint()
@@ -674,6 +688,8 @@ class Pretraining:
                     "sampling": cfg.sampling,
                     "global_batch": self.global_batch,
                     "epoch_limit": self.budget.epoch_limit,
+                    "budget": cfg.budget,
+                    "finished": self.finished,  # why the run stopped, once it has (its last checkpoint)
                     "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.amp],
                 },
                 rng={k: v for r, states in enumerate(rngs) for k, v in rank_keys(states, r).items()},
@@ -687,6 +703,7 @@ class Pretraining:
         the last checkpoint, the weights, the plot and report.md. Returns the summary."""
         cfg, d, step, elapsed = self.cfg, self.d, self.step, self.elapsed
         final_val = evaluate(self.model, self.objective, cfg, self.data_dir, d, self.amp, final=True)
+        self.finished = self.stop_reason
         self.metrics.log(
             {"step": step, "split": "val", "final": True, **final_val, "tokens": self.tokens_seen, "elapsed": round(elapsed, 2)}
         )
