@@ -144,6 +144,8 @@ def test_metrics_command_reads_files_and_prints_one_json_object(tmp_path):
     )
     result = json.loads(out.stdout)
     assert set(result["accuracy"]) == {"value", "low", "high"} and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    run_cli("eval", "metrics", "--metric", "confusion", "--predictions", str(tmp_path / "c.jsonl"), cwd=tmp_path)
+    assert not (tmp_path / "confusion.png").exists()  # a picture only when --png asks for one
 
 
 @pytest.mark.parametrize(

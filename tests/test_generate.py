@@ -535,3 +535,13 @@ def test_application_presets_on_the_command_line(tmp_path):
     assert "Sentiment:" in row["prompt"] and "<|im_start|>system" in row["prompt"]
     bad = run_cli("generate", "--model", "smollm2", "--to", "fr", "--prompt", "hi", check=False)
     assert bad.returncode == 1 and "--to and --kind go with --task" in bad.stderr
+
+
+def test_a_chat_session_takes_the_models_own_tokenizer(tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=64)).eval()
+    with pytest.raises(LlmkitError, match="no tokenizer"):
+        ChatSession(model)
+    model.tokenizer = tok  # what llmkit.load attaches
+    chat = ChatSession(model, config=GenerationConfig(max_new_tokens=3, do_sample=False))
+    assert chat.tok is tok and isinstance("".join(chat.send("Hello")), str) and len(chat.messages) == 2

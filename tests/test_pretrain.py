@@ -870,8 +870,8 @@ def test_a_finished_run_says_so_on_resume_and_a_larger_budget_extends_it(small_d
     """`--resume` without `--budget` keeps the run's own budget: a finished run is refused with the reason (never
     trained on under a default budget without a word); a larger budget extends it, and says so."""
     out = tmp_path / "run"
-    first = pretrain(_cfg(small_data, out, budget="6steps", eval_every=3), log=lambda m: None)
-    assert first["steps"] == 6
+    first = pretrain(_cfg(small_data, out, budget="6steps", eval_every=100, samples=True), log=lambda m: None)
+    assert first["steps"] == 6 and "## step 6" in (out / "samples.md").read_text()  # no evaluation ran: the final sample
     with pytest.raises(LlmkitError, match=r"is finished \(budget of 6 steps reached, 6 steps\)"):
         pretrain(_cfg(small_data, out, budget=None, eval_every=3, resume=True), log=lambda m: None)
     said: list[str] = []

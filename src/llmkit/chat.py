@@ -70,7 +70,12 @@ def chat_prompt_ids(tokenizer, messages: list[dict], *, add_generation_prompt: b
 class ChatSession:
     """A conversation with a model: `send(text)` streams the answer and keeps both turns in the history."""
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, config: GenerationConfig | None = None, warn=warn_stderr):
+    def __init__(self, model, tokenizer=None, *, system: str | None = None, config: GenerationConfig | None = None, warn=warn_stderr):
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)  # a loaded model carries its own
+        if tokenizer is None:
+            raise LlmkitError(
+                "this model has no tokenizer", "pass one: ChatSession(model, tokenizer), or load a folder with tokenizer.json"
+            )
         self.model, self.tok, self.config, self.warn = model, tokenizer, config or GenerationConfig(), warn
         self.system = system
         self.messages: list[dict] = []

@@ -87,7 +87,7 @@ def register(commands) -> None:
     )
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="a 95%% interval from N resamples (e.g. 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
-    p.add_argument("--png", default=None, help="with the confusion metric: draw the matrix into this PNG (default: confusion.png)")
+    p.add_argument("--png", default=None, help="with the confusion metric: also draw the matrix into this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object, a key per metric")
 
     p = subcommand(
@@ -244,10 +244,9 @@ def cmd_eval_metrics(args) -> None:
         sig = M.signature(m, ex) if generation else None
         if sig:
             print(f"{m} signature: {sig}", file=sys.stderr)
-    if "confusion" in results:
-        png = args.png or "confusion.png"
-        M.plot_confusion(results["confusion"], png)
-        print(f"confusion matrix -> {png}", file=sys.stderr)
+    if "confusion" in results and args.png:  # a picture only when asked for: the matrix is printed (and in --json) anyway
+        M.plot_confusion(results["confusion"], args.png)
+        print(f"confusion matrix -> {args.png}", file=sys.stderr)
     if args.json:
         print(json.dumps(M.json_safe(results), ensure_ascii=False))
         return

@@ -734,6 +734,7 @@ class Pretraining:
             save_model(self.model, self.run_dir, tokenizer=self.tok, state=final_state)
             if cfg.family == "decoder" and cfg.samples and not self.sharded:
                 summary["sample"] = sample_text(self.model, self.tok, self.data_dir, cfg)
+                _append_sample(self.run_dir, step, summary["sample"])  # samples.md has the final model's too (short runs: only it)
             self.metrics.plot(self.run_dir / "loss.png")
             _write_report(self.run_dir, summary)
             self.say(
