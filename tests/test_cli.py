@@ -251,3 +251,8 @@ def test_version_comes_from_the_package_metadata():
 
     assert run_cli("--version").stdout.strip() == f"llmkit {version('llmkit')}" == f"llmkit {llmkit.__version__}"
     assert (Path(llmkit.__file__).parent / "py.typed").exists()  # type checkers see the hints
+
+
+def test_an_option_typo_is_named_with_the_closest_option():
+    proc = run_cli("pretrain", "--bugdet", "5m", check=False)
+    assert proc.returncode == 1 and "did you mean --budget?" in proc.stderr and "Traceback" not in proc.stderr

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _refuse_unknown(args, extra)
     if getattr(args, "config", None):
         sub: argparse.ArgumentParser = args._parser
         config = load_config(args.config)
@@ -83,6 +85,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         sub.set_defaults(**config)
         args = parser.parse_args(argv)
     return args
+
+
+def _refuse_unknown(args: argparse.Namespace, extra: list[str]) -> None:
+    """Options the command does not have: named, with the closest it does have (a typo such as --bugdet)."""
+    import difflib
+
+    sub = getattr(args, "_parser", None)
+    command = sub.prog if sub is not None else "llmkit"
+    options = [o for a in (sub._actions if sub is not None else []) for o in a.option_strings if o.startswith("--")]
+    first = extra[0]
+    close = difflib.get_close_matches(first.split("=")[0], options, n=1, cutoff=0.6) if first.startswith("-") else []
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise LlmkitError(f"`{command}` has no option or argument {first!r}", f"{hint}`{command} --help` lists what it takes")
 
 
 def main(argv: list[str] | None = None) -> int:
