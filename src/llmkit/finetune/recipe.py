@@ -311,7 +311,7 @@ class Finetuning:
         if not results.exists() or io.read_json(results).get("steps") != state.get("step"):
             return  # killed before its end: it resumes
         before = state.get("config", {}).get("budget")
-        if before == self.cfg.budget:
+        if self.budget.exhausted(state["step"], state.get("tokens", 0), state["elapsed"]):
             raise LlmkitError(
                 f"the run in {self.run_dir} is finished ({state['step']} steps, results.json written): nothing is left to resume",
                 f"give a larger --budget than its {before} to train it further, or start a new --out",

@@ -411,13 +411,6 @@ class Pretraining:
         if self.ckpt_path is None:
             return
         model_state, self.opt_state, state = load_checkpoint(self.ckpt_path)
-        if state.get("finished"):  # the run ended (its budget, a plateau): resuming trains on only with a new budget
-            if state.get("budget") == cfg.budget:
-                raise LlmkitError(
-                    f"the run in {self.run_dir} is finished ({state['finished']}, {state['step']} steps): nothing is left to resume",
-                    f"give a larger --budget than its {cfg.budget} to train it further, or start a new --out",
-                )
-            say(f"extending the finished run in {self.run_dir}: budget {state.get('budget')} -> {cfg.budget}")
         if (
             ModelConfig.from_dict(state["model_config"]).to_dict() != self.model.config.to_dict()
             or state["tokenizer"] != self.tok.fingerprint()
@@ -426,6 +419,13 @@ class Pretraining:
                 f"the checkpoint in {self.ckpt_path} belongs to another model or tokenizer than this command builds",
                 "resume with the same options as the original run (its train_config.json lists them)",
             )
+        if state.get("finished"):  # the run ended: it trains on only where the limits now given leave room
+            if budget.exhausted(state["step"], state["tokens"], state["elapsed"]):
+                raise LlmkitError(
+                    f"the run in {self.run_dir} is finished ({state['finished']}, {state['step']} steps): nothing is left to resume",
+                    f"give a larger --budget than its {state.get('budget')} (or --max-epochs) to train it further, or a new --out",
+                )
+            say(f"extending the finished run in {self.run_dir}: budget {state.get('budget')} -> {cfg.budget}")
         load_state(self.model, model_state, source=str(self.ckpt_path))  # full weights, before any sharding
         d = self.d
         set_rng_states(state["rng"], d.rank, fallback_seed=cfg.seed + 1_000_003 * d.rank + state["step"], log=self.log)
