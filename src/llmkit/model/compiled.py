@@ -284,10 +284,10 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
     if mode == "process" and getattr(model, "decode_spec", None) is None:
         mode = "thread"
     with _COMPILING:
-        entry = _COMPILED.get(model)
-        job = entry.jobs.get(batch) if entry is not None else None
-        if job is not None and (not job.done.is_set() or entry.structure == _structure(model)):
+        job = _current_job(model, batch)
+        if job is not None:
             return job
+        entry = _COMPILED.get(model)
         job = CompileJob(batch)
         if entry is None or _needs_fresh(entry, model):
             entry = _COMPILED[model] = _Entry(None, _new_step(device))
@@ -436,6 +436,16 @@ def _stop_children() -> None:
         proc.terminate()
 
 
+def _current_job(model: nn.Module, batch: int) -> CompileJob | None:
+    """The job of `model`'s step for `batch` rows, if it is still compiling or was compiled for the model as it is now
+    (the guards on its modules are skipped: a changed model needs a new compile); else None."""
+    entry = _COMPILED.get(model)
+    job = entry.jobs.get(batch) if entry is not None else None
+    if job is not None and (not job.done.is_set() or entry.structure == _structure(model)):
+        return job
+    return None
+
+
 def _needs_fresh(entry: _Entry, model: nn.Module) -> bool:
     """A finished compile of another structure: its graphs assume a model that no longer exists."""
     return entry.structure is not None and entry.structure != _structure(model) and all(j.done.is_set() for j in entry.jobs.values())
@@ -476,12 +486,8 @@ class StaticDecoder:
         elif compile == "background":
             self.job = compile_step(model, batch, background="process", log=log)
         elif compile == "pays":
-            entry = _COMPILED.get(model)
-            job = entry.jobs.get(batch) if entry is not None else None
-            # compiled for the model as it is now (the guards on its modules are skipped: a changed model needs a new
-            # compile), or compiling in the background (a chat's): use it when ready
-            current = job is not None and (not job.done.is_set() or entry.structure == _structure(model))
-            if current and not job.error:
+            job = _current_job(model, batch)  # compiled already, or compiling in the background (a chat's): used when ready
+            if job is not None and not job.error:
                 self.job = job if (job.ready.is_set() or not job.done.is_set()) else None
 
     @property

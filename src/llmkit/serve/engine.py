@@ -104,8 +104,8 @@ class _Prefill:
     mask: torch.Tensor  # (n, P)
     positions: torch.Tensor  # (n, P)
     cache: KVCache
+    sampler: Sampler  # their rows' sampler: the batch's when no other row runs, else merged into it
     done: int = 0  # columns prefilled so far
-    failed: bool = False
 
 
 class Engine:
@@ -406,15 +406,13 @@ class Engine:
         pre = self._prefill
         new_logits = self._guarded(pre.reqs, lambda: self._prefill_chunk(pre))
         if new_logits is None:  # more chunks to go (or it failed: the requests have their error)
-            if pre.failed:
-                self._prefill = None
             return logits
         self._prefill = None
         self._join(pre)
         return new_logits if logits is None else torch.cat([logits, new_logits])
 
     def _guarded(self, reqs: list[Request], work):
-        """`work()`, or None after giving `reqs` (and only them) the error it raised."""
+        """`work()`, or None after giving `reqs` (and only them) the error it raised (their prefill is dropped)."""
         try:
             return work()
         except Exception as e:  # noqa: BLE001  (these requests fail; the batch goes on)
@@ -424,14 +422,13 @@ class Engine:
             with self.lock:
                 self._joining, self._admitting = 0, []
                 self._gauges()
-            if self._prefill is not None:
-                self._prefill.failed = True
+            self._prefill = None
             return None
 
     def _start_prefill(self, reqs: list[Request]) -> _Prefill:
         """The new requests' sampler settings (checked alone), stop rules and left-padded prompts in a cache of their own."""
         gens = self._generators(reqs)
-        Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens)  # their settings, checked alone
+        sampler = Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens)  # their settings, checked alone
         joined = []
         for r in reqs:
             stop_ids, strings = stop_rules(self.tok, r.config, self.model, warn=log.warning)
@@ -446,7 +443,7 @@ class Engine:
             mask[i, P - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return _Prefill(reqs, gens, joined, ids, mask, positions, self.model.new_cache(n, P))
+        return _Prefill(reqs, gens, joined, ids, mask, positions, self.model.new_cache(n, P), sampler)
 
     def _prefill_chunk(self, pre: _Prefill) -> torch.Tensor | None:
         """The next chunk of the prompts through the model: their last position's logits once the prompts are done."""
@@ -481,7 +478,7 @@ class Engine:
         self.mask[b : b + n, w - P : w] = pre.mask
         configs = [r.config for r in reqs]
         if not self.rows:
-            self.sampler = Sampler(configs, self.n_valid, self.device, generators=pre.gens)
+            self.sampler = pre.sampler
             self.positions = pre.positions[:, -1:] + 1
         else:
             self.sampler.add_rows(configs, pre.gens)
