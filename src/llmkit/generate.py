@@ -467,10 +467,11 @@ def stream_batch(
     B, width = len(prompts), max(map(len, prompts))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     total = width + cfg.max_new_tokens - 1  # positions fed to the model: the last new token never is
-    ids = torch.full((B, width), pad, dtype=torch.long)
-    mask = torch.zeros(B, total, dtype=torch.long)
+    host = torch.device("cpu")  # the prompts are laid out in host memory, then copied to the model's device once
+    ids = torch.full((B, width), pad, dtype=torch.long, device=host)
+    mask = torch.zeros(B, total, dtype=torch.long, device=host)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
+        ids[r, width - len(p) :] = torch.tensor(p, device=host)
         mask[r, width - len(p) : width] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)

@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "_handler", None) is None:
             (getattr(args, "_parser", None) or build_parser()).print_help()
             return 0 if not argv or argv == ["--debug"] else 2
+        if getattr(args, "device", None) not in (None, "auto", "cpu"):  # a device that is not there: refused before any load
+            from llmkit.devices import resolve
+
+            resolve(args.device)
         args._handler(args)
         return 0
     except LlmkitError as e:

@@ -111,7 +111,21 @@ QUANTIZE_HELP = (
 )
 
 
+DEVICE_HELP = "where the model runs: auto (default: a CUDA GPU, then Apple's mps, then the CPU), cpu, cuda, cuda:N or mps"
+
+
+def device_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    """--device of every command that runs a model (one definition: the same words and choices everywhere)."""
+    p.add_argument("--device", default=default, metavar="DEVICE", help=DEVICE_HELP)
+
+
 def decode_weight_options(p: argparse.ArgumentParser) -> None:
-    """--dtype and --quantize of every command that decodes with a model (generate, chat, serve)."""
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations (default: fp32)")
+    """--device, --dtype and --quantize of every command that decodes with a model (generate, chat, serve)."""
+    device_option(p)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weights and activations (default auto: the device's, float32 on a CPU, bf16 on GPUs that have it, else fp16)",
+    )
     p.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from llmkit.cli.common import console, group, print_json, source_options, subcommand
+from llmkit.cli.common import console, device_option, group, print_json, source_options, subcommand
 from llmkit.errors import LlmkitError
 
 
@@ -65,6 +65,7 @@ def register(commands) -> None:
     p.add_argument("--pooling", default=None, choices=["mean", "cls", "last"], help="default: mean for encoders, last for decoders")
     p.add_argument("--file", default=None, help="a text file, one text per line")
     p.add_argument("--batch-size", type=int, default=32)
+    device_option(p)
     p.add_argument("--no-normalize", action="store_true", help="keep the vectors' lengths (default: unit length)")
     p.add_argument("--out", default=None, help="write the vectors as .npy")
     p.add_argument("--json", action="store_true", help='print {"model", "pooling", "dim", "vectors"}')
@@ -84,6 +85,7 @@ def register(commands) -> None:
     p.add_argument("--model", default="minilm")
     p.add_argument("--file", default=None, help="a text file, one sentence per line")
     p.add_argument("--png", default=None, help="draw the occurrences on a 2-D map (PCA)")
+    device_option(p)
     p.add_argument("--json", action="store_true")
 
     for name, help_, ex in (
@@ -164,6 +166,7 @@ def register(commands) -> None:
     p.add_argument("--chunk", default="4lines", help="4lines, 200words or paragraph (default: 4lines)")
     p.add_argument("--pooling", default=None, choices=["mean", "cls", "last"])
     p.add_argument("--batch-size", type=int, default=64)
+    device_option(p)
     p.add_argument("--out", default="runs/index")
 
     p = subcommand(
@@ -221,7 +224,7 @@ def cmd_text(args) -> None:
     from llmkit.embed.contextual import default_pooling, embed_texts
 
     texts = _texts(args, "texts")
-    model = llmkit.load(args.model)
+    model = llmkit.load(args.model, device=args.device)
     pooling = args.pooling or default_pooling(model)
     vecs = embed_texts(
         model, texts, pooling=pooling, normalize=not args.no_normalize, batch_size=args.batch_size, progress=args.file is not None
@@ -250,7 +253,7 @@ def cmd_tokens(args) -> None:
     if not args.word:
         raise LlmkitError("`llmkit embed tokens` needs --word", "e.g. --word bank")
     sentences = _texts(args, "sentences")
-    model = llmkit.load(args.model)
+    model = llmkit.load(args.model, device=args.device)
     pairs = word_vectors(model, sentences, args.word)
     vecs = np.stack([v for _, v in pairs])
     sims = cosine_matrix(vecs)
@@ -376,6 +379,7 @@ def cmd_index(args) -> None:
         chunking=args.chunk,
         pooling=args.pooling,
         batch_size=args.batch_size,
+        device=args.device,
         log=lambda m: console().print(m),
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from llmkit.cli.common import console, group, subcommand
+from llmkit.cli.common import console, device_option, group, subcommand
 from llmkit.errors import LlmkitError
 
 
@@ -37,6 +37,7 @@ def register(commands) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
     p.add_argument("--stride", type=int, default=None, help="start a window every S tokens (default: the window, no overlap)")
     p.add_argument("--batch-size", type=int, default=4)
+    device_option(p)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument(
         "--prefix-token",
@@ -113,6 +114,7 @@ def register(commands) -> None:
     p.add_argument("--limit", type=float, default=None, help="score only the first N examples of each task (or a fraction < 1)")
     p.add_argument("--chat", action="store_true", help="render prompts through the model's chat template")
     p.add_argument("--batch-size", type=int, default=8)
+    device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in data and of few-shot sampling (default: 0)")
     p.add_argument("--out", default="runs/eval", help="output folder: results.json, tasks/, cache/ (default: runs/eval)")
     p.add_argument("--json", action="store_true", help="print lm-eval's results object (for several --shots, one per count)")
@@ -140,6 +142,7 @@ def register(commands) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N validation examples (questions) of each task")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot examples")
     p.add_argument("--batch-size", type=int, default=8)
+    device_option(p)
     p.add_argument("--out", default=None, help="also write OUT/results.json (for `llmkit eval report`)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
@@ -197,7 +200,7 @@ def cmd_eval_perplexity(args) -> None:
 
     if not args.file:
         raise LlmkitError("`llmkit eval perplexity` needs --file", "e.g. --file hamlet.txt or --file shakespeare:hamlet")
-    model = llmkit.load(args.model)
+    model = llmkit.load(args.model, device=args.device)
     if model.config.family != "decoder":
         raise LlmkitError(f"perplexity needs a decoder; {args.model} is a {model.config.family}", "use a decoder model")
     if model.tokenizer is None:
@@ -288,6 +291,7 @@ def cmd_eval_tasks(args) -> None:
         chat=args.chat,
         batch_size=args.batch_size,
         seed=args.seed,
+        device=args.device,
         log=lambda m: console().print(m),
     )
     if args.json:
@@ -331,6 +335,7 @@ def cmd_eval_glue(args) -> None:
         seed=args.seed,
         limit=args.limit,
         batch_size=args.batch_size,
+        device=args.device,
         log=lambda m: console().print(m),
     )
     if args.out:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmkit.cli.common import console, subcommand
+from llmkit.cli.common import console, device_option, subcommand
 from llmkit.errors import LlmkitError
 
 
@@ -37,7 +37,19 @@ def register(commands) -> None:
             cmd_finetune_compare if compare_cmd else cmd_finetune,
         )
         if not compare_cmd:
-            p.add_argument("--method", default=f.method, choices=["full", "lora", "adapter"], help="what to train (default: lora)")
+            p.add_argument(
+                "--method",
+                default=f.method,
+                choices=["full", "lora", "qlora", "adapter"],
+                help="what to train (default: lora; qlora: LoRA on the base frozen in 4 bits)",
+            )
+            p.add_argument(
+                "--quantize",
+                default=f.quantize,
+                choices=["none", "auto", "int4", "nf4"],
+                help="LoRA's frozen base in 4 bits (QLoRA): int4 (llmkit's CPU kernel), nf4 (CUDA, bitsandbytes), auto "
+                "(the device's; what --method qlora uses) or none (default)",
+            )
         else:
             p.add_argument(
                 "--methods",
@@ -90,7 +102,18 @@ def register(commands) -> None:
         p.add_argument("--lora-targets", default=f.lora_targets, help="all-linear, names (q_proj,v_proj) or a regular expression")
         p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA)")
         p.add_argument("--adapter-size", type=int, default=f.adapter_size, help="bottleneck width of the adapters")
-        p.add_argument("--precision", default=f.precision, choices=["auto", "fp32", "bf16"])
+        p.add_argument("--precision", default=f.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: the device's)")
+        device_option(p, f.device)
+        p.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="under torchrun, shard full fine-tuning with FSDP2 (default: DDP, each process a whole copy)",
+        )
+        p.add_argument(
+            "--checkpointing",
+            action="store_true",
+            help="activation checkpointing: recompute each block's activations in the backward pass (less memory, ~30%% more time)",
+        )
         p.add_argument("--max-new-tokens", type=int, default=f.max_new_tokens, help="answer length when evaluating")
         p.add_argument(
             "--forgetting-tasks", default=f.forgetting_tasks, help="built-in tasks measured before and after (those not trained on)"

@@ -106,7 +106,7 @@ def cmd_generate(args) -> None:
         prompts = [args.prompt if args.prompt is not None else sys.stdin.read()]
     if any(not p.strip() for p in prompts):
         raise LlmkitError("a prompt is empty", "give every prompt some text")
-    model = load_for_generation(args.model, args.dtype, args.quantize, not args.no_compile)
+    model = load_for_generation(args.model, args.dtype, args.quantize, not args.no_compile, device=args.device)
     tok = model.tokenizer
     if args.task:
         messages = render(args.task, prompts[0], to=args.to, kind=args.kind)
@@ -154,7 +154,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from llmkit.chat import ChatSession
 
-    model = load_for_generation(args.model, args.dtype, args.quantize, not args.no_compile)
+    model = load_for_generation(args.model, args.dtype, args.quantize, not args.no_compile, device=args.device)
     con = console()
     session = ChatSession(
         model, model.tokenizer, system=args.system, config=generation_config(args), warn=lambda m: con.print(f"[yellow]{m}[/]")
@@ -269,15 +269,14 @@ def generation_config(args):
     return cfg
 
 
-def load_for_generation(name: str, dtype: str = "fp32", quantize: str | None = "auto", compile: bool = True):
-    """The model for generate/chat: quantized as asked (auto: a GGUF's own blocks for the compiled step) and with the
-    compiled decode step where it pays unless `compile` is False or LLMKIT_COMPILE=0."""
-    import torch
-
+def load_for_generation(name: str, dtype: str = "auto", quantize: str | None = "auto", compile: bool = True, device: str | None = "auto"):
+    """The model for generate/chat on `device` in `dtype` (auto: the device's), quantized as asked (auto: a GGUF's own
+    blocks for the compiled step on a CPU) and with the compiled decode step where it pays unless `compile` is False or
+    LLMKIT_COMPILE=0."""
     import llmkit
     from llmkit.model.compiled import prepare_for_decoding
 
-    model = llmkit.load(name, dtype=torch.bfloat16 if dtype == "bf16" else None)
+    model = llmkit.load(name, dtype=dtype, device=device)
     prepare_for_decoding(model, quantize, compile)
     if model.config.family == "encoder":
         raise LlmkitError(f"{name} is an encoder; it does not generate text", "use a decoder or an encoder-decoder model")

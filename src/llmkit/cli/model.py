@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from llmkit.cli.common import group, index_list, subcommand
+from llmkit.cli.common import device_option, group, index_list, subcommand
 from llmkit.errors import LlmkitError
 
 
@@ -18,6 +18,7 @@ def register(commands) -> None:
             "llmkit model info --all",
             "llmkit model info smollm2",
             "llmkit model export --model runs/gpt --out runs/gpt-hf",
+            "llmkit model memory smollm2 --method qlora --batch-size 8 --max-len 256",
         ),
         "model commands",
     )
@@ -41,6 +42,36 @@ def register(commands) -> None:
     )
     p.add_argument("--model", default=None, help="a run folder, Hugging Face folder, GGUF file, smollm2 or minilm (required)")
     p.add_argument("--out", default=None, help="output folder (required)")
+    p = subcommand(
+        model_cmds,
+        "memory",
+        "will it fit? a command's peak memory by part (weights, gradients, optimizer, activations, KV cache) and what would fit",
+        (
+            "llmkit model memory smollm2",
+            "llmkit model memory smollm2 --method lora --batch-size 8 --max-len 256",
+            "llmkit model memory llama --method full --batch-size 16 --max-len 1024 --device cuda --json",
+            "llmkit model memory minilm --method qlora --checkpointing",
+        ),
+        cmd_model_memory,
+    )
+    p.add_argument("model", nargs="?", help="a preset (gpt2, llama, ...) or a model (path, smollm2, minilm)")
+    p.add_argument(
+        "--method",
+        default="inference",
+        choices=["inference", "lora", "qlora", "full", "pretrain"],
+        help="what runs: inference (generate, chat, serve, embed; default), fine-tuning (lora, qlora, full) or pretrain",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="rows at once (default: 1 for inference, 8 for training)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per row: training's --max-len, or prompt + answer (default: 256)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="the weights as held (auto: the device's)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="training's autocast (auto: the device's)")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer states in 32 or 8 bits")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "gguf"], help="inference: the weights' form")
+    device_option(p)
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
     p = subcommand(
         commands,
@@ -130,6 +161,77 @@ def cmd_model_info(args) -> None:
     from rich.console import Console
 
     Console(width=200).print(table)
+
+
+def _model_config(spec: str):
+    """A model's config without its weights where that is cheap (presets, our folders, Hugging Face folders)."""
+    from pathlib import Path
+
+    from llmkit import io
+    from llmkit.model.config import PRESETS, ModelConfig, preset
+
+    if spec in PRESETS:
+        return preset(spec)
+    config = Path(spec) / "config.json"
+    if config.exists():
+        from llmkit.model.convert.hf import config_from_hf
+        from llmkit.model.convert.own import FORMAT
+
+        raw = io.read_json(config)
+        if raw.get("format") == FORMAT:
+            raw.pop("format")
+            return ModelConfig.from_dict(raw)
+        if raw.get("model_type"):
+            return config_from_hf(raw)
+    import llmkit
+
+    return llmkit.load(spec).config
+
+
+def cmd_model_memory(args) -> None:
+    from llmkit.devices import dtype_for, resolve
+    from llmkit.model.memory import Plan, predict, resident_bytes, weight_files
+    from llmkit.train.runtime import autocast_dtype
+
+    if not args.model:
+        raise LlmkitError("`llmkit model memory` needs a model or a preset", "e.g. `llmkit model memory smollm2 --method lora`")
+    runtime = resident_bytes()  # this process as imported: what any command's process holds before its model
+    device = resolve(args.device)
+    cfg = _model_config(args.model)
+    training = args.method != "inference"
+    size, gguf = (0, False) if args.model in _presets() else weight_files(args.model)
+    dtype = dtype_for(args.dtype, device)
+    if training and args.method != "pretrain" and device.type == "cpu":
+        dtype = dtype_for("fp32", device)  # fine-tuning on a CPU keeps float32 weights and autocasts
+    plan = Plan(
+        command=args.method,
+        batch_size=args.batch_size or (8 if training else 1),
+        max_len=args.max_len or 256,
+        grad_accum=args.grad_accum,
+        checkpointing=args.checkpointing,
+        dtype=dtype,
+        autocast=autocast_dtype(args.precision, device) if training else None,
+        optimizer_bits=8 if args.optim == "adamw8bit" else 32,
+        lora_r=args.lora_r,
+        quantize=None if args.quantize == "none" else args.quantize,
+    )
+    p = predict(cfg, plan, device, source_bytes=size, gguf_source=gguf, runtime=runtime)
+    if args.json:
+        print(json.dumps(p.as_json()))
+        return
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"  # noqa: E731
+    print(f"{args.model}, {args.method}: batch {plan.batch_size} x {plan.max_len} tokens on {p.device}")
+    for name, value in p.parts.items():
+        print(f"  {name:<12} {gib(value):>10}")
+    print(f"  {'total':<12} {gib(p.total_bytes):>10}   free: {gib(p.free_bytes)}  ->  {'fits' if p.fits else 'does NOT fit'}")
+    for tip in p.suggestions:
+        print(f"  would fit with: {tip}" if tip.startswith("--") or tip.startswith("a ") else f"  {tip}")
+
+
+def _presets():
+    from llmkit.model.config import PRESETS
+
+    return PRESETS
 
 
 def cmd_model_export(args) -> None:

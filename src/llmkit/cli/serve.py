@@ -164,6 +164,8 @@ def cmd_serve(args) -> None:
     if len(set(names)) < len(names):
         raise LlmkitError(f"two models share a name: {', '.join(names)}", "name them: --model NAME=PATH")
     key = api_key(args)
+    from llmkit.devices import resolve as resolve_device
+
     settings = Settings(
         api_key=key,
         max_batch=args.max_batch,
@@ -174,7 +176,8 @@ def cmd_serve(args) -> None:
         max_body=int(args.max_body_mb * 1024 * 1024),
         cors_origins=list(args.cors_origin),
         log_prompts=args.log_prompts,
-        dtype=args.dtype if args.dtype != "fp32" else None,
+        dtype=args.dtype,
+        device=str(resolve_device(args.device)),  # a device that is not there is refused before the server starts
         quantize=args.quantize,
         compile=compile_default() if args.compile is None else args.compile,
         db=None if args.db.lower() == "none" else args.db,

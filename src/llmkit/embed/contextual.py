@@ -104,8 +104,8 @@ def embed_ids(
         task = bar.add_task("embed", total=len(encoded))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            ids, mask = pad_right([encoded[i] for i in chunk], tok.pad_id or 0)
-            states = _states(model, ids.to(device), mask.to(device)).float()  # (B, T, D)
+            ids, mask = pad_right([encoded[i] for i in chunk], tok.pad_id or 0, device)
+            states = _states(model, ids, mask).float()  # (B, T, D)
             vec = pool(states, mask, pooling)
             if normalize:
                 vec = torch.nn.functional.normalize(vec, dim=-1)
@@ -134,8 +134,8 @@ def word_vectors(model, sentences: list[str], word: str) -> list[tuple[str, np.n
         picked = [t for t, (a, b) in enumerate(enc.offsets) if b > a and any(a < e and b > st for st, e in spans)]
         if not picked:
             raise LlmkitError(f"no token of {s!r} covers the word {word!r}", "check the word's spelling in the sentence")
-        ids, mask = pad_right([enc.ids], tok.pad_id or 0)
-        states = _states(model, ids.to(device), mask.to(device))[0].float()  # (T, D)
+        ids, mask = pad_right([enc.ids], tok.pad_id or 0, device)
+        states = _states(model, ids, mask)[0].float()  # (T, D)
         out.append((s, states[picked].mean(0).cpu().numpy()))
     return out
 

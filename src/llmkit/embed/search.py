@@ -83,9 +83,17 @@ def _previous(out: Path, settings: dict) -> dict[str, tuple[list[str], np.ndarra
 
 
 def build_index(
-    model_name: str, source, out: str | Path, *, chunking: str = "4lines", pooling: str | None = None, batch_size: int = 64, log=print
+    model_name: str,
+    source,
+    out: str | Path,
+    *,
+    chunking: str = "4lines",
+    pooling: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    log=print,
 ) -> dict:
-    """Index `source` (any --source form) into `out`; returns meta.json's contents."""
+    """Index `source` (any --source form) into `out`, embedding on `device`; returns meta.json's contents."""
     import faiss
 
     from llmkit.data.sources import read_source
@@ -94,7 +102,7 @@ def build_index(
 
     out = Path(out)
     corpus = read_source(source)
-    model = load_model(model_name)
+    model = load_model(model_name, device=device)
     pooling = pooling or default_pooling(model)
     fingerprint = weights_fingerprint(model)
     reuse = _previous(out, {"model": str(model_name), "weights": fingerprint, "pooling": pooling, "chunking": chunking})

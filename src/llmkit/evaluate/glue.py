@@ -514,23 +514,24 @@ def run_glue(
     seed: int = 0,
     limit: int | None = None,
     batch_size: int = 8,
+    device: str | None = None,
     log=print,
 ) -> dict:
-    """Evaluate `model` on the validation files of `tasks`: a classifier run of `llmkit finetune` (an encoder) directly, any
-    other model as a decoder through lm-eval log-likelihoods. `data` is a task's folder (glue_data/SST-2) or the folder
-    holding the task folders (glue_data). Returns {"model", "tasks": {task: metrics}, "scores": {suite: leaderboard score},
-    "score" (the one suite's, else None)}."""
+    """Evaluate `model` (on `device`: auto, cpu, cuda, ...) on the validation files of `tasks`: a classifier run of
+    `llmkit finetune` (an encoder) directly, any other model as a decoder through lm-eval log-likelihoods. `data` is a
+    task's folder (glue_data/SST-2) or the folder holding the task folders (glue_data). Returns {"model", "tasks":
+    {task: metrics}, "scores": {suite: leaderboard score}, "score" (the one suite's, else None)}."""
     is_classifier = (Path(model) / "classifier.safetensors").exists()
     if is_classifier:
         from llmkit.model.classifier import load_classifier
 
-        clf = load_classifier(model)
+        clf = load_classifier(model, device=device)
     else:
         from llmkit.evaluate.harness import LlmkitLM
         from llmkit.evaluate.tasks import offline
 
         offline()
-        lm = LlmkitLM(model=model, batch_size=batch_size)
+        lm = LlmkitLM(model=model, batch_size=batch_size, device=device)
     results = {}
     for name in tasks:
         task = get_task(name)

@@ -243,13 +243,14 @@ class LlmkitLM(TemplateLM):
                         [c0  c1 c2 c3 c4]                  rows take their question's cache row
         """
         G, W = len(contexts), max(map(len, contexts))
-        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
+        host = torch.device("cpu")  # the batch is built in host memory, then copied to the model's device once
+        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts], device=host)
         flat = [c for conts in continuations for c in conts]
         width = max(map(len, flat)) - 1
-        ids = torch.zeros(G, W, dtype=torch.long)
-        mask = torch.zeros(G, W + max(width, 0), dtype=torch.long)
+        ids = torch.zeros(G, W, dtype=torch.long, device=host)
+        mask = torch.zeros(G, W + max(width, 0), dtype=torch.long, device=host)
         for g, c in enumerate(contexts):
-            ids[g, W - len(c) :] = torch.tensor(c)
+            ids[g, W - len(c) :] = torch.tensor(c, device=host)
             mask[g, W - len(c) : W] = 1
         positions = (mask[:, :W].cumsum(-1) - 1).clamp(min=0)
         cache = cast(Decoder, self.model).new_cache(G, W + max(width, 0))
@@ -267,12 +268,12 @@ class LlmkitLM(TemplateLM):
         rest = None
         if width > 0:
             cache.reorder(owner.to(self._device))  # (R, ...): each choice on its question's context
-            x = torch.zeros(len(flat), width, dtype=torch.long)
+            x = torch.zeros(len(flat), width, dtype=torch.long, device=host)
             row_mask = mask[owner].clone()
             for r, c in enumerate(flat):
-                x[r, : len(c) - 1] = torch.tensor(c[:-1])
+                x[r, : len(c) - 1] = torch.tensor(c[:-1], device=host)
                 row_mask[r, W : W + len(c) - 1] = 1
-            pos = positions[owner, -1:] + 1 + torch.arange(width)  # (R, width)
+            pos = positions[owner, -1:] + 1 + torch.arange(width, device=host)  # (R, width)
             rest = F.log_softmax(
                 self.model(
                     x.to(self._device),
@@ -301,8 +302,7 @@ class LlmkitLM(TemplateLM):
             whole = (context + continuation)[-(self.max_length + 1) :]
             inputs.append(whole[:-1])
             spans.append(len(continuation))
-        x, mask = pad_right(inputs, 0)
-        x, mask = x.to(self._device), mask.to(self._device)
+        x, mask = pad_right(inputs, 0, self._device)
         logp = F.log_softmax(self.model(x, attention_mask=mask).float(), dim=-1)  # (B, T, V)
         results = []
         for r, ((_, _context, continuation), n) in enumerate(zip(chunk, spans)):

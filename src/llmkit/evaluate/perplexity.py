@@ -47,14 +47,15 @@ def score_tokens(
 ) -> tuple[float, int]:
     """(total nats, tokens scored) of a decoder on the 1-D token sequence `ids`."""
     device = next(model.parameters()).device
-    ids = torch.as_tensor(ids, dtype=torch.long)
+    host = torch.device("cpu")  # each batch is built in host memory, then copied to the model's device once
+    ids = torch.as_tensor(ids, dtype=torch.long, device=host)
     plan = window_plan(len(ids), window, stride)[:max_windows]
     nats, count = 0.0, 0
     for i in range(0, len(plan), batch_size):
         group = plan[i : i + batch_size]
         width = max(e - s for s, e, _ in group) - 1  # a window of N tokens is N - 1 inputs predicting N - 1 next tokens
-        x = torch.zeros(len(group), width, dtype=torch.long)
-        targets = torch.full((len(group), width), -100, dtype=torch.long)
+        x = torch.zeros(len(group), width, dtype=torch.long, device=host)
+        targets = torch.full((len(group), width), -100, dtype=torch.long, device=host)
         for r, (s, e, n) in enumerate(group):
             x[r, : e - s - 1] = ids[s : e - 1]
             targets[r, e - s - 1 - n : e - s - 1] = ids[e - n : e]  # input position p predicts token p + 1

@@ -212,9 +212,10 @@ def run_tasks(
     batch_size: int = 8,
     seed: int = 0,
     bootstrap_iters: int = 1000,
+    device: str | None = None,
     log=print,
 ) -> dict:
-    """Evaluate `model` (a name, a path or a loaded model) on `tasks` at each number of `shots`; writes
+    """Evaluate `model` (a name, a path or a loaded model, on `device`) on `tasks` at each number of `shots`; writes
     OUT/results.json (and OUT/tasks/, OUT/cache/: a re-run, after a kill too, reuses every request already answered)."""
     offline()
     import logging
@@ -242,7 +243,7 @@ def run_tasks(
             f"unknown task(s): {', '.join(unknown)}",
             f"use built-in tasks ({', '.join(BUILTIN)}), a folder of task YAML, or --include-path DIR for your own",
         )
-    lm = LlmkitLM(model=model, batch_size=batch_size)
+    lm = LlmkitLM(model=model, batch_size=batch_size, device=device)
     summary: dict[str, Any] = {"model": lm.name, "tasks": names, "shots": {}, "limit": limit, "chat": chat, "seed": seed}
     for k in shots:
         log(f"{lm.name}: {', '.join(names)} with {k} shot(s)")

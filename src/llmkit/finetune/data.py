@@ -158,7 +158,7 @@ def _pack(ids: list[list[int]], labels: list[list[int]], max_len: int):
     return rows_i, rows_l, rows_s
 
 
-def collate_packed(ids: list[list[int]], labels: list[list[int]], segments: list[list[int]], pad_id: int):
+def collate_packed(ids: list[list[int]], labels: list[list[int]], segments: list[list[int]], pad_id: int, device=None):
     """Right-padded packed rows: (input ids, labels, block-causal mask (B, T, T), positions (B, T)). Token i may see
     token j of its row only when both belong to the same example; positions count from 0 in every example.
 
@@ -172,20 +172,21 @@ def collate_packed(ids: list[list[int]], labels: list[list[int]], segments: list
     """
     x, y, real = collate(ids, labels, pad_id)
     B, T = x.shape
-    seg = torch.full((B, T), -1, dtype=torch.long)
+    host = torch.device("cpu")  # built in host memory, copied to `device` once
+    seg = torch.full((B, T), -1, dtype=torch.long, device=host)
     for r, s in enumerate(segments):
-        seg[r, : len(s)] = torch.tensor(s)
+        seg[r, : len(s)] = torch.tensor(s, device=host)
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (B, T, T)
-    mask = same & torch.ones(T, T, dtype=torch.bool).tril()
-    mask |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself (no row of the softmax may be empty)
-    starts = torch.cat([torch.ones(B, 1, dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], dim=1)
-    index = torch.arange(T).expand(B, T)
+    mask = same & torch.ones(T, T, dtype=torch.bool, device=host).tril()
+    mask |= torch.eye(T, dtype=torch.bool, device=host)  # a padding position sees itself (no row of the softmax may be empty)
+    starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=host), seg[:, 1:] != seg[:, :-1]], dim=1)
+    index = torch.arange(T, device=host).expand(B, T)
     last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return x, y, mask.long(), (index - last_start) * real
+    return tuple(t.to(device) if device is not None else t for t in (x, y, mask.long(), (index - last_start) * real))
 
 
-def collate(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input ids, labels, attention mask), each (B, T)."""
-    x, mask = pad_right(ids, pad_id)
-    y, _ = pad_right(labels, IGNORE)  # each row of labels as long as its ids
+def collate(ids: list[list[int]], labels: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input ids, labels, attention mask), each (B, T), on `device`."""
+    x, mask = pad_right(ids, pad_id, device)
+    y, _ = pad_right(labels, IGNORE, device)  # each row of labels as long as its ids
     return x, y, mask

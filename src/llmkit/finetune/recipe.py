@@ -2,9 +2,10 @@
 
     1 load data          a built-in task (or a mixture, or a file): training and validation examples
     2 preprocess         render through the chat template, loss mask on the answers; count dropped / truncated rows
-    3 prepare model      full fine-tuning, LoRA, or bottleneck adapters; the share of trainable parameters
+    3 prepare model      full fine-tuning, LoRA (on a 4-bit base: QLoRA), or bottleneck adapters; the trainable share
     4 initial predictions the task metric, the forgetting measures and a few answers before training
-    5 train              AdamW, warmup + cosine, gradient accumulation, bf16 autocast; checkpoints that resume exactly
+    5 train              AdamW, warmup + cosine, gradient accumulation, autocast, activation checkpointing; DDP / FSDP2
+                         under torchrun (pretraining's runtime); checkpoints that resume exactly
     6 evaluate           the task metric and the forgetting measures again
     7 predict            the same few answers after training
 
@@ -35,20 +36,34 @@ from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepa
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, predict, save_classifier
 from llmkit.model.lora import METHOD_FIELDS, apply_method, merge_and_unwrap, save_lora, trainable_share
+from llmkit.model.quantize import FROZEN_4BIT, quantize_frozen
 from llmkit.model.weights import load as load_model
 from llmkit.model.weights import save_model
 from llmkit.progress import progress
 from llmkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_states
-from llmkit.train.runtime import Budget, Dist, Metrics, accumulate_gradients, autocast_dtype, learning_rate
+from llmkit.train.runtime import (
+    Budget,
+    Dist,
+    Metrics,
+    accumulate_gradients,
+    all_reduce,
+    autocast_dtype,
+    barrier,
+    init_distributed,
+    learning_rate,
+)
 
 DEFAULT_BUDGET = "100steps"
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3}
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3}
 
 
 @dataclass
 class FinetuneConfig:
     model: str = "smollm2"
-    method: str = "lora"  # full | lora | adapter
+    method: str = "lora"  # full | lora | qlora (lora on a frozen 4-bit base) | adapter
+    quantize: str = "none"  # the frozen base of lora in 4 bits: int4 (CPU kernel) | nf4 (CUDA, bitsandbytes) | auto | none
+    checkpointing: bool = False  # activation checkpointing: recompute each block's activations in the backward pass
+    fsdp: bool = False  # under torchrun: shard full fine-tuning with FSDP2 (default: DDP, every rank a whole copy)
     task: str = "arithmetic"  # a built-in task, a mixture 'arithmetic:2,reverse:1', or genre (encoders)
     eval_task: str | None = None  # evaluate on this task (default: the training task or mixture)
     data: str | None = None  # a file of rows instead of a built-in task (or, with glue, the task's official file or folder)
@@ -74,6 +89,7 @@ class FinetuneConfig:
     pack: bool = False
     truncate: bool = False
     precision: str = "auto"
+    device: str = "auto"  # auto (CUDA, then MPS, then the CPU) | cpu | cuda | cuda:N | mps
     max_new_tokens: int = 12
     forgetting_tasks: str = "arithmetic,reverse,sort,dates"
     n_forgetting: int = 24  # examples per untrained task
@@ -169,8 +185,35 @@ def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[E
     return T.mixture(cfg.task, cfg.n_train, "train", cfg.seed), T.mixture(cfg.eval_task or cfg.task, cfg.n_val, "val", cfg.seed)
 
 
-def prepare_model(model, cfg: FinetuneConfig):
-    return apply_method(model, cfg.method, **{k: getattr(cfg, k) for k in METHOD_FIELDS})
+def base_quantization(cfg: FinetuneConfig, device: torch.device) -> str | None:
+    """The 4-bit form of a LoRA run's frozen base (QLoRA), or None: `--method qlora` or `--method lora --quantize
+    int4|nf4|auto`; auto is nf4 on CUDA (bitsandbytes), llmkit's int4 kernel on a CPU."""
+    asked = cfg.quantize if cfg.quantize != "none" else ("auto" if cfg.method == "qlora" else None)
+    if asked is None:
+        return None
+    if cfg.method not in ("lora", "qlora"):
+        raise LlmkitError(
+            f"--quantize {cfg.quantize} freezes a LoRA base in 4 bits; --method {cfg.method} trains the weights",
+            "use --method lora or qlora",
+        )
+    if asked == "auto":
+        return "nf4" if device.type == "cuda" else "int4"
+    if asked not in FROZEN_4BIT:
+        raise LlmkitError(f"--quantize {asked} is not a 4-bit base for fine-tuning", "use int4 (CPU), nf4 (CUDA) or auto")
+    if (asked == "nf4") != (device.type == "cuda"):
+        raise LlmkitError(f"--quantize {asked} does not run on {device.type}", "nf4 runs on CUDA, int4 on a CPU: use --quantize auto")
+    return asked
+
+
+def prepare_model(model, cfg: FinetuneConfig, log=print):
+    four_bit = base_quantization(cfg, _device(model))
+    if four_bit is not None:
+        n = quantize_frozen(model, four_bit)
+        log(f"      the frozen base in 4 bits ({four_bit}): {n} linear layers")
+    method = "lora" if cfg.method == "qlora" else cfg.method
+    apply_method(model, method, **{k: getattr(cfg, k) for k in METHOD_FIELDS})
+    model.checkpointing = cfg.checkpointing
+    return model
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -198,7 +241,7 @@ def answer_loss(model, tok, examples: list[Example], cfg: FinetuneConfig, batch:
     prep = prepare_examples(tok, examples, min(cfg.max_len, model.config.max_seq_len), truncate=True)
     nats, count = 0.0, 0
     for i in range(0, len(prep.ids), batch):
-        x, y, mask = collate(prep.ids[i : i + batch], prep.labels[i : i + batch], tok.pad_id or 0)
+        x, y, mask = collate(prep.ids[i : i + batch], prep.labels[i : i + batch], tok.pad_id or 0, _device(model))
         logits = model(x, attention_mask=mask)[:, :-1]
         nats += F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -255,7 +298,7 @@ def glue_scores(model, tok, examples: list[Example], task_name: str) -> dict:
 
 def _embeddings(encoder, tok, texts: list[str]) -> torch.Tensor:
     ids = [tok.encode(t, max_length=128) for t in texts]
-    x, _, mask = collate(ids, ids, tok.pad_id or 0)
+    x, _, mask = collate(ids, ids, tok.pad_id or 0, _device(encoder))
     with torch.no_grad():
         return encoder.embed_sentences(x, mask)
 
@@ -276,6 +319,13 @@ class Finetuning:
 
     def run(self) -> dict:
         cfg = self.cfg
+        self.d = init_distributed()  # one process, or a rank of torchrun (DDP / FSDP2 in `train`)
+        if not self.d.main:
+            self.log = lambda message: None  # rank 0 speaks and writes for all
+        if self.d.world > 1 and cfg.fsdp and cfg.method != "full":
+            raise LlmkitError("--fsdp shards full fine-tuning; LoRA's few trainable weights need no sharding", "leave out --fsdp (DDP)")
+        if self.d.world > 1 and cfg.fsdp and cfg.resume:
+            raise LlmkitError("an FSDP fine-tune does not resume yet", "resume it without --fsdp (DDP), or start a new --out")
         self.ckpt = resume_point(self.run_dir, cfg.resume)
         if cfg.budget is None:  # a resumed run keeps its own budget; a new one takes the default
             saved = self.run_dir / "finetune_config.json"
@@ -285,7 +335,8 @@ class Finetuning:
         if self.ckpt is not None:
             self._refuse_finished()
         torch.manual_seed(cfg.seed)
-        io.write_json(self.run_dir / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and --resume read
+        if self.d.main:
+            io.write_json(self.run_dir / "finetune_config.json", dataclasses.asdict(cfg))  # what `load_classifier` and --resume read
         steps = (
             self.load_data,
             self.preprocess,
@@ -328,7 +379,7 @@ class Finetuning:
         """Classification rows as ids and token types with label indices; chat rows through the template, loss on the
         answers (packed or not)."""
         cfg = self.cfg
-        self.model = model = load_model(cfg.model)
+        self.model = model = load_model(cfg.model, device=self.d.device if self.d.world > 1 else cfg.device)
         self.tok = tok = model.tokenizer
         if self.classification:
             if model.config.family != "encoder":
@@ -370,11 +421,11 @@ class Finetuning:
             torch.manual_seed(cfg.seed)
             torch.nn.init.normal_(self.model.head.weight, std=0.02)
             torch.nn.init.zeros_(self.model.head.bias)
-            prepare_model(self.model.encoder, cfg)
+            prepare_model(self.model.encoder, cfg, self.log)
             for p in self.model.head.parameters():
                 p.requires_grad_(True)
         else:
-            prepare_model(self.model, cfg)
+            prepare_model(self.model, cfg, self.log)
         self.trainable, self.total = trainable_share(self.model)
         self.log(f"      {self.trainable:,} of {self.total:,} parameters trainable ({self.trainable / self.total:.2%})")
 
@@ -400,7 +451,8 @@ class Finetuning:
         self.forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in untrained}
         saved = self.run_dir / "before.json"
         self.before = self.measure() if not (self.ckpt and saved.exists()) else io.read_json(saved)
-        io.write_json(saved, self.before)
+        if self.d.main:
+            io.write_json(saved, self.before)
         _log_metrics(self.log, "before", self.before)
         self._show(self.before)
 
@@ -415,15 +467,17 @@ class Finetuning:
         cfg, model = self.cfg, self.model
         budget = self.budget
         device = next(model.parameters()).device
+        d = self.d if self.d.world > 1 else Dist(device=device)  # one process: wherever --device put the model
         amp = autocast_dtype(cfg.precision, device)
-        self.params = params = [p for p in model.parameters() if p.requires_grad]
+        self.train_model = self._parallel(model)  # DDP or FSDP2 under torchrun; the model itself for one process
+        self.params = params = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 replaced them
         lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
         self.optimizer = optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16 needs loss scaling
         self.step, self.tokens_seen, elapsed_before, self.warm_progress = 0, 0, 0.0, None
         if self.ckpt is not None:
             elapsed_before = self._resume()
-        metrics = self.metrics = Metrics(self.run_dir, True, self.step if self.ckpt is not None else None)  # keeps what was logged
+        metrics = self.metrics = Metrics(self.run_dir, d.main, self.step if self.ckpt is not None else None)  # keeps what was logged
         schedule = dataclasses.make_dataclass("Schedule", ["lr", "warmup", "min_lr_ratio"])(lr, cfg.warmup, 0.1)
         model.train()
         start = time.perf_counter()
@@ -432,6 +486,8 @@ class Finetuning:
             task = bar.add_task("finetune", total=budget.steps or budget.tokens or budget.seconds or 1)
             while True:
                 elapsed = elapsed_before + time.perf_counter() - start
+                if d.world > 1:  # one clock: the slowest rank's, so every rank stops at the same step
+                    elapsed = all_reduce([elapsed], d, op="max")[0]
                 if budget.exhausted(self.step, self.tokens_seen, elapsed):
                     break
                 progress_now = budget.progress(self.step, self.tokens_seen, elapsed)
@@ -443,8 +499,11 @@ class Finetuning:
                     g["lr"] = cur_lr
                 micro = [self.micro_batch(self.step, m) for m in range(cfg.grad_accum)]
                 loss_sum, n_targets = accumulate_gradients(
-                    model, micro, lambda m: self.summed_loss(m[0], m[1]), [m[2] for m in micro], Dist(device=device), amp, scaler
-                )  # every target token of the step weighs the same
+                    self.train_model, micro, lambda m: self.summed_loss(m[0], m[1]), [m[2] for m in micro], d, amp, scaler, cfg.fsdp
+                )  # every target token of the step, on every rank, weighs the same
+                step_tokens = sum(m[3] for m in micro)
+                if d.world > 1:
+                    loss_sum, step_tokens = all_reduce([loss_sum, float(step_tokens)], d)
                 total_loss = loss_sum / max(n_targets, 1)
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -452,7 +511,7 @@ class Finetuning:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                self.tokens_seen += sum(m[3] for m in micro)
+                self.tokens_seen += int(step_tokens)
                 self.losses.append(total_loss)
                 metrics.log({"step": self.step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": self.tokens_seen})
                 done = self.step if budget.steps else (self.tokens_seen if budget.tokens else elapsed)
@@ -461,6 +520,8 @@ class Finetuning:
                     self.checkpoint(elapsed_before + time.perf_counter() - start)
         self.elapsed = elapsed_before + time.perf_counter() - start
         self.checkpoint(self.elapsed)
+        if d.world > 1 and cfg.fsdp:  # (fully_shard changes the model in place: train_model is model)
+            self.model = self._gathered()  # evaluation and saving use the whole model on every rank
 
     def _resume(self) -> float:
         """The trainable weights, optimizer, generators and counters of the checkpoint; returns its elapsed seconds."""
@@ -480,7 +541,39 @@ class Finetuning:
         self.log(f"      resumed at step {self.step}")
         return state["elapsed"]
 
+    def _parallel(self, model):
+        """The model training runs through: DDP (every rank a whole copy, gradients averaged) or FSDP2 (full
+        fine-tuning's weights, gradients and optimizer states sharded per block) under torchrun; else the model."""
+        d = self.d
+        if d.world == 1:
+            return model
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in getattr(model, "blocks", []) or []:
+                fully_shard(block)
+            return fully_shard(model)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    def _gathered(self):
+        """After FSDP2 training: a plain copy of the model with the whole trained weights, on every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        plain = load_model(self.cfg.model, device=self.d.device)
+        prepare_model(plain, self.cfg, log=lambda m: None)
+        plain.load_state_dict({k: v.to(self.d.device) for k, v in full.items()}, strict=False)
+        self.params = [p for p in plain.parameters() if p.requires_grad]
+        return plain
+
     def checkpoint(self, elapsed: float) -> None:
+        if self.cfg.fsdp and self.d.world > 1:
+            return  # an FSDP fine-tune does not resume (yet): its weights are saved whole at the end
+        if not self.d.main:
+            barrier(self.d)
+            return
         names = {id(p): n for n, p in self.model.named_parameters()}
         save_checkpoint(
             self.run_dir,
@@ -494,31 +587,34 @@ class Finetuning:
                 "config": dataclasses.asdict(self.cfg),
             },
         )
+        barrier(self.d)  # no rank goes on (or stops) before the checkpoint is whole
 
     def micro_batch(self, step: int, micro: int):
         """(forward inputs, targets, count of targets, tokens) of one micro-batch. A step draws batch_size x grad_accum
-        rows from (seed, step) and micro-step m takes the m-th slice: batch 8 x 1 and batch 4 x 2 see the same rows."""
-        cfg, pad = self.cfg, self.tok.pad_id or 0
+        x ranks rows from (seed, step) and micro-step m of rank r takes the (r·grad_accum + m)-th slice: batch 8 x 1,
+        batch 4 x 2 and 2 ranks x batch 4 see the same rows."""
+        cfg, pad, device = self.cfg, self.tok.pad_id or 0, _device(self.model)
         n_rows = len(self.train_ids) if self.classification else len(self.prep.ids)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum,), generator=g).tolist()
-        rows = drawn[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+        drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum * self.d.world,), generator=g, device="cpu").tolist()
+        part = self.d.rank * cfg.grad_accum + micro
+        rows = drawn[part * cfg.batch_size : (part + 1) * cfg.batch_size]
         if self.classification:
-            x, mask, types = batch_tensors([self.train_ids[r] for r in rows], [self.train_types[r] for r in rows], pad)
-            return (x, mask, types), torch.tensor([self.train_y[r] for r in rows]), len(rows), int(mask.sum())
+            x, mask, types = batch_tensors([self.train_ids[r] for r in rows], [self.train_types[r] for r in rows], pad, device)
+            return (x, mask, types), torch.tensor([self.train_y[r] for r in rows], device=device), len(rows), int(mask.sum())
         prep = self.prep
         if prep.segments is not None:  # packed: attention stays inside each example, positions restart
             x, y, mask, positions = collate_packed(
-                [prep.ids[r] for r in rows], [prep.labels[r] for r in rows], [prep.segments[r] for r in rows], pad
+                [prep.ids[r] for r in rows], [prep.labels[r] for r in rows], [prep.segments[r] for r in rows], pad, device
             )
             return (x, mask, positions), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), sum(len(prep.ids[r]) for r in rows)
-        x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], pad)
+        x, y, mask = collate([prep.ids[r] for r in rows], [prep.labels[r] for r in rows], pad, device)
         return (x, mask, None), y[:, 1:], int((y[:, 1:] != IGNORE).sum()), int(mask.sum())
 
     def summed_loss(self, inputs, targets) -> torch.Tensor:
-        model = self.model
+        model = self.train_model  # through DDP's or FSDP2's wrapper under torchrun: its hooks sync the gradients
         if self.classification:
-            return model.loss(model(*inputs), targets)  # type: ignore[operator]  # a classifier head's own loss (an attribute)
+            return self.model.loss(model(*inputs), targets)  # type: ignore[operator]  # a classifier head's own loss (an attribute)
         x, mask, positions = inputs
         logits = model(x, attention_mask=mask, position_ids=positions)[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -532,7 +628,8 @@ class Finetuning:
 
     def predict(self) -> None:
         self._show(self.after)
-        self.saved = _save(self.model, self.tok, self.cfg, self.run_dir)
+        self.saved = _save(self.model, self.tok, self.cfg, self.run_dir) if self.d.main else ""
+        barrier(self.d)
 
     def results(self) -> dict:
         """results.json, the loss plot, and the line that says where the run is."""
@@ -546,16 +643,23 @@ class Finetuning:
             "trainable": self.trainable,
             "parameters": self.total,
             "trainable_share": self.trainable / self.total,
-            "peak_memory_mb": _peak_memory_mb(),
+            "peak_memory_mb": _peak_memory_mb(),  # the process's resident memory
+            **({"peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if _device(self.model).type == "cuda" else {}),
             "before": {k: v for k, v in self.before.items() if not k.startswith("_")},
             "after": {k: v for k, v in self.after.items() if not k.startswith("_")},
             "saved": self.saved,
             "final_loss": sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None,
             "phases": self.phases,
         }
-        io.write_json(self.run_dir / "results.json", result)
-        self.metrics.plot(self.run_dir / "loss.png", title="fine-tuning loss")
+        if self.d.main:
+            io.write_json(self.run_dir / "results.json", result)
+            self.metrics.plot(self.run_dir / "loss.png", title="fine-tuning loss")
         self.log(f"done: {self.saved} -> {self.run_dir}")
+        if self.d.world > 1:
+            import torch.distributed as dist
+
+            barrier(self.d)
+            dist.destroy_process_group()
         return result
 
 
@@ -567,6 +671,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
 RESUME_KEYS = (
     "model",
     "method",
+    "quantize",
     "task",
     "eval_task",
     "data",
@@ -616,6 +721,10 @@ def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, t
         )
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _log_metrics(log, when: str, m: dict) -> None:
     log("      " + when + ": " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if not k.startswith("_")))
 
@@ -630,6 +739,9 @@ def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
     if isinstance(model, Classifier):
         save_classifier(model, run)
         return "classifier.safetensors (trained weights) + labels.json + finetune_config.json"
+    if cfg.method == "qlora" or (cfg.method == "lora" and cfg.quantize != "none"):  # the adapter loads on the float base
+        save_lora(model, run, base_model_name=cfg.model)
+        return "adapter_config.json + adapter_model.safetensors (PEFT format; trained on a 4-bit base, loads on the float one)"
     if cfg.method == "lora":
         try:
             save_lora(model, run, base_model_name=cfg.model)

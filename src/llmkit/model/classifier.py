@@ -63,10 +63,10 @@ def encode_rows(tok, examples, max_length: int) -> tuple[list[list[int]], list[l
     return ids, types
 
 
-def batch_tensors(ids: list[list[int]], types: list[list[int]], pad_id: int):
-    """Right-padded (ids, attention mask, token types), each (B, T)."""
-    x, mask = pad_right(ids, pad_id)
-    t, _ = pad_right(types, 0)
+def batch_tensors(ids: list[list[int]], types: list[list[int]], pad_id: int, device=None):
+    """Right-padded (ids, attention mask, token types), each (B, T), on `device`."""
+    x, mask = pad_right(ids, pad_id, device)
+    t, _ = pad_right(types, 0, device)
     return x, mask, t
 
 
@@ -77,7 +77,7 @@ def predict(model: Classifier, tok, examples, batch: int = 32) -> torch.Tensor:
     ids, types = encode_rows(tok, examples, model.config.max_seq_len)
     out = []
     for i in range(0, len(ids), batch):
-        x, mask, t = batch_tensors(ids[i : i + batch], types[i : i + batch], tok.pad_id or 0)
+        x, mask, t = batch_tensors(ids[i : i + batch], types[i : i + batch], tok.pad_id or 0, next(model.parameters()).device)
         logits = model(x, mask, t).float()
         out.append(logits[:, 0] if model.regression else logits.softmax(-1))
     return torch.cat(out)
@@ -92,7 +92,7 @@ def save_classifier(model: Classifier, run: Path) -> None:
     io.write_json(run / "labels.json", model.labels)
 
 
-def load_classifier(run: str | Path) -> Classifier:
+def load_classifier(run: str | Path, device=None) -> Classifier:
     """A classifier fine-tuned by `llmkit finetune` (a run folder with classifier.safetensors), ready to predict."""
     run = Path(run)
     for name in ("classifier.safetensors", "labels.json", "finetune_config.json"):
@@ -102,10 +102,11 @@ def load_classifier(run: str | Path) -> Classifier:
                 "fine-tune an encoder on labelled rows first (llmkit finetune --model minilm --data rows.jsonl)",
             )
     cfg = io.read_json(run / "finetune_config.json")
-    encoder = load(cfg["model"])
+    encoder = load(cfg["model"], device=device)
     tok = encoder.tokenizer
     model = Classifier(encoder, io.read_json(run / "labels.json"))
-    apply_method(model.encoder, cfg["method"], **{k: cfg[k] for k in METHOD_FIELDS if k in cfg})
+    method = "lora" if cfg["method"] == "qlora" else cfg["method"]  # a QLoRA run's adapters load on the float base
+    apply_method(model.encoder, method, **{k: cfg[k] for k in METHOD_FIELDS if k in cfg})
     state = read_safetensors(run / "classifier.safetensors")
     own = dict(model.named_parameters())
     missing = [k for k in state if k not in own]

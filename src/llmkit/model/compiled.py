@@ -281,8 +281,8 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
     mode = "thread" if background is True else (background or None)
     if mode not in (None, "thread", "process"):
         raise ValueError(f"background must be False, 'thread' or 'process', not {background!r}")
-    if mode == "process" and getattr(model, "decode_spec", None) is None:
-        mode = "thread"
+    if mode == "process" and (getattr(model, "decode_spec", None) is None or device.type != "cpu"):
+        mode = "thread"  # a GPU's step compiles beside its decoding: the GPU, not the interpreter, does the work
     with _COMPILING:
         job = _current_job(model, batch)
         if job is not None:
@@ -580,15 +580,18 @@ def auto_quantization(model: nn.Module) -> str | None:
 
 def prepare_for_decoding(model: nn.Module, quantize: str | None = "auto", compile: bool = True) -> nn.Module:
     """What `generate`, `chat` and `serve` do to a loaded model: quantize it as asked (`auto`: `auto_quantization`;
-    None or "none": keep it), and on a CPU turn on the compiled decode step, where it pays (`use_compiled_decode`),
+    None or "none": keep it), and on a CPU or a CUDA GPU (CUDA graphs there) turn on the compiled decode step, where it
+    pays (`use_compiled_decode`),
     unless `compile` is False or LLMKIT_COMPILE=0 (a model whose step does not compile decodes eagerly). The GGUF
     blocks of `auto` serve only the compiled step: they are read when it first compiles."""
     from llmkit.model.quantize import quantize as quantize_model
 
-    compiling = compile and compile_default() and next(model.parameters()).device.type == "cpu" and model.config.family == "decoder"
+    on = next(model.parameters()).device.type
+    compiling = compile and compile_default() and on in ("cpu", "cuda") and model.config.family == "decoder"
     if getattr(model, "name_or_path", None) is not None:  # what a background compile process loads to build the same step
         p = next(model.parameters())
-        model.decode_spec = {"model": model.name_or_path, "quantize": quantize, "dtype": "bf16" if p.dtype == torch.bfloat16 else "fp32"}
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(p.dtype, "fp32")
+        model.decode_spec = {"model": model.name_or_path, "quantize": quantize, "dtype": dtype}
     method = auto_quantization(model) if quantize == "auto" else (None if quantize in (None, "none") else quantize)
     if method == "gguf" and quantize == "auto":
         model.pending_gguf_blocks = compiling  # without the compiled step the blocks would change nothing
@@ -618,11 +621,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quantize", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    model = load_model(args.model, dtype=args.dtype)
     prepare_for_decoding(model, args.quantize, True)
     compile_step(model, args.batch)
 

@@ -116,6 +116,17 @@ class LanguageModel(nn.Module):
 
     config: ModelConfig
     tokenizer: Tokenizer | None = None
+    checkpointing: bool = False  # activation checkpointing: training keeps each block's input only, recomputes the rest
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, **kwargs):
+        """`block(x, **kwargs)`; while training with `checkpointing`, through `torch.utils.checkpoint`: the block's
+        activations are recomputed in the backward pass instead of kept (memory for time, as Hugging Face's
+        `gradient_checkpointing_enable`). Decoding with a cache never checkpoints."""
+        if self.checkpointing and self.training and torch.is_grad_enabled() and kwargs.get("cache") is None:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)
 
 
 class Decoder(LanguageModel):
@@ -162,7 +173,7 @@ class Decoder(LanguageModel):
         )
         maps = []
         for i, block in enumerate(self.blocks):
-            x, w = block(x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
+            x, w = self.run_block(block, x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
             maps.append(w)
         if cache is not None:
             cache.advance(T)
@@ -231,7 +242,7 @@ class Encoder(LanguageModel):
         bias = attention_bias(T, T, causal=False, key_padding=attention_mask, position_bias=rel, dtype=x.dtype, device=ids.device)
         maps = []
         for block in self.blocks:
-            x, w = block(x, bias=bias, rope=rope, need_weights=need_weights)
+            x, w = self.run_block(block, x, bias=bias, rope=rope, need_weights=need_weights)
             maps.append(w)
         if self.norm is not None:
             x = self.norm(x)
@@ -309,7 +320,7 @@ class EncoderDecoder(LanguageModel):
         rope = self.rotary(positions) if self.rotary is not None else None
         maps = []
         for block in self.encoder:
-            x, w = block(x, bias=bias, rope=rope, need_weights=need_weights)
+            x, w = self.run_block(block, x, bias=bias, rope=rope, need_weights=need_weights)
             maps.append(w)
         return (self.enc_norm(x) if self.enc_norm is not None else x), maps
 
@@ -329,8 +340,16 @@ class EncoderDecoder(LanguageModel):
         rope = self.rotary(positions) if self.rotary is not None else None
         maps = []
         for i, block in enumerate(self.decoder):
-            x, w = block(
-                x, bias=bias, rope=rope, cache=cache, layer=i, context=encoder_out, context_bias=context_bias, need_weights=need_weights
+            x, w = self.run_block(
+                block,
+                x,
+                bias=bias,
+                rope=rope,
+                cache=cache,
+                layer=i,
+                context=encoder_out,
+                context_bias=context_bias,
+                need_weights=need_weights,
             )
             maps.append(w)
         if cache is not None:

@@ -511,16 +511,17 @@ class Block(nn.Module):
         return x, w
 
 
-def pad_right(rows: list[list[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ids as one right-padded batch: (ids filled with `value`, mask of the real tokens), each (B, T) long. The
-    one padding collate: fine-tuning's, the classifier's, the embedders' and lm-eval's batches go through it."""
+def pad_right(rows: list[list[int]], value: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one right-padded batch: (ids filled with `value`, mask of the real tokens), each (B, T) long, on
+    `device` (built in host memory, then copied once). The one padding collate: fine-tuning's, the classifier's, the
+    embedders' and lm-eval's batches go through it."""
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    ids = torch.full((len(rows), width), value, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")
     for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long, device="cpu")
         mask[r, : len(row)] = 1
-    return ids, mask
+    return (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
 
 
 POOLINGS = ("mean", "cls", "last", "max")

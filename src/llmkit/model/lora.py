@@ -18,6 +18,7 @@ Hugging Face parameter names) so that `peft` loads them on the model's Hugging F
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -30,21 +31,23 @@ from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.model.convert.hf import hf_config_for, hf_name
 from llmkit.model.convert.tensors import read_safetensors
+from llmkit.model.quantize import Int4Linear
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        """`base`: an nn.Linear, or a frozen 4-bit one (QLoRA: `Int4Linear`, bitsandbytes' `Linear4bit`)."""
         super().__init__()
         if r < 1:
             raise LlmkitError(f"LoRA rank {r} must be at least 1", "use --lora-r 8 (or 4, 16, ...)")
         self.base = base
-        self.base.weight.requires_grad_(False)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(False)
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         # beside the base layer, in float32 even when the base is bf16/fp16 (as PEFT: small updates survive AdamW)
-        like = dict(device=base.weight.device, dtype=torch.float32)
+        where = next(itertools.chain(base.parameters(), base.buffers())).device
+        like = dict(device=where, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: A random, B zero
@@ -116,7 +119,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def _targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     """Names of the nn.Linear modules to adapt: 'all-linear' (every projection in the blocks, not the LM head), a list
     of short names (q_proj, v_proj, ...), or a regular expression on the full name."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n and "classifier" not in n]
+    linear = (nn.Linear, Int4Linear)  # a QLoRA base's frozen 4-bit layers too
+    names = [n for n, m in model.named_modules() if isinstance(m, linear) and "lm_head" not in n and "classifier" not in n]
     if target_modules == "all-linear" or target_modules == ["all-linear"]:
         chosen = [n for n in names if n.rsplit(".", 1)[-1] in LINEAR_NAMES]
     elif isinstance(target_modules, (list, tuple)):
@@ -197,7 +201,7 @@ def merge_and_unwrap(model: nn.Module) -> nn.Module:
 
 
 def trainable_share(model: nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters)."""
+    """(trainable parameters, all parameters: a 4-bit base's weights, held as buffers, counted too)."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -205,6 +209,7 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))  # a QLoRA base's
     return trainable, total
 
 

@@ -213,12 +213,84 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (N, in)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x2.requires_grad:  # QLoRA: gradients flow to the input through the frozen weights
+            y = _Int4MatMul.apply(x2, self)
+        elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group, self.scale_zero)  # (N, out)
         else:
             y = F.linear(x2, self.dequantized().to(torch.bfloat16))
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class _Int4MatMul(torch.autograd.Function):
+    """x W^T through the int4 kernel, and the gradient to x (grad_y W, with W dequantized in bf16 for the moment):
+    the frozen 4-bit base of QLoRA (Dettmers et al. 2023), whose weights get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: Int4Linear) -> torch.Tensor:  # (N, in) -> (N, out)
+        ctx.layer = layer
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, layer.weight_int4, layer.group, layer.scale_zero)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # (N, out) -> (N, in)
+        w = ctx.layer.dequantized().to(torch.bfloat16)  # (out, in)
+        return grad_y.to(torch.bfloat16) @ w, None
+
+
+FROZEN_4BIT = ("int4", "nf4")  # QLoRA's base: llmkit's int4 kernel on a CPU, bitsandbytes' NF4 on CUDA
+
+
+def quantize_frozen(model: nn.Module, method: str = "int4") -> int:
+    """QLoRA's base: every linear layer of the blocks (the LM head, embeddings and norms stay as they are) frozen in 4
+    bits, in place and unfused (LoRA and PEFT's names still find q_proj, ...). On a CPU llmkit's int4 kernel (groups of
+    32, Q4_1's rounding; a layer it cannot take stays float); on CUDA bitsandbytes' NF4 with double quantization and
+    bf16 compute (Dettmers et al. 2023). Returns the number of layers quantized."""
+    if method not in FROZEN_4BIT:
+        raise LlmkitError(f"unknown 4-bit base {method!r}", f"use one of: {', '.join(FROZEN_4BIT)}")
+    device = next(model.parameters()).device
+    make = _nf4_linear if device.type == "cuda" else None
+    if device.type not in ("cpu", "cuda"):
+        raise LlmkitError(f"QLoRA has no 4-bit backend on {device.type}", "use --method lora there, or --device cpu")
+    if make is None and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise LlmkitError(
+            "this PyTorch has no CPU int4 kernel (_weight_int4pack_mm_for_cpu)", "upgrade torch (>= 2.5), or use --method lora"
+        )
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or (name == "" and child_name == "lm_head") or "classifier" in child_name:
+                continue
+            if make is not None:
+                setattr(module, child_name, make(child))
+            elif Int4Linear.supports(child):
+                setattr(module, child_name, Int4Linear(child))
+            else:
+                continue
+            count += 1
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return count
+
+
+def _nf4_linear(linear: nn.Linear) -> nn.Module:
+    """bitsandbytes' Linear4bit (NF4, double quantization, bf16 compute) holding `linear`'s weights, on its GPU."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LlmkitError("QLoRA on CUDA needs bitsandbytes (NF4)", "pip install bitsandbytes, or use --method lora") from None
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=torch.bfloat16,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu().float(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(linear.weight.device)  # quantized as it moves to the GPU
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:

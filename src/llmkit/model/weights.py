@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from llmkit import io
+from llmkit.devices import dtype_for
+from llmkit.devices import resolve as resolve_device
 from llmkit.embedded import EMBEDDED, embedded_path
 from llmkit.errors import LlmkitError
 from llmkit.model.convert.gguf import load_gguf
@@ -99,15 +101,29 @@ def sentence_config(path: Path) -> dict | None:
     return out
 
 
-def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> LanguageModel:
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+) -> LanguageModel:
     """Load a model: an embedded name (`smollm2`, `minilm`), our run folder, a LoRA run folder (its base model with the
     adapter merged), a Hugging Face folder or a GGUF file.
 
-    Returns the model (a `LanguageModel`, in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None). `dtype` casts
-    it (e.g. torch.bfloat16); `quantize="int8"` makes its linear layers weight-only int8 (fast CPU decoding).
+    Returns the model (a `LanguageModel`, in eval mode) with `.config` (ModelConfig) and `.tokenizer` (or None). `device`
+    places it ("auto": CUDA, then MPS, then the CPU; "cuda:1", "mps", "cpu"; None: the CPU); `dtype` casts it
+    (torch.bfloat16, or "auto": the device's default, bf16 on GPUs that have it and float32 on a CPU); `quantize="int8"`
+    makes its linear layers weight-only int8 (fast CPU decoding).
     """
     from llmkit.tokenizer import Tokenizer
 
+    if device is not None:
+        device = resolve_device(device)
+    if isinstance(dtype, str):
+        dtype = dtype_for(dtype, device or torch.device("cpu"))
+    if dtype == torch.float32:
+        dtype = None  # the weights are float32 as loaded (a GGUF's blocks stay readable)
     spec = str(name_or_path)
     path = embedded_path(spec) if spec in EMBEDDED else Path(spec)
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "model.safetensors").exists():

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import torch
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -67,7 +66,8 @@ class Settings:
     default_max_tokens: int = 1024  # a chat answer's length when the request names none (/v1/models says so)
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
-    dtype: str | None = None
+    dtype: str | None = None  # auto | fp32 | bf16 | fp16 (None: as loaded)
+    device: str | None = None  # where the models run ("auto", "cuda:1", ...; None: the CPU)
     quantize: str | None = None  # auto | none | int8 | int4 (None: as loaded)
     compile: bool = False  # the compiled decode step on a CPU (`llmkit serve` turns it on; --no-compile)
     db: str | None = None  # the SQLite file of votes, ratings and the answers they rate (the CLI's default: runs/votes.db)
@@ -202,7 +202,8 @@ class State:
                         q = self.settings.quantize
                         model = loaded[spec] = model_weights.load(
                             spec,
-                            dtype=torch.bfloat16 if self.settings.dtype == "bf16" else None,
+                            dtype=self.settings.dtype,
+                            device=self.settings.device,
                             quantize=q if embedding and q not in (None, "auto", "none", "gguf") else None,  # GGUF blocks: decoders only
                         )
                         if not embedding:  # a GGUF's own blocks (auto) and the compiled decode step on a CPU, built behind
