@@ -39,6 +39,15 @@ for label, env in (("generate, eager", {"LLMKIT_COMPILE": "0"}), ("generate, com
         line = json.loads(got[0].strip().splitlines()[-1])
         rows.append((label, f"{line.get('decode_tokens_per_s', 0):.1f} tokens/s", repr(line.get("text", ""))[:40], f"{got[1]:.0f}"))
 
+cpu = run("greedy tokens, cpu", ["generate", "--model", "smollm2", "--device", "cpu", "--dtype", "fp32", "--quantize", "none", "--greedy",
+                                   "--max-new-tokens", "32", "--chat", "--prompt", "What is the capital of France?", "--json"], env={"LLMKIT_COMPILE": "0"})
+gpu = run("greedy tokens, cuda", ["generate", "--model", "smollm2", "--device", "cuda", "--dtype", "fp32", "--quantize", "none", "--greedy",
+                                   "--max-new-tokens", "32", "--chat", "--prompt", "What is the capital of France?", "--json"], env={"LLMKIT_COMPILE": "0"})
+if cpu and gpu:
+    a, b = (json.loads(x[0].strip().splitlines()[-1])["ids"] for x in (cpu, gpu))
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    rows.append(("cpu and cuda agree (fp32, greedy)", "yes" if same is None else f"differ at token {same}", f"{len(a)} tokens", ""))
+
 for method in ("lora", "qlora"):
     got = run(f"finetune {method}, 50 steps", ["finetune", "--model", "smollm2", "--method", method, "--device", "cuda",
                                                 "--budget", "50steps", "--n-val", "16", "--forgetting-tasks", "",

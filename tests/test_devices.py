@@ -224,21 +224,36 @@ def test_model_memory_predicts_by_part_and_says_what_would_fit():
     assert bad.returncode != 0 and "no model at" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, tokenizers_by_kind):
+    from llmkit.model.weights import save_model
+
+    tok = tokenizers_by_kind["wordpiece"]
+    out = tmp_path_factory.mktemp("encoder")
+    save_model(tiny_model("tiny-bert", tok.vocab_size, d_model=64, max_seq_len=128), out, tokenizer=tok)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method, sharding", [("lora", "ddp"), ("full", "fsdp")])
-def test_torchrun_fine_tuning_follows_the_single_process_loss_curve(tiny_base, tmp_path, method, sharding):
-    """2 ranks x 4 rows = 1 process x 8 rows, loss for loss: LoRA through DDP, full fine-tuning through FSDP2, with
-    pretraining's runtime (every answer token of every rank weighs the same; one clock). LoRA's dropout draws other
-    masks on other ranks, so it is off here."""
+@pytest.mark.parametrize(
+    "method, sharding, kind", [("lora", "ddp", "decoder"), ("full", "fsdp", "decoder"), ("full", "fsdp", "classifier")]
+)
+def test_torchrun_fine_tuning_follows_the_single_process_loss_curve(tiny_base, tiny_encoder, tmp_path, method, sharding, kind):
+    """2 ranks x 4 rows = 1 process x 8 rows, loss for loss: LoRA through DDP, full fine-tuning through FSDP2 (a
+    decoder, and an encoder's classifier), with pretraining's runtime (every answer token of every rank weighs the same;
+    one clock). LoRA's dropout draws other masks on other ranks, so it is off here."""
     import subprocess
     import sys
 
-    common = ["--model", str(tiny_base), "--task", "reverse", "--n-train", "64", "--n-val", "4", "--max-new-tokens", "3"]
-    common += ["--forgetting-tasks", "sort", "--n-forgetting", "2", "--general-text", "shakespeare:macbeth", "--general-tokens", "64"]
+    if kind == "classifier":
+        common = ["--model", str(tiny_encoder), "--task", "genre", "--n-train", "64", "--n-val", "16"]
+    else:
+        common = ["--model", str(tiny_base), "--task", "reverse", "--n-train", "64", "--n-val", "4", "--max-new-tokens", "3"]
+        common += ["--forgetting-tasks", "sort", "--n-forgetting", "2", "--general-text", "shakespeare:macbeth", "--general-tokens", "64"]
     common += ["--budget", "5steps", "--precision", "fp32", "--warmup", "1", "--method", method, "--device", "cpu"]
     common += ["--lr", "1e-2", "--lora-dropout", "0"] if method == "lora" else ["--lr", "1e-3"]
     run_cli("finetune", *common, "--batch-size", "8", "--out", str(tmp_path / "one"), timeout=600)
-    port = "29631" if method == "lora" else "29632"
+    port = {"lora": "29631", "full": "29632"}[method] if kind == "decoder" else "29633"
     extra = ["--fsdp"] if sharding == "fsdp" else []
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m", "llmkit", "finetune"]
@@ -255,4 +270,5 @@ def test_torchrun_fine_tuning_follows_the_single_process_loss_curve(tiny_base, t
     for a, b in zip(rows["one"], rows["two"]):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and a["tokens"] == b["tokens"]
     one, two = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("one", "two"))
-    assert two["after"]["answer_loss"] == pytest.approx(one["after"]["answer_loss"], abs=1e-3)
+    metric = "answer_loss" if kind == "decoder" else "macro_f1"
+    assert two["after"][metric] == pytest.approx(one["after"][metric], abs=1e-3)

@@ -69,8 +69,8 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """The weights' dtype when --dtype is auto: bf16 on a GPU with bf16, fp16 on an older one, float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # bf16 in hardware from Ampere (compute capability 8) on; older cards emulate it slowly
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.float32

@@ -105,6 +105,12 @@ def register(commands) -> None:
         p.add_argument("--precision", default=f.precision, choices=["auto", "fp32", "bf16", "fp16"], help="autocast (auto: the device's)")
         device_option(p, f.device)
         p.add_argument(
+            "--optim",
+            default=f.optim,
+            choices=["adamw", "adamw8bit"],
+            help="AdamW's states in float32 (default) or 8 bits (bitsandbytes, CUDA only)",
+        )
+        p.add_argument(
             "--fsdp",
             action="store_true",
             help="under torchrun, shard full fine-tuning with FSDP2 (default: DDP, each process a whole copy)",

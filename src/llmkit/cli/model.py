@@ -201,8 +201,8 @@ def cmd_model_memory(args) -> None:
     training = args.method != "inference"
     size, gguf = (0, False) if args.model in _presets() else weight_files(args.model)
     dtype = dtype_for(args.dtype, device)
-    if training and args.method != "pretrain" and device.type == "cpu":
-        dtype = dtype_for("fp32", device)  # fine-tuning on a CPU keeps float32 weights and autocasts
+    if training and args.method != "pretrain":
+        dtype = dtype_for("fp32", device)  # fine-tuning holds float32 weights (a QLoRA base's other parts too) and autocasts
     plan = Plan(
         command=args.method,
         batch_size=args.batch_size or (8 if training else 1),

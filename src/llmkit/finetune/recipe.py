@@ -35,7 +35,7 @@ from llmkit.evaluate.perplexity import evaluate_text
 from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepare_examples, read_rows, to_example
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, predict, save_classifier
-from llmkit.model.lora import METHOD_FIELDS, apply_method, merge_and_unwrap, save_lora, trainable_share
+from llmkit.model.lora import METHOD_FIELDS, apply_method, check_peft_names, merge_and_unwrap, save_lora, trainable_share
 from llmkit.model.quantize import FROZEN_4BIT, quantize_frozen
 from llmkit.model.weights import load as load_model
 from llmkit.model.weights import save_model
@@ -63,6 +63,7 @@ class FinetuneConfig:
     method: str = "lora"  # full | lora | qlora (lora on a frozen 4-bit base) | adapter
     quantize: str = "none"  # the frozen base of lora in 4 bits: int4 (CPU kernel) | nf4 (CUDA, bitsandbytes) | auto | none
     checkpointing: bool = False  # activation checkpointing: recompute each block's activations in the backward pass
+    optim: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit states, CUDA only)
     fsdp: bool = False  # under torchrun: shard full fine-tuning with FSDP2 (default: DDP, every rank a whole copy)
     task: str = "arithmetic"  # a built-in task, a mixture 'arithmetic:2,reverse:1', or genre (encoders)
     eval_task: str | None = None  # evaluate on this task (default: the training task or mixture)
@@ -212,6 +213,8 @@ def prepare_model(model, cfg: FinetuneConfig, log=print):
         log(f"      the frozen base in 4 bits ({four_bit}): {n} linear layers")
     method = "lora" if cfg.method == "qlora" else cfg.method
     apply_method(model, method, **{k: getattr(cfg, k) for k in METHOD_FIELDS})
+    if four_bit is not None:
+        check_peft_names(model)  # the adapter is saved apart: refused now, not after training
     model.checkpointing = cfg.checkpointing
     return model
 
@@ -472,7 +475,7 @@ class Finetuning:
         self.train_model = self._parallel(model)  # DDP or FSDP2 under torchrun; the model itself for one process
         self.params = params = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 replaced them
         lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
-        self.optimizer = optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.optimizer = optimizer = make_adamw(params, lr, cfg.weight_decay, cfg.optim, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16 needs loss scaling
         self.step, self.tokens_seen, elapsed_before, self.warm_progress = 0, 0, 0.0, None
         if self.ckpt is not None:
@@ -550,22 +553,29 @@ class Finetuning:
         if self.cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for block in getattr(model, "blocks", []) or []:
+            inner = model.encoder if isinstance(model, Classifier) else model
+            for block in getattr(inner, "blocks", []) or []:
                 fully_shard(block)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        # the frozen buffers (a QLoRA base's 4-bit codes) are the same on every rank: never re-sent before a forward
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
 
     def _gathered(self):
-        """After FSDP2 training: a plain copy of the model with the whole trained weights, on every rank."""
+        """After FSDP2 training: a plain copy of the model (a classifier's head and encoder too) with the whole trained
+        weights, on every rank; the shards and the optimizer's states are let go first."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # every rank's (cpu_offload: rank 0's only)
+        self.train_model = self.optimizer = self.params = None
         plain = load_model(self.cfg.model, device=self.d.device)
-        prepare_model(plain, self.cfg, log=lambda m: None)
-        plain.load_state_dict({k: v.to(self.d.device) for k, v in full.items()}, strict=False)
-        self.params = [p for p in plain.parameters() if p.requires_grad]
+        if self.classification:
+            plain = Classifier(plain, self.labels)
+            prepare_model(plain.encoder, self.cfg, log=lambda m: None)
+        else:
+            prepare_model(plain, self.cfg, log=lambda m: None)
+        plain.load_state_dict({k: v.to(self.d.device) for k, v in full.items()}, strict=True)
         return plain
 
     def checkpoint(self, elapsed: float) -> None:
@@ -719,6 +729,22 @@ def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, t
             f"the checkpoint in {path} was made by another fine-tuning run ({detail})",
             "resume with the options of the original run, or choose a new --out",
         )
+
+
+def make_adamw(params, lr: float, weight_decay: float, optim: str, device: torch.device):
+    """AdamW, its moments in float32 (torch) or in 8 bits (`adamw8bit`: bitsandbytes' block-wise quantized states, on
+    CUDA: a quarter of the optimizer's memory)."""
+    if optim == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optim != "adamw8bit":
+        raise LlmkitError(f"unknown optimizer {optim!r}", "use --optim adamw or adamw8bit")
+    if device.type != "cuda":
+        raise LlmkitError(f"8-bit optimizer states (bitsandbytes) run on CUDA, not on {device.type}", "use --optim adamw here")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LlmkitError("--optim adamw8bit needs bitsandbytes", "pip install bitsandbytes, or use --optim adamw") from None
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 def _device(model: torch.nn.Module) -> torch.device:

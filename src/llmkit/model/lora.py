@@ -82,6 +82,11 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if isinstance(self.base, Int4Linear) or type(getattr(self.base, "weight", None)).__name__ == "Params4bit":
+            raise LlmkitError(
+                "LoRA on a 4-bit base (QLoRA) does not merge into it: the sum would be rounded to 4 bits again",
+                "save the adapter (PEFT format) and load it on the float base model",
+            )
         if not self.merged:
             self._base_copy = self.base.weight.detach().clone()  # unmerge restores these bits exactly (W + d - d may not)
             self.base.weight += self.delta().to(self.base.weight.dtype)
@@ -225,6 +230,13 @@ def _hf_name(model, name: str) -> str:
     if hf is None:
         raise LlmkitError(f"no Hugging Face name for {name}", "adapt only attention and feed-forward projections")
     return hf[: -len(".weight")]
+
+
+def check_peft_names(model: nn.Module) -> None:
+    """Refuse, before any training, a model whose LoRA layers have no PEFT names (GPT-2's fused attention): their
+    adapter could not be saved apart (and a QLoRA adapter cannot be merged instead)."""
+    for name in lora_layers(model):
+        _hf_name(model, name)
 
 
 def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -> Path:

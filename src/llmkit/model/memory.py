@@ -124,7 +124,9 @@ def _narrowing(cfg: ModelConfig) -> int:
     return 64
 
 
-def _saved_bytes(cfg: ModelConfig, layers: int, plan: Plan, rows: int = 1, narrow: int = 1, tokens: int = 128) -> int:
+def _saved_bytes(
+    cfg: ModelConfig, layers: int, plan: Plan, rows: int = 1, narrow: int = 1, tokens: int = 128, checkpointing: bool | None = None
+) -> int:
     """Bytes autograd keeps for `rows` rows of plan.max_len tokens through a `layers`-block copy of the model, as the
     command would train it (its method, autocast and checkpointing); every saved tensor counted once."""
     from llmkit.model import build_model
@@ -137,23 +139,30 @@ def _saved_bytes(cfg: ModelConfig, layers: int, plan: Plan, rows: int = 1, narro
         quantize_frozen(model, "int4")
     if plan.command in ("lora", "qlora"):
         apply_method(model, "lora", lora_r=plan.lora_r)
-    model.checkpointing = plan.checkpointing
+    model.checkpointing = plan.checkpointing if checkpointing is None else checkpointing
     model.train()
     ids = torch.randint(0, min(cfg.vocab_size // narrow, 256), (rows, tokens))
-    seen: dict[tuple, int] = {}
-    params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}  # storage -> bytes: views of one storage (a fused projection's q, k, v) count once
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {b.untyped_storage().data_ptr() for b in model.buffers()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in params:  # the weights themselves are counted as weights
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # the weights themselves are counted as weights
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with (
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         torch.autocast("cpu", dtype=plan.autocast or torch.float32, enabled=plan.autocast is not None),
     ):
-        out = model(ids, ids) if cfg.family == "encoder-decoder" else model(ids)
-        out.float().sum()  # the loss's float copy of the logits is kept too
+        if cfg.family == "encoder":  # fine-tuned as a classifier: the hidden states, no vocabulary logits
+            out = model.hidden_states(ids)[0]
+        else:
+            out = model(ids, ids) if cfg.family == "encoder-decoder" else model(ids)
+        if out.shape[-1] == model.config.vocab_size:  # the recipe's loss: cross-entropy of the float logits (it keeps them)
+            torch.nn.functional.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+        else:
+            out.float().sum()
     return sum(seen.values())
 
 
@@ -204,16 +213,22 @@ def predict(
         # a big model is probed narrower and shorter: what grows with the rows grows linearly with the width and the
         # length, the weights' casts with the width squared
         narrow, probe_t = _narrowing(cfg), min(T, PROBE_TOKENS)
-        s = {(n, b): _saved_bytes(cfg, n, plan, b, narrow, probe_t) for n in (1, 2) for b in (1, 2)}
-        lr = s[2, 2] - s[1, 2] - s[2, 1] + s[1, 1]  # in the probe's units: saved = f + lf·layers + rf·rows + lr·layers·rows
-        lf, rf = s[2, 1] - s[1, 1] - lr, s[1, 2] - s[1, 1] - lr
-        f = s[1, 1] - lf - rf - lr
-        per_row, per_weight = narrow * T / probe_t, narrow**2
-        fixed, layer_fixed, row_fixed, layer_row = f * per_weight, lf * per_weight, rf * per_row, lr * per_row
+
+        def terms(checkpointing: bool) -> tuple[float, float, float, float]:
+            """(fixed, per layer, per row, per layer and row) bytes kept, scaled from the probe to the model."""
+            s = {(n, b): _saved_bytes(cfg, n, plan, b, narrow, probe_t, checkpointing) for n in (1, 2) for b in (1, 2)}
+            lr = s[2, 2] - s[1, 2] - s[2, 1] + s[1, 1]  # in the probe's units: saved = f + lf·layers + rf·rows + lr·layers·rows
+            lf, rf = s[2, 1] - s[1, 1] - lr, s[1, 2] - s[1, 1] - lr
+            f = s[1, 1] - lf - rf - lr
+            per_row, per_cast = narrow * T / probe_t, narrow**2
+            return f * per_cast, lf * per_cast, rf * per_row, lr * per_row
+
         B, L = plan.batch_size, cfg.n_layers
+        fixed, layer_fixed, row_fixed, layer_row = terms(plan.checkpointing)
         kept = fixed + layer_fixed * L + B * (row_fixed + layer_row * L)
-        if plan.checkpointing:  # each block keeps its input; one block's activations come back at a time
-            kept = fixed + layer_fixed * L + B * (row_fixed + layer_row + L * T * cfg.d_model * 4)
+        if plan.checkpointing:  # each block keeps its input (measured); one block's activations come back at a time
+            _, block_casts, _, block_rows = terms(False)
+            kept += block_casts + B * block_rows
         # the backward pass of the loss: the logits' gradient in float32 and in the autocast dtype, alive at once
         grad_logits = T * cfg.vocab_size * (4 + _element_bytes(plan.autocast or torch.float32)) if cfg.family != "encoder" else 0
         activations = kept + B * grad_logits

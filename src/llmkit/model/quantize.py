@@ -219,7 +219,10 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group, self.scale_zero)  # (N, out)
         else:
             y = F.linear(x2, self.dequantized().to(torch.bfloat16))
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        # as nn.Linear would: the autocast dtype under autocast (training's activations stay half the bytes), else x's
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        y = y.to(dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -256,10 +259,14 @@ def quantize_frozen(model: nn.Module, method: str = "int4") -> int:
         raise LlmkitError(
             "this PyTorch has no CPU int4 kernel (_weight_int4pack_mm_for_cpu)", "upgrade torch (>= 2.5), or use --method lora"
         )
+    from llmkit.model.layers import MLP, Attention
+
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
+        if not isinstance(module, (Attention, MLP)):  # the blocks' projections only: heads, poolers and classifiers stay
+            continue
         for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or (name == "" and child_name == "lm_head") or "classifier" in child_name:
+            if not isinstance(child, nn.Linear):
                 continue
             if make is not None:
                 setattr(module, child_name, make(child))
@@ -279,15 +286,21 @@ def _nf4_linear(linear: nn.Linear) -> nn.Module:
         import bitsandbytes as bnb
     except ImportError:
         raise LlmkitError("QLoRA on CUDA needs bitsandbytes (NF4)", "pip install bitsandbytes, or use --method lora") from None
+    from llmkit.devices import default_dtype
+
+    compute = default_dtype(linear.weight.device)  # bf16 on GPUs that have it, else fp16
     layer = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
         bias=linear.bias is not None,
-        compute_dtype=torch.bfloat16,
+        compute_dtype=compute,
         quant_type="nf4",
         compress_statistics=True,
+        device="meta",  # no throwaway float weight: the real one comes next
     )
-    layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu().float(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(
+        linear.weight.detach().cpu().float(), requires_grad=False, quant_type="nf4", compress_statistics=True, module=layer
+    )  # `module`: the layer keeps its quantization state (as transformers builds it)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer.to(linear.weight.device)  # quantized as it moves to the GPU

@@ -47,19 +47,20 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
         )
     if Path(str(base)).resolve() == path.resolve():
         raise LlmkitError(f"{path}: the adapter names itself as its base model", "set base_model_name_or_path to the base model")
-    model = load(base, device=device)
+    model = load(base)  # merged (and quantized) on the CPU, then moved
     load_lora(model, path)
     merge_and_unwrap(model)
     model.gguf_weights = model.gguf_blocks = None  # merged weights are no longer the file's
     model.name_or_path = str(path)  # what a background compile process loads: this merged model, not its base
     model.requires_grad_(False)
     model.config.extra["adapter"] = str(path)
+    if dtype is not None:
+        model.to(dtype=dtype)
     if quantize:
         from llmkit.model.quantize import quantize as quantize_model
 
-        model.to(dtype=dtype) if dtype is not None else None
-        return quantize_model(model, quantize)
-    return model.to(dtype=dtype) if dtype is not None else model
+        quantize_model(model, quantize)
+    return model.to(device=device) if device is not None else model
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -155,12 +156,12 @@ def load(
     model.name_or_path = spec
     model.sentence_config = sentence_config(path) if path.is_dir() else None
     model.eval()
-    if device is not None:
-        model.to(device=device)
     if dtype is not None and quantize:
         model.to(dtype=dtype)
-    if quantize:
+    if quantize:  # on the CPU, where the float weights are: the device then holds only the quantized ones
         from llmkit.model.quantize import quantize as quantize_model
 
         quantize_model(model, quantize)
+    if device is not None:
+        model.to(device=device)
     return model

@@ -149,8 +149,8 @@ def autocast_dtype(precision: str, device: torch.device, *, measure: bool = Fals
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # bf16 in hardware from Ampere (compute capability 8) on; older cards emulate it slowly
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if not cpu_has_bf16():
         return None
     return torch.bfloat16 if not measure or bf16_pays_on_cpu() else None
