@@ -568,7 +568,8 @@ class Finetuning:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # every rank's (cpu_offload: rank 0's only)
-        self.train_model = self.optimizer = self.params = None
+        self.train_model = self.optimizer = None
+        self.params = []
         plain = load_model(self.cfg.model, device=self.d.device)
         if self.classification:
             plain = Classifier(plain, self.labels)

@@ -156,7 +156,7 @@ def _saved_bytes(
         torch.autocast("cpu", dtype=plan.autocast or torch.float32, enabled=plan.autocast is not None),
     ):
         if cfg.family == "encoder":  # fine-tuned as a classifier: the hidden states, no vocabulary logits
-            out = model.hidden_states(ids)[0]
+            out = model.hidden_states(ids)[0]  # type: ignore[operator]  # an Encoder's (build_model's type is the base)
         else:
             out = model(ids, ids) if cfg.family == "encoder-decoder" else model(ids)
         if out.shape[-1] == model.config.vocab_size:  # the recipe's loss: cross-entropy of the float logits (it keeps them)
