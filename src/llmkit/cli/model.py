@@ -185,7 +185,10 @@ def _model_config(spec: str):
             return config_from_hf(raw)
     import llmkit
 
-    return llmkit.load(spec).config
+    try:
+        return llmkit.load(spec).config
+    except LlmkitError as e:
+        raise LlmkitError(e.message, f"{e.fix}; or a preset: {', '.join(PRESETS)}") from None
 
 
 def cmd_model_memory(args) -> None:
@@ -195,18 +198,28 @@ def cmd_model_memory(args) -> None:
 
     if not args.model:
         raise LlmkitError("`llmkit model memory` needs a model or a preset", "e.g. `llmkit model memory smollm2 --method lora`")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-len", args.max_len), ("--grad-accum", args.grad_accum)):
+        if value is not None and value < 1:
+            raise LlmkitError(f"{flag} {value} is not a size: it must be at least 1", f"e.g. {flag} {8 if flag == '--batch-size' else 256}")
+    if args.lora_r < 1:
+        raise LlmkitError(f"--lora-r {args.lora_r} must be at least 1", "e.g. --lora-r 8")
+    training = args.method != "inference"
+    if training and args.quantize != "none":
+        raise LlmkitError(
+            f"--quantize {args.quantize} is the weights' form for inference; fine-tuning's 4-bit base is --method qlora",
+            "leave out --quantize, or use --method inference",
+        )
     runtime = resident_bytes()  # this process as imported: what any command's process holds before its model
     device = resolve(args.device)
     cfg = _model_config(args.model)
-    training = args.method != "inference"
     size, gguf = (0, False) if args.model in _presets() else weight_files(args.model)
     dtype = dtype_for(args.dtype, device)
     if training and args.method != "pretrain":
         dtype = dtype_for("fp32", device)  # fine-tuning holds float32 weights (a QLoRA base's other parts too) and autocasts
     plan = Plan(
         command=args.method,
-        batch_size=args.batch_size or (8 if training else 1),
-        max_len=args.max_len or 256,
+        batch_size=args.batch_size if args.batch_size is not None else (8 if training else 1),
+        max_len=args.max_len if args.max_len is not None else 256,
         grad_accum=args.grad_accum,
         checkpointing=args.checkpointing,
         dtype=dtype,
@@ -226,6 +239,10 @@ def cmd_model_memory(args) -> None:
     print(f"  {'total':<12} {gib(p.total_bytes):>10}   free: {gib(p.free_bytes)}  ->  {'fits' if p.fits else 'does NOT fit'}")
     for tip in p.suggestions:
         print(f"  would fit with: {tip}" if tip.startswith("--") or tip.startswith("a ") else f"  {tip}")
+    if training:
+        print(f"  (every row counted {plan.max_len} tokens long, as packed rows are: shorter rows take less activation memory)")
+    if p.parts["runtime"] > runtime * 1.05 and device.type == "cpu":
+        print(f"  (runtime: Python and PyTorch, {gib(runtime)}, and the weights' file and float32 copy while the model loads)")
 
 
 def _presets():

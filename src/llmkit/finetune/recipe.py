@@ -28,6 +28,7 @@ from llmkit import io
 from llmkit.chat import chat_prompt_ids
 from llmkit.data import tasks as T
 from llmkit.data.sources import read_source
+from llmkit.devices import resolve as resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import glue
 from llmkit.evaluate.metrics import Examples, metric_value
@@ -192,6 +193,8 @@ def base_quantization(cfg: FinetuneConfig, device: torch.device) -> str | None:
     asked = cfg.quantize if cfg.quantize != "none" else ("auto" if cfg.method == "qlora" else None)
     if asked is None:
         return None
+    if asked == cfg.quantize and cfg.method == "qlora" and asked not in ("auto", "int4", "nf4"):
+        raise LlmkitError(f"--method qlora takes --quantize auto, int4 or nf4, not {asked}", "leave out --quantize")
     if cfg.method not in ("lora", "qlora"):
         raise LlmkitError(
             f"--quantize {cfg.quantize} freezes a LoRA base in 4 bits; --method {cfg.method} trains the weights",
@@ -207,7 +210,7 @@ def base_quantization(cfg: FinetuneConfig, device: torch.device) -> str | None:
 
 
 def prepare_model(model, cfg: FinetuneConfig, log=print):
-    four_bit = base_quantization(cfg, _device(model))
+    four_bit = base_quantization(cfg, _device(model))  # (run() made cfg.quantize the resolved int4 / nf4 / none)
     if four_bit is not None:
         n = quantize_frozen(model, four_bit)
         log(f"      the frozen base in 4 bits ({four_bit}): {n} linear layers")
@@ -329,6 +332,8 @@ class Finetuning:
             raise LlmkitError("--fsdp shards full fine-tuning; LoRA's few trainable weights need no sharding", "leave out --fsdp (DDP)")
         if self.d.world > 1 and cfg.fsdp and cfg.resume:
             raise LlmkitError("an FSDP fine-tune does not resume yet", "resume it without --fsdp (DDP), or start a new --out")
+        device = self.d.device if self.d.world > 1 else resolve_device(cfg.device)
+        self.cfg = cfg = dataclasses.replace(cfg, quantize=base_quantization(cfg, device) or "none")  # refused now, not after loading
         self.ckpt = resume_point(self.run_dir, cfg.resume)
         if cfg.budget is None:  # a resumed run keeps its own budget; a new one takes the default
             saved = self.run_dir / "finetune_config.json"
@@ -557,10 +562,14 @@ class Finetuning:
             for block in getattr(inner, "blocks", []) or []:
                 fully_shard(block)
             return fully_shard(model)
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # the frozen buffers (a QLoRA base's 4-bit codes) are the same on every rank: never re-sent before a forward
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+        new_name = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters  # torch >= 2.13's name
+        no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, **no_sync)
 
     def _gathered(self):
         """After FSDP2 training: a plain copy of the model (a classifier's head and encoder too) with the whole trained

@@ -292,7 +292,7 @@ def _suggestions(cfg: ModelConfig, plan: Plan, device, free: int, source: tuple[
             tries.append(("--method qlora", dataclasses.replace(plan, command="qlora")))
         tries.append(
             (
-                "--method qlora --checkpointing --batch-size 1",
+                f"--method qlora --checkpointing --batch-size 1 --grad-accum {plan.grad_accum * plan.batch_size}",
                 dataclasses.replace(plan, command="qlora", checkpointing=True, batch_size=1, grad_accum=plan.grad_accum * plan.batch_size),
             )
         )
@@ -302,11 +302,17 @@ def _suggestions(cfg: ModelConfig, plan: Plan, device, free: int, source: tuple[
         if plan.batch_size > 1:
             tries.append(("--batch-size 1", dataclasses.replace(plan, batch_size=1)))
         tries.append(("--quantize int4 (answers may differ)", dataclasses.replace(plan, quantize="int4")))
-    out = []
+    out, smallest = [], None
     for words, option in tries:
-        if predict(cfg, option, device, source_bytes=source[0], gguf_source=source[1], runtime=runtime, suggest=False).total_bytes <= free:
+        total = predict(cfg, option, device, source_bytes=source[0], gguf_source=source[1], runtime=runtime, suggest=False).total_bytes
+        if total <= free:
             out.append(words)
-    return out or ["nothing llmkit offers fits: a smaller model, or a device with more memory"]
+        if smallest is None or total < smallest[1]:
+            smallest = (words, total)
+    if out or smallest is None:
+        return out
+    words, total = smallest
+    return [f"nothing llmkit offers fits: the smallest, {words}, needs {total / 2**30:.1f} GiB; a smaller model or more memory"]
 
 
 def weight_files(spec: str) -> tuple[int, bool]:
