@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmkit.cli.common import console, subcommand
+from llmkit.cli.common import console, device_option, subcommand
 
 
 def register(commands) -> None:
@@ -138,6 +138,7 @@ def register(commands) -> None:
         help="torch.compile the model (default: on for a single-process decoder on a CPU, where it pays; LLMKIT_COMPILE=0 turns it off)",
     )
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
+    device_option(p)
     p.add_argument(
         "--peak-flops",
         type=float,

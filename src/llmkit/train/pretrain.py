@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from llmkit import io
 from llmkit.data.loader import SAMPLINGS, WindowLoader, check_tokenizer, load_meta, open_shard
 from llmkit.data.prepare import source_fingerprint, split_corpus, write_shards
+from llmkit.devices import resolve as resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.evaluate.perplexity import summarize
 from llmkit.generate import GenerationConfig, generate
@@ -116,6 +117,7 @@ class PretrainConfig:
     resume: bool = False
     peak_flops: float | None = None
     fsdp: bool = False
+    device: str = "auto"  # one process: auto (CUDA, then MPS, then the CPU) | cpu | cuda:N | mps; torchrun: each rank's GPU
     samples: bool = True
 
 
@@ -364,6 +366,8 @@ class Pretraining:
             self.cfg = cfg = dataclasses.replace(cfg, budget=own or DEFAULT_BUDGET)
         self.budget = Budget.parse(cfg.budget or DEFAULT_BUDGET)
         self.d = d = init_distributed()
+        if d.world == 1:
+            self.d = d = Dist(device=resolve_device(cfg.device))
         self.say = self.log if d.main else (lambda *a, **k: None)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data_dir = prepare_data(cfg, d, self.say)
