@@ -173,6 +173,18 @@ def register(commands) -> None:
     p.add_argument("--json", action="store_true", help="print the leaderboard as JSON")
     p.add_argument("--png", default=None, help="draw the ratings with their intervals into this PNG")
     p.add_argument("--export", default=None, help="write every vote and rating to this JSONL file")
+    p.add_argument(
+        "--export-pairs",
+        default=None,
+        metavar="FILE",
+        help="write each decided battle as a preference pair (prompt, chosen, rejected: trl's layout) for finetune --method dpo",
+    )
+    p.add_argument(
+        "--export-kto",
+        default=None,
+        metavar="FILE",
+        help="write the ratings as prompt/completion/label rows (4-5 good, 1-2 bad: KTO's layout)",
+    )
 
     p = subcommand(
         ev_cmds,
@@ -368,6 +380,23 @@ def cmd_eval_report(args) -> None:
     print(f"report -> {args.out}, {Path(args.out).with_suffix('.json')}, {Path(args.out).with_suffix('.png')}")
 
 
+def _export_preferences(store, args) -> None:
+    """--export-pairs and --export-kto: the votes and ratings as training rows, with what was left out counted."""
+    from llmkit import io
+    from llmkit.evaluate.arena import kto_rows, preference_pairs
+
+    rows = store.export()
+    if args.export_pairs:
+        pairs, left_out = preference_pairs(rows)
+        io.write_jsonl(args.export_pairs, pairs)
+        why = ", ".join(f"{n} {k}" for k, n in left_out.items() if n) or "none"
+        console().print(f"{len(pairs)} preference pairs -> {args.export_pairs} (left out: {why})")
+    if args.export_kto:
+        kto, neutral = kto_rows(rows)
+        io.write_jsonl(args.export_kto, kto)
+        console().print(f"{len(kto)} rated answers -> {args.export_kto} ({neutral} rated 3 left out)")
+
+
 def _votes(args):
     from llmkit.serve.votes import VoteStore
 
@@ -385,6 +414,8 @@ def cmd_eval_arena(args) -> None:
     from llmkit.evaluate.arena import leaderboard, plot_ratings
 
     store = _votes(args)
+    if args.export_pairs or args.export_kto:
+        _export_preferences(store, args)
     battles, ratings = store.battles(), store.ratings()
     if not battles and not ratings:
         raise LlmkitError(f"{args.db} has no votes and no ratings yet", "vote in the arena of `llmkit serve` (the page at /) first")

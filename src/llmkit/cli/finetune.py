@@ -40,8 +40,20 @@ def register(commands) -> None:
             p.add_argument(
                 "--method",
                 default=f.method,
-                choices=["full", "lora", "qlora", "adapter"],
-                help="what to train (default: lora; qlora: LoRA on the base frozen in 4 bits)",
+                choices=["full", "lora", "qlora", "adapter", "dpo", "orpo"],
+                help="what to train (default: lora; qlora: LoRA on the base frozen in 4 bits; dpo, orpo: from preference "
+                "pairs in --data, with LoRA unless --full)",
+            )
+            p.add_argument("--loss", default=f.loss, choices=["sigmoid", "ipo"], help="dpo: DPO's sigmoid loss (default) or IPO's")
+            p.add_argument("--beta", type=float, default=f.beta, help="dpo: β, the pull toward the reference; orpo: λ (default: 0.1)")
+            p.add_argument(
+                "--label-smoothing",
+                type=float,
+                default=f.label_smoothing,
+                help="dpo: conservative DPO's share of flipped labels (default 0)",
+            )
+            p.add_argument(
+                "--full", action="store_true", help="dpo / orpo: train every weight instead of LoRA (DPO keeps a reference copy)"
             )
             p.add_argument(
                 "--quantize",
@@ -88,7 +100,12 @@ def register(commands) -> None:
         )
         p.add_argument("--batch-size", type=int, default=f.batch_size)
         p.add_argument("--grad-accum", type=int, default=f.grad_accum)
-        p.add_argument("--lr", type=float, default=None, help="learning rate (default: full 5e-5, lora and adapter 1e-3)")
+        p.add_argument(
+            "--lr",
+            type=float,
+            default=None,
+            help="learning rate (default: full 5e-5, lora and adapter 1e-3, dpo and orpo 2e-4 with LoRA, 5e-6 --full)",
+        )
         p.add_argument("--warmup", type=int, default=f.warmup)
         p.add_argument(
             "--max-len", type=int, default=f.max_len, help="longest example in tokens; longer ones are dropped (or cut with --truncate)"

@@ -276,3 +276,47 @@ def plot_ratings(board: dict, path) -> None:
     fig.tight_layout()
     io.save_figure(fig, path)
     plt.close(fig)
+
+
+# --- votes and ratings as training data ---------------------------------------------------------------------------
+
+
+def preference_pairs(exported: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """The decided battles of `VoteStore.export()` rows as preference pairs, trl's plain layout plus where each came
+    from: {"prompt", "system"?, "chosen", "rejected", "chosen_model", "rejected_model", "battle_id"}. Ties, "both bad"
+    and answers that are the same text are left out and counted."""
+    pairs, left_out = [], {"ties": 0, "both bad": 0, "same answers": 0}
+    for row in exported:
+        if row.get("type") != "vote":
+            continue
+        winner = row.get("winner")
+        if winner in ("tie", "both_bad"):
+            left_out["ties" if winner == "tie" else "both bad"] += 1
+            continue
+        if winner not in ("a", "b"):
+            continue
+        good, bad = ("a", "b") if winner == "a" else ("b", "a")
+        chosen, rejected = row[f"answer_{good}"], row[f"answer_{bad}"]
+        if chosen.strip() == rejected.strip():
+            left_out["same answers"] += 1
+            continue
+        pair = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected}
+        if row.get("system"):
+            pair["system"] = row["system"]
+        pair.update(chosen_model=row[f"model_{good}"], rejected_model=row[f"model_{bad}"], battle_id=row["id"])
+        pairs.append(pair)
+    return pairs, left_out
+
+
+def kto_rows(exported: list[dict]) -> tuple[list[dict], int]:
+    """The ratings of `VoteStore.export()` rows as KTO's unpaired layout, {"prompt", "completion", "label"}: 4-5 stars
+    good (true), 1-2 bad (false); returns them and the count of neutral (3) ratings left out."""
+    out, neutral = [], 0
+    for row in exported:
+        if row.get("type") != "rating":
+            continue
+        if row["score"] == 3:
+            neutral += 1
+            continue
+        out.append({"prompt": row["prompt"], "completion": row["answer"], "label": row["score"] >= 4, "model": row["model"]})
+    return out, neutral

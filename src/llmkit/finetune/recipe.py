@@ -34,6 +34,7 @@ from llmkit.evaluate import glue
 from llmkit.evaluate.metrics import Examples, metric_value
 from llmkit.evaluate.perplexity import evaluate_text
 from llmkit.finetune.data import IGNORE, Example, collate, collate_packed, prepare_examples, read_rows, to_example
+from llmkit.finetune.preference import PreferenceLoss, encode_pairs, is_pair_row, pair_batch, read_pairs
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model.classifier import REGRESSION, Classifier, batch_tensors, encode_rows, predict, save_classifier
 from llmkit.model.lora import METHOD_FIELDS, apply_method, check_peft_names, merge_and_unwrap, save_lora, trainable_share
@@ -55,13 +56,17 @@ from llmkit.train.runtime import (
 )
 
 DEFAULT_BUDGET = "100steps"
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3}
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "dpo": 2e-4, "orpo": 2e-4, "dpo-full": 5e-6, "orpo-full": 5e-6}
 
 
 @dataclass
 class FinetuneConfig:
     model: str = "smollm2"
-    method: str = "lora"  # full | lora | qlora (lora on a frozen 4-bit base) | adapter
+    method: str = "lora"  # full | lora | qlora (lora on a frozen 4-bit base) | adapter | dpo | orpo (preference pairs)
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo
+    beta: float = 0.1  # dpo: the KL strength β; orpo: the odds-ratio weight λ
+    label_smoothing: float = 0.0  # dpo: conservative DPO's ε (the share of pairs assumed mislabelled)
+    full: bool = False  # dpo / orpo: train every weight (DPO then keeps a frozen reference copy) instead of LoRA
     quantize: str = "none"  # the frozen base of lora in 4 bits: int4 (CPU kernel) | nf4 (CUDA, bitsandbytes) | auto | none
     checkpointing: bool = False  # activation checkpointing: recompute each block's activations in the backward pass
     optim: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit states, CUDA only)
@@ -195,7 +200,7 @@ def base_quantization(cfg: FinetuneConfig, device: torch.device) -> str | None:
         return None
     if asked == cfg.quantize and cfg.method == "qlora" and asked not in ("auto", "int4", "nf4"):
         raise LlmkitError(f"--method qlora takes --quantize auto, int4 or nf4, not {asked}", "leave out --quantize")
-    if cfg.method not in ("lora", "qlora"):
+    if cfg.method not in ("lora", "qlora", "dpo", "orpo") or (cfg.method in ("dpo", "orpo") and cfg.full):
         raise LlmkitError(
             f"--quantize {cfg.quantize} freezes a LoRA base in 4 bits; --method {cfg.method} trains the weights",
             "use --method lora or qlora",
@@ -214,7 +219,7 @@ def prepare_model(model, cfg: FinetuneConfig, log=print):
     if four_bit is not None:
         n = quantize_frozen(model, four_bit)
         log(f"      the frozen base in 4 bits ({four_bit}): {n} linear layers")
-    method = "lora" if cfg.method == "qlora" else cfg.method
+    method = {"qlora": "lora", "dpo": "full" if cfg.full else "lora", "orpo": "full" if cfg.full else "lora"}.get(cfg.method, cfg.method)
     apply_method(model, method, **{k: getattr(cfg, k) for k in METHOD_FIELDS})
     if four_bit is not None:
         check_peft_names(model)  # the adapter is saved apart: refused now, not after training
@@ -379,16 +384,57 @@ class Finetuning:
 
     def load_data(self) -> None:
         cfg = self.cfg
+        self.preference = cfg.method in ("dpo", "orpo")
+        if self.preference or (cfg.data and not cfg.glue and any(map(is_pair_row, read_rows(cfg.data)[:1]))):
+            self.train_ex, self.val_ex = self._load_pairs()
+            self.classification = False
+            return
         self.train_ex, self.val_ex = load_examples(cfg, self.log)
         self.classification = self.train_ex[0].text is not None
         self.log(f"      {len(self.train_ex)} training and {len(self.val_ex)} validation examples ({cfg.data or cfg.task})")
 
+    def _load_pairs(self) -> tuple[list, list]:
+        """Preference pairs of --data: split after deduplication (seeded, disjoint), bad rows counted and left out."""
+        cfg = self.cfg
+        if not self.preference:
+            raise LlmkitError(f"{cfg.data} holds preference pairs (chosen/rejected)", "train on them with --method dpo or orpo")
+        if not cfg.data:
+            raise LlmkitError(
+                f"--method {cfg.method} learns from preference pairs: give --data pairs.jsonl",
+                "rows of prompt/chosen/rejected, e.g. from `llmkit eval arena --export-pairs pairs.jsonl`",
+            )
+        rows = read_rows(cfg.data, warn=self.log)
+        train_rows, val_rows = (rows, read_rows(cfg.val_data, warn=self.log)) if cfg.val_data else split_rows(rows, cfg.seed, log=self.log)
+        (train, skipped), (val, val_skipped) = read_pairs(train_rows), read_pairs(val_rows)
+        for kind, n in {k: skipped.get(k, 0) + val_skipped.get(k, 0) for k in {**skipped, **val_skipped}}.items():
+            self.log(f"      {n} row(s) left out: {kind}")
+        if not train or not val:
+            raise LlmkitError(
+                f"{cfg.data} leaves {len(train)} training and {len(val)} validation pairs",
+                "give rows with a prompt and two different, non-empty answers (chosen, rejected)",
+            )
+        self.log(f"      {len(train)} training and {len(val)} validation pairs ({cfg.data})")
+        return train, val
+
     def preprocess(self) -> None:
         """Classification rows as ids and token types with label indices; chat rows through the template, loss on the
-        answers (packed or not)."""
+        answers (packed or not); preference pairs as two rows each, the loss mask on their answers."""
         cfg = self.cfg
         self.model = model = load_model(cfg.model, device=self.d.device if self.d.world > 1 else cfg.device)
         self.tok = tok = model.tokenizer
+        if self.preference:
+            if model.config.family != "decoder":
+                raise LlmkitError("preference pairs train a decoder", "use --model smollm2 or a decoder you trained")
+            limit = min(cfg.max_len, model.config.max_seq_len)
+            self.pairs, self.val_pairs = encode_pairs(tok, self.train_ex, limit), encode_pairs(tok, self.val_ex, limit)
+            dropped = self.pairs.too_long + self.val_pairs.too_long
+            self.log(
+                f"      {len(self.pairs.chosen)} + {len(self.val_pairs.chosen)} pairs encoded; "
+                f"{dropped} left out for the length limit of {limit}"
+            )
+            if not self.pairs.chosen or not self.val_pairs.chosen:
+                raise LlmkitError(f"no pair fits --max-len {cfg.max_len} on both sides", "raise --max-len")
+            return
         if self.classification:
             if model.config.family != "encoder":
                 raise LlmkitError("classification data needs an encoder model", "use --model minilm (or another encoder)")
@@ -433,6 +479,12 @@ class Finetuning:
             for p in self.model.head.parameters():
                 p.requires_grad_(True)
         else:
+            if self.preference:
+                import copy
+
+                frozen = cfg.method == "dpo" and cfg.full  # LoRA's reference is its base with the adapters off: no copy
+                reference = copy.deepcopy(self.model).requires_grad_(False).eval() if frozen else None
+                self.loss_fn = PreferenceLoss("ipo" if cfg.loss == "ipo" else cfg.method, cfg.beta, cfg.label_smoothing, reference)
             prepare_model(self.model, cfg, self.log)
         self.trainable, self.total = trainable_share(self.model)
         self.log(f"      {self.trainable:,} of {self.total:,} parameters trainable ({self.trainable / self.total:.2%})")
@@ -440,10 +492,18 @@ class Finetuning:
     def measure(self) -> dict:
         """The task metric; for decoders also the answers' loss, general text's bits per byte, the untrained tasks."""
         cfg, model, tok, val_ex = self.cfg, self.model, self.tok, self.val_ex
+        out: dict[str, object]
         if self.classification:
             return classifier_metrics(model, tok, val_ex, cfg)
+        if self.preference:
+            out = {**self.preference_metrics(self.val_pairs), "general_bpb": general_bits_per_byte(model, tok, cfg)}
+            for t, exs in self.forget_sets.items():
+                out[f"untrained_{t}"] = exact_match(answer(model, tok, exs, cfg.max_new_tokens), exs)
+            shown = [Example(messages=[*p.prompt, {"role": "assistant", "content": p.chosen}], answer=p.chosen) for p in val_ex[: cfg.show]]
+            out["_predictions"] = answer(model, tok, shown, cfg.max_new_tokens)
+            return out
         preds = answer(model, tok, val_ex, cfg.max_new_tokens)
-        out: dict[str, object] = {
+        out = {
             "exact_match": exact_match(preds, val_ex),
             "answer_loss": answer_loss(model, tok, val_ex, cfg),
             "general_bpb": general_bits_per_byte(model, tok, cfg),
@@ -453,9 +513,27 @@ class Finetuning:
         out["_predictions"] = preds[: cfg.show]
         return out
 
+    @torch.no_grad()
+    def preference_metrics(self, encoded, batch: int = 8) -> dict:
+        """The preference loss and trl's reward metrics, averaged over `encoded`'s pairs (validation)."""
+        model, sums, total = self.model, {}, 0.0
+        model.eval()
+        amp = autocast_dtype(self.cfg.precision, _device(model))
+        for i in range(0, len(encoded.chosen), batch):
+            rows = list(range(i, min(i + batch, len(encoded.chosen))))
+            x, mask, y = pair_batch(encoded, rows, self.tok.pad_id or 0, _device(model))
+            with torch.autocast(_device(model).type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, metrics = self.loss_fn(model, x, mask, y)
+            total += loss.item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        n = len(encoded.chosen)
+        return {"loss": total / n, **{k: v / n for k, v in sums.items()}}
+
     def initial_predictions(self) -> None:
         cfg = self.cfg
-        untrained = [t for t in cfg.forgetting_tasks.split(",") if t and t not in cfg.task] if not self.classification else []
+        trained = "" if self.preference else cfg.task  # pairs train no built-in task: every one listed is measured
+        untrained = [t for t in cfg.forgetting_tasks.split(",") if t and t not in trained] if not self.classification else []
         self.forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in untrained}
         saved = self.run_dir / "before.json"
         self.before = self.measure() if not (self.ckpt and saved.exists()) else io.read_json(saved)
@@ -465,6 +543,10 @@ class Finetuning:
         self._show(self.before)
 
     def _show(self, measured: dict) -> None:
+        if self.preference:
+            for p, got in zip(self.val_ex[: self.cfg.show], measured["_predictions"]):
+                self.log(f"      Q: {p.prompt[-1]['content'][:90]!r}\n      chosen {p.chosen[:60]!r}, got {got.strip()[:60]!r}")
+            return
         if not self.classification:
             for ex, p in zip(self.val_ex[: self.cfg.show], measured["_predictions"]):
                 self.log(f"      Q: {ex.messages[-2]['content'][:90]!r}\n      expected {ex.answer!r}, got {p.strip()[:60]!r}")
@@ -479,7 +561,7 @@ class Finetuning:
         amp = autocast_dtype(cfg.precision, device)
         self.train_model = self._parallel(model)  # DDP or FSDP2 under torchrun; the model itself for one process
         self.params = params = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 replaced them
-        lr = cfg.lr or DEFAULT_LR.get(cfg.method, 1e-4)
+        lr = cfg.lr or DEFAULT_LR.get(cfg.method + ("-full" if cfg.full and self.preference else ""), 1e-4)
         self.optimizer = optimizer = make_adamw(params, lr, cfg.weight_decay, cfg.optim, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16 needs loss scaling
         self.step, self.tokens_seen, elapsed_before, self.warm_progress = 0, 0, 0.0, None
@@ -506,6 +588,7 @@ class Finetuning:
                 for g in optimizer.param_groups:
                     g["lr"] = cur_lr
                 micro = [self.micro_batch(self.step, m) for m in range(cfg.grad_accum)]
+                self.step_metrics: dict[str, float] = {}  # preference methods: trl's reward metrics, summed over the pairs
                 loss_sum, n_targets = accumulate_gradients(
                     self.train_model, micro, lambda m: self.summed_loss(m[0], m[1]), [m[2] for m in micro], d, amp, scaler, cfg.fsdp
                 )  # every target token of the step, on every rank, weighs the same
@@ -521,7 +604,12 @@ class Finetuning:
                 self.step += 1
                 self.tokens_seen += int(step_tokens)
                 self.losses.append(total_loss)
-                metrics.log({"step": self.step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": self.tokens_seen})
+                row = {"step": self.step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": self.tokens_seen}
+                if self.step_metrics:
+                    names = sorted(self.step_metrics)
+                    summed = all_reduce([self.step_metrics[k] for k in names], d) if d.world > 1 else [self.step_metrics[k] for k in names]
+                    row.update({k: v / max(n_targets, 1) for k, v in zip(names, summed)})
+                metrics.log(row)
                 done = self.step if budget.steps else (self.tokens_seen if budget.tokens else elapsed)
                 bar.update(task, completed=done, description=f"loss {total_loss:.3f}")
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -614,11 +702,14 @@ class Finetuning:
         x ranks rows from (seed, step) and micro-step m of rank r takes the (r·grad_accum + m)-th slice: batch 8 x 1,
         batch 4 x 2 and 2 ranks x batch 4 see the same rows."""
         cfg, pad, device = self.cfg, self.tok.pad_id or 0, _device(self.model)
-        n_rows = len(self.train_ids) if self.classification else len(self.prep.ids)
+        n_rows = len(self.train_ids) if self.classification else (len(self.pairs.chosen) if self.preference else len(self.prep.ids))
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         drawn = torch.randint(0, n_rows, (cfg.batch_size * cfg.grad_accum * self.d.world,), generator=g, device="cpu").tolist()
         part = self.d.rank * cfg.grad_accum + micro
         rows = drawn[part * cfg.batch_size : (part + 1) * cfg.batch_size]
+        if self.preference:  # each row a pair: its chosen and its rejected answer, one loss per pair
+            x, mask, y = pair_batch(self.pairs, rows, pad, device)
+            return (x, mask, None), y, len(rows), int(mask.sum())
         if self.classification:
             x, mask, types = batch_tensors([self.train_ids[r] for r in rows], [self.train_types[r] for r in rows], pad, device)
             return (x, mask, types), torch.tensor([self.train_y[r] for r in rows], device=device), len(rows), int(mask.sum())
@@ -633,6 +724,11 @@ class Finetuning:
 
     def summed_loss(self, inputs, targets) -> torch.Tensor:
         model = self.train_model  # through DDP's or FSDP2's wrapper under torchrun: its hooks sync the gradients
+        if self.preference:
+            loss, metrics = self.loss_fn(self.model, inputs[0], inputs[1], targets, forward=model)
+            for k, v in metrics.items():
+                self.step_metrics[k] = self.step_metrics.get(k, 0.0) + v
+            return loss
         if self.classification:
             return self.model.loss(model(*inputs), targets)  # type: ignore[operator]  # a classifier head's own loss (an attribute)
         x, mask, positions = inputs
@@ -641,6 +737,8 @@ class Finetuning:
 
     def evaluate(self) -> None:
         self.after = self.measure()
+        if self.preference:  # the validation values beside the training rows, as trl logs them (eval_ dropped)
+            self.metrics.log({"step": self.step, "split": "val", **{k: v for k, v in self.after.items() if not k.startswith("_")}})
         if self.classification:
             now = _embeddings(self.model.encoder, self.tok, [ex.text for ex in self.val_ex[:32]])
             self.after["embedding_drift_cosine"] = float(F.cosine_similarity(self.before_emb, now, dim=-1).mean())
@@ -669,6 +767,7 @@ class Finetuning:
             "after": {k: v for k, v in self.after.items() if not k.startswith("_")},
             "saved": self.saved,
             "final_loss": sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None,
+            **({"eval": {k: v for k, v in self.after.items() if k == "loss" or k.startswith("rewards/")}} if self.preference else {}),
             "phases": self.phases,
         }
         if self.d.main:
@@ -692,6 +791,10 @@ RESUME_KEYS = (
     "model",
     "method",
     "quantize",
+    "loss",
+    "beta",
+    "label_smoothing",
+    "full",
     "task",
     "eval_task",
     "data",
@@ -775,10 +878,13 @@ def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
     if isinstance(model, Classifier):
         save_classifier(model, run)
         return "classifier.safetensors (trained weights) + labels.json + finetune_config.json"
-    if cfg.method == "qlora" or (cfg.method == "lora" and cfg.quantize != "none"):  # the adapter loads on the float base
+    if cfg.method in ("dpo", "orpo") and cfg.full:
+        save_model(model, run, tokenizer=tok)
+        return "model.safetensors + config.json + tokenizer"
+    if cfg.method == "qlora" or (cfg.method in ("lora", "dpo", "orpo") and cfg.quantize != "none"):  # loads on the float base
         save_lora(model, run, base_model_name=cfg.model)
         return "adapter_config.json + adapter_model.safetensors (PEFT format; trained on a 4-bit base, loads on the float one)"
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dpo", "orpo"):
         try:
             save_lora(model, run, base_model_name=cfg.model)
             return "adapter_config.json + adapter_model.safetensors (PEFT format)"

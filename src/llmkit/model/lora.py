@@ -35,6 +35,8 @@ from llmkit.model.quantize import Int4Linear
 
 
 class LoRALinear(nn.Module):
+    disabled = False  # the adapter switched off: the base layer alone (DPO's reference, `preference.reference_mode`)
+
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         """`base`: an nn.Linear, or a frozen 4-bit one (QLoRA: `Int4Linear`, bitsandbytes' `Linear4bit`)."""
         super().__init__()
@@ -75,7 +77,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         h = self.dropout(x).to(self.lora_A.dtype)
         return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)

@@ -1,0 +1,302 @@
+"""Preference training (issue 30): DPO, IPO and ORPO losses and gradients equal trl's on a tiny model and a fixed batch;
+the DPO loss of a policy equal to its reference is ln 2; pair rows are read, bad ones counted and left out; a DPO run
+raises its reward accuracy; the arena's votes export as pairs (and ratings as KTO rows)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit.errors import LlmkitError
+
+from conftest import run_cli, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizers_by_kind):
+    return tokenizers_by_kind["byte-bpe"]
+
+
+def _pairs():
+    from llmkit.finetune.preference import read_pairs
+
+    rows = [
+        {"prompt": "Reverse: apple river stone", "chosen": "stone river apple", "rejected": "apple river stone"},
+        {"prompt": "Sort: pear fig", "chosen": "fig pear", "rejected": "pear fig, I think"},
+        {"prompt": "Name a colour.", "system": "Answer in one word.", "chosen": "Blue", "rejected": "I like many colours a lot"},
+    ]
+    return read_pairs(rows)[0]
+
+
+def _batch(model, tok, pairs):
+    from llmkit.finetune.preference import encode_pairs, pair_batch
+
+    enc = encode_pairs(tok, pairs, 128)
+    return pair_batch(enc, list(range(len(enc.chosen))), tok.pad_id or 0)
+
+
+def _policy(tok, seed=0):
+    """A tiny decoder with LoRA adapters whose B is not zero: the policy differs from its reference (adapters off)."""
+    from llmkit.model.lora import apply_method, lora_layers
+
+    model = tiny_model("tiny-llama", tok.vocab_size, seed=seed, max_seq_len=128)
+    apply_method(model, "lora", lora_dropout=0.0)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(std=0.05)
+    return model
+
+
+def test_the_dpo_loss_of_a_policy_equal_to_its_reference_is_ln2(tok):
+    from llmkit.finetune.preference import PreferenceLoss
+    from llmkit.model.lora import apply_method
+
+    model = tiny_model("tiny-llama", tok.vocab_size, max_seq_len=128)
+    apply_method(model, "lora")  # B starts at zero: the policy is its reference
+    model.eval()
+    x, mask, y = _batch(model, tok, _pairs())
+    loss, metrics = PreferenceLoss("dpo", beta=0.1)(model, x, mask, y)
+    assert loss.item() / 3 == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/margins"] == 0.0 and metrics["rewards/accuracies"] == 0.0
+
+
+class _Outputs(SimpleNamespace):
+    pass
+
+
+def _trl_head(model, disabled: bool):
+    """What trl's fused LM head returns for (input_ids, labels): the log-probability of each next label (0 where it is
+    -100), the entropy, the mean logit and whether the label is the top token, computed from our model's logits."""
+    from llmkit.model.lora import lora_layers
+
+    class Head(torch.nn.Module):
+        training = True
+        is_gradient_checkpointing = False
+
+        def forward(self, input_ids, attention_mask, labels, fused_lm_head, use_cache=False):
+            for layer in lora_layers(model).values():
+                layer.disabled = disabled
+            try:
+                logits = model(input_ids, attention_mask=attention_mask)[:, :-1].float()
+            finally:
+                for layer in lora_layers(model).values():
+                    layer.disabled = False
+            target = labels[:, 1:]
+            keep = target != -100
+            logp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+            probs = logits.softmax(-1)
+            return _Outputs(
+                log_probs=logp,
+                entropy=-(probs * logits.log_softmax(-1)).sum(-1),
+                mean_logits=logits.mean(-1),
+                is_top1=logits.argmax(-1) == target,
+            )
+
+    return Head()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trls_loss_and_gradients(tok, loss_type):
+    """trl's DPOTrainer._compute_loss (its own code: log-ratios, the sigmoid / length-normalized IPO loss, the mean over
+    pairs) run on the same model and batch as llmkit's `PreferenceLoss`: the same loss and the same LoRA gradients."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from llmkit.finetune.preference import PreferenceLoss
+    from llmkit.model.lora import lora_layers
+
+    model = _policy(tok)
+    x, mask, y = _batch(model, tok, _pairs())
+    n = x.shape[0] // 2
+    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+
+    ours, metrics = PreferenceLoss("ipo" if loss_type == "ipo" else "dpo", beta=0.1)(model, x, mask, y)
+    ours = ours / n  # the mean over pairs, as trl reports it
+    ours_grads = torch.autograd.grad(ours, params)
+
+    identity = lambda t: t  # noqa: E731
+    fake = SimpleNamespace(
+        model=_trl_head(model, disabled=False),
+        ref_model=_trl_head(model, disabled=True),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity, unwrap_model=identity),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=False,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        use_weighting=False,
+        beta=0.1,
+        label_smoothing=0.0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {"input_ids": x, "attention_mask": mask, "completion_mask": (y != -100).long()}
+    theirs = DPOTrainer._compute_loss(fake, fake.model, inputs, return_outputs=False)
+    theirs_grads = torch.autograd.grad(theirs, params)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    logged = fake._metrics["train"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[key] / n == pytest.approx(logged[key][0], abs=1e-5), key
+
+
+def test_orpo_equals_trls_odds_ratio_loss_and_log_probabilities(tok):
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    from llmkit.finetune.preference import PreferenceLoss, answer_logps, orpo_losses
+
+    model = _policy(tok)
+    x, mask, y = _batch(model, tok, _pairs())
+    n = x.shape[0] // 2
+    logits = model(x, attention_mask=mask)
+    sums, counts = answer_logps(logits, y)
+    torch.testing.assert_close(sums, ORPOTrainer.get_batch_logps(logits, y, average_log_prob=False), rtol=1e-6, atol=1e-5)
+    average = ORPOTrainer.get_batch_logps(logits, y, average_log_prob=True)
+    torch.testing.assert_close(sums / counts, average, rtol=1e-6, atol=1e-6)
+    fake = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    their_losses, their_c, their_r, _, _ = ORPOTrainer.odds_ratio_loss(fake, average[:n], average[n:])
+    our_odds, our_c, our_r = orpo_losses(average[:n], average[n:], 0.25)
+    torch.testing.assert_close(our_odds, -their_losses)  # trl adds −mean(losses) to the NLL
+    torch.testing.assert_close(our_c, their_c)
+    torch.testing.assert_close(our_r, their_r)
+    # one pair: trl's loss (NLL over the chosen tokens − β·log σ(log odds)) and its gradients
+    x1, m1, y1 = _batch(model, tok, _pairs()[:1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours, _ = PreferenceLoss("orpo", beta=0.25)(model, x1, m1, y1)
+    logits1 = model(x1, attention_mask=m1)
+    avg1 = ORPOTrainer.get_batch_logps(logits1, y1, average_log_prob=True)
+    nll = F.cross_entropy(logits1[:1, :-1].reshape(-1, logits1.shape[-1]), y1[:1, 1:].reshape(-1), ignore_index=-100)
+    theirs = nll - ORPOTrainer.odds_ratio_loss(fake, avg1[:1], avg1[1:])[0].mean()
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok):
+    from llmkit.finetune.preference import PreferenceLoss, read_pairs
+
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "y"}],
+        },
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "p", "chosen": " ", "rejected": "b"},
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a"},
+    ]
+    pairs, skipped = read_pairs(rows)
+    assert [(p.prompt[-1]["content"], p.chosen, p.rejected) for p in pairs] == [("p", "a", "b"), ("q", "x", "y")]
+    assert skipped == {"chosen = rejected": 1, "empty side": 1, "no prompt": 1, "missing side": 1}
+    with pytest.raises(LlmkitError, match="beta"):
+        PreferenceLoss("dpo", beta=0.0)
+    with pytest.raises(LlmkitError, match="label-smoothing"):
+        PreferenceLoss("dpo", label_smoothing=0.5)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] * 4))
+    base = _save_base(tmp_path, tok)
+    for args, words in (
+        (["--method", "dpo"], "--data pairs.jsonl"),
+        (["--method", "lora", "--data", str(data)], "--method dpo or orpo"),
+        (["--method", "dpo", "--data", str(data), "--beta", "-1"], "--beta"),
+    ):
+        proc = run_cli("finetune", "--model", str(base), *args, "--out", str(tmp_path / "r"), check=False, timeout=300)
+        assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _save_base(tmp_path, tok):
+    from llmkit.model.weights import save_model
+
+    out = tmp_path / "base"
+    if not out.exists():
+        save_model(tiny_model("tiny-llama", tok.vocab_size, d_model=64, max_seq_len=128), out, tokenizer=tok)
+    return out
+
+
+def test_dpo_raises_the_reward_accuracy_and_orpo_learns_the_chosen_answers(tmp_path, tok):
+    from llmkit.data import tasks as T
+    from llmkit.finetune.recipe import FinetuneConfig, finetune
+
+    rows = []
+    for ex in T.task_examples("reverse", 160, "train", 0):
+        wrong = " ".join(reversed(ex.answer.split()))  # the words as given: the wrong answer
+        if wrong != ex.answer:
+            rows.append({"prompt": ex.messages[-2]["content"], "chosen": ex.answer, "rejected": wrong})
+    rows += [{"prompt": "x", "chosen": "same", "rejected": "same"}, {"prompt": "y", "chosen": "", "rejected": "z"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(
+        model=str(_save_base(tmp_path, tok)),
+        data=str(data),
+        budget="60steps",
+        lr=5e-3,
+        warmup=2,
+        forgetting_tasks="",
+        general_text="shakespeare:macbeth",
+        general_tokens=64,
+        max_new_tokens=4,
+        show=0,
+        precision="fp32",
+    )
+    logs: list[str] = []
+    dpo = finetune(FinetuneConfig(**common, method="dpo", beta=0.5, out=str(tmp_path / "dpo")), log=logs.append)
+    assert any("2 row(s) left out" in m or "1 row(s) left out" in m for m in logs)
+    train = [json.loads(r) for r in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as its reference
+    late = train[-10:]
+    assert sum(r["loss"] for r in late) / 10 < 0.6 and sum(r["rewards/accuracies"] for r in late) / 10 > 0.65
+    assert set(dpo["eval"]) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    assert dpo["after"]["rewards/margins"] > dpo["before"]["rewards/margins"]
+    assert (tmp_path / "dpo" / "adapter_config.json").exists()
+    orpo = finetune(FinetuneConfig(**common, method="orpo", beta=0.5, out=str(tmp_path / "orpo")), log=lambda m: None)
+    assert orpo["after"]["nll"] < orpo["before"]["nll"] - 0.5  # the chosen answers grow likely
+
+
+def test_arena_votes_export_as_preference_pairs_and_ratings_as_kto_rows(tmp_path):
+    from llmkit.serve.votes import VoteStore
+
+    db = tmp_path / "votes.db"
+    store = VoteStore(db)
+    decided = []
+    for i, winner in enumerate(["a", "b", "tie", "both_bad", "a"]):
+        battle, answer_a, answer_b = store.add_battle(
+            prompt=f"q{i}",
+            system="be brief" if i == 0 else None,
+            settings={},
+            model_a="m1",
+            model_b="m2",
+            answer_a=f"A{i}",
+            answer_b=f"B{i}",
+        )
+        store.vote(battle, winner)
+        decided.append((battle, winner))
+        store.rate(answer_a, [5, 1, 3, 4, 2][i], session=f"s{i}")
+    store.close()
+    proc = run_cli("eval", "arena", "--db", str(db), "--export-pairs", str(tmp_path / "p.jsonl"), "--export-kto", str(tmp_path / "k.jsonl"))
+    pairs = [json.loads(r) for r in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["chosen_model"]) for p in pairs] == [
+        ("q0", "A0", "B0", "m1"),
+        ("q1", "B1", "A1", "m2"),
+        ("q4", "A4", "B4", "m1"),
+    ]
+    assert pairs[0]["system"] == "be brief" and "system" not in pairs[1] and pairs[0]["battle_id"] == decided[0][0]
+    said = proc.stdout + proc.stderr
+    assert "1 ties" in said and "1 both bad" in said
+    kto = [json.loads(r) for r in (tmp_path / "k.jsonl").read_text().splitlines()]
+    assert [(k["completion"], k["label"]) for k in kto] == [("A0", True), ("A1", False), ("A3", True), ("A4", False)]
+    from llmkit.finetune.data import read_rows
+    from llmkit.finetune.preference import read_pairs
+
+    assert len(read_pairs(read_rows(tmp_path / "p.jsonl"))[0]) == 3  # what finetune --method dpo reads
