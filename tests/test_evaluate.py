@@ -222,6 +222,17 @@ def test_numeric_boolean_and_float_labels_keep_their_values():
         M.metric_value("f1", M.Examples([1, 0], labels=[1, 0]), pos_label="maybe")
 
 
+def test_a_score_at_the_edge_gets_a_wilson_interval_not_a_point():
+    from scipy.stats import binomtest
+
+    for right in (0, 10):
+        ex = M.Examples(["a"] * 10, labels=(["a"] if right else ["b"]) * 10)
+        b = M.bootstrap("accuracy", ex, 200, seed=0)
+        ci = binomtest(right, 10).proportion_ci(method="wilson")
+        assert b["value"] == right / 10 and (b["low"], b["high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+        assert b["high"] - b["low"] > 0.2  # 10 examples do not make 0% (or 100%) certain
+
+
 def test_bootstrap_of_a_mean_resamples_example_scores_and_keeps_the_averaging():
     ex = _gen()
     rows = M.per_example("rougeL", ex)

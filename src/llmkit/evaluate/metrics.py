@@ -417,6 +417,15 @@ def bootstrap(metric: str, ex: Examples, n: int, seed: int = 0, *, pos_label=Non
     rng = np.random.default_rng(seed)
     rows = per_example(metric, ex)
     value = float(rows.mean()) if rows is not None else metric_value(metric, ex, pos_label=pos_label)
+    if rows is not None and len(rows) and (rows == rows[0]).all() and rows[0] in (0.0, 1.0):
+        # 0 of n (or n of n) right: every resample is the same, and a percentile interval [0, 0] would claim certainty;
+        # a proportion at the edge gets Wilson's score interval instead (as the arena's A/B test reports)
+        from statistics import NormalDist
+
+        from llmkit.evaluate.arena import wilson
+
+        low, high = wilson(float(rows.sum()), len(rows), NormalDist().inv_cdf(0.5 + confidence / 2))
+        return {"value": value, "low": float(low), "high": float(high)}
     if rows is not None:
         samples = rows[rng.integers(0, len(ex), (n, len(ex)))].mean(1).tolist()
     else:
