@@ -123,7 +123,8 @@ def test_dpo_and_ipo_equal_trls_loss_and_gradients(tok, loss_type):
     identity = lambda t: t  # noqa: E731
     fake = SimpleNamespace(
         model=_trl_head(model, disabled=False),
-        ref_model=_trl_head(model, disabled=True),
+        # trl's reference: a separate copy of the base without LoRA (llmkit's switches its adapters off instead)
+        ref_model=_trl_head(tiny_model("tiny-llama", tok.vocab_size, seed=0, max_seq_len=128), disabled=False),
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity, unwrap_model=identity),
         aux_loss_enabled=False,
         ld_alpha=None,
@@ -146,6 +147,7 @@ def test_dpo_and_ipo_equal_trls_loss_and_gradients(tok, loss_type):
     for a, b in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     logged = fake._metrics["train"]
+    assert abs(logged["rewards/margins"][0]) > 1e-4  # the policy is not its reference: the comparison is not vacuous
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert metrics[key] / n == pytest.approx(logged[key][0], abs=1e-5), key
 
@@ -211,6 +213,9 @@ def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok):
         (["--method", "dpo"], "--data pairs.jsonl"),
         (["--method", "lora", "--data", str(data)], "--method dpo or orpo"),
         (["--method", "dpo", "--data", str(data), "--beta", "-1"], "--beta"),
+        (["--method", "orpo", "--data", str(data), "--loss", "ipo"], "--loss ipo is a DPO loss"),
+        (["--method", "lora", "--full"], "--full chooses full training for dpo and orpo"),
+        (["--method", "dpo", "--data", str(data), "--pack"], "--pack"),
     ):
         proc = run_cli("finetune", "--model", str(base), *args, "--out", str(tmp_path / "r"), check=False, timeout=300)
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -257,11 +262,12 @@ def test_dpo_raises_the_reward_accuracy_and_orpo_learns_the_chosen_answers(tmp_p
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as its reference
     late = train[-10:]
     assert sum(r["loss"] for r in late) / 10 < 0.6 and sum(r["rewards/accuracies"] for r in late) / 10 > 0.65
-    assert set(dpo["eval"]) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
-    assert dpo["after"]["rewards/margins"] > dpo["before"]["rewards/margins"]
+    rewards = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    assert set(dpo["eval"]) == {"loss", "logps/chosen", "logps/rejected", *rewards}
+    assert dpo["before"]["rewards/margins"] == 0.0 and dpo["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert (tmp_path / "dpo" / "adapter_config.json").exists()
     orpo = finetune(FinetuneConfig(**common, method="orpo", beta=0.5, out=str(tmp_path / "orpo")), log=lambda m: None)
-    assert orpo["after"]["nll"] < orpo["before"]["nll"] - 0.5  # the chosen answers grow likely
+    assert orpo["after"]["nll_loss"] < orpo["before"]["nll_loss"] - 0.5  # the chosen answers grow likely
 
 
 def test_arena_votes_export_as_preference_pairs_and_ratings_as_kto_rows(tmp_path):

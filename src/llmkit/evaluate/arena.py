@@ -318,5 +318,8 @@ def kto_rows(exported: list[dict]) -> tuple[list[dict], int]:
         if row["score"] == 3:
             neutral += 1
             continue
-        out.append({"prompt": row["prompt"], "completion": row["answer"], "label": row["score"] >= 4, "model": row["model"]})
+        kto = {"prompt": row["prompt"], "completion": row["answer"], "label": row["score"] >= 4, "model": row["model"]}
+        if row.get("system"):
+            kto["system"] = row["system"]
+        out.append(kto)
     return out, neutral

@@ -85,8 +85,9 @@ def to_example(row: dict, task: str = "data") -> Example:
     )
 
 
-def encode_chat(tokenizer, messages: list[dict], *, train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of a conversation; labels cover the assistant turns (or everything with train_on_prompt)."""
+def encode_chat(tokenizer, messages: list[dict], *, train_on_prompt: bool = False, last_only: bool = False) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a conversation; labels cover the assistant turns (or everything with train_on_prompt;
+    only the last assistant turn with `last_only`: a preference pair's answer after a conversation)."""
     ids: list[int] = []
     labels: list[int] = []
     done_text = ""
@@ -102,7 +103,8 @@ def encode_chat(tokenizer, messages: list[dict], *, train_on_prompt: bool = Fals
         prompt_part = tokenizer.encode(before[len(done_text) :], add_special_tokens=False)  # the template writes its own
         answer_part = tokenizer.encode(upto[len(before) :], add_special_tokens=False)
         ids += prompt_part + answer_part
-        labels += (prompt_part if train_on_prompt else [IGNORE] * len(prompt_part)) + answer_part
+        answer_labels = answer_part if not last_only or i == len(messages) - 1 else [IGNORE] * len(answer_part)
+        labels += (prompt_part if train_on_prompt else [IGNORE] * len(prompt_part)) + answer_labels
         done_text = upto
     return ids, labels
 

@@ -95,8 +95,8 @@ def encode_pairs(tokenizer, pairs: list[Pair], max_len: int) -> EncodedPairs:
     exceeds `max_len` is left out and counted."""
     out = EncodedPairs([], [])
     for p in pairs:
-        c = encode_chat(tokenizer, p.prompt + [{"role": "assistant", "content": p.chosen}])
-        r = encode_chat(tokenizer, p.prompt + [{"role": "assistant", "content": p.rejected}])
+        c = encode_chat(tokenizer, p.prompt + [{"role": "assistant", "content": p.chosen}], last_only=True)
+        r = encode_chat(tokenizer, p.prompt + [{"role": "assistant", "content": p.rejected}], last_only=True)
         if max(len(c[0]), len(r[0])) > max_len:
             out.too_long += 1
             continue
@@ -146,10 +146,15 @@ def dpo_losses(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0, accurate at both ends (Mächler 2012): log(−expm1(x)) near 0, log1p(−eˣ) below −ln 2."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def orpo_losses(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(odds-ratio term per pair, chosen reward, rejected reward) of ORPO from the answers' average log-probabilities:
     −λ log σ(log odds(c) − log odds(r)); the NLL of the chosen answers is added by the caller."""
-    log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
     return -beta * F.logsigmoid(log_odds), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
@@ -166,14 +171,19 @@ def reference_mode(model: torch.nn.Module, reference: torch.nn.Module | None = N
     layers = list(lora_layers(model).values())
     if not layers:
         raise LlmkitError("DPO without a reference copy needs LoRA adapters", "use LoRA (the default), or full fine-tuning")
+    if any(layer.merged for layer in layers):
+        raise LlmkitError("the LoRA adapters are merged: switching them off would not give the base", "unmerge them first")
+    training = model.training
     for layer in layers:
         layer.disabled = True
+    model.eval()  # no dropout in the reference's log-probabilities
     try:
         with torch.no_grad():
             yield model
     finally:
         for layer in layers:
             layer.disabled = False
+        model.train(training)
 
 
 @dataclass
@@ -204,7 +214,7 @@ class PreferenceLoss:
             odds, r_c, r_r = orpo_losses(logps[:n], logps[n:], self.beta)
             nll = -sums[:n] / counts[:n].clamp(min=1)  # the chosen answers' mean token NLL, per pair
             losses = nll + odds
-            extra = {"nll": nll.detach().sum().item(), "log_odds_ratio": (-odds / self.beta).detach().sum().item()}
+            extra = {"nll_loss": nll.detach().sum().item(), "log_odds_ratio": (-odds / self.beta).detach().sum().item()}
         else:
             with reference_mode(model, self.reference) as ref:
                 ref_sums, _ = answer_logps(ref(x, attention_mask=mask), labels)
@@ -213,6 +223,8 @@ class PreferenceLoss:
             losses, r_c, r_r = dpo_losses(ratios[:n], ratios[n:], self.beta, loss_type, self.label_smoothing, (counts[:n], counts[n:]))
             extra = {}
         metrics = {
+            "logps/chosen": sums[:n].detach().sum().item(),
+            "logps/rejected": sums[n:].detach().sum().item(),
             "rewards/chosen": r_c.sum().item(),
             "rewards/rejected": r_r.sum().item(),
             "rewards/margins": (r_c - r_r).sum().item(),

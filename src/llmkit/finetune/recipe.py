@@ -130,6 +130,35 @@ def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None)
     return unique[cut:], unique[:cut]
 
 
+def _prompt_key(prompt) -> str:
+    import json
+
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def split_pairs_by_prompt(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None) -> tuple[list[dict], list[dict]]:
+    """(training, validation) preference rows: the same pair exported twice (two battles) counted once, then whole
+    prompts held out (seeded), so validation never asks a question training answered."""
+    import json
+    import random
+
+    unique: dict[str, dict] = {}
+    for r in rows:
+        key = json.dumps([r.get(k) for k in ("system", "prompt", "chosen", "rejected")], sort_keys=True, ensure_ascii=False)
+        unique.setdefault(key, r)
+    if len(unique) < len(rows) and log is not None:
+        log(f"      {len(rows) - len(unique)} duplicate pair(s) dropped before the split")
+    groups: dict[str, list[dict]] = {}
+    for r in unique.values():
+        groups.setdefault(json.dumps([r.get("system"), r.get("prompt")], sort_keys=True, ensure_ascii=False), []).append(r)
+    if len(groups) < 2:
+        raise LlmkitError(f"the pairs ask {len(groups)} distinct prompt(s): nothing to hold out", "add pairs, or pass --val-data FILE")
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    cut = max(1, round(len(keys) * val_fraction))
+    return [r for k in keys[cut:] for r in groups[k]], [r for k in keys[:cut] for r in groups[k]]
+
+
 def glue_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example]]:
     """A GLUE/SuperGLUE task's training and validation rows from its official files (the validation file beside the
     training one, or --val-data)."""
@@ -220,7 +249,10 @@ def prepare_model(model, cfg: FinetuneConfig, log=print):
         n = quantize_frozen(model, four_bit)
         log(f"      the frozen base in 4 bits ({four_bit}): {n} linear layers")
     method = {"qlora": "lora", "dpo": "full" if cfg.full else "lora", "orpo": "full" if cfg.full else "lora"}.get(cfg.method, cfg.method)
-    apply_method(model, method, **{k: getattr(cfg, k) for k in METHOD_FIELDS})
+    options = {k: getattr(cfg, k) for k in METHOD_FIELDS}
+    if cfg.method in ("dpo", "orpo"):
+        options["lora_dropout"] = 0.0  # as trl's disable_dropout: the policy's log-probabilities against a clean reference
+    apply_method(model, method, **options)
     if four_bit is not None:
         check_peft_names(model)  # the adapter is saved apart: refused now, not after training
     model.checkpointing = cfg.checkpointing
@@ -333,8 +365,9 @@ class Finetuning:
         self.d = init_distributed()  # one process, or a rank of torchrun (DDP / FSDP2 in `train`)
         if not self.d.main:
             self.log = lambda message: None  # rank 0 speaks and writes for all
+        _check_options(cfg)  # contradictory options are refused before anything loads
         if self.d.world > 1 and cfg.fsdp and cfg.method != "full":
-            raise LlmkitError("--fsdp shards full fine-tuning; LoRA's few trainable weights need no sharding", "leave out --fsdp (DDP)")
+            raise LlmkitError("--fsdp shards full fine-tuning (--method full); other methods run under DDP", "leave out --fsdp (DDP)")
         if self.d.world > 1 and cfg.fsdp and cfg.resume:
             raise LlmkitError("an FSDP fine-tune does not resume yet", "resume it without --fsdp (DDP), or start a new --out")
         device = self.d.device if self.d.world > 1 else resolve_device(cfg.device)
@@ -404,8 +437,16 @@ class Finetuning:
                 "rows of prompt/chosen/rejected, e.g. from `llmkit eval arena --export-pairs pairs.jsonl`",
             )
         rows = read_rows(cfg.data, warn=self.log)
-        train_rows, val_rows = (rows, read_rows(cfg.val_data, warn=self.log)) if cfg.val_data else split_rows(rows, cfg.seed, log=self.log)
+        if cfg.val_data:
+            train_rows, val_rows = rows, read_rows(cfg.val_data, warn=self.log)
+        else:
+            train_rows, val_rows = split_pairs_by_prompt(rows, cfg.seed, log=self.log)
         (train, skipped), (val, val_skipped) = read_pairs(train_rows), read_pairs(val_rows)
+        held_out = {_prompt_key(p.prompt) for p in val}
+        if cfg.val_data and any(_prompt_key(p.prompt) in held_out for p in train):
+            before = len(train)
+            train = [p for p in train if _prompt_key(p.prompt) not in held_out]
+            self.log(f"      {before - len(train)} training pair(s) dropped: their prompt is in --val-data")
         for kind, n in {k: skipped.get(k, 0) + val_skipped.get(k, 0) for k in {**skipped, **val_skipped}}.items():
             self.log(f"      {n} row(s) left out: {kind}")
         if not train or not val:
@@ -767,7 +808,11 @@ class Finetuning:
             "after": {k: v for k, v in self.after.items() if not k.startswith("_")},
             "saved": self.saved,
             "final_loss": sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None,
-            **({"eval": {k: v for k, v in self.after.items() if k == "loss" or k.startswith("rewards/")}} if self.preference else {}),
+            **(
+                {"eval": {k: v for k, v in self.after.items() if k == "loss" or k.startswith(("rewards/", "logps/"))}}
+                if self.preference
+                else {}
+            ),
             "phases": self.phases,
         }
         if self.d.main:
@@ -858,6 +903,24 @@ def make_adamw(params, lr: float, weight_decay: float, optim: str, device: torch
     except ImportError:
         raise LlmkitError("--optim adamw8bit needs bitsandbytes", "pip install bitsandbytes, or use --optim adamw") from None
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def _check_options(cfg: FinetuneConfig) -> None:
+    """Options that would be ignored or contradict each other, refused in one line before anything runs."""
+    preference = cfg.method in ("dpo", "orpo")
+    if cfg.full and not preference:
+        raise LlmkitError(f"--full chooses full training for dpo and orpo; --method {cfg.method} is what it is", "leave out --full")
+    if cfg.loss != "sigmoid" and cfg.method != "dpo":
+        raise LlmkitError(
+            f"--loss {cfg.loss} is a DPO loss; --method {cfg.method} has its own", "use --method dpo --loss ipo, or leave out --loss"
+        )
+    if cfg.label_smoothing and not (cfg.method == "dpo" and cfg.loss == "sigmoid"):
+        raise LlmkitError("--label-smoothing is conservative DPO's (the sigmoid loss)", "use it with --method dpo (no --loss ipo)")
+    if preference:
+        PreferenceLoss("ipo" if cfg.loss == "ipo" else cfg.method, cfg.beta, cfg.label_smoothing)  # --beta, --label-smoothing
+        used = [flag for flag, on in (("--pack", cfg.pack), ("--train-on-prompt", cfg.train_on_prompt), ("--truncate", cfg.truncate)) if on]
+        if used:
+            raise LlmkitError(f"{', '.join(used)} shape SFT rows; preference pairs are two whole answers", f"leave out {', '.join(used)}")
 
 
 def _device(model: torch.nn.Module) -> torch.device:

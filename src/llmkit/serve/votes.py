@@ -234,7 +234,7 @@ class VoteStore:
             cols = [c[0] for c in cur.description]
             battles = [{"type": "vote", **dict(zip(cols, r))} for r in cur.fetchall()]
             cur = self.db.execute(
-                "SELECT r.*, a.model, a.prompt, a.answer FROM ratings r JOIN answers a ON a.id = r.answer_id ORDER BY r.id"
+                "SELECT r.*, a.model, a.prompt, a.system, a.answer FROM ratings r JOIN answers a ON a.id = r.answer_id ORDER BY r.id"
             )
             cols = [c[0] for c in cur.description]
             # the client address only enforces one rating per client: it stays out of exports
