@@ -78,6 +78,18 @@ def tiny_model(kind: str = "tiny-llama", vocab_size: int = 101, *, seed: int = 0
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizers_by_kind):
+    """A saved tiny Llama (2 layers, width 64, context 128) with the byte-level BPE tokenizer: the base model of the
+    fine-tuning tests."""
+    from llmkit.model.weights import save_model
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    out = tmp_path_factory.mktemp("base")
+    save_model(tiny_model("tiny-llama", tok.vocab_size, max_seq_len=128), out, tokenizer=tok)
+    return out
+
+
 def served_model(tok, kind: str = "tiny-llama", **overrides):
     """The tiny decoder the server tests serve: `tok`'s vocabulary, a context of 1,024, a confident head."""
     shape = {"max_seq_len": 1024, **({"n_kv_heads": 2, "d_ff": 128} if kind == "tiny-llama" else {}), **overrides}

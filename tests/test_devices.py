@@ -119,16 +119,6 @@ def test_fine_tuning_creates_every_tensor_on_the_models_device(tiny_base, tmp_pa
         assert result["steps"] == 2
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tokenizers_by_kind):
-    from llmkit.model.weights import save_model
-
-    tok = tokenizers_by_kind["byte-bpe"]
-    out = tmp_path_factory.mktemp("base")
-    save_model(tiny_model("tiny-llama", tok.vocab_size, d_model=64, max_seq_len=128), out, tokenizer=tok)
-    return out
-
-
 def test_checkpointing_gives_the_same_gradients():
     from llmkit.model.lora import apply_method
 

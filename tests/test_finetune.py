@@ -391,19 +391,6 @@ def test_lora_lives_where_its_base_layer_lives():
     assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tokenizers_by_kind):
-    from llmkit.model.weights import save_model
-
-    tok = tokenizers_by_kind["byte-bpe"]
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("base")
-    save_model(
-        build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)), out, tokenizer=tok
-    )
-    return out
-
-
 def _ft(tiny_base, out, **kw):
     from llmkit.finetune.recipe import FinetuneConfig
 

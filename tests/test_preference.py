@@ -184,7 +184,7 @@ def test_orpo_equals_trls_odds_ratio_loss_and_log_probabilities(tok):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok):
+def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok, tiny_base):
     from llmkit.finetune.preference import PreferenceLoss, read_pairs
 
     rows = [
@@ -208,7 +208,7 @@ def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok):
         PreferenceLoss("dpo", label_smoothing=0.5)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] * 4))
-    base = _save_base(tmp_path, tok)
+    base = tiny_base
     for args, words in (
         (["--method", "dpo"], "--data pairs.jsonl"),
         (["--method", "lora", "--data", str(data)], "--method dpo or orpo"),
@@ -221,16 +221,7 @@ def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok):
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def _save_base(tmp_path, tok):
-    from llmkit.model.weights import save_model
-
-    out = tmp_path / "base"
-    if not out.exists():
-        save_model(tiny_model("tiny-llama", tok.vocab_size, d_model=64, max_seq_len=128), out, tokenizer=tok)
-    return out
-
-
-def test_dpo_raises_the_reward_accuracy_and_orpo_learns_the_chosen_answers(tmp_path, tok):
+def test_dpo_raises_the_reward_accuracy_and_orpo_learns_the_chosen_answers(tmp_path, tiny_base):
     from llmkit.data import tasks as T
     from llmkit.finetune.recipe import FinetuneConfig, finetune
 
@@ -243,7 +234,7 @@ def test_dpo_raises_the_reward_accuracy_and_orpo_learns_the_chosen_answers(tmp_p
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(
-        model=str(_save_base(tmp_path, tok)),
+        model=str(tiny_base),
         data=str(data),
         budget="60steps",
         lr=5e-3,
