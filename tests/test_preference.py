@@ -297,3 +297,133 @@ def test_arena_votes_export_as_preference_pairs_and_ratings_as_kto_rows(tmp_path
     from llmkit.finetune.preference import read_pairs
 
     assert len(read_pairs(read_rows(tmp_path / "p.jsonl"))[0]) == 3  # what finetune --method dpo reads
+
+
+# --- GRPO ---------------------------------------------------------------------------------------------------------
+
+
+def _grpo_batch(tok, seed=0):
+    """Two prompts x 3 completions of a tiny policy: (model, ids, attention mask, labels, completion part's columns)."""
+    from llmkit.model.layers import pad_right
+
+    model = _policy(tok, seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tok.encode("Reverse: apple river"), tok.encode("Sort: pear fig")]
+    completions = [torch.randint(5, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 4, 1)]
+    pids = [prompts[i // 3] for i in range(6)]
+    width = max(map(len, pids))  # trl's layout: prompts left-padded to one width, completions right-padded after them
+    x, mask = pad_right([[0] * (width - len(p)) + p + c for p, c in zip(pids, completions)], 0)
+    mask = torch.stack(
+        [
+            torch.tensor([0] * (width - len(p)) + [1] * (len(p) + len(c)) + [0] * (x.shape[1] - width - len(c)))
+            for p, c in zip(pids, completions)
+        ]
+    )
+    y, _ = pad_right([[-100] * width + c for c in completions], -100)
+    return model, x, mask, y, width
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_grpo_equals_trls_loss_and_gradients(tok, loss_type):
+    """trl's GRPOTrainer._compute_loss (clipped ratio, k3 KL to the reference, GRPO's or Dr. GRPO's aggregation) on the
+    same per-token log-probabilities, advantages and old log-probabilities (off-policy, so the clip acts) as
+    llmkit's `grpo_loss`: the same loss, gradients and KL / clip metrics."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from llmkit.finetune.grpo import group_advantages, grpo_loss, token_logps
+    from llmkit.model.lora import lora_layers
+
+    model, x, mask, y, width = _grpo_batch(tok)
+    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0])
+    advantages = group_advantages(rewards, 3, scale=loss_type == "grpo")
+    manual = rewards.view(2, 3)
+    expected = (manual - manual.mean(1, keepdim=True)) / ((manual.std(1, keepdim=True) + 1e-4) if loss_type == "grpo" else 1)
+    torch.testing.assert_close(advantages, expected.reshape(-1))  # trl's group normalization
+    logps, tmask = token_logps(model(x, attention_mask=mask), y)
+    logps, tmask = logps[:, width - 1 :], tmask[:, width - 1 :]  # the completion's columns, as trl keeps them
+    torch.manual_seed(3)
+    old = (logps.detach() + 0.3 * torch.randn_like(logps)) * tmask
+    ref = (logps.detach() + 0.2 * torch.randn_like(logps)) * tmask
+    ours, metrics = grpo_loss(
+        logps, ref, advantages, tmask, beta=0.04, epsilon=0.2, loss_type=loss_type, max_completion_length=8, old_logps=old
+    )
+    ours_grads = torch.autograd.grad(ours, params, retain_graph=True)
+
+    identity = lambda t, **k: t  # noqa: E731
+    metrics_log = {"train": defaultdict(list), "eval": defaultdict(list)}
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=0.04,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=8,
+        _entropy_bonus_enabled=False,
+        _metrics=metrics_log,
+        accelerator=SimpleNamespace(gather=identity, reduce=identity, gather_for_metrics=identity),
+    )
+    inputs = {
+        "prompt_ids": x[:, :width],
+        "prompt_mask": mask[:, :width],
+        "completion_ids": x[:, width:],
+        "completion_mask": tmask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+    }
+    theirs = GRPOTrainer._compute_loss(fake, None, inputs)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    for a, b in zip(ours_grads, torch.autograd.grad(theirs, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert metrics["kl"] == pytest.approx(metrics_log["train"]["kl"][0], abs=1e-6)
+    assert metrics["clip_ratio"] == pytest.approx(metrics_log["train"]["clip_ratio/region_mean"][0], abs=1e-6) and metrics["clip_ratio"] > 0
+
+
+def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(tmp_path, tiny_base, monkeypatch):
+    """One GRPO update raises the log-probability of the completions with a positive advantage over those with a
+    negative one (Σ A·Δlog π > 0); a run with a reward function that raises or returns a non-number completes, its
+    rows scoring 0 and counted; a task without a verifier, and a group of one, are refused."""
+    from llmkit.finetune.grpo import GRPO, group_advantages, grpo_loss, token_logps
+    from llmkit.finetune.recipe import FinetuneConfig
+    from llmkit.model.layers import pad_right
+
+    (tmp_path / "rewards.py").write_text(
+        "def count_e(prompt, completion, answer):\n    return completion.count('e') / max(len(completion), 1)\n"
+        "def broken(prompt, completion, answer):\n    if len(completion) % 2:\n        raise RuntimeError('odd')\n    return 'x'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    common = dict(model=str(tiny_base), method="grpo", task="reverse", n_val=4, batch_size=2, group_size=4, max_new_tokens=6)
+    run = GRPO(FinetuneConfig(**common, reward="rewards:count_e", beta=0.0, precision="fp32", out=str(tmp_path / "a")), log=lambda m: None)
+    run._check()
+    run.load_data()
+    run.prepare_model()
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    _, pids, completions, rewards = run.sample(0)
+    advantages = group_advantages(rewards, 4)
+    x, mask = pad_right([p + c for p, c in zip(pids, completions)], 0)
+    y, _ = pad_right([[-100] * len(p) + c for p, c in zip(pids, completions)], -100)
+    run.model.train()
+    logps, tmask = token_logps(run.model(x, attention_mask=mask), y)
+    grpo_loss(logps, None, advantages, tmask, beta=0.0, epsilon=0.2, loss_type="grpo", max_completion_length=6)[0].backward()
+    torch.optim.SGD(params, lr=0.5).step()
+    with torch.no_grad():
+        after, _ = token_logps(run.model(x, attention_mask=mask), y)
+    assert (advantages * ((after - logps.detach()) * tmask).sum(-1)).sum() > 0
+
+    result = GRPO(FinetuneConfig(**common, reward="rewards:broken", budget="2steps", out=str(tmp_path / "b")), log=lambda m: None).run()
+    assert result["steps"] == 2 and result["reward_errors"] > 0
+    assert (tmp_path / "b" / "adapter_config.json").exists() and (tmp_path / "b" / "metrics.jsonl").exists()
+    rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "reward_std", "completion_length", "clip_ratio", "kl"} <= set(rows[0])
+    for kw, words in ((dict(task="play"), "has no verifier"), (dict(group_size=1), "--group-size 1")):
+        with pytest.raises(LlmkitError, match=words):
+            GRPO(FinetuneConfig(**{**common, **kw}, out=str(tmp_path / "c")), log=lambda m: None).run()

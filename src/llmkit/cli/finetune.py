@@ -40,12 +40,24 @@ def register(commands) -> None:
             p.add_argument(
                 "--method",
                 default=f.method,
-                choices=["full", "lora", "qlora", "adapter", "dpo", "orpo"],
+                choices=["full", "lora", "qlora", "adapter", "dpo", "orpo", "grpo"],
                 help="what to train (default: lora; qlora: LoRA on the base frozen in 4 bits; dpo, orpo: from preference "
-                "pairs in --data, with LoRA unless --full)",
+                "pairs in --data; grpo: from a verifier's rewards on sampled answers; the last three with LoRA unless --full)",
             )
             p.add_argument("--loss", default=f.loss, choices=["sigmoid", "ipo"], help="dpo: DPO's sigmoid loss (default) or IPO's")
-            p.add_argument("--beta", type=float, default=f.beta, help="dpo: β, the pull toward the reference; orpo: λ (default: 0.1)")
+            p.add_argument(
+                "--beta",
+                type=float,
+                default=None,
+                help="dpo: β, the pull toward the reference (0.1); orpo: λ (0.1); grpo: the KL weight (0.04)",
+            )
+            p.add_argument("--group-size", type=int, default=f.group_size, help="grpo: completions sampled per prompt (default: 4)")
+            p.add_argument("--reward", default=None, metavar="MODULE:FUNCTION", help="grpo: f(prompt, completion, answer) -> number")
+            p.add_argument(
+                "--grpo-loss", default=f.grpo_loss, choices=["grpo", "dr_grpo"], help="grpo: GRPO's, or Dr. GRPO's length-unbiased one"
+            )
+            p.add_argument("--epsilon", type=float, default=f.epsilon, help="grpo: the clip of the probability ratio (default: 0.2)")
+            p.add_argument("--temperature", type=float, default=f.temperature, help="grpo: the sampling temperature (default: 1.0)")
             p.add_argument(
                 "--label-smoothing",
                 type=float,
@@ -167,7 +179,13 @@ def cmd_finetune(args) -> None:
     from llmkit.finetune.recipe import finetune
 
     con = console()
-    result = finetune(_finetune_config(args), log=lambda m: con.print(m, markup=False, highlight=False))
+    cfg = _finetune_config(args)
+    if cfg.method == "grpo":
+        from llmkit.finetune.grpo import grpo as run
+
+        result = run(cfg, log=lambda m: con.print(m, markup=False, highlight=False))
+    else:
+        result = finetune(cfg, log=lambda m: con.print(m, markup=False, highlight=False))
     if args.json:
         print(json.dumps(result))
 

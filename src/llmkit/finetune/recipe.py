@@ -64,7 +64,12 @@ class FinetuneConfig:
     model: str = "smollm2"
     method: str = "lora"  # full | lora | qlora (lora on a frozen 4-bit base) | adapter | dpo | orpo (preference pairs)
     loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo
-    beta: float = 0.1  # dpo: the KL strength β; orpo: the odds-ratio weight λ
+    beta: float | None = None  # dpo: the KL strength β (0.1); orpo: the odds-ratio weight λ (0.1); grpo: the KL term's (0.04)
+    group_size: int = 4  # grpo: completions sampled per prompt
+    reward: str | None = None  # grpo: module:function instead of the task's verifier
+    grpo_loss: str = "grpo"  # grpo | dr_grpo
+    epsilon: float = 0.2  # grpo: the ratio's clip
+    temperature: float = 1.0  # grpo: sampling temperature
     label_smoothing: float = 0.0  # dpo: conservative DPO's ε (the share of pairs assumed mislabelled)
     full: bool = False  # dpo / orpo: train every weight (DPO then keeps a frozen reference copy) instead of LoRA
     quantize: str = "none"  # the frozen base of lora in 4 bits: int4 (CPU kernel) | nf4 (CUDA, bitsandbytes) | auto | none
@@ -525,7 +530,7 @@ class Finetuning:
 
                 frozen = cfg.method == "dpo" and cfg.full  # LoRA's reference is its base with the adapters off: no copy
                 reference = copy.deepcopy(self.model).requires_grad_(False).eval() if frozen else None
-                self.loss_fn = PreferenceLoss("ipo" if cfg.loss == "ipo" else cfg.method, cfg.beta, cfg.label_smoothing, reference)
+                self.loss_fn = PreferenceLoss("ipo" if cfg.loss == "ipo" else cfg.method, _beta(cfg), cfg.label_smoothing, reference)
             prepare_model(self.model, cfg, self.log)
         self.trainable, self.total = trainable_share(self.model)
         self.log(f"      {self.trainable:,} of {self.total:,} parameters trainable ({self.trainable / self.total:.2%})")
@@ -905,11 +910,15 @@ def make_adamw(params, lr: float, weight_decay: float, optim: str, device: torch
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
+def _beta(cfg: FinetuneConfig) -> float:
+    return 0.1 if cfg.beta is None else cfg.beta
+
+
 def _check_options(cfg: FinetuneConfig) -> None:
     """Options that would be ignored or contradict each other, refused in one line before anything runs."""
     preference = cfg.method in ("dpo", "orpo")
-    if cfg.full and not preference:
-        raise LlmkitError(f"--full chooses full training for dpo and orpo; --method {cfg.method} is what it is", "leave out --full")
+    if cfg.full and cfg.method not in ("dpo", "orpo", "grpo"):
+        raise LlmkitError(f"--full chooses full training for dpo, orpo and grpo; --method {cfg.method} is what it is", "leave out --full")
     if cfg.loss != "sigmoid" and cfg.method != "dpo":
         raise LlmkitError(
             f"--loss {cfg.loss} is a DPO loss; --method {cfg.method} has its own", "use --method dpo --loss ipo, or leave out --loss"
@@ -917,7 +926,7 @@ def _check_options(cfg: FinetuneConfig) -> None:
     if cfg.label_smoothing and not (cfg.method == "dpo" and cfg.loss == "sigmoid"):
         raise LlmkitError("--label-smoothing is conservative DPO's (the sigmoid loss)", "use it with --method dpo (no --loss ipo)")
     if preference:
-        PreferenceLoss("ipo" if cfg.loss == "ipo" else cfg.method, cfg.beta, cfg.label_smoothing)  # --beta, --label-smoothing
+        PreferenceLoss("ipo" if cfg.loss == "ipo" else cfg.method, _beta(cfg), cfg.label_smoothing)  # --beta, --label-smoothing
         used = [flag for flag, on in (("--pack", cfg.pack), ("--train-on-prompt", cfg.train_on_prompt), ("--truncate", cfg.truncate)) if on]
         if used:
             raise LlmkitError(f"{', '.join(used)} shape SFT rows; preference pairs are two whole answers", f"leave out {', '.join(used)}")
