@@ -214,7 +214,7 @@ def test_pair_rows_bad_rows_and_bad_settings(tmp_path, tok, tiny_base):
         (["--method", "lora", "--data", str(data)], "--method dpo or orpo"),
         (["--method", "dpo", "--data", str(data), "--beta", "-1"], "--beta"),
         (["--method", "orpo", "--data", str(data), "--loss", "ipo"], "--loss ipo is a DPO loss"),
-        (["--method", "lora", "--full"], "--full chooses full training for dpo and orpo"),
+        (["--method", "lora", "--full"], "--full chooses full training for dpo, orpo and grpo"),
         (["--method", "dpo", "--data", str(data), "--pack"], "--pack"),
     ):
         proc = run_cli("finetune", "--model", str(base), *args, "--out", str(tmp_path / "r"), check=False, timeout=300)
