@@ -90,6 +90,32 @@ def tiny_base(tmp_path_factory, tokenizers_by_kind):
     return out
 
 
+def small_finetune(base, out, **overrides):
+    """A FinetuneConfig that runs in seconds on `base` (the `tiny_base` model): LoRA on the reverse task, 2 steps, fp32,
+    no forgetting tasks; `overrides` change any field."""
+    from llmkit.finetune.recipe import FinetuneConfig
+
+    fields = dict(
+        model=str(base),
+        task="reverse",
+        n_train=64,
+        n_val=4,
+        batch_size=8,
+        max_new_tokens=4,
+        forgetting_tasks="",
+        general_text="shakespeare:macbeth",
+        general_tokens=64,
+        precision="fp32",
+        show=0,
+        method="lora",
+        budget="2steps",
+        warmup=1,
+        lr=1e-2,
+        out=str(out),
+    )
+    return FinetuneConfig(**{**fields, **overrides})
+
+
 def served_model(tok, kind: str = "tiny-llama", **overrides):
     """The tiny decoder the server tests serve: `tok`'s vocabulary, a context of 1,024, a confident head."""
     shape = {"max_seq_len": 1024, **({"n_kv_heads": 2, "d_ff": 128} if kind == "tiny-llama" else {}), **overrides}

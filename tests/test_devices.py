@@ -5,6 +5,7 @@ checkpointing gives the same gradients; `llmkit model memory` predicts by part a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 
-from conftest import run_cli, tiny_model
+from conftest import run_cli, small_finetune, tiny_model
 
 
 def test_devices_resolve_and_refuse_what_is_not_there(monkeypatch):
@@ -85,7 +86,7 @@ def test_decoding_evaluation_and_embedding_create_every_tensor_on_the_models_dev
 def test_fine_tuning_creates_every_tensor_on_the_models_device(tiny_base, tmp_path):
     """The recipe after loading (LoRA's new weights, batches, the loss, evaluation's decoding) under a meta default
     device, for plain, packed and QLoRA runs."""
-    from llmkit.finetune.recipe import FinetuneConfig, Finetuning
+    from llmkit.finetune.recipe import Finetuning
 
     class OnMeta(Finetuning):
         def prepare_model(self):
@@ -98,23 +99,9 @@ def test_fine_tuning_creates_every_tensor_on_the_models_device(tiny_base, tmp_pa
             super().predict()
 
     for extra in ({}, {"pack": True}, {"method": "qlora"}, {"checkpointing": True}):
-        cfg = FinetuneConfig(
-            model=str(tiny_base),
-            task="reverse",
-            n_train=32,
-            n_val=4,
-            batch_size=4,
-            max_new_tokens=3,
-            forgetting_tasks="sort",
-            n_forgetting=2,
-            general_text="shakespeare:macbeth",
-            general_tokens=64,
-            show=0,
-            budget="2steps",
-            device="cpu",
-            out=str(tmp_path / f"run{len(extra)}{list(extra)}"),
-            **extra,
-        )
+        out = tmp_path / f"run{len(extra)}{list(extra)}"
+        cfg = small_finetune(tiny_base, out, n_train=32, batch_size=4, max_new_tokens=3, forgetting_tasks="sort", n_forgetting=2)
+        cfg = dataclasses.replace(cfg, device="cpu", precision="auto", **extra)
         result = OnMeta(cfg, log=lambda m: None).run()
         assert result["steps"] == 2
 
@@ -139,7 +126,7 @@ def test_checkpointing_gives_the_same_gradients():
 
 
 def test_qlora_trains_through_the_4bit_base_and_its_adapter_loads_on_the_float_model(tiny_base, tmp_path):
-    from llmkit.finetune.recipe import FinetuneConfig, finetune
+    from llmkit.finetune.recipe import finetune
     from llmkit.model.lora import LoRALinear
     from llmkit.model.quantize import Int4Linear, quantize_frozen
     from llmkit.model.weights import load
@@ -152,23 +139,9 @@ def test_qlora_trains_through_the_4bit_base_and_its_adapter_loads_on_the_float_m
     expected = torch.ones(3, 32) @ layer.dequantized().to(torch.bfloat16).float()
     torch.testing.assert_close(x.grad, expected, rtol=2e-2, atol=2e-2)
 
-    common = dict(
-        model=str(tiny_base),
-        task="reverse",
-        n_train=64,
-        n_val=8,
-        batch_size=8,
-        max_new_tokens=4,
-        forgetting_tasks="",
-        general_text="shakespeare:macbeth",
-        general_tokens=64,
-        show=0,
-        budget="25steps",
-        lr=1e-2,
-        precision="fp32",
-    )
-    lora = finetune(FinetuneConfig(**common, method="lora", out=str(tmp_path / "lora")), log=lambda m: None)
-    qlora = finetune(FinetuneConfig(**common, method="qlora", out=str(tmp_path / "qlora")), log=lambda m: None)
+    common = dict(n_val=8, budget="25steps", warmup=10)
+    lora = finetune(small_finetune(tiny_base, tmp_path / "lora", **common), log=lambda m: None)
+    qlora = finetune(small_finetune(tiny_base, tmp_path / "qlora", method="qlora", **common), log=lambda m: None)
     assert qlora["after"]["answer_loss"] < qlora["before"]["answer_loss"] - 0.3
     assert abs(qlora["after"]["answer_loss"] - lora["after"]["answer_loss"]) < 0.25  # 4 bits cost little
     assert "4-bit base" in qlora["saved"]

@@ -16,7 +16,7 @@ from llmkit.model import build_model, preset
 from llmkit.model.lora import apply_adapters, apply_lora, lora_layers, merge_lora, save_lora, trainable_share, unmerge_lora
 from llmkit.model.weights import export_hf
 
-from conftest import run_cli, tiny_model
+from conftest import run_cli, small_finetune, tiny_model
 
 
 def _tiny_llama():
@@ -392,28 +392,7 @@ def test_lora_lives_where_its_base_layer_lives():
 
 
 def _ft(tiny_base, out, **kw):
-    from llmkit.finetune.recipe import FinetuneConfig
-
-    base = dict(
-        model=str(tiny_base),
-        task="reverse",
-        n_train=64,
-        n_val=4,
-        batch_size=8,
-        max_new_tokens=4,
-        forgetting_tasks="",
-        general_text="shakespeare:macbeth",
-        general_tokens=64,
-        precision="fp32",
-        show=0,
-        method="lora",
-        budget="2steps",
-        warmup=1,
-        lr=1e-2,
-        out=str(out),
-    )
-    base.update(kw)
-    return FinetuneConfig(**base)
+    return small_finetune(tiny_base, out, **kw)
 
 
 def test_fine_tuning_weighs_every_answer_token_alike_and_ends_on_a_token_budget(tiny_base, tmp_path):
