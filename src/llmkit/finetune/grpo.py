@@ -37,7 +37,8 @@ from llmkit.chat import chat_prompt_ids
 from llmkit.data import tasks as T
 from llmkit.errors import LlmkitError
 from llmkit.finetune.data import IGNORE, read_rows
-from llmkit.finetune.preference import reference_mode
+from llmkit.finetune.preference import reference_mode, token_logps
+from llmkit.finetune.recipe import greedy_answers
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model.layers import pad_right
 from llmkit.model.lora import apply_method, save_lora, trainable_share
@@ -50,9 +51,9 @@ VERIFIED_TASKS = ("arithmetic", "reverse", "sort", "dates")  # built-in tasks wh
 LOSS_TYPES = ("grpo", "dr_grpo")
 
 
-def task_reward(example, completion: str) -> float:
+def task_reward(answer: str, completion: str) -> float:
     """The built-in tasks' verifier: 1 for the exact answer (normalized as exact match is), else 0."""
-    return float(T.normalize_answer(completion) == T.normalize_answer(example.answer))
+    return float(T.normalize_answer(completion) == T.normalize_answer(answer))
 
 
 def load_reward(spec: str):
@@ -81,14 +82,6 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
     if scale:
         a = a / (r.std(dim=1, keepdim=True) + 1e-4)
     return a.reshape(-1)
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of each next label (B, T-1), mask of the labels that count (B, T-1)); position t predicts t+1."""
-    logits, target = logits[:, :-1].float(), labels[:, 1:]
-    mask = (target != IGNORE).float()
-    logp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logp, mask
 
 
 def grpo_loss(
@@ -133,7 +126,6 @@ def grpo_loss(
 class Prompt:
     messages: list[dict]
     answer: str | None
-    example: object = None  # the built-in example (its verifier)
 
 
 class GRPO:
@@ -195,7 +187,7 @@ class GRPO:
             cut = max(1, len(prompts) // 10)
             self.val, self.train_prompts = prompts[:cut], prompts[cut:]
         else:
-            to = lambda exs: [Prompt(ex.messages[:-1], ex.answer, ex) for ex in exs]  # noqa: E731
+            to = lambda exs: [Prompt(ex.messages[:-1], ex.answer) for ex in exs]  # noqa: E731
             self.train_prompts = to(T.mixture(cfg.task, cfg.n_train, "train", cfg.seed))
             self.val = to(T.mixture(cfg.eval_task or cfg.task, cfg.n_val, "val", cfg.seed))
         if not self.train_prompts:
@@ -207,7 +199,7 @@ class GRPO:
     def reward(self, prompt: Prompt, completion: str) -> float:
         """The prompt's reward for `completion`; a reward function that raises or returns a non-number gives 0 (counted)."""
         if self.reward_fn is None:
-            return float(T.normalize_answer(completion) == T.normalize_answer(prompt.answer or ""))
+            return task_reward(prompt.answer or "", completion)
         try:
             value = float(self.reward_fn(prompt=prompt.messages[-1]["content"], completion=completion, answer=prompt.answer))
             if not math.isfinite(value):
@@ -245,18 +237,12 @@ class GRPO:
     @torch.no_grad()
     def measure(self) -> dict:
         """Greedy answers to the validation prompts: exact match (where answers are known) and the mean reward."""
-        model, tok = self.model, self.tok
-        model.eval()
-        ids = [chat_prompt_ids(tok, p.messages) for p in self.val]
-        texts = []
-        for i in range(0, len(ids), 16):
-            cfg = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
-            texts += [g.text for g in generate(model, tok, ids[i : i + 16], cfg, warn=lambda m: None)]
+        texts = greedy_answers(self.model, self.tok, [p.messages for p in self.val], self.cfg.max_new_tokens, batch=16)
         rewards = [self.reward(p, t) for p, t in zip(self.val, texts)]
         out: dict[str, object] = {"reward": sum(rewards) / len(rewards)}
-        known = [(t, p.answer) for p, t in zip(self.val, texts) if p.answer is not None]
+        known = [(p.answer, t) for p, t in zip(self.val, texts) if p.answer is not None]
         if known:
-            out["exact_match"] = sum(T.normalize_answer(t) == T.normalize_answer(a) for t, a in known) / len(known)
+            out["exact_match"] = sum(task_reward(a, t) for a, t in known) / len(known)
         out["_predictions"] = texts[:3]
         return out
 

@@ -113,13 +113,19 @@ def pair_batch(encoded: EncodedPairs, rows: list[int], pad_id: int, device=None)
     return x, mask, y
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each next label (B, T-1), mask of the labels that count (B, T-1)) from logits (B, T, V) and
+    labels (B, T) with IGNORE where no loss goes; position t predicts token t + 1."""
+    logits, target = logits[:, :-1].float(), labels[:, 1:]
+    mask = (target != IGNORE).float()
+    logp = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp, mask
+
+
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's answer tokens (B,), their count (B,)) from logits (B, T, V) and labels
-    (B, T) with IGNORE off the answer; position t predicts token t + 1."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    keep = labels != IGNORE
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (token_logps * keep).sum(-1), keep.sum(-1)
+    """(summed log-probability of each row's answer tokens (B,), their count (B,)): `token_logps` summed over a row."""
+    logp, mask = token_logps(logits, labels)
+    return (logp * mask).sum(-1), mask.sum(-1)
 
 
 def dpo_losses(

@@ -120,10 +120,9 @@ class FinetuneConfig:
 def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None) -> tuple[list[dict], list[dict]]:
     """(training, validation) rows of one file: duplicates dropped first, then a seeded shuffle, a tenth held out, so
     the two never share a row (whatever order the file is in)."""
-    import json
     import random
 
-    unique = list({json.dumps(r, sort_keys=True, ensure_ascii=False): r for r in rows}.values())
+    unique = list({_json_key(r): r for r in rows}.values())
     if len(unique) < len(rows) and log is not None:
         log(f"      {len(rows) - len(unique)} duplicate row(s) dropped before the split")
     if len(unique) < 2:
@@ -135,27 +134,26 @@ def split_rows(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None)
     return unique[cut:], unique[:cut]
 
 
-def _prompt_key(prompt) -> str:
+def _json_key(obj) -> str:
+    """One string per distinct JSON value (dict order aside): what deduplication and splits compare."""
     import json
 
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False)
 
 
 def split_pairs_by_prompt(rows: list[dict], seed: int, val_fraction: float = 0.1, log=None) -> tuple[list[dict], list[dict]]:
     """(training, validation) preference rows: the same pair exported twice (two battles) counted once, then whole
     prompts held out (seeded), so validation never asks a question training answered."""
-    import json
     import random
 
     unique: dict[str, dict] = {}
     for r in rows:
-        key = json.dumps([r.get(k) for k in ("system", "prompt", "chosen", "rejected")], sort_keys=True, ensure_ascii=False)
-        unique.setdefault(key, r)
+        unique.setdefault(_json_key([r.get(k) for k in ("system", "prompt", "chosen", "rejected")]), r)
     if len(unique) < len(rows) and log is not None:
         log(f"      {len(rows) - len(unique)} duplicate pair(s) dropped before the split")
     groups: dict[str, list[dict]] = {}
     for r in unique.values():
-        groups.setdefault(json.dumps([r.get("system"), r.get("prompt")], sort_keys=True, ensure_ascii=False), []).append(r)
+        groups.setdefault(_json_key([r.get("system"), r.get("prompt")]), []).append(r)
     if len(groups) < 2:
         raise LlmkitError(f"the pairs ask {len(groups)} distinct prompt(s): nothing to hold out", "add pairs, or pass --val-data FILE")
     keys = sorted(groups)
@@ -211,11 +209,12 @@ def label_kind(examples: list[Example], regression: bool = False) -> str:
     return "regression" if regression else "classification"
 
 
-def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[Example]]:
+def load_examples(cfg: FinetuneConfig, log=print, rows: list[dict] | None = None) -> tuple[list[Example], list[Example]]:
+    """Training and validation examples: a GLUE task's files, --data's rows (`rows` when read already), a built-in task."""
     if cfg.glue:
         return glue_examples(cfg)
     if cfg.data:
-        rows = read_rows(cfg.data, warn=log)
+        rows = rows if rows is not None else read_rows(cfg.data, warn=log)
         if cfg.val_data:
             return [to_example(r) for r in rows], [to_example(r) for r in read_rows(cfg.val_data, warn=log)]
         train, val = split_rows(rows, cfg.seed, log=log)
@@ -226,6 +225,16 @@ def load_examples(cfg: FinetuneConfig, log=print) -> tuple[list[Example], list[E
     return T.mixture(cfg.task, cfg.n_train, "train", cfg.seed), T.mixture(cfg.eval_task or cfg.task, cfg.n_val, "val", cfg.seed)
 
 
+def weights_method(cfg: FinetuneConfig) -> str:
+    """What trains, as `apply_method` names it: "full", "lora" or "adapter" (qlora is LoRA on a 4-bit base; dpo and
+    orpo train LoRA, or every weight with --full)."""
+    if cfg.method == "qlora":
+        return "lora"
+    if cfg.method in ("dpo", "orpo"):
+        return "full" if cfg.full else "lora"
+    return cfg.method
+
+
 def base_quantization(cfg: FinetuneConfig, device: torch.device) -> str | None:
     """The 4-bit form of a LoRA run's frozen base (QLoRA), or None: `--method qlora` or `--method lora --quantize
     int4|nf4|auto`; auto is nf4 on CUDA (bitsandbytes), llmkit's int4 kernel on a CPU."""
@@ -234,7 +243,7 @@ def base_quantization(cfg: FinetuneConfig, device: torch.device) -> str | None:
         return None
     if asked == cfg.quantize and cfg.method == "qlora" and asked not in ("auto", "int4", "nf4"):
         raise LlmkitError(f"--method qlora takes --quantize auto, int4 or nf4, not {asked}", "leave out --quantize")
-    if cfg.method not in ("lora", "qlora", "dpo", "orpo") or (cfg.method in ("dpo", "orpo") and cfg.full):
+    if weights_method(cfg) != "lora":
         raise LlmkitError(
             f"--quantize {cfg.quantize} freezes a LoRA base in 4 bits; --method {cfg.method} trains the weights",
             "use --method lora or qlora",
@@ -253,11 +262,10 @@ def prepare_model(model, cfg: FinetuneConfig, log=print):
     if four_bit is not None:
         n = quantize_frozen(model, four_bit)
         log(f"      the frozen base in 4 bits ({four_bit}): {n} linear layers")
-    method = {"qlora": "lora", "dpo": "full" if cfg.full else "lora", "orpo": "full" if cfg.full else "lora"}.get(cfg.method, cfg.method)
     options = {k: getattr(cfg, k) for k in METHOD_FIELDS}
     if cfg.method in ("dpo", "orpo"):
         options["lora_dropout"] = 0.0  # as trl's disable_dropout: the policy's log-probabilities against a clean reference
-    apply_method(model, method, **options)
+    apply_method(model, weights_method(cfg), **options)
     if four_bit is not None:
         check_peft_names(model)  # the adapter is saved apart: refused now, not after training
     model.checkpointing = cfg.checkpointing
@@ -269,8 +277,15 @@ def prepare_model(model, cfg: FinetuneConfig, log=print):
 
 @torch.no_grad()
 def answer(model, tok, examples: list[Example], max_new_tokens: int, batch: int = 8) -> list[str]:
+    """The model's greedy answers to `examples` (their messages before the answer)."""
+    return greedy_answers(model, tok, [ex.messages[:-1] for ex in examples], max_new_tokens, batch)
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, conversations: list[list[dict]], max_new_tokens: int, batch: int = 8) -> list[str]:
+    """The model's greedy answer to each conversation, through the chat template, `batch` at a time."""
     model.eval()
-    prompts = [chat_prompt_ids(tok, ex.messages[:-1]) for ex in examples]
+    prompts = [chat_prompt_ids(tok, messages) for messages in conversations]
     out = []
     for i in range(0, len(prompts), batch):
         out += [
@@ -422,16 +437,17 @@ class Finetuning:
 
     def load_data(self) -> None:
         cfg = self.cfg
+        rows = read_rows(cfg.data, warn=self.log) if cfg.data and not cfg.glue else None  # read once, whatever they hold
         self.preference = cfg.method in ("dpo", "orpo")
-        if self.preference or (cfg.data and not cfg.glue and any(map(is_pair_row, read_rows(cfg.data)[:1]))):
-            self.train_ex, self.val_ex = self._load_pairs()
+        if self.preference or (rows and is_pair_row(rows[0])):
+            self.train_ex, self.val_ex = self._load_pairs(rows)
             self.classification = False
             return
-        self.train_ex, self.val_ex = load_examples(cfg, self.log)
+        self.train_ex, self.val_ex = load_examples(cfg, self.log, rows)
         self.classification = self.train_ex[0].text is not None
         self.log(f"      {len(self.train_ex)} training and {len(self.val_ex)} validation examples ({cfg.data or cfg.task})")
 
-    def _load_pairs(self) -> tuple[list, list]:
+    def _load_pairs(self, rows: list[dict] | None) -> tuple[list, list]:
         """Preference pairs of --data: split after deduplication (seeded, disjoint), bad rows counted and left out."""
         cfg = self.cfg
         if not self.preference:
@@ -441,16 +457,16 @@ class Finetuning:
                 f"--method {cfg.method} learns from preference pairs: give --data pairs.jsonl",
                 "rows of prompt/chosen/rejected, e.g. from `llmkit eval arena --export-pairs pairs.jsonl`",
             )
-        rows = read_rows(cfg.data, warn=self.log)
+        assert rows is not None  # --data was read by load_data
         if cfg.val_data:
             train_rows, val_rows = rows, read_rows(cfg.val_data, warn=self.log)
         else:
             train_rows, val_rows = split_pairs_by_prompt(rows, cfg.seed, log=self.log)
         (train, skipped), (val, val_skipped) = read_pairs(train_rows), read_pairs(val_rows)
-        held_out = {_prompt_key(p.prompt) for p in val}
-        if cfg.val_data and any(_prompt_key(p.prompt) in held_out for p in train):
+        held_out = {_json_key(p.prompt) for p in val}
+        if cfg.val_data and any(_json_key(p.prompt) in held_out for p in train):
             before = len(train)
-            train = [p for p in train if _prompt_key(p.prompt) not in held_out]
+            train = [p for p in train if _json_key(p.prompt) not in held_out]
             self.log(f"      {before - len(train)} training pair(s) dropped: their prompt is in --val-data")
         for kind, n in {k: skipped.get(k, 0) + val_skipped.get(k, 0) for k in {**skipped, **val_skipped}}.items():
             self.log(f"      {n} row(s) left out: {kind}")
@@ -621,9 +637,8 @@ class Finetuning:
         with progress("steps") as bar:
             task = bar.add_task("finetune", total=budget.steps or budget.tokens or budget.seconds or 1)
             while True:
-                elapsed = elapsed_before + time.perf_counter() - start
-                if d.world > 1:  # one clock: the slowest rank's, so every rank stops at the same step
-                    elapsed = all_reduce([elapsed], d, op="max")[0]
+                # one clock: the slowest rank's, so every rank stops at the same step (one process: its own)
+                elapsed = all_reduce([elapsed_before + time.perf_counter() - start], d, op="max")[0]
                 if budget.exhausted(self.step, self.tokens_seen, elapsed):
                     break
                 progress_now = budget.progress(self.step, self.tokens_seen, elapsed)
@@ -638,9 +653,7 @@ class Finetuning:
                 loss_sum, n_targets = accumulate_gradients(
                     self.train_model, micro, lambda m: self.summed_loss(m[0], m[1]), [m[2] for m in micro], d, amp, scaler, cfg.fsdp
                 )  # every target token of the step, on every rank, weighs the same
-                step_tokens = sum(m[3] for m in micro)
-                if d.world > 1:
-                    loss_sum, step_tokens = all_reduce([loss_sum, float(step_tokens)], d)
+                loss_sum, step_tokens = all_reduce([loss_sum, float(sum(m[3] for m in micro))], d)  # every rank's
                 total_loss = loss_sum / max(n_targets, 1)
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -653,7 +666,7 @@ class Finetuning:
                 row = {"step": self.step, "split": "train", "loss": total_loss, "lr": cur_lr, "tokens": self.tokens_seen}
                 if self.step_metrics:
                     names = sorted(self.step_metrics)
-                    summed = all_reduce([self.step_metrics[k] for k in names], d) if d.world > 1 else [self.step_metrics[k] for k in names]
+                    summed = all_reduce([self.step_metrics[k] for k in names], d)
                     row.update({k: v / max(n_targets, 1) for k, v in zip(names, summed)})
                 metrics.log(row)
                 done = self.step if budget.steps else (self.tokens_seen if budget.tokens else elapsed)
@@ -950,13 +963,11 @@ def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
     if isinstance(model, Classifier):
         save_classifier(model, run)
         return "classifier.safetensors (trained weights) + labels.json + finetune_config.json"
-    if cfg.method in ("dpo", "orpo") and cfg.full:
-        save_model(model, run, tokenizer=tok)
-        return "model.safetensors + config.json + tokenizer"
-    if cfg.method == "qlora" or (cfg.method in ("lora", "dpo", "orpo") and cfg.quantize != "none"):  # loads on the float base
+    kind = weights_method(cfg)
+    if kind == "lora" and (cfg.method == "qlora" or cfg.quantize != "none"):  # the adapter loads on the float base
         save_lora(model, run, base_model_name=cfg.model)
         return "adapter_config.json + adapter_model.safetensors (PEFT format; trained on a 4-bit base, loads on the float one)"
-    if cfg.method in ("lora", "dpo", "orpo"):
+    if kind == "lora":
         try:
             save_lora(model, run, base_model_name=cfg.model)
             return "adapter_config.json + adapter_model.safetensors (PEFT format)"
@@ -965,7 +976,7 @@ def _save(model, tok, cfg: FinetuneConfig, run: Path) -> str:
         merge_and_unwrap(model)
         save_model(model, run, tokenizer=tok)
         return "model.safetensors (LoRA merged: no PEFT names for this architecture)"
-    if cfg.method == "full":
+    if kind == "full":
         save_model(model, run, tokenizer=tok)
         return "model.safetensors + config.json + tokenizer"
     from safetensors.torch import save

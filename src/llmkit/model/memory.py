@@ -88,13 +88,14 @@ def _element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _linear_params(cfg: ModelConfig) -> int:
-    """Parameters in the blocks' linear layers (what a 4-bit base quantizes)."""
+def _block_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) features of every linear layer of the model's blocks, all layers (what a 4-bit base quantizes and
+    all-linear LoRA adapts), read off a one-block copy built without initialization."""
     from llmkit.model import build_model
 
     small = build_model(_shrunk(cfg, 1), empty=True)
-    per_block = sum(m.weight.numel() for n, m in small.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
-    return per_block * cfg.n_layers
+    one = [(m.in_features, m.out_features) for n, m in small.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    return one * cfg.n_layers
 
 
 def _shrunk(cfg: ModelConfig, layers: int, narrow: int = 1) -> ModelConfig:
@@ -124,11 +125,23 @@ def _narrowing(cfg: ModelConfig) -> int:
     return 64
 
 
+_PROBED: dict[tuple, int] = {}  # the probes of one model and method: the suggestions' predictions ask them again
+
+
 def _saved_bytes(
     cfg: ModelConfig, layers: int, plan: Plan, rows: int = 1, narrow: int = 1, tokens: int = 128, checkpointing: bool | None = None
 ) -> int:
-    """Bytes autograd keeps for `rows` rows of plan.max_len tokens through a `layers`-block copy of the model, as the
+    """Bytes autograd keeps for `rows` rows of `tokens` tokens through a `layers`-block copy of the model, as the
     command would train it (its method, autocast and checkpointing); every saved tensor counted once."""
+    checkpointing = plan.checkpointing if checkpointing is None else checkpointing
+    key = (repr(cfg), plan.command, plan.lora_r, plan.autocast, layers, rows, narrow, tokens, checkpointing)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(cfg, layers, plan, rows, narrow, tokens, checkpointing)
+    return _PROBED[key]
+
+
+def _probe(cfg: ModelConfig, layers: int, plan: Plan, rows: int, narrow: int, tokens: int, checkpointing: bool) -> int:
+    """`_saved_bytes` measured: one forward pass of the copy under autograd's saved-tensor hooks."""
     from llmkit.model import build_model
     from llmkit.model.lora import apply_method
     from llmkit.model.quantize import quantize_frozen
@@ -139,7 +152,7 @@ def _saved_bytes(
         quantize_frozen(model, "int4")
     if plan.command in ("lora", "qlora"):
         apply_method(model, "lora", lora_r=plan.lora_r)
-    model.checkpointing = plan.checkpointing if checkpointing is None else checkpointing
+    model.checkpointing = checkpointing
     model.train()
     ids = torch.randint(0, min(cfg.vocab_size // narrow, 256), (rows, tokens))
     seen: dict[int, int] = {}  # storage -> bytes: views of one storage (a fused projection's q, k, v) count once
@@ -186,69 +199,20 @@ def predict(
             f"batch {plan.batch_size}, length {plan.max_len} and accumulation {plan.grad_accum} must all be at least 1",
             "e.g. --batch-size 8 --max-len 256",
         )
-    cpu = device.type == "cpu"
-    n_params = cfg.param_count()
-    held = _element_bytes(plan.dtype)
-    linear = _linear_params(cfg) if plan.command == "qlora" or plan.quantize in ("int4", "int8", "gguf") else 0
-    per_weight = {"qlora": NF4_BYTES if device.type == "cuda" else INT4_BYTES}.get(plan.command)
-    if plan.quantize in ("int4", "gguf"):
-        per_weight = 0.5625 if plan.quantize == "gguf" else INT4_BYTES
-    elif plan.quantize == "int8":
-        per_weight = 1.0
-    weights = int(n_params * held if per_weight is None else (n_params - linear) * held + linear * per_weight)
-    training = plan.command != "inference"
-    if plan.command == "full" or plan.command == "pretrain":
-        trainable = n_params
-    elif plan.command in ("lora", "qlora"):
-        trainable = _lora_params(cfg, plan.lora_r)
-    else:
-        trainable = 0
+    weights, per_weight = _weights(cfg, plan, device)
+    trainable = _trainable(cfg, plan)
     gradients = trainable * 4
     optimizer = trainable * 2 * (4 if plan.optimizer_bits == 32 else 1)
-    T = min(plan.max_len, cfg.max_seq_len)
-    kv_cache = 0
-    if training:
-        # saved(layers, rows) = fixed + per_layer·layers + per_row·rows + per_layer_row·layers·rows, from four probes:
-        # what does not grow with the rows (autocast's bf16 copies of the weights) is counted once
-        # a big model is probed narrower and shorter: what grows with the rows grows linearly with the width and the
-        # length, the weights' casts with the width squared
-        narrow, probe_t = _narrowing(cfg), min(T, PROBE_TOKENS)
-
-        def terms(checkpointing: bool) -> tuple[float, float, float, float]:
-            """(fixed, per layer, per row, per layer and row) bytes kept, scaled from the probe to the model."""
-            s = {(n, b): _saved_bytes(cfg, n, plan, b, narrow, probe_t, checkpointing) for n in (1, 2) for b in (1, 2)}
-            lr = s[2, 2] - s[1, 2] - s[2, 1] + s[1, 1]  # in the probe's units: saved = f + lf·layers + rf·rows + lr·layers·rows
-            lf, rf = s[2, 1] - s[1, 1] - lr, s[1, 2] - s[1, 1] - lr
-            f = s[1, 1] - lf - rf - lr
-            per_row, per_cast = narrow * T / probe_t, narrow**2
-            return f * per_cast, lf * per_cast, rf * per_row, lr * per_row
-
-        B, L = plan.batch_size, cfg.n_layers
-        fixed, layer_fixed, row_fixed, layer_row = terms(plan.checkpointing)
-        kept = fixed + layer_fixed * L + B * (row_fixed + layer_row * L)
-        if plan.checkpointing:  # each block keeps its input (measured); one block's activations come back at a time
-            _, block_casts, _, block_rows = terms(False)
-            kept += block_casts + B * block_rows
-        # the backward pass of the loss: the logits' gradient in float32 and in the autocast dtype, alive at once
-        grad_logits = T * cfg.vocab_size * (4 + _element_bytes(plan.autocast or torch.float32)) if cfg.family != "encoder" else 0
-        activations = kept + B * grad_logits
+    if plan.command != "inference":
+        activations, kv_cache = _training_activations(cfg, plan), 0
     else:
-        kv_heads, head_dim, d_ff = int(cfg.n_kv_heads or cfg.n_heads), int(cfg.head_dim or 0), int(cfg.d_ff or 0)
-        kv_cache = 2 * cfg.n_layers * kv_heads * head_dim * T * plan.batch_size * held if cfg.family != "encoder" else 0
-        # a prefill's largest transients: one block's feed-forward and the last position's logits
-        activations = plan.batch_size * T * (max(d_ff, cfg.d_model) * 3 + cfg.d_model * 4) * 4 + plan.batch_size * cfg.vocab_size * 4
-    if cpu:
-        # loading: the file's pages (read through a memory map), the weights in float32 when they are quantized after,
-        # and a GGUF's largest tensor dequantized twice over (numpy's array, then the tensor made from it)
+        activations, kv_cache = _inference_activations(cfg, plan)
+    if device.type == "cpu":
         base = resident_bytes() if runtime is None else runtime
-        float_weights = n_params * (4 if per_weight is not None else held)
-        gguf = gguf_source
-        loading = float_weights + source_bytes + (2 * cfg.vocab_size * cfg.d_model * 4 if gguf else 0)
-        stays = source_bytes if gguf else 0  # the GGUF reader stays open (its blocks serve the compiled step)
-        running = weights + gradients + optimizer + activations + kv_cache + stays
-        runtime_part = base + stays + max(0, loading - running)  # the load's peak, where it exceeds the run's
+        running = weights + gradients + optimizer + activations + kv_cache
+        runtime_part = base + _loading_bytes(cfg, plan, per_weight, weights, running, source_bytes, gguf_source)
     else:
-        runtime_part = CUDA_RUNTIME
+        base, runtime_part = 0, CUDA_RUNTIME
     parts = {
         "weights": int(weights),
         "gradients": int(gradients),
@@ -260,19 +224,81 @@ def predict(
     total = sum(parts.values())
     free = free_bytes(device)
     fits = total <= free
-    tips = _suggestions(cfg, plan, device, free, (source_bytes, gguf_source), base if cpu else 0) if suggest and not fits else []
+    tips = _suggestions(cfg, plan, device, free, (source_bytes, gguf_source), base) if suggest and not fits else []
     return Prediction(total, parts, describe(device), free, fits, tips)
 
 
-def _lora_params(cfg: ModelConfig, r: int) -> int:
-    """LoRA's trainable parameters on every linear layer of the blocks (all-linear): r x (in + out) each."""
-    from llmkit.model import build_model
+def _weights(cfg: ModelConfig, plan: Plan, device: torch.device) -> tuple[int, float | None]:
+    """(the weights' bytes as held, the bytes a quantized block weight takes, or None when none is quantized)."""
+    n_params, held = cfg.param_count(), _element_bytes(plan.dtype)
+    per_weight = {"qlora": NF4_BYTES if device.type == "cuda" else INT4_BYTES}.get(plan.command)
+    if plan.quantize in ("int4", "gguf"):
+        per_weight = 0.5625 if plan.quantize == "gguf" else INT4_BYTES
+    elif plan.quantize == "int8":
+        per_weight = 1.0
+    if per_weight is None:
+        return int(n_params * held), None
+    linear = sum(i * o for i, o in _block_linears(cfg))
+    return int((n_params - linear) * held + linear * per_weight), per_weight
 
-    small = build_model(_shrunk(cfg, 1), empty=True)
-    per_block = sum(
-        r * (m.in_features + m.out_features) for n, m in small.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
-    )
-    return per_block * cfg.n_layers
+
+def _trainable(cfg: ModelConfig, plan: Plan) -> int:
+    """Trainable parameters: all for full fine-tuning and pretraining, LoRA's r x (in + out) per adapted layer."""
+    if plan.command in ("full", "pretrain"):
+        return cfg.param_count()
+    if plan.command in ("lora", "qlora"):
+        return sum(plan.lora_r * (i + o) for i, o in _block_linears(cfg))
+    return 0
+
+
+def _training_activations(cfg: ModelConfig, plan: Plan) -> float:
+    """What autograd keeps, from four probes: saved(layers, rows) = fixed + per_layer·layers + per_row·rows +
+    per_layer_row·layers·rows, so what does not grow with the rows (autocast's bf16 copies of the weights) is counted
+    once. A big model is probed narrower and shorter: what grows with the rows grows linearly with the width and the
+    length, the weights' casts with the width squared."""
+    T = min(plan.max_len, cfg.max_seq_len)
+    narrow, probe_t = _narrowing(cfg), min(T, PROBE_TOKENS)
+
+    def terms(checkpointing: bool) -> tuple[float, float, float, float]:
+        """(fixed, per layer, per row, per layer and row) bytes kept, scaled from the probe to the model."""
+        s = {(n, b): _saved_bytes(cfg, n, plan, b, narrow, probe_t, checkpointing) for n in (1, 2) for b in (1, 2)}
+        lr = s[2, 2] - s[1, 2] - s[2, 1] + s[1, 1]  # in the probe's units: saved = f + lf·layers + rf·rows + lr·layers·rows
+        lf, rf = s[2, 1] - s[1, 1] - lr, s[1, 2] - s[1, 1] - lr
+        f = s[1, 1] - lf - rf - lr
+        per_row, per_cast = narrow * T / probe_t, narrow**2
+        return f * per_cast, lf * per_cast, rf * per_row, lr * per_row
+
+    B, L = plan.batch_size, cfg.n_layers
+    fixed, layer_fixed, row_fixed, layer_row = terms(plan.checkpointing)
+    kept = fixed + layer_fixed * L + B * (row_fixed + layer_row * L)
+    if plan.checkpointing:  # each block keeps its input (measured); one block's activations come back at a time
+        _, block_casts, _, block_rows = terms(False)
+        kept += block_casts + B * block_rows
+    # the backward pass of the loss: the logits' gradient in float32 and in the autocast dtype, alive at once
+    grad_logits = T * cfg.vocab_size * (4 + _element_bytes(plan.autocast or torch.float32)) if cfg.family != "encoder" else 0
+    return kept + B * grad_logits
+
+
+def _inference_activations(cfg: ModelConfig, plan: Plan) -> tuple[int, int]:
+    """(a prefill's largest transients: one block's feed-forward and the last position's logits, the KV cache)."""
+    T = min(plan.max_len, cfg.max_seq_len)
+    kv_heads, head_dim, d_ff = int(cfg.n_kv_heads or cfg.n_heads), int(cfg.head_dim or 0), int(cfg.d_ff or 0)
+    held = _element_bytes(plan.dtype)
+    kv_cache = 2 * cfg.n_layers * kv_heads * head_dim * T * plan.batch_size * held if cfg.family != "encoder" else 0
+    activations = plan.batch_size * T * (max(d_ff, cfg.d_model) * 3 + cfg.d_model * 4) * 4 + plan.batch_size * cfg.vocab_size * 4
+    return activations, kv_cache
+
+
+def _loading_bytes(
+    cfg: ModelConfig, plan: Plan, per_weight: float | None, weights: int, running: float, source_bytes: int, gguf: bool
+) -> float:
+    """What a CPU process holds beyond Python and PyTorch: a GGUF reader's pages (it stays open: its blocks serve the
+    compiled step), and the load's peak where it exceeds the run's (the file's pages, read through a memory map; the
+    weights in float32 when they are quantized after; a GGUF's largest tensor dequantized twice over)."""
+    float_weights = cfg.param_count() * (4 if per_weight is not None else _element_bytes(plan.dtype))
+    loading = float_weights + source_bytes + (2 * cfg.vocab_size * cfg.d_model * 4 if gguf else 0)
+    stays = source_bytes if gguf else 0
+    return stays + max(0, loading - (running + stays))
 
 
 def _suggestions(cfg: ModelConfig, plan: Plan, device, free: int, source: tuple[int, bool], runtime: int) -> list[str]:
