@@ -163,37 +163,10 @@ def cmd_model_info(args) -> None:
     Console(width=200).print(table)
 
 
-def _model_config(spec: str):
-    """A model's config without its weights where that is cheap (presets, our folders, Hugging Face folders)."""
-    from pathlib import Path
-
-    from llmkit import io
-    from llmkit.model.config import PRESETS, ModelConfig, preset
-
-    if spec in PRESETS:
-        return preset(spec)
-    config = Path(spec) / "config.json"
-    if config.exists():
-        from llmkit.model.convert.hf import config_from_hf
-        from llmkit.model.convert.own import FORMAT
-
-        raw = io.read_json(config)
-        if raw.get("format") == FORMAT:
-            raw.pop("format")
-            return ModelConfig.from_dict(raw)
-        if raw.get("model_type"):
-            return config_from_hf(raw)
-    import llmkit
-
-    try:
-        return llmkit.load(spec).config
-    except LlmkitError as e:
-        raise LlmkitError(e.message, f"{e.fix}; or a preset: {', '.join(PRESETS)}") from None
-
-
 def cmd_model_memory(args) -> None:
     from llmkit.devices import dtype_for, resolve
-    from llmkit.model.memory import Plan, predict, resident_bytes, weight_files
+    from llmkit.model.memory import Plan, predict, resident_bytes
+    from llmkit.model.weights import config_of, weight_files
     from llmkit.train.runtime import autocast_dtype
 
     if not args.model:
@@ -211,8 +184,8 @@ def cmd_model_memory(args) -> None:
         )
     runtime = resident_bytes()  # this process as imported: what any command's process holds before its model
     device = resolve(args.device)
-    cfg = _model_config(args.model)
-    size, gguf = (0, False) if args.model in _presets() else weight_files(args.model)
+    cfg = config_of(args.model)
+    size, gguf = weight_files(args.model)
     dtype = dtype_for(args.dtype, device)
     if training and args.method != "pretrain":
         dtype = dtype_for("fp32", device)  # fine-tuning holds float32 weights (a QLoRA base's other parts too) and autocasts
@@ -243,12 +216,6 @@ def cmd_model_memory(args) -> None:
         print(f"  (every row counted {plan.max_len} tokens long, as packed rows are: shorter rows take less activation memory)")
     if p.parts["runtime"] > runtime * 1.05 and device.type == "cpu":
         print(f"  (runtime: Python and PyTorch, {gib(runtime)}, and the weights' file and float32 copy while the model loads)")
-
-
-def _presets():
-    from llmkit.model.config import PRESETS
-
-    return PRESETS
 
 
 def cmd_model_export(args) -> None:

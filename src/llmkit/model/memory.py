@@ -23,7 +23,6 @@ memory of the process (benchmarks/memory_fit.py checks it against measured peaks
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,23 +338,3 @@ def _suggestions(cfg: ModelConfig, plan: Plan, device, free: int, source: tuple[
         return out
     words, total = smallest
     return [f"nothing llmkit offers fits: the smallest, {words}, needs {total / 2**30:.1f} GiB; a smaller model or more memory"]
-
-
-def weight_files(spec: str) -> tuple[int, bool]:
-    """(bytes of the weight files a model name or path loads from, whether they are GGUF): .gguf and .safetensors
-    files; a LoRA run's base model's."""
-    from pathlib import Path
-
-    from llmkit import io
-    from llmkit.embedded import EMBEDDED, embedded_path
-
-    path = embedded_path(spec) if spec in EMBEDDED else Path(spec)
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "model.safetensors").exists():
-        base = io.read_json(path / "adapter_config.json").get("base_model_name_or_path")
-        return weight_files(str(base)) if base else (0, False)
-    if path.is_file():
-        return os.path.getsize(path), path.suffix == ".gguf"
-    if path.is_dir():
-        files = list(path.glob("*.safetensors")) or list(path.glob("*.gguf"))[:1]
-        return sum(f.stat().st_size for f in files), any(f.suffix == ".gguf" for f in files)
-    return 0, False

@@ -22,9 +22,10 @@ from llmkit.devices import dtype_for
 from llmkit.devices import resolve as resolve_device
 from llmkit.embedded import EMBEDDED, embedded_path
 from llmkit.errors import LlmkitError
+from llmkit.model.config import ModelConfig
 from llmkit.model.convert.gguf import load_gguf
-from llmkit.model.convert.hf import export_hf, load_hf
-from llmkit.model.convert.own import FORMAT, load_own, save_model
+from llmkit.model.convert.hf import config_from_hf, export_hf, load_hf
+from llmkit.model.convert.own import FORMAT, load_own, read_config, save_model
 from llmkit.model.convert.tensors import read_safetensors
 from llmkit.model.families import LanguageModel
 
@@ -61,6 +62,55 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
 
         quantize_model(model, quantize)
     return model.to(device=device) if device is not None else model
+
+
+def model_path(spec: str) -> Path:
+    """Where a model name or path lives: an embedded model's folder or file, else the path itself."""
+    return embedded_path(spec) if spec in EMBEDDED else Path(spec)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A LoRA run folder of `llmkit finetune` (an adapter in PEFT's format, no weights of its own)."""
+    return path.is_dir() and (path / "adapter_config.json").exists() and not (path / "model.safetensors").exists()
+
+
+def config_of(spec: str) -> ModelConfig:
+    """A model's config, without its weights where that is cheap (presets, our folders, Hugging Face folders); a
+    GGUF file, an embedded name or a LoRA run is loaded."""
+    from llmkit.model.config import PRESETS, preset
+
+    if spec in PRESETS:
+        return preset(spec)
+    path = model_path(spec)
+    if (path / "config.json").exists():
+        raw = io.read_json(path / "config.json")
+        if raw.get("format") == FORMAT:
+            return read_config(path)
+        if raw.get("model_type"):
+            return config_from_hf(raw)
+    try:
+        return load(spec).config
+    except LlmkitError as e:
+        raise LlmkitError(e.message, f"{e.fix}; or a preset: {', '.join(PRESETS)}") from None
+
+
+def weight_files(spec: str) -> tuple[int, bool]:
+    """(bytes of the weight files a model name or path loads from, whether they are GGUF): .gguf and .safetensors
+    files; a LoRA run's base model's; 0 for a preset (no file)."""
+    from llmkit.model.config import PRESETS
+
+    if spec in PRESETS:  # as `config_of`: a preset's name wins over a folder of that name
+        return 0, False
+    path = model_path(spec)
+    if is_adapter_folder(path):
+        base = io.read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        return weight_files(str(base)) if base else (0, False)
+    if path.is_file():
+        return os.path.getsize(path), path.suffix == ".gguf"
+    if path.is_dir():
+        files = list(path.glob("*.safetensors")) or list(path.glob("*.gguf"))[:1]
+        return sum(f.stat().st_size for f in files), any(f.suffix == ".gguf" for f in files)
+    return 0, False
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -126,8 +176,8 @@ def load(
     if dtype == torch.float32:
         dtype = None  # the weights are float32 as loaded (a GGUF's blocks stay readable)
     spec = str(name_or_path)
-    path = embedded_path(spec) if spec in EMBEDDED else Path(spec)
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "model.safetensors").exists():
+    path = model_path(spec)
+    if is_adapter_folder(path):
         return _load_lora_folder(path, dtype, device, quantize)
     tokenizer = None
     load_dtype = None if quantize else dtype  # quantization starts from float32 weights

@@ -37,10 +37,15 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=N
     return directory
 
 
-def load_own(directory: Path, dtype=None) -> torch.nn.Module:
+def read_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of one of our folders (config.json without its "format" mark)."""
     raw = io.read_json(directory / "config.json")
     raw.pop("format", None)
-    cfg = ModelConfig.from_dict(raw)
+    return ModelConfig.from_dict(raw)
+
+
+def load_own(directory: Path, dtype=None) -> torch.nn.Module:
+    cfg = read_config(directory)
     model = build_model(cfg, empty=True, dtype=dtype, **({"mlm_head": cfg.extra.get("mlm_head", True)} if cfg.family == "encoder" else {}))
     file = directory / "model.safetensors"
     check_state_names(model, _safetensors_keys(file), source=str(directory))
