@@ -424,6 +424,13 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
     assert (tmp_path / "b" / "adapter_config.json").exists() and (tmp_path / "b" / "metrics.jsonl").exists()
     rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "reward_std", "completion_length", "clip_ratio", "kl"} <= set(rows[0])
+    rows = tmp_path / "rows.jsonl"  # a file of prompts and answers: split as every fine-tune's data is (seeded, disjoint)
+    rows.write_text("".join(json.dumps({"prompt": f"Say {w}", "answer": w}) + "\n" for w in "abcdefghijklmnopqrst"))
+    split = GRPO(FinetuneConfig(**{**common, "data": str(rows)}, out=str(tmp_path / "d")), log=lambda m: None)
+    split._check()
+    split.load_data()
+    train, val = {p.answer for p in split.train_prompts}, {p.answer for p in split.val}
+    assert len(train) == 18 and len(val) == 2 and not train & val and val != {"a", "b"}  # shuffled, not the file's head
     for kw, words in ((dict(task="play"), "has no verifier"), (dict(group_size=1), "--group-size 1")):
         with pytest.raises(LlmkitError, match=words):
             GRPO(FinetuneConfig(**{**common, **kw}, out=str(tmp_path / "c")), log=lambda m: None).run()

@@ -38,7 +38,7 @@ from llmkit.data import tasks as T
 from llmkit.errors import LlmkitError
 from llmkit.finetune.data import IGNORE, read_rows
 from llmkit.finetune.preference import reference_mode, token_logps
-from llmkit.finetune.recipe import greedy_answers
+from llmkit.finetune.recipe import greedy_answers, split_rows
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model.layers import pad_right
 from llmkit.model.lora import apply_method, save_lora, trainable_share
@@ -175,17 +175,18 @@ class GRPO:
         cfg = self.cfg
         if cfg.data:
             rows = read_rows(cfg.data, warn=self.log)
-            prompts = [
+            # the split every fine-tune uses: duplicates dropped, a seeded shuffle, a tenth held out (or --val-data)
+            train, val = (rows, read_rows(cfg.val_data, warn=self.log)) if cfg.val_data else split_rows(rows, cfg.seed, log=self.log)
+            to = lambda rs: [  # noqa: E731
                 Prompt([{"role": "user", "content": str(r["prompt"])}], None if r.get("answer") is None else str(r["answer"]))
-                for r in rows
+                for r in rs
                 if r.get("prompt")
             ]
-            if self.reward_fn is None and any(p.answer is None for p in prompts):
+            self.train_prompts, self.val = to(train), to(val)
+            if self.reward_fn is None and any(p.answer is None for p in self.train_prompts + self.val):
                 raise LlmkitError(
                     f"{cfg.data}: rows without an answer need a reward function", "add answer fields, or --reward module:function"
                 )
-            cut = max(1, len(prompts) // 10)
-            self.val, self.train_prompts = prompts[:cut], prompts[cut:]
         else:
             to = lambda exs: [Prompt(ex.messages[:-1], ex.answer) for ex in exs]  # noqa: E731
             self.train_prompts = to(T.mixture(cfg.task, cfg.n_train, "train", cfg.seed))
