@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmkit.devices import synchronize
 from llmkit.errors import LlmkitError
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's rule): dividing logits by it would overflow to NaN
@@ -491,7 +492,7 @@ def stream_batch(
         last_only=True,
         check_ids=False,
     )[:, -1]  # (B, V)
-    _sync(device)
+    synchronize(device)  # the prefill's time, not its launch
     prefilled = time.perf_counter()
     if stats is not None:
         stats.update(prompt_tokens=sum(map(len, prompts)), prefill_s=prefilled - started, decode_tokens=0, decode_s=0.0)
@@ -558,12 +559,6 @@ def static_decoder(model, batch: int, capacity: int, *, steps: int | None = None
     elif mode == "auto":
         compile = "pays"
     return StaticDecoder(model, batch, capacity, compile=compile, steps=steps, log=log)
-
-
-def _sync(device) -> None:
-    """Wait for the device's queued work (timings on a GPU); nothing on a CPU."""
-    if getattr(device, "type", "cpu") == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _encode_prompts(tokenizer, prompts) -> list[list[int]]:

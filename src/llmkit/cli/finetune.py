@@ -65,7 +65,9 @@ def register(commands) -> None:
                 help="dpo: conservative DPO's share of flipped labels (default 0)",
             )
             p.add_argument(
-                "--full", action="store_true", help="dpo / orpo: train every weight instead of LoRA (DPO keeps a reference copy)"
+                "--full",
+                action="store_true",
+                help="dpo, orpo, grpo: train every weight instead of LoRA (DPO and GRPO keep a frozen reference copy)",
             )
             p.add_argument(
                 "--quantize",

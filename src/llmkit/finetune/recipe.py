@@ -71,7 +71,7 @@ class FinetuneConfig:
     epsilon: float = 0.2  # grpo: the ratio's clip
     temperature: float = 1.0  # grpo: sampling temperature
     label_smoothing: float = 0.0  # dpo: conservative DPO's ε (the share of pairs assumed mislabelled)
-    full: bool = False  # dpo / orpo: train every weight (DPO then keeps a frozen reference copy) instead of LoRA
+    full: bool = False  # dpo, orpo, grpo: train every weight (DPO and GRPO keep a frozen reference copy) instead of LoRA
     quantize: str = "none"  # the frozen base of lora in 4 bits: int4 (CPU kernel) | nf4 (CUDA, bitsandbytes) | auto | none
     checkpointing: bool = False  # activation checkpointing: recompute each block's activations in the backward pass
     optim: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit states, CUDA only)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llmkit import io
+from llmkit.devices import default_dtype
 from llmkit.errors import LlmkitError
 
 # --- budget and schedule --------------------------------------------------------------------------------
@@ -149,8 +150,8 @@ def autocast_dtype(precision: str, device: torch.device, *, measure: bool = Fals
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    if device.type == "cuda":  # bf16 in hardware from Ampere (compute capability 8) on; older cards emulate it slowly
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if device.type == "cuda":  # the device's own dtype: bf16 from compute capability 8 on, else fp16 (loss scaled)
+        return default_dtype(device)
     if not cpu_has_bf16():
         return None
     return torch.bfloat16 if not measure or bf16_pays_on_cpu() else None
