@@ -131,9 +131,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        sys.stdout.flush()
-        for note in notes:
-            console().print(f"[dim]{note}[/]", soft_wrap=True)
+        _print_notes(notes)
         return
     for i in range(0, len(prompts), args.batch_size):
         stats: dict = {}  # the batch's speeds (decoders), in every --json row of the batch
@@ -146,6 +144,11 @@ def cmd_generate(args) -> None:
                 print(json.dumps(row, ensure_ascii=False))
             else:
                 print(g.text)
+    _print_notes(notes)
+
+
+def _print_notes(notes: list[str]) -> None:
+    """The run's notes (on stderr), after the whole answer is out on stdout."""
     sys.stdout.flush()
     for note in notes:
         console().print(f"[dim]{note}[/]", soft_wrap=True)
