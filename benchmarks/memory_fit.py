@@ -20,6 +20,7 @@ import time
 
 LLMKIT = [sys.executable, "-m", "llmkit"]
 FT = ["--budget", "6steps", "--n-train", "64", "--n-val", "8", "--forgetting-tasks", "", "--general-tokens", "256"]
+GENRE = ["--task", "genre", "--batch-size", "8", "--budget", "6steps", "--n-train", "64", "--n-val", "16"]  # the classifier runs
 CASES = [
     # (name, the command, the prediction's options)
     (
@@ -49,44 +50,12 @@ CASES = [
     ),
     (
         "MiniLM LoRA (genre), batch 8 x 256",
-        [
-            "finetune",
-            "--model",
-            "minilm",
-            "--method",
-            "lora",
-            "--task",
-            "genre",
-            "--batch-size",
-            "8",
-            "--budget",
-            "6steps",
-            "--n-train",
-            "64",
-            "--n-val",
-            "16",
-        ],
+        ["finetune", "--model", "minilm", "--method", "lora", *GENRE],
         ["minilm", "--method", "lora", "--batch-size", "8", "--max-len", "256"],
     ),
     (
         "MiniLM QLoRA (genre), batch 8 x 256",
-        [
-            "finetune",
-            "--model",
-            "minilm",
-            "--method",
-            "qlora",
-            "--task",
-            "genre",
-            "--batch-size",
-            "8",
-            "--budget",
-            "6steps",
-            "--n-train",
-            "64",
-            "--n-val",
-            "16",
-        ],
+        ["finetune", "--model", "minilm", "--method", "qlora", *GENRE],
         ["minilm", "--method", "qlora", "--batch-size", "8", "--max-len", "256"],
     ),
 ]
