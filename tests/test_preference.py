@@ -431,6 +431,13 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
     split.load_data()
     train, val = {p.answer for p in split.train_prompts}, {p.answer for p in split.val}
     assert len(train) == 18 and len(val) == 2 and not train & val and val != {"a", "b"}  # shuffled, not the file's head
+    # the command line routes --method grpo to this recipe (and its --reward, --grpo-loss)
+    proc = run_cli(
+        "finetune", "--model", str(tiny_base), "--method", "grpo", "--task", "reverse", "--reward", "rewards:count_e",
+        "--grpo-loss", "dr_grpo", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "3", "--n-val", "2",
+        "--budget", "1steps", "--out", str(tmp_path / "cli"), "--json", cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["method"] == "grpo" and (tmp_path / "cli" / "adapter_config.json").exists()
     for kw, words in ((dict(task="play"), "has no verifier"), (dict(group_size=1), "--group-size 1")):
         with pytest.raises(LlmkitError, match=words):
             GRPO(FinetuneConfig(**{**common, **kw}, out=str(tmp_path / "c")), log=lambda m: None).run()
