@@ -1,8 +1,10 @@
-"""`llmkit model` (info, export) and `llmkit attention`: presets, sizes, Hugging Face export, attention maps."""
+"""`llmkit model` (info, export, memory) and `llmkit attention`: presets, sizes, Hugging Face and GGUF export, attention
+maps."""
 
 from __future__ import annotations
 
 import json
+import os
 
 from llmkit.cli.common import device_option, group, index_list, subcommand
 from llmkit.errors import LlmkitError
@@ -18,6 +20,7 @@ def register(commands) -> None:
             "llmkit model info --all",
             "llmkit model info smollm2",
             "llmkit model export --model runs/gpt --out runs/gpt-hf",
+            "llmkit model export --model smollm2 --format gguf --quant q8_0 --out smollm2.gguf",
             "llmkit model memory smollm2 --method qlora --batch-size 8 --max-len 256",
         ),
         "model commands",
@@ -36,12 +39,28 @@ def register(commands) -> None:
     p = subcommand(
         model_cmds,
         "export",
-        "write a model as a Hugging Face folder that transformers loads",
-        ("llmkit model export --model runs/gpt --out runs/gpt-hf", "llmkit model export --model minilm --out runs/minilm-hf"),
+        "write a model as a Hugging Face folder (transformers) or a GGUF file (llama.cpp, Ollama)",
+        (
+            "llmkit model export --model runs/gpt --out runs/gpt-hf",
+            "llmkit model export --model minilm --out runs/minilm-hf",
+            "llmkit model export --model runs/smollm2-lora --format gguf --quant q8_0 --out runs/smollm2-lora.gguf",
+        ),
         cmd_model_export,
     )
-    p.add_argument("--model", default=None, help="a run folder, Hugging Face folder, GGUF file, smollm2 or minilm (required)")
-    p.add_argument("--out", default=None, help="output folder (required)")
+    p.add_argument("--model", default=None, help="a run folder (a LoRA run: merged), Hugging Face folder, GGUF file, smollm2 or minilm")
+    p.add_argument("--out", default=None, help="output folder (hf) or .gguf file (gguf) (required)")
+    p.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default=None,
+        help="hf: a transformers folder; gguf: one llama.cpp file (default: gguf when --out ends in .gguf)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=("f32", "f16", "q8_0", "q4_0"),
+        default="f16",
+        help="GGUF matrices (default f16, as llama.cpp's converter; q4_0 keeps the embeddings in q8_0)",
+    )
     p = subcommand(
         model_cmds,
         "memory",
@@ -224,7 +243,19 @@ def cmd_model_export(args) -> None:
 
     if not args.model or not args.out:
         raise LlmkitError("`llmkit model export` needs --model and --out", "e.g. `llmkit model export --model runs/gpt --out runs/gpt-hf`")
+    fmt = args.format or ("gguf" if str(args.out).endswith(".gguf") else "hf")
+    if fmt == "hf" and args.quant != "f16":
+        raise LlmkitError("--quant applies to --format gguf only", "drop --quant, or add --format gguf")
     model = llmkit.load(args.model)
+    if fmt == "gguf":
+        from llmkit.model.convert.gguf import export_gguf, gguf_architecture
+
+        out = args.out if str(args.out).endswith(".gguf") else f"{args.out}.gguf"
+        export_gguf(model, out, model.tokenizer, quant=args.quant)
+        arch = gguf_architecture(model.config).name
+        print(f"exported {arch} ({model.config.param_count():,} parameters, {args.quant}) -> {out}")
+        print(f"  llama.cpp: llama-cli -m {out}    Ollama: a Modelfile with `FROM ./{os.path.basename(out)}`, then `ollama create NAME`")
+        return
     export_hf(model, args.out, tokenizer=model.tokenizer)
     print(f"exported {model.config.family} ({model.config.param_count():,} parameters) -> {args.out}")
 

@@ -13,11 +13,13 @@ A GGUF file has no `tokenizer.json`; llama.cpp stores the pieces as metadata (GG
 
 We rebuild the pipeline llama.cpp runs for such a file (byte-level BPE after the split rules its `pre` names,
 control tokens as special added tokens, bos added as a post-processor when the file says so), which is also what the
-model's original `tokenizer.json` does.
+model's original `tokenizer.json` does. The other way, `gguf_tokenizer_fields` writes these fields for a byte-level
+BPE tokenizer, choosing the `pre` name whose rebuilt pipeline encodes `PROBE_TEXTS` exactly as the tokenizer does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from llmkit.embedded import EMBEDDED, embedded_path
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer.core import Tokenizer
 
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # llama.cpp's token types
 
 # Split rules of llama.cpp's pre-tokenizer types (src/llama-vocab.cpp), as `tokenizers` regexes applied one after the
 # other, each splitting the pieces the previous one left ("isolated"), then the byte-level alphabet.
@@ -172,4 +174,88 @@ def tokenizer_from_gguf_fields(meta: dict, path: str) -> Tokenizer:
         special=special,
         chat_template=meta.get("tokenizer.chat_template"),
         info={"kind": "byte-bpe", "origin": str(path), "format": "gguf", "pre": pre},
+    )
+
+
+# Texts on which a tokenizer written to a GGUF must encode as the original does: scripts, digits, code, emoji, runs
+# of spaces and newlines, contractions and chat markup. Also the test set of the families' tokenizers.
+PROBE_TEXTS = (
+    "Hello world! It's 2026; we've 3.14159 reasons, don't we?",
+    "  leading spaces,\ttabs\t\tand\n\nnewlines\r\n   trailing   ",
+    "Ça va? Grüße aus Köln. Niño, año, façade. Ελληνικά και русский текст.",
+    "日本語のテキストと中文文本，한국어 텍스트。",
+    "مرحبا بالعالم — हिन्दी पाठ — ภาษาไทย",
+    "def f(x):\n    return [i ** 2 for i in range(10) if i % 3 == 0]  # comment\n",
+    'if (a != b && c <= 0x1F) { printf("%d\\n", a); }',
+    "Emoji: 😀🎉👩‍👩‍👧‍👦 🇫🇷 ❤️ and 12345678901234567890",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "I'LL SAY IT'S FINE, THEY'RE HERE AND I'M DONE.",
+)
+
+# tokenizer.ggml.pre names llama.cpp knows, tried in this order (the first that encodes PROBE_TEXTS alike is written)
+PRE_CANDIDATES = ("gpt-2", "smollm", "llama-bpe", "dbrx", "qwen2", "falcon", "default")
+
+
+def gguf_tokenizer_fields(tokenizer: Tokenizer, n_vocab: int) -> dict:
+    """The `tokenizer.*` metadata of a GGUF (as Python values) that llama.cpp runs as `tokenizer` does: byte-level BPE
+    only (llama.cpp's 'gpt2' model), `n_vocab` tokens (the model's rows; ids the tokenizer lacks become unused
+    [PADn] tokens, as llama.cpp's converter writes them). The pre-tokenizer is the file's own (a GGUF tokenizer), else
+    found by trying llama.cpp's names: each candidate is rebuilt as llama.cpp would run it and must encode
+    `PROBE_TEXTS` (with and without special tokens) exactly as the tokenizer does; none: refused, naming why."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise LlmkitError(
+            f"a {tokenizer.kind} tokenizer ({model.get('type')} model) cannot be written to a GGUF that llama.cpp runs identically "
+            "(llmkit writes byte-level BPE tokenizers only)",
+            "export it as a Hugging Face folder (--format hf), or train the model with a byte-level BPE tokenizer (--kind byte-bpe)",
+        )
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= n_vocab:
+        raise LlmkitError(
+            f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} rows",
+            "export the model's own tokenizer",
+        )
+    added = tokenizer.backend.get_added_tokens_decoder()
+    tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [UNUSED] * n_vocab
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = (CONTROL if added[i].special else USER_DEFINED) if i in added else NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    fields: dict = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+        i = tokenizer.token_id(role) if role in tokenizer.special else None
+        if i is not None:
+            fields[f"tokenizer.ggml.{key}"] = i
+    bare = tokenizer.backend.encode("a", add_special_tokens=False).ids
+    full = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    fields["tokenizer.ggml.add_bos_token"] = len(full) > len(bare) and full[0] == tokenizer.bos_id
+    fields["tokenizer.ggml.add_eos_token"] = len(full) > len(bare) and full[-1] == tokenizer.eos_id
+    if tokenizer.chat_template:
+        fields["tokenizer.chat_template"] = tokenizer.chat_template
+    own = tokenizer.info.get("pre") if tokenizer.info.get("format") == "gguf" else None
+    splits = tokenizer.backend.pre_tokenizer
+
+    def pieces(pre_tokenizer, text: str) -> list[str]:
+        return [p for p, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+    for pre in (own,) if own else PRE_CANDIDATES:
+        candidate = {**fields, "tokenizer.ggml.pre": pre}
+        rebuilt = tokenizer_from_gguf_fields(candidate, "export").backend
+        # the same split of the text (not only the same ids: a vocabulary without multi-digit tokens encodes digits
+        # alike under Llama 3's and Qwen2's rules), then the same ids with and without the special tokens
+        if all(pieces(rebuilt.pre_tokenizer, text) == pieces(splits, text) for text in PROBE_TEXTS) and all(
+            rebuilt.encode(text, add_special_tokens=s).ids == tokenizer.backend.encode(text, add_special_tokens=s).ids
+            for text in PROBE_TEXTS
+            for s in (False, True)
+        ):
+            return candidate
+    raise LlmkitError(
+        f"no llama.cpp pre-tokenizer splits text as this tokenizer does (tried {', '.join((own,) if own else PRE_CANDIDATES)})",
+        "export it as a Hugging Face folder (--format hf), or train the model with llmkit's byte-level BPE",
     )
