@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -120,6 +121,35 @@ def served_model(tok, kind: str = "tiny-llama", **overrides):
     """The tiny decoder the server tests serve: `tok`'s vocabulary, a context of 1,024, a confident head."""
     shape = {"max_seq_len": 1024, **({"n_kv_heads": 2, "d_ff": 128} if kind == "tiny-llama" else {}), **overrides}
     return tiny_model(kind, tok.vocab_size, confident=True, tokenizer=tok, **shape)
+
+
+def engine_results(engine, jobs: list, stagger: float = 0.0) -> list[dict]:
+    """Submit each (prompt, GenerationConfig) to a serving engine (with a pause between them: they join a running
+    batch) and wait for all: per job {"ids", "text", "end" (the last event)}."""
+    from llmkit.serve import Request
+
+    results: list[dict] = [{"ids": [], "text": "", "end": None} for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(event):
+            if event[0] == "token":
+                results[i]["text"] += event[1]
+                if event[2] is not None:
+                    results[i]["ids"].append(event[2])
+            else:
+                results[i]["end"] = event
+                done.release()
+
+        return emit
+
+    for i, (prompt, cfg) in enumerate(jobs):
+        engine.submit([Request(prompt, cfg, emitter(i))])
+        if stagger:
+            time.sleep(stagger)
+    for _ in jobs:
+        assert done.acquire(timeout=120), "a request never finished"
+    return results
 
 
 # --- a live server ------------------------------------------------------------------------------------------------------

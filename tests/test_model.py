@@ -374,8 +374,8 @@ def test_unknown_rope_scaling_is_refused(tmp_path):
     from llmkit.model.convert.hf import config_from_hf
 
     hf = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=96, vocab_size=50)
-    with pytest.raises(LlmkitError, match="RoPE scaling 'longrope' is not implemented"):
-        config_from_hf({**hf, "rope_scaling": {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]}})
+    with pytest.raises(LlmkitError, match="RoPE scaling 'mrope' is not implemented"):  # Qwen2-VL's multimodal RoPE
+        config_from_hf({**hf, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}})
     with pytest.raises(LlmkitError, match="lacks low_freq_factor"):
         config_from_hf({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 
@@ -613,7 +613,7 @@ def _randomize(model, seed: int = 0) -> None:
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, family):
     """Qwen2 (q/k/v biases, tied embeddings), Qwen3 (per-head q/k RMSNorm, its own head size) and Mistral (a sliding
-    window: within it, full attention is exact, so the context is the window) read from tiny random `transformers`
+    window, exercised beyond it in tests/test_families.py) read from tiny random `transformers`
     models with random norms and biases: logits and greedy tokens equal theirs; the KV-cache path equals the full
     forward; an export loads back in transformers with the same logits."""
     import transformers
@@ -638,7 +638,7 @@ def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, 
         "mistral": (None, False, False),
     }[family]
     if family == "mistral":
-        assert c.max_seq_len == 48 and c.extra["sliding_window"] == 48
+        assert c.max_seq_len == 256 and c.sliding_window == 48 and c.layer_types is None
     ids = _ids(101, (2, 40))
     with torch.no_grad():
         assert _max_diff(ours(ids), ref(ids).logits) <= TOL
@@ -653,7 +653,7 @@ def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, 
             seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
     assert seq[6:] == theirs
     export_hf(ours, tmp_path / "out")
-    again = getattr(transformers, {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "LlamaForCausalLM"}[family])
+    again = getattr(transformers, {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[family])
     back = again.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert _max_diff(back(ids).logits, ref(ids).logits) <= TOL

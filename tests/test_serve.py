@@ -30,7 +30,7 @@ from llmkit.model import build_model, preset
 from llmkit.model.weights import save_model
 from llmkit.serve import Engine, Request, Settings, create_app
 
-from conftest import KEY, LiveServer, free_port, get, request, run_cli, served_model, wait_healthy
+from conftest import KEY, LiveServer, engine_results, free_port, get, request, run_cli, served_model, wait_healthy
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker starts these servers, not both
 
@@ -66,37 +66,11 @@ def client(server):
 # --- the engine alone ---------------------------------------------------------------------------------------------------
 
 
-def _collect(engine: Engine, jobs: list[tuple[list[int], GenerationConfig]], stagger: float = 0.0) -> list[dict]:
-    """Submit each (prompt, config) (with a pause between them: they join a running batch) and wait for all."""
-    results: list[dict] = [{"ids": [], "text": "", "end": None} for _ in jobs]
-    done = threading.Semaphore(0)
-
-    def emitter(i):
-        def emit(event):
-            if event[0] == "token":
-                results[i]["text"] += event[1]
-                if event[2] is not None:
-                    results[i]["ids"].append(event[2])
-            else:
-                results[i]["end"] = event
-                done.release()
-
-        return emit
-
-    for i, (prompt, cfg) in enumerate(jobs):
-        engine.submit([Request(prompt, cfg, emitter(i))])
-        if stagger:
-            time.sleep(stagger)
-    for _ in jobs:
-        assert done.acquire(timeout=120), "a request never finished"
-    return results
-
-
 def _served(model, jobs, *, stagger: float = 0.0, max_batch: int = 3, max_queue: int = 0) -> list[dict]:
     """`jobs` through an engine of their own (closed after)."""
     engine = Engine(model, "test", max_batch=max_batch, max_queue=max_queue)
     try:
-        return _collect(engine, jobs, stagger=stagger)
+        return engine_results(engine, jobs, stagger=stagger)
     finally:
         engine.close()
 
@@ -129,7 +103,7 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
         model.compiled_decode = "eager"
     engine = Engine(model, kind, max_batch=4, max_queue=20)
     try:
-        together = _collect(engine, jobs, stagger=0.01)
+        together = engine_results(engine, jobs, stagger=0.01)
     finally:
         engine.close()
     for (prompt, cfg), a, b in zip(jobs, alone, together):
@@ -560,7 +534,7 @@ def test_a_prompt_whose_prefill_fails_fails_alone(tokenizers_by_kind):
     prompt = tok.encode("To be, or not to be", add_special_tokens=False)
     engine = Engine(model, "t", max_batch=4, max_queue=4)
     try:
-        out = _collect(
+        out = engine_results(
             engine,
             [
                 (prompt, GenerationConfig(max_new_tokens=150, do_sample=False, stop_token_ids=[])),
@@ -570,7 +544,7 @@ def test_a_prompt_whose_prefill_fails_fails_alone(tokenizers_by_kind):
         )
         assert out[1]["end"][0] == "error" and "could not be processed" in out[1]["end"][2]
         assert out[0]["end"][:2] == ("done", "length") and len(out[0]["ids"]) == 150
-        again = _collect(engine, [(prompt, GenerationConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[]))])
+        again = engine_results(engine, [(prompt, GenerationConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[]))])
         assert again[0]["ids"] == out[0]["ids"][:5]  # the engine goes on
     finally:
         engine.close()
@@ -660,7 +634,7 @@ def test_a_poisoned_request_fails_alone_and_the_batch_goes_on(tokenizers_by_kind
     mixed = jobs[:3] + poison[:2] + jobs[3:6] + poison[2:] + jobs[6:]
     engine = Engine(model, "poison", max_batch=12, max_queue=20)
     try:
-        out = _collect(engine, mixed, stagger=0.02)
+        out = engine_results(engine, mixed, stagger=0.02)
     finally:
         engine.close()
     results = out[:3] + out[5:8] + out[10:]
@@ -690,7 +664,7 @@ def test_chunked_prefill_equals_each_request_alone_and_keeps_streams_moving(toke
     alone = [generate(model, tok, [p], c)[0] for p, c in jobs]
     engine = Engine(model, "chunked", max_batch=4, max_queue=20, prefill_chunk=7)
     try:
-        together = _collect(engine, jobs, stagger=0.01)
+        together = engine_results(engine, jobs, stagger=0.01)
         # one stream runs; a 150-token prompt joins: the stream's tokens keep coming while the prompt is prefilled
         times: list[float] = []
         done = threading.Event()

@@ -48,8 +48,8 @@ def compilable(model: nn.Module) -> str | None:
         return "post-norm blocks"
     if cfg.position == "relative":
         return "relative position biases"
-    if (cfg.rope_scaling or {}).get("rope_type") == "dynamic":
-        return "dynamic NTK RoPE (its frequencies depend on the length)"
+    if (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
+        return f"{cfg.rope_scaling['rope_type']} RoPE (its frequencies depend on the length)"
     if cfg.fp16_clamp:
         return "float16 clamping"
     if not hasattr(torch, "compile"):
@@ -88,8 +88,15 @@ def _step(model, ks, vs, tokens, positions, column, valid) -> torch.Tensor:
     x = model.embed(tokens[:, None], positions[:, None], check=False)  # (B, 1, D)
     rope = model.rotary(positions[:, None]) if model.rotary is not None else None
     bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, torch.finfo(x.dtype).min)[:, None, None]
+    local_bias, local_rope = bias, rope
+    if model.config.sliding_window is not None:  # windowed layers: only the last `window` columns (each row's are contiguous)
+        seen = valid & (torch.arange(valid.shape[1], device=x.device) > column - model.config.sliding_window)
+        local_bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~seen, torch.finfo(x.dtype).min)[:, None, None]
+        if model.rotary_local is not None:
+            local_rope = model.rotary_local(positions[:, None])
     for i, block in enumerate(model.blocks):
-        x, _ = block(x, bias=bias, rope=rope, cache=cache, layer=i)  # (B, 1, D)
+        b, r = model.layer_inputs(i, bias, rope, local_bias, local_rope)
+        x, _ = block(x, bias=b, rope=r, cache=cache, layer=i)  # (B, 1, D)
     if model.norm is not None:
         x = model.norm(x)
     return softcap(model.lm_head(x)[:, 0], model.config.logit_softcap)  # (B, V)

@@ -5,11 +5,16 @@ subclass. `flops_per_token` and `param_count` derive from the config alone (`llm
 
     family            decoder (GPT/Llama) | encoder (BERT) | encoder-decoder (T5, the original Transformer)
     position          sinusoidal | learned | rope | relative (T5's bucketed bias), in every family
-    rope_scaling      None | {"rope_type": linear | dynamic | llama3 | yarn | freq_factors, ...} (as transformers)
+    rope_scaling      None | {"rope_type": linear | dynamic | llama3 | yarn | longrope | freq_factors, ...} (as transformers)
     activation        relu | relu2 (ReLU², Primer) | gelu | gelu_tanh | swiglu | geglu
-    norm              layernorm | rmsnorm, at norm_position pre | post
+    norm              layernorm | rmsnorm, at norm_position pre | post; norm_offset 1: RMSNorm's gain is 1 + weight (Gemma)
+    sandwich_norm     a norm on each sublayer's output too, before the residual add (Gemma 2 and 3)
     qk_norm           RMS-normalize each head's queries and keys before attention (Dehghani et al. 2023; modded-nanogpt)
-    logit_softcap     logits = cap · tanh(logits / cap) (Gemma 2; modded-nanogpt)
+    logit_softcap     logits = cap · tanh(logits / cap) (Gemma 2; modded-nanogpt); attn_softcap the same on attention scores
+    sliding_window    windowed layers attend to the last `sliding_window` positions only (Mistral; Gemma's local
+                      layers); layer_types says which layers ("sliding_attention" | "full_attention"), None: all of them;
+                      rope_local_theta: the windowed layers' RoPE base where it differs (Gemma 3)
+    rotary_dim        partial RoPE: only each head's first rotary_dim features rotate (Phi-4-mini)
     zero_init         attention and feed-forward output projections start at zero: each block starts as the identity
 """
 
@@ -47,6 +52,13 @@ class ModelConfig:
     norm_position: str = "pre"
     qk_norm: bool = False
     logit_softcap: float | None = None
+    attn_softcap: float | None = None  # Gemma 2: attention scores = cap · tanh(scores / cap)
+    norm_offset: float = 0.0  # Gemma: RMSNorm multiplies by (offset + weight)
+    sandwich_norm: bool = False  # Gemma 2/3: norms after attention and after the feed-forward as well as before
+    sliding_window: int | None = None  # windowed layers see this many positions, their own included
+    layer_types: list[str] | None = None  # per layer "sliding_attention" | "full_attention"; None: all windowed
+    rope_local_theta: float | None = None  # the windowed layers' RoPE base (Gemma 3), unscaled; None: rope_theta's
+    rotary_dim: int | None = None  # partial rotary: the features of each head that rotate (default: all)
     zero_init: bool = False
     bias: bool = True  # biases of the attention and feed-forward projections
     qkv_bias: bool | None = None  # biases of the query, key and value projections alone (Qwen2); None: as `bias`
@@ -95,24 +107,45 @@ class ModelConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise LlmkitError(f"unknown {name} {getattr(self, name)!r}", f"use one of: {', '.join(allowed)}")
-        if self.logit_softcap is not None and self.logit_softcap <= 0:
-            raise LlmkitError(f"logit_softcap must be positive, not {self.logit_softcap}", "use e.g. 15.0, or None for no cap")
+        for name in ("logit_softcap", "attn_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LlmkitError(f"{name} must be positive, not {getattr(self, name)}", "use e.g. 15.0, or None for no cap")
+        if self.sliding_window is not None and (self.sliding_window < 1 or self.family != "decoder"):
+            raise LlmkitError(
+                f"sliding_window {self.sliding_window} is not valid for a {self.family}", "use a window of 1 or more in a decoder, or None"
+            )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - {"sliding_attention", "full_attention"}:
+                raise LlmkitError(
+                    f"layer_types must name each of the {self.n_layers} layers sliding_attention or full_attention",
+                    "fix the config's layer_types",
+                )
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
+            raise LlmkitError(f"rotary_dim {self.rotary_dim} must be even and at most the head size {self.head_dim}", "fix rotary_dim")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") in (None, "default"):
             self.rope_scaling = None
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
-            factors = self.rope_scaling.get("factors")
-            if factors is not None and len(factors) != self.head_dim // 2:
-                raise LlmkitError(
-                    f"RoPE frequency factors: {len(factors)} given, the head size {self.head_dim} needs {self.head_dim // 2}",
-                    "check the GGUF's rope_freqs tensor",
-                )
+            rotary = self.rotary_dim or self.head_dim
+            for key in ("factors", "short_factor", "long_factor"):
+                factors = self.rope_scaling.get(key)
+                if factors is not None and len(factors) != rotary // 2:
+                    raise LlmkitError(
+                        f"RoPE {key}: {len(factors)} given, {rotary} rotating features need {rotary // 2}",
+                        "check the config's rope_scaling (or the GGUF's rope_freqs tensor)",
+                    )
 
     @property
     def eos_ids(self) -> list[int]:
         """Every end-of-sequence id of the model (a list in Llama 3.1's configs)."""
         e = self.eos_token_id
         return [] if e is None else [int(x) for x in (e if isinstance(e, list) else [e])]
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     @property
     def gated(self) -> bool:
@@ -173,6 +206,7 @@ ROPE_SCALINGS = {
     "dynamic": ("factor", "original_max_position_embeddings"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
     "freq_factors": ("factors",),
 }
 

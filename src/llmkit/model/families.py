@@ -103,7 +103,14 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _rotary(cfg: ModelConfig) -> Rotary | None:
-    return Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.position == "rope" else None
+    return Rotary(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.position == "rope" else None
+
+
+def _rotary_local(cfg: ModelConfig) -> Rotary | None:
+    """The windowed layers' own RoPE (Gemma 3: base 10,000 and no scaling, where the global layers use 1,000,000)."""
+    if cfg.position != "rope" or cfg.rope_local_theta is None or cfg.sliding_window is None:
+        return None
+    return Rotary(cfg.rotary_dim or cfg.head_dim, cfg.rope_local_theta)
 
 
 def _relative(cfg: ModelConfig, bidirectional: bool) -> RelativePositionBias | None:
@@ -137,6 +144,7 @@ class Decoder(LanguageModel):
         self.config = cfg
         self.embed = Embedding(cfg)
         self.rotary = _rotary(cfg)
+        self.rotary_local = _rotary_local(cfg)
         self.rel_bias = _relative(cfg, bidirectional=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
@@ -144,6 +152,10 @@ class Decoder(LanguageModel):
         _init_weights(self, cfg, cfg.n_layers)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
+
+    def layer_inputs(self, i: int, bias, rope, local_bias, local_rope) -> tuple:
+        """(mask, RoPE) of layer i: a windowed layer's own (sliding window, Gemma 3's local RoPE), else the global ones."""
+        return (local_bias, local_rope) if self.config.windowed(i) else (bias, rope)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.embed.tokens.weight
@@ -171,9 +183,29 @@ class Decoder(LanguageModel):
                 T, start + T, causal=True, key_padding=attention_mask, offset=start, position_bias=rel, dtype=x.dtype, device=ids.device
             )
         )
+        window = self.config.sliding_window
+        masked = window is not None and start + T > window  # the window hides some keys (shorter inputs: as global)
+        local_bias = (
+            attention_bias(
+                T,
+                start + T,
+                causal=True,
+                key_padding=attention_mask,
+                offset=start,
+                position_bias=rel,
+                window=window,
+                dtype=x.dtype,
+                device=ids.device,
+            )
+            if masked
+            else bias
+        )
+        local_rope = self.rotary_local(position_ids) if self.rotary_local is not None else rope
         maps = []
         for i, block in enumerate(self.blocks):
-            x, w = self.run_block(block, x, bias=bias, is_causal=plain, rope=rope, cache=cache, layer=i, need_weights=need_weights)
+            b, r = self.layer_inputs(i, bias, rope, local_bias, local_rope)
+            causal = plain and b is None
+            x, w = self.run_block(block, x, bias=b, is_causal=causal, rope=r, cache=cache, layer=i, need_weights=need_weights)
             maps.append(w)
         if cache is not None:
             cache.advance(T)

@@ -36,25 +36,30 @@ _FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019), computed in float32 as Llama and T5 do; with half
-    weights the output is in their dtype (T5's rule: its float32 feed-forward output returns to float16 here)."""
+    weights the output is in their dtype (T5's rule: its float32 feed-forward output returns to float16 here).
+    `offset` 1 is Gemma's form, x / rms · (1 + weight), the gain computed in float32 and the result cast back to x's
+    dtype as Gemma does (a weight of zeros is the identity)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED_RMS_NORM and x.dtype == torch.float32 == self.weight.dtype:  # one kernel instead of six ops (decoding is op-bound)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        gain = self.weight if not self.offset else self.weight.float() + self.offset
+        if _FUSED_RMS_NORM and x.dtype == torch.float32 == gain.dtype:  # one kernel instead of six ops (decoding is op-bound)
+            return F.rms_norm(x, (x.shape[-1],), gain, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * gain).to(x.dtype)
         return self.weight * h.to(self.weight.dtype if self.weight.dtype in (torch.float16, torch.bfloat16) else x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps)
 
 
 # --- positional encodings --------------------------------------------------------------------------------
@@ -104,8 +109,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, s
     dynamic       NTK-aware: the base grows with the length beyond the original context (computed per call)
     llama3        low frequencies / factor, high ones kept, a smooth ramp between (Llama 3.1)
     yarn          per-frequency ramp between interpolation and extrapolation, cos/sin scaled (Peng et al. 2023)
+    longrope      per-frequency divisors, `short_factor` up to the original context and `long_factor` beyond it (chosen
+                  per call by the length, as `dynamic`), cos/sin scaled by sqrt(1 + ln(factor) / ln(original)) (Phi-3)
     freq_factors  llama.cpp's `rope_freqs` tensor: frequency i / factors[i]
-    """
+
+    `head_dim` is the number of rotating features (a partial rotary's `rotary_dim`)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (hd/2,)
     inv = 1.0 / (theta**exponents)
     kind = (scaling or {}).get("rope_type", "default")
@@ -113,6 +121,14 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, s
         return inv, 1.0
     if kind == "freq_factors":
         return inv / torch.tensor(scaling["factors"], dtype=torch.float32), 1.0
+    if kind == "longrope":
+        original = scaling["original_max_position_embeddings"]
+        factor = float(scaling.get("factor") or 1.0)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = scaling["long_factor"] if seq_len is not None and seq_len > original else scaling["short_factor"]
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta**exponents), float(attention)
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv / factor, 1.0
@@ -165,7 +181,7 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self.dynamic = (scaling or {}).get("rope_type") == "dynamic"
+        self.dynamic = (scaling or {}).get("rope_type") in ("dynamic", "longrope")  # the frequencies follow the length
         inv, self.attention_scaling = rope_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
 
@@ -180,7 +196,7 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
-        if self.dynamic:  # NTK: the frequencies depend on the longest position of this call
+        if self.dynamic:  # NTK, LongRoPE: the frequencies depend on the longest position of this call
             seq_len = int(positions.max()) + 1
             if seq_len > self.scaling["original_max_position_embeddings"]:
                 inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling, seq_len)[0].to(inv_freq.device)
@@ -192,9 +208,13 @@ class Rotary(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd); cos/sin: (T, hd) or (B, T, hd)."""
+    """x: (B, nh, T, hd); cos/sin: (T, r) or (B, T, r), r = the rotating features (r < hd: partial RoPE, the first r
+    features rotate and the rest pass through, as Phi-4-mini)."""
     if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, r)
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -243,6 +263,7 @@ def attention_bias(
     key_padding: torch.Tensor | None = None,
     offset: int = 0,
     position_bias: torch.Tensor | None = None,
+    window: int | None = None,
     dtype=torch.float32,
     device=None,
 ) -> torch.Tensor | None:
@@ -250,12 +271,18 @@ def attention_bias(
 
     `key_padding` is (B, Tk) with 1 for real tokens and 0 for padding, or (B, Tq, Tk) with 1 where query i may see
     key j (packed rows: each example sees only itself, block by block); `offset` is the position of the first query
-    (keys before it come from a KV cache).
+    (keys before it come from a KV cache); `window` (causal only): query i sees keys i - window < j <= i, the sliding
+    window of Mistral and Gemma's local layers (a key's column distance is its position distance: every row's tokens
+    sit in contiguous columns, padding before them).
     """
     allowed = None
     if causal:
         q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
-        allowed = (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed = allowed & (k_pos > q_pos - window)
+        allowed = allowed[None, None]  # (1, 1, Tq, Tk)
     if key_padding is not None:
         pad = key_padding[:, None].bool() if key_padding.dim() == 3 else key_padding[:, None, None, :].bool()  # (B, 1, Tq|1, Tk)
         allowed = pad if allowed is None else allowed & pad
@@ -344,8 +371,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matrix (`quantize.fuse_projections`, for inference)
         # QK-norm: each head's queries and keys RMS-normalized (a learned gain per channel) before RoPE
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.softcap = cfg.attn_softcap  # Gemma 2: scores = cap · tanh(scores / cap) before the mask
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention's q (B, nh, T, hd), k and v (B, nkv, T, hd), before positions."""
@@ -396,20 +424,26 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
         # each group of n_heads/n_kv_heads query heads shares one k/v head: SDPA can do that itself, else repeat them
-        share_kv = self.n_kv_heads != self.n_heads and _SDPA_GQA and not need_weights
+        slow = need_weights or self.softcap is not None  # SDPA neither returns the weights nor caps the scores
+        share_kv = self.n_kv_heads != self.n_heads and _SDPA_GQA and not slow
         if self.n_kv_heads != self.n_heads and not share_kv:
             rep = self.n_heads // self.n_kv_heads
             k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])  # (B, nh, S, hd)
             v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
         weights = None
-        if need_weights:  # the slow path: the same math, with the attention weights kept
+        if slow:  # the same math written out, with the attention weights kept
             scores = (q.float() @ k.float().transpose(-2, -1)) * self.scale  # (B, nh, T, S)
+            if self.softcap is not None:
+                scores = self.softcap * torch.tanh(scores / self.softcap)
             if bias is not None:
                 scores = scores + bias.float()
             elif is_causal:
                 scores = scores.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             weights = scores.softmax(-1)
+            if self.training and self.dropout:
+                weights = F.dropout(weights, self.dropout)
             y = (weights @ v.float()).to(q.dtype)  # (B, nh, T, hd)
+            weights = weights if need_weights else None
         elif T == 1 and bias is not None and hasattr(cache, "attend"):  # the compiled decode step's own attention
             y = cache.attend(q, k, v, bias, self.scale)  # type: ignore[union-attr]
         else:
@@ -470,6 +504,7 @@ class Block(nn.Module):
     """One layer: self-attention, (cross-attention), feed-forward, each wrapped in a residual and a norm.
 
     pre-norm (GPT-2, Llama, T5):   x = x + f(norm(x))
+    sandwich (Gemma 2 and 3):      x = x + norm'(f(norm(x)))
     post-norm (Vaswani, BERT):     x = norm(x + f(x))
     """
 
@@ -480,12 +515,14 @@ class Block(nn.Module):
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
         self.cross_norm, self.cross_attn = (make_norm(cfg), Attention(cfg, cross=True)) if cross else (None, None)
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.attn_post_norm = make_norm(cfg) if cfg.sandwich_norm else None
+        self.mlp_post_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _residual(self, x, norm, fn):
+    def _residual(self, x, norm, fn, post=None):
         if self.pre:
             out, w = fn(norm(x))
-            x = x + self.drop(out)
+            x = x + self.drop(out if post is None else post(out))
         else:
             out, w = fn(x)
             x = norm(x + self.drop(out))
@@ -502,12 +539,13 @@ class Block(nn.Module):
             x,
             self.attn_norm,
             lambda h: self.attn(h, bias=bias, is_causal=is_causal, rope=rope, cache=cache, layer=layer, need_weights=need_weights),
+            self.attn_post_norm,
         )
         if self.cross_attn is not None:
             x, _ = self._residual(
                 x, self.cross_norm, lambda h: self.cross_attn(h, context=context, bias=context_bias, cache=cache, layer=layer)
             )
-        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None), self.mlp_post_norm)
         return x, w
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from llmkit import io
 from llmkit.errors import LlmkitError
-from llmkit.model.convert.hf import hf_config_for, hf_name
+from llmkit.model.convert.hf import fused_name, hf_config_for, hf_name
 from llmkit.model.convert.tensors import read_safetensors
 from llmkit.model.quantize import Int4Linear
 
@@ -226,8 +226,12 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 def _hf_name(model, name: str) -> str:
     """Our module name -> the Hugging Face module name of the model's export (for PEFT's adapter keys)."""
     model_type = hf_config_for(model.config)["model_type"]
-    if model_type == "gpt2":
-        raise LlmkitError("GPT-2's fused attention has no PEFT-compatible LoRA names", "save the merged model instead")
+    fused = fused_name(model_type, name + ".weight")
+    if fused is not None:
+        raise LlmkitError(
+            f"{model_type} stores {name} inside {fused} with other projections: a LoRA on it has no PEFT name",
+            "target the projections stored alone (e.g. o_proj, down_proj), or keep the merged model (llmkit model export)",
+        )
     hf = hf_name(model_type, name + ".weight")
     if hf is None:
         raise LlmkitError(f"no Hugging Face name for {name}", "adapt only attention and feed-forward projections")

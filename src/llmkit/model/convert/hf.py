@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class Field:
     default: Any = REQUIRED  # or a function of their whole config
     values: dict | None = None  # their value -> ours (activations); its inverse is used on export
     export: bool = True  # written on export (False: read only, such as a default that transformers derives)
+    convert: tuple[Callable, Callable] | None = None  # (theirs -> ours, ours -> theirs) for a value in other units
 
     def read(self, hf: dict):
         if hf.get(self.theirs) is not None:
@@ -52,21 +53,23 @@ class Field:
             if value not in self.values:
                 raise LlmkitError(f"{self.theirs} {value!r} is not supported", f"use one of: {', '.join(map(str, self.values))}")
             value = self.values[value]
-        return value
+        return self.convert[0](value) if self.convert is not None and value is not None else value
 
     def write(self, cfg: ModelConfig):
         value = getattr(cfg, self.ours)
         if self.values is not None:
             inverse = {ours: theirs for theirs, ours in reversed(list(self.values.items()))}  # the first name wins
             value = inverse[value]
-        return value
+        return self.convert[1](value) if self.convert is not None and value is not None else value
 
 
 @dataclass(frozen=True)
 class Rename:
     theirs: str  # a template: literal text and {name} or {name:regex} parts (i: a layer number, w: weight|bias)
     ours: str
-    how: str | None = None  # "t": transposed (Conv1D); "qkv": one fused tensor of theirs, three of ours ({qkv} part)
+    how: str | None = None  # "t": transposed (Conv1D); "qkv": GPT-2's fused c_attn, three of ours ({qkv} part);
+    # "rows": one tensor of theirs stacked by rows, ours its parts ({part} names them; sizes from the config: Phi-3's
+    # qkv_proj (q, k, v) and gate_up_proj (gate, up))
     export: bool = True  # False: read on import only (a head the exported architecture does not have)
 
 
@@ -109,12 +112,28 @@ class Architecture:
             for template in (r.theirs, r.ours):
                 parts.update({m.group(1): m.group(2) for m in re.finditer(r"\{(\w+):([^}]*)\}", template)})
             parts.setdefault("qkv", "q|k|v")
+            parts.setdefault("part", "q|k|v|gate|up")
             rules.append((_pattern(r.theirs, parts), _pattern(r.ours, parts), r))
         return rules
 
 
+def _rope_params(hf: dict, layer_type: str = "full_attention") -> dict:
+    """A config's RoPE parameters: `rope_scaling` (transformers 4) or `rope_parameters` (5), the global layers' in
+    Gemma 3's per-layer-type form ({"full_attention": {...}, "sliding_attention": {...}})."""
+    raw = hf.get("rope_parameters") or {}
+    if layer_type in raw or "full_attention" in raw:
+        return dict(raw.get(layer_type) or {})
+    return dict(hf.get("rope_scaling") or raw)
+
+
 def _rope_theta(hf: dict, default: float = 10000.0) -> float:
-    return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or default)
+    return float(hf.get("rope_theta") or _rope_params(hf).get("rope_theta") or default)
+
+
+def _partial_rotary(hf: dict, head_dim: int) -> int | None:
+    """The rotating features of each head (Phi-4-mini's partial_rotary_factor 0.75), None for all of them."""
+    factor = hf.get("partial_rotary_factor") or _rope_params(hf).get("partial_rotary_factor") or 1.0
+    return None if factor == 1.0 else int(head_dim * factor)
 
 
 def rope_scaling_from_hf(hf: dict) -> tuple[dict | None, int]:
@@ -122,19 +141,23 @@ def rope_scaling_from_hf(hf: dict) -> tuple[dict | None, int]:
 
     The context is the longest the scaling was made for: max(max_position_embeddings, factor x the original context),
     since some configs (Qwen's yarn) keep the original length in max_position_embeddings."""
-    raw = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    raw = _rope_params(hf)
     kind = raw.get("rope_type") or raw.get("type") or "default"
+    kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
     max_pos = hf.get("max_position_embeddings", 2048)
     if kind == "default":
         return None, max_pos
-    if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise LlmkitError("partial rotary embeddings (partial_rotary_factor < 1) are not implemented", "use a model with full RoPE")
-    scaling = {k: v for k, v in raw.items() if k not in ("type", "rope_theta")}
+    scaling = {k: v for k, v in raw.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
     scaling["rope_type"] = kind
-    if kind in ("llama3", "yarn"):  # transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings
+    if kind in ("llama3", "yarn", "longrope"):  # transformers: a top-level original_max_position_embeddings wins
         if hf.get("original_max_position_embeddings"):
             scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         scaling.setdefault("original_max_position_embeddings", max_pos)
+    if kind == "longrope":  # Phi-3: the factor is the context's growth (its attention scale follows from it)
+        if scaling.get("factor") is None:
+            scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+        check_rope_scaling(scaling)
+        return scaling, max_pos
     if kind == "dynamic":  # dynamic NTK grows beyond max_position_embeddings
         scaling["original_max_position_embeddings"] = max_pos
     if kind == "yarn" and scaling.get("factor") is None:
@@ -247,8 +270,8 @@ LLAMA = Architecture(
         Rename("lm_head.weight", "lm_head.weight"),
     ),
     check=_check_llama,
-    # Llama's biases are all or none; queries and keys without norms (Qwen2 and Qwen3 export as themselves)
-    fits=lambda cfg: cfg.qkv_bias in (None, cfg.bias) and not cfg.qk_norm,
+    # Llama's biases are all or none; queries and keys without norms (Qwen2 and Qwen3 export as themselves); no window
+    fits=lambda cfg: cfg.qkv_bias in (None, cfg.bias) and not cfg.qk_norm and cfg.sliding_window is None,
 )
 
 
@@ -292,22 +315,163 @@ MISTRAL = _llama_like(
     fields=(),
     renames=(),
     check=_check_qwen,
-    fits=lambda cfg: False,  # a Mistral without a window is a Llama: exported as one
+    # every layer windowed (a Mistral without a window is a Llama: exported as one)
+    fits=lambda cfg: cfg.sliding_window is not None and cfg.layer_types is None and not cfg.qk_norm and cfg.qkv_bias in (None, False),
 )
 
 
-def sliding_window(hf: dict) -> int | None:
-    """The attention window of a config's sliding-window layers, or None when every layer attends to the whole
-    context: `layer_types` when given (transformers 5), else Qwen's `use_sliding_window`, else Mistral's window."""
+def _check_gemma(hf: dict) -> None:
+    _refuse(hf, {"attention_bias": lambda v: not v, "use_bidirectional_attention": lambda v: not v})
+
+
+def _scalar_scale(v) -> float:  # query_pre_attn_scalar -> the attention scale
+    return float(v) ** -0.5
+
+
+def _scale_scalar(scale: float):  # the attention scale -> query_pre_attn_scalar (an integer where it was one)
+    v = scale**-2
+    return int(round(v)) if abs(v - round(v)) < 1e-6 else v
+
+
+_GEMMA_FIELDS = (
+    Field("vocab_size", "vocab_size"),
+    Field("d_model", "hidden_size"),
+    Field("n_layers", "num_hidden_layers"),
+    Field("n_heads", "num_attention_heads"),
+    Field("n_kv_heads", "num_key_value_heads", lambda hf: hf["num_attention_heads"]),
+    Field("head_dim", "head_dim", 256),
+    Field("d_ff", "intermediate_size"),
+    Field("norm_eps", "rms_norm_eps", 1e-6),
+    Field("attn_scale", "query_pre_attn_scalar", 256, convert=(_scalar_scale, _scale_scalar)),
+    Field("activation", "hidden_activation", "gelu_pytorch_tanh", values={"gelu_pytorch_tanh": "geglu"}),
+    Field("tie_embeddings", "tie_word_embeddings", True),
+    Field("pad_token_id", "pad_token_id", 0),
+    Field("bos_token_id", "bos_token_id", None),
+    Field("eos_token_id", "eos_token_id", None),
+)
+_GEMMA_RENAMES = (
+    Rename("model.embed_tokens.weight", "embed.tokens.weight"),
+    Rename("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
+    Rename("model.layers.{i}.self_attn.{p:[qkvo]}_proj.weight", "blocks.{i}.attn.{p}_proj.weight"),
+    Rename("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.attn_post_norm.weight"),
+    Rename("model.layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
+    Rename("model.layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.mlp_post_norm.weight"),
+    Rename("model.layers.{i}.mlp.{p:gate|up|down}_proj.weight", "blocks.{i}.mlp.{p}_proj.weight"),
+    Rename("model.norm.weight", "norm.weight"),
+    Rename("lm_head.weight", "lm_head.weight"),
+)
+# Gemma: RMSNorm x (1 + weight), embeddings x sqrt(d), GeGLU (tanh GELU), attention scaled by query_pre_attn_scalar^-0.5,
+# a norm after each sublayer as well as before it, windowed layers alternating with global ones
+_GEMMA_FIXED = {
+    "position": "rope",
+    "activation": "geglu",
+    "norm": "rmsnorm",
+    "norm_position": "pre",
+    "bias": False,
+    "norm_offset": 1.0,
+    "sandwich_norm": True,
+    "scale_embeddings": True,
+}
+GEMMA2 = Architecture(
+    "gemma2",
+    ("Gemma2ForCausalLM",),
+    "decoder",
+    fixed={**_GEMMA_FIXED, "qk_norm": False},
+    fields=(
+        *_GEMMA_FIELDS,
+        Field("max_seq_len", "max_position_embeddings", 8192),
+        Field("logit_softcap", "final_logit_softcapping", 30.0),  # transformers' defaults: capped unless set to null
+        Field("attn_softcap", "attn_logit_softcapping", 50.0),
+    ),
+    renames=_GEMMA_RENAMES,
+    check=_check_gemma,
+    fits=lambda cfg: cfg.rope_local_theta is None,
+)
+GEMMA3 = Architecture(
+    "gemma3_text",
+    ("Gemma3ForCausalLM",),
+    "decoder",
+    fixed={**_GEMMA_FIXED, "qk_norm": True},  # and each head's queries and keys normalized (the same 1 + weight form)
+    fields=(
+        *_GEMMA_FIELDS,
+        Field("max_seq_len", "max_position_embeddings", 131072),
+        Field("logit_softcap", "final_logit_softcapping", None),
+        Field("attn_softcap", "attn_logit_softcapping", None),
+        # the windowed layers' RoPE base (their rope_parameters["sliding_attention"] in transformers 5)
+        Field("rope_local_theta", "rope_local_base_freq", lambda hf: _rope_params(hf, "sliding_attention").get("rope_theta", 10000.0)),
+    ),
+    renames=(*_GEMMA_RENAMES, Rename("model.layers.{i}.self_attn.{p:q|k}_norm.weight", "blocks.{i}.attn.{p}_norm.weight")),
+    check=_check_gemma,
+)
+
+
+def _check_phi3(hf: dict) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LlmkitError(f"Phi-3 hidden_act {hf['hidden_act']!r} is not supported", "use a Phi-3 with SiLU (SwiGLU) feed-forward")
+
+
+PHI3 = Architecture(
+    "phi3",
+    ("Phi3ForCausalLM",),
+    "decoder",
+    fixed={**LLAMA.fixed, "bias": False},
+    fields=(
+        *(f for f in LLAMA.fields if f.theirs not in ("attention_bias", "mlp_bias")),
+        Field("pad_token_id", "pad_token_id", 0),  # written back: transformers' default (32000) is outside small vocabularies
+    ),
+    renames=(
+        Rename("model.embed_tokens.weight", "embed.tokens.weight"),
+        Rename("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
+        Rename("model.layers.{i}.self_attn.qkv_proj.weight", "blocks.{i}.attn.{part:q|k|v}_proj.weight", "rows"),  # q, k, v stacked
+        Rename("model.layers.{i}.self_attn.o_proj.weight", "blocks.{i}.attn.o_proj.weight"),
+        Rename("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
+        Rename("model.layers.{i}.mlp.gate_up_proj.weight", "blocks.{i}.mlp.{part:gate|up}_proj.weight", "rows"),  # gate, then up
+        Rename("model.layers.{i}.mlp.down_proj.weight", "blocks.{i}.mlp.down_proj.weight"),
+        Rename("model.norm.weight", "norm.weight"),
+        Rename("lm_head.weight", "lm_head.weight"),
+    ),
+    check=_check_phi3,
+    # Phi-3 is Llama with fused projections: only what a Llama cannot hold exports as Phi-3 (partial RoPE, LongRoPE)
+    fits=lambda cfg: (
+        not cfg.qk_norm
+        and cfg.qkv_bias in (None, False)
+        and (cfg.rotary_dim is not None or (cfg.rope_scaling or {}).get("rope_type") == "longrope")
+        and cfg.layer_types is None
+    ),
+)
+
+
+def _row_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The rows of each part of a tensor stacked by rows (Phi-3's qkv_proj and gate_up_proj)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q": q, "k": kv, "v": kv, "gate": cfg.d_ff, "up": cfg.d_ff}
+
+
+def sliding_layers(hf: dict) -> tuple[int | None, list[str] | None]:
+    """(the window of a config's sliding-window layers, which layers slide: None for all), or (None, None) when every
+    layer attends to the whole context. `layer_types` when given (transformers 5); else by family: Qwen's
+    `use_sliding_window` from `max_window_layers` on, Gemma 2 every other layer from the first, Gemma 3 all but every
+    `sliding_window_pattern`-th, Mistral and Phi-3 all."""
     window = hf.get("sliding_window")
     if not window:
-        return None
+        return None, None
+    n = hf["num_hidden_layers"]
     types = hf.get("layer_types")
-    if types is not None:
-        return int(window) if "sliding_attention" in types else None
-    if hf.get("model_type") in ("qwen2", "qwen3"):
-        return int(window) if hf.get("use_sliding_window") else None
-    return int(window)
+    kind = hf.get("model_type")
+    if types is None:
+        if kind in ("qwen2", "qwen3"):
+            if not hf.get("use_sliding_window"):
+                return None, None
+            first = hf.get("max_window_layers", n)
+            types = ["full_attention" if i < first else "sliding_attention" for i in range(n)]
+        elif kind == "gemma2":
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        elif kind == "gemma3_text":
+            pattern = hf.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if types is not None and "sliding_attention" not in types:
+        return None, None
+    return int(window), (None if types is None or all(t == "sliding_attention" for t in types) else list(types))
 
 
 BERT = Architecture(
@@ -429,7 +593,7 @@ T5 = Architecture(
     exportable=False,
 )
 
-ARCHITECTURES = {a.model_type: a for a in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, BERT, T5)}
+ARCHITECTURES = {a.model_type: a for a in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA2, GEMMA3, PHI3, BERT, T5)}
 
 
 def architecture(model_type: str | None) -> Architecture:
@@ -455,21 +619,19 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if arch.position_rope:  # RoPE's base may sit in rope_parameters; its scaling sets the context too
         values["rope_theta"] = _rope_theta(hf)
         values["rope_scaling"], values["max_seq_len"] = rope_scaling_from_hf(hf)
-    window = sliding_window(hf)
-    if window is not None and window < values["max_seq_len"]:
-        # within one window a sliding-window layer attends to exactly what a full one does: the context is the window
-        # (exact everywhere: full forward, KV cache, compiled step, engine, beam search), never a silent approximation
-        extra["sliding_window"], extra["context_of_the_file"] = window, values["max_seq_len"]
-        values["max_seq_len"] = window
+        values["rotary_dim"] = _partial_rotary(hf, values.get("head_dim") or values["d_model"] // values["n_heads"])
+    # windowed layers attend to the last `sliding_window` positions in every path (full forward, KV cache, compiled
+    # step, the engine's rows, beam search): a mask by column distance, each row's tokens being contiguous
+    values["sliding_window"], values["layer_types"] = sliding_layers(hf)
     return ModelConfig(**values, extra=extra)
 
 
 def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
     """Settings of `cfg` that the Hugging Face architecture `arch` would silently run differently."""
     out = []
-    if cfg.scale_embeddings:
+    if cfg.scale_embeddings and arch not in ("gemma2", "gemma3_text"):
         out.append("scale_embeddings (token embeddings x sqrt(d_model))")
-    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12:
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12 and arch not in ("gemma2", "gemma3_text"):
         out.append(f"attn_scale {cfg.attn_scale} (transformers scales by 1/sqrt(head_dim))")
     if cfg.embedding_norm and arch != "bert":
         out.append("embedding_norm")
@@ -485,10 +647,27 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
         out.append(f"grouped-query attention ({cfg.n_kv_heads} key/value heads for {cfg.n_heads})")
     if arch == "llama" and (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
         out.append("llama.cpp rope_freqs factors (no rope_scaling of transformers holds them)")
-    if cfg.qk_norm and arch != "qwen3":
+    gemma = arch in ("gemma2", "gemma3_text")
+    if cfg.qk_norm and arch not in ("qwen3", "gemma3_text"):
         out.append(f"qk_norm (transformers' {arch} does not normalize queries and keys)")
-    if cfg.logit_softcap is not None:
-        out.append(f"logit_softcap {cfg.logit_softcap} (transformers' Llama, GPT-2 and BERT do not cap logits)")
+    if cfg.logit_softcap is not None and not gemma:
+        out.append(f"logit_softcap {cfg.logit_softcap} (transformers' {arch} does not cap logits)")
+    if cfg.attn_softcap is not None and not gemma:
+        out.append(f"attn_softcap {cfg.attn_softcap} (transformers' {arch} does not cap attention scores)")
+    if cfg.norm_offset and not gemma:
+        out.append("norm_offset (RMSNorm's 1 + weight form is Gemma's)")
+    if cfg.sandwich_norm and not gemma:
+        out.append("sandwich_norm (norms after each sublayer are Gemma's)")
+    if cfg.sliding_window is not None and arch not in ("mistral", "qwen2", "gemma2", "gemma3_text", "phi3"):
+        out.append(f"sliding_window {cfg.sliding_window} (transformers' {arch} attends to the whole context)")
+    if cfg.layer_types is not None and arch in ("mistral", "phi3"):
+        out.append(f"layer_types (transformers' {arch} windows every layer)")
+    if cfg.rotary_dim is not None and arch != "phi3":
+        out.append(f"rotary_dim {cfg.rotary_dim} (partial RoPE is Phi-3's)")
+    if cfg.rope_local_theta is not None and arch != "gemma3_text":
+        out.append(f"rope_local_theta {cfg.rope_local_theta} (a second RoPE base for windowed layers is Gemma 3's)")
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope" and arch != "phi3":
+        out.append("longrope RoPE scaling (Phi-3's)")
     return out
 
 
@@ -503,8 +682,13 @@ def _fits(arch: Architecture, cfg: ModelConfig, mlm_head: bool) -> bool:
 
 
 def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
-    """The Hugging Face config.json that describes our model, or an error naming what has no HF equivalent."""
-    arch = next((a for a in ARCHITECTURES.values() if a.exportable and _fits(a, cfg, mlm_head)), None)
+    """The Hugging Face config.json that describes our model, or an error naming what has no HF equivalent. A model
+    read from a Hugging Face folder exports as its own architecture when that one holds it (a Phi-3 stays a Phi-3)."""
+    own = ARCHITECTURES.get(cfg.extra.get("hf_model_type") or "")
+    if own is not None and own.exportable and _fits(replace(own, fits=None), cfg, mlm_head) and not _export_blockers(cfg, own.model_type):
+        arch: Architecture | None = own
+    else:
+        arch = next((a for a in ARCHITECTURES.values() if a.exportable and _fits(a, cfg, mlm_head)), None)
     if arch is None:
         raise LlmkitError(
             f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
@@ -522,12 +706,30 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
         if f.export:
             out[f.theirs] = f.write(cfg)
     if arch.position_rope:
-        out["hidden_act"] = "silu"
-        if cfg.rope_scaling:
-            scaling = dict(cfg.rope_scaling)
-            if scaling["rope_type"] == "dynamic":  # transformers' dynamic NTK starts growing at max_position_embeddings
-                out["max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
-            out["rope_scaling"] = {**scaling, "rope_theta": cfg.rope_theta}
+        if cfg.activation == "swiglu":
+            out["hidden_act"] = "silu"
+        scaling = dict(cfg.rope_scaling or {"rope_type": "default"})
+        if scaling["rope_type"] == "dynamic":  # transformers' dynamic NTK starts growing at max_position_embeddings
+            out["max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        if scaling["rope_type"] == "longrope":  # Phi-3 keeps the original context beside the scaling too
+            out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+        if cfg.rotary_dim is not None:
+            out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+            scaling["partial_rotary_factor"] = out["partial_rotary_factor"]
+        parameters = {**scaling, "rope_theta": cfg.rope_theta}
+        if arch is GEMMA3:  # transformers 5: one set per layer type (the windowed layers' unscaled)
+            local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+            out["rope_parameters"] = {"full_attention": parameters, "sliding_attention": local}
+        elif cfg.rope_scaling or cfg.rotary_dim is not None:
+            out["rope_scaling"] = parameters
+        if cfg.sliding_window is not None:
+            out["sliding_window"] = cfg.sliding_window
+            types = cfg.layer_types or ["sliding_attention"] * cfg.n_layers
+            if arch in (GEMMA2, GEMMA3, QWEN2):
+                out["layer_types"] = types
+            if arch is QWEN2:  # transformers 4 reads these: windowed from max_window_layers on
+                out["use_sliding_window"] = True
+                out["max_window_layers"] = types.index("sliding_attention")
     elif arch is GPT2:
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif arch is BERT:
@@ -538,9 +740,9 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
 # --- tensor names ----------------------------------------------------------------------------------------------------
 
 
-def to_ours(model_type: str, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Hugging Face state dict renamed into ours (split / transposed where the layout differs); names no row knows are
-    left out."""
+def to_ours(model_type: str, hf_state: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """A Hugging Face state dict renamed into ours (split / transposed where the layout differs; `cfg` sizes the parts
+    of tensors stacked by rows); names no row knows are left out."""
     arch = architecture(model_type)
     rules = arch._rules()
     ours: dict[str, torch.Tensor] = {}
@@ -556,16 +758,42 @@ def to_ours(model_type: str, hf_state: dict[str, torch.Tensor]) -> dict[str, tor
         if rule.how == "qkv":  # GPT-2's fused c_attn: a (D, 3D) Conv1D weight or (3D,) bias -> q, k, v
             for letter, part in zip("qkv", tensor.chunk(3, dim=-1)):
                 ours[_fill(rule.ours, {**parts, "qkv": letter})] = part.t().contiguous() if part.dim() == 2 else part.contiguous()
+        elif rule.how == "rows":  # Phi-3's qkv_proj / gate_up_proj: the parts stacked by rows, in the template's order
+            names = _row_parts(rule)
+            if cfg is None:  # shapes only: equal parts stand in (the check compares names)
+                pieces = tensor.chunk(len(names), dim=0)
+            else:
+                pieces = tensor.split([_row_sizes(cfg)[n] for n in names], dim=0)
+            for n, piece in zip(names, pieces):
+                ours[_fill(rule.ours, {**parts, "part": n})] = piece.contiguous()
         else:
             ours[_fill(rule.ours, parts)] = tensor.t().contiguous() if rule.how == "t" else tensor
     return ours
 
 
+def _row_parts(rule: Rename) -> list[str]:
+    """The part names of a "rows" rule, in their stacking order ("{part:q|k|v}" -> ["q", "k", "v"])."""
+    m = re.search(r"\{part:([^}]*)\}", rule.ours)
+    assert m is not None, rule
+    return m.group(1).split("|")
+
+
 def hf_name(model_type: str, name: str) -> str | None:
-    """Our tensor name -> theirs (one-to-one renames only: None for GPT-2's fused attention and for unknown names)."""
+    """Our tensor name -> theirs (one-to-one renames only: None for fused tensors (GPT-2's c_attn, Phi-3's qkv_proj
+    and gate_up_proj) and for unknown names)."""
     for _, ours, rule in architecture(model_type)._rules():
         m = ours.match(name)
-        if m and rule.how != "qkv" and rule.export:
+        if m and rule.how not in ("qkv", "rows") and rule.export:
+            return _fill(rule.theirs, m.groupdict())
+    return None
+
+
+def fused_name(model_type: str, name: str) -> str | None:
+    """The architecture's tensor that holds our tensor `name` together with others (GPT-2's c_attn, Phi-3's qkv_proj
+    and gate_up_proj), or None where it is stored alone."""
+    for _, ours, rule in architecture(model_type)._rules():
+        m = ours.match(name)
+        if m and rule.how in ("qkv", "rows"):
             return _fill(rule.theirs, m.groupdict())
     return None
 
@@ -579,6 +807,11 @@ def to_theirs(model_type: str, state: dict[str, torch.Tensor]) -> Iterator[tuple
             if not m or not rule.export:
                 continue
             parts = m.groupdict()
+            if rule.how == "rows":
+                names = _row_parts(rule)
+                if parts["part"] == names[0]:  # the first part's row writes the stacked tensor
+                    yield _fill(rule.theirs, parts), torch.cat([state[_fill(rule.ours, {**parts, "part": n})] for n in names], dim=0)
+                break
             if rule.how == "qkv":
                 if parts["qkv"] != "q":  # q's row writes the fused tensor
                     break
@@ -609,7 +842,7 @@ def load_hf(directory: Path, hf: dict, dtype=None) -> torch.nn.Module:
     shapes = {}
     for f in files:
         meta = {k: torch.empty(shape, device="meta") for k, shape in _safetensors_keys(f).items()}
-        shapes.update({k: tuple(v.shape) for k, v in to_ours(model_type, meta).items()})
+        shapes.update({k: tuple(v.shape) for k, v in to_ours(model_type, meta, cfg).items()})
     kwargs = {}
     if cfg.family == "encoder":
         kwargs["mlm_head"] = "lm_head.weight" in shapes or "lm_head.bias" in shapes
@@ -632,7 +865,7 @@ def load_hf(directory: Path, hf: dict, dtype=None) -> torch.nn.Module:
     def stream():
         for f in files:
             for name, tensor in _stream_safetensors(f):
-                for ours, t in to_ours(model_type, {name: tensor}).items():
+                for ours, t in to_ours(model_type, {name: tensor}, cfg).items():
                     if skip_pooler and ours.startswith("pooler"):
                         continue
                     yield ours, t

@@ -1,0 +1,231 @@
+"""The families people use, against `transformers` on tiny random models with random norms and biases, at positions
+beyond the sliding window: Gemma 2 (1 + weight norms, sandwich norms, scaled embeddings, query_pre_attn_scalar, soft-
+capped attention and logits, windowed layers alternating with global ones), Gemma 3 (q/k norms, the local layers' own
+RoPE base, the global layers' scaling), Phi-3 (fused qkv and gate_up projections; partial RoPE with LongRoPE; a
+window on every layer), Mistral and Qwen2 (windows). Every path: full forward, KV-cache decoding, the static step the
+compiler takes, the serving engine's batched rows; greedy tokens; export back to transformers; LoRA into peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.generate import GenerationConfig, generate
+from llmkit.model.compiled import StaticDecoder
+from llmkit.model.weights import export_hf
+
+from conftest import engine_results
+
+WINDOW = 8
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _reference(family: str, vocab: int = 211):
+    """(a tiny random transformers model of `family` with random norms and biases, its class name)."""
+    import transformers
+
+    T = transformers
+    if family == "gemma2":
+        cfg = T.Gemma2Config(
+            **SHAPE,
+            vocab_size=vocab,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=24,  # not the head size: its own attention scale
+            sliding_window=WINDOW,
+            final_logit_softcapping=5.0,  # small caps, so that tanh bends the values
+            attn_logit_softcapping=4.0,
+        )
+        cls = T.Gemma2ForCausalLM
+    elif family == "gemma3":
+        cfg = T.Gemma3TextConfig(
+            **SHAPE,
+            vocab_size=vocab,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+            },
+            final_logit_softcapping=6.0,
+        )
+        cls = T.Gemma3ForCausalLM
+    elif family in ("phi3", "phi3-longrope"):
+        extra = {}
+        if family == "phi3-longrope":  # Phi-4-mini's partial RoPE and Phi-3.5's LongRoPE; context 128 grown from 32
+            g = torch.Generator().manual_seed(5)
+            short, long = (1.0 + 3.0 * torch.rand(4, generator=g), 1.0 + 8.0 * torch.rand(4, generator=g))
+            extra = dict(
+                original_max_position_embeddings=32,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.5,
+                    "short_factor": short.tolist(),
+                    "long_factor": long.tolist(),
+                    "original_max_position_embeddings": 32,
+                },
+            )
+        else:
+            extra = dict(sliding_window=WINDOW)
+        cfg = T.Phi3Config(**SHAPE, vocab_size=vocab, num_hidden_layers=2, tie_word_embeddings=False, pad_token_id=0, **extra)
+        cls = T.Phi3ForCausalLM
+    elif family == "mistral":
+        cfg = T.MistralConfig(**SHAPE, vocab_size=vocab, num_hidden_layers=2, sliding_window=WINDOW)
+        cls = T.MistralForCausalLM
+    else:  # qwen2 with a window on its layers from max_window_layers on
+        cfg = T.Qwen2Config(
+            **SHAPE, vocab_size=vocab, num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+        )
+        cls = T.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(
+                    (0.0 if "gemma" in family else 1.0) + 0.5 * torch.randn(p.shape, generator=g)
+                    if "norm" in name
+                    else 0.5 * torch.randn(p.shape, generator=g)
+                )
+            else:
+                p.mul_(3.0)  # confident: greedy paths far from ties
+    return model, cls.__name__
+
+
+FAMILIES = ["gemma2", "gemma3", "phi3", "phi3-longrope", "mistral", "qwen2"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        folder = tmp_path_factory.mktemp(family)
+        ref, cls = _reference(family)
+        ref.save_pretrained(folder)
+        out[family] = (folder, ref, cls)
+    return out
+
+
+def _ids(shape, seed=0, vocab=211):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_greedy_tokens_equal_transformers_beyond_the_window(tmp_path, saved, family, tokenizers_by_kind):
+    import transformers
+
+    folder, ref, cls = saved[family]
+    ours = llmkit.load(folder)
+    c = ours.config
+    expected_window = None if family == "phi3-longrope" else WINDOW
+    assert c.sliding_window == expected_window and c.max_seq_len == 128
+    ids = _ids((2, 60))  # 60 positions: beyond the window (8) and LongRoPE's original context (32)
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+        # KV-cache decoding: a prefill, then one token at a time past the window (and past LongRoPE's original
+        # context, where transformers too rotates the new keys with the long factors and keeps the cached ones)
+        cache = ours.new_cache(2, 60)
+        stepped = torch.cat([ours(ids[:, :20], cache=cache), *(ours(ids[:, t : t + 1], cache=cache) for t in range(20, 60))], 1)
+        if family == "phi3-longrope":
+            out = ref(ids[:, :20], use_cache=True)
+            theirs = [out.logits]
+            for t in range(20, 60):
+                out = ref(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                theirs.append(out.logits)
+            expected = torch.cat(theirs, 1)
+        else:
+            expected = ours(ids)
+        assert (stepped - expected).abs().max().item() <= 1e-4
+    prompt = ids[:1, :20]
+    theirs = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
+    cfg = GenerationConfig(max_new_tokens=16, do_sample=False, stop_token_ids=[])
+    assert generate(ours, tokenizers_by_kind["byte-bpe"], [prompt[0].tolist()], cfg)[0].ids == theirs
+    export_hf(ours, tmp_path / "out")
+    back = getattr(transformers, cls).from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == cls  # each family exports as itself
+    with torch.no_grad():
+        assert (back(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen2", "mistral"])
+def test_the_static_step_and_the_engine_keep_the_window(saved, family, tokenizers_by_kind):
+    """The step the compiler takes (run eagerly) over 70 positions, batch 2, equals the model with its KV cache; the
+    engine's batched rows (joining at different steps, left-padded) give each request's tokens alone, static step or
+    not."""
+    folder, _, _ = saved[family]
+    model = llmkit.load(folder)
+    ids = _ids((2, 80), seed=3)
+    static = StaticDecoder(model, 2, 100, compile=False)
+    with torch.no_grad():
+        cache = model.new_cache(2, 100)
+        ref = model(ids[:, :10], cache=cache)[:, -1]
+        out = model(ids[:, :10], cache=static.cache())[:, -1]
+        valid = torch.zeros(2, 100, dtype=torch.bool)
+        valid[:, :10] = True
+        for t in range(10, 80):
+            torch.testing.assert_close(out, ref)
+            ref = model(ids[:, t : t + 1], cache=cache)[:, -1]
+            valid[:, t] = True
+            out = static.step(ids[:, t], torch.full((2,), t), t, valid)
+    tok = tokenizers_by_kind["byte-bpe"]
+    model.tokenizer = tok
+    vocab = model.config.vocab_size
+    jobs = [
+        (_ids((n,), seed=10 + n, vocab=vocab).tolist(), GenerationConfig(max_new_tokens=m, do_sample=False))
+        for n, m in ((3, 30), (17, 20), (9, 25))
+    ]
+    for _, cfg in jobs:
+        cfg.stop_token_ids = []
+    alone = [generate(model, tok, [p], c)[0].ids for p, c in jobs]
+    assert all(len(a) == c.max_new_tokens for a, (_, c) in zip(alone, jobs))
+    from llmkit.serve import Engine
+
+    for static_step in (False, True):
+        model.compiled_decode = "eager" if static_step else None
+        engine = Engine(model, family, max_batch=4, max_queue=8)
+        try:
+            together = engine_results(engine, jobs, stagger=0.02)
+        finally:
+            engine.close()
+        assert [r["ids"] for r in together] == alone, static_step
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_a_lora_adapter_of_the_family_loads_in_peft(tmp_path, saved, family):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.model.lora import apply_lora, save_lora
+
+    folder, _, _ = saved[family]
+    model = llmkit.load(folder)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if "lora_" in n):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    save_lora(model, tmp_path / "adapter")
+    ids = _ids((2, 30), seed=6)
+    with torch.no_grad():
+        ours = model(ids)
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "adapter").eval()
+        assert (loaded(ids).logits - ours).abs().max().item() <= 1e-4
+
+
+def test_phi3s_fused_projections_are_named_when_lora_cannot_save_them(saved):
+    from llmkit.errors import LlmkitError
+    from llmkit.model.lora import apply_lora, check_peft_names
+
+    model = llmkit.load(saved["phi3"][0])
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "o_proj"])
+    with pytest.raises(LlmkitError, match="qkv_proj"):
+        check_peft_names(model)
+    fine = llmkit.load(saved["phi3"][0])
+    apply_lora(fine, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
+    check_peft_names(fine)  # Phi-3's own unfused projections save in PEFT's names
