@@ -113,6 +113,21 @@ def test_t5_equals_transformers(tmp_path, ff):
     with torch.no_grad():
         theirs = ref(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
         assert _max_diff(ours(src, tgt, attention_mask=mask), theirs) <= TOL
+    export_hf(ours, tmp_path / "export")  # and back out: transformers reads it as the same model
+    back = T5ForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert _max_diff(back(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits, theirs) <= TOL
+
+
+def test_a_t5_pretrained_by_llmkit_exports_to_transformers(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    model = build_model(preset("tiny-t5", vocab_size=97, d_model=64, n_heads=4, d_ff=96, n_layers=2)).eval()
+    export_hf(model, tmp_path)
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    src, tgt = _ids(97, (2, 14)), _ids(97, (2, 9), seed=2)
+    with torch.no_grad():
+        assert _max_diff(ref(input_ids=src, decoder_input_ids=tgt).logits, model(src, tgt)) <= TOL
 
 
 # --- the real embedded models ----------------------------------------------------------------------------

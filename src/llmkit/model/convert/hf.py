@@ -71,6 +71,7 @@ class Rename:
     # "rows": one tensor of theirs stacked by rows, ours its parts ({part} names them; sizes from the config: Phi-3's
     # qkv_proj (q, k, v) and gate_up_proj (gate, up))
     export: bool = True  # False: read on import only (a head the exported architecture does not have)
+    when: Callable[[ModelConfig], bool] | None = None  # on export, only for configs of this kind (T5's gated wi_1)
 
 
 PART = {"i": r"\d+", "w": "weight|bias"}
@@ -431,13 +432,9 @@ PHI3 = Architecture(
         Rename("lm_head.weight", "lm_head.weight"),
     ),
     check=_check_phi3,
-    # Phi-3 is Llama with fused projections: only what a Llama cannot hold exports as Phi-3 (partial RoPE, LongRoPE)
-    fits=lambda cfg: (
-        not cfg.qk_norm
-        and cfg.qkv_bias in (None, False)
-        and (cfg.rotary_dim is not None or (cfg.rope_scaling or {}).get("rope_type") == "longrope")
-        and cfg.layer_types is None
-    ),
+    # Phi-3 is Llama with fused projections (after Llama and Mistral in ARCHITECTURES: only a Phi-3's own config, or
+    # what they cannot hold (partial RoPE, LongRoPE), exports as Phi-3)
+    fits=lambda cfg: not cfg.qk_norm and cfg.qkv_bias in (None, False) and cfg.layer_types is None,
 )
 
 
@@ -560,20 +557,22 @@ T5 = Architecture(
         Field("activation", "feed_forward_proj", "relu", values={"relu": "relu", "gated-gelu": "geglu"}),
         Field("norm_eps", "layer_norm_epsilon", 1e-6),
         Field("tie_embeddings", "tie_word_embeddings", True),
-        Field("scale_decoder_outputs", "scale_decoder_outputs", lambda hf: hf.get("tie_word_embeddings", True)),
+        # transformers scales the decoder's output by d_model^-0.5 exactly when the embeddings are tied (t5, not v1.1)
+        Field("scale_decoder_outputs", "scale_decoder_outputs", lambda hf: hf.get("tie_word_embeddings", True), export=False),
         Field("pad_token_id", "pad_token_id", 0),
         Field("eos_token_id", "eos_token_id", None),
         Field("decoder_start_token_id", "decoder_start_token_id", 0),
     ),
     renames=(
-        Rename("{e:shared|encoder\\.embed_tokens|decoder\\.embed_tokens}.weight", "enc_embed.tokens.weight"),
+        Rename("{e:shared|encoder\\.embed_tokens|decoder\\.embed_tokens}.weight", "enc_embed.tokens.weight", export=False),
+        Rename("shared.weight", "enc_embed.tokens.weight"),  # written once: transformers ties the two embed_tokens to it
         Rename("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "enc_bias.embedding.weight"),
         Rename("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "dec_bias.embedding.weight"),
         Rename("encoder.block.{i}.layer.0.SelfAttention.{p:[qkvo]}.weight", "encoder.{i}.attn.{p}_proj.weight"),
         Rename("encoder.block.{i}.layer.0.layer_norm.weight", "encoder.{i}.attn_norm.weight"),
-        Rename("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", "encoder.{i}.mlp.up_proj.weight"),
+        Rename("encoder.block.{i}.layer.1.DenseReluDense.wi.weight", "encoder.{i}.mlp.up_proj.weight", when=lambda c: not c.gated),
         Rename("encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight", "encoder.{i}.mlp.gate_proj.weight"),
-        Rename("encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", "encoder.{i}.mlp.up_proj.weight"),
+        Rename("encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight", "encoder.{i}.mlp.up_proj.weight", when=lambda c: c.gated),
         Rename("encoder.block.{i}.layer.1.DenseReluDense.wo.weight", "encoder.{i}.mlp.down_proj.weight"),
         Rename("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.{i}.mlp_norm.weight"),
         Rename("encoder.final_layer_norm.weight", "enc_norm.weight"),
@@ -581,16 +580,17 @@ T5 = Architecture(
         Rename("decoder.block.{i}.layer.0.layer_norm.weight", "decoder.{i}.attn_norm.weight"),
         Rename("decoder.block.{i}.layer.1.EncDecAttention.{p:[qkvo]}.weight", "decoder.{i}.cross_attn.{p}_proj.weight"),
         Rename("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.{i}.cross_norm.weight"),
-        Rename("decoder.block.{i}.layer.2.DenseReluDense.wi.weight", "decoder.{i}.mlp.up_proj.weight"),
+        Rename("decoder.block.{i}.layer.2.DenseReluDense.wi.weight", "decoder.{i}.mlp.up_proj.weight", when=lambda c: not c.gated),
         Rename("decoder.block.{i}.layer.2.DenseReluDense.wi_0.weight", "decoder.{i}.mlp.gate_proj.weight"),
-        Rename("decoder.block.{i}.layer.2.DenseReluDense.wi_1.weight", "decoder.{i}.mlp.up_proj.weight"),
+        Rename("decoder.block.{i}.layer.2.DenseReluDense.wi_1.weight", "decoder.{i}.mlp.up_proj.weight", when=lambda c: c.gated),
         Rename("decoder.block.{i}.layer.2.DenseReluDense.wo.weight", "decoder.{i}.mlp.down_proj.weight"),
         Rename("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.{i}.mlp_norm.weight"),
         Rename("decoder.final_layer_norm.weight", "dec_norm.weight"),
         Rename("lm_head.weight", "lm_head.weight"),
     ),
     check=_t5_check,
-    exportable=False,
+    # a scaled decoder output comes with tied embeddings in transformers: scaled and untied has no T5 config
+    fits=lambda cfg: (cfg.tie_embeddings or not cfg.scale_decoder_outputs) and cfg.activation in ("relu", "geglu"),
 )
 
 ARCHITECTURES = {a.model_type: a for a in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA2, GEMMA3, PHI3, BERT, T5)}
@@ -631,7 +631,7 @@ def _export_blockers(cfg: ModelConfig, arch: str) -> list[str]:
     out = []
     if cfg.scale_embeddings and arch not in ("gemma2", "gemma3_text"):
         out.append("scale_embeddings (token embeddings x sqrt(d_model))")
-    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12 and arch not in ("gemma2", "gemma3_text"):
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12 and arch not in ("gemma2", "gemma3_text", "t5"):
         out.append(f"attn_scale {cfg.attn_scale} (transformers scales by 1/sqrt(head_dim))")
     if cfg.embedding_norm and arch != "bert":
         out.append("embedding_norm")
@@ -685,20 +685,21 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
     """The Hugging Face config.json that describes our model, or an error naming what has no HF equivalent. A model
     read from a Hugging Face folder exports as its own architecture when that one holds it (a Phi-3 stays a Phi-3)."""
     own = ARCHITECTURES.get(cfg.extra.get("hf_model_type") or "")
-    if own is not None and own.exportable and _fits(replace(own, fits=None), cfg, mlm_head) and not _export_blockers(cfg, own.model_type):
-        arch: Architecture | None = own
-    else:
-        arch = next((a for a in ARCHITECTURES.values() if a.exportable and _fits(a, cfg, mlm_head)), None)
-    if arch is None:
+    candidates = [a for a in ARCHITECTURES.values() if a.exportable and _fits(a, cfg, mlm_head)]
+    if own in candidates:
+        candidates.remove(own)
+        candidates.insert(0, own)
+    if not candidates:
         raise LlmkitError(
             f"no Hugging Face architecture matches this {cfg.family} ({cfg.position} positions, {cfg.norm} {cfg.norm_position}-norm, "
             f"{cfg.activation})",
-            "export GPT-2-like or Llama-like decoders and BERT-like encoders, or keep llmkit's own format",
+            "export GPT-2-, Llama-, Qwen-, Gemma- or Phi-3-like decoders, BERT-like encoders and T5s, or keep llmkit's own format",
         )
-    blockers = _export_blockers(cfg, arch.model_type)
-    if blockers:
+    # the first that holds every setting; none: the first one's objections, named
+    arch = next((a for a in candidates if not _export_blockers(cfg, a.model_type)), None)
+    if arch is None:
         raise LlmkitError(
-            f"transformers' {arch.model_type} would run this model differently: {'; '.join(blockers)}",
+            f"transformers' {candidates[0].model_type} would run this model differently: {'; '.join(_export_blockers(cfg, candidates[0].model_type))}",
             "keep llmkit's own format (llmkit.load reads it), or train without these settings",
         )
     out: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.classes[0]]}
@@ -734,6 +735,11 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif arch is BERT:
         out.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    elif arch is T5:
+        # transformers scales the decoder's output exactly when tie_word_embeddings is true (transformers 5 always ties
+        # and keeps the flag as scale_decoder_outputs): the flag says the scaling, and an unscaled model's head is
+        # written out even when tied (transformers 4 then reads it, 5 ties it: the same values)
+        out.update(is_encoder_decoder=True, dropout_rate=0.0, tie_word_embeddings=cfg.scale_decoder_outputs)
     return out
 
 
@@ -798,13 +804,14 @@ def fused_name(model_type: str, name: str) -> str | None:
     return None
 
 
-def to_theirs(model_type: str, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our state dict renamed into the architecture's (joined / transposed where the layout differs)."""
+def to_theirs(model_type: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our state dict renamed into the architecture's (joined / transposed where the layout differs; `cfg` picks the
+    rows meant for its kind)."""
     rules = architecture(model_type)._rules()
     for name, tensor in state.items():
         for _, ours, rule in rules:
             m = ours.match(name)
-            if not m or not rule.export:
+            if not m or not rule.export or (rule.when is not None and cfg is not None and not rule.when(cfg)):
                 continue
             parts = m.groupdict()
             if rule.how == "rows":
@@ -884,8 +891,10 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=No
     if t == "bert" and getattr(model, "lm_head", None) is None:
         hf["architectures"] = ["BertModel"]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out = dict(to_theirs(t, state))
-    if cfg.tie_embeddings:
+    out = dict(to_theirs(t, state, cfg))
+    if t == "t5" and not hf["tie_word_embeddings"]:
+        out["lm_head.weight"] = state["lm_head.weight"].clone()  # its own bytes: a tied head shares the embedding's
+    elif cfg.tie_embeddings:
         out.pop("lm_head.weight", None)
         out.pop("cls.predictions.decoder.weight", None)
     directory = Path(directory)
