@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -699,7 +699,8 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
     arch = next((a for a in candidates if not _export_blockers(cfg, a.model_type)), None)
     if arch is None:
         raise LlmkitError(
-            f"transformers' {candidates[0].model_type} would run this model differently: {'; '.join(_export_blockers(cfg, candidates[0].model_type))}",
+            f"transformers' {candidates[0].model_type} would run this model differently: "
+            + "; ".join(_export_blockers(cfg, candidates[0].model_type)),
             "keep llmkit's own format (llmkit.load reads it), or train without these settings",
         )
     out: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.classes[0]]}
