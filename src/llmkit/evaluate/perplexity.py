@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llmkit.progress import progress
+
 
 def window_plan(n_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """(start, end, n_scored) of each window: the last n_scored tokens of [start, end) are scored."""
@@ -51,21 +53,28 @@ def score_tokens(
     ids = torch.as_tensor(ids, dtype=torch.long, device=host)
     plan = window_plan(len(ids), window, stride)[:max_windows]
     nats, count = 0.0, 0
-    for i in range(0, len(plan), batch_size):
-        group = plan[i : i + batch_size]
-        width = max(e - s for s, e, _ in group) - 1  # a window of N tokens is N - 1 inputs predicting N - 1 next tokens
-        x = torch.zeros(len(group), width, dtype=torch.long, device=host)
-        targets = torch.full((len(group), width), -100, dtype=torch.long, device=host)
-        for r, (s, e, n) in enumerate(group):
-            x[r, : e - s - 1] = ids[s : e - 1]
-            targets[r, e - s - 1 - n : e - s - 1] = ids[e - n : e]  # input position p predicts token p + 1
-        x, targets = x.to(device), targets.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(x)  # (b, width, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-        nats += loss.item()
-        count += int((targets != -100).sum())
+    with progress("windows", disable=None if len(plan) > batch_size else True) as bar:
+        task = bar.add_task("score", total=len(plan))
+        for i in range(0, len(plan), batch_size):
+            nats_i, count_i = _score_group(model, ids, plan[i : i + batch_size], device, host, autocast_dtype)
+            nats, count = nats + nats_i, count + count_i
+            bar.update(task, completed=min(i + batch_size, len(plan)))
     return nats, count
+
+
+def _score_group(model, ids, group, device, host, autocast_dtype) -> tuple[float, int]:
+    """(nats, tokens scored) of one batch of windows (start, end, tokens to score) of `ids`."""
+    width = max(e - s for s, e, _ in group) - 1  # a window of N tokens is N - 1 inputs predicting N - 1 next tokens
+    x = torch.zeros(len(group), width, dtype=torch.long, device=host)
+    targets = torch.full((len(group), width), -100, dtype=torch.long, device=host)
+    for r, (s, e, n) in enumerate(group):
+        x[r, : e - s - 1] = ids[s : e - 1]
+        targets[r, e - s - 1 - n : e - s - 1] = ids[e - n : e]  # input position p predicts token p + 1
+    x, targets = x.to(device), targets.to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = model(x)  # (b, width, V)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss.item(), int((targets != -100).sum())
 
 
 def summarize(nats: float, tokens: int, n_bytes: float) -> dict:

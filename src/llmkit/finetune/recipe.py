@@ -286,14 +286,13 @@ def greedy_answers(model, tok, conversations: list[list[dict]], max_new_tokens: 
     """The model's greedy answer to each conversation, through the chat template, `batch` at a time."""
     model.eval()
     prompts = [chat_prompt_ids(tok, messages) for messages in conversations]
-    out = []
-    for i in range(0, len(prompts), batch):
-        out += [
-            g.text
-            for g in generate(
-                model, tok, prompts[i : i + batch], GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False), warn=lambda m: None
-            )
-        ]
+    out: list[str] = []
+    with progress("answers") as bar:  # minutes on a CPU for a few hundred questions: a bar with rate and ETA
+        task = bar.add_task("greedy answers", total=len(prompts))
+        for i in range(0, len(prompts), batch):
+            config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
+            out += [g.text for g in generate(model, tok, prompts[i : i + batch], config, warn=lambda m: None)]
+            bar.update(task, completed=len(out))
     return out
 
 
