@@ -229,3 +229,81 @@ def test_phi3s_fused_projections_are_named_when_lora_cannot_save_them(saved):
     fine = llmkit.load(saved["phi3"][0])
     apply_lora(fine, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
     check_peft_names(fine)  # Phi-3's own unfused projections save in PEFT's names
+
+
+def test_gemma_edge_configs_read_and_export_as_transformers_runs_them(tmp_path):
+    """Gemma 2 with null soft-caps (no cap, not the defaults) and its own RoPE base; Gemma 3 from a
+    config.json in transformers 4's form (rope_theta, rope_local_base_freq, sliding_window_pattern, no layer_types):
+    logits equal transformers', and an export reads back in transformers alike."""
+    import json
+
+    import transformers
+
+    g2 = transformers.Gemma2Config(
+        **SHAPE,
+        vocab_size=97,
+        num_hidden_layers=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        rope_theta=50000.0,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        sliding_window=WINDOW,
+    )
+    torch.manual_seed(0)
+    ref = transformers.Gemma2ForCausalLM(g2).eval()
+    ref.save_pretrained(tmp_path / "g2")
+    raw = json.loads((tmp_path / "g2" / "config.json").read_text())
+    assert raw["final_logit_softcapping"] is None and raw["attn_logit_softcapping"] is None
+    ours = llmkit.load(tmp_path / "g2")
+    assert (ours.config.logit_softcap, ours.config.attn_softcap, ours.config.rope_theta) == (None, None, 50000.0)
+    ids = _ids((2, 30), vocab=97)
+    export_hf(ours, tmp_path / "g2-out")
+    back = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "g2-out").eval()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        assert (ours(ids) - expected).abs().max().item() <= 1e-4
+        assert (back(ids).logits - expected).abs().max().item() <= 1e-4
+    # Gemma 3 in transformers 4's words: the same model as transformers 5 reads it
+    folder, ref3, _ = _gemma3_in_v4_form(tmp_path)
+    ours3 = llmkit.load(folder)
+    assert ours3.config.rope_local_theta == 500.0 and ours3.config.layer_types == [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
+    ids = _ids((2, 40), vocab=211)
+    with torch.no_grad():
+        assert (ours3(ids) - ref3(ids).logits).abs().max().item() <= 1e-4
+
+
+def _gemma3_in_v4_form(tmp_path):
+    import json
+
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(
+        **SHAPE,
+        vocab_size=211,
+        num_hidden_layers=3,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+        },
+    )
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForCausalLM(cfg).eval()
+    folder = tmp_path / "g3-v4"
+    ref.save_pretrained(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        raw.pop(key, None)
+    raw.update(
+        rope_theta=100000.0, rope_local_base_freq=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_window_pattern=2
+    )
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder, ref, "Gemma3ForCausalLM"

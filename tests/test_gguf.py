@@ -144,6 +144,9 @@ def test_what_llama_cpp_cannot_run_is_refused_by_name(tmp_path, tokenizers_by_ki
     llama = build_model(preset("tiny-llama", vocab_size=2048, d_model=64, n_layers=1, n_heads=4)).eval()
     with pytest.raises(LlmkitError, match="unigram tokenizer"):
         export_gguf(llama, tmp_path / "m.gguf", tokenizers_by_kind["unigram"])
+    windowed = build_model(preset("tiny-llama", vocab_size=2048, d_model=64, n_layers=1, n_heads=4, sliding_window=8, rotary_dim=8)).eval()
+    with pytest.raises(LlmkitError, match="sliding_window.*rotary_dim"):  # llama.cpp's llama would attend to everything
+        export_gguf(windowed, tmp_path / "m.gguf", tokenizers_by_kind["byte-bpe"])
     with pytest.raises(LlmkitError, match="unknown GGUF quantization 'q3_k'"):
         export_gguf(llama, tmp_path / "m.gguf", tokenizers_by_kind["byte-bpe"], quant="q3_k")
     assert not list(tmp_path.iterdir())  # nothing half-written

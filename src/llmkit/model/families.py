@@ -47,8 +47,8 @@ class Embedding(nn.Module):
         if check:
             check_ids(ids, self.cfg.vocab_size)
         x = self.tokens(ids)  # (B, T, D)
-        if self.cfg.scale_embeddings:
-            x = x * math.sqrt(self.cfg.d_model)
+        if self.cfg.scale_embeddings:  # the factor rounded to the weights' dtype first, as Gemma does (exact in float32)
+            x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=x.dtype, device=x.device)
         if self.position is not None:
             x = x + self.position(positions).to(x.dtype)
         if self.token_type is not None:

@@ -255,8 +255,19 @@ def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
             problems.append(f"{key} ({what})")
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12:
         problems.append(f"attn_scale {cfg.attn_scale} (llama.cpp scales by 1/sqrt(head_dim))")
-    if (cfg.rope_scaling or {}).get("rope_type") == "dynamic":
-        problems.append("dynamic NTK RoPE scaling")
+    if (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
+        problems.append(f"{cfg.rope_scaling['rope_type']} RoPE scaling")  # type: ignore[index]
+    # the settings of Gemma, Phi-3 and windowed models: llama.cpp's llama / qwen2 / qwen3 graphs have none of them
+    for key, what in (
+        ("sliding_window", "a sliding window (llama.cpp's llama and qwen2 attend to the whole context)"),
+        ("rotary_dim", "partial RoPE"),
+        ("attn_softcap", "capped attention scores"),
+        ("norm_offset", "Gemma's 1 + weight norms"),
+        ("sandwich_norm", "norms after each sublayer"),
+        ("rope_local_theta", "a second RoPE base"),
+    ):
+        if getattr(cfg, key) and not (key == "sliding_window" and cfg.sliding_window >= cfg.max_seq_len):
+            problems.append(f"{key} ({what})")
     if cfg.bias:
         problems.append("biases on every projection")
     if cfg.qk_norm and cfg.qkv_bias:

@@ -41,9 +41,10 @@ class Field:
     values: dict | None = None  # their value -> ours (activations); its inverse is used on export
     export: bool = True  # written on export (False: read only, such as a default that transformers derives)
     convert: tuple[Callable, Callable] | None = None  # (theirs -> ours, ours -> theirs) for a value in other units
+    null: bool = False  # an explicit null is the value (Gemma 2's soft-caps: null = no cap), not "use the default"
 
     def read(self, hf: dict):
-        if hf.get(self.theirs) is not None:
+        if hf.get(self.theirs) is not None or (self.null and self.theirs in hf):
             value = hf[self.theirs]
         elif self.default is REQUIRED:
             raise LlmkitError(f"the config has no {self.theirs!r}", "use the config.json the checkpoint was saved with")
@@ -381,8 +382,9 @@ GEMMA2 = Architecture(
     fields=(
         *_GEMMA_FIELDS,
         Field("max_seq_len", "max_position_embeddings", 8192),
-        Field("logit_softcap", "final_logit_softcapping", 30.0),  # transformers' defaults: capped unless set to null
-        Field("attn_softcap", "attn_logit_softcapping", 50.0),
+        Field("logit_softcap", "final_logit_softcapping", 30.0, null=True),  # transformers' defaults: capped unless null
+        Field("attn_softcap", "attn_logit_softcapping", 50.0, null=True),
+        Field("rope_theta", "rope_theta", 10000.0),
     ),
     renames=_GEMMA_RENAMES,
     check=_check_gemma,
@@ -398,6 +400,7 @@ GEMMA3 = Architecture(
         Field("max_seq_len", "max_position_embeddings", 131072),
         Field("logit_softcap", "final_logit_softcapping", None),
         Field("attn_softcap", "attn_logit_softcapping", None),
+        Field("rope_theta", "rope_theta", lambda hf: _rope_params(hf).get("rope_theta") or 1_000_000.0),  # Gemma 3's default
         # the windowed layers' RoPE base (their rope_parameters["sliding_attention"] in transformers 5)
         Field("rope_local_theta", "rope_local_base_freq", lambda hf: _rope_params(hf, "sliding_attention").get("rope_theta", 10000.0)),
     ),
@@ -444,17 +447,24 @@ def _row_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"q": q, "k": kv, "v": kv, "gate": cfg.d_ff, "up": cfg.d_ff}
 
 
+DEFAULT_WINDOW = {"gemma2": 4096, "gemma3_text": 4096, "mistral": 4096}  # transformers' when config.json has no key
+
+
 def sliding_layers(hf: dict) -> tuple[int | None, list[str] | None]:
     """(the window of a config's sliding-window layers, which layers slide: None for all), or (None, None) when every
     layer attends to the whole context. `layer_types` when given (transformers 5); else by family: Qwen's
     `use_sliding_window` from `max_window_layers` on, Gemma 2 every other layer from the first, Gemma 3 all but every
     `sliding_window_pattern`-th, Mistral and Phi-3 all."""
-    window = hf.get("sliding_window")
+    kind = hf.get("model_type")
+    n = hf.get("num_hidden_layers", 0)
+    window = hf.get("sliding_window", DEFAULT_WINDOW.get(kind))
+    if not window and kind in ("gemma2", "gemma3_text"):
+        # no window, yet the "sliding" layers stay apart (Gemma 3's take the local RoPE base): a window as long as the
+        # context masks nothing
+        window = hf.get("max_position_embeddings") or 131072
     if not window:
         return None, None
-    n = hf["num_hidden_layers"]
     types = hf.get("layer_types")
-    kind = hf.get("model_type")
     if types is None:
         if kind in ("qwen2", "qwen3"):
             if not hf.get("use_sliding_window"):
@@ -617,7 +627,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         values[f.ours] = f.read(hf)
     extra: dict[str, Any] = {"hf_model_type": arch.model_type}
     if arch.position_rope:  # RoPE's base may sit in rope_parameters; its scaling sets the context too
-        values["rope_theta"] = _rope_theta(hf)
+        values["rope_theta"] = _rope_theta(hf, values.get("rope_theta", 10000.0))
         values["rope_scaling"], values["max_seq_len"] = rope_scaling_from_hf(hf)
         values["rotary_dim"] = _partial_rotary(hf, values.get("head_dim") or values["d_model"] // values["n_heads"])
     # windowed layers attend to the last `sliding_window` positions in every path (full forward, KV cache, compiled
@@ -719,19 +729,25 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
             out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
             scaling["partial_rotary_factor"] = out["partial_rotary_factor"]
         parameters = {**scaling, "rope_theta": cfg.rope_theta}
-        if arch is GEMMA3:  # transformers 5: one set per layer type (the windowed layers' unscaled)
-            local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
-            out["rope_parameters"] = {"full_attention": parameters, "sliding_attention": local}
-        elif cfg.rope_scaling or cfg.rotary_dim is not None:
+        out["rope_theta"] = cfg.rope_theta
+        if cfg.rope_scaling or cfg.rotary_dim is not None:
             out["rope_scaling"] = parameters
-        if cfg.sliding_window is not None:
+        if arch is GEMMA3:  # transformers 5: one set per layer type (the windowed layers' unscaled); 4: the keys above
+            out["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
+            local = {"rope_type": "default", "rope_theta": out["rope_local_base_freq"]}
+            out["rope_parameters"] = {"full_attention": parameters, "sliding_attention": local}
+        types = cfg.layer_types or ["sliding_attention" if cfg.sliding_window is not None else "full_attention"] * cfg.n_layers
+        if arch in (GEMMA2, GEMMA3):  # always written: transformers' defaults (a 4,096 window) would differ
+            out["sliding_window"], out["layer_types"] = cfg.sliding_window, types
+        elif cfg.sliding_window is not None:
             out["sliding_window"] = cfg.sliding_window
-            types = cfg.layer_types or ["sliding_attention"] * cfg.n_layers
-            if arch in (GEMMA2, GEMMA3, QWEN2):
+            if arch is QWEN2:
                 out["layer_types"] = types
-            if arch is QWEN2:  # transformers 4 reads these: windowed from max_window_layers on
-                out["use_sliding_window"] = True
-                out["max_window_layers"] = types.index("sliding_attention")
+                first = types.index("sliding_attention")
+                if all(t == "sliding_attention" for t in types[first:]):  # transformers 4: windowed from max_window_layers on
+                    out["use_sliding_window"], out["max_window_layers"] = True, first
+        if arch in (GEMMA2, GEMMA3) and out.get("query_pre_attn_scalar") is None:
+            out["query_pre_attn_scalar"] = cfg.head_dim  # the default scale, 1/sqrt(head_dim)
     elif arch is GPT2:
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif arch is BERT:
