@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llmkit
+from llmkit import io
 from llmkit.data import tasks as T
 from llmkit.errors import LlmkitError
 from llmkit.finetune.data import IGNORE, encode_chat, prepare_examples, read_rows, to_example
@@ -463,3 +464,21 @@ def test_a_finished_fine_tune_says_so_on_resume_and_a_larger_budget_extends_it(t
     said: list[str] = []
     assert finetune(_ft(tiny_base, out, budget="3steps", resume=True), log=said.append)["steps"] == 3
     assert any("extending the finished run" in m and "2steps -> 3steps" in m for m in said)
+
+
+def test_a_lora_run_names_its_base_so_that_it_loads_from_any_folder(tmp_path, tiny_base, monkeypatch):
+    """A base given as a relative path is written as an absolute one (the run works from another directory); an
+    embedded name stays a name; a base that is gone is named as the adapter's base."""
+    monkeypatch.chdir(tiny_base.parent)
+    model = llmkit.load(tiny_base.name)
+    apply_lora(model, r=2, alpha=4, target_modules=["q_proj"])
+    save_lora(model, tmp_path / "run", base_model_name=tiny_base.name)
+    save_lora(model, tmp_path / "named", base_model_name="smollm2")
+    monkeypatch.chdir(tmp_path)
+    assert io.read_json(tmp_path / "run" / "adapter_config.json")["base_model_name_or_path"] == str(tiny_base.resolve())
+    assert io.read_json(tmp_path / "named" / "adapter_config.json")["base_model_name_or_path"] == "smollm2"
+    assert llmkit.load(tmp_path / "run").config.extra["adapter"] == str(tmp_path / "run")
+    cfg = io.read_json(tmp_path / "run" / "adapter_config.json")
+    io.write_json(tmp_path / "run" / "adapter_config.json", {**cfg, "base_model_name_or_path": "gone/base"})
+    with pytest.raises(LlmkitError, match="the adapter's base model 'gone/base'"):
+        llmkit.load(tmp_path / "run")

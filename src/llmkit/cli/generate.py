@@ -159,11 +159,16 @@ def cmd_chat(args) -> None:
 
     model = load_for_generation(args.model, args.dtype, args.quantize, not args.no_compile, device=args.device)
     con = console()
-    session = ChatSession(
-        model, model.tokenizer, system=args.system, config=generation_config(args), warn=lambda m: con.print(f"[yellow]{m}[/]")
-    )
+    notes: list[str] = []  # the run's notes (the background compile's, eager decoding), shown before the next prompt
+
+    def warn(message: str) -> None:  # never inside an answer: a note waits for the next prompt
+        if message.startswith("note:"):
+            notes.append(message[len("note:") :].strip())
+        else:
+            con.print(f"[yellow]{message}[/]")
+
+    session = ChatSession(model, model.tokenizer, system=args.system, config=generation_config(args), warn=warn)
     con.print(f"[bold]chatting with {args.model}[/] — /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops an answer")
-    notes: list[str] = []  # what the background compile says, shown before the next prompt (never inside an answer)
     job = None
     if getattr(model, "compiled_decode", False) == "auto" and sys.stdin.isatty():  # a conversation: compile while the user types
         from llmkit.model.compiled import compile_estimate, compile_step
@@ -186,6 +191,8 @@ def cmd_chat(args) -> None:
             line = input("you> ")
         except EOFError:
             print()
+            for note in notes:
+                con.print(f"[dim]({note})[/]")
             return
         except KeyboardInterrupt:
             print("\n(type /exit or press Ctrl-D to leave)")

@@ -120,6 +120,8 @@ def _cfg_row(name: str, cfg, seq_len) -> dict:
         "heads": cfg.n_heads,
         "kv_heads": cfg.n_kv_heads,
         "context": cfg.max_seq_len,
+        "sliding_window": cfg.sliding_window,
+        "windowed_layers": sum(cfg.windowed(i) for i in range(cfg.n_layers)) if cfg.family == "decoder" else 0,
         "position": cfg.position,
         "activation": cfg.activation,
         "norm": f"{cfg.norm} ({cfg.norm_position})",
@@ -170,7 +172,8 @@ def cmd_model_info(args) -> None:
             str(r["d_model"]),
             str(r["layers"]),
             f"{r['heads']}/{r['kv_heads']}",
-            str(r["context"]),
+            str(r["context"])
+            + (f" (window {r['sliding_window']}: {r['windowed_layers']}/{r['layers']} layers)" if r["sliding_window"] else ""),
             r["position"],
             r["activation"],
             r["norm"],

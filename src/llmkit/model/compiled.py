@@ -523,7 +523,8 @@ class StaticDecoder:
             _TOLD_EAGER.add(self.model)
             self.log(
                 f"note: decoded without compiling ({1 / eager:.1f} tokens/s): compiling the decode step takes ~{estimate:.0f} s "
-                f"and would not pay for at most {self.steps_left} more tokens (LLMKIT_COMPILE=always compiles anyway)"
+                f"and would not pay for at most {self.steps_left} more token{'s' if self.steps_left != 1 else ''} "
+                "(LLMKIT_COMPILE=always compiles anyway)"
             )
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, column: int, valid: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,8 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int | None = None) -> dict:
         """Training FLOPs per token, 6N + 12·L·d·T (Kaplan et al. 2020; PaLM appendix B), where N counts the
-        weights that take part in matrix multiplies (not position embeddings, not a lookup-only input embedding)."""
+        weights that take part in matrix multiplies (not position embeddings, not a lookup-only input embedding) and a
+        windowed layer's T is at most its window."""
         T = seq_len or self.max_seq_len
         assert self.head_dim is not None and self.n_kv_heads is not None and self.d_ff is not None  # set in __post_init__
         assert self.n_decoder_layers is not None
@@ -190,11 +191,13 @@ class ModelConfig:
         cross_layer = q_o + kv
         if self.family == "encoder-decoder":
             n_matmul = self.n_layers * self_layer + self.n_decoder_layers * (self_layer + cross_layer) + D * V
-            attn_layers = self.n_layers + 2 * self.n_decoder_layers
+            attended = (self.n_layers + 2 * self.n_decoder_layers) * T
         else:
             n_matmul = self.n_layers * self_layer + D * V
-            attn_layers = self.n_layers
-        attention = 12 * attn_layers * self.n_heads * hd * T
+            # a windowed layer attends to at most `sliding_window` positions
+            window = self.sliding_window or T
+            attended = sum(min(T, window) if self.windowed(i) else T for i in range(self.n_layers))
+        attention = 12 * self.n_heads * hd * attended
         return {"matmul_params": n_matmul, "forward": 2 * n_matmul + attention // 3, "train": 6 * n_matmul + attention}
 
 

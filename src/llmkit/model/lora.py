@@ -245,6 +245,16 @@ def check_peft_names(model: nn.Module) -> None:
         _hf_name(model, name)
 
 
+def _portable_base(name: str | None) -> str | None:
+    """The base model as the adapter should name it: an embedded name as it is, a folder or file as an absolute path
+    (a relative one would break as soon as the run is used from another directory)."""
+    from llmkit.embedded import EMBEDDED
+
+    if name is None or name in EMBEDDED or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
+
+
 def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's names for the model's HF export)."""
     from safetensors.torch import save
@@ -275,7 +285,7 @@ def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -
             "bias": "none",
             "fan_in_fan_out": False,
             "inference_mode": True,
-            "base_model_name_or_path": base_model_name,
+            "base_model_name_or_path": _portable_base(base_model_name),
             "init_lora_weights": True,
         },
     )

@@ -259,7 +259,7 @@ def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
         problems.append(f"{cfg.rope_scaling['rope_type']} RoPE scaling")  # type: ignore[index]
     # the settings of Gemma, Phi-3 and windowed models: llama.cpp's llama / qwen2 / qwen3 graphs have none of them
     for key, what in (
-        ("sliding_window", "a sliding window (llama.cpp's llama and qwen2 attend to the whole context)"),
+        ("sliding_window", "a sliding window, where llama.cpp's llama and qwen2 attend to the whole context"),
         ("rotary_dim", "partial RoPE"),
         ("attn_softcap", "capped attention scores"),
         ("norm_offset", "Gemma's 1 + weight norms"),

@@ -608,6 +608,11 @@ ARCHITECTURES = {a.model_type: a for a in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, G
 
 def architecture(model_type: str | None) -> Architecture:
     arch = ARCHITECTURES.get(model_type or "")
+    if model_type == "gemma3":  # the multimodal checkpoint (Gemma 3 4B and up): its language model is a gemma3_text
+        raise LlmkitError(
+            "Hugging Face model type 'gemma3' (Gemma 3 with its vision tower) is not supported",
+            "use a text-only Gemma 3 (model_type gemma3_text: Gemma 3 270M and 1B)",
+        )
     if arch is None:
         names = ", ".join(ARCHITECTURES)
         raise LlmkitError(f"Hugging Face model type {model_type!r} is not supported", f"use a checkpoint of one of these types: {names}")
