@@ -30,6 +30,7 @@ import torch
 
 from llmkit.devices import synchronize
 from llmkit.errors import LlmkitError
+from llmkit.grammar import Constraint
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's rule): dividing logits by it would overflow to NaN
 
@@ -60,6 +61,7 @@ class GenerationConfig:
     num_beams: int = 1  # encoder-decoders
     length_penalty: float = 1.0
     early_stopping: bool = False
+    json_schema: dict | None = None  # constrained decoding: the answer is a JSON document of this schema (llmkit.grammar)
 
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature < SAMPLING_EPS
@@ -156,9 +158,12 @@ class Sampler:
         *,
         generator: torch.Generator | None = None,
         generators: list[torch.Generator | None] | None = None,
+        constraints: list | None = None,
     ):
         self.configs, self.n_valid, self.device = list(configs), n_valid, device
         self.generator, self.generators = generator, generators
+        # each row's grammar (llmkit.grammar.Constraint, None: free): its mask before sampling, the token after
+        self.constraints = list(constraints) if constraints is not None else [None] * len(self.configs)
         self._settings()
         self.seen = torch.zeros(len(configs), n_valid, dtype=torch.bool, device=device) if self.use_seen else None
         self.counts = torch.zeros(len(configs), n_valid, dtype=torch.float32, device=device) if self.use_counts else None
@@ -195,12 +200,15 @@ class Sampler:
             self.seen[r] = False
             self.seen[r, ids] = True
 
-    def add_rows(self, configs: list[GenerationConfig], generators: list[torch.Generator | None] | None = None) -> None:
+    def add_rows(
+        self, configs: list[GenerationConfig], generators: list[torch.Generator | None] | None = None, constraints: list | None = None
+    ) -> None:
         """Grow the batch by new rows (continuous batching; a sampler made with per-row `generators`); call
         `add_prompts` for them next."""
         if self.generators is None and len(self.configs):
             raise ValueError("add_rows needs a sampler with per-row generators (make it with generators=[...])")
         self.configs += list(configs)
+        self.constraints += list(constraints) if constraints is not None else [None] * len(configs)
         self.generators = (self.generators or []) + list(generators or [None] * len(configs))
         self._settings()
         for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
@@ -217,6 +225,7 @@ class Sampler:
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (finished requests leave the batch)."""
         self.configs = [self.configs[r] for r in rows]
+        self.constraints = [self.constraints[r] for r in rows]
         if self.generators is not None:
             self.generators = [self.generators[r] for r in rows]
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -233,6 +242,12 @@ class Sampler:
             logits = apply_repetition_penalty(logits, self.seen, self.rep)
         if self.counts is not None:
             logits = logits - self.frequency * self.counts - self.presence * (self.counts > 0)
+        if any(c is not None for c in self.constraints):  # the grammar's mask, row by row (the others keep every token)
+            allowed = torch.ones(logits.shape, dtype=torch.bool)
+            for r, c in enumerate(self.constraints):
+                if c is not None:
+                    allowed[r] = c.allowed(logits.shape[1])
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         choice = logits.argmax(-1)
         if not self.all_greedy:
             scores = filter_top_k_top_p(logits / self.temperature, self.top_k, self.top_p)
@@ -245,7 +260,11 @@ class Sampler:
         return choice
 
     def observe(self, tokens: torch.Tensor) -> None:
-        """Record the chosen tokens (B,) for the penalties."""
+        """Record the chosen tokens (B,) for the penalties and the grammars."""
+        if any(c is not None for c in self.constraints):
+            for c, t in zip(self.constraints, tokens.tolist()):
+                if c is not None:
+                    c.consume(t)
         rows = torch.arange(len(tokens), device=tokens.device)
         if self.seen is not None:
             self.seen[rows, tokens] = True
@@ -427,6 +446,16 @@ def _check_prompt_ids(prompts: list[list[int]], model, tokenizer) -> None:
 
 
 @torch.no_grad()
+def constraint_for(cfg: GenerationConfig, tokenizer, n_valid: int, stop_ids) -> Constraint | None:
+    """A row's grammar for `cfg.json_schema` (None without one): the answer ends on one of `stop_ids` once complete."""
+    if cfg.json_schema is None:
+        return None
+    eos = sorted(i for i in stop_ids if i < n_valid)
+    if not eos:
+        raise LlmkitError("a JSON answer needs a token to end on, and this request stops on none", "keep the model's stop tokens")
+    return Constraint(tokenizer, cfg.json_schema, n_valid, eos)
+
+
 def stream_batch(
     model,
     tokenizer,
@@ -479,7 +508,9 @@ def stream_batch(
     # the compiled decode step, when the model asks for it (`use_compiled_decode`) and where it pays
     fast = static_decoder(model, B, total, steps=cfg.max_new_tokens - 1, log=warn) if cfg.max_new_tokens > 1 else None
     cache = fast.cache() if fast is not None else model.new_cache(B, total)
-    sampler = Sampler([cfg] * B, min(tokenizer.id_limit, mcfg.vocab_size), device, generator=seeded_generator(cfg.seed, device))
+    n_valid = min(tokenizer.id_limit, mcfg.vocab_size)
+    constraints = [constraint_for(cfg, tokenizer, n_valid, stop_ids) for _ in prompts]
+    sampler = Sampler([cfg] * B, n_valid, device, generator=seeded_generator(cfg.seed, device), constraints=constraints)
     sampler.add_prompts(prompts)
     done = [False] * B
     plain = B == 1  # one prompt, no padding: the causal fast path
@@ -611,6 +642,8 @@ def generate_seq2seq(model, tokenizer, prompt_ids: list[int], cfg: GenerationCon
     if not prompt_ids:
         raise LlmkitError("the prompt is empty", "give a prompt with some text")
     cfg.check()
+    if cfg.json_schema is not None:
+        raise LlmkitError("structured output (a JSON schema) is implemented for decoders", "use a decoder model, or no schema")
     mcfg = model.config
     if mcfg.position != "relative" and cfg.max_new_tokens > mcfg.max_seq_len:  # the decoder's positions run out
         raise LlmkitError(

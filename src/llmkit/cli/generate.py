@@ -28,10 +28,18 @@ def register(commands) -> None:
             "llmkit generate --task summarize --file text.txt",
             "llmkit generate --task translate --to fr --prompt 'The weather is lovely today.'",
             "llmkit generate --task write --kind email --prompt 'thank the team for the launch'",
+            "llmkit generate --chat --json-schema city.json --prompt 'The capital of France, as JSON'",
         ),
         cmd_generate,
     )
     generation_options(p)
+    p.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="answer with a JSON document of this JSON schema (constrained decoding: the output always parses; "
+        'a file holding {} or {"type": "object"} asks for any JSON object)',
+    )
     p.add_argument("--prompt", default=None, help="the prompt (default: standard input, one prompt)")
     p.add_argument("--prompts-file", default=None, help="a JSONL file of prompts (field --field), generated in batches")
     p.add_argument("--field", default="prompt", help="the prompt field of --prompts-file rows (default: prompt)")
@@ -93,6 +101,8 @@ def cmd_generate(args) -> None:
         if bad:
             console().print(f"[yellow]warning: {args.file} has {bad} bytes that are not UTF-8; they read as U+FFFD[/]")
     cfg = generation_config(args)
+    if args.json_schema:
+        cfg.json_schema = read_schema(args.json_schema)
     if args.prompts_file:
         numbered = io.parse_jsonl(Path(args.prompts_file).read_text(encoding="utf-8"), args.prompts_file)
         rows = [r for _, r in numbered]
@@ -254,6 +264,20 @@ def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) ->
         "pays: in the background for chat, for generate only when the tokens to come save more than the compile costs "
         "(minutes the first time, seconds from inductor's cache on disk; LLMKIT_COMPILE=0 also turns it off)",
     )
+
+
+def read_schema(path: str) -> dict:
+    """The JSON schema in the file `path`, checked (llguidance compiles it), or an error naming what is wrong."""
+    from llmkit.grammar import check_schema
+
+    file = Path(path)
+    if not file.is_file():
+        raise LlmkitError(f"{path} does not exist", 'give --json-schema a JSON file holding a schema, e.g. {"type": "object"}')
+    try:
+        schema = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlmkitError(f"{path} is not JSON ({e})", "write the schema as a JSON object") from None
+    return check_schema(schema or {"type": "object"})
 
 
 def generation_config(args):

@@ -33,11 +33,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.generate import GenerationConfig, Sampler, TextStream, generate_seq2seq, seeded_generator, stop_rules
+from llmkit.generate import GenerationConfig, Sampler, TextStream, constraint_for, generate_seq2seq, seeded_generator, stop_rules
 from llmkit.model.compiled import WIDTH_STEP, decode_step
 from llmkit.model.layers import KVCache
 from llmkit.threads import release_openmp_threads
@@ -76,6 +77,7 @@ class Request:
     deadline: float | None = None  # time.monotonic() after which the request is stopped (--timeout)
     cancelled: bool = False  # set by the client side (a disconnect): the row leaves at the next step
     submitted: float = field(default_factory=time.monotonic)
+    constraint: Any = None  # its grammar (llmkit.grammar.Constraint), prepared off the engine's thread; None: built here
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -428,13 +430,15 @@ class Engine:
     def _start_prefill(self, reqs: list[Request]) -> _Prefill:
         """The new requests' sampler settings (checked alone), stop rules and left-padded prompts in a cache of their own."""
         gens = self._generators(reqs)
-        sampler = Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens)  # their settings, checked alone
-        joined = []
+        joined, grammars = [], []
         for r in reqs:
             stop_ids, strings = stop_rules(self.tok, r.config, self.model, warn=log.warning)
             text = TextStream(self.tok, strings)
             text.prompt_ids = r.prompt_ids
             joined.append(_Row(r, text, stop_ids, start=0))
+            grammars.append(r.constraint if r.constraint is not None else constraint_for(r.config, self.tok, self.n_valid, stop_ids))
+        # their settings, checked alone
+        sampler = Sampler([r.config for r in reqs], self.n_valid, self.device, generators=gens, constraints=grammars)
         P, n = max(len(r.prompt_ids) for r in reqs), len(reqs)
         ids = torch.full((n, P), self.tok.pad_id if self.tok.pad_id is not None else 0, dtype=torch.long)
         mask = torch.zeros(n, P, dtype=torch.long)
@@ -481,7 +485,7 @@ class Engine:
             self.sampler = pre.sampler
             self.positions = pre.positions[:, -1:] + 1
         else:
-            self.sampler.add_rows(configs, pre.gens)
+            self.sampler.add_rows(configs, pre.gens, pre.sampler.constraints)
             self.positions = torch.cat([self.positions, pre.positions[:, -1:] + 1])
         self.sampler.add_prompts([r.prompt_ids for r in reqs], rows=list(range(b, b + n)))
         if self.metrics is not None:

@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from llmkit.chat import chat_prompt_ids
 from llmkit.errors import LlmkitError
-from llmkit.generate import GenerationConfig
+from llmkit.generate import GenerationConfig, constraint_for, stop_rules
+from llmkit.grammar import check_schema
 from llmkit.serve.engine import QueueFull, ShuttingDown, TooMany
 from llmkit.serve.engine import Request as EngineRequest
 from llmkit.serve.protocol import ChatRequest, error_body
@@ -110,24 +111,56 @@ def sampling_config(body, max_new: int, seed: int | None, vocab: int, defaults: 
         frequency_penalty=body.frequency_penalty or 0.0,
         stop_strings=body.stops(),
         seed=seed,
+        json_schema=body.response_format.schema() if body.response_format is not None else None,
     )
     try:
         cfg.check()
+        if cfg.json_schema is not None:
+            if body.ignore_eos:
+                raise LlmkitError("a JSON answer ends on an end-of-sequence token", "drop ignore_eos, or response_format")
+            check_schema(cfg.json_schema)
     except LlmkitError as e:
-        raise APIError(400, f"{e.message} ({e.fix})") from None
+        raise APIError(400, f"{e.message} ({e.fix})", param="response_format" if cfg.json_schema is not None else None) from None
     return cfg
+
+
+def constraints(served: Served, configs: list[GenerationConfig]) -> list | None:
+    """Each request's grammar, its first mask computed (the lexer's build, seconds the first time), here in the
+    request's own thread rather than on the engine's, where it would stall every running stream."""
+    if all(c.json_schema is None for c in configs):
+        return None
+    if served.model.config.family != "decoder":
+        raise APIError(400, f"response_format needs a decoder; {served.name} is a {served.model.config.family}", param="response_format")
+    n_valid = min(served.tok.id_limit, served.model.config.vocab_size)
+    out = []
+    for c in configs:
+        grammar = constraint_for(c, served.tok, n_valid, stop_rules(served.tok, c, served.model, warn=lambda m: None)[0])
+        if grammar is not None:
+            grammar.allowed(n_valid)
+        out.append(grammar)
+    return out
 
 
 class Job:
     """The engine requests of one API request (prompts × n choices) and the events they send back, on the event loop."""
 
-    def __init__(self, served: Served, prompts: list[list[int]], configs: list[GenerationConfig], logprobs: int | None, timeout: float):
+    def __init__(
+        self,
+        served: Served,
+        prompts: list[list[int]],
+        configs: list[GenerationConfig],
+        logprobs: int | None,
+        timeout: float,
+        grammars: list | None = None,
+    ):
         self.served = served
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + timeout
+        grammars = grammars or [None] * len(configs)
         self.reqs = [
-            EngineRequest(p, c, self._emitter(i), logprobs=logprobs, deadline=deadline) for i, (p, c) in enumerate(zip(prompts, configs))
+            EngineRequest(p, c, self._emitter(i), logprobs=logprobs, deadline=deadline, constraint=g)
+            for i, (p, c, g) in enumerate(zip(prompts, configs, grammars))
         ]
         self.count = len(self.reqs)  # the choices, those answered without the engine (max_tokens 0) included
 
@@ -263,7 +296,8 @@ async def run_job(
     created = int(time.time())
     echo = [served.tok.decode(p, skip_special_tokens=True) for p in prompts] if not chat and body.echo else None
     zero = [i for i, c in enumerate(configs) if c.max_new_tokens == 0]
-    job = Job(served, prompts, configs, logprobs, state.settings.timeout)
+    grammars = await asyncio.to_thread(constraints, served, configs) if any(c.json_schema is not None for c in configs) else None
+    job = Job(served, prompts, configs, logprobs, state.settings.timeout, grammars)
     if zero:  # nothing to generate (max_tokens 0): answered here, never queued
         job.reqs = [r for i, r in enumerate(job.reqs) if i not in zero]
         for i in zero:

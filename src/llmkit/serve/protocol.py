@@ -1,6 +1,6 @@
 """The OpenAI API's request bodies, as the server accepts them, and its error shape.
 
-Every body model forbids unknown fields: a field llmkit does not implement (`tools`, `response_format`, `suffix`,
+Every body model forbids unknown fields: a field llmkit does not implement (`tools`, `suffix`,
 ...) is a 400 that names it, never a silent ignore. Fields OpenAI defines and llmkit implements keep OpenAI's names,
 types and ranges; `top_k`, `repetition_penalty` and `truncate_prompt_tokens` are the extensions vLLM also accepts.
 """
@@ -63,6 +63,35 @@ class Message(Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(Body):
+    """response_format.json_schema: OpenAI's {"name", "description"?, "schema", "strict"?}."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    """OpenAI's response_format: plain text, any JSON object, or a JSON document of a schema (constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError('response_format of type json_schema needs json_schema: {"name": ..., "schema": {...}}')
+        return self
+
+    def schema(self) -> dict | None:  # type: ignore[override]  # the JSON schema the answer must follow, None: free text
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            return self.json_schema.json_schema  # type: ignore[union-attr]
+        return None
+
+
 class Sampling(Body):
     """What chat and completion requests share."""
 
@@ -83,6 +112,7 @@ class Sampling(Body):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k prompt tokens; -1: as many as fit
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
     ignore_eos: bool = False  # vLLM's: generate max_tokens tokens, past the end-of-sequence tokens (benchmarks)
+    response_format: ResponseFormat | None = None  # json_object / json_schema: constrained decoding (llmkit.grammar)
 
     @model_validator(mode="after")
     def _consistent(self):
