@@ -9,6 +9,7 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, generate
@@ -75,6 +76,21 @@ def test_the_engine_masks_each_row_alone(model):
         assert b["ids"] == a.ids and b["text"] == a.text
         if cfg.json_schema is not None:
             jsonschema.validate(json.loads(b["text"]), cfg.json_schema)
+
+
+def test_generation_runs_without_autograd_and_a_schema_refuses_stop_strings(model):
+    """Decoding never records a graph (a constrained run included), and stop strings, which would cut a JSON answer
+    short, are refused with a schema."""
+    seen = []
+    handle = model.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    try:
+        generate(model, model.tokenizer, ["To be"], GenerationConfig(max_new_tokens=8, do_sample=False, json_schema=SCHEMAS[2]))
+        generate(model, model.tokenizer, ["To be"], GenerationConfig(max_new_tokens=4, do_sample=False))
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    with pytest.raises(LlmkitError, match="stop strings would cut a JSON answer"):
+        GenerationConfig(json_schema={"type": "object"}, stop_strings=[","]).check()
 
 
 def test_bad_schemas_are_named():

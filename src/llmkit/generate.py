@@ -101,6 +101,8 @@ class GenerationConfig:
         for failed, message, fix in bad:
             if failed:
                 raise LlmkitError(message, fix)
+        if self.json_schema is not None and self.stop_strings:
+            raise LlmkitError("stop strings would cut a JSON answer short of its end", "drop the stop strings, or the JSON schema")
 
 
 @dataclass
@@ -445,17 +447,19 @@ def _check_prompt_ids(prompts: list[list[int]], model, tokenizer) -> None:
             )
 
 
-@torch.no_grad()
 def constraint_for(cfg: GenerationConfig, tokenizer, n_valid: int, stop_ids) -> Constraint | None:
-    """A row's grammar for `cfg.json_schema` (None without one): the answer ends on one of `stop_ids` once complete."""
+    """A row's grammar for `cfg.json_schema` (None without one). The document ends on the row's stop tokens that are
+    special tokens (the model's end of sequence or of turn), never on a text token a user made a stop token."""
     if cfg.json_schema is None:
         return None
-    eos = sorted(i for i in stop_ids if i < n_valid)
+    special = tokenizer.special_ids
+    eos = sorted(i for i in stop_ids if i < n_valid and i in special) or sorted(i for i in stop_ids if i < n_valid)
     if not eos:
         raise LlmkitError("a JSON answer needs a token to end on, and this request stops on none", "keep the model's stop tokens")
-    return Constraint(tokenizer, cfg.json_schema, n_valid, eos)
+    return Constraint(tokenizer, cfg.json_schema, max(n_valid, tokenizer.id_limit), eos)
 
 
+@torch.no_grad()
 def stream_batch(
     model,
     tokenizer,

@@ -277,7 +277,7 @@ def read_schema(path: str) -> dict:
         schema = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlmkitError(f"{path} is not JSON ({e})", "write the schema as a JSON object") from None
-    return check_schema(schema or {"type": "object"})
+    return check_schema({"type": "object"} if schema == {} else schema)  # {}: any JSON object, as --help says
 
 
 def generation_config(args):

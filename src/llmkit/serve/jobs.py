@@ -115,24 +115,27 @@ def sampling_config(body, max_new: int, seed: int | None, vocab: int, defaults: 
     )
     try:
         cfg.check()
-        if cfg.json_schema is not None:
+    except LlmkitError as e:
+        raise APIError(400, f"{e.message} ({e.fix})", param="stop" if "stop strings" in e.message else None) from None
+    if cfg.json_schema is not None:
+        try:
             if body.ignore_eos:
                 raise LlmkitError("a JSON answer ends on an end-of-sequence token", "drop ignore_eos, or response_format")
             check_schema(cfg.json_schema)
-    except LlmkitError as e:
-        raise APIError(400, f"{e.message} ({e.fix})", param="response_format" if cfg.json_schema is not None else None) from None
+        except LlmkitError as e:
+            raise APIError(400, f"{e.message} ({e.fix})", param="response_format") from None
     return cfg
 
 
 def constraints(served: Served, configs: list[GenerationConfig]) -> list | None:
-    """Each request's grammar, its first mask computed (the lexer's build, seconds the first time), here in the
-    request's own thread rather than on the engine's, where it would stall every running stream."""
+    """Each request's grammar with its first mask computed, here in the request's own thread rather than on the
+    engine's, where the tokenizer's table (up to a second, once per tokenizer) would stall every running stream."""
     if all(c.json_schema is None for c in configs):
         return None
     if served.model.config.family != "decoder":
         raise APIError(400, f"response_format needs a decoder; {served.name} is a {served.model.config.family}", param="response_format")
     n_valid = min(served.tok.id_limit, served.model.config.vocab_size)
-    out = []
+    out: list = []
     for c in configs:
         grammar = constraint_for(c, served.tok, n_valid, stop_rules(served.tok, c, served.model, warn=lambda m: None)[0])
         if grammar is not None:
