@@ -56,10 +56,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(self.weight.dtype if self.weight.dtype in (torch.float16, torch.bfloat16) else x.dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-    return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 # --- positional encodings --------------------------------------------------------------------------------
