@@ -278,25 +278,10 @@ def test_gemma_edge_configs_read_and_export_as_transformers_runs_them(tmp_path):
 
 
 def _gemma3_in_v4_form(tmp_path):
+    """The test's Gemma 3 saved by transformers 5, its config.json rewritten in transformers 4's words."""
     import json
 
-    import transformers
-
-    cfg = transformers.Gemma3TextConfig(
-        **SHAPE,
-        vocab_size=211,
-        num_hidden_layers=3,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
-        },
-    )
-    torch.manual_seed(0)
-    ref = transformers.Gemma3ForCausalLM(cfg).eval()
+    ref, cls = _reference("gemma3")
     folder = tmp_path / "g3-v4"
     ref.save_pretrained(folder)
     raw = json.loads((folder / "config.json").read_text())
@@ -306,4 +291,4 @@ def _gemma3_in_v4_form(tmp_path):
         rope_theta=100000.0, rope_local_base_freq=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_window_pattern=2
     )
     (folder / "config.json").write_text(json.dumps(raw))
-    return folder, ref, "Gemma3ForCausalLM"
+    return folder, ref, cls
