@@ -123,6 +123,16 @@ def served_model(tok, kind: str = "tiny-llama", **overrides):
     return tiny_model(kind, tok.vocab_size, confident=True, tokenizer=tok, **shape)
 
 
+def randomize_norms_and_biases(model, seed: int = 0, norm_centre: float = 1.0) -> None:
+    """Random norms (around `norm_centre`: 0 for Gemma's 1 + weight form) and biases: a fresh model's are ones and zeros,
+    which would hide a missing or misplaced one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((norm_centre if "norm" in name else 0.0) + 0.5 * torch.randn(p.shape, generator=g))
+
+
 def engine_results(engine, jobs: list, stagger: float = 0.0) -> list[dict]:
     """Submit each (prompt, GenerationConfig) to a serving engine (with a pause between them: they join a running
     batch) and wait for all: per job {"ids", "text", "end" (the last event)}."""

@@ -15,7 +15,7 @@ from llmkit.generate import GenerationConfig, generate
 from llmkit.model.compiled import StaticDecoder
 from llmkit.model.weights import export_hf
 
-from conftest import engine_results
+from conftest import engine_results, randomize_norms_and_biases
 
 WINDOW = 8
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -84,16 +84,10 @@ def _reference(family: str, vocab: int = 211):
         cls = T.Qwen2ForCausalLM
     torch.manual_seed(0)
     model = cls(cfg).eval()
-    g = torch.Generator().manual_seed(1)
+    randomize_norms_and_biases(model, seed=1, norm_centre=0.0 if "gemma" in family else 1.0)  # Gemma's gain is 1 + weight
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(
-                    (0.0 if "gemma" in family else 1.0) + 0.5 * torch.randn(p.shape, generator=g)
-                    if "norm" in name
-                    else 0.5 * torch.randn(p.shape, generator=g)
-                )
-            else:
+        for p in model.parameters():
+            if p.dim() > 1:
                 p.mul_(3.0)  # confident: greedy paths far from ties
     return model, cls.__name__
 

@@ -16,7 +16,7 @@ from llmkit.model import build_model, preset
 from llmkit.model.convert.gguf import export_gguf
 from llmkit.tokenizer.pretrained import PROBE_TEXTS, gguf_fields, gguf_tokenizer_fields, tokenizer_from_gguf_fields
 
-from conftest import run_cli
+from conftest import randomize_norms_and_biases, run_cli
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,11 +40,7 @@ def _hf_model(family: str, vocab: int):
     }[family]
     torch.manual_seed(0)
     model = cls(config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g) if "norm" in name else 0.5 * torch.randn(p.shape, generator=g))
+    randomize_norms_and_biases(model, seed=1)
     return model
 
 

@@ -11,6 +11,8 @@ from llmkit.errors import LlmkitError
 from llmkit.model import KVCache, ModelConfig, build_model, preset
 from llmkit.model.weights import export_hf, save_model
 
+from conftest import randomize_norms_and_biases
+
 torch.manual_seed(0)
 TOL = 1e-4
 
@@ -616,15 +618,6 @@ def test_an_encoder_with_a_classification_head_exports_as_bert_without_it(tmp_pa
     assert "bert.embeddings.word_embeddings.weight" in keys and not any(k.startswith("classifier") for k in keys)
 
 
-def _randomize(model, seed: int = 0) -> None:
-    """Random norms and biases (a fresh model's are ones and zeros, which would hide a missing or misplaced one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g) if "norm" in name else 0.5 * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, family):
     """Qwen2 (q/k/v biases, tied embeddings), Qwen3 (per-head q/k RMSNorm, its own head size) and Mistral (a sliding
@@ -643,7 +636,7 @@ def test_qwen_and_mistral_equal_transformers_and_export_as_themselves(tmp_path, 
     else:
         cfg = transformers.MistralConfig(**shape, max_position_embeddings=256, sliding_window=48, tie_word_embeddings=False)
         ref = transformers.MistralForCausalLM(cfg)
-    _randomize(ref)
+    randomize_norms_and_biases(ref)
     ref.eval().save_pretrained(tmp_path / "hf")
     ours = llmkit.load(tmp_path / "hf")
     c = ours.config
