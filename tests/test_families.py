@@ -143,6 +143,7 @@ def test_logits_and_greedy_tokens_equal_transformers_beyond_the_window(tmp_path,
     export_hf(ours, tmp_path / "out")
     back = getattr(transformers, cls).from_pretrained(tmp_path / "out").eval()
     assert type(back).__name__ == cls  # each family exports as itself
+    assert back.generation_config.eos_token_id == ref.generation_config.eos_token_id  # generation_config.json goes along
     with torch.no_grad():
         assert (back(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
 

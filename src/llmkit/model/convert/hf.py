@@ -924,6 +924,10 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer=No
     with io.atomic_open(directory / "model.safetensors", "wb") as f:
         f.write(_safetensors_bytes({k: v.contiguous() for k, v in out.items()}))
     io.write_json(directory / "config.json", hf)
+    stop = cfg.extra.get("generation_eos_token_id", cfg.eos_token_id)
+    if stop is not None and cfg.family != "encoder":  # what transformers' generate() stops on (Llama 3.1: several ids)
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop, "pad_token_id": cfg.pad_token_id}
+        io.write_json(directory / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
