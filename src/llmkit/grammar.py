@@ -55,21 +55,23 @@ def _ll_tokenizer(tokenizer, n_vocab: int, eos_ids: list[int]):
 
 def check_schema(schema: Any) -> dict:
     """`schema` as a JSON schema llguidance compiles, or an LlmkitError naming what is wrong with it."""
-    if not isinstance(schema, dict):
-        raise LlmkitError(f"a JSON schema is an object, not {type(schema).__name__}", 'give e.g. {"type": "object"}')
-    ll = _llguidance()
-    try:
-        error = ll.LLMatcher.validate_grammar(_grammar(ll, schema))
-    except ValueError as e:
-        error = str(e)
-    if error and not error.startswith("WARNING"):
-        raise LlmkitError(f"the JSON schema cannot be used: {error.splitlines()[0]}", "fix the schema (llguidance's JSON schema subset)")
+    _grammar(_llguidance(), schema)
     return schema
 
 
-def _grammar(ll, schema: dict) -> str:
-    # compact JSON, as OpenAI's structured outputs write it (no free whitespace for a small model to wander in)
-    return ll.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+def _grammar(ll, schema: Any) -> str:
+    """The llguidance grammar of a JSON schema, checked: compact JSON, as OpenAI's structured outputs write it (no free
+    whitespace for a small model to wander in)."""
+    if not isinstance(schema, dict):
+        raise LlmkitError(f"a JSON schema is an object, not {type(schema).__name__}", 'give e.g. {"type": "object"}')
+    try:
+        grammar = ll.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        error = ll.LLMatcher.validate_grammar(grammar)
+    except ValueError as e:
+        grammar, error = "", str(e)
+    if error and not error.startswith("WARNING"):
+        raise LlmkitError(f"the JSON schema cannot be used: {error.splitlines()[0]}", "fix the schema (llguidance's JSON schema subset)")
+    return grammar
 
 
 class Constraint:
@@ -79,7 +81,7 @@ class Constraint:
     def __init__(self, tokenizer, schema: dict, n_vocab: int, eos_ids: list[int]):
         ll = _llguidance()
         self.ll_tokenizer = _ll_tokenizer(tokenizer, n_vocab, eos_ids)
-        self.matcher = ll.LLMatcher(self.ll_tokenizer, _grammar(ll, check_schema(schema)))
+        self.matcher = ll.LLMatcher(self.ll_tokenizer, _grammar(ll, schema))
         if self.matcher.is_error():
             raise LlmkitError(f"the JSON schema cannot be used: {self.matcher.get_error()}", "fix the schema")
         self.bitmask = ll.torch.allocate_token_bitmask(1, self.ll_tokenizer.vocab_size)  # (1, ceil(V / 32)) int32

@@ -48,14 +48,14 @@ def _load_lora_folder(path: Path, dtype, device, quantize) -> torch.nn.Module:
         )
     if Path(str(base)).resolve() == path.resolve():
         raise LlmkitError(f"{path}: the adapter names itself as its base model", "set base_model_name_or_path to the base model")
-    base_path = Path(str(base)) if Path(str(base)).is_absolute() else path / str(base)
-    if str(base) not in EMBEDDED and not Path(str(base)).exists() and base_path.exists():
-        base = str(base_path)  # a relative base written by an older llmkit: try it beside the adapter too
-    if str(base) not in EMBEDDED and not Path(str(base)).exists():
-        raise LlmkitError(
-            f"{path}: the adapter's base model {base!r} (base_model_name_or_path in adapter_config.json) is not there",
-            "run from the folder the adapter was trained in, or write the base model's absolute path there",
-        )
+    base = str(base)
+    if base not in EMBEDDED and not Path(base).exists():
+        if not (path / base).exists():  # a relative base written by an older llmkit: tried beside the adapter too
+            raise LlmkitError(
+                f"{path}: the adapter's base model {base!r} (base_model_name_or_path in adapter_config.json) is not there",
+                "run from the folder the adapter was trained in, or write the base model's absolute path there",
+            )
+        base = str(path / base)
     model = load(base)  # merged (and quantized) on the CPU, then moved
     load_lora(model, path)
     merge_and_unwrap(model)

@@ -116,7 +116,7 @@ def sampling_config(body, max_new: int, seed: int | None, vocab: int, defaults: 
     try:
         cfg.check()
     except LlmkitError as e:
-        raise APIError(400, f"{e.message} ({e.fix})", param="stop" if "stop strings" in e.message else None) from None
+        raise APIError(400, f"{e.message} ({e.fix})", param="stop" if cfg.json_schema is not None and cfg.stop_strings else None) from None
     if cfg.json_schema is not None:
         try:
             if body.ignore_eos:

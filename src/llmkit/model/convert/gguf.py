@@ -26,6 +26,7 @@ from llmkit.errors import LlmkitError
 from llmkit.model import build_model
 from llmkit.model.config import ModelConfig
 from llmkit.model.convert.tensors import check_state_names, copy_tensors
+from llmkit.model.layers import rope_frequencies
 from llmkit.tokenizer.pretrained import gguf_tokenizer_fields, tokenizer_from_gguf_fields
 
 # llama.cpp's tensor names (gguf-py's TENSOR_NAMES) -> ours; a layer's names are "blk.{i}.<name>.weight|bias"
@@ -63,14 +64,18 @@ GGUF_ARCHITECTURES = {
 }
 
 
+_LAYER_KINDS = {ours: kind for kind, ours in LAYER_TENSORS.items()}  # the tables read backwards
+_GLOBAL_KINDS = {ours: kind for kind, ours in GLOBAL_TENSORS.items()}
+
+
 def _gguf_name(ours: str) -> tuple[str, str] | None:
     """Our tensor name -> (llama.cpp's name, its layer tensor kind or ""), or None for a name llama.cpp has no row for."""
     m = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", ours)
     if m:
-        kind = next((k for k, v in LAYER_TENSORS.items() if v == m.group(2)), None)
+        kind = _LAYER_KINDS.get(m.group(2))
         return (f"blk.{m.group(1)}.{kind}.{m.group(3)}", kind) if kind else None
     m = re.match(r"(.+)\.(weight|bias)$", ours)
-    kind = next((k for k, v in GLOBAL_TENSORS.items() if m and v == m.group(1)), None)
+    kind = _GLOBAL_KINDS.get(m.group(1)) if m else None
     return (f"{kind}.{m.group(2)}", "") if kind and m else None
 
 
@@ -277,15 +282,13 @@ def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
             f"no llama.cpp architecture runs this model as llmkit does: {'; '.join(problems)}",
             "export a Llama- or Qwen-like decoder (RoPE, SwiGLU, RMSNorm), or export as a Hugging Face folder (--format hf)",
         )
-    return GGUF_ARCHITECTURES["qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"]
+    return next(a for a in GGUF_ARCHITECTURES.values() if (a.qk_norm, a.qkv_bias) == (cfg.qk_norm, bool(cfg.qkv_bias)))
 
 
 def _rope_metadata(w, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """RoPE scaling as llama.cpp reads it: linear and yarn as keys; Llama 3's (and llama.cpp's own factors) as the
     `rope_freqs` tensor of per-frequency divisors. Returns the extra tensors to write."""
     import gguf
-
-    from llmkit.model.layers import rope_frequencies
 
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type")

@@ -768,7 +768,7 @@ def hf_config_for(cfg: ModelConfig, *, mlm_head: bool = True) -> dict:
 # --- tensor names ----------------------------------------------------------------------------------------------------
 
 
-def to_ours(model_type: str, hf_state: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+def to_ours(model_type: str, hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """A Hugging Face state dict renamed into ours (split / transposed where the layout differs; `cfg` sizes the parts
     of tensors stacked by rows); names no row knows are left out."""
     arch = architecture(model_type)
@@ -788,11 +788,7 @@ def to_ours(model_type: str, hf_state: dict[str, torch.Tensor], cfg: ModelConfig
                 ours[_fill(rule.ours, {**parts, "qkv": letter})] = part.t().contiguous() if part.dim() == 2 else part.contiguous()
         elif rule.how == "rows":  # Phi-3's qkv_proj / gate_up_proj: the parts stacked by rows, in the template's order
             names = _row_parts(rule)
-            if cfg is None:  # shapes only: equal parts stand in (the check compares names)
-                pieces = tensor.chunk(len(names), dim=0)
-            else:
-                pieces = tensor.split([_row_sizes(cfg)[n] for n in names], dim=0)
-            for n, piece in zip(names, pieces):
+            for n, piece in zip(names, tensor.split([_row_sizes(cfg)[n] for n in names], dim=0)):
                 ours[_fill(rule.ours, {**parts, "part": n})] = piece.contiguous()
         else:
             ours[_fill(rule.ours, parts)] = tensor.t().contiguous() if rule.how == "t" else tensor
@@ -826,14 +822,14 @@ def fused_name(model_type: str, name: str) -> str | None:
     return None
 
 
-def to_theirs(model_type: str, state: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def to_theirs(model_type: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Our state dict renamed into the architecture's (joined / transposed where the layout differs; `cfg` picks the
     rows meant for its kind)."""
     rules = architecture(model_type)._rules()
     for name, tensor in state.items():
         for _, ours, rule in rules:
             m = ours.match(name)
-            if not m or not rule.export or (rule.when is not None and cfg is not None and not rule.when(cfg)):
+            if not m or not rule.export or (rule.when is not None and not rule.when(cfg)):
                 continue
             parts = m.groupdict()
             if rule.how == "rows":
