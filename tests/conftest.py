@@ -66,6 +66,44 @@ def run_cli(
     return proc
 
 
+def run_in_terminal(*args: str, columns: int = 80, timeout: float = 600, env: dict | None = None) -> tuple[int, str]:
+    """Run `llmkit ARGS` in a pseudo-terminal `columns` wide, as a person at a terminal sees it: (exit code, what the
+    screen received with its colour and cursor codes removed)."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "LINES": "50", "TERM": "xterm-256color", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *args], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", b"".join(chunks).decode("utf-8", "replace"))
+    return proc.returncode, screen.replace("\r\n", "\n")
+
+
 def tiny_model(kind: str = "tiny-llama", vocab_size: int = 101, *, seed: int = 0, confident: bool = False, tokenizer=None, **shape):
     """A tiny random model of a preset (2 layers, width 64, 4 heads unless `shape` says otherwise), in eval mode, the
     same for the same arguments. `confident`: the LM head scaled 30x, so greedy paths stay far from ties."""

@@ -9,7 +9,7 @@ import pytest
 
 from llmkit.cli import build_parser, parse_args
 
-from conftest import run_cli
+from conftest import run_cli, run_in_terminal
 
 
 def test_help_lists_the_lifecycle_and_every_subcommand_has_examples(capsys):
@@ -218,11 +218,18 @@ def test_model_info_prints_every_preset_and_gpt2_has_124m():
     assert proc.returncode == 1 and "no model at 'gpt5'" in proc.stderr
 
 
+def test_tables_fit_an_80_column_terminal():
+    code, screen = run_in_terminal("model", "info", "gpt2", columns=80)
+    lines = [line.rstrip() for line in screen.splitlines()]
+    assert code == 0 and "124,439,808" in screen and "layernorm (pre)" in screen, screen
+    assert max(map(len, lines)) <= 80, screen
+
+
 @pytest.mark.slow
 def test_attention_writes_a_grid_png(tmp_path):
     out = tmp_path / "attn.png"
     proc = run_cli("attention", "--model", "minilm", "--layers", "0,5", "--heads", "0-3", "The cat sat on the mat.", "--out", str(out))
-    assert "6 layers x 12 heads" in proc.stdout
+    assert "6 layers x 12 heads" in proc.stdout and "drew layers 0,5 x heads 0-3" in proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = run_cli("attention", "--model", "minilm", "--layers", "9", "hi", "--out", str(out), check=False)
     assert bad.returncode == 1 and "layer 9 does not exist" in bad.stderr
@@ -242,6 +249,22 @@ def test_model_export_of_minilm_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert (ref(ids).last_hidden_state - ours(ids)).abs().max().item() <= 1e-4
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_a_deep_models_attention_picture_shows_a_readable_grid_by_default(tmp_path):
+    """SmolLM2's 30 layers x 9 heads would be 270 panels: by default 6 layers from the first to the last and 8 heads,
+    with room for the title above the grid; chosen layers and heads are drawn as asked."""
+    import torch
+    from PIL import Image
+
+    from llmkit.model.attention_plot import plot_attention
+
+    maps = [torch.softmax(torch.randn(9, 5, 5), -1) for _ in range(30)]
+    layers, heads = plot_attention(["a", "b", "c", "d", "e"], maps, tmp_path / "a.png")
+    assert (layers, heads) == ([0, 6, 12, 17, 23, 29], list(range(8)))
+    width, height = Image.open(tmp_path / "a.png").size
+    assert height < 2000 and width < 2000
+    assert plot_attention(["a", "b", "c", "d", "e"], maps, tmp_path / "b.png", layers=[3], heads=[0, 8]) == ([3], [0, 8])
 
 
 def test_version_comes_from_the_package_metadata():

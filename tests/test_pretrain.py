@@ -281,6 +281,26 @@ def test_a_killed_run_resumes_exactly(small_data, tmp_path):
         assert torch.allclose(v1, v2, atol=1e-5), k
 
 
+def test_a_run_killed_before_its_first_evaluation_resumes_from_a_timed_checkpoint(small_data, tmp_path):
+    cfg = _cfg(small_data, tmp_path, budget="12steps", eval_every=1000, save_minutes=1e-6)  # due again after every step
+    with pytest.raises(_Crash):
+        _Killed(cfg, 5, log=lambda m: None).run()
+    summary = pretrain(_cfg(small_data, tmp_path, budget="12steps", eval_every=1000, resume=True), log=lambda m: None)
+    assert summary["steps"] == 12 and min(_train_losses(tmp_path)) > 0
+    assert sorted(_train_losses(tmp_path)) == list(range(1, 13))  # steps 1-5 kept from before the kill, 6-12 after
+
+
+def test_a_compiled_run_compiles_before_its_budget_starts_and_without_graph_breaks(small_data, tmp_path, caplog):
+    said: list[str] = []
+    with caplog.at_level("WARNING"):
+        summary = pretrain(_cfg(small_data, tmp_path, budget="4s", eval_every=1000, compile=True), log=said.append)
+    assert any(m.startswith("compiling the training step") for m in said) and any(m.startswith("compiled in") for m in said)
+    compile_s = float(next(m for m in said if m.startswith("compiled in")).split()[2].rstrip("s"))
+    first = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train")
+    assert compile_s >= 1 and first["elapsed"] < 2.0 and summary["steps"] > 10  # the clock started after the compile
+    assert not [r.getMessage() for r in caplog.records if "Graph break" in r.getMessage()]
+
+
 def test_a_corrupt_or_mismatched_checkpoint_is_refused(small_data, tmp_path):
     pretrain(_cfg(small_data, tmp_path, budget="6steps", save_every=3), log=lambda m: None)
     with pytest.raises(LlmkitError, match="another model or tokenizer"):
@@ -558,6 +578,23 @@ def test_the_tokenizer_learns_only_from_training_documents(tmp_path, monkeypatch
         PretrainConfig(data=str(docs), tokenizer_kind="byte-bpe", vocab_size=500, out=str(tmp_path / "run")), Dist(), lambda m: None
     )
     assert json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"] == 500 != meta["tokenizer"]["vocab_size"]
+
+
+def test_a_sample_leaves_out_the_sentinels_of_a_tokenizer_that_has_them(small_data, monkeypatch):
+    """`llmkit tokenizer train` gives every kind T5's sentinels; a decoder pretrained on it samples them early on, and a
+    sample shows the text around them only."""
+    from llmkit.generate import Generation
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.train import pretrain as pretrain_module
+
+    tok = Tokenizer.load(small_data)
+    assert tok.sentinel_ids
+    word = tok.encode(" crown")
+    new = [tok.sentinel_ids[69], *word]
+    monkeypatch.setattr(pretrain_module, "generate", lambda *a, **k: [Generation(prompt_ids=[], ids=new, text="", finish_reason="length")])
+    model = pretrain_module.build(_cfg(small_data, "unused"), tok.vocab_size)
+    text = pretrain_module.sample_text(model, tok, small_data, _cfg(small_data, "unused"))
+    assert "<extra_id_" not in text and text.endswith(" crown") and len(text) > len(" crown")
 
 
 def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp_path):

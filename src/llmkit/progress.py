@@ -20,6 +20,11 @@ from rich.text import Text
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
+def print_table(table) -> None:
+    """A rich table on stdout: as wide as the terminal (rich wraps the cells to fit), 200 columns into a file or pipe."""
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
 class RateColumn(ProgressColumn):
     """Units per second, from rich's own speed estimate."""
 

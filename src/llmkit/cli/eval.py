@@ -315,8 +315,9 @@ def cmd_eval_tasks(args) -> None:
 
 
 def print_results_table(summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from llmkit.progress import print_table
 
     table = Table(title=f"{summary['model']}")
     for col in ("task", "shots", "metric", "value", "± stderr", "n"):
@@ -329,7 +330,7 @@ def print_results_table(summary: dict) -> None:
                     continue
                 err = metrics.get(key.replace(",", "_stderr,", 1))
                 table.add_row(task, k, key, f"{value:.4f}", f"{err:.4f}" if isinstance(err, (int, float)) else "", str(n))
-    Console(width=200).print(table)
+    print_table(table)
 
 
 def cmd_eval_glue(args) -> None:

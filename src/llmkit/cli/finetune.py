@@ -194,6 +194,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_finetune_compare(args) -> None:
     from llmkit.finetune.compare import compare
+    from llmkit.progress import print_table
 
     skip = {"methods", "shots", "curve", "out", "config", "_handler", "_parser", "debug"}
     base = []
@@ -252,9 +253,8 @@ def cmd_finetune_compare(args) -> None:
             f"{r['seconds']:.0f}",
             f"{r['peak_memory_mb']:.0f}",
         )
-    from rich.console import Console
 
-    Console(width=200).print(table)
+    print_table(table)
     for k, acc in summary["few_shot"].items():
         print(f"{k}-shot in-context (no training): {acc:.3f}")
     print(f"table -> {Path(args.out) / 'compare.json'}, chart -> {Path(args.out) / 'compare.png'}")

@@ -132,6 +132,7 @@ def _cfg_row(name: str, cfg, seq_len) -> dict:
 
 def cmd_model_info(args) -> None:
     from llmkit.model.config import PRESETS, preset
+    from llmkit.progress import print_table
 
     if args.all:
         rows = [_cfg_row(n, preset(n), args.seq_len) for n in PRESETS]
@@ -148,41 +149,40 @@ def cmd_model_info(args) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="models (FLOPs per token: 6N + 12·L·d·T for training, a third of it forward)")
-    for col in (
-        "name",
-        "family",
-        "params",
-        "d_model",
-        "layers",
-        "heads/kv",
-        "context",
-        "position",
-        "activation",
-        "norm",
-        "GFLOPs/token fwd",
-        "GFLOPs/token train",
-    ):
-        table.add_column(col, justify="left" if col in ("name", "family", "position", "activation", "norm") else "right")
-    for r in rows:
-        table.add_row(
-            r["name"],
-            r["family"],
-            f"{r['params']:,}",
-            str(r["d_model"]),
-            str(r["layers"]),
-            f"{r['heads']}/{r['kv_heads']}",
+    cells = {
+        "name": [r["name"] for r in rows],
+        "family": [r["family"] for r in rows],
+        "params": [f"{r['params']:,}" for r in rows],
+        "d_model": [str(r["d_model"]) for r in rows],
+        "layers": [str(r["layers"]) for r in rows],
+        "heads/kv": [f"{r['heads']}/{r['kv_heads']}" for r in rows],
+        "context": [
             str(r["context"])
-            + (f" (window {r['sliding_window']}: {r['windowed_layers']}/{r['layers']} layers)" if r["sliding_window"] else ""),
-            r["position"],
-            r["activation"],
-            r["norm"],
-            f"{r['flops_per_token_forward'] / 1e9:.3f}",
-            f"{r['flops_per_token_train'] / 1e9:.3f}",
-        )
-    from rich.console import Console
+            + (f" (window {r['sliding_window']}: {r['windowed_layers']}/{r['layers']} layers)" if r["sliding_window"] else "")
+            for r in rows
+        ],
+        "position": [r["position"] for r in rows],
+        "activation": [r["activation"] for r in rows],
+        "norm": [r["norm"] for r in rows],
+        "GFLOPs/token fwd": [f"{r['flops_per_token_forward'] / 1e9:.3f}" for r in rows],
+        "GFLOPs/token train": [f"{r['flops_per_token_train'] / 1e9:.3f}" for r in rows],
+    }
+    table = Table(title="FLOPs per token: 6N + 12·L·d·T for training, a third of it forward")
+    if len(rows) == 1:  # one model: a property per line, which fits an 80-column terminal
+        table.add_column("property")
+        table.add_column("value")
+        for key, values in cells.items():
+            table.add_row(key, values[0])
+    else:
+        for key in cells:
+            table.add_column(key, justify="left" if key in ("name", "family", "position", "activation", "norm") else "right")
+        for i in range(len(rows)):
+            table.add_row(*(values[i] for values in cells.values()))
+    print_table(table)
 
-    Console(width=200).print(table)
+
+def _window(row: dict) -> str:
+    return f" (window {row['sliding_window']}: {row['windowed_layers']}/{row['layers']} layers)"
 
 
 def cmd_model_memory(args) -> None:
@@ -271,12 +271,29 @@ def cmd_attention(args) -> None:
         raise LlmkitError("`llmkit attention` needs a sentence", "e.g. `llmkit attention --model smollm2 'The cat sat on the mat.'`")
     model = llmkit.load(args.model)
     labels, maps = attention_for_text(model, args.sentence)
-    plot_attention(
+    layers, heads = plot_attention(
         labels,
         maps,
         args.out,
         layers=index_list(args.layers),
         heads=index_list(args.heads),
-        title=f"{args.model}: attention of {len(labels)} tokens",
+        title=f"{args.model}: attention of {len(labels)} tokens (rows: queries, columns: keys)",
     )
-    print(f"{len(maps)} layers x {maps[0].shape[0]} heads, {len(labels)} tokens -> {args.out}")
+    n_layers, n_heads = len(maps), maps[0].shape[0]
+    drawn = (
+        ""
+        if (len(layers), len(heads)) == (n_layers, n_heads)
+        else f"; drew layers {_ranges(layers)} x heads {_ranges(heads)} (--layers, --heads)"
+    )
+    print(f"{n_layers} layers x {n_heads} heads, {len(labels)} tokens{drawn} -> {args.out}")
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (as --layers and --heads take them)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)

@@ -126,6 +126,12 @@ def register(commands) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: at each evaluation)")
     p.add_argument(
+        "--save-minutes",
+        type=float,
+        default=d.save_minutes,
+        help=f"checkpoint too when this many minutes passed since the last one (0: never by time; default: {d.save_minutes:g})",
+    )
+    p.add_argument(
         "--precision",
         default=d.precision,
         choices=["auto", "fp32", "bf16", "fp16"],

@@ -27,14 +27,26 @@ def attention_for_text(model, text: str) -> tuple[list[str], list[torch.Tensor]]
     return labels, [m[0] for m in maps]
 
 
-def plot_attention(labels: list[str], maps: list[torch.Tensor], path, *, layers=None, heads=None, title: str = "") -> None:
+MAX_LAYERS, MAX_HEADS = 6, 8  # the default grid when neither is chosen: a picture a person can read (SmolLM2 has 30 x 9)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """`k` indices from 0 to n - 1, evenly apart, the first and the last among them (all n when n <= k)."""
+    return list(range(n)) if n <= k else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def plot_attention(
+    labels: list[str], maps: list[torch.Tensor], path, *, layers=None, heads=None, title: str = ""
+) -> tuple[list[int], list[int]]:
+    """Draw the chosen layers x heads (by default, at most MAX_LAYERS layers spread from the first to the last and the
+    first MAX_HEADS heads); returns (layers, heads) drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = list(range(len(maps))) if layers is None else layers
-    heads = list(range(maps[0].shape[0])) if heads is None else heads
+    layers = spread(len(maps), MAX_LAYERS) if layers is None else layers
+    heads = list(range(min(maps[0].shape[0], MAX_HEADS))) if heads is None else heads
     for name, chosen, n in (("layer", layers, len(maps)), ("head", heads, maps[0].shape[0])):
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
@@ -56,6 +68,7 @@ def plot_attention(labels: list[str], maps: list[torch.Tensor], path, *, layers=
             if c == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=9)
     fig.suptitle(title or "attention (rows: queries, columns: keys)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # half an inch above the grid for the title
     io.save_figure(fig, path)
     plt.close(fig)
+    return layers, heads

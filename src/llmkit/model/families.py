@@ -61,8 +61,8 @@ class Embedding(nn.Module):
 def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """Refuse token ids outside [0, vocab_size), naming the first offending one (one host sync: call it once per input,
     not per decoding step)."""
-    if not ids.numel():
-        return
+    if not ids.numel() or torch.compiler.is_compiling():  # a compiled step's ids were checked when its data was built;
+        return  # reading a tensor's value would break the graph (dynamo's "Graph break from Tensor.item()" warning)
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         first = int(ids[bad][0])

@@ -110,6 +110,8 @@ class PretrainConfig:
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     log_every: int = 10
     save_every: int | None = None  # checkpoint every N steps (default: at each evaluation)
+    save_minutes: float = 10.0  # and whenever this many minutes passed since the last checkpoint (0: never by time), so a
+    # run killed before its first evaluation keeps its work
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool | None = None  # None: on for a single-process decoder on a CPU (it pays: 1.3x), unless LLMKIT_COMPILE=0
     seed: int = 1337
@@ -328,7 +330,9 @@ def sample_text(model, tok, data_dir: Path, cfg: PretrainConfig, n_tokens: int =
     model.eval()
     out = generate(model, tok, [prompt], GenerationConfig(max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=cfg.seed))[0]
     model.train()
-    return tok.decode(prompt + out.ids)  # decoded together: a unigram's decoder drops the space before a first piece
+    # decoded together (a unigram's decoder drops the space before a first piece), without special tokens: a tokenizer
+    # from `llmkit tokenizer train` holds T5's sentinels, which an early decoder samples as often as any token
+    return tok.decode(prompt + out.ids, skip_special_tokens=True)
 
 
 # --- the recipe ---------------------------------------------------------------------------------------------------
@@ -491,6 +495,7 @@ class Pretraining:
             compiled = d.device.type == "cpu" and d.world == 1 and cfg.family == "decoder" and os.environ.get("LLMKIT_COMPILE", "1") != "0"
         if compiled:
             self.train_model = torch.compile(self.train_model)
+        self.compiled = bool(compiled)
 
     def _describe(self) -> None:
         """train_config.json, and one line that says what trains on what."""
@@ -527,7 +532,9 @@ class Pretraining:
     def train(self) -> None:
         cfg, d, budget = self.cfg, self.d, self.budget
         self.train_model.train()
-        self.start = time.perf_counter()
+        if self.compiled:
+            self._compile_step()
+        self.start = self.last_checkpoint = time.perf_counter()
         self.tokens_at_start = self.tokens_seen
         self.elapsed, self.stop_reason, self.nonfinite = self.elapsed_before, None, 0.0
         self.window_start, self.window_tokens = time.perf_counter(), 0
@@ -543,13 +550,29 @@ class Pretraining:
                 evaluating = self.step % cfg.eval_every == 0
                 if evaluating:
                     self.evaluate()
-                if evaluating and cfg.save_every is None or cfg.save_every and self.step % cfg.save_every == 0:
+                timed = cfg.save_minutes > 0 and time.perf_counter() - self.last_checkpoint >= 60 * cfg.save_minutes
+                if evaluating and cfg.save_every is None or cfg.save_every and self.step % cfg.save_every == 0 or timed:
                     self.checkpoint()
+                    self.last_checkpoint = time.perf_counter()
                 self.after_step()
                 if cfg.patience and self.bad_evals >= cfg.patience:
                     self.stop_reason = f"validation loss plateau ({cfg.patience} evaluations without improvement)"
                     break
             bar.update(task, completed=total)  # the run is over, whichever limit ended it
+
+    def _compile_step(self) -> None:
+        """Compile the training step before the budget's clock starts (a 60 s budget then trains for 60 s): one forward
+        and backward of this step's first micro-batch, its gradients dropped and the random generators put back."""
+        cfg, t = self.cfg, time.perf_counter()
+        self.say("compiling the training step for this machine, once (the budget starts after it; --no-compile skips it)")
+        states = rng_states()
+        rows, index = self.loader.rows(self.step, 0, cfg.grad_accum)
+        batch = self.objective.prepare(rows, [(cfg.seed, self.step, i) for i in index])
+        loss_fn = lambda p: self.objective.loss_sum(self.train_model, p)[0]  # noqa: E731
+        accumulate_gradients(self.train_model, [batch], loss_fn, [batch.n_targets], self.d, self.amp, None, self.sharded)
+        self.optimizer.zero_grad(set_to_none=True)
+        set_rng_states(rank_keys(states, self.d.rank), self.d.rank)
+        self.say(f"compiled in {time.perf_counter() - t:.0f}s")
 
     def after_step(self) -> None:
         """Called after every step (its checkpoint included): a hook for tests and variants; nothing by default."""
