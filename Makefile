@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 test: lint $(STAMP) $(WORDNET) browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20 tests
 
 test-fast: lint $(STAMP) $(WORDNET) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" tests

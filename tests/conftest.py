@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -27,6 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 # `llmkit generate`/`chat` compile their decode step by default (a minute per new model on 2 cores): the suite turns that
 # off and compiles only where a test asks for it (tests/test_fast_decode.py), so CI stays within its time
 os.environ.setdefault("LLMKIT_COMPILE", "0")
+# Pretraining keeps prepared shards for the next run with the same text and options: the suite's in a folder of its own,
+# so a run of the tests starts cold as CI does and leaves nothing in the user's ~/.cache
+os.environ.setdefault("LLMKIT_CACHE", tempfile.mkdtemp(prefix="llmkit-test-cache-"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per test worker (and per process a test starts): two workers on two cores, never four spinning
     # OpenMP threads fighting for two cores, which slows everything tenfold.

@@ -279,3 +279,27 @@ def test_version_comes_from_the_package_metadata():
 def test_an_option_typo_is_named_with_the_closest_option():
     proc = run_cli("pretrain", "--bugdet", "5m", check=False)
     assert proc.returncode == 1 and "did you mean --budget?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_long_step_off_a_terminal_logs_a_line_at_intervals(monkeypatch, capsys):
+    """Into a log or a pipe no bar is drawn: each task says its count, rate and ETA every LLMKIT_PROGRESS_SECONDS, and
+    once when it completes."""
+    import time
+
+    from llmkit.progress import progress
+
+    monkeypatch.setenv("LLMKIT_PROGRESS_SECONDS", "0.05")
+    with progress("docs") as bar:
+        task = bar.add_task("tokenize", total=6)
+        for _ in range(6):
+            time.sleep(0.06)
+            bar.advance(task)
+        lines = capsys.readouterr().err.strip().splitlines()
+        time.sleep(0.06)
+        bar.update(task, completed=6)  # an update after the end says nothing more
+        assert capsys.readouterr().err == ""
+    assert 3 <= len(lines) <= 6 and all(line.startswith("tokenize: ") for line in lines), lines
+    assert " docs/s, eta " in lines[-2] and lines[-1].startswith("tokenize: 6/6 docs, ") and "eta" not in lines[-1]  # a rate from 2 on
+    with progress("docs", disable=True) as bar:  # another process speaks
+        bar.advance(bar.add_task("quiet", total=1))
+    assert capsys.readouterr().err == ""

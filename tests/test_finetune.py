@@ -466,6 +466,25 @@ def test_a_finished_fine_tune_says_so_on_resume_and_a_larger_budget_extends_it(t
     assert any("extending the finished run" in m and "2steps -> 3steps" in m for m in said)
 
 
+def test_resume_takes_the_runs_own_options_and_a_refused_resume_changes_nothing(tiny_base, tmp_path):
+    """`llmkit finetune --out RUN --resume` continues RUN with the options it was started with (the command line still
+    wins); a resume refused for other options leaves the run's finetune_config.json as it was."""
+    from llmkit.cli import parse_args
+    from llmkit.finetune.recipe import finetune
+
+    out = tmp_path / "run"
+    finetune(_ft(tiny_base, out, budget="2steps", n_train=24, lora_r=4), log=lambda m: None)
+    args = parse_args(["finetune", "--out", str(out), "--resume"])
+    assert (args.n_train, args.lora_r, args.model, args.budget) == (24, 4, str(tiny_base), None)  # the budget: the recipe's rule
+    assert parse_args(["finetune", "--out", str(out), "--resume", "--lora-r", "2"]).lora_r == 2
+    pretrain_args = parse_args(["pretrain", "--out", str(tmp_path / "nothing-here"), "--resume"])
+    assert pretrain_args.d_model is None  # no run there: the defaults
+    before = (out / "finetune_config.json").read_text()
+    with pytest.raises(LlmkitError, match=r"another fine-tuning run \(lora_r: 4 -> 2\)"):
+        finetune(_ft(tiny_base, out, budget="3steps", n_train=24, lora_r=2, resume=True), log=lambda m: None)
+    assert (out / "finetune_config.json").read_text() == before
+
+
 def test_a_lora_run_names_its_base_so_that_it_loads_from_any_folder(tmp_path, tiny_base, monkeypatch):
     """A base given as a relative path is written as an absolute one (the run works from another directory); an
     embedded name stays a name; a base that is gone is named as the adapter's base."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -441,3 +442,17 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
     for kw, words in ((dict(task="play"), "has no verifier"), (dict(group_size=1), "--group-size 1")):
         with pytest.raises(LlmkitError, match=words):
             GRPO(FinetuneConfig(**{**common, **kw}, out=str(tmp_path / "c")), log=lambda m: None).run()
+
+
+def test_a_reward_function_loads_from_a_module_or_a_file_and_bad_ones_are_named(tmp_path, monkeypatch):
+    from llmkit.finetune.grpo import load_reward
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    score = load_reward(f"{examples / 'my_rewards.py'}:score")  # the README's example, by path
+    assert [score(prompt="p", completion=c, answer="42") for c in ("42", " 42\n", "it is 42", "41")] == [1.0, 1.0, 0.2, 0.0]
+    (tmp_path / "mine.py").write_text("def r(prompt, completion, answer=None):\n    return len(completion)\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_reward("mine:r")(prompt="", completion="abc") == 3  # a module beside you, as `python -m` finds it
+    for spec, message in (("mine", "not module:function"), ("mine:nope", "has no attribute 'nope'"), ("no/such.py:f", "no file at")):
+        with pytest.raises(LlmkitError, match=message):
+            load_reward(spec)

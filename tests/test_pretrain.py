@@ -597,6 +597,41 @@ def test_a_sample_leaves_out_the_sentinels_of_a_tokenizer_that_has_them(small_da
     assert "<extra_id_" not in text and text.endswith(" crown") and len(text) > len(" crown")
 
 
+def test_a_second_run_on_the_same_text_and_options_reuses_the_prepared_shards(tmp_path, monkeypatch):
+    """The tokenizer is trained once per text and options: the next run copies the cached shards (the same bytes); other
+    text or another vocabulary prepares afresh; LLMKIT_CACHE=off keeps nothing."""
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.train import pretrain as pretrain_module
+    from llmkit.train.runtime import Dist
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = [d.text for d in llmkit.data.sources.shakespeare("macbeth")][0]
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(text[i * 5000 : (i + 1) * 5000])
+    trained = []
+    real = pretrain_module.train_tokenizer
+    monkeypatch.setattr(pretrain_module, "train_tokenizer", lambda *a, **k: trained.append(1) or real(*a, **k))
+
+    def prepare(out: str, **kw) -> Path:
+        cfg = PretrainConfig(data=str(docs), vocab_size=kw.pop("vocab_size", 400), out=str(tmp_path / out), **kw)
+        return pretrain_module.prepare_data(cfg, Dist(), lambda m: None)
+
+    first, second = prepare("a"), prepare("b")
+    assert len(trained) == 1 and list((tmp_path / "cache" / "prepared").iterdir())
+    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert Tokenizer.load(second).encode("Fair is foul") == Tokenizer.load(first).encode("Fair is foul")
+    prepare("c", vocab_size=500)
+    (docs / "0.txt").write_text(text[:4000])
+    prepare("d")
+    assert len(trained) == 3
+    monkeypatch.setenv("LLMKIT_CACHE", "off")
+    prepare("e")
+    assert len(trained) == 4
+
+
 def test_pretraining_tokenizers_spell_every_byte_and_only_t5s_have_sentinels(tmp_path):
     """The default tokenizer (a unigram with byte fallback) never maps a held-out character to <unk>, and validation
     bits per byte divide by the bytes the scored tokens stand for, exactly; T5's span corruption gets its 100

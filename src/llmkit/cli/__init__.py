@@ -65,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options in the order they win: the command line, then --config FILE, then (with --resume) the options the run in
+    --out was started with, then the defaults."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         _refuse_unknown(args, extra)
+    config: dict = {}
     if getattr(args, "config", None):
         sub: argparse.ArgumentParser = args._parser
         config = load_config(args.config)
@@ -84,7 +87,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 config[key] = [config[key]]
         sub.set_defaults(**config)
         args = parser.parse_args(argv)
+    if getattr(args, "resume", False):
+        own = _started_with(args)
+        if own:
+            args._parser.set_defaults(**{**own, **config})
+            args = parser.parse_args(argv)
     return args
+
+
+RUN_CONFIGS = {"llmkit pretrain": "train_config.json", "llmkit finetune": "finetune_config.json"}
+NOT_RESUMED = {"resume", "out", "config", "budget", "device"}  # the budget: the recipe's rule (a finished run says so)
+
+
+def _started_with(args: argparse.Namespace) -> dict:
+    """The options a run was started with, from its folder's config (as option names): `llmkit finetune --out runs/x
+    --resume` continues runs/x as it was started, not with today's defaults."""
+    import json
+    from pathlib import Path
+
+    name = RUN_CONFIGS.get(args._parser.prog)
+    path = Path(str(getattr(args, "out", ""))) / name if name else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # the recipe refuses a damaged run folder with its own message
+    if isinstance(saved.get("model_options"), dict):  # pretraining's --model-option KEY=VALUE
+        saved["model_option"] = [f"{k}={json.dumps(v)}" for k, v in saved["model_options"].items()]
+    if "samples" in saved:
+        saved["no_samples"] = not saved["samples"]
+    known = {a.dest for a in args._parser._actions}
+    return {k: v for k, v in saved.items() if k in known and k not in NOT_RESUMED}
 
 
 def _refuse_unknown(args: argparse.Namespace, extra: list[str]) -> None:

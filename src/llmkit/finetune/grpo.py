@@ -25,7 +25,6 @@ Metrics as trl names them: reward, reward_std, kl, completion_length, clip_ratio
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import time
 from pathlib import Path
@@ -57,18 +56,29 @@ def task_reward(answer: str, completion: str) -> float:
 
 
 def load_reward(spec: str):
-    """`module:function` -> the function, called as f(prompt=..., completion=..., answer=...) -> a number."""
-    module, _, name = spec.partition(":")
+    """`module:function` or `path/to/file.py:function` -> the function, called as f(prompt=..., completion=...,
+    answer=...) -> a number."""
+    module, _, name = spec.rpartition(":")
     if not module or not name:
         raise LlmkitError(f"--reward {spec!r} is not module:function", "e.g. --reward my_rewards:score (my_rewards.py beside you)")
+    import importlib.util
     import sys
 
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # a module in the working directory, as `python -m` finds it
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise LlmkitError(f"--reward {spec}: {e}", "give an importable module and a function in it") from None
+        if module.endswith(".py"):  # a file: loaded under its own name, wherever it is
+            if not Path(module).is_file():
+                raise ImportError(f"no file at {module}")
+            loader = importlib.util.spec_from_file_location(Path(module).stem, module)
+            assert loader is not None and loader.loader is not None
+            mod = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(mod)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # a module in the working directory, as `python -m` finds it
+            mod = importlib.import_module(module)
+        fn = getattr(mod, name)
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise LlmkitError(f"--reward {spec}: {e}", "give an importable module (or a .py file) and a function in it") from None
     if not callable(fn):
         raise LlmkitError(f"--reward {spec} is not a function", "point at a function of (prompt, completion, answer)")
     return fn

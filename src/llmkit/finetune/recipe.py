@@ -398,6 +398,7 @@ class Finetuning:
             self.cfg = cfg = dataclasses.replace(cfg, budget=own or DEFAULT_BUDGET)
         self.budget = Budget.parse(cfg.budget or DEFAULT_BUDGET)  # a budget that does not parse is refused before anything runs
         if self.ckpt is not None:
+            _check_resume(self.ckpt, io.read_json(self.ckpt / "state.json"), cfg)  # before the run's config is rewritten
             self._refuse_finished()
         torch.manual_seed(cfg.seed)
         if self.d.main:
@@ -633,7 +634,7 @@ class Finetuning:
         model.train()
         start = time.perf_counter()
         self.losses: list[float] = []
-        with progress("steps") as bar:
+        with progress("steps", disable=None if self.d.main else True) as bar:
             task = bar.add_task("finetune", total=budget.steps or budget.tokens or budget.seconds or 1)
             while True:
                 # one clock: the slowest rank's, so every rank stops at the same step (one process: its own)
@@ -880,14 +881,18 @@ RESUME_KEYS = (
 )
 
 
-def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, tuple], saved: dict) -> None:
-    """Refuse to resume a checkpoint made by other options or holding other trainable tensors (other LoRA targets, say),
-    rather than continue with fresh weights where the saved ones do not fit."""
+def _check_resume(path, state: dict, cfg: FinetuneConfig, trainable: dict[str, tuple] | None = None, saved: dict | None = None) -> None:
+    """Refuse to resume a checkpoint made by other options or (given the model's `trainable` shapes and the `saved`
+    tensors) holding other trainable tensors (other LoRA targets, say), rather than continue with fresh weights where
+    the saved ones do not fit."""
     was = state.get("config", {})
     changed = [f"{k}: {was.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if k in was and was[k] != getattr(cfg, k)]
-    missing = sorted(set(trainable) - set(saved))
-    extra = sorted(set(saved) - set(trainable))
-    shapes = [n for n in trainable if n in saved and tuple(saved[n].shape) != trainable[n]]
+    missing: list[str] = []
+    extra: list[str] = []
+    shapes: list[str] = []
+    if trainable is not None and saved is not None:
+        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+        shapes = [n for n in trainable if n in saved and tuple(saved[n].shape) != trainable[n]]
     if changed or missing or extra or shapes:
         detail = "; ".join(
             filter(

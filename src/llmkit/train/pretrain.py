@@ -16,8 +16,12 @@ rows of the same global batch, so N processes follow the loss curve of one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,19 +169,51 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
             (data_dir / "meta.json").unlink()
             meta = None
         if meta is None:
-            log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
-            split = split_corpus(cfg.data, val_fraction=val_fraction, seed=cfg.seed, log=log)
-            tok = train_tokenizer(
-                split.train,
-                cfg.tokenizer_kind,
-                cfg.vocab_size,
-                byte_fallback=byte_fallback,
-                special=SpecialTokens(sentinels=sentinels),
-            )
-            write_shards(split, tok, data_dir, source=cfg.data, extra={"prepared_for": recipe})
+            recipe["source_sha256"] = source_fingerprint(cfg.data)
+            cached = prepared_cache(recipe)
+            if cached is not None and (cached / "meta.json").exists():
+                log(f"preparing {cfg.data}: the shards and tokenizer of an earlier run with the same text and options ({cached})")
+                shutil.copytree(cached, data_dir, dirs_exist_ok=True)
+            else:
+                log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
+                split = split_corpus(cfg.data, val_fraction=val_fraction, seed=cfg.seed, log=log)
+                tok = train_tokenizer(
+                    split.train,
+                    cfg.tokenizer_kind,
+                    cfg.vocab_size,
+                    byte_fallback=byte_fallback,
+                    special=SpecialTokens(sentinels=sentinels),
+                    show_progress=sys.stderr.isatty(),  # the tokenizers library's own bars: a unigram takes a minute or two
+                )
+                write_shards(split, tok, data_dir, source=cfg.data, extra={"prepared_for": recipe})
+                if cached is not None:
+                    _store(data_dir, cached)
     barrier(d)
     load_meta(data_dir)
     return data_dir
+
+
+def prepared_cache(recipe: dict) -> Path | None:
+    """Where shards prepared by `recipe` (its text's hash included) are kept for the next run with the same options:
+    $LLMKIT_CACHE/prepared/KEY (default ~/.cache/llmkit; LLMKIT_CACHE=off keeps nothing). A second pretraining run on
+    the same text then starts in seconds instead of training the same tokenizer again."""
+    root = os.environ.get("LLMKIT_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmkit")
+    if root.lower() in ("off", "0", "none"):
+        return None
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(root) / "prepared" / key
+
+
+def _store(data_dir: Path, cached: Path) -> None:
+    """Copy a prepared folder into the cache whole or not at all (a copy under another name, then one rename); a cache
+    that cannot be written (a read-only home) only costs the next run its time."""
+    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(data_dir, tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the model and its loss ----------------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""Every command line of the README, run as written, in order, in a fresh folder that holds a copy of `examples/`.
+
+A line runs with shorter budgets and limits where SHORTER says so (options appended: the last value of an option wins),
+and differently only where AS_RUN says why; a line this machine cannot run (eight GPUs, two machines, Ollama) is in
+NOT_RUN with the reason and is still parsed by test_cli.py. Each line must exit 0 and write what it names (`--out`,
+`--json FILE`, `--png`, `--export-*`); a server must answer /health on 127.0.0.1 and stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# README line -> options appended to it: the same command on less work
+SHORTER = {
+    "llmkit pretrain": "--budget 10steps",
+    "llmkit pretrain --preset cpu-gpt --optimizer adamw --schedule cosine --sampling random --tokenizer-kind byte-bpe "
+    "--vocab-size 2048 --out runs/gpt2-recipe": "--budget 5steps",
+    "llmkit pretrain --model-option activation=swiglu --model-option qk_norm=false --out runs/ablation": "--budget 5steps",
+    "llmkit pretrain --family encoder --budget 2m --out runs/bert": "--budget 5steps",
+    "llmkit pretrain --budget 30m --max-epochs 8 --out runs/long": "--budget 5steps",
+    # runs/pretrain finished its 10 steps: a larger budget extends it (the README's case, a killed run, resumes as is)
+    "llmkit pretrain --out runs/pretrain --resume": "--budget 12steps",
+    "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps --out runs/finetune": (
+        "--budget 4steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method full --task arithmetic:2,reverse:1,sort:1 --lr 5e-5 --out runs/ft-mix": (
+        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method adapter --task dates --out runs/ft-adapter": (
+        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model minilm --method lora --task genre --budget 200steps --out runs/ft-genre": (
+        "--budget 4steps --n-train 16 --n-val 8 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method lora --data examples/my.jsonl --lora-r 16 --lora-targets q_proj,v_proj --rslora "
+    "--out runs/ft-mine": "--budget 2steps --n-forgetting 2 --general-tokens 256",
+    # likewise runs/finetune
+    "llmkit finetune --out runs/finetune --resume": ("--budget 5steps"),
+    "llmkit finetune compare --model smollm2 --task arithmetic --methods full,lora,multitask-lora --shots 0,3 --curve 100,400": (
+        "--methods lora --shots 0 --curve 2 --budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method dpo --data pairs.jsonl --beta 0.1 --out runs/dpo": (
+        "--budget 2steps --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method dpo --loss ipo --data pairs.jsonl --out runs/ipo": (
+        "--budget 2steps --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method orpo --data pairs.jsonl --beta 0.1 --full --out runs/orpo": (
+        "--budget 2steps --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method grpo --task arithmetic --group-size 4 --budget 20steps --out runs/grpo": (
+        "--budget 1steps --group-size 2 --n-train 8 --n-val 2 --max-new-tokens 8 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method grpo --task reverse --reward examples/my_rewards.py:score --grpo-loss dr_grpo "
+    "--out runs/grpo2": "--budget 1steps --group-size 2 --n-train 8 --n-val 2 --max-new-tokens 8 --n-forgetting 2 --general-tokens 256",
+    "llmkit finetune --model smollm2 --method qlora --task arithmetic --budget 60steps --out runs/qlora": (
+        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit finetune --model smollm2 --method lora --checkpointing --device auto --out runs/ft-gpu": (
+        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+    ),
+    'echo "To be, or not to be" | llmkit generate --model smollm2 --json': "--max-new-tokens 24",
+    "llmkit generate --model smollm2 --prompts-file examples/prompts.jsonl --field prompt --json": "--max-new-tokens 24",
+    "llmkit generate --task summarize --file examples/text.txt": "--max-new-tokens 24",
+    'llmkit generate --task translate --to fr --prompt "The weather is lovely today."': "--max-new-tokens 24",
+    'llmkit generate --task write --kind email --prompt "thank the team for the launch"': "--max-new-tokens 24",
+    "llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,play,arithmetic --shots 0,5 --out runs/eval --limit 100": "--limit 4",
+    "llmkit eval tasks --model runs/finetune --tasks arithmetic,reverse --chat --out runs/eval-sft": "--limit 4",
+    "llmkit eval tasks --model smollm2 --tasks play --out runs/eval-play --limit 50": ("--limit 4"),
+    "lm_eval --model llmkit --model_args model=smollm2 --tasks play --include_path runs/eval-play/tasks --limit 50 --device cpu": (
+        "--limit 4"
+    ),
+    "lm_eval --model hf --model_args pretrained=runs/smollm2-hf --tasks play --include_path runs/eval-play/tasks --limit 50 --device cpu": (
+        "--limit 4"
+    ),
+    "llmkit finetune --model minilm --method lora --data examples/glue_data/SST-2/train.tsv --glue sst2 --out runs/minilm-sst2": (
+        "--budget 4steps --n-forgetting 2 --general-tokens 256"
+    ),
+    "llmkit eval glue --task cola,sst2,mrpc,rte --data examples/glue_data --model smollm2 --shots 5 --out runs/glue-smollm2": "--limit 4",
+    "llmkit embed train --method word2vec --sg --dim 300 --source shakespeare --out runs/w2v": "--epochs 1",
+    "llmkit embed train --method glove --dim 300 --window 10 --epochs 25 --source shakespeare --out runs/glove": "--epochs 2",
+}
+# README line -> the line run instead, and why
+AS_RUN = {
+    "llmkit tokenizer train --kind unigram --byte-fallback --vocab-size 1280 --source shakespeare --out runs/uni": (
+        "llmkit tokenizer train --kind unigram --byte-fallback --vocab-size 1280 --source shakespeare/tragedies --out runs/uni",
+        "a unigram model on all of Shakespeare takes half a minute: the tragedies",
+    ),
+    "llmkit pretrain --family encoder-decoder --budget 1000steps --out runs/t5": (
+        "llmkit pretrain --family encoder-decoder --budget 5steps --data runs/data --out runs/t5",
+        "the shards `data prepare` wrote above (their tokenizer has T5's sentinels) instead of a third tokenizer trained",
+    ),
+    "llmkit embed index --model minilm --source shakespeare --chunk 4lines --out runs/index": (
+        "llmkit embed index --model minilm --source shakespeare:hamlet --chunk 4lines --out runs/index",
+        "every play's passages take minutes to embed on 2 cores: Hamlet's, where the ghost demands revenge",
+    ),
+    "llmkit tokenizer compare --source shakespeare --json runs/compare.json": (
+        "llmkit tokenizer compare --source shakespeare:hamlet --vocab-size 600 --json runs/compare.json",
+        "six tokenizers on all of Shakespeare take minutes: Hamlet, a smaller vocabulary",
+    ),
+    "llmkit serve --host 0.0.0.0 --allowed-host myserver.lan --port 8080 --api-key-file examples/key.txt --max-batch 16 --max-queue 64": (
+        "llmkit serve --allowed-host myserver.lan --port 8080 --api-key-file examples/key.txt --max-batch 16 --max-queue 64",
+        "a test binds 127.0.0.1 only",
+    ),
+    "printf 'FROM ./finetune.gguf\\nPARAMETER temperature 0.7\\n' > runs/Modelfile && ollama create smollm2-arithmetic -f runs/Modelfile": (
+        "printf 'FROM ./finetune.gguf\\nPARAMETER temperature 0.7\\n' > runs/Modelfile",
+        "Ollama is not on PyPI: the Modelfile is written, not given to Ollama",
+    ),
+}
+NOT_RUN = {
+    "torchrun --nproc_per_node 8 -m llmkit pretrain --data runs/data --preset gpt2 --block-size 1024 --batch-size 16": "8 GPUs",
+    "torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 -m llmkit pretrain "
+    "--data runs/data --preset gpt2 --block-size 1024 --batch-size 16 --fsdp": "two machines",
+    "torchrun --nproc_per_node 8 -m llmkit finetune --model smollm2 --method full --fsdp --out runs/ft-fsdp": "8 GPUs",
+    "torchrun --nproc_per_node 2 -m llmkit finetune --model smollm2 --method lora --batch-size 4 --out runs/ft-ddp": (
+        "two processes of SmolLM2 on 2 cores take minutes; test_finetune.py runs fine-tuning under torchrun"
+    ),
+}
+OUTPUT_OPTIONS = ("--out", "--json", "--png", "--export-pairs", "--export-kto")
+
+
+def readme_lines() -> list[str]:
+    """The command lines of the README's bash blocks in order, without their comments (continuations joined; `make`
+    and `source` left out: the set-up has run them)."""
+    lines, block, text = [], False, ROOT.joinpath("README.md").read_text(encoding="utf-8")
+    for raw in re.sub(r"\\\n\s*", "", text).splitlines():
+        if raw.startswith("```"):
+            block = raw.strip() == "```bash"
+            continue
+        line = re.sub(r"\s+# .*$", "", raw.strip())  # the line's comment: what it does, not part of the command
+        if block and line and not line.startswith(("#", "make ", "source ")):
+            lines.append(line)
+    return lines
+
+
+def written(argv: list[str]) -> list[str]:
+    """The files or folders a command line names as its output."""
+    out = []
+    for i, arg in enumerate(argv[:-1]):
+        if arg in OUTPUT_OPTIONS and not argv[i + 1].startswith("-"):
+            out.append(argv[i + 1])
+    return out
+
+
+def serve_and_stop(line: str, folder: Path, env: dict) -> None:
+    port = free_port()
+    argv = [*shlex.split(line, comments=True), "--port", str(port)]
+    proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ok = time.monotonic() + 600, False
+        while time.monotonic() < deadline and proc.poll() is None and not ok:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    ok = r.status == 200
+            except OSError:
+                time.sleep(1)
+        assert ok, f"{line}: no /health on 127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"{line}: exit {proc.returncode}\n{out[-3000:]}"
+
+
+def command_env() -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MPLBACKEND": "Agg"}
+    return env | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_line(line: str, folder: Path, env: dict) -> str:
+    """Run one README line in `folder` (shortened or replaced as the tables say); returns what ran."""
+    run = AS_RUN[line][0] if line in AS_RUN else line
+    if line in SHORTER:
+        run = f"{run} {SHORTER[line]}"
+    if run.startswith("llmkit serve"):
+        serve_and_stop(run, folder, env)
+        return run
+    stdin = None
+    if run.startswith("llmkit chat"):  # a person's turn, then /exit
+        stdin, run = "What is 2 + 2?\n/exit\n", f"{run} --max-new-tokens 16"
+    proc = subprocess.run(run, shell=True, cwd=folder, env=env, input=stdin, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{run}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for path in written(shlex.split(run.split("|")[-1], comments=True)):
+        assert (folder / path).exists(), f"{run}: wrote no {path}"
+    return run
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written_in_order(tmp_path):
+    lines = readme_lines()
+    for table in (SHORTER, AS_RUN, NOT_RUN):  # a row for a line the README no longer has is a stale promise
+        assert not set(table) - set(lines), set(table) - set(lines)
+    folder = tmp_path / "fresh"
+    shutil.copytree(ROOT / "examples", folder / "examples")
+    env = command_env()
+    for line in lines:
+        if line in NOT_RUN:
+            continue
+        start = time.monotonic()
+        run = run_line(line, folder, env)
+        with open(tmp_path / "times.txt", "a", encoding="utf-8") as f:  # seconds per line, as they finish
+            f.write(f"{time.monotonic() - start:7.1f}  {run}\n")
