@@ -264,3 +264,9 @@ def wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 60) -> None
         assert proc.poll() is None, f"the server exited: {proc.communicate()[1]}"
         assert time.monotonic() < deadline, "the server did not get ready in time"
         time.sleep(0.2)
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test first (every README line in order, minutes): under xdist one worker starts it at once while the
+    other takes the rest, instead of it starting last and the suite waiting for it alone."""
+    items.sort(key=lambda item: item.path.name != "test_readme.py")  # stable: the rest keep their order

@@ -83,6 +83,7 @@ def test_config_file_sets_options_and_the_command_line_wins(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"vocab_size": 10, "colour": "red"}))
     proc = run_cli("tokenizer", "train", "--config", str(tmp_path / "bad.json"), check=False)
     assert proc.returncode == 1 and "unknown option(s): colour" in proc.stderr
+    assert "`llmkit tokenizer train --help`" in proc.stderr and "bad.json --help" not in proc.stderr  # the command, not the file
     assert build_parser() is not None
 
 

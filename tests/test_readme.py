@@ -2,8 +2,9 @@
 
 A line runs with shorter budgets and limits where SHORTER says so (options appended: the last value of an option wins),
 and differently only where AS_RUN says why; a line this machine cannot run (eight GPUs, two machines, Ollama) is in
-NOT_RUN with the reason and is still parsed by test_cli.py. Each line must exit 0 and write what it names (`--out`,
-`--json FILE`, `--png`, `--export-*`); a server must answer /health on 127.0.0.1 and stop on SIGTERM.
+NOT_RUN with the reason and is still parsed by test_cli.py. Each line must exit 0, write what it names (`--out`,
+`--json FILE`, `--png`, `--export-*`) and print none of NOISE (tracebacks, raw progress bars of other libraries,
+warnings); a server must answer /health on 127.0.0.1 and stop on SIGTERM. The lines run in a subprocess each, as typed.
 """
 
 from __future__ import annotations
@@ -25,73 +26,69 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# What a decoder's fine-tuning measures before and after, on less: 2 validation answers, one untrained task's 1 answer
+# and 128 tokens of general text (the README's defaults: 48, four tasks' 24 each and 2,048 tokens).
+MEASURE = "--n-val 2 --forgetting-tasks sort --n-forgetting 1 --general-tokens 128"
 # README line -> options appended to it: the same command on less work
 SHORTER = {
-    "llmkit pretrain": "--budget 10steps",
+    "llmkit pretrain": "--budget 10steps --final-eval-tokens 4096",
     "llmkit pretrain --preset cpu-gpt --optimizer adamw --schedule cosine --sampling random --tokenizer-kind byte-bpe "
-    "--vocab-size 2048 --out runs/gpt2-recipe": "--budget 5steps",
+    "--vocab-size 2048 --out runs/gpt2-recipe": "--budget 5steps --final-eval-tokens 4096",
     "llmkit pretrain --model-option activation=swiglu --model-option qk_norm=false --out runs/ablation": "--budget 5steps",
-    "llmkit pretrain --family encoder --budget 2m --out runs/bert": "--budget 5steps",
-    "llmkit pretrain --budget 30m --max-epochs 8 --out runs/long": "--budget 5steps",
+    "llmkit pretrain --family encoder --budget 2m --out runs/bert": "--budget 5steps --final-eval-tokens 4096",
+    "llmkit pretrain --budget 30m --max-epochs 8 --out runs/long": "--budget 5steps --final-eval-tokens 4096",
     # runs/pretrain finished its 10 steps: a larger budget extends it (the README's case, a killed run, resumes as is)
     "llmkit pretrain --out runs/pretrain --resume": "--budget 12steps",
     "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps --out runs/finetune": (
-        "--budget 4steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+        f"--budget 4steps --n-train 16 {MEASURE}"
     ),
     "llmkit finetune --model smollm2 --method full --task arithmetic:2,reverse:1,sort:1 --lr 5e-5 --out runs/ft-mix": (
-        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+        f"--budget 1steps --batch-size 4 --n-train 16 {MEASURE}"
     ),
-    "llmkit finetune --model smollm2 --method adapter --task dates --out runs/ft-adapter": (
-        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
-    ),
+    "llmkit finetune --model smollm2 --method adapter --task dates --out runs/ft-adapter": f"--budget 2steps --n-train 16 {MEASURE}",
     "llmkit finetune --model minilm --method lora --task genre --budget 200steps --out runs/ft-genre": (
-        "--budget 4steps --n-train 16 --n-val 8 --n-forgetting 2 --general-tokens 256"
+        "--budget 4steps --n-train 16 --n-val 8 --n-forgetting 2 --general-tokens 128"
     ),
     "llmkit finetune --model smollm2 --method lora --data examples/my.jsonl --lora-r 16 --lora-targets q_proj,v_proj --rslora "
-    "--out runs/ft-mine": "--budget 2steps --n-forgetting 2 --general-tokens 256",
-    # likewise runs/finetune
-    "llmkit finetune --out runs/finetune --resume": ("--budget 5steps"),
+    "--out runs/ft-mine": f"--budget 2steps {MEASURE}",
+    "llmkit finetune --out runs/finetune --resume": "--budget 5steps",  # likewise runs/finetune (its own options)
     "llmkit finetune compare --model smollm2 --task arithmetic --methods full,lora,multitask-lora --shots 0,3 --curve 100,400": (
-        "--methods lora --shots 0 --curve 2 --budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+        f"--methods lora --shots 0 --curve '' --budget 2steps --n-train 16 {MEASURE}"
     ),
-    "llmkit finetune --model smollm2 --method dpo --data pairs.jsonl --beta 0.1 --out runs/dpo": (
-        "--budget 2steps --n-forgetting 2 --general-tokens 256"
-    ),
-    "llmkit finetune --model smollm2 --method dpo --loss ipo --data pairs.jsonl --out runs/ipo": (
-        "--budget 2steps --n-forgetting 2 --general-tokens 256"
-    ),
+    "llmkit finetune --model smollm2 --method dpo --data pairs.jsonl --beta 0.1 --out runs/dpo": f"--budget 2steps {MEASURE}",
+    "llmkit finetune --model smollm2 --method dpo --loss ipo --data pairs.jsonl --out runs/ipo": f"--budget 1steps {MEASURE}",
     "llmkit finetune --model smollm2 --method orpo --data pairs.jsonl --beta 0.1 --full --out runs/orpo": (
-        "--budget 2steps --n-forgetting 2 --general-tokens 256"
+        f"--budget 1steps --batch-size 4 {MEASURE}"
     ),
     "llmkit finetune --model smollm2 --method grpo --task arithmetic --group-size 4 --budget 20steps --out runs/grpo": (
-        "--budget 1steps --group-size 2 --n-train 8 --n-val 2 --max-new-tokens 8 --n-forgetting 2 --general-tokens 256"
+        f"--budget 1steps --group-size 2 --n-train 8 --max-new-tokens 8 {MEASURE}"
     ),
     "llmkit finetune --model smollm2 --method grpo --task reverse --reward examples/my_rewards.py:score --grpo-loss dr_grpo "
-    "--out runs/grpo2": "--budget 1steps --group-size 2 --n-train 8 --n-val 2 --max-new-tokens 8 --n-forgetting 2 --general-tokens 256",
+    "--out runs/grpo2": f"--budget 1steps --group-size 2 --n-train 8 --max-new-tokens 8 {MEASURE}",
     "llmkit finetune --model smollm2 --method qlora --task arithmetic --budget 60steps --out runs/qlora": (
-        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+        f"--budget 2steps --n-train 16 {MEASURE}"
     ),
     "llmkit finetune --model smollm2 --method lora --checkpointing --device auto --out runs/ft-gpu": (
-        "--budget 2steps --n-train 16 --n-val 4 --n-forgetting 2 --general-tokens 256"
+        f"--budget 2steps --n-train 16 {MEASURE}"
     ),
     'echo "To be, or not to be" | llmkit generate --model smollm2 --json': "--max-new-tokens 24",
     "llmkit generate --model smollm2 --prompts-file examples/prompts.jsonl --field prompt --json": "--max-new-tokens 24",
     "llmkit generate --task summarize --file examples/text.txt": "--max-new-tokens 24",
     'llmkit generate --task translate --to fr --prompt "The weather is lovely today."': "--max-new-tokens 24",
     'llmkit generate --task write --kind email --prompt "thank the team for the launch"': "--max-new-tokens 24",
-    "llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,play,arithmetic --shots 0,5 --out runs/eval --limit 100": "--limit 4",
-    "llmkit eval tasks --model runs/finetune --tasks arithmetic,reverse --chat --out runs/eval-sft": "--limit 4",
-    "llmkit eval tasks --model smollm2 --tasks play --out runs/eval-play --limit 50": ("--limit 4"),
+    "llmkit eval tasks --model smollm2 --tasks shakespeare_cloze,play,arithmetic --shots 0,5 --out runs/eval --limit 100": "--limit 3",
+    "llmkit eval tasks --model runs/finetune --tasks arithmetic,reverse --chat --out runs/eval-sft": "--limit 3",
+    "llmkit eval tasks --model smollm2 --tasks play --out runs/eval-play --limit 50": "--limit 3",
     "lm_eval --model llmkit --model_args model=smollm2 --tasks play --include_path runs/eval-play/tasks --limit 50 --device cpu": (
-        "--limit 4"
+        "--limit 3"
     ),
     "lm_eval --model hf --model_args pretrained=runs/smollm2-hf --tasks play --include_path runs/eval-play/tasks --limit 50 --device cpu": (
-        "--limit 4"
+        "--limit 3"
     ),
     "llmkit finetune --model minilm --method lora --data examples/glue_data/SST-2/train.tsv --glue sst2 --out runs/minilm-sst2": (
-        "--budget 4steps --n-forgetting 2 --general-tokens 256"
+        "--budget 4steps --n-forgetting 2 --general-tokens 128"
     ),
-    "llmkit eval glue --task cola,sst2,mrpc,rte --data examples/glue_data --model smollm2 --shots 5 --out runs/glue-smollm2": "--limit 4",
+    "llmkit eval glue --task cola,sst2,mrpc,rte --data examples/glue_data --model smollm2 --shots 5 --out runs/glue-smollm2": "--limit 3",
     "llmkit embed train --method word2vec --sg --dim 300 --source shakespeare --out runs/w2v": "--epochs 1",
     "llmkit embed train --method glove --dim 300 --window 10 --epochs 25 --source shakespeare --out runs/glove": "--epochs 2",
 }
@@ -131,6 +128,7 @@ NOT_RUN = {
         "two processes of SmolLM2 on 2 cores take minutes; test_finetune.py runs fine-tuning under torchrun"
     ),
 }
+NOISE = ("Traceback", "it/s]", "Graph break", "UserWarning", "FutureWarning", "DeprecationWarning")
 OUTPUT_OPTIONS = ("--out", "--json", "--png", "--export-pairs", "--export-kto")
 
 
@@ -194,6 +192,8 @@ def run_line(line: str, folder: Path, env: dict) -> str:
         stdin, run = "What is 2 + 2?\n/exit\n", f"{run} --max-new-tokens 16"
     proc = subprocess.run(run, shell=True, cwd=folder, env=env, input=stdin, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{run}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    noise = [n for n in NOISE if n in proc.stderr]  # what a library prints past llmkit's own lines
+    assert not noise, f"{run}: {noise} in\n{proc.stderr[-3000:]}"
     for path in written(shlex.split(run.split("|")[-1], comments=True)):
         assert (folder / path).exists(), f"{run}: wrote no {path}"
     return run

@@ -80,7 +80,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if unknown:
             raise LlmkitError(
                 f"config file {args.config} has unknown option(s): {', '.join(unknown)}",
-                f"use option names of `llmkit {' '.join(a for a in argv if not a.startswith('-'))[:40]} --help`",
+                f"use option names of `{sub.prog} --help`",
             )
         for key in ("source", "special"):  # append options: a config value replaces the default list
             if key in config and isinstance(config[key], str):

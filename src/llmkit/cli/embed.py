@@ -258,10 +258,14 @@ def cmd_tokens(args) -> None:
     vecs = np.stack([v for _, v in pairs])
     sims = cosine_matrix(vecs)
     if args.png:
-        from llmkit.embed.explore import draw_map, project
+        from llmkit.embed.explore import draw_map, draw_similarity, project
 
-        draw_map(project(vecs), sentences, args.png, title=f"{args.model}: '{args.word}' in {len(sentences)} sentences")
-        console().print(f"map -> {args.png}")
+        title = f"{args.model}: '{args.word}' in {len(sentences)} sentences"
+        if len(sentences) < 3:  # two points on a map say nothing: their similarity, as a matrix
+            draw_similarity(sims, sentences, args.png, title=title)
+        else:
+            draw_map(project(vecs), sentences, args.png, title=title)
+        console().print(f"{'similarity' if len(sentences) < 3 else 'map'} -> {args.png}")
     if args.json:
         print(json.dumps({"word": args.word, "sentences": sentences, "cosine": sims.round(6).tolist()}))
         return

@@ -92,3 +92,27 @@ def draw_map(points: np.ndarray, labels: list[str], path: str | Path, *, groups:
     ax.set_yticks([])
     io.save_figure(fig, path)
     plt.close(fig)
+
+
+def draw_similarity(sims: np.ndarray, labels: list[str], path: str | Path, *, title: str = "") -> None:
+    """A heat map of cosine similarities with each value written in its cell: readable for two items, where a 2-D map
+    of two points says nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(3 + 1.2 * n, 1.5 + 0.9 * n))
+    image = ax.imshow(sims, cmap="viridis", vmin=min(0.0, float(sims.min())), vmax=1.0)
+    shown = [label if len(label) <= 40 else label[:37] + "..." for label in labels]
+    ax.set_xticks(range(n), [f"[{i}]" for i in range(n)])
+    ax.set_yticks(range(n), [f"[{i}] {s}" for i, s in enumerate(shown)], fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{sims[i, j]:.2f}", ha="center", va="center", color="white" if sims[i, j] < 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="cosine similarity")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    io.save_figure(fig, path)
+    plt.close(fig)

@@ -21,7 +21,10 @@ from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.model.weights import load as load_model
 
-IVF_FROM = 20_000  # passages: from here an IVF index (sqrt(n) lists, 32 probed) instead of an exact flat one
+# passages: from here an IVF index (sqrt(n) lists, 32 probed) instead of an exact flat one. IVF is approximate (it can
+# miss a passage the exact search finds), and exact search is fast well beyond a book: 12 ms a query over 200,000
+# MiniLM vectors on one core, 1.7 ms over all of Shakespeare's ~30,000 4-line passages
+IVF_FROM = 200_000
 
 
 def chunk(text: str, spec: str) -> list[str]:
@@ -43,11 +46,11 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _faiss_index(vectors: np.ndarray):
+def _faiss_index(vectors: np.ndarray, ivf_from: int = IVF_FROM):
     import faiss
 
     n, d = vectors.shape
-    if n < IVF_FROM:
+    if n < ivf_from:
         index = faiss.IndexFlatIP(d)
     else:
         lists = int(np.sqrt(n))

@@ -229,6 +229,15 @@ def run_tasks(
     for module in (lm_eval.evaluator, lm_eval.loggers.utils):  # it runs `git` in the working folder, which need not be a repository
         module.get_git_commit_hash = lambda: None
     datasets.disable_progress_bars()  # llmkit prints its own lines; lm-eval's notes stay in its log at WARNING
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import tqdm
+
+    def quiet(*args, **kwargs):  # its bars over microseconds of work were raw lines in a log (and the demo's)
+        return tqdm.tqdm(*args, **{**kwargs, "disable": True})
+
+    for module in (lm_eval.api.model, lm_eval.api.task):
+        module.tqdm = quiet
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
