@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("LLMKIT_COMPILE", "0")
 # Pretraining keeps prepared shards for the next run with the same text and options: the suite's in a folder of its own,
 # so a run of the tests starts cold as CI does and leaves nothing in the user's ~/.cache
-os.environ.setdefault("LLMKIT_CACHE", tempfile.mkdtemp(prefix="llmkit-test-cache-"))
+os.environ["LLMKIT_CACHE"] = tempfile.mkdtemp(prefix="llmkit-test-cache-")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per test worker (and per process a test starts): two workers on two cores, never four spinning
     # OpenMP threads fighting for two cores, which slows everything tenfold.

@@ -483,6 +483,12 @@ def test_resume_takes_the_runs_own_options_and_a_refused_resume_changes_nothing(
     with pytest.raises(LlmkitError, match=r"another fine-tuning run \(lora_r: 4 -> 2\)"):
         finetune(_ft(tiny_base, out, budget="3steps", n_train=24, lora_r=2, resume=True), log=lambda m: None)
     assert (out / "finetune_config.json").read_text() == before
+    (tmp_path / "cfg.yaml").write_text("lora_r: 2\n")
+    assert parse_args(["finetune", "--out", str(out), "--resume", "--config", str(tmp_path / "cfg.yaml")]).lora_r == 2  # a file wins
+    saved = json.loads(before)
+    (out / "finetune_config.json").write_text(json.dumps({**saved, "fsdp": True, "checkpointing": True, "rslora": True}))
+    args = parse_args(["finetune", "--out", str(out), "--resume"])
+    assert (args.fsdp, args.checkpointing, args.rslora) == (False, False, True)  # a flag comes back only where the checkpoint needs it
 
 
 def test_a_lora_run_names_its_base_so_that_it_loads_from_any_folder(tmp_path, tiny_base, monkeypatch):

@@ -128,6 +128,25 @@ NOT_RUN = {
         "two processes of SmolLM2 on 2 cores take minutes; test_finetune.py runs fine-tuning under torchrun"
     ),
 }
+# README line -> what its output must hold (stdout + stderr), beyond exit 0 and its files: what the README says of it
+SAYS = {
+    "llmkit model info gpt2": "124,439,808",
+    "llmkit data prepare --source 'examples/corpus/*.txt' --tokenizer smollm2 --near-dedup --out runs/corpus": "1 near duplicates dropped",
+    'llmkit generate --model smollm2 --chat --greedy --prompt "What is the capital of France?"': "Paris",
+    "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps --out runs/finetune": "PEFT format",
+    "llmkit eval arena --db examples/votes.db --export-pairs pairs.jsonl --export-kto ratings.jsonl": "ties",
+    'llmkit embed search --index runs/index "a ghost demands revenge" --top 5': "hamlet",
+    "llmkit eval ab --db examples/votes.db --a smollm2 --b sft --ties exclude": "Wilson interval",
+}
+# README line -> files in its run folder the README names
+FILES = {
+    "llmkit pretrain": ["runs/pretrain/" + f for f in ("model.safetensors", "metrics.jsonl", "loss.png", "samples.md", "report.md")],
+    "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps --out runs/finetune": [
+        "runs/finetune/adapter_config.json",
+        "runs/finetune/adapter_model.safetensors",
+        "runs/finetune/results.json",
+    ],
+}
 NOISE = ("Traceback", "it/s]", "Graph break", "UserWarning", "FutureWarning", "DeprecationWarning")
 OUTPUT_OPTIONS = ("--out", "--json", "--png", "--export-pairs", "--export-kto")
 
@@ -187,22 +206,32 @@ def run_line(line: str, folder: Path, env: dict) -> str:
     if run.startswith("llmkit serve"):
         serve_and_stop(run, folder, env)
         return run
+    before = {path: _mtime(folder / path) for path in written(shlex.split(run.split("|")[-1], comments=True))}
     stdin = None
     if run.startswith("llmkit chat"):  # a person's turn, then /exit
         stdin, run = "What is 2 + 2?\n/exit\n", f"{run} --max-new-tokens 16"
     proc = subprocess.run(run, shell=True, cwd=folder, env=env, input=stdin, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{run}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    noise = [n for n in NOISE if n in proc.stderr]  # what a library prints past llmkit's own lines
+    ours = shlex.split(run.split("|")[-1])[0] == "llmkit"  # lm-eval's own command line keeps its own bars
+    noise = [n for n in NOISE if ours and n in proc.stderr]  # what a library prints past llmkit's own lines
     assert not noise, f"{run}: {noise} in\n{proc.stderr[-3000:]}"
-    for path in written(shlex.split(run.split("|")[-1], comments=True)):
+    for path, then in before.items():  # written by this line (a resumed run rewrites its folder)
+        assert (folder / path).exists() and _mtime(folder / path) != then, f"{run}: wrote no {path}"
+    for path in FILES.get(line, []):
         assert (folder / path).exists(), f"{run}: wrote no {path}"
+    assert SAYS.get(line, "") in proc.stdout + proc.stderr, f"{run}: no {SAYS[line]!r} in\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return run
+
+
+def _mtime(path: Path) -> int | None:
+    """A file's or folder's modification time (a folder's changes when a file in it is written atomically)."""
+    return path.stat().st_mtime_ns if path.exists() else None
 
 
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written_in_order(tmp_path):
     lines = readme_lines()
-    for table in (SHORTER, AS_RUN, NOT_RUN):  # a row for a line the README no longer has is a stale promise
+    for table in (SHORTER, AS_RUN, NOT_RUN, SAYS, FILES):  # a row for a line the README no longer has is a stale promise
         assert not set(table) - set(lines), set(table) - set(lines)
     folder = tmp_path / "fresh"
     shutil.copytree(ROOT / "examples", folder / "examples")

@@ -46,7 +46,7 @@ def progress(unit: str = "items", *, disable: bool | None = None) -> Progress:
     `with progress("docs") as p: task = p.add_task("tokenize", total=n); p.advance(task)`.
     """
     if disable is None and not sys.stderr.isatty():  # a log, CI, a pipe: a line at intervals instead of a bar
-        return LineProgress(unit, float(os.environ.get("LLMKIT_PROGRESS_SECONDS", "30")))
+        return LineProgress(unit, _seconds(os.environ.get("LLMKIT_PROGRESS_SECONDS", "30")))
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -94,3 +94,11 @@ class LineProgress(Progress):
         rate = f", {speed:,.1f} {self.unit}/s" if speed else ""
         eta = f", eta {task.time_remaining:.0f}s" if task.time_remaining is not None and not done else ""
         console.print(f"{task.description}: {task.completed:,.0f}{total} {self.unit}{rate}{eta}", markup=False, highlight=False)
+
+
+def _seconds(value: str) -> float:
+    """LLMKIT_PROGRESS_SECONDS as a number (30 when it is not one: a typo must not stop a run)."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 30.0

@@ -115,9 +115,15 @@ def _started_with(args: argparse.Namespace) -> dict:
         return {}  # the recipe refuses a damaged run folder with its own message
     if isinstance(saved.get("model_options"), dict):  # pretraining's --model-option KEY=VALUE
         saved["model_option"] = [f"{k}={json.dumps(v)}" for k, v in saved["model_options"].items()]
-    if "samples" in saved:
-        saved["no_samples"] = not saved["samples"]
-    known = {a.dest for a in args._parser._actions}
+    # an on/off flag (--fsdp, --checkpointing, --no-samples) has no form that turns it off again: it comes back only
+    # where the checkpoint needs it (fine-tuning's options a resume must keep, --rslora say), else it is the user's now
+    keep = set()
+    if args._parser.prog == "llmkit finetune":
+        from llmkit.finetune.recipe import RESUME_KEYS
+
+        keep = set(RESUME_KEYS)
+    flags = {a.dest for a in args._parser._actions if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))}
+    known = {a.dest for a in args._parser._actions} - (flags - keep)
     return {k: v for k, v in saved.items() if k in known and k not in NOT_RESUMED}
 
 

@@ -156,11 +156,7 @@ def cmd_model_info(args) -> None:
         "d_model": [str(r["d_model"]) for r in rows],
         "layers": [str(r["layers"]) for r in rows],
         "heads/kv": [f"{r['heads']}/{r['kv_heads']}" for r in rows],
-        "context": [
-            str(r["context"])
-            + (f" (window {r['sliding_window']}: {r['windowed_layers']}/{r['layers']} layers)" if r["sliding_window"] else "")
-            for r in rows
-        ],
+        "context": [str(r["context"]) + (_window(r) if r["sliding_window"] else "") for r in rows],
         "position": [r["position"] for r in rows],
         "activation": [r["activation"] for r in rows],
         "norm": [r["norm"] for r in rows],

@@ -237,7 +237,8 @@ def run_tasks(
         return tqdm.tqdm(*args, **{**kwargs, "disable": True})
 
     for module in (lm_eval.api.model, lm_eval.api.task):
-        module.tqdm = quiet
+        if getattr(module, "tqdm", None) is tqdm.tqdm:  # `from tqdm import tqdm` there; another layout is left alone
+            module.tqdm = quiet
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from llmkit import io
 from llmkit.data.loader import SAMPLINGS, WindowLoader, check_tokenizer, load_meta, open_shard
-from llmkit.data.prepare import source_fingerprint, split_corpus, write_shards
+from llmkit.data.prepare import FORMAT_VERSION, source_fingerprint, split_corpus, write_shards
 from llmkit.devices import resolve as resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.evaluate.perplexity import summarize
@@ -169,11 +169,11 @@ def prepare_data(cfg: PretrainConfig, d: Dist, log) -> Path:
             (data_dir / "meta.json").unlink()
             meta = None
         if meta is None:
-            recipe["source_sha256"] = source_fingerprint(cfg.data)
+            recipe.setdefault("source_sha256", source_fingerprint(cfg.data))
             cached = prepared_cache(recipe)
             if cached is not None and (cached / "meta.json").exists():
                 log(f"preparing {cfg.data}: the shards and tokenizer of an earlier run with the same text and options ({cached})")
-                shutil.copytree(cached, data_dir, dirs_exist_ok=True)
+                _copy_whole(cached, data_dir)
             else:
                 log(f"preparing {cfg.data}: training a {cfg.tokenizer_kind} tokenizer ({cfg.vocab_size} tokens) on its training split")
                 split = split_corpus(cfg.data, val_fraction=val_fraction, seed=cfg.seed, log=log)
@@ -200,20 +200,43 @@ def prepared_cache(recipe: dict) -> Path | None:
     root = os.environ.get("LLMKIT_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmkit")
     if root.lower() in ("off", "0", "none"):
         return None
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+    import tokenizers
+
+    # the code that wrote them is part of the key: another shard format or tokenizers release prepares afresh
+    made_by = {"format": FORMAT_VERSION, "llmkit": _version(), "tokenizers": tokenizers.__version__}
+    key = hashlib.sha256(json.dumps({**recipe, **made_by}, sort_keys=True).encode()).hexdigest()[:24]
     return Path(root) / "prepared" / key
 
 
-def _store(data_dir: Path, cached: Path) -> None:
-    """Copy a prepared folder into the cache whole or not at all (a copy under another name, then one rename); a cache
-    that cannot be written (a read-only home) only costs the next run its time."""
-    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(data_dir, tmp)
-        os.replace(tmp, cached)
+        return version("llmkit")
+    except PackageNotFoundError:  # a source tree on the path, not installed
+        return "source"
+
+
+def _copy_whole(src: Path, dst: Path) -> None:
+    """Copy a folder so that `dst` is whole or absent (a copy under another name, then one rename): a copy cut short
+    never leaves a meta.json beside missing shards."""
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def _store(data_dir: Path, cached: Path) -> None:
+    """Keep a prepared folder in the cache, whole; a cache that cannot be written (a read-only home, a race with another
+    run storing the same entry) only costs the next run its time."""
+    if cached.exists():  # stored meanwhile by another run: readers may be copying it
+        return
+    try:
+        _copy_whole(data_dir, cached)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(cached.with_name(f"{cached.name}.tmp-{os.getpid()}"), ignore_errors=True)
 
 
 # --- the model and its loss ----------------------------------------------------------------------------------
@@ -570,9 +593,10 @@ class Pretraining:
         self.train_model.train()
         if self.compiled:
             self._compile_step()
-        self.start = self.last_checkpoint = time.perf_counter()
+        self.start = time.perf_counter()
         self.tokens_at_start = self.tokens_seen
         self.elapsed, self.stop_reason, self.nonfinite = self.elapsed_before, None, 0.0
+        self.clock = self.saved_at = self.elapsed_before  # the clock every rank agrees on (`_should_stop`), at the last checkpoint
         self.window_start, self.window_tokens = time.perf_counter(), 0
         total = budget.steps or budget.tokens or budget.seconds or 1
         with progress("steps" if budget.steps else ("tokens" if budget.tokens else "s"), disable=None if d.main else True) as bar:
@@ -586,10 +610,11 @@ class Pretraining:
                 evaluating = self.step % cfg.eval_every == 0
                 if evaluating:
                     self.evaluate()
-                timed = cfg.save_minutes > 0 and time.perf_counter() - self.last_checkpoint >= 60 * cfg.save_minutes
+                # by the shared clock, so every rank checkpoints at the same step (a checkpoint gathers from all of them)
+                timed = cfg.save_minutes > 0 and self.clock - self.saved_at >= 60 * cfg.save_minutes
                 if evaluating and cfg.save_every is None or cfg.save_every and self.step % cfg.save_every == 0 or timed:
                     self.checkpoint()
-                    self.last_checkpoint = time.perf_counter()
+                    self.saved_at = self.clock
                 self.after_step()
                 if cfg.patience and self.bad_evals >= cfg.patience:
                     self.stop_reason = f"validation loss plateau ({cfg.patience} evaluations without improvement)"
@@ -630,6 +655,7 @@ class Pretraining:
                 or budget.exhausted(self.step, self.tokens_seen, self.elapsed)
                 or ("budget reached on another rank" if stopping else None)
             )
+        self.clock = self.elapsed
         return bool(self.stop_reason)
 
     def train_step(self) -> tuple[float, float, int]:
