@@ -545,3 +545,14 @@ def test_a_chat_session_takes_the_models_own_tokenizer(tokenizers_by_kind):
     model.tokenizer = tok  # what llmkit.load attaches
     chat = ChatSession(model, config=GenerationConfig(max_new_tokens=3, do_sample=False))
     assert chat.tok is tok and isinstance("".join(chat.send("Hello")), str) and len(chat.messages) == 2
+
+
+def test_stop_strings_typed_in_a_shell_mean_what_they_name():
+    """`--stop "\\n\\n"` in bash passes a backslash and an n twice: the command reads it as two newlines (as llama.cpp
+    reads its prompts), a doubled backslash stays one backslash, and other text is untouched."""
+    from llmkit.cli import parse_args
+    from llmkit.cli.generate import unescape
+
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\tb\\r") == "a\tb\r"
+    assert unescape("C:\\\\new") == "C:\\new" and unescape("naïve \\x") == "naïve \\x"
+    assert parse_args(["generate", "--stop", "\\n\\n"]).stop == ["\\n\\n"]  # kept as typed until the command reads it

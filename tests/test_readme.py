@@ -37,8 +37,7 @@ SHORTER = {
     "llmkit pretrain --model-option activation=swiglu --model-option qk_norm=false --out runs/ablation": "--budget 5steps",
     "llmkit pretrain --family encoder --budget 2m --out runs/bert": "--budget 5steps --final-eval-tokens 4096",
     "llmkit pretrain --budget 30m --max-epochs 8 --out runs/long": "--budget 5steps --final-eval-tokens 4096",
-    # runs/pretrain finished its 10 steps: a larger budget extends it (the README's case, a killed run, resumes as is)
-    "llmkit pretrain --out runs/pretrain --resume": "--budget 12steps",
+    "llmkit pretrain --out runs/pretrain --resume --budget 10m": "--budget 12steps",  # runs/pretrain trained 10 steps
     "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps --out runs/finetune": (
         f"--budget 4steps --n-train 16 {MEASURE}"
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def generation_config(args):
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
-        stop_strings=list(args.stop),
+        stop_strings=[unescape(s) for s in args.stop],
         seed=args.seed,
         truncate=args.truncate,
         num_beams=args.num_beams,
@@ -317,3 +318,12 @@ def load_for_generation(name: str, dtype: str = "auto", quantize: str | None = "
     if model.tokenizer is None:
         raise LlmkitError(f"{name} has no tokenizer", "use a model folder with tokenizer.json")
     return model
+
+
+ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`--stop "\\n\\n"` as typed in a shell (a backslash and an n, twice) means two newlines, as llama.cpp reads its
+    prompts and reverse prompts: \\n, \\t, \\r and \\\\ are turned into what they name; nothing else changes."""
+    return re.sub(r"\\[ntr\\]", lambda m: ESCAPES[m.group(0)], text)
