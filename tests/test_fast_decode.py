@@ -252,6 +252,33 @@ def test_gguf_blocks_decode_to_the_files_weights_exactly(kind):
         BlockLinear(linear, kind, raw)
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_stacked_gguf_blocks_give_each_layers_outputs(kind):
+    """q/k/v (or gate/up) as one BlockLinear over their row-stacked blocks: eagerly each layer multiplies its own float
+    weights (the same modules, not copies) and the outputs are joined, bit for bit what the layers give; compiled, the
+    stacked blocks give the same products to float32 precision; one layer off its blocks refuses the whole stack."""
+    shapes = [(64, 96), (32, 96), (32, 96)]
+    parts, raws = [], []
+    for i, (out, inp) in enumerate(shapes):
+        raw, w = _gguf_blocks(kind, out, inp, seed=i)
+        linear = torch.nn.Linear(inp, out, bias=True)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        parts.append(linear)
+        raws.append(raw)
+    layer = BlockLinear(parts, kind, torch.cat(raws))
+    assert layer.parts[0] is parts[0] and layer.weight is None and layer.out_features == 128
+    x = torch.randn(1, 1, 96)
+    separate = torch.cat([p(x) for p in parts], -1)
+    assert torch.equal(layer(x), separate)
+    y = torch.compile(lambda x: layer(x), fullgraph=True)(x)
+    torch.testing.assert_close(y, separate, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        parts[2].weight[0, 0] += 1e-3
+    with pytest.raises(LlmkitError, match="no longer equal"):
+        BlockLinear(parts, kind, torch.cat(raws))
+
+
 def test_a_model_whose_weights_left_its_gguf_blocks_keeps_its_float_layers():
     """A fine-tune (a LoRA merged) of a GGUF model: auto picks no blocks for it, and blocks that no longer match one
     layer change no layer (the swap is all or nothing)."""
@@ -395,4 +422,5 @@ def test_the_default_path_on_smollm2_answers_as_the_float_weights(monkeypatch):
             got = generate(fast, tok, [ids], cfg)[0]
             assert got.ids == want.ids, (tok.decode(ids), got.text, want.text)
     assert isinstance(fast.lm_head, BlockLinear) and fast.lm_head.kind == "Q8_0" and fast.blocks[0].mlp.down_proj.kind == "Q4_1"
+    assert fast.blocks[0].attn.qkv_proj.parts is not None and fast.blocks[0].mlp.gate_up_proj.kind == "Q4_1"
     assert "Paris" in generate(fast, tok, prompts[:1], cfg)[0].text

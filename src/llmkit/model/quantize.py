@@ -104,16 +104,29 @@ class BlockLinear(nn.Module):
     once per row. The blocks are checked against the float weights when this is made: a weight changed since the file
     was read (fine-tuned, merged) is refused."""
 
-    def __init__(self, linear: nn.Linear, kind: str, raw: torch.Tensor):
+    def __init__(self, linear: nn.Linear | list[nn.Linear], kind: str, raw: torch.Tensor):
+        """`linear`: the layer the blocks `raw` hold, or several layers over the same inputs (q/k/v, gate/up) with
+        their blocks row-stacked: the compiled step then reads them in one loop, from one set of buffers (SmolLM2: 270
+        fewer inputs and 0.7 ms less a token), while eagerly each layer multiplies its own float weights (kept, not
+        copied) and their outputs are joined."""
         super().__init__()
         if kind not in ("Q4_0", "Q4_1", "Q8_0"):
             raise LlmkitError(f"GGUF block type {kind} is not decoded exactly by llmkit", "use --quantize none (float32 weights)")
-        out, inp = linear.weight.shape
+        parts = linear if isinstance(linear, list) else None
+        weight = torch.cat([p.weight.detach() for p in parts]) if parts else linear.weight.detach()  # type: ignore[union-attr]
+        out, inp = weight.shape
         if raw.shape[:2] != (out, inp // 32) or inp % 32:
             raise ValueError(f"{kind} blocks {tuple(raw.shape)} do not fit a ({out}, {inp}) weight")
         self.kind, self.in_features, self.out_features = kind, inp, out
-        self.weight = linear.weight  # the float32 weights (shared, not copied)
-        self.bias = linear.bias
+        if parts:
+            self.parts: nn.ModuleList | None = nn.ModuleList(parts)  # the eager path (the same modules as q_proj, ...)
+            self.weight = None
+            biases = [p.bias for p in parts]
+            self.bias = None if biases[0] is None else nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
+        else:
+            self.parts = None
+            self.weight = linear.weight  # type: ignore[union-attr]  (the float32 weights: shared, not copied)
+            self.bias = linear.bias  # type: ignore[union-attr]
         d = raw[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # (out, blocks)
         self.register_buffer("scale", d)
         if kind == "Q8_0":
@@ -124,7 +137,7 @@ class BlockLinear(nn.Module):
             first = 4 if kind == "Q4_1" else 2
             self.register_buffer("codes", raw[..., first : first + 16].contiguous())  # (out, blocks, 16): element j low, j+16 high
             self.register_buffer("minimum", m)
-        if not torch.equal(self.dequantized(), linear.weight.detach()):
+        if not torch.equal(self.dequantized(), weight):
             raise LlmkitError(
                 "the weights no longer equal the GGUF file's blocks (changed after loading)", "decode them with --quantize none"
             )
@@ -149,9 +162,10 @@ class BlockLinear(nn.Module):
         The codes are widened to int32 before their nibbles are cut: AVX-512 shifts 32-bit lanes, not bytes."""
         N, nb = x.shape[0], self.in_features // 32
         d = self.scale[None, :, :, None]  # (1, out, blocks, 1)
-        if self.kind == "Q8_0":
-            return ((self.codes[None].float() * x.view(N, 1, nb, 32)) * d).sum((-1, -2))
         xg = x.view(N, 1, nb, 2, 16)  # each block's first 16 inputs (low nibbles) and last 16 (high nibbles)
+        if self.kind == "Q8_0":  # the block's two halves added first, so d multiplies once per 16 lanes: 2.7x faster
+            c = self.codes.view(self.out_features, nb, 2, 16)[None]  # (1, out, blocks, 2, 16)
+            return ((c[..., 0, :].float() * xg[:, :, :, 0] + c[..., 1, :].float() * xg[:, :, :, 1]) * d).sum((-1, -2))
         c = self.codes.to(torch.int32)[None]  # (1, out, blocks, 16)
         qx = (c & 15).float() * xg[:, :, :, 0] + (c >> 4).float() * xg[:, :, :, 1]  # (N, out, blocks, 16)
         return (qx * d).sum((-1, -2)) + (xg.sum((-1, -2)) * self.minimum[None]).sum(-1)
@@ -161,6 +175,8 @@ class BlockLinear(nn.Module):
         if rows <= GEMV_ROWS and x.dtype == torch.float32 and torch.compiler.is_compiling():
             y = self._from_blocks(x.reshape(rows, self.in_features)).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if self.parts is not None:
+            return torch.cat([p(x) for p in self.parts], -1)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -315,9 +331,6 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
         if first.bias is not None:
             fused.bias.copy_(torch.cat([p.bias for p in parts]))  # type: ignore[misc]
     fused.weight.requires_grad_(False)
-    blocks = [getattr(p, "gguf_block", None) for p in parts]  # a GGUF file's blocks, row-stacked as the weights are
-    if all(b is not None and b[0] == blocks[0][0] for b in blocks):
-        fused.gguf_block = (blocks[0][0], torch.cat([b[1] for b in blocks]))
     return fused
 
 
@@ -336,12 +349,15 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_gguf_blocks(model: nn.Module, fuse: bool = False) -> nn.Module:
+def use_gguf_blocks(model: nn.Module) -> nn.Module:
     """Give every linear layer whose weights came from a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks those blocks
     (`BlockLinear`, in place; for inference): the same float32 weights, read from half a byte each by the compiled
-    decode step. Layers without blocks (float tensors in the file) stay as they are. Each layer is swapped in one
-    assignment and computes what it did before, so a thread may do this while another decodes eagerly (`fuse`, which
-    changes the structure in several steps, may not)."""
+    decode step. q/k/v and gate/up get one BlockLinear each over their stacked blocks (`qkv_proj`, `gate_up_proj`;
+    the separate layers stay for the eager path). Layers without blocks (float tensors in the file) stay as they are.
+    Each change is one assignment of a finished module that computes what was computed before, so a thread may do
+    this while another decodes eagerly."""
+    from llmkit.model.layers import MLP, Attention
+
     source = getattr(model, "gguf_blocks", None)
     if source is None:
         raise LlmkitError("this model was not loaded from a GGUF file with quantized blocks", "use --quantize none, int8 or int4")
@@ -357,9 +373,20 @@ def use_gguf_blocks(model: nn.Module, fuse: bool = False) -> nn.Module:
                 key = "embed.tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
                 if key in blocks:
                     module.gguf_block = blocks[key]
-        if fuse:
-            fuse_projections(model)
-        swaps = [  # every layer checked against its blocks first: a refusal leaves the model as it was
+        swaps = []  # every layer checked against its blocks first: a refusal leaves the model as it was
+        for module in list(model.modules()):
+            if isinstance(module, Attention) and module.self_attention and module.qkv_proj is None:
+                slot, group = "qkv_proj", [module.q_proj, module.k_proj, module.v_proj]
+            elif isinstance(module, MLP) and module.gate_proj is not None and module.gate_up_proj is None:
+                slot, group = "gate_up_proj", [module.gate_proj, module.up_proj]
+            else:
+                continue
+            tags = [getattr(p, "gguf_block", None) for p in group]
+            if all(isinstance(p, nn.Linear) and t is not None and t[0] == tags[0][0] for p, t in zip(group, tags)):
+                swaps.append((module, slot, BlockLinear(group, tags[0][0], torch.cat([t[1] for t in tags]))))
+                for p in group:
+                    del p.gguf_block  # stacked: the layers themselves stay float
+        swaps += [
             (module, child_name, BlockLinear(child, *child.gguf_block))
             for module in list(model.modules())
             for child_name, child in list(module.named_children())
