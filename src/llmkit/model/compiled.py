@@ -123,9 +123,7 @@ def _structure(model: nn.Module) -> tuple:
         )
         for name, m in model.named_modules()
     )
-    tensors = tuple(
-        (n, t.dtype, t.device, tuple(t.shape), t.stride()) for n, t in (*model.named_parameters(), *model.named_buffers())
-    )
+    tensors = tuple((n, t.dtype, t.device, tuple(t.shape), t.stride()) for n, t in (*model.named_parameters(), *model.named_buffers()))
     return repr(model.config), modules, tensors
 
 
