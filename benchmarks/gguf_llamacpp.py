@@ -1,7 +1,8 @@
 """llmkit's GGUF export opened by llama.cpp: the same file's logits in llama.cpp and in llmkit, per quantization.
 
-    python benchmarks/gguf_llamacpp.py                  # SmolLM2 (f32, f16, q8_0, q4_0) and tiny random Qwen2 / Qwen3
-    python benchmarks/gguf_llamacpp.py --skip smollm2
+    python benchmarks/gguf_llamacpp.py                  # SmolLM2 (f32, f16, q8_0, q4_0) and tiny random Qwen2, Qwen3,
+                                                        # Gemma 2, Gemma 3 and Phi-3 (LongRoPE, partial RoPE)
+    python benchmarks/gguf_llamacpp.py --skip smollm2,qwen2,qwen3
 
 For each exported file: whether llama.cpp's tokenizer gives llmkit's ids for the prompts, then over every position of
 the prompts, the top-1 agreement and the largest logit difference between llama.cpp (`llama-cpp-python`, built as in
@@ -31,10 +32,10 @@ PROMPTS = [
 ]
 
 
-def llama_cpp_logits(path: Path, prompts: list[list[int]], texts: list[str]) -> tuple[list[np.ndarray], int]:
+def llama_cpp_logits(path: Path, prompts: list[list[int]], texts: list[str], n_ctx: int = 512) -> tuple[list[np.ndarray], int]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
     same = 0
     out = []
     for ids, text in zip(prompts, texts):
@@ -51,7 +52,12 @@ def compare(name: str, source, path: Path) -> dict:
 
     ours = llmkit.load(path)
     prompts = [ours.tokenizer.encode(t) for t in PROMPTS]
-    theirs, same = llama_cpp_logits(path, prompts, PROMPTS)
+    scaling = ours.config.rope_scaling or {}
+    # LongRoPE: llama.cpp takes the long factors whenever its context (padded to a multiple of 256) exceeds the
+    # original one, llmkit (as transformers) only for sequences that do; a context of the original length (256 in
+    # the tiny Phi-3) compares the same (short) factors
+    n_ctx = scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else 512
+    theirs, same = llama_cpp_logits(path, prompts, PROMPTS, n_ctx)
     agree = total = 0
     diff = src_diff = 0.0
     src_agree = 0
@@ -82,37 +88,82 @@ def compare(name: str, source, path: Path) -> dict:
 
 
 def tiny(family: str, folder: Path):
-    """A tiny random Qwen2 / Qwen3 from transformers with llmkit's byte-level BPE trained on three plays."""
-    import transformers
+    """A tiny random model from transformers with a tokenizer trained on three plays: Qwen2 / Qwen3 with llmkit's
+    byte-level BPE; Gemma 2 (window 8, its caps), Gemma 3 (7 layers: layer 5 global, window 8, a local RoPE base
+    and linear scaling of the global layers) and Phi-3 (partial RoPE, LongRoPE grown from 256 to 1,024 positions) with a
+    SentencePiece BPE of the family's kind (tests/conftest.py)."""
+    import transformers as T
 
     from llmkit.tokenizer import train_tokenizer
 
-    from conftest import normalize, shakespeare
+    from conftest import normalize, sentencepiece_tokenizer, shakespeare
 
-    docs = shakespeare("the-comedy-of-errors") + shakespeare("macbeth")
-    tok = train_tokenizer([normalize(d.text) for d in docs], "byte-bpe", 2048, min_frequency=1)
-    shape = dict(
-        vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
+    texts = [normalize(d.text) for d in shakespeare("the-comedy-of-errors") + shakespeare("macbeth")]
+    if family in ("qwen2", "qwen3"):
+        tok = train_tokenizer(texts, "byte-bpe", 2048, min_frequency=1)
+        vocab = tok.vocab_size
+    else:
+        tok = sentencepiece_tokenizer(texts, family, 2048)
+        vocab = len(tok)
+    shape = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     if family == "qwen2":
-        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, max_position_embeddings=512, tie_word_embeddings=True))
+        ref = T.Qwen2ForCausalLM(T.Qwen2Config(**shape, num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=True))
+    elif family == "qwen3":
+        ref = T.Qwen3ForCausalLM(T.Qwen3Config(**shape, num_hidden_layers=2, head_dim=64, max_position_embeddings=512))
+    elif family == "gemma2":
+        ref = T.Gemma2ForCausalLM(T.Gemma2Config(**shape, num_hidden_layers=3, head_dim=64, query_pre_attn_scalar=64, sliding_window=8))
+    elif family == "gemma3":
+        ref = T.Gemma3ForCausalLM(
+            T.Gemma3TextConfig(
+                **shape,
+                num_hidden_layers=7,
+                head_dim=64,
+                query_pre_attn_scalar=64,
+                sliding_window=8,
+                rope_parameters={
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                },
+            )
+        )
     else:
-        ref = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=64, max_position_embeddings=512))
+        g = torch.Generator().manual_seed(5)
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": (1.0 + 3.0 * torch.rand(8, generator=g)).tolist(),
+            "long_factor": (1.0 + 8.0 * torch.rand(8, generator=g)).tolist(),
+            "original_max_position_embeddings": 256,
+        }
+        cfg = T.Phi3Config(
+            **shape,
+            num_hidden_layers=2,
+            max_position_embeddings=1024,
+            original_max_position_embeddings=256,
+            rope_parameters=rope,
+            pad_token_id=0,
+        )
+        ref = T.Phi3ForCausalLM(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if p.dim() == 1:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if "norm" in n else 0.3 * torch.randn(p.shape, generator=g))
+                centre = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms are 1 + weight
+                p.copy_(centre + 0.3 * torch.randn(p.shape, generator=g) if "norm" in n else 0.3 * torch.randn(p.shape, generator=g))
             else:
                 p.mul_(5.0)  # confident logits: top-1 far from ties
     ref.save_pretrained(folder)
-    tok.save(folder)
+    if family in ("qwen2", "qwen3"):
+        tok.save(folder)
+    else:
+        tok.save_pretrained(folder)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--skip", default="", help="comma-separated: smollm2, qwen2, qwen3")
+    p.add_argument("--skip", default="", help="comma-separated: smollm2, qwen2, qwen3, gemma2, gemma3, phi3")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     import llmkit
@@ -124,7 +175,7 @@ def main() -> None:
         sources = []
         if "smollm2" not in skip:
             sources.append(("SmolLM2-135M", "smollm2"))
-        for family in ("qwen2", "qwen3"):
+        for family in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
             if family not in skip:
                 tiny(family, d / family)
                 sources.append((f"tiny {family}", str(d / family)))

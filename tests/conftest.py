@@ -165,6 +165,41 @@ def served_model(tok, kind: str = "tiny-llama", **overrides):
     return tiny_model(kind, tok.vocab_size, confident=True, tokenizer=tok, **shape)
 
 
+def sentencepiece_tokenizer(texts: list[str], family: str, vocab_size: int = 600):
+    """A `transformers` tokenizer of `family`'s SentencePiece kind (BPE with byte fallback and the 256 byte tokens),
+    trained with `tokenizers` on `texts` (no download): Gemma's (spaces as "▁", none put before the text), Phi-3's
+    (a "▁" before the text, by its normalizer, as its tokenizer.json) or Llama 2's (Metaspace)."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    gemma = family.startswith("gemma")
+    # the family's own special tokens (llama.cpp looks Phi-3's up by name)
+    specials = (
+        ["<pad>", "<eos>", "<bos>", "<unk>"]
+        if gemma
+        else ["<unk>", "<s>", "</s>"] + (["<|endoftext|>"] if family.startswith("phi3") else [])
+    )
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False, limit_alphabet=100)
+    tok.train_from_iterator(texts, trainer)
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], [tuple(m) for m in spec["model"]["merges"]]
+    if gemma:
+        return transformers.GemmaTokenizer(
+            vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+        )
+    out = transformers.LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if family.startswith("phi3"):
+        out.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        out.backend_tokenizer.pre_tokenizer = None
+    return out
+
+
 def randomize_norms_and_biases(model, seed: int = 0, norm_centre: float = 1.0) -> None:
     """Random norms (around `norm_centre`: 0 for Gemma's 1 + weight form) and biases: a fresh model's are ones and zeros,
     which would hide a missing or misplaced one."""

@@ -213,17 +213,38 @@ def test_a_lora_adapter_of_the_family_loads_in_peft(tmp_path, saved, family):
         assert (loaded(ids).logits - ours).abs().max().item() <= 1e-4
 
 
-def test_phi3s_fused_projections_are_named_when_lora_cannot_save_them(saved):
-    from llmkit.errors import LlmkitError
-    from llmkit.model.lora import apply_lora, check_peft_names
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_phi3_lora_on_its_stacked_projections_loads_in_peft_and_back(tmp_path, saved, rslora):
+    """Phi-3 stacks q/k/v (qkv_proj) and gate/up (gate_up_proj): LoRAs on q, v and up save as PEFT LoRAs on the
+    stacked matrices (rank 2r, B block-wise with zero rows for k and gate, alpha scaled to keep the update's scale),
+    which peft applies to transformers' Phi-3 with the same logits; read back by llmkit, the same logits again."""
+    import json
 
-    model = llmkit.load(saved["phi3"][0])
-    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "o_proj"])
-    with pytest.raises(LlmkitError, match="qkv_proj"):
-        check_peft_names(model)
-    fine = llmkit.load(saved["phi3"][0])
-    apply_lora(fine, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
-    check_peft_names(fine)  # Phi-3's own unfused projections save in PEFT's names
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.model.lora import apply_lora, load_lora, save_lora
+
+    folder = saved["phi3"][0]
+    model = llmkit.load(folder)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "o_proj"], rslora=rslora)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if "lora_" in n):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    save_lora(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["gate_up_proj", "o_proj", "qkv_proj"]
+    assert config["rank_pattern"]["model.layers.0.self_attn.qkv_proj"] == 8
+    ids = _ids((2, 30), seed=6)
+    with torch.no_grad():
+        ours = model(ids)
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "adapter").eval()
+        assert (loaded(ids).logits - ours).abs().max().item() <= 1e-4
+        again = llmkit.load(folder)
+        names = load_lora(again, tmp_path / "adapter")
+        assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj"}
+        assert (again(ids) - ours).abs().max().item() <= 1e-5
 
 
 def test_gemma_edge_configs_read_and_export_as_transformers_runs_them(tmp_path):

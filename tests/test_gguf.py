@@ -141,7 +141,9 @@ def test_what_llama_cpp_cannot_run_is_refused_by_name(tmp_path, tokenizers_by_ki
     with pytest.raises(LlmkitError, match="unigram tokenizer"):
         export_gguf(llama, tmp_path / "m.gguf", tokenizers_by_kind["unigram"])
     windowed = build_model(preset("tiny-llama", vocab_size=2048, d_model=64, n_layers=1, n_heads=4, sliding_window=8, rotary_dim=8)).eval()
-    with pytest.raises(LlmkitError, match="sliding_window.*rotary_dim"):  # llama.cpp's llama would attend to everything
+    with pytest.raises(
+        LlmkitError, match="sliding_window .a sliding window"
+    ):  # llama.cpp would attend to everything (partial RoPE alone: phi3)
         export_gguf(windowed, tmp_path / "m.gguf", tokenizers_by_kind["byte-bpe"])
     with pytest.raises(LlmkitError, match="unknown GGUF quantization 'q3_k'"):
         export_gguf(llama, tmp_path / "m.gguf", tokenizers_by_kind["byte-bpe"], quant="q3_k")
@@ -191,3 +193,187 @@ def test_a_family_tokenizer_gets_its_llama_cpp_name_and_encodes_as_transformers(
         assert as_llama_cpp.encode(text) == expected, text
         assert as_llama_cpp.decode(expected) == theirs.decode(expected)
     assert np.count_nonzero(np.array(fields["tokenizer.ggml.token_type"]) == 3) == 3  # the specials are control tokens
+
+
+# --- SentencePiece vocabularies and the Gemma / Phi-3 architectures ------------------------------------------------
+
+
+def _write_tokenizer_only(path, fields: dict, architecture: str):
+    import gguf
+
+    from llmkit.model.convert.gguf import _write_tokenizer
+
+    w = gguf.GGUFWriter(str(path), architecture)
+    _write_tokenizer(w, fields)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(("family", "arch"), [("gemma2", "gemma2"), ("phi3", "phi3"), ("llama2", "llama")])
+def test_sentencepiece_tokenizers_go_to_gguf_and_back_as_transformers_reads_them(tmp_path, plays, family, arch):
+    """A family's SentencePiece BPE (byte fallback; Gemma's, Phi-3's and Llama 2's handling of spaces) written as
+    llama.cpp's 'llama' tokenizer: llmkit's reading of the file and transformers' own GGUF reader encode every probe
+    text (scripts, emoji, code, runs of spaces) as the original tokenizer does, and decode alike; a tokenizer whose
+    spaces the architecture's reader would treat otherwise is refused."""
+    import transformers
+
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.tokenizer.pretrained import from_gguf
+
+    from conftest import sentencepiece_tokenizer
+
+    original = sentencepiece_tokenizer(plays[:2], family)
+    original.save_pretrained(tmp_path / "hf")
+    ours = Tokenizer.load(tmp_path / "hf")
+    fields = gguf_tokenizer_fields(ours, len(original) + 8, arch)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] == (family != "gemma2")
+    types = np.array(fields["tokenizer.ggml.token_type"])
+    assert (types == 6).sum() == 256 and (types == 5).sum() == 8  # the byte tokens, the [PADn] rows
+    assert types[ours.token_id("unk")] == 3 and types[ours.token_id("bos")] == 3  # matched whole, as the tokenizer does
+    _write_tokenizer_only(tmp_path / "tok.gguf", fields, arch)
+    back = from_gguf(tmp_path / "tok.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
+    for text in PROBE_TEXTS + ("  two leading spaces", "a  b   c"):
+        expected = original.encode(text)
+        assert ours.encode(text) == expected, text
+        assert back.encode(text) == expected, text
+        assert theirs.encode(text) == expected, text
+        assert back.decode(expected, skip_special_tokens=True) == original.decode(expected, skip_special_tokens=True)
+    if family == "llama2":  # Llama 2's spaces are not Phi-3's: written for llama.cpp's phi3 it would read differently
+        with pytest.raises(LlmkitError, match="handling of spaces"):
+            gguf_tokenizer_fields(ours, len(original), "phi3")
+
+
+def _family_model(family: str, vocab: int):
+    """A tiny random transformers model of `family` with random norms. Gemma's heads are 256 wide (transformers' GGUF
+    reader takes query_pre_attn_scalar 256 whatever the file says; llama.cpp scales by 1/sqrt(head_dim)) and its caps
+    transformers' defaults; Phi-3's vocabulary has 32,064 rows as the real one (its reader's pad id is 32000)."""
+    import transformers as T
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "gemma2":
+        model = T.Gemma2ForCausalLM(T.Gemma2Config(**shape, vocab_size=vocab, num_hidden_layers=3, head_dim=256, sliding_window=8))
+    elif family == "gemma3":  # 7 layers: Gemma 3's pattern makes layer 5 global
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**shape, vocab_size=vocab, num_hidden_layers=7, head_dim=256, sliding_window=8))
+    elif family == "gemma3-scaled":  # what transformers' GGUF reader leaves out: linear scaling, a local RoPE base, a logit cap
+        cfg = T.Gemma3TextConfig(
+            **shape,
+            vocab_size=vocab,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+            },
+            final_logit_softcapping=6.0,
+        )
+        model = T.Gemma3ForCausalLM(cfg)
+    else:
+        extra: dict = {}  # no window: llama.cpp gives Phi-3 none (a windowed one exports with a note, tested below)
+        if family == "phi3-longrope":  # Phi-4-mini's partial RoPE, Phi-3.5's LongRoPE (context 128 grown from 32)
+            g = torch.Generator().manual_seed(5)
+            extra = dict(
+                original_max_position_embeddings=32,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.5,
+                    "short_factor": (1.0 + 3.0 * torch.rand(4, generator=g)).tolist(),
+                    "long_factor": (1.0 + 8.0 * torch.rand(4, generator=g)).tolist(),
+                    "original_max_position_embeddings": 32,
+                },
+            )
+        cfg = T.Phi3Config(**shape, vocab_size=32064, num_hidden_layers=2, tie_word_embeddings=False, pad_token_id=0, **extra)
+        model = T.Phi3ForCausalLM(cfg)
+    torch.manual_seed(0)
+    model.eval()
+    randomize_norms_and_biases(model, seed=1, norm_centre=0.0 if family.startswith("gemma") else 1.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma3-scaled", "phi3", "phi3-longrope"])
+def test_gemma_and_phi3_gguf_exports_read_back_equal_in_llmkit_and_transformers(tmp_path, plays, family):
+    """Export -> GGUF (f32) -> llmkit: the logits of the transformers model at 40 positions (beyond the window of 8,
+    and LongRoPE's original context of 32), and the same file read by transformers' own GGUF reader where it reads
+    every setting; Gemma's norms stored as 1 + weight, its windows as a pattern, Phi-3's fused matrices; a q8_0 file's
+    fused blocks cut into q/k/v exactly (the fast decode path's blocks)."""
+    import transformers
+
+    from llmkit.model.quantize import use_gguf_blocks
+
+    from conftest import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(plays[:2], family)
+    ref = _family_model(family, len(tok))
+    ref.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ours = llmkit.load(tmp_path)
+    path = export_gguf(ours, tmp_path / "model.gguf", ours.tokenizer, quant="f32")
+    back = llmkit.load(path)
+    ids = torch.randint(0, len(tok), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        assert _max_diff(back(ids), expected) <= 1e-4
+        if family != "gemma3-scaled" and family != "phi3-longrope":  # settings transformers' reader does not take
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf").eval()
+            assert _max_diff(theirs(ids).logits, expected) <= 1e-4
+    fields = gguf_fields(path)
+    arch = family.split("-")[0]
+    assert fields["general.architecture"] == arch and fields["tokenizer.ggml.model"] == "llama"
+    c = back.config
+    if arch == "gemma2":
+        assert fields["gemma2.attention.sliding_window_pattern"] == 2 and c.layer_types == [
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+        ]
+        assert (c.logit_softcap, c.attn_softcap, c.tie_embeddings) == (30.0, 50.0, True)
+    elif family == "gemma3":
+        assert fields["gemma3.attention.sliding_window_pattern"] == 6 and c.layer_types[5] == "full_attention"
+    elif family == "gemma3-scaled":
+        assert (c.rope_local_theta, c.rope_scaling["rope_type"], c.logit_softcap) == (500.0, "linear", 6.0)
+    else:
+        assert c.sliding_window is None
+        if family == "phi3-longrope":
+            assert c.rotary_dim == 8 and c.rope_scaling["rope_type"] == "longrope" and fields["phi3.rope.dimension_count"] == 8
+    for text in PROBE_TEXTS:
+        assert back.tokenizer.encode(text) == tok.encode(text)
+    if arch == "phi3":
+        q8 = llmkit.load(export_gguf(ours, tmp_path / "q8.gguf", ours.tokenizer, quant="q8_0"))
+        use_gguf_blocks(q8)  # each part's blocks decode to its weights exactly, or this refuses
+        assert q8.blocks[0].attn.qkv_proj.kind == "Q8_0" and q8.blocks[0].mlp.gate_up_proj.out_features == 2 * 96
+
+
+def test_what_llama_cpps_gemma_and_phi3_compute_otherwise_is_refused_or_said(tmp_path):
+    """llama.cpp hard-codes Gemma's attention scale (by layer count), Gemma 2's caps and tied head, Gemma 3's
+    uncapped attention; it gives Phi-3 no window (exported, and said)."""
+    from llmkit.model.convert.gguf import gguf_architecture, llama_cpp_notes
+
+    gemma = preset("tiny-llama", vocab_size=512, d_model=64, n_layers=3, n_heads=4).replace(
+        activation="geglu",
+        norm_offset=1.0,
+        sandwich_norm=True,
+        scale_embeddings=True,
+        tie_embeddings=True,
+        logit_softcap=30.0,
+        attn_softcap=50.0,
+        sliding_window=8,
+    )
+    assert gguf_architecture(gemma).name == "gemma2"
+    for change, message in (
+        ({"attn_scale": 24**-0.5}, "attn_scale"),
+        ({"tie_embeddings": False}, "LM head of its own"),
+        ({"logit_softcap": None}, "always caps"),
+        ({"qk_norm": True}, "capped attention scores"),  # Gemma 3's llama.cpp graph has no attention cap
+    ):
+        with pytest.raises(LlmkitError, match=message):
+            gguf_architecture(gemma.replace(**change))
+    phi3 = preset("tiny-llama", vocab_size=512, d_model=64, n_layers=2, n_heads=4).replace(
+        sliding_window=8, extra={"hf_model_type": "phi3"}
+    )
+    assert gguf_architecture(phi3).name == "phi3" and "no sliding window" in llama_cpp_notes(phi3)[0]

@@ -247,12 +247,14 @@ def cmd_model_export(args) -> None:
         raise LlmkitError("--quant applies to --format gguf only", "drop --quant, or add --format gguf")
     model = llmkit.load(args.model)
     if fmt == "gguf":
-        from llmkit.model.convert.gguf import export_gguf, gguf_architecture
+        from llmkit.model.convert.gguf import export_gguf, gguf_architecture, llama_cpp_notes
 
         out = args.out if str(args.out).endswith(".gguf") else f"{args.out}.gguf"
         export_gguf(model, out, model.tokenizer, quant=args.quant)
         arch = gguf_architecture(model.config).name
         print(f"exported {arch} ({model.config.param_count():,} parameters, {args.quant}) -> {out}")
+        for note in llama_cpp_notes(model.config):
+            print(f"  note: {note}")
         print(f"  llama.cpp: llama-cli -m {out}    Ollama: a Modelfile with `FROM ./{os.path.basename(out)}`, then `ollama create NAME`")
         return
     export_hf(model, args.out, tokenizer=model.tokenizer)

@@ -13,7 +13,11 @@ Bottleneck adapters (Houlsby et al. 2019): after each feed-forward block, a smal
     h ──► h + up(act(down(h)))     down: d → bottleneck, up: bottleneck → d (zero-initialized)
 
 Adapters are saved apart from the model, LoRA in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
-Hugging Face parameter names) so that `peft` loads them on the model's Hugging Face export.
+Hugging Face parameter names) so that `peft` loads them on the model's Hugging Face export. Where the export stacks
+several of our projections in one matrix (Phi-3's qkv_proj, gate_up_proj), their LoRAs are one LoRA on it of rank k·r:
+A = [A_q; A_k; A_v] (k·r × in) and B block-diagonal, B_q in q's rows and A_q's columns (a projection left out: zero
+rows), alpha k·alpha (k·r ranks, the same scale), in PEFT's `rank_pattern` / `alpha_pattern`. Read back, each part
+takes the whole A and its own rows of B (rank k·r): the same update, and any PEFT adapter on such a matrix loads too.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import nn
 
 from llmkit import io
 from llmkit.errors import LlmkitError
-from llmkit.model.convert.hf import fused_name, hf_config_for, hf_name
+from llmkit.model.convert.hf import fused_name, fused_rows, hf_config_for, hf_name
 from llmkit.model.convert.tensors import read_safetensors
 from llmkit.model.quantize import Int4Linear
 
@@ -224,8 +228,12 @@ def trainable_share(model: nn.Module) -> tuple[int, int]:
 
 
 def _hf_name(model, name: str) -> str:
-    """Our module name -> the Hugging Face module name of the model's export (for PEFT's adapter keys)."""
+    """Our module name -> the Hugging Face module name of the model's export (for PEFT's adapter keys); a projection
+    stacked with others (Phi-3's) -> the stacked matrix's name."""
     model_type = hf_config_for(model.config)["model_type"]
+    rows = fused_rows(model_type, model.config, name + ".weight")
+    if rows is not None:
+        return rows[0][: -len(".weight")]
     fused = fused_name(model_type, name + ".weight")
     if fused is not None:
         raise LlmkitError(
@@ -255,19 +263,54 @@ def _portable_base(name: str | None) -> str | None:
     return str(Path(name).resolve())
 
 
+def _peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """(PEFT's tensors, rank_pattern, alpha_pattern) of the model's LoRA layers: one pair per layer, or one per stacked
+    matrix of the export (Phi-3's), block-wise (module docstring)."""
+    layers = lora_layers(model)
+    model_type = hf_config_for(model.config)["model_type"]
+    tensors, ranks, alphas = {}, {}, {}
+    done = set()
+    for name, layer in layers.items():
+        hf = _hf_name(model, name)
+        key = f"base_model.model.{hf}"
+        rows = fused_rows(model_type, model.config, name + ".weight")
+        if rows is None:
+            tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+            tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+            continue
+        if hf in done:
+            continue
+        done.add(hf)
+        parts = [(p[: -len(".weight")], n) for p, n in rows[1]]
+        adapted = [layers[p] for p, _ in parts if p in layers]
+        r = sum(a.r for a in adapted)
+        A = torch.cat([a.lora_A.detach().float().cpu() for a in adapted])  # (k·r, in)
+        B = torch.zeros(sum(n for _, n in parts), r)
+        row = col = 0
+        for p, n in parts:
+            if p in layers:
+                B[row : row + n, col : col + layers[p].r] = layers[p].lora_B.detach().float().cpu()
+                col += layers[p].r
+            row += n
+        scaling = adapted[0].scaling
+        if any(abs(a.scaling - scaling) > 1e-12 * scaling for a in adapted):
+            raise LlmkitError(f"the LoRAs stacked in {hf} have different scales", "give them one rank and alpha")
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A.contiguous(), B.contiguous()
+        ranks[hf] = r
+        rslora = bool(model.lora_config.get("use_rslora"))
+        alphas[hf] = scaling * (math.sqrt(r) if rslora else r)  # PEFT's scale alpha / r (alpha / sqrt(r)) stays this one
+    return tensors, ranks, alphas
+
+
 def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's names for the model's HF export)."""
     from safetensors.torch import save
 
-    layers = lora_layers(model)
-    if not layers:
+    if not lora_layers(model):
         raise LlmkitError("the model has no LoRA layers to save", "apply LoRA first (--method lora)")
-    tensors = {}
-    for name, layer in layers.items():
-        hf = _hf_name(model, name)
-        tensors[f"base_model.model.{hf}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"base_model.model.{hf}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    tensors, ranks, alphas = _peft_tensors(model)
     cfg = dict(model.lora_config)
+    targets = sorted({k[len("base_model.model.") :].rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in tensors})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with io.atomic_open(directory / "adapter_model.safetensors", "wb") as f:
@@ -281,7 +324,9 @@ def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -
             "lora_alpha": cfg["lora_alpha"],
             "lora_dropout": cfg["lora_dropout"],
             "use_rslora": cfg["use_rslora"],
-            "target_modules": cfg["target_modules"],
+            "target_modules": targets if ranks else cfg["target_modules"],
+            "rank_pattern": ranks,
+            "alpha_pattern": alphas,
             "bias": "none",
             "fan_in_fan_out": False,
             "inference_mode": True,
@@ -292,23 +337,72 @@ def save_lora(model: nn.Module, directory, base_model_name: str | None = None) -
     return directory
 
 
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name ending in it (at a dot)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
 def load_lora(model: nn.Module, directory) -> list[str]:
-    """Apply the LoRA adapter saved in `directory` (ours or PEFT's, same format) to `model`."""
+    """Apply the LoRA adapter saved in `directory` (ours or PEFT's, same format) to `model`: each adapted module's rank
+    from its tensors, its alpha from `alpha_pattern` or the config; a stacked matrix's adapter (Phi-3's qkv_proj)
+    given to each of our projections in it (the whole A, its own rows of B)."""
     directory = Path(directory)
     if not (directory / "adapter_config.json").exists():
         raise LlmkitError(f"{directory} has no adapter_config.json", "point at a folder written by `llmkit finetune --method lora`")
     cfg = io.read_json(directory / "adapter_config.json")
-    names = apply_lora(model, cfg["r"], cfg["lora_alpha"], 0.0, cfg["target_modules"], cfg.get("use_rslora", False))
     tensors = read_safetensors(directory / "adapter_model.safetensors")
-    with torch.no_grad():
-        for name in names:
+    model_type = hf_config_for(model.config)["model_type"]
+    rslora = cfg.get("use_rslora", False)
+    freeze(model)
+    names, used = [], set()
+    for name in _targets(model, "."):  # every linear layer but the heads
+        try:
             hf = _hf_name(model, name)
-            layer = model.get_submodule(name)
-            for part in ("lora_A", "lora_B"):
-                key = f"base_model.model.{hf}.{part}.weight"
-                if key not in tensors:
-                    raise LlmkitError(f"the adapter in {directory} lacks {key}", "save the adapter again with this model")
-                getattr(layer, part).copy_(tensors[key])
+        except LlmkitError:  # no PEFT name (GPT-2's fused attention): no adapter tensor can be meant for it
+            continue
+        key = f"base_model.model.{hf}"
+        if f"{key}.lora_A.weight" not in tensors:
+            continue
+        used.add(key)
+        if f"{key}.lora_B.weight" not in tensors:
+            raise LlmkitError(f"the adapter in {directory} lacks {key}.lora_B.weight", "save the adapter again with this model")
+        A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        rows = fused_rows(model_type, model.config, name + ".weight")
+        if rows is not None:  # our part's rows of the stacked matrix's B
+            first = 0
+            for part, n in rows[1]:
+                if part == name + ".weight":
+                    B = B[first : first + n]
+                    break
+                first += n
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        r = A.shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern"), hf, cfg["lora_alpha"])
+        layer = LoRALinear(getattr(parent, child), r, alpha, 0.0, rslora)
+        if tuple(B.shape) != (layer.out_features, r) or A.shape[1] != layer.in_features:
+            raise LlmkitError(f"the adapter's {key} does not fit {name} of this model", "load it on the model it was trained on")
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        setattr(parent, child, layer)
+        names.append(name)
+    unplaced = sorted(k for k in tensors if k.endswith(".lora_A.weight") and k[: -len(".lora_A.weight")] not in used)
+    if unplaced or not names:
+        what = f"{unplaced[0]} (and {len(unplaced) - 1} more)" if unplaced else "no layer"
+        raise LlmkitError(
+            f"the adapter in {directory} holds {what} that this model has no layer for", "load it on the model it was trained on"
+        )
+    model.lora_config = {
+        "r": cfg["r"],
+        "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": cfg.get("lora_dropout", 0.0),
+        "use_rslora": rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+    }
     return names
 
 

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp) in and out, for the architectures llama.cpp calls `llama`, `qwen2` and `qwen3`.
+"""GGUF files (llama.cpp) in and out, for the architectures llama.cpp calls `llama`, `qwen2`, `qwen3`, `gemma2`,
+`gemma3` and `phi3`.
 
 In: the names, RoPE settings and tokenizer read from the file; tensors dequantized by the `gguf` package, and the
 Q4_0 / Q4_1 / Q8_0 blocks kept as stored for exact fast decoding. Out (`export_gguf`): written with the `gguf` package
@@ -9,6 +10,20 @@ One table serves both ways: llama.cpp's tensor names against ours, and per archi
     llama    q/k rows interleaved for llama.cpp's RoPE (its converter permutes them; the reader undoes it)
     qwen2    biases on q, k and v (none on o or the feed-forward); RoPE in the NEOX (rotate_half) layout, as stored
     qwen3    each head's queries and keys RMS-normalized before RoPE (attn_q_norm, attn_k_norm); NEOX layout
+    gemma2   Gemma's blocks (norms after each sublayer too, GeGLU, embeddings x sqrt(d), soft-capped attention and
+             logits), norms stored as 1 + weight (llama.cpp's converter adds the 1), the head always the embeddings;
+             windowed layers by `attention.sliding_window_pattern` (default 2: the even layers)
+    gemma3   as gemma2 with q/k norms, no attention cap, a logit cap only where the file has one, a windowed layers'
+             RoPE base (`rope.freq_base_swa`, default 10000) and pattern 6 by default; windows only where
+             `attention.sliding_window` is set
+    phi3     q/k/v in one matrix (attn_qkv) and gate/up in one (ffn_up: gate rows first), partial RoPE
+             (`rope.dimension_count`), LongRoPE as `rope_factors_long` / `rope_factors_short` and `rope.scaling.attn_factor`;
+             llama.cpp gives Phi-3 no sliding window
+
+What llama.cpp decides without reading the file, and llmkit therefore checks before it writes one: Gemma's attention
+scale (1/sqrt(head_dim), or 1/sqrt(d_model / n_heads) for the 27B models, told apart by their layer counts), Gemma 2's
+caps (always applied), Phi-3's window (none). LongRoPE: llama.cpp picks the long or short factors once for its
+context size; llmkit (as transformers) by each sequence's length.
 """
 
 from __future__ import annotations
@@ -43,7 +58,13 @@ LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "attn_post_norm",  # Gemma: the norms after each sublayer
+    "post_ffw_norm": "mlp_post_norm",
 }
+FUSED = {"attn_qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "ffn_up": ("mlp.gate_proj", "mlp.up_proj")}  # Phi-3's rows
+GEMMA_LAYERS = {"gemma2": 2, "gemma3": 6}  # llama.cpp's default window patterns: every n-th layer global (`_pattern`)
+# the layer counts llama.cpp reads as the 27B models, whose attention it scales by 1/sqrt(d_model / n_heads)
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,8 @@ class GGUFArchitecture:
     interleaved: bool  # llama.cpp's "normal" RoPE: the converter interleaves q/k rows (llama); False: NEOX, as stored
     qkv_bias: bool = False  # q, k, v have biases (o and the feed-forward none)
     qk_norm: bool = False
+    gemma: bool = False  # Gemma's blocks, norms as 1 + weight
+    fused: bool = False  # q/k/v and gate/up stored as one matrix each (Phi-3)
 
 
 GGUF_ARCHITECTURES = {
@@ -60,6 +83,9 @@ GGUF_ARCHITECTURES = {
         GGUFArchitecture("llama", interleaved=True),
         GGUFArchitecture("qwen2", interleaved=False, qkv_bias=True),
         GGUFArchitecture("qwen3", interleaved=False, qk_norm=True),
+        GGUFArchitecture("gemma2", interleaved=False, gemma=True),
+        GGUFArchitecture("gemma3", interleaved=False, qk_norm=True, gemma=True),
+        GGUFArchitecture("phi3", interleaved=False, fused=True),
     )
 }
 
@@ -126,9 +152,73 @@ def _gguf_block_type(reader) -> str | None:
     return kinds.most_common(1)[0][0] if kinds else None
 
 
+def _window_flags(g, n_layers: int, default_pattern: int) -> list[bool]:
+    """Which layers slide, as llama.cpp reads `attention.sliding_window_pattern`: a number n (layer i slides when
+    i % n < n - 1: every n-th layer global) or one flag per layer."""
+    pattern = g("attention.sliding_window_pattern", default_pattern)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise LlmkitError(
+                f"a sliding-window pattern of {len(pattern)} flags for {n_layers} layers", "use a GGUF written by llama.cpp's converter"
+            )
+        return [bool(x) for x in pattern]
+    n = int(pattern)
+    return [n == 0 or i % n < n - 1 for i in range(n_layers)]
+
+
+def _family_settings(arch: GGUFArchitecture, g, cfg_head: dict, names: set, tensors: dict) -> dict:
+    """What a GGUF of `arch` sets beyond a Llama's, as llama.cpp runs it: Gemma's blocks, caps, windows, attention
+    scale and local RoPE base; Phi-3's partial RoPE and LongRoPE."""
+    out: dict = {}
+    n_layers, d, nh = cfg_head["n_layers"], cfg_head["d_model"], cfg_head["n_heads"]
+    if arch.gemma:
+        big = n_layers == GEMMA_27B_LAYERS[arch.name]
+        out.update(
+            activation="geglu",
+            norm_offset=1.0,
+            sandwich_norm=True,
+            scale_embeddings=True,
+            attn_scale=(d / nh) ** -0.5 if big else cfg_head["head_dim"] ** -0.5,
+            tie_embeddings=arch.name == "gemma2" or "output.weight" not in names,  # Gemma 2's head is always the embeddings
+        )
+        if arch.name == "gemma2":
+            out.update(logit_softcap=float(g("final_logit_softcapping", 30.0)), attn_softcap=float(g("attn_logit_softcapping", 50.0)))
+            window = g("attention.sliding_window", 4096)
+        else:
+            cap = g("final_logit_softcapping")
+            out.update(logit_softcap=float(cap) if cap else None)
+            window = g("attention.sliding_window", 0)
+        if window:
+            flags = _window_flags(g, n_layers, GEMMA_LAYERS[arch.name])
+            local = g("rope.freq_base_swa", 10000.0 if arch.name == "gemma3" else None)
+            out.update(
+                sliding_window=int(window),
+                layer_types=None if all(flags) else ["sliding_attention" if f else "full_attention" for f in flags],
+                rope_local_theta=float(local) if local is not None and float(local) != float(g("rope.freq_base", 10000.0)) else None,
+            )
+    if arch.fused:
+        rot = g("rope.dimension_count")
+        if rot and rot != cfg_head["head_dim"]:
+            out["rotary_dim"] = int(rot)
+        if "long" in tensors:  # LongRoPE: per-frequency divisors beyond / within the original context
+            original = g("rope.scaling.original_context_length") or cfg_head["max_seq_len"]
+            scaling = {
+                "rope_type": "longrope",
+                "long_factor": [float(x) for x in tensors["long"]],
+                "short_factor": [float(x) for x in tensors["short"]],
+                "original_max_position_embeddings": int(original),
+                "factor": cfg_head["max_seq_len"] / original,
+            }
+            if g("rope.scaling.attn_factor") is not None:
+                scaling["attention_factor"] = float(g("rope.scaling.attn_factor"))
+            out["rope_scaling"] = scaling
+    return out
+
+
 def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, object]:
-    """A GGUF file of a llama, qwen2 or qwen3 model -> (Decoder with dequantized weights in `dtype` (float32 by default),
-    Tokenizer). Each tensor is cast as it is dequantized, so a bf16 load never holds a float32 copy of the model."""
+    """A GGUF file of a llama, qwen2, qwen3, gemma2, gemma3 or phi3 model -> (Decoder with dequantized weights in
+    `dtype` (float32 by default), Tokenizer). Each tensor is cast as it is dequantized, so a bf16 load never holds a
+    float32 copy of the model."""
     import gguf
 
     reader = io.open_gguf(path)
@@ -138,7 +228,7 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     if arch is None:
         raise LlmkitError(
             f"GGUF architecture {name!r} is not supported",
-            f"use a GGUF of one of: {', '.join(GGUF_ARCHITECTURES)} (SmolLM2, Llama, Qwen2.5, Qwen3)",
+            f"use a GGUF of one of: {', '.join(GGUF_ARCHITECTURES)} (SmolLM2, Llama, Qwen2.5, Qwen3, Gemma 2 and 3, Phi-3 and 4-mini)",
         )
     g = lambda key, default=None: fields.get(f"{name}.{key}", default)  # noqa: E731
     tokens = fields["tokenizer.ggml.tokens"]
@@ -146,13 +236,14 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
     # llama.cpp stops on every end-of-generation id: eos, end of turn, end of message
     eos = list(dict.fromkeys(i for i in (fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")) if i is not None))
     names = {t.name for t in reader.tensors}
-    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if rope_freqs is not None:
-        rope_freqs = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).copy())
+    extra = {}  # the tensors that are settings: Llama 3's rope_freqs, Phi-3's LongRoPE factors
+    for t in reader.tensors:
+        key = {"rope_freqs.weight": "freqs", "rope_factors_long.weight": "long", "rope_factors_short.weight": "short"}.get(t.name)
+        if key:
+            extra[key] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).flatten()
     context = g("context_length", 2048)
     bias = "blk.0.attn_output.bias" in names
-    cfg = ModelConfig(
-        family="decoder",
+    head = dict(
         vocab_size=g("vocab_size") or len(tokens),
         d_model=d,
         n_layers=g("block_count"),
@@ -161,9 +252,13 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
         head_dim=g("attention.key_length") or d // nh,
         d_ff=g("feed_forward_length"),
         max_seq_len=context,
+    )
+    cfg = ModelConfig(
+        family="decoder",
+        **head,
         position="rope",
         rope_theta=g("rope.freq_base", 10000.0),
-        rope_scaling=_gguf_rope_scaling(g, rope_freqs, context),
+        rope_scaling=None if arch.fused else _gguf_rope_scaling(g, extra.get("freqs"), context),
         activation="swiglu",
         norm="rmsnorm",
         norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5),
@@ -176,35 +271,67 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
         tie_embeddings="output.weight" not in names,
         extra={"source": "gguf", "name": fields.get("general.name"), "gguf_architecture": name},
     )
+    cfg = cfg.replace(**_family_settings(arch, g, head, names, extra))
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads} if arch.interleaved else {}
-    ours = {}
+    rows = _row_sizes(cfg)
+    ours: dict[str, list] = {}  # GGUF name -> [(our name, first row, rows, heads of interleaved q/k rows), ...]
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+            continue
+        if t.name == "output.weight" and cfg.tie_embeddings:  # Gemma 2: llama.cpp multiplies by the embeddings anyway
+            continue
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
+        if arch.fused and m and m.group(2) in FUSED:
+            first, parts = 0, []
+            for part in FUSED[m.group(2)]:
+                n = rows[part.split(".")[1].removesuffix("_proj")]
+                parts.append((f"blocks.{m.group(1)}.{part}.weight", first, n, None))
+                first += n
+            if first != shape[0]:
+                raise LlmkitError(
+                    f"{path}: {t.name} has {shape[0]} rows, not the {first} its parts need", "use a GGUF written by llama.cpp's converter"
+                )
+            ours[t.name] = [(n_, f, r, h) for n_, f, r, h in parts]
             continue
         hit = _our_name(t.name)
         if hit is None:
             raise LlmkitError(f"{path} holds a tensor llmkit does not know: {t.name}", f"use a plain {name}-architecture GGUF")
-        ours[t.name] = (hit[0], tuple(reversed([int(x) for x in t.shape])), heads.get(hit[1]))
+        ours[t.name] = [(hit[0], 0, shape[0], heads.get(hit[1]))]
     model = build_model(cfg, empty=True, dtype=dtype)
-    check_state_names(model, {name: shape for name, shape, _ in ours.values()}, source=str(path))
+    shapes = {}
+    for t in reader.tensors:
+        for our, _, n, _ in ours.get(t.name, []):
+            full = tuple(reversed([int(x) for x in t.shape]))
+            shapes[our] = (n, *full[1:]) if len(full) > 1 else full
+    check_state_names(model, shapes, source=str(path))
 
     def stream():  # dequantized one tensor at a time, straight into the model
         for t in reader.tensors:
             if t.name not in ours:
                 continue
-            name, shape, n_heads = ours[t.name]
             array = gguf.quants.dequantize(t.data, t.tensor_type)
-            w = (torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)).reshape(shape)
-            yield name, _unpermute_qk(w, n_heads) if n_heads else w
+            w = (torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)).reshape(
+                tuple(reversed([int(x) for x in t.shape]))
+            )
+            if arch.gemma and t.name.endswith("norm.weight"):
+                w = w - 1  # llama.cpp's converter stores Gemma's norms as 1 + weight
+            for our, first, n, n_heads in ours[t.name]:
+                part = w[first : first + n] if len(ours[t.name]) > 1 else w
+                yield our, _unpermute_qk(part, n_heads) if n_heads else part
 
     copy_tensors(model, stream())
     # what the file's matrices are stored as (not saved with the config: a fine-tuned copy's weights are off that grid)
     model.gguf_weights = _gguf_block_type(reader)
-    blocks = {
-        t.name: ours[t.name][::2] for t in reader.tensors if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2
-    }
+    blocks = {t.name: ours[t.name] for t in reader.tensors if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2}
     model.gguf_blocks = GGUFBlocks(path, blocks) if blocks else None  # None: no matrix in blocks llmkit decodes exactly
     return model, tokenizer_from_gguf_fields(fields, str(path))
+
+
+def _row_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The rows of each part of a matrix stacked by rows (Phi-3's attn_qkv and ffn_up)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q": q, "k": kv, "v": kv, "gate": cfg.d_ff, "up": cfg.d_ff}
 
 
 BLOCK_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the blocks llmkit decodes exactly from the file (`quantize.BlockLinear`)
@@ -214,8 +341,10 @@ class GGUFBlocks:
     """Where a GGUF model's quantized matrices came from, to read their blocks again exactly as the file holds them
     (`quantize(model, "gguf")`): each tensor's raw bytes, (rows, blocks, bytes per block), rows in our order."""
 
-    def __init__(self, path: str | os.PathLike, tensors: dict[str, tuple[str, int | None]]):
-        self.path, self.tensors = Path(path), tensors  # GGUF name -> (our name, heads whose q/k rows llama.cpp interleaved)
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, list[tuple[str, int, int, int | None]]]):
+        # GGUF name -> [(our name, first row, rows, heads whose q/k rows llama.cpp interleaved)]: a fused matrix
+        # (Phi-3's attn_qkv) is cut into its parts by rows
+        self.path, self.tensors = Path(path), tensors
 
     def read(self) -> dict[str, tuple[str, torch.Tensor]]:
         """our name -> (block kind, uint8 tensor (rows, blocks, bytes per block))."""
@@ -226,11 +355,12 @@ class GGUFBlocks:
         for t in reader.tensors:
             if t.name not in self.tensors:
                 continue
-            name, heads = self.tensors[t.name]
             kind = t.tensor_type.name
             size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]
             raw = torch.from_numpy(t.data.copy()).reshape(t.data.shape[0], -1, size)  # (rows, blocks, bytes)
-            out[name] = (kind, _unpermute_qk(raw, heads) if heads else raw)
+            for name, first, rows, heads in self.tensors[t.name]:
+                part = raw[first : first + rows].contiguous()
+                out[name] = (kind, _unpermute_qk(part, heads) if heads else part)
         return out
 
 
@@ -239,12 +369,65 @@ class GGUFBlocks:
 QUANTS = ("f32", "f16", "q8_0", "q4_0")  # what `export_gguf` writes the matrices as
 
 
+def _gemma_problems(cfg: ModelConfig, name: str) -> list[str]:
+    """What llama.cpp's gemma2 / gemma3 graph would compute differently from `cfg`."""
+    problems = []
+    big = cfg.n_layers == GEMMA_27B_LAYERS[name]
+    scale = (cfg.d_model / cfg.n_heads) ** -0.5 if big else cfg.head_dim**-0.5
+    if abs((cfg.attn_scale or cfg.head_dim**-0.5) - scale) > 1e-9:
+        told = "1/sqrt(d_model / n_heads), as for the 27B model (its layer count)" if big else "1/sqrt(head_dim)"
+        problems.append(f"attn_scale {cfg.attn_scale} (llama.cpp's {name} scales by {told})")
+    if name == "gemma2":
+        if not cfg.tie_embeddings:
+            problems.append("an LM head of its own (llama.cpp's gemma2 multiplies by the embeddings)")
+        if cfg.logit_softcap is None or cfg.attn_softcap is None:
+            problems.append("uncapped logits or attention scores (llama.cpp's gemma2 always caps them)")
+    elif cfg.attn_softcap is not None:
+        problems.append("capped attention scores (llama.cpp's gemma3 has none)")
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "linear":
+        problems.append(f"{cfg.rope_scaling.get('rope_type')} RoPE scaling (llama.cpp's {name}: linear only)")
+    if cfg.rotary_dim is not None:
+        problems.append("partial RoPE")
+    if cfg.rope_local_theta is not None and cfg.sliding_window is None:
+        problems.append("a second RoPE base without windowed layers")
+    if cfg.qkv_bias or cfg.bias:
+        problems.append("biases")
+    if cfg.qk_norm != (name == "gemma3"):
+        problems.append("q/k norms" if cfg.qk_norm else "no q/k norms")
+    return problems
+
+
+def _pattern(cfg: ModelConfig) -> int | list[bool]:
+    """`attention.sliding_window_pattern` for cfg's windowed layers: the number n that gives them (layer i slides
+    when i % n < n - 1), else one flag per layer."""
+    flags = [cfg.windowed(i) for i in range(cfg.n_layers)]
+    for n in range(1, cfg.n_layers + 2):
+        if flags == [i % n < n - 1 for i in range(cfg.n_layers)]:
+            return n
+    return flags
+
+
 def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
     """The llama.cpp architecture that computes `cfg`'s model as llmkit does, or an error naming each setting none
-    of them has."""
+    of them has: Gemma's blocks -> gemma2 (gemma3 with q/k norms), partial RoPE, LongRoPE or a Phi-3 -> phi3, else
+    llama, qwen2 or qwen3."""
     problems = []
     if cfg.family != "decoder":
         problems.append(f"a {cfg.family} (llmkit writes decoders)")
+    gemma = bool(cfg.norm_offset) and cfg.sandwich_norm and cfg.activation == "geglu" and cfg.scale_embeddings
+    if gemma:
+        name = "gemma3" if cfg.qk_norm else "gemma2"
+        if cfg.position != "rope" or cfg.norm != "rmsnorm" or cfg.norm_position != "pre" or cfg.lm_head_bias or cfg.embedding_norm:
+            problems.append("Gemma's blocks with other positions, norms or heads")
+        problems += _gemma_problems(cfg, name)
+        if problems:
+            raise LlmkitError(
+                f"llama.cpp's {name} would not run this model as llmkit does: {'; '.join(problems)}",
+                "export as a Hugging Face folder (--format hf)",
+            )
+        return GGUF_ARCHITECTURES[name]
+    own_phi3 = "phi3" in (cfg.extra.get("hf_model_type"), cfg.extra.get("gguf_architecture"))
+    phi3 = own_phi3 or cfg.rotary_dim is not None or (cfg.rope_scaling or {}).get("rope_type") == "longrope"
     for key, value in {"position": "rope", "activation": "swiglu", "norm": "rmsnorm", "norm_position": "pre"}.items():
         if getattr(cfg, key) != value:
             problems.append(f"{key} {getattr(cfg, key)} (not {value})")
@@ -260,29 +443,54 @@ def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
             problems.append(f"{key} ({what})")
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-12:
         problems.append(f"attn_scale {cfg.attn_scale} (llama.cpp scales by 1/sqrt(head_dim))")
-    if (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope"):
-        problems.append(f"{cfg.rope_scaling['rope_type']} RoPE scaling")  # type: ignore[index]
-    # the settings of Gemma, Phi-3 and windowed models: llama.cpp's llama / qwen2 / qwen3 graphs have none of them
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind == "dynamic" or (kind == "longrope" and not phi3) or (phi3 and kind not in (None, "longrope")):
+        problems.append(f"{kind} RoPE scaling")
+    # the settings of Gemma and windowed models: llama.cpp's llama / qwen2 / qwen3 / phi3 graphs have none of them
     for key, what in (
-        ("sliding_window", "a sliding window, where llama.cpp's llama and qwen2 attend to the whole context"),
+        ("sliding_window", "a sliding window, where llama.cpp's llama, qwen2 and phi3 attend to the whole context"),
         ("rotary_dim", "partial RoPE"),
         ("attn_softcap", "capped attention scores"),
         ("norm_offset", "Gemma's 1 + weight norms"),
         ("sandwich_norm", "norms after each sublayer"),
         ("rope_local_theta", "a second RoPE base"),
     ):
-        if getattr(cfg, key) and not (key == "sliding_window" and cfg.sliding_window >= cfg.max_seq_len):
+        if key == "sliding_window" and (own_phi3 or (cfg.sliding_window or 0) >= cfg.max_seq_len):
+            continue  # a Phi-3's: llama.cpp drops it, as for its own converter's files (`llama_cpp_notes` says so)
+        if key == "rotary_dim" and phi3:
+            continue
+        if getattr(cfg, key):
             problems.append(f"{key} ({what})")
     if cfg.bias:
         problems.append("biases on every projection")
     if cfg.qk_norm and cfg.qkv_bias:
         problems.append("q/k norms and q/k/v biases together")
+    if phi3 and (cfg.qk_norm or cfg.qkv_bias):
+        problems.append("q/k norms or biases (llama.cpp's phi3 has neither)")
     if problems:
         raise LlmkitError(
             f"no llama.cpp architecture runs this model as llmkit does: {'; '.join(problems)}",
-            "export a Llama- or Qwen-like decoder (RoPE, SwiGLU, RMSNorm), or export as a Hugging Face folder (--format hf)",
+            "export a Llama-, Qwen-, Gemma- or Phi-3-like decoder, or export as a Hugging Face folder (--format hf)",
         )
-    return next(a for a in GGUF_ARCHITECTURES.values() if (a.qk_norm, a.qkv_bias) == (cfg.qk_norm, bool(cfg.qkv_bias)))
+    if phi3:
+        return GGUF_ARCHITECTURES["phi3"]
+    return next(
+        a for a in GGUF_ARCHITECTURES.values() if not (a.gemma or a.fused) and (a.qk_norm, a.qkv_bias) == (cfg.qk_norm, bool(cfg.qkv_bias))
+    )
+
+
+def llama_cpp_notes(cfg: ModelConfig) -> list[str]:
+    """What llama.cpp will do differently with an export that is still written (said to the user)."""
+    arch = gguf_architecture(cfg)
+    notes = []
+    if arch.name == "phi3" and cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
+        notes.append(
+            f"llama.cpp gives Phi-3 no sliding window: beyond {cfg.sliding_window} tokens it attends further back than this model "
+            "(as with Phi-3 GGUFs from llama.cpp's own converter)"
+        )
+    if arch.name == "phi3" and (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        notes.append("llama.cpp picks LongRoPE's long or short factors once, by its context size (llmkit: by each sequence's length)")
+    return notes
 
 
 def _rope_metadata(w, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -303,7 +511,30 @@ def _rope_metadata(w, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         plain, _ = rope_frequencies(cfg.head_dim, cfg.rope_theta)
         scaled, _ = rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling)
         return {"rope_freqs.weight": (plain / scaled).float()}
+    elif kind == "longrope":  # Phi-3: the factors as tensors, the original context and cos/sin's scale as keys
+        original = int(scaling["original_max_position_embeddings"])
+        _, attention = rope_frequencies(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta, scaling)
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(float(attention))
+        return {
+            "rope_factors_long.weight": torch.tensor(scaling["long_factor"], dtype=torch.float32),
+            "rope_factors_short.weight": torch.tensor(scaling["short_factor"], dtype=torch.float32),
+        }
     return {}
+
+
+def _gemma_metadata(w, cfg: ModelConfig, name: str) -> None:
+    """Gemma's caps, windows and local RoPE base as llama.cpp reads them (its defaults written out too)."""
+    if cfg.logit_softcap is not None:
+        w.add_final_logit_softcapping(float(cfg.logit_softcap))
+    if cfg.attn_softcap is not None:
+        w.add_attn_logit_softcapping(float(cfg.attn_softcap))
+    if cfg.sliding_window is not None:
+        w.add_sliding_window(int(min(cfg.sliding_window, 2**31 - 1)))
+        w.add_sliding_window_pattern(_pattern(cfg))
+        w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
+    elif name == "gemma2":  # llama.cpp always windows Gemma 2's even layers: a window as long as the context changes nothing
+        w.add_sliding_window(int(cfg.max_seq_len))
 
 
 def _tensor_data(t: torch.Tensor, quant: str, kind: str):
@@ -324,10 +555,10 @@ def _tensor_data(t: torch.Tensor, quant: str, kind: str):
 
 
 def export_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, *, quant: str = "f16", name: str | None = None) -> Path:
-    """Write `model` (a Llama-, Qwen2- or Qwen3-like decoder) and its byte-level BPE `tokenizer` as one GGUF file that
-    llama.cpp, llama-cpp-python and Ollama open: metadata as llama.cpp's converter writes it (architecture, context,
-    RoPE, tokenizer with its pre-tokenizer name, chat template, special tokens), matrices in `quant` (f32, f16, q8_0,
-    q4_0), written atomically."""
+    """Write `model` (a Llama-, Qwen2-, Qwen3-, Gemma 2 / 3- or Phi-3-like decoder) and its byte-level BPE or
+    SentencePiece BPE `tokenizer` as one GGUF file that llama.cpp, llama-cpp-python and Ollama open: metadata as
+    llama.cpp's converter writes it (architecture, context, RoPE, tokenizer with its pre-tokenizer name or scores,
+    chat template, special tokens), matrices in `quant` (f32, f16, q8_0, q4_0), written atomically."""
     import gguf
 
     if quant not in QUANTS:
@@ -336,9 +567,14 @@ def export_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, *, q
         raise LlmkitError("a GGUF carries its tokenizer, and this model has none", "export a model saved with its tokenizer")
     cfg = model.config
     arch = gguf_architecture(cfg)
-    token_fields = gguf_tokenizer_fields(tokenizer, cfg.vocab_size)
+    token_fields = gguf_tokenizer_fields(tokenizer, cfg.vocab_size, arch.name)
     state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     tensors = {}
+    if arch.fused:  # Phi-3: q/k/v and gate/up as one matrix each, stacked by rows
+        for i in range(cfg.n_layers):
+            for theirs, parts in FUSED.items():
+                names = [f"blocks.{i}.{part}.weight" for part in parts]
+                tensors[f"blk.{i}.{theirs}.weight"] = (torch.cat([state.pop(n) for n in names]), theirs)
     for ours, t in state.items():
         hit = _gguf_name(ours)
         if hit is None:
@@ -348,11 +584,18 @@ def export_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, *, q
         theirs, kind = hit
         if arch.interleaved and kind in ("attn_q", "attn_k"):
             t = _permute_qk(t, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
+        if arch.gemma and ours.endswith("norm.weight"):
+            t = t.float() + 1  # llama.cpp multiplies by the stored weight: Gemma's 1 + weight, as its converter writes it
         tensors[theirs] = (t, kind)
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}[quant]
     with io.atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.name)
-        w.add_name(name or str(cfg.extra.get("name") or Path(path).stem))
+        name = name or str(cfg.extra.get("name") or Path(path).stem)
+        vocab = set(token_fields["tokenizer.ggml.tokens"])
+        if arch.name == "phi3" and not vocab >= {"<s>", "</s>", "<unk>", "<|endoftext|>"}:
+            # llama.cpp looks these four up by name in a model whose name says Phi-3 (and fails to load without them)
+            name = re.sub(r"(?i)phi-?3", "phi", name)
+        w.add_name(name)
         w.add_file_type(gguf.LlamaFileType[file_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_context_length(cfg.max_seq_len)
@@ -363,11 +606,13 @@ def export_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, *, q
         w.add_head_count_kv(cfg.n_kv_heads)
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.rotary_dim or cfg.head_dim)
         w.add_rope_freq_base(float(cfg.rope_theta))
         w.add_layer_norm_rms_eps(float(cfg.norm_eps))
         w.add_vocab_size(cfg.vocab_size)
         extra_tensors = _rope_metadata(w, cfg)
+        if arch.gemma:
+            _gemma_metadata(w, cfg, arch.name)
         _write_tokenizer(w, token_fields)
         for theirs, (t, kind) in tensors.items():
             data, qtype = _tensor_data(t, quant, kind)
@@ -383,10 +628,16 @@ def export_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, *, q
 
 def _write_tokenizer(w, f: dict) -> None:
     w.add_tokenizer_model(f["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(f["tokenizer.ggml.pre"])
+    if "tokenizer.ggml.pre" in f:  # byte-level BPE: how text is split first; its merges
+        w.add_tokenizer_pre(f["tokenizer.ggml.pre"])
     w.add_token_list(f["tokenizer.ggml.tokens"])
+    if "tokenizer.ggml.scores" in f:  # SentencePiece: the merge order
+        w.add_token_scores(f["tokenizer.ggml.scores"])
     w.add_token_types(f["tokenizer.ggml.token_type"])
-    w.add_token_merges(f["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.merges" in f:
+        w.add_token_merges(f["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.add_space_prefix" in f:
+        w.add_add_space_prefix(bool(f["tokenizer.ggml.add_space_prefix"]))
     for key, add in (
         ("bos_token_id", w.add_bos_token_id),
         ("eos_token_id", w.add_eos_token_id),

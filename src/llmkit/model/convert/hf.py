@@ -822,6 +822,18 @@ def fused_name(model_type: str, name: str) -> str | None:
     return None
 
 
+def fused_rows(model_type: str, cfg: ModelConfig, name: str) -> tuple[str, list[tuple[str, int]]] | None:
+    """For our tensor `name` stored stacked by rows with others (Phi-3's qkv_proj, gate_up_proj): (their tensor's
+    name, [(each part's name of ours, its rows)] in stacking order); None where it is stored alone or otherwise."""
+    for _, ours, rule in architecture(model_type)._rules():
+        m = ours.match(name)
+        if m and rule.how == "rows":
+            parts = m.groupdict()
+            sizes = _row_sizes(cfg)
+            return _fill(rule.theirs, parts), [(_fill(rule.ours, {**parts, "part": n}), sizes[n]) for n in _row_parts(rule)]
+    return None
+
+
 def to_theirs(model_type: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Our state dict renamed into the architecture's (joined / transposed where the layout differs; `cfg` picks the
     rows meant for its kind)."""
