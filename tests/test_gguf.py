@@ -377,3 +377,23 @@ def test_what_llama_cpps_gemma_and_phi3_compute_otherwise_is_refused_or_said(tmp
         sliding_window=8, extra={"hf_model_type": "phi3"}
     )
     assert gguf_architecture(phi3).name == "phi3" and "no sliding window" in llama_cpp_notes(phi3)[0]
+
+
+def test_a_tensor_type_the_gguf_package_cannot_read_is_named(tmp_path, folders, monkeypatch):
+    """A GGUF tensor type with no dequantizer (gguf-py has none for Q8_1, Q8_K, I8..I64, F64, Q1_0) is refused in one
+    line naming the tensor and its type, not loaded wrongly."""
+    import gguf
+
+    folder, _ = folders["qwen2"]
+    ours = llmkit.load(folder)
+    path = export_gguf(ours, tmp_path / "model.gguf", ours.tokenizer, quant="q8_0")
+    real = gguf.quants.dequantize
+
+    def no_q8_0(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            raise NotImplementedError(qtype)
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", no_q8_0)
+    with pytest.raises(LlmkitError, match=r"tensor \S+ is stored as Q8_0, which the gguf package cannot dequantize"):
+        llmkit.load(path)

@@ -310,7 +310,13 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
         for t in reader.tensors:
             if t.name not in ours:
                 continue
-            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            try:
+                array = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise LlmkitError(
+                    f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot dequantize",
+                    "use a GGUF of F32, F16, BF16, Q8_0, Q4_0/Q4_1/Q5_0/Q5_1 or a K / IQ quantization (e.g. Q4_K_M)",
+                ) from None
             w = (torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)).reshape(
                 tuple(reversed([int(x) for x in t.shape]))
             )
