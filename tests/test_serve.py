@@ -209,8 +209,8 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(server, client):
         client.chat.completions.create(model="tiny", messages=user, max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=user, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert e.value.body["param"] == "tools" and "does not support" in e.value.body["message"]
+        client.chat.completions.create(model="tiny", messages=user, extra_body={"audio": {"voice": "alloy"}})
+    assert e.value.body["param"] == "audio" and "does not support" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "to be " * 700}], max_tokens=5)
     assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]

@@ -36,7 +36,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def model(tokenizers_by_kind):
-    return served_model(tokenizers_by_kind["byte-bpe"], max_seq_len=512)
+    return served_model(tokenizers_by_kind["byte-bpe"], max_seq_len=1024)  # room for the tools in a prompt
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=["object", "array", "enum"])
@@ -168,3 +168,175 @@ def test_generate_json_schema_on_the_command_line(tmp_path, tiny_base):
     (tmp_path / "bad.json").write_text("{not json")
     bad = run_cli("generate", "--model", str(tiny_base), "--prompt", "x", "--json-schema", str(tmp_path / "bad.json"), check=False)
     assert bad.returncode != 0 and "is not JSON" in bad.stderr
+
+
+# --- tool calls ----------------------------------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two digits",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def test_tool_calls_are_read_from_hermes_blocks_and_bare_json_whole_or_streamed():
+    """Calls in <tool_call> blocks (Hermes, Qwen2.5) or an answer that is only a call's JSON (Llama 3.1's, and a
+    constrained answer); a block that does not parse, or names no tool, stays text; streamed character by character the
+    same calls and the same text come out."""
+    from llmkit.chat import ToolCallStream, parse_tool_calls
+
+    names = ["get_weather", "add"]
+    cases = [
+        ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>', "Let me look.", 1),
+        (
+            '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}</tool_call>'
+            '<tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>',
+            None,
+            2,
+        ),
+        ('{"name": "get_weather", "parameters": {"city": "Rome"}}', None, 1),
+        ('[{"name": "add", "arguments": {"a": 1, "b": 1}}, {"name": "get_weather", "arguments": {"city": "Paris"}}]', None, 2),
+        (
+            'Broken <tool_call>{"name": "add", "arguments": </tool_call> end',
+            'Broken <tool_call>{"name": "add", "arguments": </tool_call> end',
+            0,
+        ),
+        (
+            '<tool_call>{"name": "delete_everything", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "delete_everything", "arguments": {}}</tool_call>',
+            0,
+        ),
+        ('{"answer": 42}', '{"answer": 42}', 0),
+        ("A plain < answer with <tool_ and <tool_call in it", "A plain < answer with <tool_ and <tool_call in it", 0),
+    ]
+    for text, content, n in cases:
+        got_content, calls = parse_tool_calls(text, names)
+        assert got_content == content and len(calls) == n, text
+        for call in calls:
+            assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] in names
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+        stream = ToolCallStream(names)
+        pieces, streamed_calls = [], []
+        for ch in text:
+            piece, found = stream.push(ch)
+            pieces.append(piece)
+            streamed_calls += found
+        piece, found = stream.end()
+        pieces.append(piece)
+        streamed_calls += found
+        assert [c["function"] for c in streamed_calls] == [c["function"] for c in calls], text
+        assert "".join(pieces).strip() == (content or ""), text
+
+
+QWEN_LIKE = (  # the shape of Qwen2.5's template: tools in the system turn, calls and results by the template itself
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
+    "{%- elif message.tool_calls %}<|im_start|>assistant\n{% for c in message.tool_calls %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n'
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_tools_go_through_the_models_template_or_the_hermes_form(model):
+    """A template that takes `tools` writes them, the calls (their arguments as objects, as transformers passes them)
+    and the results; one that does not (llmkit's default) is given the Hermes form: the tools in the system message,
+    each call in <tool_call> tags, each result a user turn in <tool_response> tags."""
+    from llmkit.chat import TOOL_SYSTEM, render_chat
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [
+        {"role": "user", "content": "What is 1 + 2?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]
+    own = render_chat(model.tokenizer, messages, template=QWEN_LIKE, tools=TOOLS)
+    assert json.dumps(TOOLS[1], ensure_ascii=False) in own
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in own
+    assert "<tool_response>\n3\n</tool_response>" in own and own.endswith("<|im_start|>assistant")
+    hermes = render_chat(model.tokenizer, messages, tools=TOOLS)  # llmkit's default template has no tools
+    assert TOOL_SYSTEM.split("\n")[0] in hermes and '"name": "get_weather"' in hermes
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in hermes
+    assert "<|user|>\n<tool_response>\n3\n</tool_response>" in hermes
+
+
+def test_the_openai_clients_tool_loop(server):
+    """tool_choice "required" or a named function: the answer is constrained to one call of the tools' schemas, read
+    into message.tool_calls with finish_reason "tool_calls", streamed as the client accumulates it; the call and its
+    result go back in the conversation and the server answers; bad tool requests are 400s and it keeps serving."""
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Oslo, and what is 2 + 3?"}]
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    out = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+    named = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        max_tokens=60,
+        n=2,
+        seed=5,
+    )
+    for c in named.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls[0].function.name == "add"
+        jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), params["add"])
+    # streamed: the same call, in the deltas the client accumulates
+    deltas = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0, stream=True
+        )
+    )
+    streamed = [tc for d in deltas if d.choices for tc in (d.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == [(0, call.function.name, call.function.arguments)]
+    assert [d.choices[0].finish_reason for d in deltas if d.choices and d.choices[0].finish_reason] == ["tool_calls"]
+    # the loop: the call and its result back to the model, which answers
+    messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "12 degrees"}]
+    answer = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=6, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls") and answer.usage.prompt_tokens > out.usage.prompt_tokens
+    for bad, where in (
+        (dict(tool_choice="required"), "tool_choice needs tools"),
+        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "not one of the tools"),
+        (
+            dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], tool_choice="required"),
+            "a tool's parameters",
+        ),
+        (dict(tools=TOOLS, tool_choice="required", stop=["}"]), "drop stop"),
+    ):
+        with pytest.raises(BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=messages[:1], max_tokens=10, **bad)
+        assert where in str(e.value)
+    with pytest.raises(BadRequestError, match="tool_call_id"):
+        client.chat.completions.create(model="tiny", messages=[*messages[:1], {"role": "tool", "content": "x"}], max_tokens=5)
+    ok = client.chat.completions.create(model="tiny", messages=messages[:1], max_tokens=5)
+    assert ok.choices[0].finish_reason == "length"

@@ -13,7 +13,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llmkit.chat import chat_prompt_ids
+from llmkit.chat import ToolCallStream, chat_prompt_ids, parse_tool_calls
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, constraint_for, stop_rules
 from llmkit.grammar import check_schema
@@ -279,8 +279,13 @@ def completion_logprobs(served: Served, tokens: list[tuple[int, tuple]], offset:
     return out
 
 
-def prompt_of_messages(served: Served, messages) -> list[int]:
-    return chat_prompt_ids(served.tok, [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages])
+def prompt_of_messages(served: Served, messages, tools: list[dict] | None = None) -> list[int]:
+    """The conversation's ids under the model's chat template, with the tools it may call (and earlier calls and
+    their results) written as the template, or else the Hermes form, writes them (`llmkit.chat.render_chat`)."""
+    try:
+        return chat_prompt_ids(served.tok, [m.for_template() for m in messages], tools=tools)
+    except LlmkitError as e:
+        raise APIError(400, f"{e.message} ({e.fix})", param="messages") from None
 
 
 def log_request(state: State, route: str, served: Served, prompts: list[list[int]], text=None) -> None:
@@ -291,10 +296,31 @@ def log_request(state: State, route: str, served: Served, prompts: list[list[int
         log.info("%s model=%s prompt_tokens=%s", route, served.name, [len(p) for p in prompts])
 
 
+def assistant_message(text: str, finish: str | None, tools: list[str] | None) -> tuple[dict, str | None]:
+    """(the chat answer's message, its finish reason): with tools offered, the calls read from the text go to
+    `tool_calls` and an answer that called ends with "tool_calls", as OpenAI reports it."""
+    if tools:
+        content, calls = parse_tool_calls(text, tools)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls" if finish == "stop" else finish
+    return {"role": "assistant", "content": text}, finish
+
+
 async def run_job(
-    state: State, request: Request, served: Served, prompts, configs, logprobs, *, chat: bool, body, record: dict | None = None
+    state: State,
+    request: Request,
+    served: Served,
+    prompts,
+    configs,
+    logprobs,
+    *,
+    chat: bool,
+    body,
+    record: dict | None = None,
+    tools: list[str] | None = None,
 ):
-    """Generate prompts[i] with configs[i] (each prompt repeated body.n times in a row: its n choices)."""
+    """Generate prompts[i] with configs[i] (each prompt repeated body.n times in a row: its n choices). `tools`: the
+    names of the functions offered (chat), whose calls are read from the answers."""
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     echo = [served.tok.decode(p, skip_special_tokens=True) for p in prompts] if not chat and body.echo else None
@@ -309,22 +335,23 @@ async def run_job(
         job.submit()
     if body.stream:
         return StreamingResponse(
-            stream_job(state, job, served, rid, created, chat, body, prompts, echo, record),
+            stream_job(state, job, served, rid, created, chat, body, prompts, echo, record, tools),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     out, error = await collect(job, request)
     if error is not None:
         raise error
-    choices = []
+    choices: list[dict] = []
     for i, o in enumerate(out):
         text = "".join(o["text"])
         if chat:
+            message, finish = assistant_message(text, o["finish"], tools)
             choice = {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": chat_logprobs(served, o["tokens"]) if logprobs is not None else None,
-                "finish_reason": o["finish"],
+                "finish_reason": finish,
             }
         else:
             full = (echo[i] + text) if echo else text
@@ -337,7 +364,8 @@ async def run_job(
         choices.append(choice)
     prompt_tokens = sum(len(p) for p in prompts[:: body.n])  # each prompt once, however many choices
     completion_tokens = sum(o["usage"]["completion_tokens"] for o in out)
-    extra = {"answer_id": state.keep_answer(answer=choices[0]["message"]["content"], **record)} if record else {}
+    first: dict = choices[0]["message"] if chat else {}
+    extra = {"answer_id": state.keep_answer(answer=first.get("content") or "", **record)} if record else {}
     return {
         **extra,
         "id": rid,
@@ -351,9 +379,24 @@ async def run_job(
 
 
 async def stream_job(
-    state: State, job: Job, served: Served, rid: str, created: int, chat: bool, body, prompts, echo, record: dict | None = None
+    state: State,
+    job: Job,
+    served: Served,
+    rid: str,
+    created: int,
+    chat: bool,
+    body,
+    prompts,
+    echo,
+    record: dict | None = None,
+    tools: list[str] | None = None,
 ):
+    """The answer as server-sent events. With tools offered, each choice's text goes through a `ToolCallStream`: a
+    call is sent as one `tool_calls` delta (its id, name and whole arguments) once its block is complete, as OpenAI's
+    clients accumulate them, and the choice ends with "tool_calls"."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    parsers = [ToolCallStream(tools) for _ in prompts] if chat and tools else None
+    calls_sent = [0] * len(prompts)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     prompt_tokens = sum(len(p) for p in prompts[:: body.n])
     completion_tokens, left = 0, len(prompts)
@@ -387,16 +430,32 @@ async def stream_job(
                 logprobs = None
                 if token is not None and lp is not None:
                     logprobs = chat_logprobs(served, [(token, lp)]) if chat else completion_logprobs(served, [(token, lp)], offsets[i])
-                if not piece and logprobs is None:
-                    continue
-                offsets[i] += len(piece)
-                answer.append(piece)
-                yield chunk(i, delta={"content": piece}, text=piece, logprobs=logprobs)
+                calls: list[dict] = []
+                if parsers is not None:
+                    piece, calls = parsers[i].push(piece)
+                if piece or logprobs is not None:
+                    offsets[i] += len(piece)
+                    answer.append(piece)
+                    yield chunk(i, delta={"content": piece}, text=piece, logprobs=logprobs)
+                for call in calls:
+                    yield chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]})
+                    calls_sent[i] += 1
             elif event[0] == "done":
                 completion_tokens += event[2]["completion_tokens"]
                 left -= 1
+                finish = event[1]
+                if parsers is not None:
+                    rest, calls = parsers[i].end()
+                    if rest:
+                        answer.append(rest)
+                        yield chunk(i, delta={"content": rest}, text=rest)
+                    for call in calls:
+                        yield chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]})
+                        calls_sent[i] += 1
+                    if calls_sent[i] and finish == "stop":
+                        finish = "tool_calls"
                 extra = {"answer_id": state.keep_answer(answer="".join(answer), **record)} if record else None
-                yield chunk(i, finish=event[1], extra=extra)
+                yield chunk(i, finish=finish, extra=extra)
             else:
                 e = error_from_event(event[1], event[2])
                 yield sse(error_body(e.message, e.type, code=e.code))

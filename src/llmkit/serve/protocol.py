@@ -1,6 +1,6 @@
 """The OpenAI API's request bodies, as the server accepts them, and its error shape.
 
-Every body model forbids unknown fields: a field llmkit does not implement (`tools`, `suffix`,
+Every body model forbids unknown fields: a field llmkit does not implement (`suffix`, `audio`,
 ...) is a 400 that names it, never a silent ignore. Fields OpenAI defines and llmkit implements keep OpenAI's names,
 types and ranges; `top_k`, `repetition_penalty` and `truncate_prompt_tokens` are the extensions vLLM also accepts.
 """
@@ -54,13 +54,70 @@ class TextPart(Body):
     text: str
 
 
+class FunctionCall(Body):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant's tool calls may go without)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict:
+        """The message as a chat template reads it (roles as the model knows them, calls and results kept)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name and self.role == "tool":
+            out["name"] = self.name
+        return out
+
+
+class FunctionDef(Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (an object)
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(Body):
@@ -131,6 +188,34 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted: several calls in one answer are read whether or not it is set
+
+    @model_validator(mode="after")
+    def _tools_consistent(self):
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice is not None and self.tool_choice != "none" and not names:
+            raise ValueError("tool_choice needs tools: give the functions the model may call")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not one of the tools ({', '.join(names)})")
+        if len(set(names)) != len(names):
+            raise ValueError("two tools have the same name")
+        if self.forced_call() is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format and a required tool call both fix the answer's form: send one of them")
+        return self
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools shown to the model (none with tool_choice "none", as OpenAI's model then calls nothing)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_call(self) -> tuple[str | None] | None:
+        """(the function's name, or None for any tool) when the answer must be a call; None when it may be text."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return (self.tool_choice.function.name,)
+        return (None,) if self.tool_choice == "required" else None
 
 
 class CompletionRequest(Sampling):

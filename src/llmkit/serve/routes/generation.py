@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from llmkit.chat import call_schema
+from llmkit.errors import LlmkitError
+from llmkit.grammar import check_schema
 from llmkit.serve.jobs import fit, log_request, prompt_of_messages, run_job, sampling_config, used_settings
 from llmkit.serve.protocol import ChatRequest, CompletionRequest
 from llmkit.serve.state import APIError, AppState
@@ -21,9 +25,10 @@ async def chat(body: ChatRequest, request: Request, state: AppState):
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_completion_tokens")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tools = body.offered_tools()
     ids, max_new = fit(
         served,
-        prompt_of_messages(served, body.messages),
+        prompt_of_messages(served, body.messages, tools),
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         state.settings.default_max_tokens,
         body.truncate_prompt_tokens,
@@ -37,6 +42,18 @@ async def chat(body: ChatRequest, request: Request, state: AppState):
         )
         for i in range(body.n)
     ]
+    forced = body.forced_call()
+    if forced is not None:  # the answer is a call: constrained to one call's JSON, its arguments to the function's schema
+        schema = call_schema(tools or [], forced[0])
+        try:
+            check_schema(schema)
+        except LlmkitError as e:
+            raise APIError(400, f"a tool's parameters: {e.message} ({e.fix})", param="tools") from None
+        if served.model.config.family != "decoder":
+            raise APIError(400, f"tool_choice needs a decoder; {served.name} is a {served.model.config.family}", param="tool_choice")
+        configs = [dataclasses.replace(c, json_schema=schema) for c in configs]
+        if any(c.stop_strings for c in configs):
+            raise APIError(400, "stop strings would cut a required tool call's JSON; drop stop", param="stop")
     record = None  # the page's answers (it sends its session) get an id, so that they can be rated
     if state.votes is not None and body.n == 1 and "x-llmkit-session" in request.headers:
         system = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer")) or None
@@ -46,7 +63,8 @@ async def chat(body: ChatRequest, request: Request, state: AppState):
             "system": system,
             "settings": used_settings(configs[0]),
         }
-    return await run_job(state, request, served, [ids] * body.n, configs, logprobs, chat=True, body=body, record=record)
+    names = [t["function"]["name"] for t in tools] if tools else None
+    return await run_job(state, request, served, [ids] * body.n, configs, logprobs, chat=True, body=body, record=record, tools=names)
 
 
 @router.post("/v1/completions")
