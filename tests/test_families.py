@@ -245,6 +245,63 @@ def test_a_phi3_lora_on_its_stacked_projections_loads_in_peft_and_back(tmp_path,
         names = load_lora(again, tmp_path / "adapter")
         assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj"}
         assert (again(ids) - ours).abs().max().item() <= 1e-5
+        save_lora(again, tmp_path / "again")  # read back and saved again: the same adapter, not one of three times the rank
+        config2 = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+        assert config2["rank_pattern"] == config["rank_pattern"]
+        loaded2 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "again").eval()
+        assert (loaded2(ids).logits - ours).abs().max().item() <= 1e-4
+
+
+def test_a_peft_adapter_with_ranks_of_its_own_loads_saves_back_and_what_cannot_be_placed_is_refused(tmp_path, saved):
+    """An adapter peft made (rank_pattern / alpha_pattern: layers of their own rank and alpha) gives peft's logits in
+    llmkit and saves back with those ranks; a DoRA adapter or one with tensors llmkit cannot place is refused, and the
+    model is left as it was."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.errors import LlmkitError
+    from llmkit.model.lora import load_lora, lora_layers, save_lora
+
+    folder = saved["qwen2"][0]
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], rank_pattern={"o_proj": 8}, alpha_pattern={"down_proj": 2}
+    )
+    peft_model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = _ids((2, 20), seed=8)
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        ours = llmkit.load(folder)
+        load_lora(ours, tmp_path / "peft")
+        assert (ours(ids) - expected).abs().max().item() <= 1e-4
+        save_lora(ours, tmp_path / "back")
+        back = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "back").eval()
+        assert (back(ids).logits - expected).abs().max().item() <= 1e-4
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    (tmp_path / "dora" / "adapter_model.safetensors").write_bytes((tmp_path / "peft" / "adapter_model.safetensors").read_bytes())
+    fresh = llmkit.load(folder)
+    with pytest.raises(LlmkitError, match="DoRA"):
+        load_lora(fresh, tmp_path / "dora")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 211)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(tmp_path / "extra" / "adapter_model.safetensors"))
+    with pytest.raises(LlmkitError, match="lora_embedding_A"):
+        load_lora(fresh, tmp_path / "extra")
+    assert not lora_layers(fresh) and all(p.requires_grad for p in fresh.parameters())  # left as it was
 
 
 def test_gemma_edge_configs_read_and_export_as_transformers_runs_them(tmp_path):

@@ -308,6 +308,13 @@ def test_a_model_whose_weights_left_its_gguf_blocks_keeps_its_float_layers():
     use_gguf_blocks(swapped)
     swapped.pending_gguf_blocks = False
     assert any(isinstance(m, BlockLinear) for m in swapped.modules()) and compiled._record_key(swapped, 1) == before
+    count = sum(isinstance(m, BlockLinear) for m in swapped.modules())
+    use_gguf_blocks(swapped)  # again: the stacked layers' float parts stay float
+    assert sum(isinstance(m, BlockLinear) for m in swapped.modules()) == count
+    from llmkit.model.lora import apply_lora
+
+    with pytest.raises(LlmkitError, match="decodes from its GGUF blocks"):  # the compiled step would not see a LoRA
+        apply_lora(swapped, r=4)
     model.pending_gguf_blocks = False
     with torch.no_grad():
         model.get_submodule(names[1]).weight[0, 0] += 1e-3  # one layer no longer matches its blocks

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmkit
-from llmkit.chat import ChatSession, render_chat
+from llmkit.chat import ChatSession, chat_prompt_ids, render_chat
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, TextStream, filter_top_k_top_p, generate, stream
 from llmkit.model import build_model, preset
@@ -227,6 +227,30 @@ def test_chat_session_keeps_turns_and_drops_old_ones_to_fit(tokenizers_by_kind, 
         "".join(chat.send("word " * 200))
     with pytest.raises(LlmkitError, match="empty"):
         "".join(chat.send("  "))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_chat_session_prefills_only_each_new_message_and_answers_the_same(tokenizers_by_kind, compiled):
+    """Each turn's prompt starts with the last one and its answer: the session's prefix cache gives those columns
+    (all but the last answer token), so only the new message is prefilled, and every greedy answer equals a session
+    that prefills all of it each time (the eager and the static one-token step)."""
+    from llmkit.model.compiled import use_compiled_decode
+
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = build_model(preset("tiny-llama", vocab_size=tok.vocab_size, d_model=64, n_heads=4, max_seq_len=512)).eval()
+    if compiled:
+        use_compiled_decode(model, "eager")  # the static step's path, uncompiled (same numbers, no compile in a test)
+    answers = {}
+    for cached in (True, False):
+        chat = ChatSession(model, tok, system="Be brief.", config=GenerationConfig(max_new_tokens=10, do_sample=False, stop_token_ids=[]))
+        if not cached:
+            chat.prefix = None
+        answers[cached] = ["".join(chat.send(t)) for t in ("Hello there", "Tell me of Hamlet", "And of Ophelia?")]
+        if cached:
+            assert chat.prefix.hits == 2
+            second = chat_prompt_ids(tok, chat.conversation()[:-1])  # the third turn's prompt
+            assert chat.prefix.reused_tokens > len(second) // 2
+    assert answers[True] == answers[False]
 
 
 @pytest.mark.slow
@@ -556,3 +580,27 @@ def test_stop_strings_typed_in_a_shell_mean_what_they_name():
     assert unescape("\\n\\n") == "\n\n" and unescape("a\\tb\\r") == "a\tb\r"
     assert unescape("C:\\\\new") == "C:\\new" and unescape("naïve \\x") == "naïve \\x"
     assert parse_args(["generate", "--stop", "\\n\\n"]).stop == ["\\n\\n"]  # kept as typed until the command reads it
+
+
+def test_decoding_on_a_busy_machine_says_so(monkeypatch):
+    """Another process keeping a core busy is measured (its CPU time, not this process's) and named with the thread
+    count that would not wait for it; a user's own OMP_NUM_THREADS, or one thread, says nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from llmkit.threads import busy_note, others_busy
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        assert others_busy(0.5) >= cores - 0.6  # every core taken by the burners
+        note = busy_note(cores) if cores > 1 else None
+        assert cores == 1 or ("busy" in note and "OMP_NUM_THREADS=1" in note)
+    finally:
+        for b in burners:
+            b.kill()
+    assert busy_note(1) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert busy_note(max(cores, 2)) is None

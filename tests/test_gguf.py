@@ -366,10 +366,11 @@ def test_what_llama_cpps_gemma_and_phi3_compute_otherwise_is_refused_or_said(tmp
     )
     assert gguf_architecture(gemma).name == "gemma2"
     for change, message in (
-        ({"attn_scale": 24**-0.5}, "attn_scale"),
+        ({"attn_scale": 24**-0.5}, r"query_pre_attn_scalar 24 .*1/sqrt\(head_dim\) = 1/sqrt\(16\)"),
         ({"tie_embeddings": False}, "LM head of its own"),
         ({"logit_softcap": None}, "always caps"),
         ({"qk_norm": True}, "capped attention scores"),  # Gemma 3's llama.cpp graph has no attention cap
+        ({"qk_norm": True, "attn_softcap": None, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "scales only the global"),
     ):
         with pytest.raises(LlmkitError, match=message):
             gguf_architecture(gemma.replace(**change))
@@ -377,6 +378,8 @@ def test_what_llama_cpps_gemma_and_phi3_compute_otherwise_is_refused_or_said(tmp
         sliding_window=8, extra={"hf_model_type": "phi3"}
     )
     assert gguf_architecture(phi3).name == "phi3" and "no sliding window" in llama_cpp_notes(phi3)[0]
+    with pytest.raises(LlmkitError, match="llama.cpp's phi3 needs them equal"):  # its output projection is d_model square
+        gguf_architecture(phi3.replace(head_dim=32))
 
 
 def test_a_tensor_type_the_gguf_package_cannot_read_is_named(tmp_path, folders, monkeypatch):

@@ -705,3 +705,72 @@ def test_chunked_prefill_equals_each_request_alone_and_keeps_streams_moving(toke
     assert ids == generate(model, tok, [long_prompt], GenerationConfig(max_new_tokens=2, do_sample=False, stop_token_ids=[]))[0].ids
     during = [t for t in times if submitted < t < first[0]]
     assert len(times) == 60 and len(during) >= 10, len(during)  # 22 chunks of 7: a decode step between each two
+
+
+def test_the_prefix_cache_reuses_earlier_prompts_and_answers_and_changes_no_token(tokenizers_by_kind):
+    """A shared system prompt, then a conversation's next turn (its prompt + the answer + a new message): each is
+    prefilled only from where it differs (cached_tokens says how much was reused), and every greedy and seeded answer
+    equals the same request in an engine without the cache, and `generate` alone."""
+    tok = tokenizers_by_kind["byte-bpe"]
+    model = served_model(tok, max_seq_len=512)
+    g = torch.Generator().manual_seed(9)
+    system = torch.randint(10, tok.vocab_size, (120,), generator=g).tolist()
+    questions = [torch.randint(10, tok.vocab_size, (int(n),), generator=g).tolist() for n in (5, 17, 30)]
+    cfgs = [GenerationConfig(max_new_tokens=12, do_sample=i == 1, temperature=0.8, seed=i, stop_token_ids=[]) for i in range(3)]
+    results = {}
+    for mb in (64, 0):
+        engine = Engine(model, f"prefix-{mb}", max_batch=4, max_queue=8, prefill_chunk=32, prefix_cache_mb=mb)
+        try:
+            first = engine_results(engine, [(system + questions[0], cfgs[0])])[0]
+            # one by one (a lone prompt reuses the cache): the same system prompt, other questions
+            shared = [engine_results(engine, [(system + q, c)])[0] for q, c in zip(questions[1:], cfgs[1:])]
+            # the conversation goes on: prompt + answer + a new question
+            turn = system + questions[0] + first["ids"] + questions[2]
+            second = engine_results(engine, [(turn, cfgs[0])])[0]
+            results[mb] = (first, shared, second)
+        finally:
+            engine.close()
+    (first, shared, second), (first0, shared0, second0) = results[64], results[0]
+    assert first["ids"] == first0["ids"] and [s["ids"] for s in shared] == [s["ids"] for s in shared0] and second["ids"] == second0["ids"]
+    assert first["end"][2]["cached_tokens"] == 0 and first0["end"][2]["cached_tokens"] == 0
+    assert [s["end"][2]["cached_tokens"] for s in shared] == [len(system)] * 2  # the system prompt was reused
+    # the whole first exchange but its last answer token (sampled, never fed): len(system) + 5 + 12 - 1
+    assert second["end"][2]["cached_tokens"] == len(system) + len(questions[0]) + len(first["ids"]) - 1
+    assert second0["end"][2]["cached_tokens"] == 0
+    for (prompt, cfg), got in zip(((system + questions[1], cfgs[1]), (turn, cfgs[0])), (shared[0], second)):
+        assert got["ids"] == generate(model, tok, [prompt], cfg)[0].ids
+
+
+def test_the_prefix_cache_is_bounded_and_keeps_the_longest_start():
+    from llmkit.model.prefix import PrefixCache
+
+    kv = lambda n: ([torch.full((2, n, 4), float(n))], [torch.full((2, n, 4), -float(n))])  # noqa: E731  (one layer)
+    per_token = 2 * 2 * 4 * 4  # k and v, 2 heads x 4 features, float32
+    cache = PrefixCache(max_bytes=100 * per_token, min_tokens=4)
+    a = list(range(40))
+    cache.add(a, *kv(40))
+    assert cache.lookup(a + [99])[0] == 40 and cache.lookup(a)[0] == 39  # at most all but the last token
+    assert cache.lookup([1, 2, 3]) is None and cache.lookup(list(range(3)) + [77] * 10) is None  # below min_tokens
+    cache.add(a + list(range(100, 120)), *kv(60))  # a longer entry takes the shorter one's place (it starts with it)
+    assert len(cache.entries) == 1 and cache.bytes == 60 * per_token
+    n, ks, vs = cache.lookup(a + list(range(100, 110)) + [5])
+    assert n == 50 and ks[0].shape == (2, 50, 4) and float(ks[0][0, 0, 0]) == 60.0
+    cache.add(list(range(200, 250)), *kv(50))  # 110 tokens > 100: the least recently used goes
+    assert list(cache.entries) == [tuple(range(200, 250))] and cache.bytes == 50 * per_token
+
+
+def test_cached_tokens_in_the_usage_as_openai_reports_them(server, client):
+    """Two requests with one long system prompt: the second reports the reused tokens in usage.prompt_tokens_details
+    (streamed with include_usage too) and answers as the first did."""
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short line. " * 6}
+    kwargs = dict(model="tiny", max_tokens=8, temperature=0)
+    first = client.chat.completions.create(messages=[system, {"role": "user", "content": "Hello there"}], **kwargs)
+    again = client.chat.completions.create(messages=[system, {"role": "user", "content": "Hello there"}], **kwargs)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 20 > 16
+    chunks = list(
+        client.chat.completions.create(
+            messages=[system, {"role": "user", "content": "Something else"}], stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 16

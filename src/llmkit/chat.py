@@ -19,7 +19,10 @@ from functools import lru_cache
 from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, stream, warn_stderr
+from llmkit.model.prefix import PrefixCache
 from llmkit.tokenizer.core import DEFAULT_CHAT_TEMPLATE
+
+PREFIX_MB = 256  # a chat session's earlier turns' keys and values (SmolLM2: ~5,800 tokens)
 
 
 def _raise_exception(message):
@@ -293,9 +296,13 @@ class ChatSession:
         self.model, self.tok, self.config, self.warn = model, tokenizer, config or GenerationConfig(), warn
         self.system = system
         self.messages: list[dict] = []
+        # the conversation's keys and values so far: each turn prefills only its new message (`llmkit.model.prefix`)
+        self.prefix = PrefixCache(PREFIX_MB * 2**20) if model.config.family == "decoder" else None
 
     def reset(self) -> None:
         self.messages = []
+        if self.prefix is not None:
+            self.prefix.clear()
 
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -328,7 +335,7 @@ class ChatSession:
             raise
         answer = []
         try:
-            for piece in stream(self.model, self.tok, ids, self.config, warn=self.warn):
+            for piece in stream(self.model, self.tok, ids, self.config, warn=self.warn, prefix=self.prefix):
                 answer.append(piece)
                 yield piece
         finally:

@@ -469,11 +469,14 @@ def stream_batch(
     warn=warn_stderr,
     streams: list | None = None,
     stats: dict | None = None,
+    prefix=None,
 ) -> Iterator[list[tuple[int, str, bool]]]:
     """Decode a batch of token prompts together; yields, per step, (row, text piece, finished) for each row that moved.
     `streams`, if given, receives each row's TextStream (its ids, text and finish_reason); `stats`, if given, receives
     the speeds as llama.cpp reports them: prompt_tokens_per_s (the prefill) and decode_tokens_per_s (the tokens after
-    each row's first, over the time after the first)."""
+    each row's first, over the time after the first), and cached_tokens. `prefix` (`llmkit.model.prefix.PrefixCache`,
+    one prompt): the prompt's start that an earlier call computed is not prefilled again, and this call's prompt and
+    answer are kept for the next (a chat's next turn starts with them)."""
     mcfg = model.config
     if mcfg.family != "decoder":
         raise LlmkitError(
@@ -512,6 +515,15 @@ def stream_batch(
     # the compiled decode step, when the model asks for it (`use_compiled_decode`) and where it pays
     fast = static_decoder(model, B, total, steps=cfg.max_new_tokens - 1, log=warn) if cfg.max_new_tokens > 1 else None
     cache = fast.cache() if fast is not None else model.new_cache(B, total)
+    reused = 0
+    hit = prefix.lookup(prompts[0]) if prefix is not None and B == 1 else None
+    if hit is not None:  # the start an earlier call computed: its keys and values, then the prefill from where it differs
+        reused, ks, vs = hit
+        for layer, (k, v) in enumerate(zip(ks, vs)):
+            cache.k[layer][0, :, :reused] = k
+            cache.v[layer][0, :, :reused] = v
+        cache.pos = reused
+    history = list(prompts[0]) if prefix is not None and B == 1 else None  # the tokens fed, for the next call
     n_valid = min(tokenizer.id_limit, mcfg.vocab_size)
     constraints = [constraint_for(cfg, tokenizer, n_valid, stop_ids) for _ in prompts]
     sampler = Sampler([cfg] * B, n_valid, device, generator=seeded_generator(cfg.seed, device), constraints=constraints)
@@ -520,7 +532,7 @@ def stream_batch(
     plain = B == 1  # one prompt, no padding: the causal fast path
     started = time.perf_counter()
     logits = model(
-        ids,
+        ids[:, reused:],
         attention_mask=None if plain else mask[:, :width],
         cache=cache,
         position_ids=None if plain else positions,
@@ -531,49 +543,57 @@ def stream_batch(
     prefilled = time.perf_counter()
     if stats is not None:
         stats.update(prompt_tokens=sum(map(len, prompts)), prefill_s=prefilled - started, decode_tokens=0, decode_s=0.0)
+        stats["cached_tokens"] = reused
         stats["prompt_tokens_per_s"] = stats["prompt_tokens"] / max(stats["prefill_s"], 1e-9)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     first_token = prefilled  # when the first new tokens were out (set at step 0)
-    for step in range(cfg.max_new_tokens):
-        tok = sampler(logits)  # (B,)
-        sampler.observe(tok)
-        events = []
-        last = step == cfg.max_new_tokens - 1
-        for r, t in enumerate(tok.tolist()):  # the ids cross to the host once per step, for the text
-            if done[r]:
-                continue
-            if t in stop_ids:  # not part of the output (transformers keeps it in its ids; the text never shows it)
-                rows[r].finish_reason, done[r] = "stop", True
-                events.append((r, rows[r].flush(), True))
-                continue
-            piece = rows[r].push(t)
-            if rows[r].stopped:
-                rows[r].finish_reason, done[r] = "stop", True
-            elif last:
-                piece += rows[r].flush()
-                rows[r].finish_reason, done[r] = "length", True
-            events.append((r, piece, done[r]))
-        if stats is not None and step:
-            stats["decode_tokens"] += len(events)
-            stats["decode_s"] = time.perf_counter() - first_token
-            stats["decode_tokens_per_s"] = stats["decode_tokens"] / max(stats["decode_s"], 1e-9)
-        if step == 0:
-            first_token = time.perf_counter()
-        yield events
-        if all(done):
-            break
-        mask[:, width + step] = 1
-        if fast is not None:
-            logits = fast.step(tok, next_pos[:, 0], width + step, mask)
-        else:
-            logits = model(
-                tok[:, None],
-                attention_mask=None if plain else mask[:, : width + step + 1],
-                cache=cache,
-                position_ids=None if plain else next_pos,
-                check_ids=False,
-            )[:, -1]
-        next_pos = next_pos + 1
+    try:
+        for step in range(cfg.max_new_tokens):
+            tok = sampler(logits)  # (B,)
+            sampler.observe(tok)
+            events = []
+            last = step == cfg.max_new_tokens - 1
+            for r, t in enumerate(tok.tolist()):  # the ids cross to the host once per step, for the text
+                if done[r]:
+                    continue
+                if t in stop_ids:  # not part of the output (transformers keeps it in its ids; the text never shows it)
+                    rows[r].finish_reason, done[r] = "stop", True
+                    events.append((r, rows[r].flush(), True))
+                    continue
+                piece = rows[r].push(t)
+                if rows[r].stopped:
+                    rows[r].finish_reason, done[r] = "stop", True
+                elif last:
+                    piece += rows[r].flush()
+                    rows[r].finish_reason, done[r] = "length", True
+                events.append((r, piece, done[r]))
+            if stats is not None and step:
+                stats["decode_tokens"] += len(events)
+                stats["decode_s"] = time.perf_counter() - first_token
+                stats["decode_tokens_per_s"] = stats["decode_tokens"] / max(stats["decode_s"], 1e-9)
+            if step == 0:
+                first_token = time.perf_counter()
+            yield events
+            if all(done):
+                break
+            mask[:, width + step] = 1
+            if history is not None:
+                history.append(int(tok[0]))
+            if fast is not None:
+                logits = fast.step(tok, next_pos[:, 0], width + step, mask)
+            else:
+                logits = model(
+                    tok[:, None],
+                    attention_mask=None if plain else mask[:, : width + step + 1],
+                    cache=cache,
+                    position_ids=None if plain else next_pos,
+                    check_ids=False,
+                )[:, -1]
+            next_pos = next_pos + 1
+    finally:  # kept for the next call, even when the caller stops early (a chat's Ctrl-C)
+        if history is not None:
+            n = len(history)
+            prefix.add(history, [k[0, :, :n] for k in cache.k], [v[0, :, :n] for v in cache.v])
 
 
 def static_decoder(model, batch: int, capacity: int, *, steps: int | None = None, log=None):
@@ -623,14 +643,17 @@ def generate(
     return [Generation(s.prompt_ids, s.ids, s.text, s.finish_reason) for s in streams]
 
 
-def stream(model, tokenizer, prompt: str | list[int], cfg: GenerationConfig | None = None, *, warn=warn_stderr) -> Iterator[str]:
-    """Yield the text of one prompt's continuation piece by piece, as it is decoded."""
+def stream(
+    model, tokenizer, prompt: str | list[int], cfg: GenerationConfig | None = None, *, warn=warn_stderr, prefix=None
+) -> Iterator[str]:
+    """Yield the text of one prompt's continuation piece by piece, as it is decoded. `prefix`: a PrefixCache the
+    prompt's start may come from, and that keeps this prompt and answer (`stream_batch`)."""
     cfg = cfg or GenerationConfig()
     ids = _encode_prompts(tokenizer, [prompt])[0]
     if model.config.family == "encoder-decoder":
         yield generate_seq2seq(model, tokenizer, ids, cfg, warn=warn).text
         return
-    for events in stream_batch(model, tokenizer, [ids], cfg, warn=warn):
+    for events in stream_batch(model, tokenizer, [ids], cfg, warn=warn, prefix=prefix):
         for _, piece, _ in events:
             if piece:
                 yield piece

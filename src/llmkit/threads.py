@@ -38,3 +38,49 @@ def release_openmp_threads() -> bool:
     batch 1, 2 cores: 21.9 against 7.8 ms; benchmarks/RESULTS.md). Call it on a thread done with PyTorch for a while."""
     pause = _libgomp_pause()
     return pause is not None and pause(1) == 0  # omp_pause_soft; -1 inside a parallel region
+
+
+def _busy_jiffies() -> int | None:
+    """CPU time spent by every process since boot (Linux /proc/stat: all but idle and iowait), in clock ticks."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+
+
+def others_busy(seconds: float = 0.25) -> float | None:
+    """How many cores other processes keep busy now: the machine's CPU time over `seconds` less this process's own
+    (all its threads), or None where /proc/stat is not there."""
+    import time
+
+    start, mine = _busy_jiffies(), os.times()
+    if start is None:
+        return None
+    time.sleep(seconds)
+    end, mine_after = _busy_jiffies(), os.times()
+    if end is None:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    own = (mine_after.user + mine_after.system) - (mine.user + mine.system)
+    return max(0.0, ((end - start) / ticks - own) / seconds)
+
+
+def busy_note(threads: int) -> str | None:
+    """One line for a user about to decode on `threads` OpenMP threads while other processes keep some of those cores
+    busy now (measured over a quarter second), else None. Each of a decode step's kernels waits for its slowest
+    thread, and a thread that shares its core with another process is slow: a new-user trial on 2 cores with one busy
+    measured 1-11 tokens/s on 2 threads against a steady 24 on one. OMP_NUM_THREADS set by the user: they chose,
+    nothing is said."""
+    if threads < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = os.cpu_count() or 1
+    busy = others_busy()
+    if busy is None or busy < cores - threads + 0.6:
+        return None
+    fewer = max(1, min(threads - 1, round(cores - busy)))
+    return (
+        f"note: other processes keep {busy:.1f} of this machine's {cores} cores busy; decoding on {threads} threads waits for "
+        f"the busiest one, so OMP_NUM_THREADS={fewer} may be faster"
+    )

@@ -153,7 +153,9 @@ def register(commands) -> None:
         )
         p.add_argument("--max-new-tokens", type=int, default=f.max_new_tokens, help="answer length when evaluating")
         p.add_argument(
-            "--forgetting-tasks", default=f.forgetting_tasks, help="built-in tasks measured before and after (those not trained on)"
+            "--forgetting-tasks",
+            default=f.forgetting_tasks,
+            help="built-in tasks measured before and after (those not trained on; none: no task)",
         )
         p.add_argument("--n-forgetting", type=int, default=f.n_forgetting, help="examples per untrained task (default: 24)")
         p.add_argument("--general-tokens", type=int, default=f.general_tokens, help="tokens of general text scored (default: 2048)")

@@ -308,11 +308,17 @@ def load_for_generation(name: str, dtype: str = "auto", quantize: str | None = "
     """The model for generate/chat on `device` in `dtype` (auto: the device's), quantized as asked (auto: a GGUF's own
     blocks for the compiled step on a CPU) and with the compiled decode step where it pays unless `compile` is False or
     LLMKIT_COMPILE=0."""
+    import torch
+
     import llmkit
     from llmkit.model.compiled import prepare_for_decoding
+    from llmkit.threads import busy_note
 
     model = llmkit.load(name, dtype=dtype, device=device)
     prepare_for_decoding(model, quantize, compile)
+    note = busy_note(torch.get_num_threads()) if next(model.parameters()).device.type == "cpu" else None
+    if note:
+        print(note, file=sys.stderr)
     if model.config.family == "encoder":
         raise LlmkitError(f"{name} is an encoder; it does not generate text", "use a decoder or an encoder-decoder model")
     if model.tokenizer is None:

@@ -33,6 +33,8 @@ def register(commands) -> None:
         cmd_model_info,
     )
     p.add_argument("model", nargs="?", help="a preset name (gpt2, llama, bert, t5, vaswani, tiny-*) or a model (path, smollm2, minilm)")
+    # the other commands name their model with --model: taken here too
+    p.add_argument("--model", dest="model_option", default=None, help="the same as the positional MODEL")
     p.add_argument("--all", action="store_true", help="a table of every preset")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs (default: the context length)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -134,6 +136,10 @@ def cmd_model_info(args) -> None:
     from llmkit.model.config import PRESETS, preset
     from llmkit.progress import print_table
 
+    if args.model_option is not None:
+        if args.model is not None and args.model != args.model_option:
+            raise LlmkitError(f"two models named: {args.model} and --model {args.model_option}", "name one")
+        args.model = args.model_option
     if args.all:
         rows = [_cfg_row(n, preset(n), args.seq_len) for n in PRESETS]
     elif not args.model:
@@ -253,12 +259,15 @@ def cmd_model_export(args) -> None:
         export_gguf(model, out, model.tokenizer, quant=args.quant)
         arch = gguf_architecture(model.config).name
         print(f"exported {arch} ({model.config.param_count():,} parameters, {args.quant}) -> {out}")
-        for note in llama_cpp_notes(model.config):
+        for note in llama_cpp_notes(model.config, model.tokenizer):
             print(f"  note: {note}")
         print(f"  llama.cpp: llama-cli -m {out}    Ollama: a Modelfile with `FROM ./{os.path.basename(out)}`, then `ollama create NAME`")
         return
     export_hf(model, args.out, tokenizer=model.tokenizer)
-    print(f"exported {model.config.family} ({model.config.param_count():,} parameters) -> {args.out}")
+    from llmkit.model.convert.hf import hf_config_for
+
+    kind = hf_config_for(model.config)["model_type"]
+    print(f"exported {kind} ({model.config.param_count():,} parameters) -> {args.out}")
 
 
 def cmd_attention(args) -> None:

@@ -72,6 +72,14 @@ def register(commands) -> None:
         "(default: 256; 0: each prompt at once)",
     )
     p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        help="memory per model for the keys and values of earlier prompts and answers, so that a prompt starting with the "
+        "same tokens (a system prompt, a conversation's earlier turns) is prefilled only from where it differs "
+        "(default: 256; 0: none)",
+    )
+    p.add_argument(
         "--default-max-tokens",
         type=int,
         default=1024,
@@ -156,6 +164,8 @@ def cmd_serve(args) -> None:
         raise LlmkitError("--max-batch must be 1 or more and --max-queue 0 or more", "e.g. --max-batch 16 --max-queue 64")
     if args.prefill_chunk < 0:
         raise LlmkitError(f"--prefill-chunk {args.prefill_chunk} is negative", "use e.g. 256, or 0 for whole prompts")
+    if args.prefix_cache_mb < 0:
+        raise LlmkitError(f"--prefix-cache-mb {args.prefix_cache_mb} is negative", "use e.g. 256, or 0 for no prefix cache")
     if args.default_max_tokens < 1:
         raise LlmkitError(f"--default-max-tokens {args.default_max_tokens} allows no answer", "use 1 or more, e.g. 1024")
     if args.timeout <= 0 or args.max_body_mb <= 0:
@@ -173,6 +183,7 @@ def cmd_serve(args) -> None:
         timeout=args.timeout,
         default_max_tokens=args.default_max_tokens,
         prefill_chunk=args.prefill_chunk or None,
+        prefix_cache_mb=args.prefix_cache_mb,
         max_body=int(args.max_body_mb * 1024 * 1024),
         cors_origins=list(args.cors_origin),
         log_prompts=args.log_prompts,

@@ -595,7 +595,8 @@ class Finetuning:
     def initial_predictions(self) -> None:
         cfg = self.cfg
         trained = "" if self.preference else cfg.task  # pairs train no built-in task: every one listed is measured
-        untrained = [t for t in cfg.forgetting_tasks.split(",") if t and t not in trained] if not self.classification else []
+        asked = [t for t in cfg.forgetting_tasks.split(",") if t and t != "none"]  # "none": no task measured
+        untrained = [t for t in asked if t not in trained] if not self.classification else []
         self.forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in untrained}
         saved = self.run_dir / "before.json"
         self.before = self.measure() if not (self.ckpt and saved.exists()) else io.read_json(saved)

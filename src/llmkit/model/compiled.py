@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import threading
@@ -223,15 +225,24 @@ def _records_path() -> Path:
     return Path(cache_dir()) / "llmkit-decode-compiles.json"
 
 
-def _record_key(model: nn.Module, batch: int) -> str:
-    """The model's kind of step (config, layer types, dtype) and batch size: the same before and after its GGUF blocks
-    are swapped in."""
-    import hashlib
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A hash of the code the step is traced from (this module, the layers, the model families, the GGUF blocks): an
+    llmkit whose step changed compiles it anew, and says so, instead of promising a load from the cache."""
+    here = Path(__file__).parent
+    digest = hashlib.sha1()
+    for name in ("compiled.py", "layers.py", "families.py", "quantize.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
 
+
+def _record_key(model: nn.Module, batch: int) -> str:
+    """The model's kind of step (config, layer types, dtype), batch size and llmkit's code of it: the same before and
+    after its GGUF blocks are swapped in."""
     kinds = {type(m).__name__ for m in model.modules()}
     blocks = "BlockLinear" in kinds or bool(getattr(model, "pending_gguf_blocks", False))
     kinds -= {"Linear", "BlockLinear"}  # a model with its blocks pending still has plain Linear layers: one key for both
-    what = (torch.__version__, repr(model.config), sorted(kinds), blocks, str(_cache_dtype(model)), batch)
+    what = (torch.__version__, _code_version(), repr(model.config), sorted(kinds), blocks, str(_cache_dtype(model)), batch)
     return hashlib.sha1(repr(what).encode()).hexdigest()[:16]
 
 
@@ -322,7 +333,7 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
                 entry.structure = _structure(model)
                 ticking = threading.Event()
                 if mode is None:  # the caller waits: say how far it is
-                    threading.Thread(target=_tick, args=(ticking, started, estimate, say), daemon=True).start()
+                    threading.Thread(target=_tick, args=(ticking, started, estimate, say, 20.0, cached), daemon=True).start()
                 try:
                     _warm_up(model, entry.step, batch)
                 finally:
@@ -393,12 +404,12 @@ def compile_step(model: nn.Module, batch: int, *, background: bool | str = False
     return job
 
 
-def _tick(stop: threading.Event, started: float, estimate: float, say, every: float = 20.0) -> None:
-    """A line every `every` seconds while a compile the user waits for runs."""
+def _tick(stop: threading.Event, started: float, estimate: float, say, every: float = 20.0, cached: bool = False) -> None:
+    """A line every `every` seconds while a compile (or a load from the cache) the user waits for runs."""
     while not stop.wait(every):
         spent = time.monotonic() - started
         of = f"of ~{estimate:.0f} s" if spent <= estimate else f"(longer than the ~{estimate:.0f} s expected: a busy machine)"
-        say(f"still compiling the decode step: {spent:.0f} s {of}")
+        say(f"still {'loading the compiled decode step' if cached else 'compiling the decode step'}: {spent:.0f} s {of}")
 
 
 def _cache_dir() -> str:
@@ -525,8 +536,8 @@ class StaticDecoder:
         elif self.log is not None and self.model not in _TOLD_EAGER:  # once per model: fine-tuning's evaluation decodes often
             _TOLD_EAGER.add(self.model)
             self.log(
-                f"note: decoded without compiling ({1 / eager:.1f} tokens/s): compiling the decode step takes ~{estimate:.0f} s "
-                f"and would not pay for at most {self.steps_left} more token{'s' if self.steps_left != 1 else ''} "
+                f"note: decoding without compiling (a step takes {eager * 1000:.0f} ms): compiling the decode step takes "
+                f"~{estimate:.0f} s and would not pay for the {self.steps_left} token{'s' if self.steps_left != 1 else ''} left "
                 "(LLMKIT_COMPILE=always compiles anyway)"
             )
 

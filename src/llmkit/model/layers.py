@@ -357,6 +357,8 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head (n_kv_heads == n_heads) or grouped-query attention; self- or cross-attention."""
 
+    qkv_proj: nn.Module | None
+
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
         self.self_attention = not cross
@@ -369,7 +371,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_inner, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=qkv_bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
-        self.qkv_proj: nn.Module | None = None  # q, k and v in one matrix (`quantize.fuse_projections`, for inference)
+        # q, k and v in one matrix (`quantize.fuse_projections`, GGUF blocks; for inference), registered as a module slot
+        # from the start: its later assignment is then one step, safe while another thread runs an eager forward
+        self.register_module("qkv_proj", None)
         # QK-norm: each head's queries and keys RMS-normalized (a learned gain per channel) before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
@@ -477,6 +481,8 @@ ACTIVATIONS = {
 class MLP(nn.Module):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) for the gated kinds (SwiGLU, GEGLU; Shazeer 2020)."""
 
+    gate_up_proj: nn.Module | None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.act = ACTIVATIONS[cfg.activation]
@@ -484,7 +490,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.float32_down = False  # T5 in float16 keeps its down projection (`wo`) in float32, as transformers does
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matrix (`quantize.fuse_projections`, for inference)
+        self.register_module("gate_up_proj", None)  # gate and up in one matrix (as qkv_proj: a module slot from the start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

@@ -147,6 +147,16 @@ def _targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
     return chosen
 
 
+def _refuse_blocks(model: nn.Module) -> None:
+    """A model decoding from a GGUF file's blocks (`quantize.BlockLinear`) is for inference: its compiled step reads
+    the blocks, which a LoRA (or its merge) would not change."""
+    if any(type(m).__name__ == "BlockLinear" for m in model.modules()):
+        raise LlmkitError(
+            "LoRA on a model that decodes from its GGUF blocks would not change what the compiled step computes",
+            "load the model without quantizing it (llmkit.load(...) as it is, --quantize none) to fine-tune or apply an adapter",
+        )
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -161,6 +171,7 @@ def apply_lora(
     rslora: bool = False,
 ) -> list[str]:
     """Freeze `model` and wrap the targeted linear layers in LoRALinear; returns their names."""
+    _refuse_blocks(model)
     freeze(model)
     names = _targets(model, target_modules)
     for name in names:
@@ -277,28 +288,37 @@ def _peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         if rows is None:
             tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
             tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+            if layer.r != model.lora_config["r"] or layer.alpha != model.lora_config["lora_alpha"]:  # a layer of its own rank
+                ranks[hf], alphas[hf] = layer.r, layer.alpha
             continue
         if hf in done:
             continue
         done.add(hf)
         parts = [(p[: -len(".weight")], n) for p, n in rows[1]]
         adapted = [layers[p] for p, _ in parts if p in layers]
-        r = sum(a.r for a in adapted)
-        A = torch.cat([a.lora_A.detach().float().cpu() for a in adapted])  # (k·r, in)
-        B = torch.zeros(sum(n for _, n in parts), r)
-        row = col = 0
-        for p, n in parts:
-            if p in layers:
-                B[row : row + n, col : col + layers[p].r] = layers[p].lora_B.detach().float().cpu()
-                col += layers[p].r
-            row += n
         scaling = adapted[0].scaling
         if any(abs(a.scaling - scaling) > 1e-12 * scaling for a in adapted):
             raise LlmkitError(f"the LoRAs stacked in {hf} have different scales", "give them one rank and alpha")
+        shared = len(adapted) == len(parts) and all(torch.equal(a.lora_A, adapted[0].lora_A) for a in adapted)
+        if shared:  # one A for every part (an adapter read from such a matrix): B stacked by rows, the rank kept
+            r = adapted[0].r
+            A = adapted[0].lora_A.detach().float().cpu()
+            B = torch.cat([a.lora_B.detach().float().cpu() for a in adapted])
+        else:  # A stacked, B block-wise
+            r = sum(a.r for a in adapted)
+            A = torch.cat([a.lora_A.detach().float().cpu() for a in adapted])  # (k·r, in)
+            B = torch.zeros(sum(n for _, n in parts), r)
+            row = col = 0
+            for p, n in parts:
+                if p in layers:
+                    B[row : row + n, col : col + layers[p].r] = layers[p].lora_B.detach().float().cpu()
+                    col += layers[p].r
+                row += n
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A.contiguous(), B.contiguous()
-        ranks[hf] = r
         rslora = bool(model.lora_config.get("use_rslora"))
-        alphas[hf] = scaling * (math.sqrt(r) if rslora else r)  # PEFT's scale alpha / r (alpha / sqrt(r)) stays this one
+        alpha = scaling * (math.sqrt(r) if rslora else r)  # PEFT's scale alpha / r (alpha / sqrt(r)) stays this one
+        if r != model.lora_config["r"] or abs(alpha - model.lora_config["lora_alpha"]) > 1e-9 * alpha:
+            ranks[hf], alphas[hf] = r, alpha
     return tensors, ranks, alphas
 
 
@@ -353,11 +373,14 @@ def load_lora(model: nn.Module, directory) -> list[str]:
     if not (directory / "adapter_config.json").exists():
         raise LlmkitError(f"{directory} has no adapter_config.json", "point at a folder written by `llmkit finetune --method lora`")
     cfg = io.read_json(directory / "adapter_config.json")
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        what = "DoRA" if cfg.get("use_dora") else cfg.get("peft_type")
+        raise LlmkitError(f"the adapter in {directory} is a {what} adapter; llmkit reads LoRA adapters", "train a LoRA adapter")
     tensors = read_safetensors(directory / "adapter_model.safetensors")
     model_type = hf_config_for(model.config)["model_type"]
     rslora = cfg.get("use_rslora", False)
-    freeze(model)
-    names, used = [], set()
+    _refuse_blocks(model)
+    plan, used = [], set()  # (our layer's name, A, B, alpha): checked whole before the model changes
     for name in _targets(model, "."):  # every linear layer but the heads
         try:
             hf = _hf_name(model, name)
@@ -366,9 +389,9 @@ def load_lora(model: nn.Module, directory) -> list[str]:
         key = f"base_model.model.{hf}"
         if f"{key}.lora_A.weight" not in tensors:
             continue
-        used.add(key)
         if f"{key}.lora_B.weight" not in tensors:
             raise LlmkitError(f"the adapter in {directory} lacks {key}.lora_B.weight", "save the adapter again with this model")
+        used.update((f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
         A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         rows = fused_rows(model_type, model.config, name + ".weight")
         if rows is not None:  # our part's rows of the stacked matrix's B
@@ -378,24 +401,28 @@ def load_lora(model: nn.Module, directory) -> list[str]:
                     B = B[first : first + n]
                     break
                 first += n
+        base = model.get_submodule(name)
+        if tuple(B.shape) != (base.out_features, A.shape[0]) or A.shape[1] != base.in_features:
+            raise LlmkitError(f"the adapter's {key} does not fit {name} of this model", "load it on the model it was trained on")
+        plan.append((name, A, B, _pattern_value(cfg.get("alpha_pattern"), hf, cfg["lora_alpha"])))
+    unplaced = sorted(k for k in tensors if k not in used)
+    if unplaced or not plan:
+        what = f"{unplaced[0]}" + (f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else "") if unplaced else "no LoRA layer"
+        raise LlmkitError(
+            f"the adapter in {directory} holds {what} that llmkit cannot place on this model",
+            "load it on the model it was trained on (llmkit reads LoRA on linear layers; not modules_to_save or embeddings)",
+        )
+    freeze(model)
+    names = []
+    for name, A, B, alpha in plan:
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        r = A.shape[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern"), hf, cfg["lora_alpha"])
-        layer = LoRALinear(getattr(parent, child), r, alpha, 0.0, rslora)
-        if tuple(B.shape) != (layer.out_features, r) or A.shape[1] != layer.in_features:
-            raise LlmkitError(f"the adapter's {key} does not fit {name} of this model", "load it on the model it was trained on")
+        layer = LoRALinear(getattr(parent, child), A.shape[0], alpha, 0.0, rslora)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
         setattr(parent, child, layer)
         names.append(name)
-    unplaced = sorted(k for k in tensors if k.endswith(".lora_A.weight") and k[: -len(".lora_A.weight")] not in used)
-    if unplaced or not names:
-        what = f"{unplaced[0]} (and {len(unplaced) - 1} more)" if unplaced else "no layer"
-        raise LlmkitError(
-            f"the adapter in {directory} holds {what} that this model has no layer for", "load it on the model it was trained on"
-        )
     model.lora_config = {
         "r": cfg["r"],
         "lora_alpha": cfg["lora_alpha"],

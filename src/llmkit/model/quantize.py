@@ -386,11 +386,12 @@ def use_gguf_blocks(model: nn.Module) -> nn.Module:
                 swaps.append((module, slot, BlockLinear(group, tags[0][0], torch.cat([t[1] for t in tags]))))
                 for p in group:
                     del p.gguf_block  # stacked: the layers themselves stay float
-        swaps += [
+        stacked = {id(p) for m in model.modules() if isinstance(m, BlockLinear) and m.parts is not None for p in m.parts}
+        swaps += [  # (a second call finds the stacked ones' float parts: they stay float)
             (module, child_name, BlockLinear(child, *child.gguf_block))
             for module in list(model.modules())
             for child_name, child in list(module.named_children())
-            if isinstance(child, nn.Linear) and getattr(child, "gguf_block", None) is not None
+            if isinstance(child, nn.Linear) and getattr(child, "gguf_block", None) is not None and id(child) not in stacked
         ]
     finally:
         for module in model.modules():

@@ -16,6 +16,9 @@ row computes what it would alone; greedy outputs equal the request decoded alone
 `max_batch` rows; rows are kept contiguous (a leaving row's place is taken by the last row), and the timeline is
 shifted left when the columns before every row's start are no longer needed, and grown (doubled) when it is full.
 
+A prompt that starts with the tokens of an earlier prompt or answer (a system prompt, the turns of a conversation) is
+prefilled only from where it differs: the earlier columns come from the prefix cache (`llmkit.model.prefix`).
+
 Each row samples with its own settings and generator (`Sampler`), stops on its own stop tokens and strings
 (`TextStream`), and reports what happens to it through a callback: ("token", piece, token id, logprobs) events, then
 one ("done", finish reason, usage) or ("error", kind, message). Encoder-decoders (T5) are decoded one request at a
@@ -41,6 +44,7 @@ from llmkit.errors import LlmkitError
 from llmkit.generate import GenerationConfig, Sampler, TextStream, constraint_for, generate_seq2seq, seeded_generator, stop_rules
 from llmkit.model.compiled import WIDTH_STEP, decode_step
 from llmkit.model.layers import KVCache
+from llmkit.model.prefix import PrefixCache
 from llmkit.threads import release_openmp_threads
 
 log = logging.getLogger("llmkit.serve")
@@ -90,9 +94,11 @@ class _Row:
     stop_ids: set[int]
     start: int  # its first column in the timeline
     generated: int = 0
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 PREFILL_CHUNK = 256  # prompt columns per prefill chunk; see `Engine._admit` and benchmarks/RESULTS.md
+PREFIX_CACHE_MB = 256  # the prefix cache's bound (SmolLM2: 46 KB a token, ~5,800 tokens)
 
 
 @dataclasses.dataclass
@@ -122,6 +128,7 @@ class Engine:
         max_queue: int = 64,
         prefill_tokens: int = 4096,
         prefill_chunk: int | None = PREFILL_CHUNK,
+        prefix_cache_mb: float = PREFIX_CACHE_MB,
         metrics=None,
     ):
         if max_batch < 1 or max_queue < 0:
@@ -137,6 +144,8 @@ class Engine:
         self.metrics = metrics
         cfg = model.config
         self.seq2seq = cfg.family == "encoder-decoder"
+        # earlier prompts' and answers' keys and values (decoders; 0 MB: none)
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and not self.seq2seq else None
         # the compiled one-token step (`use_compiled_decode`): rows padded to a power of two, one graph per such batch
         self.compiled = bool(getattr(model, "compiled_decode", False)) and not self.seq2seq
         self.context = None if cfg.position == "relative" else cfg.max_seq_len
@@ -447,7 +456,15 @@ class Engine:
             mask[i, P - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return _Prefill(reqs, gens, joined, ids, mask, positions, self.model.new_cache(n, P), sampler)
+        pre = _Prefill(reqs, gens, joined, ids, mask, positions, self.model.new_cache(n, P), sampler)
+        hit = self.prefix.lookup(reqs[0].prompt_ids) if self.prefix is not None and n == 1 else None
+        if hit is not None:  # a lone prompt (no padding) whose start was computed before: prefilled from where it differs
+            done, ks, vs = hit
+            for layer, (k, v) in enumerate(zip(ks, vs)):
+                pre.cache.k[layer][0, :, :done] = k
+                pre.cache.v[layer][0, :, :done] = v
+            pre.cache.pos = pre.done = joined[0].cached = done
+        return pre
 
     def _prefill_chunk(self, pre: _Prefill) -> torch.Tensor | None:
         """The next chunk of the prompts through the model: their last position's logits once the prompts are done."""
@@ -492,6 +509,10 @@ class Engine:
             self.metrics.prompt_tokens.labels(self.name).inc(sum(len(r.prompt_ids) for r in reqs))
         for row in pre.joined:
             row.start = w - len(row.req.prompt_ids)
+        if self.prefix is not None:  # each prompt's columns, for a later prompt that starts the same
+            for i, r in enumerate(reqs):
+                first = P - len(r.prompt_ids)
+                self.prefix.add(r.prompt_ids, [k[i, :, first:P] for k in pre.cache.k], [v[i, :, first:P] for v in pre.cache.v])
         with self.lock:
             self.rows = self.rows + pre.joined
             self._joining, self._admitting = 0, []
@@ -552,6 +573,8 @@ class Engine:
             produced += made
             if finish is None:
                 keep.append(r)
+            elif finish in ("stop", "length") and self.prefix is not None:
+                self._keep_prefix(r, row)
         if self.metrics is not None:
             self.metrics.generated(self.name, produced)
         if len(keep) < len(self.rows):
@@ -619,9 +642,18 @@ class Engine:
         if piece or not stop_token:
             row.req.emit(("token", piece, None if stop_token else t, None if stop_token else lp))
         if finish:
-            row.req.emit(("done", finish, {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": row.generated}))
+            usage = {"prompt_tokens": len(row.req.prompt_ids), "completion_tokens": row.generated, "cached_tokens": row.cached}
+            row.req.emit(("done", finish, usage))
             self._done_metrics(row)
         return finish, made
+
+    def _keep_prefix(self, r: int, row: _Row) -> None:
+        """A finished answer's columns (its prompt and the tokens fed after it: all but the last one sampled), for the
+        conversation's next turn, which starts with them."""
+        fed = self.width - row.start
+        ids = (row.req.prompt_ids + row.text.ids)[:fed]
+        if len(ids) == fed:
+            self.prefix.add(ids, [k[r, :, row.start : self.width] for k in self._k], [v[r, :, row.start : self.width] for v in self._v])  # type: ignore[union-attr]
 
     def _done_metrics(self, row: _Row, cancelled: bool = False) -> None:
         if not cancelled:

@@ -247,8 +247,14 @@ async def disconnected(request: Request) -> None:
             return
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage, with the prompt tokens whose keys and values came from the prefix cache as it reports them."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def sse(data: dict | str) -> str:
@@ -364,6 +370,7 @@ async def run_job(
         choices.append(choice)
     prompt_tokens = sum(len(p) for p in prompts[:: body.n])  # each prompt once, however many choices
     completion_tokens = sum(o["usage"]["completion_tokens"] for o in out)
+    cached_tokens = sum(o["usage"].get("cached_tokens", 0) for o in out[:: body.n])  # each prompt once
     first: dict = choices[0]["message"] if chat else {}
     extra = {"answer_id": state.keep_answer(answer=first.get("content") or "", **record)} if record else {}
     return {
@@ -374,7 +381,7 @@ async def run_job(
         "model": served.name,
         "system_fingerprint": None,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -399,7 +406,7 @@ async def stream_job(
     calls_sent = [0] * len(prompts)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     prompt_tokens = sum(len(p) for p in prompts[:: body.n])
-    completion_tokens, left = 0, len(prompts)
+    completion_tokens, cached_tokens, left = 0, 0, len(prompts)
     offsets = [len(e) for e in echo] if echo else [0] * len(prompts)
 
     answer: list[str] = []  # choice 0's text, when the answer is kept (record)
@@ -442,6 +449,8 @@ async def stream_job(
                     calls_sent[i] += 1
             elif event[0] == "done":
                 completion_tokens += event[2]["completion_tokens"]
+                if i % body.n == 0:  # each prompt once, however many choices
+                    cached_tokens += event[2].get("cached_tokens", 0)
                 left -= 1
                 finish = event[1]
                 if parsers is not None:
@@ -471,7 +480,7 @@ async def stream_job(
                         "model": served.name,
                         "system_fingerprint": None,
                         "choices": [],
-                        "usage": usage(prompt_tokens, completion_tokens),
+                        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
                     }
                 )
         yield sse("[DONE]")

@@ -63,6 +63,7 @@ class Settings:
     timeout: float = 600.0  # seconds a request may take, queue included
     max_body: int = 4 * 1024 * 1024
     prefill_chunk: int | None = 256  # prompt tokens prefilled between two decode steps (None: a whole prompt at once)
+    prefix_cache_mb: float = 256.0  # earlier prompts' and answers' keys and values kept per model (0: none)
     default_max_tokens: int = 1024  # a chat answer's length when the request names none (/v1/models says so)
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
@@ -99,6 +100,7 @@ class Served:
                 max_batch=settings.max_batch,
                 max_queue=settings.max_queue,
                 prefill_chunk=settings.prefill_chunk,
+                prefix_cache_mb=settings.prefix_cache_mb,
                 metrics=metrics,
             )
         )

@@ -190,11 +190,21 @@ def _family_settings(arch: GGUFArchitecture, g, cfg_head: dict, names: set, tens
             window = g("attention.sliding_window", 0)
         if window:
             flags = _window_flags(g, n_layers, GEMMA_LAYERS[arch.name])
-            local = g("rope.freq_base_swa", 10000.0 if arch.name == "gemma3" else None)
+            local = g("rope.freq_base_swa")
+            if arch.name == "gemma3":  # its windowed layers: their own base (default 10000), never the global scaling
+                local = float(local if local is not None else 10000.0)
+            elif local is not None and float(local) == float(g("rope.freq_base", 10000.0)):
+                local = None  # Gemma 2's windowed layers: the global RoPE, scaling included, unless the file says otherwise
+            if arch.name == "gemma2" and local is not None and g("rope.scaling.type", "none") not in ("none", None):
+                raise LlmkitError(
+                    "a Gemma 2 GGUF with a windowed layers' RoPE base and RoPE scaling (llama.cpp scales those layers too, "
+                    "llmkit's own base would not)",
+                    "use a Gemma 2 GGUF without rope.freq_base_swa or without scaling",
+                )
             out.update(
                 sliding_window=int(window),
                 layer_types=None if all(flags) else ["sliding_attention" if f else "full_attention" for f in flags],
-                rope_local_theta=float(local) if local is not None and float(local) != float(g("rope.freq_base", 10000.0)) else None,
+                rope_local_theta=float(local) if local is not None else None,
             )
     if arch.fused:
         rot = g("rope.dimension_count")
@@ -381,8 +391,13 @@ def _gemma_problems(cfg: ModelConfig, name: str) -> list[str]:
     big = cfg.n_layers == GEMMA_27B_LAYERS[name]
     scale = (cfg.d_model / cfg.n_heads) ** -0.5 if big else cfg.head_dim**-0.5
     if abs((cfg.attn_scale or cfg.head_dim**-0.5) - scale) > 1e-9:
-        told = "1/sqrt(d_model / n_heads), as for the 27B model (its layer count)" if big else "1/sqrt(head_dim)"
-        problems.append(f"attn_scale {cfg.attn_scale} (llama.cpp's {name} scales by {told})")
+        told = (
+            f"1/sqrt(d_model / n_heads) = 1/sqrt({cfg.d_model // cfg.n_heads}), as for the 27B model (its layer count)"
+            if big
+            else (f"1/sqrt(head_dim) = 1/sqrt({cfg.head_dim})")
+        )
+        scalar = (cfg.attn_scale or 1.0) ** -2
+        problems.append(f"query_pre_attn_scalar {scalar:g} (attention scaled by 1/sqrt({scalar:g}); llama.cpp's {name} scales by {told})")
     if name == "gemma2":
         if not cfg.tie_embeddings:
             problems.append("an LM head of its own (llama.cpp's gemma2 multiplies by the embeddings)")
@@ -396,6 +411,10 @@ def _gemma_problems(cfg: ModelConfig, name: str) -> list[str]:
         problems.append("partial RoPE")
     if cfg.rope_local_theta is not None and cfg.sliding_window is None:
         problems.append("a second RoPE base without windowed layers")
+    if name == "gemma3" and cfg.rope_scaling and cfg.sliding_window is not None and cfg.rope_local_theta is None:
+        problems.append("RoPE scaling on the windowed layers too (llama.cpp's gemma3 scales only the global ones)")
+    if name == "gemma2" and cfg.rope_scaling and cfg.rope_local_theta is not None:
+        problems.append("a windowed layers' RoPE base beside RoPE scaling (llama.cpp's gemma2 scales those layers too)")
     if cfg.qkv_bias or cfg.bias:
         problems.append("biases")
     if cfg.qk_norm != (name == "gemma3"):
@@ -473,6 +492,10 @@ def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
         problems.append("q/k norms and q/k/v biases together")
     if phi3 and (cfg.qk_norm or cfg.qkv_bias):
         problems.append("q/k norms or biases (llama.cpp's phi3 has neither)")
+    if phi3 and cfg.n_heads * cfg.head_dim != cfg.d_model:
+        problems.append(
+            f"heads of {cfg.head_dim} ({cfg.n_heads} x {cfg.head_dim} != d_model {cfg.d_model}: llama.cpp's phi3 needs them equal)"
+        )
     if problems:
         raise LlmkitError(
             f"no llama.cpp architecture runs this model as llmkit does: {'; '.join(problems)}",
@@ -485,10 +508,17 @@ def gguf_architecture(cfg: ModelConfig) -> GGUFArchitecture:
     )
 
 
-def llama_cpp_notes(cfg: ModelConfig) -> list[str]:
+def llama_cpp_notes(cfg: ModelConfig, tokenizer=None) -> list[str]:
     """What llama.cpp will do differently with an export that is still written (said to the user)."""
     arch = gguf_architecture(cfg)
     notes = []
+    spec = tokenizer.backend.to_str() if tokenizer is not None else ""
+    if '"Metaspace"' in spec and '"prepend_scheme":"first"' in spec.replace(" ", ""):
+        notes.append(
+            "llama.cpp puts a space before a text that follows a special token, and before one that starts with a space, "
+            "where this tokenizer (Llama 2's kind) does not: such texts tokenize differently in llama.cpp (as with its own "
+            "converter's files)"
+        )
     if arch.name == "phi3" and cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
         notes.append(
             f"llama.cpp gives Phi-3 no sliding window: beyond {cfg.sliding_window} tokens it attends further back than this model "
@@ -598,8 +628,8 @@ def export_gguf(model: torch.nn.Module, path: str | os.PathLike, tokenizer, *, q
         w = gguf.GGUFWriter(str(tmp), arch.name)
         name = name or str(cfg.extra.get("name") or Path(path).stem)
         vocab = set(token_fields["tokenizer.ggml.tokens"])
-        if arch.name == "phi3" and not vocab >= {"<s>", "</s>", "<unk>", "<|endoftext|>"}:
-            # llama.cpp looks these four up by name in a model whose name says Phi-3 (and fails to load without them)
+        if not vocab >= {"<s>", "</s>", "<unk>", "<|endoftext|>"}:
+            # llama.cpp looks these four up by name in any model whose name says Phi-3 (and fails to load without them)
             name = re.sub(r"(?i)phi-?3", "phi", name)
         w.add_name(name)
         w.add_file_type(gguf.LlamaFileType[file_type])

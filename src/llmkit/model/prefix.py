@@ -1,0 +1,82 @@
+"""A prefix cache: keys and values of earlier prompts (and of the answers that followed them), kept so that a new
+prompt that starts with the same tokens is prefilled only from where it differs. The serving engine keeps one per
+model (`llmkit.serve.engine`), a chat session one for its turns (`llmkit.chat.ChatSession`, through `stream_batch`).
+
+A decoder's keys and values at a position depend only on the tokens up to it, so the columns of a shared start (a
+system prompt, few-shot examples, the earlier turns of a conversation) are the same whichever request computed them.
+vLLM keeps them in hashed blocks, llama.cpp's server per slot (`cache_prompt`); here each finished prefill and each
+finished answer is one entry (its token ids and its columns, layer by layer), the longest shared start of any entry
+is reused, and entries leave least recently used first when the cache would hold more than its bytes.
+
+    entry "You are a helpful assistant. ... What is 2 + 2?" + answer "4"
+    new    "You are a helpful assistant. ... What is 2 + 2?" + answer "4" + "And 3 + 3?"   -> prefill only the new turn
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+MIN_TOKENS = 16  # shorter shared starts are prefilled again: a lookup and a copy would cost about what they save
+
+
+class PrefixCache:
+    """Token ids -> their keys and values (per layer: (n_kv_heads, tokens, head_dim)), at most `max_bytes`."""
+
+    def __init__(self, max_bytes: int, min_tokens: int = MIN_TOKENS):
+        self.max_bytes, self.min_tokens = max_bytes, min_tokens
+        self.entries: collections.OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = self.reused_tokens = 0
+
+    @staticmethod
+    def _size(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in (*ks, *vs))
+
+    def lookup(self, ids: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
+        """(n, keys, values) of the longest start of `ids` an entry holds (at most all but its last token: that one is
+        prefilled, for its logits), each (n_kv_heads, n, head_dim) per layer; None below `min_tokens`."""
+        best, best_key = 0, None
+        for key in self.entries:
+            n = min(len(key), len(ids) - 1)
+            if n <= best:
+                continue
+            same = 0
+            while same < n and key[same] == ids[same]:
+                same += 1
+            if same > best:
+                best, best_key = same, key
+        if best_key is None or best < self.min_tokens:
+            return None
+        self.entries.move_to_end(best_key)
+        ks, vs = self.entries[best_key]
+        self.hits += 1
+        self.reused_tokens += best
+        return best, [k[:, :best] for k in ks], [v[:, :best] for v in vs]
+
+    def add(self, ids: list[int], ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        """Keep `ids`' keys and values (copied), unless an entry already starts with all of them; entries that are
+        starts of `ids` give way (the new one holds them)."""
+        if len(ids) < self.min_tokens:
+            return
+        key = tuple(ids)
+        for other in self.entries:
+            if len(other) >= len(key) and other[: len(key)] == key:
+                self.entries.move_to_end(other)
+                return
+        for other in [o for o in self.entries if len(o) < len(key) and key[: len(o)] == o]:
+            self.bytes -= self._size(*self.entries.pop(other))
+        ks, vs = [k.detach().clone() for k in ks], [v.detach().clone() for v in vs]
+        size = self._size(ks, vs)
+        if size > self.max_bytes:
+            return
+        self.entries[key] = (ks, vs)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (old_k, old_v) = self.entries.popitem(last=False)
+            self.bytes -= self._size(old_k, old_v)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
