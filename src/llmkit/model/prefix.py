@@ -27,6 +27,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int, min_tokens: int = MIN_TOKENS):
         self.max_bytes, self.min_tokens = max_bytes, min_tokens
         self.entries: collections.OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = collections.OrderedDict()
+        self.arrays: dict[tuple[int, ...], torch.Tensor] = {}  # each entry's ids as a tensor, for the comparisons
         self.bytes = 0
         self.hits = self.reused_tokens = 0
 
@@ -38,13 +39,13 @@ class PrefixCache:
         """(n, keys, values) of the longest start of `ids` an entry holds (at most all but its last token: that one is
         prefilled, for its logits), each (n_kv_heads, n, head_dim) per layer; None below `min_tokens`."""
         best, best_key = 0, None
+        want = torch.tensor(ids, dtype=torch.long)
         for key in self.entries:
             n = min(len(key), len(ids) - 1)
             if n <= best:
                 continue
-            same = 0
-            while same < n and key[same] == ids[same]:
-                same += 1
+            differ = torch.nonzero(self.arrays[key][:n] != want[:n])  # compared in C: a 2,000-token prompt in microseconds
+            same = int(differ[0, 0]) if len(differ) else n
             if same > best:
                 best, best_key = same, key
         if best_key is None or best < self.min_tokens:
@@ -67,16 +68,20 @@ class PrefixCache:
                 return
         for other in [o for o in self.entries if len(o) < len(key) and key[: len(o)] == o]:
             self.bytes -= self._size(*self.entries.pop(other))
+            del self.arrays[other]
         ks, vs = [k.detach().clone() for k in ks], [v.detach().clone() for v in vs]
         size = self._size(ks, vs)
         if size > self.max_bytes:
             return
         self.entries[key] = (ks, vs)
+        self.arrays[key] = torch.tensor(key, dtype=torch.long)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (old_k, old_v) = self.entries.popitem(last=False)
+            old, (old_k, old_v) = self.entries.popitem(last=False)
+            del self.arrays[old]
             self.bytes -= self._size(old_k, old_v)
 
     def clear(self) -> None:
         self.entries.clear()
+        self.arrays.clear()
         self.bytes = 0

@@ -146,6 +146,7 @@ class Engine:
         self.seq2seq = cfg.family == "encoder-decoder"
         # earlier prompts' and answers' keys and values (decoders; 0 MB: none)
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and not self.seq2seq else None
+        self._to_keep: list[tuple] = []  # prefilled prompts' columns, kept once their first tokens are out
         # the compiled one-token step (`use_compiled_decode`): rows padded to a power of two, one graph per such batch
         self.compiled = bool(getattr(model, "compiled_decode", False)) and not self.seq2seq
         self.context = None if cfg.position == "relative" else cfg.max_seq_len
@@ -272,6 +273,7 @@ class Engine:
                 logits = self._admit(logits)
                 if self.rows and logits is not None:
                     logits = self._step(logits)
+                self._keep_prompts()
             except Exception as e:  # a bug or an out-of-memory must not leave clients waiting forever
                 log.exception("engine %s failed", self.name)
                 for req in [row.req for row in self.rows] + self._admitting:
@@ -509,10 +511,10 @@ class Engine:
             self.metrics.prompt_tokens.labels(self.name).inc(sum(len(r.prompt_ids) for r in reqs))
         for row in pre.joined:
             row.start = w - len(row.req.prompt_ids)
-        if self.prefix is not None:  # each prompt's columns, for a later prompt that starts the same
-            for i, r in enumerate(reqs):
+        if self.prefix is not None:  # each prompt's columns, for a later prompt that starts the same: kept once its
+            for i, r in enumerate(reqs):  # first token is out (the copy would delay it), `_keep_prompts`
                 first = P - len(r.prompt_ids)
-                self.prefix.add(r.prompt_ids, [k[i, :, first:P] for k in pre.cache.k], [v[i, :, first:P] for v in pre.cache.v])
+                self._to_keep.append((r.prompt_ids, [k[i, :, first:P] for k in pre.cache.k], [v[i, :, first:P] for v in pre.cache.v]))
         with self.lock:
             self.rows = self.rows + pre.joined
             self._joining, self._admitting = 0, []
@@ -646,6 +648,11 @@ class Engine:
             row.req.emit(("done", finish, usage))
             self._done_metrics(row)
         return finish, made
+
+    def _keep_prompts(self) -> None:
+        """The prompts prefilled since the last step, into the prefix cache (after their first tokens went out)."""
+        while self._to_keep:
+            self.prefix.add(*self._to_keep.pop(0))  # type: ignore[union-attr]
 
     def _keep_prefix(self, r: int, row: _Row) -> None:
         """A finished answer's columns (its prompt and the tokens fed after it: all but the last one sampled), for the
