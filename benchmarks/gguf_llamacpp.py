@@ -96,7 +96,7 @@ def tiny(family: str, folder: Path):
 
     from llmkit.tokenizer import train_tokenizer
 
-    from conftest import normalize, sentencepiece_tokenizer, shakespeare
+    from conftest import longrope_phi3, normalize, sentencepiece_tokenizer, shakespeare
 
     texts = [normalize(d.text) for d in shakespeare("the-comedy-of-errors") + shakespeare("macbeth")]
     if family in ("qwen2", "qwen3"):
@@ -128,23 +128,7 @@ def tiny(family: str, folder: Path):
             )
         )
     else:
-        g = torch.Generator().manual_seed(5)
-        rope = {
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
-            "short_factor": (1.0 + 3.0 * torch.rand(8, generator=g)).tolist(),
-            "long_factor": (1.0 + 8.0 * torch.rand(8, generator=g)).tolist(),
-            "original_max_position_embeddings": 256,
-        }
-        cfg = T.Phi3Config(
-            **shape,
-            num_hidden_layers=2,
-            max_position_embeddings=1024,
-            original_max_position_embeddings=256,
-            rope_parameters=rope,
-            pad_token_id=0,
-        )
+        cfg = T.Phi3Config(**shape, num_hidden_layers=2, max_position_embeddings=1024, pad_token_id=0, **longrope_phi3(256, 8))
         ref = T.Phi3ForCausalLM(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

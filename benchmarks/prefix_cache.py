@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from serve_load import free_port, start  # noqa: E402
+from serve_load import free_port, start, stop  # noqa: E402
 
 
 async def first_token(url: str, body: dict) -> tuple[float, int | None]:
@@ -102,11 +101,7 @@ def main() -> None:
                 print(f"  {name} round {r}: first {cold[-1]:.2f} s, second {warm[-1]:.2f} s (cached tokens {cached[-1]})", flush=True)
             results[name] = (statistics.median(cold), statistics.median(warm), cached[-1])
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     print(f"\nshared start: {len(ids)} tokens of Hamlet; time to first token, median of {args.rounds} rounds")
     print("| server | first request (s) | second request, shared start (s) | speed-up | cached tokens |")
     print("|---|---|---|---|---|")

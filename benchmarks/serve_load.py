@@ -64,6 +64,15 @@ def start(cmd: list[str], port: int, log: Path, env: dict | None = None) -> subp
     raise SystemExit(f"{cmd[:4]} did not start in 300 s: see {log}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a minute."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 async def one(session, url: str, body: dict) -> dict:
     """One streaming request: arrival of each content chunk, the finish reason, or the error."""
     sent = time.perf_counter()
@@ -222,11 +231,7 @@ def main() -> None:
                     flush=True,
                 )
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     if not args.skip_peer:
         print("\nllmkit / llama.cpp:")
         for c in levels:

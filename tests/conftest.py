@@ -165,6 +165,21 @@ def served_model(tok, kind: str = "tiny-llama", **overrides):
     return tiny_model(kind, tok.vocab_size, confident=True, tokenizer=tok, **shape)
 
 
+def longrope_phi3(original: int, factors: int = 4) -> dict:
+    """Phi3Config fields of Phi-4-mini's partial RoPE (half of each head) and Phi-3.5's LongRoPE grown from `original`
+    positions: random short and long per-frequency factors (`factors` = rotated dims / 2), seeded."""
+    g = torch.Generator().manual_seed(5)
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "short_factor": (1.0 + 3.0 * torch.rand(factors, generator=g)).tolist(),
+        "long_factor": (1.0 + 8.0 * torch.rand(factors, generator=g)).tolist(),
+        "original_max_position_embeddings": original,
+    }
+    return {"original_max_position_embeddings": original, "rope_parameters": rope}
+
+
 def sentencepiece_tokenizer(texts: list[str], family: str, vocab_size: int = 600):
     """A `transformers` tokenizer of `family`'s SentencePiece kind (BPE with byte fallback and the 256 byte tokens),
     trained with `tokenizers` on `texts` (no download): Gemma's (spaces as "▁", none put before the text), Phi-3's

@@ -57,19 +57,9 @@ def _reference(family: str, vocab: int = 211):
     elif family in ("phi3", "phi3-longrope"):
         extra = {}
         if family == "phi3-longrope":  # Phi-4-mini's partial RoPE and Phi-3.5's LongRoPE; context 128 grown from 32
-            g = torch.Generator().manual_seed(5)
-            short, long = (1.0 + 3.0 * torch.rand(4, generator=g), 1.0 + 8.0 * torch.rand(4, generator=g))
-            extra = dict(
-                original_max_position_embeddings=32,
-                rope_parameters={
-                    "rope_type": "longrope",
-                    "rope_theta": 10000.0,
-                    "partial_rotary_factor": 0.5,
-                    "short_factor": short.tolist(),
-                    "long_factor": long.tolist(),
-                    "original_max_position_embeddings": 32,
-                },
-            )
+            from conftest import longrope_phi3
+
+            extra = longrope_phi3(32)
         else:
             extra = dict(sliding_window=WINDOW)
         cfg = T.Phi3Config(**SHAPE, vocab_size=vocab, num_hidden_layers=2, tie_word_embeddings=False, pad_token_id=0, **extra)

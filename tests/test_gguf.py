@@ -276,18 +276,9 @@ def _family_model(family: str, vocab: int):
     else:
         extra: dict = {}  # no window: llama.cpp gives Phi-3 none (a windowed one exports with a note, tested below)
         if family == "phi3-longrope":  # Phi-4-mini's partial RoPE, Phi-3.5's LongRoPE (context 128 grown from 32)
-            g = torch.Generator().manual_seed(5)
-            extra = dict(
-                original_max_position_embeddings=32,
-                rope_parameters={
-                    "rope_type": "longrope",
-                    "rope_theta": 10000.0,
-                    "partial_rotary_factor": 0.5,
-                    "short_factor": (1.0 + 3.0 * torch.rand(4, generator=g)).tolist(),
-                    "long_factor": (1.0 + 8.0 * torch.rand(4, generator=g)).tolist(),
-                    "original_max_position_embeddings": 32,
-                },
-            )
+            from conftest import longrope_phi3
+
+            extra = longrope_phi3(32)
         cfg = T.Phi3Config(**shape, vocab_size=32064, num_hidden_layers=2, tie_word_embeddings=False, pad_token_id=0, **extra)
         model = T.Phi3ForCausalLM(cfg)
     torch.manual_seed(0)
