@@ -203,18 +203,11 @@ def prepared_cache(recipe: dict) -> Path | None:
     import tokenizers
 
     # the code that wrote them is part of the key: another shard format or tokenizers release prepares afresh
-    made_by = {"format": FORMAT_VERSION, "llmkit": _version(), "tokenizers": tokenizers.__version__}
+    import llmkit
+
+    made_by = {"format": FORMAT_VERSION, "llmkit": llmkit.__version__, "tokenizers": tokenizers.__version__}
     key = hashlib.sha256(json.dumps({**recipe, **made_by}, sort_keys=True).encode()).hexdigest()[:24]
     return Path(root) / "prepared" / key
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llmkit")
-    except PackageNotFoundError:  # a source tree on the path, not installed
-        return "source"
 
 
 def _copy_whole(src: Path, dst: Path) -> None:
