@@ -251,6 +251,31 @@ def test_a_chat_session_prefills_only_each_new_message_and_answers_the_same(toke
             second = chat_prompt_ids(tok, chat.conversation()[:-1])  # the third turn's prompt
             assert chat.prefix.reused_tokens > len(second) // 2
     assert answers[True] == answers[False]
+    # a caller that stops between two pieces keeps every column fed; an error inside a step keeps nothing
+    from llmkit.generate import stream
+    from llmkit.model.prefix import PrefixCache
+
+    ids = tok.encode("To be, or not to be, that is the question: whether 'tis nobler in the mind", add_special_tokens=False)
+    kept = PrefixCache(2**26)
+    pieces = stream(model, tok, ids, GenerationConfig(max_new_tokens=10, do_sample=False, stop_token_ids=[]), prefix=kept)
+    next(pieces), next(pieces), next(pieces)
+    pieces.close()
+    assert [len(k) for k in kept.entries] == [len(ids) + 2]  # the prompt and the two tokens fed after it
+    broken = PrefixCache(2**26)
+    calls = {"n": 0}
+
+    def fail_on_the_third_step(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a step broken off")
+
+    handle = model.blocks[-1].register_forward_pre_hook(fail_on_the_third_step)
+    try:
+        with pytest.raises(RuntimeError, match="broken off"):
+            "".join(stream(model, tok, ids, GenerationConfig(max_new_tokens=10, do_sample=False), prefix=broken))
+    finally:
+        handle.remove()
+    assert not broken.entries
 
 
 @pytest.mark.slow

@@ -739,6 +739,14 @@ def test_the_prefix_cache_reuses_earlier_prompts_and_answers_and_changes_no_toke
     assert second0["end"][2]["cached_tokens"] == 0
     for (prompt, cfg), got in zip(((system + questions[1], cfgs[1]), (turn, cfgs[0])), (shared[0], second)):
         assert got["ids"] == generate(model, tok, [prompt], cfg)[0].ids
+    # requests that arrive together: each whose start is cached joins alone and reuses it
+    engine = Engine(model, "prefix-burst", max_batch=4, max_queue=8, prefill_chunk=32)
+    try:
+        engine_results(engine, [(system + questions[0], cfgs[0])])
+        burst = engine_results(engine, [(system + q, cfgs[0]) for q in questions])
+    finally:
+        engine.close()
+    assert [b["end"][2]["cached_tokens"] for b in burst] == [len(system) + len(questions[0]) - 1, len(system), len(system)]
 
 
 def test_the_prefix_cache_is_bounded_and_keeps_the_longest_start():
@@ -757,6 +765,8 @@ def test_the_prefix_cache_is_bounded_and_keeps_the_longest_start():
     assert n == 50 and ks[0].shape == (2, 50, 4) and float(ks[0][0, 0, 0]) == 60.0
     cache.add(list(range(200, 250)), *kv(50))  # 110 tokens > 100: the least recently used goes
     assert list(cache.entries) == [tuple(range(200, 250))] and cache.bytes == 50 * per_token
+    cache.add(list(range(200, 250)) + list(range(500, 560)), *kv(110))  # over the bound alone: refused, nothing lost
+    assert list(cache.entries) == [tuple(range(200, 250))] and cache.longest(list(range(200, 260))) == 50
 
 
 def test_cached_tokens_in_the_usage_as_openai_reports_them(server, client):

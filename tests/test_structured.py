@@ -231,6 +231,7 @@ def test_tool_calls_are_read_from_hermes_blocks_and_bare_json_whole_or_streamed(
         ),
         ('{"answer": 42}', '{"answer": 42}', 0),
         ("A plain < answer with <tool_ and <tool_call in it", "A plain < answer with <tool_ and <tool_call in it", 0),
+        ('Checking. <tool_call>{"name": "add", "arguments": {"a": 2, "b": 2}}', "Checking.", 1),  # a last block left open
     ]
     for text, content, n in cases:
         got_content, calls = parse_tool_calls(text, names)
@@ -249,6 +250,13 @@ def test_tool_calls_are_read_from_hermes_blocks_and_bare_json_whole_or_streamed(
         streamed_calls += found
         assert [c["function"] for c in streamed_calls] == [c["function"] for c in calls], text
         assert "".join(pieces).strip() == (content or ""), text
+    text_with_brackets = ToolCallStream(names)  # an answer that starts with a bracket but is no call streams
+    assert text_with_brackets.push("[1] is the first") == ("[1] is the first", [])
+    from llmkit.chat import call_schema
+
+    open_params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    forced = call_schema([{"type": "function", "function": {"name": "f", "parameters": open_params}}])
+    assert forced["properties"]["arguments"]["additionalProperties"] is False  # as OpenAI's strict mode reads it
 
 
 QWEN_LIKE = (  # the shape of Qwen2.5's template: tools in the system turn, calls and results by the template itself

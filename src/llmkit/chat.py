@@ -164,10 +164,7 @@ def call_schema(tools: list[dict], name: str | None = None) -> dict:
     options = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
-            },
+            "properties": {"name": {"const": t["function"]["name"]}, "arguments": _closed(t["function"].get("parameters"))},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -175,6 +172,17 @@ def call_schema(tools: list[dict], name: str | None = None) -> dict:
         if name is None or t["function"]["name"] == name
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _closed(params: dict | None) -> dict:
+    """A function's parameters as a forced call's grammar takes them: an object whose listed properties are all it may
+    have unless the schema says otherwise (as OpenAI's strict mode reads them; a grammar that allowed any other key let
+    a small model write keys until max_tokens)."""
+    if not params:
+        return {"type": "object"}
+    if "properties" in params and "additionalProperties" not in params:
+        return {**params, "additionalProperties": False}
+    return params
 
 
 def _call(obj, names: set[str]) -> dict | None:
@@ -218,9 +226,11 @@ def parse_tool_calls(text: str, names) -> tuple[str | None, list[dict]]:
     if bare is not None:
         return None, bare
     calls, kept, pos = [], [], 0
-    for m in re.finditer(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), text, flags=re.S):
+    # each block, and a last one the model left open (it stopped before </tool_call>), as vLLM's hermes parser reads them
+    pattern = re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE) + "|" + re.escape(CALL_OPEN) + r"(.*)$"
+    for m in re.finditer(pattern, text, flags=re.S):
         try:
-            call = _call(json.loads(m.group(1).strip()), names)
+            call = _call(json.loads((m.group(1) if m.group(1) is not None else m.group(2)).strip()), names)
         except ValueError:
             call = None
         if call is None:
@@ -236,11 +246,11 @@ def parse_tool_calls(text: str, names) -> tuple[str | None, list[dict]]:
 class ToolCallStream:
     """`parse_tool_calls` for an answer that streams: `push(piece)` returns (content to send now, calls complete now);
     `end()` the rest. Text that may begin a <tool_call> block is held back until it is one or is not; an answer that
-    starts with "{" or "[" (a bare call, or a constrained one) is held back whole, and sent as content at the end if it
-    is no call."""
+    starts as a call's JSON ({"name" or [{"name": a bare call, or a constrained one) is held back whole, and sent as
+    content at the end if it is no call; one that starts with another bracket streams."""
 
     def __init__(self, names):
-        self.names, self.buffer, self.started, self.bare = set(names), "", False, False
+        self.names, self.buffer, self.started, self.bare, self.sure = set(names), "", False, False, False
 
     def push(self, piece: str) -> tuple[str, list[dict]]:
         self.buffer += piece
@@ -249,6 +259,12 @@ class ToolCallStream:
             if not head:
                 return "", []
             self.started, self.bare = True, head[0] in "{["
+        if self.bare and not self.sure:
+            compact = re.sub(r"\s", "", self.buffer)
+            if any(compact.startswith(t) for t in ('{"name"', '[{"name"')):
+                self.sure = True  # a call's JSON, or a list of them: held to the end
+            elif not any(t.startswith(compact) for t in ('{"name"', '[{"name"')):
+                self.bare = False  # text that starts with a bracket: it streams
         if self.bare:
             return "", []
         out: list[str] = []
@@ -281,6 +297,9 @@ class ToolCallStream:
         if self.bare:
             calls = _bare_calls(rest.strip(), self.names)
             return ("", calls) if calls is not None else (rest, [])
+        if rest.startswith(CALL_OPEN):  # a last block left open
+            content, calls = parse_tool_calls(rest, self.names)
+            return (content or "", calls) if calls else (rest, [])
         return rest, []
 
 

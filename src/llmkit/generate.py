@@ -547,6 +547,7 @@ def stream_batch(
         stats["prompt_tokens_per_s"] = stats["prompt_tokens"] / max(stats["prefill_s"], 1e-9)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     first_token = prefilled  # when the first new tokens were out (set at step 0)
+    whole = False  # the cache's columns are all written (no step broken off inside)
     try:
         for step in range(cfg.max_new_tokens):
             tok = sampler(logits)  # (B,)
@@ -577,8 +578,6 @@ def stream_batch(
             if all(done):
                 break
             mask[:, width + step] = 1
-            if history is not None:
-                history.append(int(tok[0]))
             if fast is not None:
                 logits = fast.step(tok, next_pos[:, 0], width + step, mask)
             else:
@@ -589,9 +588,15 @@ def stream_batch(
                     position_ids=None if plain else next_pos,
                     check_ids=False,
                 )[:, -1]
+            if history is not None:  # fed whole: its column holds every layer's keys and values
+                history.append(int(tok[0]))
             next_pos = next_pos + 1
-    finally:  # kept for the next call, even when the caller stops early (a chat's Ctrl-C)
-        if history is not None:
+        whole = True
+    except GeneratorExit:  # the caller stopped between two steps (a chat's Ctrl-C at a piece): every column is whole
+        whole = True
+        raise
+    finally:  # kept for the next call; never after an error inside a step (its last column may be half written)
+        if history is not None and whole:
             n = len(history)
             prefix.add(history, [k[0, :, :n] for k in cache.k], [v[0, :, :n] for v in cache.v])
 

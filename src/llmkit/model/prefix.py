@@ -35,6 +35,17 @@ class PrefixCache:
     def _size(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in (*ks, *vs))
 
+    def longest(self, ids: list[int]) -> int:
+        """How many of `ids`' first tokens an entry holds (0 below `min_tokens`), without touching the entries' order."""
+        best = 0
+        want = torch.tensor(ids, dtype=torch.long)
+        for key, have in self.arrays.items():
+            n = min(len(key), len(ids) - 1)
+            if n > best:
+                differ = torch.nonzero(have[:n] != want[:n])
+                best = max(best, int(differ[0, 0]) if len(differ) else n)
+        return best if best >= self.min_tokens else 0
+
     def lookup(self, ids: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
         """(n, keys, values) of the longest start of `ids` an entry holds (at most all but its last token: that one is
         prefilled, for its logits), each (n_kv_heads, n, head_dim) per layer; None below `min_tokens`."""
@@ -59,7 +70,7 @@ class PrefixCache:
     def add(self, ids: list[int], ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
         """Keep `ids`' keys and values (copied), unless an entry already starts with all of them; entries that are
         starts of `ids` give way (the new one holds them)."""
-        if len(ids) < self.min_tokens:
+        if len(ids) < self.min_tokens or self._size(ks, vs) > self.max_bytes:  # (views: nothing copied yet)
             return
         key = tuple(ids)
         for other in self.entries:
@@ -71,8 +82,6 @@ class PrefixCache:
             del self.arrays[other]
         ks, vs = [k.detach().clone() for k in ks], [v.detach().clone() for v in vs]
         size = self._size(ks, vs)
-        if size > self.max_bytes:
-            return
         self.entries[key] = (ks, vs)
         self.arrays[key] = torch.tensor(key, dtype=torch.long)
         self.bytes += size

@@ -309,7 +309,8 @@ class Engine:
 
     def _take(self, limit: int) -> list[Request]:
         """Waiting requests that join now: while a slot is free and the prefill budget (padded prompt tokens) lasts;
-        at least one, however long its prompt."""
+        at least one, however long its prompt. A request whose prompt starts as a prefix-cache entry joins alone (its
+        prefill starts where the entry ends; prompts prefilled together are padded to one start)."""
         taken: list[Request] = []
         now = time.monotonic()
         with self.lock:
@@ -324,7 +325,12 @@ class Engine:
                 width = max(len(r.prompt_ids) for r in [*taken, req])
                 if taken and width * (len(taken) + 1) > self.prefill_tokens:
                     break
+                hit = self.prefix is not None and self.prefix.longest(req.prompt_ids) > 0
+                if hit and taken:  # it joins alone, next
+                    break
                 taken.append(self.waiting.popleft())
+                if hit:
+                    break
             self._joining = len(taken)
             self._admitting = taken
             self._gauges()

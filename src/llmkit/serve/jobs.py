@@ -372,7 +372,8 @@ async def run_job(
     completion_tokens = sum(o["usage"]["completion_tokens"] for o in out)
     cached_tokens = sum(o["usage"].get("cached_tokens", 0) for o in out[:: body.n])  # each prompt once
     first: dict = choices[0]["message"] if chat else {}
-    extra = {"answer_id": state.keep_answer(answer=first.get("content") or "", **record)} if record else {}
+    kept = first.get("content") or (json.dumps(first["tool_calls"], ensure_ascii=False) if first.get("tool_calls") else "")
+    extra = {"answer_id": state.keep_answer(answer=kept, **record)} if record else {}
     return {
         **extra,
         "id": rid,
@@ -445,6 +446,7 @@ async def stream_job(
                     answer.append(piece)
                     yield chunk(i, delta={"content": piece}, text=piece, logprobs=logprobs)
                 for call in calls:
+                    answer.append(json.dumps(call, ensure_ascii=False))  # what a vote on this answer rates
                     yield chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]})
                     calls_sent[i] += 1
             elif event[0] == "done":
@@ -459,6 +461,7 @@ async def stream_job(
                         answer.append(rest)
                         yield chunk(i, delta={"content": rest}, text=rest)
                     for call in calls:
+                        answer.append(json.dumps(call, ensure_ascii=False))
                         yield chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]})
                         calls_sent[i] += 1
                     if calls_sent[i] and finish == "stop":
