@@ -108,7 +108,8 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
         engine.close()
     for (prompt, cfg), a, b in zip(jobs, alone, together):
         assert b["ids"] == a.ids and b["text"] == a.text, (len(prompt), cfg)
-        assert b["end"] == ("done", "length", {"prompt_tokens": len(prompt), "completion_tokens": cfg.max_new_tokens})
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": cfg.max_new_tokens, "cached_tokens": 0}  # no shared starts
+        assert b["end"] == ("done", "length", usage)
     assert engine.running == 0 and engine.queued == 0
 
 
