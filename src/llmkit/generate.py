@@ -515,14 +515,8 @@ def stream_batch(
     # the compiled decode step, when the model asks for it (`use_compiled_decode`) and where it pays
     fast = static_decoder(model, B, total, steps=cfg.max_new_tokens - 1, log=warn) if cfg.max_new_tokens > 1 else None
     cache = fast.cache() if fast is not None else model.new_cache(B, total)
-    reused = 0
-    hit = prefix.lookup(prompts[0]) if prefix is not None and B == 1 else None
-    if hit is not None:  # the start an earlier call computed: its keys and values, then the prefill from where it differs
-        reused, ks, vs = hit
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            cache.k[layer][0, :, :reused] = k
-            cache.v[layer][0, :, :reused] = v
-        cache.pos = reused
+    # the start an earlier call computed: its keys and values, then the prefill from where it differs
+    reused = prefix.restore(prompts[0], cache) if prefix is not None and B == 1 else 0
     history = list(prompts[0]) if prefix is not None and B == 1 else None  # the tokens fed, for the next call
     n_valid = min(tokenizer.id_limit, mcfg.vocab_size)
     constraints = [constraint_for(cfg, tokenizer, n_valid, stop_ids) for _ in prompts]

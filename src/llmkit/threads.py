@@ -50,6 +50,15 @@ def _busy_jiffies() -> int | None:
     return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
 
 
+def _running_now() -> int | None:
+    """Threads runnable on the machine this instant, this one included (Linux /proc/loadavg's fourth field)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def others_busy(seconds: float = 0.25) -> float | None:
     """How many cores other processes keep busy now: the machine's CPU time over `seconds` less this process's own
     (all its threads), or None where /proc/stat is not there."""
@@ -76,6 +85,9 @@ def busy_note(threads: int) -> str | None:
     if threads < 2 or "OMP_NUM_THREADS" in os.environ:
         return None
     cores = os.cpu_count() or 1
+    running = _running_now()
+    if running is not None and running - 1 < cores - threads + 0.6:
+        return None  # nothing else runnable this instant: no quarter second spent measuring (an idle machine's case)
     busy = others_busy()
     if busy is None or busy < cores - threads + 0.6:
         return None

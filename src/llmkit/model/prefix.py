@@ -35,30 +35,30 @@ class PrefixCache:
     def _size(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in (*ks, *vs))
 
-    def longest(self, ids: list[int]) -> int:
-        """How many of `ids`' first tokens an entry holds (0 below `min_tokens`), without touching the entries' order."""
-        best = 0
+    def _best(self, ids: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """(how many of `ids`' first tokens an entry holds, at most all but the last; that entry), compared in C: a
+        2,000-token prompt in microseconds."""
+        best, best_key = 0, None
         want = torch.tensor(ids, dtype=torch.long)
         for key, have in self.arrays.items():
             n = min(len(key), len(ids) - 1)
-            if n > best:
-                differ = torch.nonzero(have[:n] != want[:n])
-                best = max(best, int(differ[0, 0]) if len(differ) else n)
+            if n <= best:
+                continue
+            differ = torch.nonzero(have[:n] != want[:n])
+            same = int(differ[0, 0]) if len(differ) else n
+            if same > best:
+                best, best_key = same, key
+        return best, best_key
+
+    def longest(self, ids: list[int]) -> int:
+        """How many of `ids`' first tokens an entry holds (0 below `min_tokens`), without touching the entries' order."""
+        best, _ = self._best(ids)
         return best if best >= self.min_tokens else 0
 
     def lookup(self, ids: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
         """(n, keys, values) of the longest start of `ids` an entry holds (at most all but its last token: that one is
         prefilled, for its logits), each (n_kv_heads, n, head_dim) per layer; None below `min_tokens`."""
-        best, best_key = 0, None
-        want = torch.tensor(ids, dtype=torch.long)
-        for key in self.entries:
-            n = min(len(key), len(ids) - 1)
-            if n <= best:
-                continue
-            differ = torch.nonzero(self.arrays[key][:n] != want[:n])  # compared in C: a 2,000-token prompt in microseconds
-            same = int(differ[0, 0]) if len(differ) else n
-            if same > best:
-                best, best_key = same, key
+        best, best_key = self._best(ids)
         if best_key is None or best < self.min_tokens:
             return None
         self.entries.move_to_end(best_key)
@@ -66,6 +66,19 @@ class PrefixCache:
         self.hits += 1
         self.reused_tokens += best
         return best, [k[:, :best] for k in ks], [v[:, :best] for v in vs]
+
+    def restore(self, ids: list[int], cache) -> int:
+        """Write the longest cached start of `ids` into row 0 of `cache` (a KVCache) and move its position past it;
+        returns how many tokens it holds now (0: none cached), from where the prefill goes on."""
+        hit = self.lookup(ids)
+        if hit is None:
+            return 0
+        n, ks, vs = hit
+        for layer, (k, v) in enumerate(zip(ks, vs)):
+            cache.k[layer][0, :, :n] = k
+            cache.v[layer][0, :, :n] = v
+        cache.pos = n
+        return n
 
     def add(self, ids: list[int], ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
         """Keep `ids`' keys and values (copied), unless an entry already starts with all of them; entries that are

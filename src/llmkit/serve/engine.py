@@ -465,13 +465,8 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         pre = _Prefill(reqs, gens, joined, ids, mask, positions, self.model.new_cache(n, P), sampler)
-        hit = self.prefix.lookup(reqs[0].prompt_ids) if self.prefix is not None and n == 1 else None
-        if hit is not None:  # a lone prompt (no padding) whose start was computed before: prefilled from where it differs
-            done, ks, vs = hit
-            for layer, (k, v) in enumerate(zip(ks, vs)):
-                pre.cache.k[layer][0, :, :done] = k
-                pre.cache.v[layer][0, :, :done] = v
-            pre.cache.pos = pre.done = joined[0].cached = done
+        if self.prefix is not None and n == 1:  # a lone prompt (no padding): prefilled from where a cached start ends
+            pre.done = joined[0].cached = self.prefix.restore(reqs[0].prompt_ids, pre.cache)
         return pre
 
     def _prefill_chunk(self, pre: _Prefill) -> torch.Tensor | None:

@@ -423,6 +423,15 @@ async def stream_job(
             data["usage"] = None
         return sse({**data, **(extra or {})})
 
+    def call_chunks(i: int, calls: list[dict]) -> list[str]:
+        """Each call read from choice i's text as one `tool_calls` delta (its index among the choice's calls)."""
+        out = []
+        for call in calls:
+            answer.append(json.dumps(call, ensure_ascii=False))  # what a vote on this answer rates
+            out.append(chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]}))
+            calls_sent[i] += 1
+        return out
+
     try:
         for i in range(len(prompts)):
             if chat:
@@ -445,10 +454,8 @@ async def stream_job(
                     offsets[i] += len(piece)
                     answer.append(piece)
                     yield chunk(i, delta={"content": piece}, text=piece, logprobs=logprobs)
-                for call in calls:
-                    answer.append(json.dumps(call, ensure_ascii=False))  # what a vote on this answer rates
-                    yield chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]})
-                    calls_sent[i] += 1
+                for c in call_chunks(i, calls):
+                    yield c
             elif event[0] == "done":
                 completion_tokens += event[2]["completion_tokens"]
                 if i % body.n == 0:  # each prompt once, however many choices
@@ -460,10 +467,8 @@ async def stream_job(
                     if rest:
                         answer.append(rest)
                         yield chunk(i, delta={"content": rest}, text=rest)
-                    for call in calls:
-                        answer.append(json.dumps(call, ensure_ascii=False))
-                        yield chunk(i, delta={"tool_calls": [{"index": calls_sent[i], **call}]})
-                        calls_sent[i] += 1
+                    for c in call_chunks(i, calls):
+                        yield c
                     if calls_sent[i] and finish == "stop":
                         finish = "tool_calls"
                 extra = {"answer_id": state.keep_answer(answer="".join(answer), **record)} if record else None

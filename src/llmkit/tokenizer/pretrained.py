@@ -290,9 +290,9 @@ def gguf_tokenizer_fields(tokenizer: Tokenizer, n_vocab: int, architecture: str 
     Anything else, or a rebuilt tokenizer that encodes differently: refused, naming why."""
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") == "BPE" and model.get("byte_fallback") and "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        return _sentencepiece_fields(tokenizer, spec, n_vocab, architecture)
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback")) and not byte_level
+    if not sentencepiece and (model.get("type") != "BPE" or not byte_level):
         raise LlmkitError(
             f"a {tokenizer.kind} tokenizer ({model.get('type')} model) cannot be written to a GGUF that llama.cpp runs identically "
             "(llmkit writes byte-level BPE and SentencePiece BPE tokenizers)",
@@ -304,6 +304,8 @@ def gguf_tokenizer_fields(tokenizer: Tokenizer, n_vocab: int, architecture: str 
             f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} rows",
             "export the model's own tokenizer",
         )
+    if sentencepiece:
+        return _sentencepiece_fields(tokenizer, spec, vocab, n_vocab, architecture)
     added = tokenizer.backend.get_added_tokens_decoder()
     tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [UNUSED] * n_vocab
     for token, i in vocab.items():
@@ -356,18 +358,13 @@ def _common_fields(tokenizer: Tokenizer) -> dict:
     return fields
 
 
-def _sentencepiece_fields(tokenizer: Tokenizer, spec: dict, n_vocab: int, architecture: str) -> dict:
+def _sentencepiece_fields(tokenizer: Tokenizer, spec: dict, vocab: dict[str, int], n_vocab: int, architecture: str) -> dict:
     """llama.cpp's 'llama' tokenizer for a SentencePiece BPE with byte fallback: the tokens in id order (Gemma's runs
     of "▁" stay "▁": llama.cpp turns the text's spaces into "▁" before it merges), each token's score its merge's rank
     (llama.cpp merges the adjacent pair whose joined token scores highest: best merge first), token types (control,
     user-defined, byte, unknown, unused), and whether a space goes before the text. Checked as the byte-level
     tokenizers are: read back as llmkit reads a GGUF of `architecture` (the family's handling of spaces), it must
     encode `PROBE_TEXTS` exactly as `tokenizer` does."""
-    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    if max(vocab.values()) >= n_vocab:
-        raise LlmkitError(
-            f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} rows", "export the model's own tokenizer"
-        )
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in spec["model"].get("merges", [])]
     rank: dict[str, int] = {}
     for r, (a, b) in enumerate(merges):
