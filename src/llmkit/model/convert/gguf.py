@@ -40,6 +40,7 @@ from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.model import build_model
 from llmkit.model.config import ModelConfig
+from llmkit.model.convert.hf import row_sizes
 from llmkit.model.convert.tensors import check_state_names, copy_tensors
 from llmkit.model.layers import rope_frequencies
 from llmkit.tokenizer.pretrained import gguf_tokenizer_fields, tokenizer_from_gguf_fields
@@ -282,39 +283,9 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
         extra={"source": "gguf", "name": fields.get("general.name"), "gguf_architecture": name},
     )
     cfg = cfg.replace(**_family_settings(arch, g, head, names, extra))
-    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads} if arch.interleaved else {}
-    rows = _row_sizes(cfg)
-    ours: dict[str, list] = {}  # GGUF name -> [(our name, first row, rows, heads of interleaved q/k rows), ...]
-    for t in reader.tensors:
-        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
-            continue
-        if t.name == "output.weight" and cfg.tie_embeddings:  # Gemma 2: llama.cpp multiplies by the embeddings anyway
-            continue
-        shape = tuple(reversed([int(x) for x in t.shape]))
-        m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
-        if arch.fused and m and m.group(2) in FUSED:
-            first, parts = 0, []
-            for part in FUSED[m.group(2)]:
-                n = rows[part.split(".")[1].removesuffix("_proj")]
-                parts.append((f"blocks.{m.group(1)}.{part}.weight", first, n, None))
-                first += n
-            if first != shape[0]:
-                raise LlmkitError(
-                    f"{path}: {t.name} has {shape[0]} rows, not the {first} its parts need", "use a GGUF written by llama.cpp's converter"
-                )
-            ours[t.name] = [(n_, f, r, h) for n_, f, r, h in parts]
-            continue
-        hit = _our_name(t.name)
-        if hit is None:
-            raise LlmkitError(f"{path} holds a tensor llmkit does not know: {t.name}", f"use a plain {name}-architecture GGUF")
-        ours[t.name] = [(hit[0], 0, shape[0], heads.get(hit[1]))]
+    ours = _tensor_plan(reader, arch, cfg, str(path))
     model = build_model(cfg, empty=True, dtype=dtype)
-    shapes = {}
-    for t in reader.tensors:
-        for our, _, n, _ in ours.get(t.name, []):
-            full = tuple(reversed([int(x) for x in t.shape]))
-            shapes[our] = (n, *full[1:]) if len(full) > 1 else full
-    check_state_names(model, shapes, source=str(path))
+    check_state_names(model, {our: shape for parts in ours.values() for our, _, _, _, shape in parts}, source=str(path))
 
     def stream():  # dequantized one tensor at a time, straight into the model
         for t in reader.tensors:
@@ -332,22 +303,54 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[torch.nn.Module, obj
             )
             if arch.gemma and t.name.endswith("norm.weight"):
                 w = w - 1  # llama.cpp's converter stores Gemma's norms as 1 + weight
-            for our, first, n, n_heads in ours[t.name]:
+            for our, first, n, n_heads, _ in ours[t.name]:
                 part = w[first : first + n] if len(ours[t.name]) > 1 else w
                 yield our, _unpermute_qk(part, n_heads) if n_heads else part
 
     copy_tensors(model, stream())
     # what the file's matrices are stored as (not saved with the config: a fine-tuned copy's weights are off that grid)
     model.gguf_weights = _gguf_block_type(reader)
-    blocks = {t.name: ours[t.name] for t in reader.tensors if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2}
+    blocks = {
+        t.name: [part[:4] for part in ours[t.name]]
+        for t in reader.tensors
+        if t.name in ours and t.tensor_type.name in BLOCK_KINDS and len(t.shape) == 2
+    }
     model.gguf_blocks = GGUFBlocks(path, blocks) if blocks else None  # None: no matrix in blocks llmkit decodes exactly
     return model, tokenizer_from_gguf_fields(fields, str(path))
 
 
-def _row_sizes(cfg: ModelConfig) -> dict[str, int]:
-    """The rows of each part of a matrix stacked by rows (Phi-3's attn_qkv and ffn_up)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"q": q, "k": kv, "v": kv, "gate": cfg.d_ff, "up": cfg.d_ff}
+def _tensor_plan(reader, arch: GGUFArchitecture, cfg: ModelConfig, path: str) -> dict[str, list[tuple]]:
+    """Where each of the file's tensors goes: GGUF name -> [(our name, first row, rows, heads whose q/k rows llama.cpp
+    interleaved or None, our tensor's shape)], several parts for a matrix stacked by rows (Phi-3's attn_qkv, ffn_up).
+    The settings' tensors (RoPE factors) and a tied model's output are left out."""
+    heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads} if arch.interleaved else {}
+    rows = row_sizes(cfg)
+    plan: dict[str, list[tuple]] = {}
+    for t in reader.tensors:
+        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+            continue
+        if t.name == "output.weight" and cfg.tie_embeddings:  # Gemma 2: llama.cpp multiplies by the embeddings anyway
+            continue
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
+        if arch.fused and m and m.group(2) in FUSED:
+            first, parts = 0, []
+            for part in FUSED[m.group(2)]:
+                n = rows[part.split(".")[1].removesuffix("_proj")]
+                parts.append((f"blocks.{m.group(1)}.{part}.weight", first, n, None, (n, *shape[1:])))
+                first += n
+            if first != shape[0]:
+                raise LlmkitError(
+                    f"{path}: {t.name} has {shape[0]} rows, not the {first} its parts need", "use a GGUF written by llama.cpp's converter"
+                )
+            plan[t.name] = parts
+            continue
+        hit = _our_name(t.name)
+        if hit is None:
+            name = cfg.extra.get("gguf_architecture")
+            raise LlmkitError(f"{path} holds a tensor llmkit does not know: {t.name}", f"use a plain {name}-architecture GGUF")
+        plan[t.name] = [(hit[0], 0, shape[0], heads.get(hit[1]), shape)]
+    return plan
 
 
 BLOCK_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the blocks llmkit decodes exactly from the file (`quantize.BlockLinear`)

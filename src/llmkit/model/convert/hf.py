@@ -441,7 +441,7 @@ PHI3 = Architecture(
 )
 
 
-def _row_sizes(cfg: ModelConfig) -> dict[str, int]:
+def row_sizes(cfg: ModelConfig) -> dict[str, int]:
     """The rows of each part of a tensor stacked by rows (Phi-3's qkv_proj and gate_up_proj)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return {"q": q, "k": kv, "v": kv, "gate": cfg.d_ff, "up": cfg.d_ff}
@@ -788,7 +788,7 @@ def to_ours(model_type: str, hf_state: dict[str, torch.Tensor], cfg: ModelConfig
                 ours[_fill(rule.ours, {**parts, "qkv": letter})] = part.t().contiguous() if part.dim() == 2 else part.contiguous()
         elif rule.how == "rows":  # Phi-3's qkv_proj / gate_up_proj: the parts stacked by rows, in the template's order
             names = _row_parts(rule)
-            for n, piece in zip(names, tensor.split([_row_sizes(cfg)[n] for n in names], dim=0)):
+            for n, piece in zip(names, tensor.split([row_sizes(cfg)[n] for n in names], dim=0)):
                 ours[_fill(rule.ours, {**parts, "part": n})] = piece.contiguous()
         else:
             ours[_fill(rule.ours, parts)] = tensor.t().contiguous() if rule.how == "t" else tensor
@@ -829,7 +829,7 @@ def fused_rows(model_type: str, cfg: ModelConfig, name: str) -> tuple[str, list[
         m = ours.match(name)
         if m and rule.how == "rows":
             parts = m.groupdict()
-            sizes = _row_sizes(cfg)
+            sizes = row_sizes(cfg)
             return _fill(rule.theirs, parts), [(_fill(rule.ours, {**parts, "part": n}), sizes[n]) for n in _row_parts(rule)]
     return None
 
