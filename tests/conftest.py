@@ -145,7 +145,7 @@ def small_finetune(base, out, **overrides):
         n_val=4,
         batch_size=8,
         max_new_tokens=4,
-        forgetting_tasks="",
+        forgetting_tasks="none",  # as a user writes "no task" on the command line
         general_text="shakespeare:macbeth",
         general_tokens=64,
         precision="fp32",

@@ -217,6 +217,11 @@ def test_model_info_prints_every_preset_and_gpt2_has_124m():
     assert "124,439,808" in table
     proc = run_cli("model", "info", "gpt5", check=False)
     assert proc.returncode == 1 and "no model at 'gpt5'" in proc.stderr
+    assert json.loads(run_cli("model", "info", "--model", "gpt2", "--json").stdout) == row  # as the other commands name it
+    both = run_cli("model", "info", "gpt2", "--model", "llama", check=False)
+    assert both.returncode == 1 and "two models named" in both.stderr
+    bad = run_cli("serve", "--prefix-cache-mb", "-1", check=False)  # refused before anything loads
+    assert bad.returncode == 1 and "--prefix-cache-mb -1.0 is negative" in bad.stderr
 
 
 def test_tables_fit_an_80_column_terminal():
