@@ -9,6 +9,18 @@ token and inter-token latency (p50 / p95 / p99), errors and lost requests. It st
     python benchmarks/serve_load.py                                  # levels 1, 4, 16, 64
     python benchmarks/serve_load.py --levels 16 --max-tokens 64 --quantize int8
     python benchmarks/serve_load.py --skip-peer                      # llmkit only
+    python benchmarks/serve_load.py --workloads plain,shared,mixed   # the three workloads below, in one run
+
+Workloads (`--workloads`, default plain):
+- plain: every prompt its own, 58 tokens.
+- shared: a shared start of --shared-tokens tokens of Hamlet (a system prompt, a few-shot prefix, a document asked
+  about) then a question of each request's own: what a prefix cache is for.
+- mixed: one request in four has a long prompt of its own (--long-tokens tokens of Hamlet after its number), the rest
+  are plain: the short requests' time to first token and every stream's worst gap between tokens show whether a long
+  prefill stalls the others (chunked prefill).
+Each server's time from its start to its first 200 on /v1/models is reported too, and llmkit's time until its compiled
+decode steps are all in use (`llmkit_compiled_decode_steps` in /metrics; it serves eagerly until then): the load
+starts after that. `--cold` gives llmkit an empty compile cache (a new user's first `llmkit serve`).
 
 The peer and the load generator come with `pip install -e '.[bench]'` (llama-cpp-python[server], aiohttp).
 
@@ -29,6 +41,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +86,21 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def compiled_ready(port: int, limit: float = 3600) -> float:
+    """Seconds until llmkit's /metrics says no compiled decode step is still building."""
+    import urllib.request
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        building = [line for line in text.splitlines() if line.startswith("llmkit_compiled_decode_steps{") and 'state="building"' in line]
+        if building and all(float(line.split()[-1]) == 0 for line in building):
+            return time.perf_counter() - t0
+        time.sleep(1)
+    raise SystemExit(f"the compiled steps were not built in {limit:.0f} s")
+
+
 async def one(session, url: str, body: dict) -> dict:
     """One streaming request: arrival of each content chunk, the finish reason, or the error."""
     sent = time.perf_counter()
@@ -97,25 +125,42 @@ async def one(session, url: str, body: dict) -> dict:
     return {"sent": sent, "stamps": stamps, "finish": finish}
 
 
-async def level(url: str, model: str, concurrency: int, count: int, max_tokens: int, eos: list[int]) -> dict:
+def prompts(workload: str, shared: str, long: str):
+    """The workload's i-th prompt and its kind ("short" or "long")."""
+
+    def prompt(i: int) -> tuple[str, str]:
+        if workload == "shared":
+            return f"{shared}\n\nRequest {i:05d}. Who speaks in this scene, and to whom?", "short"
+        if workload == "mixed" and i % 4 == 0:  # the number first: no two long prompts share more than "Request "
+            return f"Request {i:05d}. {long}", "long"
+        # a prompt of its own (same length): no server answers from a cache of the previous request's prompt
+        return f"Request {i:05d}. {PROMPT}", "short"
+
+    return prompt
+
+
+async def level(url: str, model: str, concurrency: int, count: int, max_tokens: int, eos: list[int], prompt=None, first: int = 0) -> dict:
+    """`count` requests from `concurrency` clients; the prompts' numbers start at `first` (each level its own numbers:
+    a server that keeps earlier prompts must not answer a later level from them)."""
     import aiohttp
 
-    queue = list(range(count))
+    prompt = prompt or prompts("plain", "", "")
+    queue = list(range(first, first + count))
     results = []
 
     async def worker(session):
         while queue:
             i = queue.pop()
-            # a prompt of its own (same length): no server answers from a cache of the previous request's prompt
+            text, kind = prompt(i)
             body = {
                 "model": model,
-                "prompt": f"Request {i:05d}. {PROMPT}",
+                "prompt": text,
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "stream": True,
                 "logit_bias": {str(t): -100 for t in eos},
             }
-            results.append(await one(session, url, body))
+            results.append({**await one(session, url, body), "kind": kind})
 
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
@@ -128,6 +173,8 @@ async def level(url: str, model: str, concurrency: int, count: int, max_tokens: 
         print(f"warning: {len(short)} streams did not send {max_tokens} token chunks (e.g. {short[0]})")
     errors = [r["error"] for r in results if "error" in r]
     ttft = [r["stamps"][0] - r["sent"] for r in ok]
+    ttft_short = [r["stamps"][0] - r["sent"] for r in ok if r["kind"] == "short"]
+    ttft_long = [r["stamps"][0] - r["sent"] for r in ok if r["kind"] == "long"]
     itl = [b - a for r in ok for a, b in zip(r["stamps"], r["stamps"][1:])]
     pieces = sum(len(r["stamps"]) for r in ok)
     return {
@@ -143,6 +190,9 @@ async def level(url: str, model: str, concurrency: int, count: int, max_tokens: 
         "chunks_per_request": pieces / max(len(ok), 1),
         **{f"ttft_{k}": v for k, v in percentiles(ttft).items()},
         **{f"itl_{k}": v for k, v in percentiles(itl).items()},
+        "itl_max": max(itl, default=None),
+        **({f"ttft_short_{k}": v for k, v in percentiles(ttft_short).items()} if ttft_long else {}),
+        **({f"ttft_long_{k}": v for k, v in percentiles(ttft_long).items()} if ttft_long else {}),
     }
 
 
@@ -162,13 +212,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantize", default=None, choices=["int8"], help="llmkit's weight-only int8 (default: float32 from the GGUF)")
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--workloads", default="plain", help="comma-separated: plain, shared, mixed")
+    p.add_argument("--shared-tokens", type=int, default=1000)
+    p.add_argument("--long-tokens", type=int, default=1500)
+    p.add_argument("--cold", action="store_true", help="llmkit starts with an empty compile cache (TORCHINDUCTOR_CACHE_DIR)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    from llmkit.data.sources import shakespeare
     from llmkit.embedded import embedded_path
+    from llmkit.tokenizer import Tokenizer
 
     gguf = embedded_path("smollm2")
     levels = [int(x) for x in args.levels.split(",")]
+    workloads = args.workloads.split(",")
+    if bad := [w for w in workloads if w not in ("plain", "shared", "mixed")]:
+        raise SystemExit(f"unknown workload {bad[0]!r}: plain, shared or mixed")
+    tok = Tokenizer.load("smollm2")
+    hamlet = tok.encode(shakespeare("hamlet")[0].text, add_special_tokens=False)
+    shared_text = tok.decode(hamlet[: args.shared_tokens])
+    long_text = tok.decode(hamlet[5000 : 5000 + args.long_tokens])  # not the shared start: the long prompts share nothing
     logs = ROOT / "benchmarks" / ".logs"
     logs.mkdir(exist_ok=True)
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -208,41 +271,75 @@ def main() -> None:
                 "False",
                 "--interrupt_requests",
                 "False",
+                "--n_ctx",
+                "4096",
             ],
             port,
             "smollm2",
         )
     eos = [0, 2]  # <|endoftext|>, <|im_end|>: banned, so every request runs to max_tokens
-    table = {}
+    table, ready = {}, {}
     for name, (cmd, port, model) in servers.items():
         print(f"starting {name} ...", flush=True)
-        proc = start(cmd, port, logs / f"{name}.log", env)
+        t0 = time.perf_counter()
+        cold = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="llmkit-cold-")} if args.cold and name == "llmkit" else {}
+        proc = start(cmd, port, logs / f"{name}.log", {**env, **cold})
+        ready[name] = time.perf_counter() - t0
+        print(f"{name} answered /v1/models {ready[name]:.1f} s after its start", flush=True)
         try:
+            if name == "llmkit":
+                ready["llmkit compiled"] = ready[name] + compiled_ready(port)
+                print(f"llmkit's compiled decode steps all in use {ready['llmkit compiled']:.1f} s after its start", flush=True)
             url = f"http://127.0.0.1:{port}/v1/completions"
-            asyncio.run(level(url, model, 1, 2, 8, eos))  # warm-up
-            for c in levels:
-                count = args.requests or max(8, 2 * c)
-                r = asyncio.run(level(url, model, c, count, args.max_tokens, eos))
-                table[(name, c)] = r
-                print(
-                    f"{name:10s} c={c:3d} n={count:4d}  {r['output_tokens_per_s']:7.1f} tok/s  {r['requests_per_s']:6.2f} req/s  "
-                    f"TTFT p50/p95/p99 {fmt(r, 'ttft')}  ITL p50/p95/p99 {fmt(r, 'itl')}  errors {r['errors']} lost {r['lost']}"
-                    + (f"  ({r['first_error']})" if r["first_error"] else ""),
-                    flush=True,
-                )
+            asyncio.run(level(url, model, 1, 2, 8, eos, first=90000))  # warm-up
+            for w in workloads:
+                for c in levels:
+                    count = args.requests or max(8, 2 * c)
+                    first = 1000 * (1 + levels.index(c)) + 10000 * workloads.index(w)
+                    r = asyncio.run(level(url, model, c, count, args.max_tokens, eos, prompts(w, shared_text, long_text), first))
+                    table[(name, w, c)] = r
+                    print(
+                        f"{name:10s} {w:6s} c={c:3d} n={count:4d}  {r['output_tokens_per_s']:7.1f} tok/s  "
+                        f"{r['requests_per_s']:6.2f} req/s  "
+                        f"TTFT p50/p95/p99 {fmt(r, 'ttft')}"
+                        + (f" (short {fmt(r, 'ttft_short')}, long {fmt(r, 'ttft_long')})" if "ttft_long_p50" in r else "")
+                        + f"  ITL p50/p95/p99 {fmt(r, 'itl')} max {r['itl_max'] or 0:.3f}  errors {r['errors']} lost {r['lost']}"
+                        + (f"  ({r['first_error']})" if r["first_error"] else ""),
+                        flush=True,
+                    )
         finally:
             stop(proc)
     if not args.skip_peer:
-        print("\nllmkit / llama.cpp:")
-        for c in levels:
-            a, b = table[("llmkit", c)], table[("llama.cpp", c)]
-            print(
-                f"  c={c:3d}  output tokens/s {a['output_tokens_per_s']:.1f} / {b['output_tokens_per_s']:.1f} = "
-                f"{a['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x   TTFT p95 {a['ttft_p95']:.3f} / {b['ttft_p95']:.3f} s = "
-                f"{a['ttft_p95'] / b['ttft_p95']:.2f}x"
-            )
+        print(
+            f"\nready (first 200 on /v1/models): llmkit {ready['llmkit']:.1f} s (compiled steps in use {ready['llmkit compiled']:.1f} s"
+            f"{', cold cache' if args.cold else ''}), llama.cpp {ready['llama.cpp']:.1f} s"
+        )
+        print(
+            "\n| workload | concurrency | llmkit tokens/s | llama.cpp tokens/s | ratio | llmkit TTFT p50 / p95 "
+            "| llama.cpp TTFT p50 / p95 | llmkit ITL p50 / p95 / max | llama.cpp ITL p50 / p95 / max | lost (both) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for w in workloads:
+            for c in levels:
+                a, b = table[("llmkit", w, c)], table[("llama.cpp", w, c)]
+                short = "_short" if "ttft_short_p50" in a else ""
+                print(
+                    f"| {w} | {c} | {a['output_tokens_per_s']:.1f} | {b['output_tokens_per_s']:.1f} | "
+                    f"{a['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x | "
+                    f"{a[f'ttft{short}_p50']:.2f} / {a[f'ttft{short}_p95']:.2f} s | "
+                    f"{b[f'ttft{short}_p50']:.2f} / {b[f'ttft{short}_p95']:.2f} s | "
+                    f"{a['itl_p50'] * 1e3:.0f} / {a['itl_p95'] * 1e3:.0f} / {a['itl_max'] * 1e3:.0f} ms | "
+                    f"{b['itl_p50'] * 1e3:.0f} / {b['itl_p95'] * 1e3:.0f} / {b['itl_max'] * 1e3:.0f} ms | {a['lost'] + b['lost']} |"
+                )
+        if "mixed" in workloads:
+            print("(mixed: the TTFT columns are the short requests'; the long ones':)")
+            for c in levels:
+                a, b = table[("llmkit", "mixed", c)], table[("llama.cpp", "mixed", c)]
+                print(f"  c={c}: long TTFT p50 / p95 llmkit {fmt(a, 'ttft_long')} s, llama.cpp {fmt(b, 'ttft_long')} s")
     if args.json:
-        Path(args.json).write_text(json.dumps([{"server": k[0], **v} for k, v in table.items()], indent=2))
+        Path(args.json).write_text(
+            json.dumps({"ready_s": ready, "levels": [{"server": k[0], "workload": k[1], **v} for k, v in table.items()]}, indent=2)
+        )
 
 
 def fmt(r: dict, key: str) -> str:

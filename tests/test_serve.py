@@ -113,6 +113,27 @@ def test_continuous_batching_equals_each_request_alone(tokenizers_by_kind, kind,
     assert engine.running == 0 and engine.queued == 0
 
 
+def test_metrics_say_which_compiled_steps_are_in_use_and_which_still_build(tokenizers_by_kind):
+    """/metrics' llmkit_compiled_decode_steps: the steps the engine decodes with, and those a background process still
+    builds (the engine serves eagerly meanwhile); a step that failed to compile is neither."""
+    from llmkit.model.compiled import CompileJob
+    from llmkit.serve.metrics import Metrics
+
+    metrics = Metrics()
+    engine = Engine(served_model(tokenizers_by_kind["byte-bpe"]), "c", max_batch=4, metrics=metrics)
+    try:
+        ready, building, failed = CompileJob(1), CompileJob(2), CompileJob(4)
+        ready.ready.set(), ready.done.set(), failed.done.set()
+        engine.jobs.update({1: ready, 2: building, 4: failed})
+        engine._gauges()
+        text = metrics.text().decode()
+        assert 'llmkit_compiled_decode_steps{model="c",state="in_use"} 1.0' in text
+        assert 'llmkit_compiled_decode_steps{model="c",state="building"} 1.0' in text
+    finally:
+        engine.jobs.clear()
+        engine.close()
+
+
 def test_stop_strings_and_tokens_end_each_row_as_alone(tokenizers_by_kind):
     tok = tokenizers_by_kind["byte-bpe"]
     model = served_model(tok)

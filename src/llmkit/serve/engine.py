@@ -217,6 +217,9 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_length.labels(self.name).set(len(self.waiting))
             self.metrics.running.labels(self.name).set(len(self.rows))
+            jobs = self.jobs.values()
+            self.metrics.compiled_steps.labels(self.name, "in_use").set(sum(job.ready.is_set() for job in jobs))
+            self.metrics.compiled_steps.labels(self.name, "building").set(sum(not job.done.is_set() for job in jobs))
 
     def _start_compiles(self) -> None:
         """The compiled decode step for every padded batch size (1, 2, 4, ... max_batch). By default a background process
@@ -245,6 +248,7 @@ class Engine:
                 since = self._built_since.setdefault(n, time.monotonic())
                 if idle or time.monotonic() - since > 30:
                     job.load()
+                    self._gauges()
                 return
 
     def _run(self) -> None:
@@ -256,6 +260,7 @@ class Engine:
             log.error("%s: the compiled decode step failed (%s); decoding eagerly", self.name, e)
             self.compiled = False
         finally:
+            self._gauges()
             self.warm.set()
         logits = None
         while True:

@@ -21,6 +21,12 @@ class Metrics:
         self.running = Gauge("llmkit_running_batch_size", "sequences decoded together now", ["model"], registry=r)
         self.tokens = Counter("llmkit_generated_tokens", "tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("llmkit_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
+        self.compiled_steps = Gauge(
+            "llmkit_compiled_decode_steps",
+            "compiled decode steps (one per padded batch size): in use, or still building while the engine decodes eagerly",
+            ["model", "state"],
+            registry=r,
+        )
         self.tokens_per_second = Gauge("llmkit_tokens_per_second", "tokens generated per second over the last 10 s", ["model"], registry=r)
         self.ttft = Histogram(
             "llmkit_time_to_first_token_seconds",
