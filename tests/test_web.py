@@ -197,6 +197,71 @@ def test_arena_vote_reveals_the_names_and_moves_the_leaderboard(page, web):
     assert status == 404 and "not issued by this server" in body["error"]["message"]
 
 
+def test_one_click_dpo_trains_on_the_votes_and_serves_the_result_beside_its_base(page, web):
+    """The arena's "Train on the votes (DPO)": the decided battles become pairs, a DPO LoRA of the tiny model trains on
+    them in a process of its own, and the trained model is then served (listed, and drawn into battles) while the page
+    says how the run went. Too few decided battles is a 400 that says how many are needed."""
+    page.click("#tabs button[data-tab=arena]")
+    page.wait_for_function("document.getElementById('train-status').textContent.length > 0")
+    store = VoteStore(web.db)  # the votes people cast (the tiny model's random answers are blank, so written here)
+    for i in range(6):
+        good, bad = f"{i} is a number between {i - 1} and {i + 1}.", f"no idea about {i}"
+        ids = store.add_battle(prompt=f"Tell {i}.", system=None, settings={}, model_a="x", model_b="y", answer_a=good, answer_b=bad)
+        store.vote(ids[0], "a")
+    store.close()
+    page.select_option("#train-model", "tiny")
+    page.fill("#train-steps", "6")
+    page.click("#train-start")
+    page.wait_for_function("document.getElementById('train-status').textContent.includes('Training tiny-dpo1')", timeout=60_000)
+    page.screenshot(path=str(SHOTS / "3b-arena-training.png"))
+    status, body, _ = request("POST", web.base + "/arena/train", {"model": "tiny"})
+    assert status == 409 and "already" in body["error"]["message"]  # one run at a time
+    page.wait_for_function(
+        "['is served', 'failed'].some((w) => document.getElementById('train-status').textContent.includes(w))", timeout=300_000
+    )
+    text = page.inner_text("#train-status")
+    assert "tiny-dpo1 is served" in text and "6 steps" in text and "reward accuracy" in text, text
+    page.wait_for_function("[...document.querySelectorAll('#train-model option')].some((o) => o.value === 'tiny-dpo1')")
+    page.screenshot(path=str(SHOTS / "3c-arena-trained.png"))
+    job = request("GET", web.base + "/arena/train")[1]
+    assert job["status"] == "ready" and job["pairs"] >= 4 and job["step"] == 6 and "rewards/accuracies" in job["after"]
+    assert (Path(job["run"]) / "adapter_model.safetensors").exists() and (Path(job["run"]) / "pairs.jsonl").exists()
+    models = [m["id"] for m in request("GET", web.base + "/v1/models")[1]["data"]]
+    assert "tiny-dpo1" in models
+    chat = {"model": "tiny-dpo1", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    assert request("POST", web.base + "/v1/chat/completions", chat)[0] == 200
+    seen = set()
+    for i in range(12):  # three generating models now: battles draw the new one too
+        status, battle, _ = request("POST", web.base + "/arena/battles", {"prompt": f"Hi {i}", "max_tokens": 2})
+        seen |= set(request("POST", web.base + "/arena/votes", {"battle_id": battle["battle_id"], "winner": "tie"})[1].values())
+        if "tiny-dpo1" in seen:
+            break
+    assert "tiny-dpo1" in seen
+
+
+def test_training_on_too_few_votes_says_how_many_it_needs(tmp_path, tokenizers_by_kind):
+    tok = tokenizers_by_kind["byte-bpe"]
+    save_model(served_model(tok), tmp_path / "tiny", tokenizer=tok)
+    app = create_app([("a", str(tmp_path / "tiny")), ("b", str(tmp_path / "tiny"))], [], Settings(db=str(tmp_path / "v.db")))
+    live = LiveServer(app)
+    try:
+        live.wait_ready()
+        assert request("GET", live.base + "/arena/train", key=None)[1]["status"] == "idle"
+        status, body, _ = request("POST", live.base + "/arena/train", {"model": "a"}, key=None)
+        assert status == 400 and body["error"]["code"] == "too_few_pairs" and "at least 4" in body["error"]["message"]
+        store = VoteStore(tmp_path / "v.db")
+        for i in range(5):  # decided, but one side blank: no pair the run could use (the recipe's reading, counted)
+            ids = store.add_battle(prompt=f"q{i}", system=None, settings={}, model_a="a", model_b="b", answer_a="yes", answer_b="  ")
+            store.vote(ids[0], "a")
+        store.close()
+        status, body, _ = request("POST", live.base + "/arena/train", {"model": "a"}, key=None)
+        assert status == 400 and "0 usable pairs" in body["error"]["message"] and "5 empty side" in body["error"]["message"]
+        status, body, _ = request("POST", live.base + "/arena/train", {"model": "nope"}, key=None)
+        assert status == 400 and "not a generating model" in body["error"]["message"]
+    finally:
+        live.stop()
+
+
 def test_rate_an_answer(page, web):
     page.click("#tabs button[data-tab=rate]")
     page.select_option("#rate-model", "smollm2")

@@ -171,6 +171,7 @@ class Arena:
         self.votes, self.battles = Limiter(), Limiter(BATTLES_PER_MINUTE, what="battles")
         self.board: dict = {}
         self.board_lock = asyncio.Lock()
+        self.training = None  # the DPO run from the votes (llmkit.serve.training), the last one started
 
 
 class State:
@@ -250,6 +251,8 @@ class State:
 
     def close(self) -> None:
         self.closing = True
+        if self.arena.training is not None:
+            self.arena.training.cancel()
         for served in self.models.values():
             served.close()
         if self.votes is not None:

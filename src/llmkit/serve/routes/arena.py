@@ -6,6 +6,8 @@
     POST /arena/votes       {"battle_id", "winner": "a"|"b"|"tie"|"both_bad"} -> {"a": model, "b": model}
     POST /ratings           {"answer_id", "score": 1..5, "correctness"?, "fluency"?, "comment"?}
     GET  /arena/leaderboard the leaderboard as JSON
+    POST /arena/train       {"model"?, "steps"?, "beta"?}: a DPO LoRA trained on the decided battles, then served
+                            beside its base (`llmkit.serve.training`); GET /arena/train says how it goes
     GET  /applications      the application presets (llmkit.applications)
 
 Two served generating models are drawn at random for each battle (any two names: two models, a model and its LoRA
@@ -30,6 +32,7 @@ from llmkit.evaluate.arena import leaderboard
 from llmkit.serve.jobs import chat_events, disconnected
 from llmkit.serve.protocol import Body
 from llmkit.serve.state import APIError, AppState
+from llmkit.serve.training import MIN_PAIRS, start_training
 from llmkit.serve.votes import VoteError
 
 SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -41,6 +44,12 @@ class BattleRequest(Body):
     max_tokens: int = Field(default=256, ge=1, le=2048)
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=0.95, gt=0, le=1)
+
+
+class TrainRequest(Body):
+    model: str | None = Field(default=None, max_length=200)
+    steps: int = Field(default=40, ge=1, le=2000)
+    beta: float = Field(default=0.1, gt=0, le=10)
 
 
 class VoteRequest(Body):
@@ -244,3 +253,18 @@ async def board(state: AppState):
             result = await asyncio.to_thread(leaderboard, found, ratings, bootstrap=200, seed=0)
             arena.board.update(key=key, value=result)
     return arena.board["value"]
+
+
+@router.post("/arena/train", status_code=202)
+async def train(body: TrainRequest, state: AppState):
+    votes(state)
+    state.check_ready()
+    job = await asyncio.to_thread(start_training, state, body.model, body.steps, body.beta)
+    return job.view()
+
+
+@router.get("/arena/train")
+async def training(state: AppState):
+    votes(state)
+    job = state.arena.training
+    return {"status": "idle", "min_pairs": MIN_PAIRS} if job is None else job.view()

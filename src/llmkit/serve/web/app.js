@@ -160,6 +160,7 @@ function showTab(name) {
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("hidden", t.id !== "tab-" + name));
   if (name === "board") loadBoard();
+  if (name === "arena") watchTraining();
 }
 
 async function loadModels() {
@@ -440,6 +441,49 @@ async function vote(winner) {
   }
 }
 
+// --- training on the votes (DPO) -------------------------------------------------------------------------------------
+
+let trainTimer = null;
+
+function describeTraining(job) {
+  if (job.status === "idle") return "No run yet: vote on at least " + job.min_pairs + " battles (A or B better), then train.";
+  const on = job.model + " (DPO of " + job.base + " on " + job.pairs + " pairs from the votes)";
+  if (job.status === "running") return "Training " + on + ": step " + job.step + " of " + job.steps + ", " + Math.round(job.seconds) + " s so far.";
+  if (job.status === "loading") return "Trained " + on + "; loading it into the server…";
+  if (job.status === "failed") return "The run of " + on + " failed: " + job.error;
+  const acc = (v) => (v && v["rewards/accuracies"] !== undefined ? Number(v["rewards/accuracies"]).toFixed(2) : "–");
+  return job.model + " is served: " + job.pairs + " pairs, " + job.steps + " steps in " + Math.round(job.seconds)
+    + " s; held-out reward accuracy " + acc(job.before) + " → " + acc(job.after) + ". The arena now draws it too.";
+}
+
+async function watchTraining() {
+  clearTimeout(trainTimer);
+  try {
+    const job = await api("/arena/train");
+    $("train-status").textContent = describeTraining(job);
+    const busy = job.status === "running" || job.status === "loading";
+    $("train-start").disabled = busy;
+    if (busy) trainTimer = setTimeout(watchTraining, 2000);
+    else if (job.status === "ready" && !state.models.includes(job.model)) loadModels();
+  } catch (err) {
+    if (err.status === 404) { $("train").classList.add("hidden"); return; }  // a server without a votes database
+    $("train-status").textContent = explain(err);
+  }
+}
+
+async function startTraining() {
+  $("train-start").disabled = true;
+  clearNotice();
+  try {
+    const job = await api("/arena/train", { model: $("train-model").value || undefined, steps: Number($("train-steps").value) });
+    $("train-status").textContent = describeTraining(job);
+    watchTraining();
+  } catch (err) {
+    notice(explain(err));
+    $("train-start").disabled = false;
+  }
+}
+
 // --- rate ------------------------------------------------------------------------------------------------------------
 
 function buildStars() {
@@ -554,6 +598,7 @@ $("app-stop").onclick = () => { if (appAbort) appAbort.abort(); };
 $("arena-start").onclick = startBattle;
 $("arena-stop").onclick = () => { if (arenaAbort) arenaAbort.abort(); };
 document.querySelectorAll("#arena-votes button").forEach((b) => { b.onclick = () => vote(b.dataset.vote); });
+$("train-start").onclick = startTraining;
 $("rate-generate").onclick = rateGenerate;
 $("rate-form").onsubmit = submitRating;
 $("board-refresh").onclick = loadBoard;
