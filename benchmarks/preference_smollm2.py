@@ -5,10 +5,10 @@
 0. SmolLM2-Instruct answers arithmetic in sentences ("To solve this, ..."): the task's verifier (the exact number)
    rejects every answer, so no pair has a right side. A short SFT first (`finetune --method lora`, --sft-steps) makes
    the model answer with a number, right about a third of the time.
-1. The SFT model samples --samples answers (temperature 0.8) to each of --prompts questions of the built-in arithmetic
-   task (its training split), through the chat template.
-2. The task's verifier judges each answer (the exact number); a prompt with a right and a wrong answer gives a pair
-   (chosen: right, rejected: wrong). No human, no other model.
+1-2. `llmkit.finetune.preference.build_pairs` (the library's `llmkit finetune pairs`): the SFT model samples --samples
+   answers (temperature 0.8) to each of --prompts questions of the built-in arithmetic task (its training split),
+   through the chat template; the task's verifier judges each answer (the exact number); a prompt with a right and a
+   wrong answer gives a pair (chosen: right, rejected: wrong). No human, no other model.
 3. `llmkit finetune --model SFT --method dpo --data pairs.jsonl` (LoRA on the SFT model, the reference is the SFT
    model: the adapters off) for
    --steps steps; its held-out pairs' reward accuracy and the arithmetic exact match (greedy, 24 validation questions
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import time
@@ -40,9 +39,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     import llmkit
-    from llmkit.chat import chat_prompt_ids
-    from llmkit.data import tasks as T
-    from llmkit.generate import GenerationConfig, generate
+    from llmkit.finetune.preference import build_pairs
 
     started = time.time()
     sft = out / "sft"
@@ -60,27 +57,12 @@ def main() -> None:
     )
     started = time.time()
     model = llmkit.load(sft)
-    tok = model.tokenizer
-    examples = T.task_examples("arithmetic", args.prompts, "train", 0)
-    prompts = [chat_prompt_ids(tok, ex.messages[:-1]) for ex in examples]
-    answers: list[list[str]] = [[] for _ in examples]
-    for k in range(args.samples):
-        for i in range(0, len(prompts), 16):
-            cfg = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.95, seed=1000 * k + i)
-            for j, g in enumerate(generate(model, tok, prompts[i : i + 16], cfg, warn=lambda m: None)):
-                answers[i + j].append(g.text.strip())
-    sampled = time.time() - started
-    rng = random.Random(0)
-    pairs, right = [], 0
-    for ex, got in zip(examples, answers):
-        good = [a for a in got if T.normalize_answer(a) == T.normalize_answer(ex.answer)]
-        bad = [a for a in got if T.normalize_answer(a) != T.normalize_answer(ex.answer)]
-        right += len(good)
-        if good and bad:
-            pairs.append({"prompt": ex.messages[-2]["content"], "chosen": rng.choice(good), "rejected": rng.choice(bad)})
+    pairs, counts = build_pairs(model, "arithmetic", prompts=args.prompts, samples=args.samples, log=print)
+    right = counts["right"]
     with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in pairs)
-    print(f"{len(examples)} prompts x {args.samples} samples in {sampled / 60:.1f} min: {right} right answers, {len(pairs)} pairs")
+    sampled = time.time() - started
+    print(f"sampled and judged in {sampled / 60:.1f} min")
 
     started = time.time()
     run = out / "dpo"
@@ -99,7 +81,7 @@ def main() -> None:
     summary = {
         "sft_minutes": sft_minutes,
         "sft_exact_match": [sft_result["before"]["exact_match"], sft_result["after"]["exact_match"]],
-        "prompts": len(examples),
+        "prompts": counts["questions"],
         "samples": args.samples,
         "right_answers": right,
         "pairs": len(pairs),

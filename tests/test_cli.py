@@ -194,6 +194,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "| byte-bpe |" in report and "validation tokens" in report and "bits per byte" in report
     assert "Shakespeare" in report.split("SmolLM2-135M-Instruct (greedy)")[1]  # it knows who wrote Hamlet
     assert "| exact_match |" in report and "| general_bpb |" in report
+    # DPO from the 3-step LoRA on its own answers: a table, or the count that says why there is none
+    assert "## Preference training: DPO on the model's own answers" in report
+    assert "| rewards/accuracies |" in report or "Too few for DPO" in report
     for name in (
         "embeddings/word2vec/vectors.txt",
         "embeddings/glove/vectors.txt",

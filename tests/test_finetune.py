@@ -297,7 +297,7 @@ def test_finetune_compare_writes_a_table_and_a_chart(tmp_path, tokenizers_by_kin
         "--task",
         "reverse",
         "--methods",
-        "full,lora,multitask-lora",
+        "full,lora,multitask-lora,lora+grpo",
         "--shots",
         "0,1",
         "--curve",
@@ -320,8 +320,11 @@ def test_finetune_compare_writes_a_table_and_a_chart(tmp_path, tokenizers_by_kin
         str(tmp_path / "cmp"),
     )
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert [r["method"] for r in summary["rows"]] == ["full", "lora", "multitask-lora", "full"] and summary["rows"][-1]["n_train"] == 8
+    assert [r["method"] for r in summary["rows"]] == ["full", "lora", "multitask-lora", "lora+grpo", "full"]
+    assert summary["rows"][-1]["n_train"] == 8
     assert summary["rows"][0]["trainable_share"] == 1.0 and summary["rows"][1]["trainable_share"] < 0.2
+    grpo = summary["rows"][3]  # GRPO from the lora row's model: it starts where that row ended, forgetting measured too
+    assert grpo["before"] == summary["rows"][1]["after"] and grpo["general_bpb_change"] is not None
     assert set(summary["few_shot"]) == {"0", "1"} and "1-shot in-context" in out.stdout
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -429,6 +432,37 @@ def test_compare_curves_of_a_multitask_method_keep_the_mixture(tmp_path, monkeyp
         [], ["multitask-lora"], tmp_path, task="sort", model="m", shots=[], curve=[8], n_val=4, seed=0, max_new_tokens=4, log=lambda m: None
     )
     assert all("--task" in extra and "--eval-task" in extra for _, extra in calls) and "--n-train" in calls[-1][1]
+
+
+def test_compare_chains_preference_training_after_sft_on_pairs_the_model_makes(tmp_path, monkeypatch):
+    """lora+dpo: DPO from the lora row's model on pairs of that model's own answers (judged by the task's verifier),
+    scored on the task; plain grpo from --model; a chain without its SFT row, or too few pairs, is refused by name."""
+    from llmkit.errors import LlmkitError
+    from llmkit.finetune import compare as C
+    from llmkit.finetune import preference
+
+    calls = []
+    fake = {"before": {"exact_match": 0.0}, "after": {"exact_match": 0.5}, "trainable_share": 0.1, "seconds": 1, "peak_memory_mb": 1}
+    monkeypatch.setattr(C, "run_method", lambda base, method, out, extra=None: calls.append((method, extra)) or {**fake, "method": method})
+    monkeypatch.setattr(C, "load_model", lambda name: torch.nn.Linear(1, 1))
+    made = [{"prompt": f"q{i}", "chosen": "1", "rejected": "2"} for i in range(5)]
+    monkeypatch.setattr(preference, "build_pairs", lambda model, task, **kw: (made, {"right": 5, "answers": 20}))
+    summary = C.compare(
+        [], ["lora", "lora+dpo", "grpo"], tmp_path, task="sort", model="m", shots=[], curve=[], n_val=4, seed=0, max_new_tokens=4,
+        log=lambda m: None,
+    )  # fmt: skip
+    assert [r["method"] for r in summary["rows"]] == ["lora", "lora+dpo", "grpo"]
+    (_, sft), (dpo, dpo_extra), (grpo, grpo_extra) = calls
+    assert dpo == "dpo" and dpo_extra[:2] == ["--model", str(tmp_path / "lora")] and "--eval-task" in dpo_extra
+    pairs = tmp_path.joinpath(dpo_extra[dpo_extra.index("--data") + 1])
+    assert [json.loads(line) for line in pairs.read_text().splitlines()] == made
+    assert grpo == "grpo" and grpo_extra == ["--model", "m"]
+    for methods, words in ((["lora+dpo"], "listed before it"), (["lora", "lora+sft"], "listed before it"), (["ppo"], "unknown method")):
+        with pytest.raises(LlmkitError, match=words):
+            C.check_methods(methods)
+    monkeypatch.setattr(preference, "build_pairs", lambda model, task, **kw: ([], {"right": 0, "answers": 20}))
+    with pytest.raises(LlmkitError, match="too few for dpo"):
+        C.compare([], ["dpo"], tmp_path / "b", task="sort", model="m", shots=[], curve=[], n_val=4, seed=0, max_new_tokens=4, log=print)
 
 
 def test_near_duplicates_are_checked_by_their_true_similarity():

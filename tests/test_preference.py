@@ -4,6 +4,7 @@ raises its reward accuracy; the arena's votes export as pairs (and ratings as KT
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -408,7 +409,7 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
     run.load_data()
     run.prepare_model()
     params = [p for p in run.model.parameters() if p.requires_grad]
-    _, pids, completions, rewards = run.sample(0)
+    _, pids, completions, rewards, _ = run.sample(0)
     advantages = group_advantages(rewards, 4)
     x, mask = pad_right([p + c for p, c in zip(pids, completions)], 0)
     y, _ = pad_right([[-100] * len(p) + c for p, c in zip(pids, completions)], -100)
@@ -442,6 +443,41 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
     for kw, words in ((dict(task="play"), "has no verifier"), (dict(group_size=1), "--group-size 1")):
         with pytest.raises(LlmkitError, match=words):
             GRPO(FinetuneConfig(**{**common, **kw}, out=str(tmp_path / "c")), log=lambda m: None).run()
+
+
+def test_the_answer_tag_format_reward_reads_the_answer_there_and_rewards_the_form(tmp_path, tiny_base):
+    """--answer-tag (DeepSeek-R1's two rule rewards, as open-r1 writes them): the prompt asks for <answer></answer>; the
+    accuracy reward reads the answer there, the format reward is 1 only for one block ending the completion; both reach
+    metrics.jsonl under trl's names; --answer-tag on another method is refused."""
+    from llmkit.finetune.grpo import GRPO, format_reward, tagged_answer
+    from llmkit.finetune.recipe import FinetuneConfig, finetune
+
+    cases = {
+        "<answer>42</answer>": (1.0, "42"),
+        "6 times 7 is 42.\n<answer> 42 </answer>\n": (1.0, "42"),
+        "<answer>42</answer> and more": (0.0, "42"),
+        "<answer>4</answer><answer>42</answer>": (0.0, "4"),
+        "<answer></answer>": (0.0, ""),
+        "42": (0.0, ""),
+        "<answer>42": (0.0, ""),
+    }
+    for text, (form, inside) in cases.items():
+        assert (format_reward(text), tagged_answer(text)) == (form, inside), text
+    cfg = FinetuneConfig(model=str(tiny_base), method="grpo", task="arithmetic", n_val=4, batch_size=2, group_size=2, max_new_tokens=4)
+    run = GRPO(dataclasses.replace(cfg, answer_tag=True, budget="2steps", out=str(tmp_path / "g")), log=lambda m: None)
+    run._check()
+    run.load_data()
+    assert all(p.messages[-1]["content"].endswith("<answer> and </answer>.") for p in run.train_prompts + run.val)
+    question = run.val[0]
+    right, bare = f"<answer>{question.answer}</answer>", str(question.answer)
+    assert run.rewards(question, right) == {"accuracy_reward": 1.0, "format_reward": 1.0}
+    assert run.rewards(question, bare) == {"accuracy_reward": 0.0, "format_reward": 0.0}  # right, but not where it was asked
+    assert run.reward(question, f"It is <answer>{question.answer}</answer> I think") == 1.0  # right answer, wrong form
+    result = GRPO(dataclasses.replace(cfg, answer_tag=True, budget="2steps", out=str(tmp_path / "h")), log=lambda m: None).run()
+    rows = [json.loads(r) for r in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert {"rewards/accuracy_reward/mean", "rewards/format_reward/mean"} <= set(rows[0]) and "format_reward" in result["after"]
+    with pytest.raises(LlmkitError, match="--answer-tag shapes GRPO"):
+        finetune(dataclasses.replace(cfg, method="lora", answer_tag=True, out=str(tmp_path / "i")), log=lambda m: None)
 
 
 def test_a_reward_function_loads_from_a_module_or_a_file_and_bad_ones_are_named(tmp_path, monkeypatch):

@@ -64,6 +64,12 @@ SHORTER = {
     ),
     "llmkit finetune --model smollm2 --method grpo --task reverse --reward examples/my_rewards.py:score --grpo-loss dr_grpo "
     "--out runs/grpo2": f"--budget 1steps --group-size 2 --n-train 8 --max-new-tokens 8 {MEASURE}",
+    "llmkit finetune pairs --model runs/finetune --task arithmetic --prompts 160 --samples 4 --out runs/pairs.jsonl": (
+        "--prompts 24 --max-new-tokens 8"
+    ),
+    "llmkit finetune compare --model smollm2 --task arithmetic --methods lora,lora+dpo,lora+grpo --budget 40steps": (
+        f"--methods lora,lora+grpo --shots 0 --budget 1steps --n-train 8 --group-size 2 --max-new-tokens 8 {MEASURE}"
+    ),
     "llmkit finetune --model smollm2 --method qlora --task arithmetic --budget 60steps --out runs/qlora": (
         f"--budget 2steps --n-train 16 {MEASURE}"
     ),

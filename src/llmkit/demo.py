@@ -4,7 +4,8 @@
 2. data         byte-level BPE shards of Shakespeare: train.bin / val.bin / meta.json
 3. pretrain     a small GPT on those shards (loss curve, samples, validation bits per byte)
 4. generate     samples from that GPT, and an answer from the embedded SmolLM2-135M-Instruct
-5. finetune     a short LoRA on SmolLM2 for arithmetic, with the task accuracy and forgetting before and after
+5. finetune     a short LoRA on SmolLM2 for arithmetic, with the task accuracy and forgetting before and after;
+                then DPO from that model on pairs of its own sampled answers judged by the task's verifier (no human)
 6. evaluate     SmolLM2 before and after its LoRA on two built-in lm-eval tasks (arithmetic, reverse), side by side
 7. embeddings   Word2Vec and GloVe on Shakespeare (evaluation side by side, neighbours, a map), MiniLM's "bank" in
                 two senses, and semantic search over four plays
@@ -34,7 +35,13 @@ from llmkit.train.pretrain import PretrainConfig, pretrain
 
 
 def run_demo(
-    out: str = "runs/demo", *, vocab_size: int = 4096, pretrain_budget: str = "2m", finetune_budget: str = "40steps", eval_limit: int = 24
+    out: str = "runs/demo",
+    *,
+    vocab_size: int = 4096,
+    pretrain_budget: str = "2m",
+    finetune_budget: str = "40steps",
+    preference_budget: str = "30steps",
+    eval_limit: int = 24,
 ) -> Path:
     """The nine stages in order; each returns its lines of report.md."""
     out = Path(out)
@@ -50,6 +57,9 @@ def run_demo(
     lines += said
     console.rule("[bold]5. finetune: LoRA on SmolLM2 for arithmetic")
     lines += finetune_stage(out, finetune_budget)
+    if preference_budget not in ("0", "0steps"):
+        console.rule("[bold]5b. preference: DPO from the LoRA model, on its own answers judged by the verifier")
+        lines += preference_stage(out, preference_budget)
     console.rule("[bold]6. evaluate: SmolLM2 before and after its LoRA, through lm-evaluation-harness")
     lines += evaluate_stage(out, eval_limit)
     console.rule("[bold]7. embeddings: static words, words in context, semantic search")
@@ -167,6 +177,55 @@ def finetune_stage(out: Path, budget: str) -> list[str]:
     ]
 
 
+def preference_stage(out: Path, budget: str) -> list[str]:
+    """The SFT model's sampled answers to arithmetic questions, judged by the task's verifier, make pairs (right over
+    wrong); DPO trains a LoRA of the SFT model on them; exact match, reward accuracy and forgetting before and after."""
+    from llmkit.finetune.preference import build_pairs
+
+    sft = load_model(out / "finetune")
+    sft.requires_grad_(False)
+    pairs, counts = build_pairs(sft, "arithmetic", prompts=64, samples=4, max_new_tokens=8, log=console.print)
+    del sft
+    head = ["## Preference training: DPO on the model's own answers", ""]
+    said = (
+        f"The fine-tuned model answered {counts['questions']} arithmetic questions (training split) 4 times each, sampled "
+        f"(temperature 0.8); the task's verifier found {counts['right']} of {counts['answers']} answers right, and "
+        f"{len(pairs)} questions had a right and a wrong one: each such question is a pair (chosen: right, rejected: wrong)."
+    )
+    if len(pairs) < 4:
+        console.print(f"too few pairs for DPO ({len(pairs)}): a longer fine-tune (--finetune-budget) answers right more often")
+        return [*head, said + " Too few for DPO: a longer fine-tune (`--finetune-budget`) answers right more often.", ""]
+    io.write_jsonl(out / "pairs.jsonl", pairs)
+    dpo = finetune(
+        FinetuneConfig(
+            model=str(out / "finetune"),
+            method="dpo",
+            data=str(out / "pairs.jsonl"),
+            eval_task="arithmetic",
+            n_val=16,
+            budget=budget,
+            forgetting_tasks="reverse",
+            n_forgetting=16,
+            general_tokens=1024,
+            out=str(out / "dpo"),
+        ),
+        log=lambda m: console.print(m, markup=False, highlight=False),
+    )
+    keep = ("exact_match", "rewards/accuracies", "rewards/margins", "general_bpb", "untrained_reverse")
+    return [
+        *head,
+        said,
+        "",
+        f"DPO (LoRA on the fine-tuned model, β 0.1; the reference is that model, adapters off): {dpo['steps']} steps in "
+        f"{dpo['seconds']} s. Exact match is on the task's held-out questions; the rewards on held-out pairs.",
+        "",
+        "| measure | before (the fine-tuned model) | after DPO |",
+        "|---|---|---|",
+        *[f"| {k} | {dpo['before'][k]:.4f} | {dpo['after'][k]:.4f} |" for k in keep if k in dpo["before"] and k in dpo["after"]],
+        "",
+    ]
+
+
 def evaluate_stage(out: Path, limit: int) -> list[str]:
     for name, model in (("eval-base", "smollm2"), ("eval-lora", str(out / "finetune"))):
         run_tasks(model, ["arithmetic", "reverse"], shots=[0], out=out / name, limit=limit, chat=True, log=console.print)
@@ -190,6 +249,8 @@ def _say_where(out: Path, web: dict) -> None:
     console.print(f"shards      -> {out / 'data'}/train.bin, val.bin, meta.json")
     console.print(f"pretraining -> {out / 'pretrain'} (model.safetensors, metrics.jsonl, loss.png, samples.md)")
     console.print(f"fine-tuning -> {out / 'finetune'} (adapter_model.safetensors, results.json)")
+    if (out / "dpo" / "results.json").exists():
+        console.print(f"DPO         -> {out / 'dpo'} (adapter_model.safetensors, results.json), pairs: {out / 'pairs.jsonl'}")
     console.print(f"evaluation  -> {out / 'eval_report.md'}, {out / 'eval_report.png'} (eval-base/, eval-lora/)")
     console.print(f"embeddings  -> {out / 'embeddings'} (word2vec/, glove/, map.png, bank.png, index/)")
     console.print(f"web app     -> {web['screenshot'] or 'skipped: ' + web['skipped']}")

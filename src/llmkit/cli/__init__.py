@@ -142,9 +142,9 @@ def _refuse_unknown(args: argparse.Namespace, extra: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(argv[:-1]):  # `llmkit finetune compare ...` is the finetune-compare command
-        if a == "finetune" and argv[i + 1] == "compare":
-            argv[i : i + 2] = ["finetune-compare"]
+    for i, a in enumerate(argv[:-1]):  # `llmkit finetune compare ...` is the finetune-compare command (pairs: finetune-pairs)
+        if a == "finetune" and argv[i + 1] in ("compare", "pairs"):
+            argv[i : i + 2] = [f"finetune-{argv[i + 1]}"]
             break
     debug = "--debug" in argv
     try:

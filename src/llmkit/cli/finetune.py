@@ -1,4 +1,5 @@
-"""`llmkit finetune` and `llmkit finetune compare`: full, LoRA and adapter fine-tuning, methods side by side."""
+"""`llmkit finetune`, `llmkit finetune compare` and `llmkit finetune pairs`: full, LoRA, adapter and preference
+fine-tuning, methods side by side, and a preference set a model's own answers and a verifier make."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def register(commands) -> None:
             (
                 "llmkit finetune compare --model smollm2 --task arithmetic --methods full,lora,multitask-lora --shots 0,3",
                 "llmkit finetune compare --model minilm --task genre --methods full,lora",
+                "llmkit finetune compare --model smollm2 --task arithmetic --methods lora,lora+dpo,lora+grpo --budget 40steps",
             )
             if compare_cmd
             else (
@@ -33,6 +35,7 @@ def register(commands) -> None:
                 "llmkit finetune --model smollm2 --method lora --data my.jsonl --lora-r 16 --lora-targets q_proj,v_proj",
                 "llmkit finetune --out runs/finetune --resume",
                 "llmkit finetune compare --model smollm2 --task arithmetic   # see its --help",
+                "llmkit finetune pairs --model runs/finetune --task arithmetic --out pairs.jsonl   # then --method dpo",
             ),
             cmd_finetune_compare if compare_cmd else cmd_finetune,
         )
@@ -59,6 +62,12 @@ def register(commands) -> None:
             p.add_argument("--epsilon", type=float, default=f.epsilon, help="grpo: the clip of the probability ratio (default: 0.2)")
             p.add_argument("--temperature", type=float, default=f.temperature, help="grpo: the sampling temperature (default: 1.0)")
             p.add_argument(
+                "--answer-tag",
+                action="store_true",
+                help="grpo: each prompt asks for the answer between <answer> and </answer>; the verifier reads it there, and a "
+                "format reward (1 for one answer block ending the completion) is added to the answer's (DeepSeek-R1's two rewards)",
+            )
+            p.add_argument(
                 "--label-smoothing",
                 type=float,
                 default=f.label_smoothing,
@@ -80,7 +89,9 @@ def register(commands) -> None:
             p.add_argument(
                 "--methods",
                 default="full,lora,adapter,multitask-lora",
-                help="comma list of full, lora, adapter and multitask-METHOD (trained on a mixture with other tasks)",
+                help="comma list of full, lora, adapter, multitask-METHOD (trained on a mixture with other tasks), dpo, orpo "
+                "(on pairs the model's own answers make, judged by the task's verifier), grpo (on the verifier's rewards), and "
+                "SFT+PREFERENCE chains such as lora+dpo (DPO from the lora row's model)",
             )
             p.add_argument("--shots", default="0,3", help="k-shot in-context accuracy of the untouched model, for each k (default: 0,3)")
             p.add_argument("--curve", default="", help="also train the first method on these numbers of examples, e.g. 100,500,1000")
@@ -168,6 +179,56 @@ def register(commands) -> None:
         if not compare_cmd:
             p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
             p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
+    register_pairs(commands)
+
+
+def register_pairs(commands) -> None:
+    p = subcommand(
+        commands,
+        "finetune-pairs",
+        "preference pairs from a model's own answers, judged by a built-in task's verifier (no human)",
+        (
+            "llmkit finetune pairs --model runs/finetune --task arithmetic --out pairs.jsonl",
+            "llmkit finetune --model runs/finetune --method dpo --data pairs.jsonl --eval-task arithmetic",
+        ),
+        cmd_finetune_pairs,
+    )
+    p.add_argument("--model", default="smollm2", help="the model that answers (smollm2, a run folder, a LoRA run)")
+    p.add_argument("--task", default="arithmetic", help="a built-in task with a verifier: arithmetic, reverse, sort, dates")
+    p.add_argument("--prompts", type=int, default=160, help="questions from the task's training split (default: 160)")
+    p.add_argument("--samples", type=int, default=4, help="answers sampled per question (default: 4)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    device_option(p, "auto")
+    p.add_argument("--out", default="pairs.jsonl", help="the JSONL file of pairs (prompt, chosen, rejected)")
+
+
+def cmd_finetune_pairs(args) -> None:
+    from llmkit import io
+    from llmkit.finetune.preference import build_pairs
+    from llmkit.model.weights import load
+
+    con = console()
+    model = load(args.model, device=args.device)
+    model.requires_grad_(False)
+    pairs, counts = build_pairs(
+        model,
+        args.task,
+        prompts=args.prompts,
+        samples=args.samples,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        log=lambda m: con.print(m, markup=False, highlight=False),
+    )
+    if not pairs:
+        raise LlmkitError(
+            f"{args.model} answered none of {counts['questions']} questions both right and wrong: no pair to write",
+            "fine-tune it on the task first (llmkit finetune --method lora --task ...), or raise --samples / --temperature",
+        )
+    io.write_jsonl(args.out, pairs)
+    con.print(f"{len(pairs)} pairs -> {args.out}")
 
 
 def _finetune_config(args):
@@ -195,7 +256,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_finetune_compare(args) -> None:
-    from llmkit.finetune.compare import compare
+    from llmkit.finetune.compare import check_methods, compare
     from llmkit.progress import print_table
 
     skip = {"methods", "shots", "curve", "out", "config", "_handler", "_parser", "debug"}
@@ -206,9 +267,7 @@ def cmd_finetune_compare(args) -> None:
         flag = "--" + key.replace("_", "-")
         base += [flag] if value is True else [flag, str(value)]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m.removeprefix("multitask-") not in ("full", "lora", "adapter"):
-            raise LlmkitError(f"unknown method {m!r}", "use full, lora, adapter or multitask-lora (etc.)")
+    check_methods(methods)
     con = console()
     summary = compare(
         base,

@@ -80,6 +80,7 @@ def dates(rng: random.Random) -> Example:
 
 
 GENERATORS = {"arithmetic": arithmetic, "reverse": reverse, "sort": sort_words, "dates": dates}
+VERIFIED = tuple(GENERATORS)  # the tasks whose answers a program checks exactly (the verifiers of GRPO and of pair building)
 
 
 def play_lines() -> dict[str, tuple[list[str], list[str]]]:

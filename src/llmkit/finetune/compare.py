@@ -2,6 +2,11 @@
 costs in forgetting, in trainable parameters and in memory — plus in-context (few-shot) accuracy of the untouched model
 and, optionally, accuracy against the number of training examples.
 
+Preference methods join the table: `dpo` and `orpo` train on pairs the starting model's own sampled answers make,
+judged by the task's verifier (`llmkit finetune pairs`), and are scored on the task's held-out questions; `grpo` trains
+on the verifier's rewards. Each starts from --model, or with `METHOD+dpo` (e.g. `lora+dpo`) from the model the METHOD
+row trained (SFT first, then preference training, as the field does it): its "before" is then that model's.
+
 Each fine-tuning run is its own process (`llmkit finetune --json`), so its peak memory is its own.
 """
 
@@ -15,6 +20,23 @@ from pathlib import Path
 from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.model.weights import load as load_model
+
+SFT_METHODS = ("full", "lora", "adapter")
+PREFERENCE_METHODS = ("dpo", "orpo", "grpo")
+
+
+def check_methods(methods: list[str]) -> None:
+    """SFT methods (full, lora, adapter, multitask-METHOD), preference ones (dpo, orpo, grpo) and chains SFT+PREFERENCE
+    whose SFT row is listed before them."""
+    for i, m in enumerate(methods):
+        first, _, then = m.partition("+")
+        if then:
+            if then not in PREFERENCE_METHODS or first not in methods[:i]:
+                raise LlmkitError(
+                    f"unknown method {m!r}", "a chain is an SFT method listed before it, then dpo, orpo or grpo: e.g. lora,lora+dpo"
+                )
+        elif m.removeprefix("multitask-") not in SFT_METHODS and m not in PREFERENCE_METHODS:
+            raise LlmkitError(f"unknown method {m!r}", "use full, lora, adapter, multitask-lora (etc.), dpo, orpo, grpo or lora+dpo (etc.)")
 
 
 def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | None = None) -> dict:
@@ -41,6 +63,26 @@ def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["method"] = method if not multitask else method
     return result
+
+
+def preference_flags(method: str, start: str, task: str, out: Path, n_val: int, seed: int, log) -> list[str]:
+    """The flags of a preference run in a comparison: GRPO trains on the task's verifier as it is; DPO and ORPO on pairs
+    of the starting model's own answers judged by it, written first (out.pairs.jsonl), and scored on the task."""
+    if method == "grpo":
+        return []
+    from llmkit.finetune.preference import build_pairs
+
+    model = load_model(start)
+    model.requires_grad_(False)
+    pairs, counts = build_pairs(model, task, seed=seed, log=log)
+    if len(pairs) < 4:
+        raise LlmkitError(
+            f"{start} answered {counts['right']} of {counts['answers']} sampled answers right: {len(pairs)} pairs are too few for {method}",
+            f"start it from a fine-tuned model (e.g. --methods lora,lora+{method}), where right and wrong answers both come",
+        )
+    path = out.with_suffix(".pairs.jsonl")
+    io.write_jsonl(path, pairs)
+    return ["--data", str(path), "--eval-task", task]
 
 
 def few_shot(model_name: str, task: str, shots: int, n_val: int, seed: int, max_new_tokens: int) -> float:
@@ -146,8 +188,17 @@ def compare(
 
     results = []
     for m in methods:
-        log(f"fine-tuning with {m} ...")
-        results.append(run_method(base_args, m, out / m, flags(m)))
+        first, _, then = m.partition("+")
+        if then or m in PREFERENCE_METHODS:
+            start = str(out / first) if then else model
+            log(f"fine-tuning with {then or m}, from {start} ...")
+            extra = ["--model", start, *preference_flags(then or m, start, task, out / m, n_val, seed, log)]
+            result = run_method(base_args, then or m, out / m, extra)
+            result["method"] = m
+        else:
+            log(f"fine-tuning with {m} ...")
+            result = run_method(base_args, m, out / m, flags(m))
+        results.append(result)
     for n in curve:
         log(f"fine-tuning with {methods[0]} on {n} examples ...")
         r = run_method(base_args, methods[0], out / f"{methods[0]}-{n}", flags(methods[0]) + ["--n-train", str(n)])

@@ -19,13 +19,19 @@ The loss, per completion token t of completion i with advantage A_i = (r_i − m
     "dr_grpo" (Liu et al. 2025, length-unbiased) the sum over all tokens / (completions x --max-new-tokens), and the
               advantages not divided by the group's std
 
-Metrics as trl names them: reward, reward_std, kl, completion_length, clip_ratio.
+With --answer-tag (DeepSeek-R1's two rule rewards) each prompt asks for the answer between <answer> and </answer>: the
+accuracy reward reads the answer there (no block: 0), and a format reward, 1 when the completion is one answer block
+with nothing after it (any reasoning before), is added to it, each weighted 1 as open-r1 does.
+
+Metrics as trl names them: reward, reward_std, kl, completion_length, clip_ratio, and with --answer-tag each reward's
+mean (rewards/accuracy_reward/mean, rewards/format_reward/mean).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 
@@ -37,7 +43,7 @@ from llmkit.data import tasks as T
 from llmkit.errors import LlmkitError
 from llmkit.finetune.data import IGNORE, read_rows
 from llmkit.finetune.preference import reference_mode, token_logps
-from llmkit.finetune.recipe import greedy_answers, split_rows
+from llmkit.finetune.recipe import answer, exact_match, general_bits_per_byte, greedy_answers, peak_memory_mb, split_rows
 from llmkit.generate import GenerationConfig, generate
 from llmkit.model.layers import pad_right
 from llmkit.model.lora import apply_method, save_lora, trainable_share
@@ -46,8 +52,22 @@ from llmkit.model.weights import save_model
 from llmkit.progress import progress
 from llmkit.train.runtime import Budget, Metrics, autocast_dtype
 
-VERIFIED_TASKS = ("arithmetic", "reverse", "sort", "dates")  # built-in tasks whose answers a program checks exactly
+VERIFIED_TASKS = T.VERIFIED  # built-in tasks whose answers a program checks exactly
 LOSS_TYPES = ("grpo", "dr_grpo")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+FORMAT = re.compile(r"(?:(?!<answer>).)*<answer>(?:(?!</?answer>).)+</answer>\s*", re.S)  # one block, nothing after it
+TAG_INSTRUCTION = "Give the final answer between <answer> and </answer>."
+
+
+def tagged_answer(completion: str) -> str:
+    """The text of the completion's first <answer>...</answer> block ("" when it has none)."""
+    m = ANSWER_TAG.search(completion)
+    return m.group(1).strip() if m else ""
+
+
+def format_reward(completion: str) -> float:
+    """1 when the completion is (any reasoning, then) one <answer>...</answer> block with nothing after it, else 0."""
+    return float(FORMAT.fullmatch(completion) is not None)
 
 
 def task_reward(answer: str, completion: str) -> float:
@@ -203,16 +223,33 @@ class GRPO:
             self.val = to(T.mixture(cfg.eval_task or cfg.task, cfg.n_val, "val", cfg.seed))
         if not self.train_prompts:
             raise LlmkitError("no prompts to train on", "give --data rows with a prompt field")
+        if cfg.answer_tag:  # the instruction after each question (its last user message)
+            for p in self.train_prompts + self.val:
+                p.messages = [*p.messages[:-1], {**p.messages[-1], "content": f"{p.messages[-1]['content']}\n{TAG_INSTRUCTION}"}]
+        reward = cfg.reward or "the exact answer"
         self.log(
-            f"      {len(self.train_prompts)} training and {len(self.val)} validation prompts; reward: {cfg.reward or 'the exact answer'}"
+            f"      {len(self.train_prompts)} training and {len(self.val)} validation prompts; reward: "
+            + (f"{reward} in <answer></answer> + the format reward" if cfg.answer_tag else reward)
         )
 
+    def rewards(self, prompt: Prompt, completion: str) -> dict[str, float]:
+        """The prompt's rewards for `completion`, by name: accuracy_reward (the verifier's or --reward's), and with
+        --answer-tag format_reward. A reward function that raises or returns a non-number gives 0 (counted)."""
+        answer = tagged_answer(completion) if self.cfg.answer_tag else completion
+        out = {"accuracy_reward": self._accuracy(prompt, answer)}
+        if self.cfg.answer_tag:
+            out["format_reward"] = format_reward(completion)
+        return out
+
     def reward(self, prompt: Prompt, completion: str) -> float:
-        """The prompt's reward for `completion`; a reward function that raises or returns a non-number gives 0 (counted)."""
+        """The prompt's reward for `completion`: its rewards' sum."""
+        return sum(self.rewards(prompt, completion).values())
+
+    def _accuracy(self, prompt: Prompt, answer: str) -> float:
         if self.reward_fn is None:
-            return task_reward(prompt.answer or "", completion)
+            return task_reward(prompt.answer or "", answer)
         try:
-            value = float(self.reward_fn(prompt=prompt.messages[-1]["content"], completion=completion, answer=prompt.answer))
+            value = float(self.reward_fn(prompt=prompt.messages[-1]["content"], completion=answer, answer=prompt.answer))
             if not math.isfinite(value):
                 raise ValueError(value)
             return value
@@ -242,7 +279,7 @@ class GRPO:
                 rslora=cfg.rslora,
             )
         self.reward_errors = 0
-        trainable, total = trainable_share(model)
+        self.trainable, self.total = trainable, total = trainable_share(model)
         self.log(f"      {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
 
     @torch.no_grad()
@@ -251,9 +288,18 @@ class GRPO:
         texts = greedy_answers(self.model, self.tok, [p.messages for p in self.val], self.cfg.max_new_tokens, batch=16)
         rewards = [self.reward(p, t) for p, t in zip(self.val, texts)]
         out: dict[str, object] = {"reward": sum(rewards) / len(rewards)}
-        known = [(p.answer, t) for p, t in zip(self.val, texts) if p.answer is not None]
+        known = [(p.answer, tagged_answer(t) if self.cfg.answer_tag else t) for p, t in zip(self.val, texts) if p.answer is not None]
         if known:
             out["exact_match"] = sum(task_reward(a, t) for a, t in known) / len(known)
+        if self.cfg.answer_tag:
+            out["format_reward"] = sum(map(format_reward, texts)) / len(texts)
+        # forgetting, as the other methods measure it: general text's bits per byte and the tasks not trained on
+        cfg = self.cfg
+        out["general_bpb"] = general_bits_per_byte(self.model, self.tok, cfg)
+        trained = "" if cfg.data else cfg.task
+        for t in [t for t in cfg.forgetting_tasks.split(",") if t and t != "none" and t not in trained]:
+            exs = T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7)
+            out[f"untrained_{t}"] = exact_match(answer(self.model, self.tok, exs, cfg.max_new_tokens), exs)
         out["_predictions"] = texts[:3]
         return out
 
@@ -266,8 +312,9 @@ class GRPO:
         for p, got in zip(self.val, m["_predictions"]):
             self.log(f"      Q: {p.messages[-1]['content'][:80]!r}\n      expected {p.answer!r}, got {got.strip()[:60]!r}")
 
-    def sample(self, step: int) -> tuple[list[Prompt], list[list[int]], list[list[int]], torch.Tensor]:
-        """A step's prompts (seeded by the step), --group-size completions of each, their rewards (P·G,)."""
+    def sample(self, step: int) -> tuple[list[Prompt], list[list[int]], list[list[int]], torch.Tensor, dict[str, float]]:
+        """A step's prompts (seeded by the step), --group-size completions of each, their rewards (P·G,) and each
+        reward's mean (trl's rewards/NAME/mean)."""
         cfg, model, tok = self.cfg, self.model, self.tok
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         rows = torch.randint(0, len(self.train_prompts), (cfg.batch_size,), generator=g, device="cpu").tolist()
@@ -279,10 +326,10 @@ class GRPO:
                 max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, seed=cfg.seed * 7919 + step
             )
             outs = generate(model, tok, prompt_ids, gen, warn=lambda m: None)
-        rewards = torch.tensor(
-            [self.reward(p, o.text) for p, o in zip((p for p in prompts for _ in range(cfg.group_size)), outs)], device="cpu"
-        )
-        return prompts, prompt_ids, [o.ids for o in outs], rewards
+        parts = [self.rewards(p, o.text) for p, o in zip((p for p in prompts for _ in range(cfg.group_size)), outs)]
+        rewards = torch.tensor([sum(r.values()) for r in parts], device="cpu")
+        means = {f"rewards/{k}/mean": sum(r[k] for r in parts) / len(parts) for k in parts[0]} if len(parts[0]) > 1 else {}
+        return prompts, prompt_ids, [o.ids for o in outs], rewards, means
 
     def train(self) -> None:
         cfg, model = self.cfg, self.model
@@ -296,7 +343,7 @@ class GRPO:
         with progress("steps") as bar:
             task = bar.add_task("grpo", total=budget.steps or budget.seconds or 1)
             while not budget.exhausted(self.step, 0, time.perf_counter() - start):
-                _, prompt_ids, completions, rewards = self.sample(self.step)
+                _, prompt_ids, completions, rewards, means = self.sample(self.step)
                 advantages = group_advantages(rewards, cfg.group_size, scale=cfg.grpo_loss == "grpo").to(device)
                 seqs = [p + c for p, c in zip(prompt_ids, completions)]
                 labels = [[IGNORE] * len(p) + c for p, c in zip(prompt_ids, completions)]
@@ -333,6 +380,7 @@ class GRPO:
                     "reward": rewards.mean().item(),
                     "reward_std": groups.std(dim=1).mean().item(),
                     "completion_length": sum(map(len, completions)) / len(completions),
+                    **means,
                     **extra,
                 }
                 metrics.log(row)
@@ -361,6 +409,10 @@ class GRPO:
             "task": self.cfg.data or self.cfg.task,
             "steps": self.step,
             "seconds": round(self.elapsed, 1),
+            "trainable": self.trainable,
+            "parameters": self.total,
+            "trainable_share": self.trainable / self.total,
+            "peak_memory_mb": peak_memory_mb(),  # the process's resident memory
             "before": {k: v for k, v in self.before.items() if not k.startswith("_")},
             "after": {k: v for k, v in self.after.items() if not k.startswith("_")},
             "eval": {k: v for k, v in self.after.items() if not k.startswith("_")},
@@ -380,4 +432,4 @@ def grpo(cfg, *, log=print) -> dict:
     return GRPO(cfg, log=log).run()
 
 
-__all__ = ["GRPO", "grpo", "grpo_loss", "group_advantages", "load_reward", "task_reward", "token_logps"]
+__all__ = ["GRPO", "format_reward", "grpo", "grpo_loss", "group_advantages", "load_reward", "tagged_answer", "task_reward", "token_logps"]

@@ -238,3 +238,62 @@ class PreferenceLoss:
             **extra,
         }
         return losses.sum(), metrics
+
+
+# --- a preference set the toolkit builds itself ---------------------------------------------------------------------
+
+
+def build_pairs(
+    model,
+    task: str,
+    *,
+    prompts: int = 160,
+    samples: int = 4,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    batch: int = 16,
+    log=print,
+) -> tuple[list[dict], dict]:
+    """Preference pairs judged by a program, no human: `model` samples `samples` answers (through its chat template) to
+    each of `prompts` questions of a built-in task with a verifier (its training split), the verifier (the exact
+    answer) sorts them into right and wrong, and each question with both gives one pair {"prompt", "chosen" (a right
+    one), "rejected" (a wrong one)}. Returns the pairs and the counts (questions, answers, right, pairs)."""
+    import random
+
+    from llmkit.chat import chat_prompt_ids
+    from llmkit.data import tasks as T
+    from llmkit.generate import GenerationConfig, generate
+    from llmkit.progress import progress
+
+    if task not in T.VERIFIED:
+        raise LlmkitError(f"--task {task} has no verifier to judge answers", f"use one of {', '.join(T.VERIFIED)}")
+    if samples < 2:
+        raise LlmkitError(f"--samples {samples}: a pair needs two answers to one question", "use --samples 4 (or more)")
+    tok = model.tokenizer
+    examples = T.task_examples(task, prompts, "train", seed)
+    questions = [ex.messages or [] for ex in examples]  # the built-in tasks' examples are chats
+    ids = [chat_prompt_ids(tok, m[:-1]) for m in questions]
+    answers: list[list[str]] = [[] for _ in examples]
+    with progress("answers") as bar:
+        work = bar.add_task(f"sampling {samples} answers to {len(ids)} questions", total=samples * len(ids))
+        for k in range(samples):
+            for i in range(0, len(ids), batch):
+                cfg = GenerationConfig(
+                    max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, seed=seed * 7919 + 1000 * k + i
+                )
+                for j, g in enumerate(generate(model, tok, ids[i : i + batch], cfg, warn=lambda m: None)):
+                    answers[i + j].append(g.text.strip())
+                bar.advance(work, len(ids[i : i + batch]))
+    rng = random.Random(seed)
+    pairs, right = [], 0
+    for ex, chat, got in zip(examples, questions, answers):
+        good = [a for a in got if T.normalize_answer(a) == T.normalize_answer(ex.answer or "")]
+        bad = [a for a in got if a and T.normalize_answer(a) != T.normalize_answer(ex.answer or "")]
+        right += len(good)
+        if good and bad:
+            pairs.append({"prompt": chat[-2]["content"], "chosen": rng.choice(good), "rejected": rng.choice(bad)})
+    counts = {"questions": len(examples), "answers": len(examples) * samples, "right": right, "pairs": len(pairs)}
+    log(f"{counts['questions']} questions x {samples} answers: {right} right, {len(pairs)} questions with a right and a wrong one (pairs)")
+    return pairs, counts

@@ -70,6 +70,7 @@ class FinetuneConfig:
     grpo_loss: str = "grpo"  # grpo | dr_grpo
     epsilon: float = 0.2  # grpo: the ratio's clip
     temperature: float = 1.0  # grpo: sampling temperature
+    answer_tag: bool = False  # grpo: ask for the answer in <answer></answer>, read it there, add the format reward
     label_smoothing: float = 0.0  # dpo: conservative DPO's ε (the share of pairs assumed mislabelled)
     full: bool = False  # dpo, orpo, grpo: train every weight (DPO and GRPO keep a frozen reference copy) instead of LoRA
     quantize: str = "none"  # the frozen base of lora in 4 bits: int4 (CPU kernel) | nf4 (CUDA, bitsandbytes) | auto | none
@@ -559,6 +560,9 @@ class Finetuning:
             return classifier_metrics(model, tok, val_ex, cfg)
         if self.preference:
             out = {**self.preference_metrics(self.val_pairs), "general_bpb": general_bits_per_byte(model, tok, cfg)}
+            if cfg.eval_task:  # pairs built from a task (`llmkit finetune pairs`): its held-out questions, answered greedily
+                questions = T.mixture(cfg.eval_task, cfg.n_val, "val", cfg.seed)
+                out["exact_match"] = exact_match(answer(model, tok, questions, cfg.max_new_tokens), questions)
             for t, exs in self.forget_sets.items():
                 out[f"untrained_{t}"] = exact_match(answer(model, tok, exs, cfg.max_new_tokens), exs)
             shown = [Example(messages=[*p.prompt, {"role": "assistant", "content": p.chosen}], answer=p.chosen) for p in val_ex[: cfg.show]]
@@ -821,7 +825,7 @@ class Finetuning:
             "trainable": self.trainable,
             "parameters": self.total,
             "trainable_share": self.trainable / self.total,
-            "peak_memory_mb": _peak_memory_mb(),  # the process's resident memory
+            "peak_memory_mb": peak_memory_mb(),  # the process's resident memory
             **({"peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20} if _device(self.model).type == "cuda" else {}),
             "before": {k: v for k, v in self.before.items() if not k.startswith("_")},
             "after": {k: v for k, v in self.after.items() if not k.startswith("_")},
@@ -937,6 +941,8 @@ def _check_options(cfg: FinetuneConfig) -> None:
     preference = cfg.method in ("dpo", "orpo")
     if cfg.full and cfg.method not in ("dpo", "orpo", "grpo"):
         raise LlmkitError(f"--full chooses full training for dpo, orpo and grpo; --method {cfg.method} is what it is", "leave out --full")
+    if cfg.answer_tag and cfg.method != "grpo":
+        raise LlmkitError("--answer-tag shapes GRPO's rewards", "use it with --method grpo")
     if cfg.loss != "sigmoid" and cfg.method != "dpo":
         raise LlmkitError(
             f"--loss {cfg.loss} is a DPO loss; --method {cfg.method} has its own", "use --method dpo --loss ipo, or leave out --loss"
@@ -958,7 +964,7 @@ def _log_metrics(log, when: str, m: dict) -> None:
     log("      " + when + ": " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if not k.startswith("_")))
 
 
-def _peak_memory_mb() -> float:
+def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
