@@ -24,7 +24,8 @@ starts after that. `--cold` gives llmkit an empty compile cache (a new user's fi
 
 The peer and the load generator come with `pip install -e '.[bench]'` (llama-cpp-python[server], aiohttp).
 
-Every request has a prompt of its own of the same length ("Request 00017. " + a fixed text): with one prompt for all,
+In the plain workload every request has a prompt of its own of the same length ("Request 00017. " + a fixed text);
+every request of a run has a number of its own (no server answers a later level from an earlier prompt): with one prompt for all,
 llama-cpp-python would reuse the previous request's KV cache and skip the prefill. The peer runs with its default
 parallel settings (one request at a time) and `--n_threads 2`, and `--interrupt_requests False`: by default a new
 request interrupts the one being streamed, which loses requests under any concurrency. llmkit runs with its defaults
@@ -86,17 +87,22 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def compiled_ready(port: int, limit: float = 3600) -> float:
-    """Seconds until llmkit's /metrics says no compiled decode step is still building."""
+def compiled_ready(port: int, limit: float = 3600) -> tuple[float, int]:
+    """(seconds until llmkit's /metrics says no compiled decode step is still building, the steps then in use: fewer
+    than the batch sizes means some failed and decode eagerly)."""
+    import urllib.error
     import urllib.request
 
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < limit:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        building = [line for line in text.splitlines() if line.startswith("llmkit_compiled_decode_steps{") and 'state="building"' in line]
-        if building and all(float(line.split()[-1]) == 0 for line in building):
-            return time.perf_counter() - t0
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                lines = [line for line in r.read().decode().splitlines() if line.startswith("llmkit_compiled_decode_steps{")]
+        except (urllib.error.URLError, OSError):
+            lines = []
+        building = [float(line.split()[-1]) for line in lines if 'state="building"' in line]
+        if building and not any(building):
+            return time.perf_counter() - t0, int(sum(float(line.split()[-1]) for line in lines if 'state="in_use"' in line))
         time.sleep(1)
     raise SystemExit(f"the compiled steps were not built in {limit:.0f} s")
 
@@ -288,15 +294,17 @@ def main() -> None:
         print(f"{name} answered /v1/models {ready[name]:.1f} s after its start", flush=True)
         try:
             if name == "llmkit":
-                ready["llmkit compiled"] = ready[name] + compiled_ready(port)
-                print(f"llmkit's compiled decode steps all in use {ready['llmkit compiled']:.1f} s after its start", flush=True)
+                seconds, in_use = compiled_ready(port)
+                ready["llmkit compiled"] = ready[name] + seconds
+                print(f"llmkit's compiled decode steps built {ready['llmkit compiled']:.1f} s after its start: {in_use} in use", flush=True)
             url = f"http://127.0.0.1:{port}/v1/completions"
-            asyncio.run(level(url, model, 1, 2, 8, eos, first=90000))  # warm-up
+            asyncio.run(level(url, model, 1, 2, 8, eos, first=99_998))  # warm-up
+            first = 0  # each request of the run a number of its own
             for w in workloads:
                 for c in levels:
                     count = args.requests or max(8, 2 * c)
-                    first = 1000 * (1 + levels.index(c)) + 10000 * workloads.index(w)
-                    r = asyncio.run(level(url, model, c, count, args.max_tokens, eos, prompts(w, shared_text, long_text), first))
+                    first += count
+                    r = asyncio.run(level(url, model, c, count, args.max_tokens, eos, prompts(w, shared_text, long_text), first - count))
                     table[(name, w, c)] = r
                     print(
                         f"{name:10s} {w:6s} c={c:3d} n={count:4d}  {r['output_tokens_per_s']:7.1f} tok/s  "
@@ -309,6 +317,10 @@ def main() -> None:
                     )
         finally:
             stop(proc)
+    if args.json:  # first: a summary that cannot be printed loses nothing
+        Path(args.json).write_text(
+            json.dumps({"ready_s": ready, "levels": [{"server": k[0], "workload": k[1], **v} for k, v in table.items()]}, indent=2)
+        )
     if not args.skip_peer:
         print(
             f"\nready (first 200 on /v1/models): llmkit {ready['llmkit']:.1f} s (compiled steps in use {ready['llmkit compiled']:.1f} s"
@@ -336,10 +348,6 @@ def main() -> None:
             for c in levels:
                 a, b = table[("llmkit", "mixed", c)], table[("llama.cpp", "mixed", c)]
                 print(f"  c={c}: long TTFT p50 / p95 llmkit {fmt(a, 'ttft_long')} s, llama.cpp {fmt(b, 'ttft_long')} s")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"ready_s": ready, "levels": [{"server": k[0], "workload": k[1], **v} for k, v in table.items()]}, indent=2)
-        )
 
 
 def fmt(r: dict, key: str) -> str:

@@ -15,7 +15,7 @@ from llmkit.generate import GenerationConfig, generate
 from llmkit.model import build_model, compiled
 from llmkit.model.compiled import StaticDecoder, compilable, use_compiled_decode
 from llmkit.model.config import preset
-from llmkit.model.quantize import BlockLinear, Int4Linear, Int8Linear, fuse_projections, int4_codes, quantize
+from llmkit.model.quantize import GEMV_ROWS, BlockLinear, Int4Linear, Int8Linear, fuse_projections, int4_codes, quantize
 
 from conftest import tiny_model
 
@@ -246,6 +246,14 @@ def test_gguf_blocks_decode_to_the_files_weights_exactly(kind):
     assert torch.equal(layer(x), F.linear(x, w, linear.bias))
     y = torch.compile(lambda x: layer(x), fullgraph=True)(x)
     torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+    traced = []  # the block path, traced for GEMV_ROWS rows too (a batch of 8 in the engine)
+    from_blocks = layer._from_blocks
+    layer._from_blocks = lambda x: traced.append(x.shape[0]) or from_blocks(x)
+    x = torch.randn(GEMV_ROWS, 1, 96)
+    y = torch.compile(lambda x: layer(x), fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(y.double(), x.double() @ w.double().t() + linear.bias.double(), rtol=1e-5, atol=1e-5)
+    assert traced == [GEMV_ROWS]
+    del layer._from_blocks
     with torch.no_grad():
         linear.weight[0, 0] += 1e-3
     with pytest.raises(LlmkitError, match="no longer equal"):

@@ -259,8 +259,42 @@ def test_dpo_raises_the_reward_accuracy_and_orpo_learns_the_chosen_answers(tmp_p
     assert set(dpo["eval"]) == {"loss", "logps/chosen", "logps/rejected", *rewards}
     assert dpo["before"]["rewards/margins"] == 0.0 and dpo["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert (tmp_path / "dpo" / "adapter_config.json").exists()
-    orpo = finetune(FinetuneConfig(**common, method="orpo", beta=0.5, out=str(tmp_path / "orpo")), log=lambda m: None)
+    orpo = finetune(
+        FinetuneConfig(**{**common, "forgetting_tasks": "reverse,sort"}, method="orpo", beta=0.5, eval_task="reverse", n_val=4,
+                       n_forgetting=2, out=str(tmp_path / "orpo")),
+        log=lambda m: None,
+    )  # fmt: skip
     assert orpo["after"]["nll_loss"] < orpo["before"]["nll_loss"] - 0.5  # the chosen answers grow likely
+    # pairs made from a task (--eval-task): its held-out questions are scored, and it is not counted as forgetting
+    assert "exact_match" in orpo["before"] and "exact_match" in orpo["after"]
+    assert "untrained_sort" in orpo["after"] and "untrained_reverse" not in orpo["after"]
+
+
+def test_build_pairs_sorts_a_models_own_answers_by_the_verifier(tok, monkeypatch):
+    """A question with a right and a wrong sampled answer is one pair (chosen right, rejected wrong; an empty answer is
+    neither); all right or all wrong is none; a task without a verifier, or one sample, is refused."""
+    from llmkit import generate as G
+    from llmkit.data import tasks as T
+    from llmkit.finetune.preference import build_pairs
+
+    examples = T.task_examples("arithmetic", 3, "train", 0)
+    a = [ex.answer for ex in examples]
+    said = [[a[0], "7", f"{a[0]}.", ""], [a[1]] * 4, ["7", "", "7", "8"]]  # per question, its 4 samples
+    calls = []
+
+    def fake(model, tokenizer, prompts, cfg, warn=None):
+        k = len(calls)
+        calls.append(cfg.seed)
+        return [SimpleNamespace(text=said[i][k]) for i in range(len(prompts))]
+
+    monkeypatch.setattr(G, "generate", fake)
+    pairs, counts = build_pairs(SimpleNamespace(tokenizer=tok), "arithmetic", prompts=3, samples=4, log=lambda m: None)
+    assert counts == {"questions": 3, "answers": 12, "right": 6, "pairs": 1} and len(set(calls)) == 4  # a seed per sample
+    assert pairs == [{"prompt": examples[0].messages[-2]["content"], "chosen": pairs[0]["chosen"], "rejected": "7"}]
+    assert pairs[0]["chosen"] in (a[0], f"{a[0]}.")
+    for task, samples, words in (("play", 4, "has no verifier"), ("arithmetic", 1, "--samples 1")):
+        with pytest.raises(LlmkitError, match=words):
+            build_pairs(SimpleNamespace(tokenizer=tok), task, prompts=3, samples=samples)
 
 
 def test_arena_votes_export_as_preference_pairs_and_ratings_as_kto_rows(tmp_path):
@@ -446,9 +480,10 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
 
 
 def test_the_answer_tag_format_reward_reads_the_answer_there_and_rewards_the_form(tmp_path, tiny_base):
-    """--answer-tag (DeepSeek-R1's two rule rewards, as open-r1 writes them): the prompt asks for <answer></answer>; the
-    accuracy reward reads the answer there, the format reward is 1 only for one block ending the completion; both reach
-    metrics.jsonl under trl's names; --answer-tag on another method is refused."""
+    """--answer-tag (DeepSeek-R1's two rule rewards; open-r1's format reward wants <think> before the block, llmkit's
+    the block only): the prompt asks for <answer></answer>; the accuracy reward reads the answer there, the format
+    reward is 1 only for one non-empty block ending the completion; both reach metrics.jsonl under trl's names
+    (rewards/NAME/mean and /std); --answer-tag on another method is refused."""
     from llmkit.finetune.grpo import GRPO, format_reward, tagged_answer
     from llmkit.finetune.recipe import FinetuneConfig, finetune
 
@@ -460,6 +495,9 @@ def test_the_answer_tag_format_reward_reads_the_answer_there_and_rewards_the_for
         "<answer></answer>": (0.0, ""),
         "42": (0.0, ""),
         "<answer>42": (0.0, ""),
+        "<answer> </answer>": (0.0, ""),
+        "x</answer><answer>4</answer>": (0.0, "4"),
+        "<answer><answer>4</answer>": (0.0, "<answer>4"),
     }
     for text, (form, inside) in cases.items():
         assert (format_reward(text), tagged_answer(text)) == (form, inside), text
@@ -475,7 +513,8 @@ def test_the_answer_tag_format_reward_reads_the_answer_there_and_rewards_the_for
     assert run.reward(question, f"It is <answer>{question.answer}</answer> I think") == 1.0  # right answer, wrong form
     result = GRPO(dataclasses.replace(cfg, answer_tag=True, budget="2steps", out=str(tmp_path / "h")), log=lambda m: None).run()
     rows = [json.loads(r) for r in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
-    assert {"rewards/accuracy_reward/mean", "rewards/format_reward/mean"} <= set(rows[0]) and "format_reward" in result["after"]
+    names = {f"rewards/{k}_reward/{s}" for k in ("accuracy", "format") for s in ("mean", "std")}
+    assert names <= set(rows[0]) and "format_reward" in result["after"]
     with pytest.raises(LlmkitError, match="--answer-tag shapes GRPO"):
         finetune(dataclasses.replace(cfg, method="lora", answer_tag=True, out=str(tmp_path / "i")), log=lambda m: None)
 

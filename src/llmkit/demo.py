@@ -180,7 +180,7 @@ def finetune_stage(out: Path, budget: str) -> list[str]:
 def preference_stage(out: Path, budget: str) -> list[str]:
     """The SFT model's sampled answers to arithmetic questions, judged by the task's verifier, make pairs (right over
     wrong); DPO trains a LoRA of the SFT model on them; exact match, reward accuracy and forgetting before and after."""
-    from llmkit.finetune.preference import build_pairs
+    from llmkit.finetune.preference import MIN_PAIRS, build_pairs
 
     sft = load_model(out / "finetune")
     sft.requires_grad_(False)
@@ -192,7 +192,7 @@ def preference_stage(out: Path, budget: str) -> list[str]:
         f"(temperature 0.8); the task's verifier found {counts['right']} of {counts['answers']} answers right, and "
         f"{len(pairs)} questions had a right and a wrong one: each such question is a pair (chosen: right, rejected: wrong)."
     )
-    if len(pairs) < 4:
+    if len(pairs) < MIN_PAIRS:
         console.print(f"too few pairs for DPO ({len(pairs)}): a longer fine-tune (--finetune-budget) answers right more often")
         return [*head, said + " Too few for DPO: a longer fine-tune (`--finetune-budget`) answers right more often.", ""]
     io.write_jsonl(out / "pairs.jsonl", pairs)

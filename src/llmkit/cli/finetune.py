@@ -49,19 +49,6 @@ def register(commands) -> None:
             )
             p.add_argument("--loss", default=f.loss, choices=["sigmoid", "ipo"], help="dpo: DPO's sigmoid loss (default) or IPO's")
             p.add_argument(
-                "--beta",
-                type=float,
-                default=None,
-                help="dpo: β, the pull toward the reference (0.1); orpo: λ (0.1); grpo: the KL weight (0.04)",
-            )
-            p.add_argument("--group-size", type=int, default=f.group_size, help="grpo: completions sampled per prompt (default: 4)")
-            p.add_argument("--reward", default=None, metavar="MODULE:FUNCTION", help="grpo: f(prompt, completion, answer) -> number")
-            p.add_argument(
-                "--grpo-loss", default=f.grpo_loss, choices=["grpo", "dr_grpo"], help="grpo: GRPO's, or Dr. GRPO's length-unbiased one"
-            )
-            p.add_argument("--epsilon", type=float, default=f.epsilon, help="grpo: the clip of the probability ratio (default: 0.2)")
-            p.add_argument("--temperature", type=float, default=f.temperature, help="grpo: the sampling temperature (default: 1.0)")
-            p.add_argument(
                 "--answer-tag",
                 action="store_true",
                 help="grpo: each prompt asks for the answer between <answer> and </answer>; the verifier reads it there, and a "
@@ -95,6 +82,20 @@ def register(commands) -> None:
             )
             p.add_argument("--shots", default="0,3", help="k-shot in-context accuracy of the untouched model, for each k (default: 0,3)")
             p.add_argument("--curve", default="", help="also train the first method on these numbers of examples, e.g. 100,500,1000")
+        # the preference methods' settings (in a comparison, its dpo, orpo and grpo rows')
+        p.add_argument(
+            "--beta",
+            type=float,
+            default=None,
+            help="dpo: β, the pull toward the reference (0.1); orpo: λ (0.1); grpo: the KL weight (0.04)",
+        )
+        p.add_argument("--group-size", type=int, default=f.group_size, help="grpo: completions sampled per prompt (default: 4)")
+        p.add_argument("--reward", default=None, metavar="MODULE:FUNCTION", help="grpo: f(prompt, completion, answer) -> number")
+        p.add_argument(
+            "--grpo-loss", default=f.grpo_loss, choices=["grpo", "dr_grpo"], help="grpo: GRPO's, or Dr. GRPO's length-unbiased one"
+        )
+        p.add_argument("--epsilon", type=float, default=f.epsilon, help="grpo: the clip of the probability ratio (default: 0.2)")
+        p.add_argument("--temperature", type=float, default=f.temperature, help="grpo: the sampling temperature (default: 1.0)")
         p.add_argument("--model", default=f.model, help="smollm2 (default), minilm, or a run / Hugging Face folder")
         p.add_argument(
             "--task", default=f.task, help="arithmetic, reverse, sort, dates, play; a mixture 'arithmetic:2,reverse:1'; genre (encoders)"
@@ -316,6 +317,8 @@ def cmd_finetune_compare(args) -> None:
         )
 
     print_table(table)
+    for m, why in summary.get("failed", {}).items():
+        print(f"{m}: not run ({why})")
     for k, acc in summary["few_shot"].items():
         print(f"{k}-shot in-context (no training): {acc:.3f}")
     print(f"table -> {Path(args.out) / 'compare.json'}, chart -> {Path(args.out) / 'compare.png'}")

@@ -31,7 +31,7 @@ def check_methods(methods: list[str]) -> None:
     for i, m in enumerate(methods):
         first, _, then = m.partition("+")
         if then:
-            if then not in PREFERENCE_METHODS or first not in methods[:i]:
+            if then not in PREFERENCE_METHODS or first not in methods[:i] or first.removeprefix("multitask-") not in SFT_METHODS:
                 raise LlmkitError(
                     f"unknown method {m!r}", "a chain is an SFT method listed before it, then dpo, orpo or grpo: e.g. lora,lora+dpo"
                 )
@@ -65,17 +65,17 @@ def run_method(base_args: list[str], method: str, out: Path, extra: list[str] | 
     return result
 
 
-def preference_flags(method: str, start: str, task: str, out: Path, n_val: int, seed: int, log) -> list[str]:
+def preference_flags(method: str, start: str, task: str, out: Path, seed: int, log) -> list[str]:
     """The flags of a preference run in a comparison: GRPO trains on the task's verifier as it is; DPO and ORPO on pairs
     of the starting model's own answers judged by it, written first (out.pairs.jsonl), and scored on the task."""
     if method == "grpo":
         return []
-    from llmkit.finetune.preference import build_pairs
+    from llmkit.finetune.preference import MIN_PAIRS, build_pairs
 
     model = load_model(start)
     model.requires_grad_(False)
     pairs, counts = build_pairs(model, task, seed=seed, log=log)
-    if len(pairs) < 4:
+    if len(pairs) < MIN_PAIRS:
         raise LlmkitError(
             f"{start} answered {counts['right']} of {counts['answers']} sampled answers right: {len(pairs)} pairs are too few for {method}",
             f"start it from a fine-tuned model (e.g. --methods lora,lora+{method}), where right and wrong answers both come",
@@ -186,14 +186,19 @@ def compare(
             task,
         ]
 
-    results = []
+    results, failed = [], {}
     for m in methods:
         first, _, then = m.partition("+")
         if then or m in PREFERENCE_METHODS:
             start = str(out / first) if then else model
             log(f"fine-tuning with {then or m}, from {start} ...")
-            extra = ["--model", start, *preference_flags(then or m, start, task, out / m, n_val, seed, log)]
-            result = run_method(base_args, then or m, out / m, extra)
+            try:  # a preference row that cannot run (too few pairs, no verifier) is said and left out; the others go on
+                extra = ["--model", start, *preference_flags(then or m, start, task, out / m, seed, log)]
+                result = run_method(base_args, then or m, out / m, extra)
+            except LlmkitError as e:
+                log(f"{m}: {e.message} — {e.fix}")
+                failed[m] = e.message
+                continue
             result["method"] = m
         else:
             log(f"fine-tuning with {m} ...")
@@ -209,7 +214,7 @@ def compare(
     for k in shots:
         log(f"{k}-shot prompting of the untouched model ...")
         in_context[k] = few_shot(model, task, k, n_val, seed, max_new_tokens)
-    summary = {"task": task, "model": model, "rows": rows, "few_shot": in_context}
+    summary = {"task": task, "model": model, "rows": rows, "few_shot": in_context, **({"failed": failed} if failed else {})}
     io.write_json(out / "compare.json", summary)
     plot(rows, out / "compare.png")
     return summary

@@ -55,8 +55,9 @@ from llmkit.train.runtime import Budget, Metrics, autocast_dtype
 VERIFIED_TASKS = T.VERIFIED  # built-in tasks whose answers a program checks exactly
 LOSS_TYPES = ("grpo", "dr_grpo")
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-FORMAT = re.compile(r"(?:(?!<answer>).)*<answer>(?:(?!</?answer>).)+</answer>\s*", re.S)  # one block, nothing after it
-TAG_INSTRUCTION = "Give the final answer between <answer> and </answer>."
+FORMAT = re.compile(r"(.*?)<answer>(.*?)</answer>\s*", re.S)  # (before, inside): then nothing after the block
+TAG = re.compile(r"</?answer>")
+TAG_INSTRUCTION = "Put the answer between <answer> and </answer>."
 
 
 def tagged_answer(completion: str) -> str:
@@ -66,8 +67,10 @@ def tagged_answer(completion: str) -> str:
 
 
 def format_reward(completion: str) -> float:
-    """1 when the completion is (any reasoning, then) one <answer>...</answer> block with nothing after it, else 0."""
-    return float(FORMAT.fullmatch(completion) is not None)
+    """1 when the completion is (any reasoning, then) one <answer>...</answer> block that holds an answer, with nothing
+    after it and no other answer tag anywhere, else 0."""
+    m = FORMAT.fullmatch(completion)
+    return float(m is not None and not TAG.search(m[1]) and not TAG.search(m[2]) and bool(m[2].strip()))
 
 
 def task_reward(answer: str, completion: str) -> float:
@@ -234,9 +237,12 @@ class GRPO:
 
     def rewards(self, prompt: Prompt, completion: str) -> dict[str, float]:
         """The prompt's rewards for `completion`, by name: accuracy_reward (the verifier's or --reward's), and with
-        --answer-tag format_reward. A reward function that raises or returns a non-number gives 0 (counted)."""
+        --answer-tag format_reward. With --answer-tag the verifier (or --reward's function, as `completion`) sees the
+        text inside the answer block, and a completion without one scores 0. A reward function that raises or returns
+        a non-number gives 0 (counted)."""
         answer = tagged_answer(completion) if self.cfg.answer_tag else completion
-        out = {"accuracy_reward": self._accuracy(prompt, answer)}
+        asked = not self.cfg.answer_tag or ANSWER_TAG.search(completion) is not None
+        out = {"accuracy_reward": self._accuracy(prompt, answer) if asked else 0.0}
         if self.cfg.answer_tag:
             out["format_reward"] = format_reward(completion)
         return out
@@ -328,7 +334,10 @@ class GRPO:
             outs = generate(model, tok, prompt_ids, gen, warn=lambda m: None)
         parts = [self.rewards(p, o.text) for p, o in zip((p for p in prompts for _ in range(cfg.group_size)), outs)]
         rewards = torch.tensor([sum(r.values()) for r in parts], device="cpu")
-        means = {f"rewards/{k}/mean": sum(r[k] for r in parts) / len(parts) for k in parts[0]} if len(parts[0]) > 1 else {}
+        means = {}  # each reward function's mean and std over the step's completions, as trl logs them
+        for k in parts[0]:
+            values = torch.tensor([r[k] for r in parts])
+            means[f"rewards/{k}/mean"], means[f"rewards/{k}/std"] = values.mean().item(), values.std().item()
         return prompts, prompt_ids, [o.ids for o in outs], rewards, means
 
     def train(self) -> None:

@@ -15,6 +15,9 @@ The reference of DPO/IPO is the model before training: with LoRA the same weight
 (`reference_mode`), so no second copy; with full fine-tuning a frozen copy. Metrics are named as trl names them:
 rewards/chosen = β (log π(c) − log π_ref(c)), rewards/rejected, rewards/margins, rewards/accuracies (chosen above
 rejected); ORPO's rewards are β · the answers' average log-probabilities, as trl's ORPOTrainer logs them.
+
+`build_pairs` makes pairs without a person: a model's own sampled answers to a built-in task's questions, sorted into
+right and wrong by the task's verifier (`llmkit finetune pairs`, and the pairs of `finetune compare`'s dpo rows).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from llmkit.finetune.data import IGNORE, encode_chat
 from llmkit.model.layers import pad_right
 
 PREFERENCE_METHODS = ("dpo", "ipo", "orpo")
+MIN_PAIRS = 4  # fewer pairs than this train nothing worth measuring (a tenth of the prompts is held out)
 
 
 def is_pair_row(row: dict) -> bool:

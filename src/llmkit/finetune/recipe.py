@@ -598,7 +598,8 @@ class Finetuning:
 
     def initial_predictions(self) -> None:
         cfg = self.cfg
-        trained = "" if self.preference else cfg.task  # pairs train no built-in task: every one listed is measured
+        # pairs train no built-in task, except the one they were made from (--eval-task): every other one listed is measured
+        trained = (cfg.eval_task or "") if self.preference else cfg.task
         asked = [t for t in cfg.forgetting_tasks.split(",") if t and t != "none"]  # "none": no task measured
         untrained = [t for t in asked if t not in trained] if not self.classification else []
         self.forget_sets = {t: T.task_examples(t, cfg.n_forgetting, "val", cfg.seed + 7) for t in untrained}

@@ -190,6 +190,7 @@ class State:
         self.closing = False
         self.on_load_error = None  # called with the message when a model fails to load (the CLI stops the server)
         self.arena = Arena()  # the arena routes' limits and leaderboard
+        self.adding = threading.Lock()  # a model added while serving (llmkit.serve.training) against close()
 
     def load(self) -> None:
         loaded: dict[str, object] = {}  # one spec served under two names (e.g. two sampling settings) is loaded once
@@ -250,7 +251,8 @@ class State:
                 served.engine.close(wait=0)
 
     def close(self) -> None:
-        self.closing = True
+        with self.adding:
+            self.closing = True
         if self.arena.training is not None:
             self.arena.training.cancel()
         for served in self.models.values():

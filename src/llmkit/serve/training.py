@@ -5,8 +5,9 @@ trained model is then served beside its base under a new name, so the arena's ne
     POST /arena/train  {"model"?, "steps"?, "beta"?}  -> the job's state (202)
     GET  /arena/train                                -> the job's state: idle, running, loading, ready or failed
 
-One job at a time per server. The run (pairs.jsonl, train.log, the adapter, results.json, metrics.jsonl) is kept in
-`arena-dpo/` beside the votes database.
+One job at a time per server, and at most MAX_TRAINED trained models served beside the others (each is a whole model
+in memory). The run (pairs.jsonl, train.log, the adapter, results.json, metrics.jsonl) is kept in `arena-dpo/` beside
+the votes database.
 """
 
 from __future__ import annotations
@@ -24,21 +25,23 @@ from pathlib import Path
 from llmkit import io
 from llmkit.errors import LlmkitError
 from llmkit.evaluate.arena import preference_pairs
-from llmkit.finetune.preference import read_pairs
+from llmkit.finetune.preference import MIN_PAIRS, read_pairs
+from llmkit.finetune.recipe import split_pairs_by_prompt
 from llmkit.model import weights as model_weights
 from llmkit.model.compiled import prepare_for_decoding
 
 log = logging.getLogger("llmkit.serve")
 
-MIN_PAIRS = 4  # fewer decided battles than this train nothing worth serving (a tenth is held out to measure)
+MAX_TRAINED = 3  # trained models one server adds; a restart clears them (their run folders stay)
 
 
 class TrainingJob:
     """One DPO run from the votes: its process, then the load of what it trained into the server's models."""
 
-    def __init__(self, state, base: str, spec: str, name: str, run_dir: Path, pairs: int, left_out: dict, steps: int, beta: float):
+    def __init__(self, state, base: str, spec: str, name: str, run_dir: Path, pairs: tuple[int, int], left_out: dict, steps: int, beta):
+        """`pairs`: (training, held out) after the run's own split."""
         self.state, self.base, self.spec, self.name, self.run_dir = state, base, spec, name, run_dir
-        self.pairs, self.left_out, self.steps, self.beta = pairs, left_out, steps, beta
+        (self.pairs, self.held_out), self.left_out, self.steps, self.beta = pairs, left_out, steps, beta
         self.status = "running"
         self.error: str | None = None
         self.result: dict | None = None
@@ -67,6 +70,8 @@ class TrainingJob:
             "none",
             "--general-tokens",
             "512",
+            "--device",
+            self.state.settings.device or "cpu",  # where the server runs its models, not a GPU it did not ask for
             "--out",
             str(self.run_dir),
             "--json",
@@ -99,7 +104,8 @@ class TrainingJob:
             if self.state.closing:
                 return
             self.status = "loading"
-            self._serve()
+            if not self._serve():
+                return
             self.status = "ready"
             log.info("arena: %s (DPO on %d pairs from the votes) is served beside %s", self.name, self.pairs, self.base)
         except Exception as e:  # noqa: BLE001  (said on GET /arena/train; the server goes on)
@@ -109,20 +115,24 @@ class TrainingJob:
         finally:
             self.ended = time.time()
 
-    def _serve(self) -> None:
-        """The trained adapter, merged into its base, served under `self.name` (eagerly: no compile process beside)."""
+    def _serve(self) -> bool:
+        """The trained adapter, merged into its base, served under `self.name` (eagerly: no compile process beside);
+        False when the server began to close meanwhile."""
         from llmkit.serve.state import Served
 
         state = self.state
         model = model_weights.load(str(self.run_dir), dtype=state.settings.dtype, device=state.settings.device)
-        prepare_for_decoding(model, None, False)
+        prepare_for_decoding(model, state.settings.quantize, False)  # the served models' weights: a battle compares training
         served = Served(self.name, model, state.settings, state.metrics, False)
-        while served.engine is not None and not served.engine.warm.wait(0.5):
+        if served.engine is not None:
+            served.engine.warm.wait(60)
+        with state.adding:  # close() takes it too: a model is added before the server closes, or not at all
             if state.closing:
                 served.close()
-                return
-        state.specs.append((self.name, str(self.run_dir)))
-        state.models = {**state.models, self.name: served}  # one assignment: requests see the old dict or the new
+                return False
+            state.specs.append((self.name, str(self.run_dir)))
+            state.models = {**state.models, self.name: served}  # one assignment: requests see the old dict or the new
+        return True
 
     def step(self) -> int:
         """The optimizer steps the run has logged so far (metrics.jsonl)."""
@@ -130,7 +140,13 @@ class TrainingJob:
             lines = (self.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         except OSError:
             return 0
-        return max((json.loads(line).get("step", 0) for line in lines if line.strip().startswith("{")), default=0)
+        steps = []
+        for line in lines:
+            try:
+                steps.append(json.loads(line).get("step", 0))
+            except ValueError:  # the line being written
+                pass
+        return max(steps, default=0)
 
     def view(self) -> dict:
         out = {
@@ -140,7 +156,8 @@ class TrainingJob:
             "pairs": self.pairs,
             "left_out": self.left_out,
             "steps": self.steps,
-            "step": self.steps if self.status in ("loading", "ready") else self.step(),
+            "step": self.result["steps"] if self.result else self.step(),
+            "held_out": self.held_out,
             "beta": self.beta,
             "run": str(self.run_dir),
             "seconds": round((self.ended or time.time()) - self.started, 1),
@@ -149,7 +166,7 @@ class TrainingJob:
             out["error"] = self.error
         if self.result:
             before, after = self.result.get("before", {}), self.result.get("after", {})
-            keep = ("loss", "rewards/accuracies", "rewards/margins", "general_bpb")
+            keep = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "general_bpb")
             out["before"] = {k: before[k] for k in keep if k in before}
             out["after"] = {k: after[k] for k in keep if k in after}
         return out
@@ -159,39 +176,54 @@ class TrainingJob:
             self.proc.terminate()
 
 
+_STARTING = threading.Lock()
+
+
 def start_training(state, base: str | None, steps: int, beta: float) -> TrainingJob:
     """Export the votes' pairs and start a DPO run of `base` (default: the first generating model) on them."""
     with _STARTING:  # two clicks at once start one run
         return _start(state, base, steps, beta)
 
 
-_STARTING = threading.Lock()
-
-
 def _start(state, base: str | None, steps: int, beta: float) -> TrainingJob:
     from llmkit.serve.state import APIError
 
+    state.check_ready()
     job = state.arena.training
     if job is not None and job.status in ("running", "loading"):
         raise APIError(409, f"a DPO run is already {job.status} ({job.name})", code="training_running")
+    trained = [name for name, spec in state.specs if isinstance(spec, str) and "arena-dpo" in Path(spec).parts]
+    if len(trained) >= MAX_TRAINED:
+        raise APIError(
+            409, f"this server already serves {len(trained)} models trained on the votes ({', '.join(trained)}): restart it to clear them",
+            code="too_many_trained",
+        )  # fmt: skip
     generating = [name for name, served in state.models.items() if not served.embedding]
     base = base or (generating[0] if generating else "")
     if base not in generating:
-        raise APIError(400, f"{base!r} is not a generating model this server serves ({', '.join(generating) or 'none'})", param="model")
+        raise APIError(
+            404, f"{base!r} is not a generating model this server serves ({', '.join(generating) or 'none'})", param="model",
+            code="model_not_found",
+        )  # fmt: skip
     spec = dict(state.specs).get(base)
     if not isinstance(spec, str):
         raise APIError(400, f"{base!r} was given to the server as a model object, not a name or folder: train it with `llmkit finetune`")
     pairs, left_out = preference_pairs(state.votes.export())
     usable, skipped = read_pairs(pairs)  # what the DPO run will train on: the recipe's own reading
     left_out = {**left_out, **{k: n for k, n in skipped.items() if n}}
+    why = ", ".join(f"{n} {k}" for k, n in left_out.items() if n) or "none"
     if len(usable) < MIN_PAIRS:
-        why = ", ".join(f"{n} {k}" for k, n in left_out.items() if n) or "none"
         raise APIError(
             400,
             f"{len(usable)} usable pairs from the votes so far (left out: {why}): DPO needs at least {MIN_PAIRS} battles where "
             "A or B was better and both answered",
             code="too_few_pairs",
         )
+    kept = [r for r, ok in zip(pairs, _usable(pairs)) if ok]
+    try:  # the run's own split: whole prompts held out, so at least two distinct prompts
+        train, val = split_pairs_by_prompt(kept, seed=0)
+    except LlmkitError as e:
+        raise APIError(400, f"{e.message} ({len(usable)} usable pairs): vote on battles of other prompts", code="too_few_pairs") from None
     root = Path(state.settings.db).resolve().parent / "arena-dpo"
     number, stem = 1, re.sub(r"[^A-Za-z0-9._-]+", "-", base)
     while f"{stem}-dpo{number}" in state.models or (root / f"{stem}-dpo{number}").exists():
@@ -199,9 +231,14 @@ def _start(state, base: str | None, steps: int, beta: float) -> TrainingJob:
     name = f"{stem}-dpo{number}"
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    io.write_jsonl(run_dir / "pairs.jsonl", pairs)
-    job = TrainingJob(state, base, spec, name, run_dir, len(usable), left_out, steps, beta)
+    io.write_jsonl(run_dir / "pairs.jsonl", kept)
+    job = TrainingJob(state, base, spec, name, run_dir, (len(train), len(val)), left_out, steps, beta)
     job.start()
     state.arena.training = job
     log.info("arena: DPO of %s on %d pairs from the votes -> %s (%s)", base, len(pairs), name, run_dir)
     return job
+
+
+def _usable(rows: list[dict]) -> list[bool]:
+    """Which rows the DPO run would train on (the recipe's reader, row by row)."""
+    return [bool(read_pairs([r])[0]) for r in rows]

@@ -447,13 +447,16 @@ let trainTimer = null;
 
 function describeTraining(job) {
   if (job.status === "idle") return "No run yet: vote on at least " + job.min_pairs + " battles (A or B better), then train.";
-  const on = job.model + " (DPO of " + job.base + " on " + job.pairs + " pairs from the votes)";
+  const on = job.model + " (DPO of " + job.base + " on " + job.pairs + " pairs from the votes, " + job.held_out + " held out)";
   if (job.status === "running") return "Training " + on + ": step " + job.step + " of " + job.steps + ", " + Math.round(job.seconds) + " s so far.";
   if (job.status === "loading") return "Trained " + on + "; loading it into the server…";
   if (job.status === "failed") return "The run of " + on + " failed: " + job.error;
-  const acc = (v) => (v && v["rewards/accuracies"] !== undefined ? Number(v["rewards/accuracies"]).toFixed(2) : "–");
-  return job.model + " is served: " + job.pairs + " pairs, " + job.steps + " steps in " + Math.round(job.seconds)
-    + " s; held-out reward accuracy " + acc(job.before) + " → " + acc(job.after) + ". The arena now draws it too.";
+  const after = job.after || {};
+  const num2 = (v) => (v === undefined ? "–" : Number(v).toFixed(2));
+  // before training the policy is its reference: margins 0, accuracy 0 by definition; the held-out values after say what moved
+  return job.model + " is served: " + job.pairs + " pairs, " + job.step + " steps in " + Math.round(job.seconds)
+    + " s; on the " + job.held_out + " held-out pair(s) it prefers the chosen answer by a reward margin of "
+    + num2(after["rewards/margins"]) + " (accuracy " + num2(after["rewards/accuracies"]) + "). The arena now draws it too.";
 }
 
 async function watchTraining() {
