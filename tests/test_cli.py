@@ -68,8 +68,6 @@ def test_every_readme_command_parses():
     assert len(lines) > 50
     for line in lines:
         argv = shlex.split(line, comments=True)[1:]
-        if argv[:2] == ["finetune", "compare"]:
-            argv[:2] = ["finetune-compare"]
         if "--help" in argv:
             continue
         args = parse_args(argv)

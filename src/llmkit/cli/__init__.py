@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options in the order they win: the command line, then --config FILE, then (with --resume) the options the run in
     --out was started with, then the defaults."""
+    argv = list(argv)
+    for i, a in enumerate(argv[:-1]):  # `llmkit finetune compare ...` is the finetune-compare command (pairs: finetune-pairs)
+        if a == "finetune" and argv[i + 1] in ("compare", "pairs"):
+            argv[i : i + 2] = [f"finetune-{argv[i + 1]}"]
+            break
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -142,10 +147,6 @@ def _refuse_unknown(args: argparse.Namespace, extra: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(argv[:-1]):  # `llmkit finetune compare ...` is the finetune-compare command (pairs: finetune-pairs)
-        if a == "finetune" and argv[i + 1] in ("compare", "pairs"):
-            argv[i : i + 2] = [f"finetune-{argv[i + 1]}"]
-            break
     debug = "--debug" in argv
     try:
         args = parse_args(argv)
