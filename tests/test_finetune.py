@@ -457,8 +457,9 @@ def test_compare_chains_preference_training_after_sft_on_pairs_the_model_makes(t
     pairs = tmp_path.joinpath(dpo_extra[dpo_extra.index("--data") + 1])
     assert [json.loads(line) for line in pairs.read_text().splitlines()] == made
     assert grpo == "grpo" and grpo_extra == ["--model", "m"]
-    for methods in (["lora+dpo"], ["lora", "lora+sft"], ["grpo", "grpo+dpo"], ["ppo"]):
-        with pytest.raises(LlmkitError, match="unknown method"):
+    for methods, words in ((["lora+dpo"], "not listed before it"), (["lora", "lora+sft"], "unknown"), (["grpo", "grpo+dpo"], "unknown"),
+                           (["ppo"], "unknown method")):  # fmt: skip
+        with pytest.raises(LlmkitError, match=words):
             C.check_methods(methods)
     monkeypatch.setattr(preference, "build_pairs", lambda model, task, **kw: ([], {"right": 0, "answers": 20}))
     calls.clear()  # a row that cannot run is said and left out; the comparison goes on

@@ -455,11 +455,14 @@ def test_grpo_steps_toward_the_rewarded_completions_and_counts_a_broken_reward(t
         after, _ = token_logps(run.model(x, attention_mask=mask), y)
     assert (advantages * ((after - logps.detach()) * tmask).sum(-1)).sum() > 0
 
-    result = GRPO(FinetuneConfig(**common, reward="rewards:broken", budget="2steps", out=str(tmp_path / "b")), log=lambda m: None).run()
+    said: list[str] = []
+    result = GRPO(FinetuneConfig(**common, reward="rewards:broken", budget="2steps", out=str(tmp_path / "b")), log=said.append).run()
     assert result["steps"] == 2 and result["reward_errors"] > 0
+    assert any("nothing was learned" in m for m in said)  # every reward 0: every group flat, and the run says so
     assert (tmp_path / "b" / "adapter_config.json").exists() and (tmp_path / "b" / "metrics.jsonl").exists()
     rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward", "reward_std", "completion_length", "clip_ratio", "kl"} <= set(rows[0])
+    assert {"reward", "reward_std", "completion_length", "clip_ratio", "kl", "frac_reward_zero_std"} <= set(rows[0])
+    assert rows[0]["frac_reward_zero_std"] == 1.0
     rows = tmp_path / "rows.jsonl"  # a file of prompts and answers: split as every fine-tune's data is (seeded, disjoint)
     rows.write_text("".join(json.dumps({"prompt": f"Say {w}", "answer": w}) + "\n" for w in "abcdefghijklmnopqrst"))
     split = GRPO(FinetuneConfig(**{**common, "data": str(rows)}, out=str(tmp_path / "d")), log=lambda m: None)

@@ -38,8 +38,9 @@ SHORTER = {
     "llmkit pretrain --family encoder --budget 2m --out runs/bert": "--budget 5steps --final-eval-tokens 4096",
     "llmkit pretrain --budget 30m --max-epochs 8 --out runs/long": "--budget 5steps --final-eval-tokens 4096",
     "llmkit pretrain --out runs/pretrain --resume --budget 10m": "--budget 12steps",  # runs/pretrain trained 10 steps
+    # 20 steps: enough that the model answers some questions right and some wrong (the pairs `finetune pairs` makes below)
     "llmkit finetune --model smollm2 --method lora --task arithmetic --budget 100steps --out runs/finetune": (
-        f"--budget 4steps --n-train 16 {MEASURE}"
+        f"--budget 20steps --n-train 64 {MEASURE}"
     ),
     "llmkit finetune --model smollm2 --method full --task arithmetic:2,reverse:1,sort:1 --lr 5e-5 --out runs/ft-mix": (
         f"--budget 1steps --batch-size 4 --n-train 16 {MEASURE}"
@@ -50,7 +51,7 @@ SHORTER = {
     ),
     "llmkit finetune --model smollm2 --method lora --data examples/my.jsonl --lora-r 16 --lora-targets q_proj,v_proj --rslora "
     "--out runs/ft-mine": f"--budget 2steps {MEASURE}",
-    "llmkit finetune --out runs/finetune --resume": "--budget 5steps",  # likewise runs/finetune (its own options)
+    "llmkit finetune --out runs/finetune --resume": "--budget 22steps",  # likewise runs/finetune (its own options)
     "llmkit finetune compare --model smollm2 --task arithmetic --methods full,lora,multitask-lora --shots 0,3 --curve 100,400": (
         f"--methods lora --shots 0 --curve '' --budget 2steps --n-train 16 {MEASURE}"
     ),

@@ -292,25 +292,33 @@ def test_a_busy_server_is_explained_in_words(browser, tmp_path, tokenizers_by_ki
     live = LiveServer(create_app([("tiny", str(tmp_path / "tiny"))], [], Settings(max_batch=1, max_queue=0)))
     try:
         live.wait_ready()
-        hog = threading.Thread(
-            target=request,
-            args=("POST", live.base + "/v1/completions", {"model": "tiny", "prompt": "To be", "max_tokens": 1000, "ignore_eos": True}),
-        )
-        hog.start()
-        deadline = time.monotonic() + 20
+        stop = threading.Event()
+        hog = {"model": "tiny", "prompt": "To be", "max_tokens": 1000, "ignore_eos": True}
+
+        def hogging():  # two clients that ask again the moment they are answered: the one slot is never free for long
+            while not stop.is_set():
+                if request("POST", live.base + "/v1/completions", hog)[0] != 200:
+                    time.sleep(0.05)  # the other one holds the slot
+
+        hogs = [threading.Thread(target=hogging) for _ in range(2)]
+        for t in hogs:
+            t.start()
+        deadline = time.monotonic() + 60
         while live.engine("tiny").running == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         context = browser.new_context(bypass_csp=True)
         p = context.new_page()
         p.goto(live.base + "/")
-        p.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
+        p.wait_for_function("document.getElementById('status').textContent.startsWith('ready')", timeout=120_000)
         p.fill("#chat-input", "Hello?")
         p.click("#chat-send")
-        p.wait_for_function("document.getElementById('notice').textContent.includes('busy')")
+        p.wait_for_function("document.getElementById('notice').textContent.includes('busy')", timeout=120_000)
         assert "queue is full" in p.inner_text("#notice") and "Try again in" in p.inner_text("#notice")
         p.screenshot(path=str(SHOTS / "6-busy.png"))
         context.close()
-        hog.join(60)
+        stop.set()
+        for t in hogs:
+            t.join(120)
     finally:
         live.stop()

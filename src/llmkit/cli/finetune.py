@@ -39,6 +39,8 @@ def register(commands) -> None:
             ),
             cmd_finetune_compare if compare_cmd else cmd_finetune,
         )
+        if compare_cmd:
+            p.prog = "llmkit finetune compare"  # as it is typed
         if not compare_cmd:
             p.add_argument(
                 "--method",
@@ -121,8 +123,12 @@ def register(commands) -> None:
         p.add_argument(
             "--budget",
             default=None,
-            help="when to stop: steps or time (default: 100steps; with --resume the run's own: a finished run then says so, "
-            "and a larger budget trains it further)",
+            help="when to stop: steps, time or tokens (default: 100steps"
+            + (
+                "; each row's)"
+                if compare_cmd
+                else "; with --resume the run's own: a finished run then says so, and a larger budget trains it further)"
+            ),
         )
         p.add_argument("--batch-size", type=int, default=f.batch_size)
         p.add_argument("--grad-accum", type=int, default=f.grad_accum)
@@ -194,13 +200,14 @@ def register_pairs(commands) -> None:
         ),
         cmd_finetune_pairs,
     )
+    p.prog = "llmkit finetune pairs"  # as it is typed
     p.add_argument("--model", default="smollm2", help="the model that answers (smollm2, a run folder, a LoRA run)")
     p.add_argument("--task", default="arithmetic", help="a built-in task with a verifier: arithmetic, reverse, sort, dates")
     p.add_argument("--prompts", type=int, default=160, help="questions from the task's training split (default: 160)")
     p.add_argument("--samples", type=int, default=4, help="answers sampled per question (default: 4)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8, help="the sampling temperature (default: 0.8)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="an answer's length limit (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="the questions drawn and the samples (default: 0)")
     device_option(p, "auto")
     p.add_argument("--out", default="pairs.jsonl", help="the JSONL file of pairs (prompt, chosen, rejected)")
 

@@ -31,10 +31,12 @@ def check_methods(methods: list[str]) -> None:
     for i, m in enumerate(methods):
         first, _, then = m.partition("+")
         if then:
-            if then not in PREFERENCE_METHODS or first not in methods[:i] or first.removeprefix("multitask-") not in SFT_METHODS:
+            if then not in PREFERENCE_METHODS or first.removeprefix("multitask-") not in SFT_METHODS:
                 raise LlmkitError(
                     f"unknown method {m!r}", "a chain is an SFT method listed before it, then dpo, orpo or grpo: e.g. lora,lora+dpo"
                 )
+            if first not in methods[:i]:
+                raise LlmkitError(f"{m!r} starts from the {first} row, which is not listed before it", f"list it first: {first},{m}")
         elif m.removeprefix("multitask-") not in SFT_METHODS and m not in PREFERENCE_METHODS:
             raise LlmkitError(f"unknown method {m!r}", "use full, lora, adapter, multitask-lora (etc.), dpo, orpo, grpo or lora+dpo (etc.)")
 

@@ -381,6 +381,7 @@ class GRPO:
                 optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 groups = rewards.view(-1, cfg.group_size)
+                flat = float((groups.std(dim=1) == 0).float().mean())  # groups whose rewards are all equal: no gradient
                 row = {
                     "step": self.step,
                     "split": "train",
@@ -389,6 +390,7 @@ class GRPO:
                     "reward": rewards.mean().item(),
                     "reward_std": groups.std(dim=1).mean().item(),
                     "completion_length": sum(map(len, completions)) / len(completions),
+                    "frac_reward_zero_std": flat,
                     **means,
                     **extra,
                 }
@@ -397,6 +399,15 @@ class GRPO:
                     task, completed=self.step if budget.steps else time.perf_counter() - start, description=f"reward {row['reward']:.2f}"
                 )
         self.elapsed = time.perf_counter() - start
+        rows = [r for r in metrics.rows if r.get("split") == "train"]
+        if rows and all(r["frac_reward_zero_std"] == 1.0 for r in rows):
+            length = sum(r["completion_length"] for r in rows) / len(rows)
+            self.log(
+                f"      warning: at every step each group's rewards were equal (all {rows[-1]['reward']:.2f}): the advantages "
+                f"were 0 and nothing was learned. Completions averaged {length:.1f} tokens of --max-new-tokens "
+                f"{cfg.max_new_tokens}: raise it if they were cut off, give larger --group-size, or start from a model "
+                "that gets some answers right (SFT first)"
+            )
 
     def evaluate(self) -> None:
         self.after = self.measure()

@@ -299,5 +299,10 @@ def build_pairs(
         if good and bad:
             pairs.append({"prompt": chat[-2]["content"], "chosen": rng.choice(good), "rejected": rng.choice(bad)})
     counts = {"questions": len(examples), "answers": len(examples) * samples, "right": right, "pairs": len(pairs)}
-    log(f"{counts['questions']} questions x {samples} answers: {right} right, {len(pairs)} questions with a right and a wrong one (pairs)")
+    log(f"{counts['questions']} questions x {samples} answers: {right} right; {len(pairs)} with a right and a wrong answer (the pairs)")
+    if 0 < len(pairs) < MIN_PAIRS:
+        log(
+            f"warning: {len(pairs)} pair(s) are too few to train on (DPO holds out whole prompts and needs {MIN_PAIRS} or more): "
+            "raise --prompts, or fine-tune the model longer first"
+        )
     return pairs, counts

@@ -25,6 +25,7 @@ ROUTES = (
     "/arena/battles",
     "/arena/votes",
     "/arena/leaderboard",
+    "/arena/train",
     "/ratings",
 )
 PUBLIC = ("/health", "/", "/favicon.ico")  # and the page's files under /ui/: no data, so the page can load and ask for the key

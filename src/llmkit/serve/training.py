@@ -93,6 +93,10 @@ class TrainingJob:
         assert self.proc is not None
         stdout, _ = self.proc.communicate()
         try:
+            if self.state.closing and self.proc.returncode != 0:  # stopped by close(): said, not called a failure
+                self.status = "cancelled"
+                log.info("arena: the DPO run of %s was stopped with the server (its folder: %s)", self.name, self.run_dir)
+                return
             if self.proc.returncode != 0:
                 text = (self.run_dir / "train.log").read_text(encoding="utf-8", errors="replace")
                 tail = [line for line in text.splitlines() if line.strip()]
@@ -102,6 +106,7 @@ class TrainingJob:
                 )
             self.result = json.loads(stdout.strip().splitlines()[-1])
             if self.state.closing:
+                self.status = "cancelled"
                 return
             self.status = "loading"
             if not self._serve():
@@ -235,7 +240,7 @@ def _start(state, base: str | None, steps: int, beta: float) -> TrainingJob:
     job = TrainingJob(state, base, spec, name, run_dir, (len(train), len(val)), left_out, steps, beta)
     job.start()
     state.arena.training = job
-    log.info("arena: DPO of %s on %d pairs from the votes -> %s (%s)", base, len(pairs), name, run_dir)
+    log.info("arena: DPO of %s on %d pairs from the votes (%d more held out) -> %s (%s)", base, len(train), len(val), name, run_dir)
     return job
 
 
