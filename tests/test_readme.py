@@ -68,7 +68,7 @@ SHORTER = {
     "llmkit finetune pairs --model runs/finetune --task arithmetic --prompts 160 --samples 4 --out runs/pairs.jsonl": (
         "--prompts 24 --max-new-tokens 8"
     ),
-    "llmkit finetune compare --model smollm2 --task arithmetic --methods lora,lora+dpo,lora+grpo --budget 40steps": (
+    "llmkit finetune compare --model smollm2 --task arithmetic --methods lora,lora+dpo,lora+grpo --budget 40steps --out runs/cmp-pref": (
         f"--methods lora,lora+grpo --shots 0 --budget 1steps --n-train 8 --group-size 2 --max-new-tokens 8 {MEASURE}"
     ),
     "llmkit finetune --model smollm2 --method qlora --task arithmetic --budget 60steps --out runs/qlora": (

@@ -148,6 +148,10 @@ def generate_stage(out: Path):
     return smol, question, lines
 
 
+# what the fine-tuning stages measure before and after: the held-out questions, one untrained task, general text
+MEASURES: dict = {"n_val": 16, "forgetting_tasks": "reverse", "n_forgetting": 16, "general_tokens": 1024}
+
+
 def finetune_stage(out: Path, budget: str) -> list[str]:
     ft = finetune(
         FinetuneConfig(
@@ -155,12 +159,9 @@ def finetune_stage(out: Path, budget: str) -> list[str]:
             method="lora",
             task="arithmetic",
             n_train=300,
-            n_val=16,
             budget=budget,
-            forgetting_tasks="reverse",
-            n_forgetting=16,
-            general_tokens=1024,
             out=str(out / "finetune"),
+            **MEASURES,
         ),
         log=lambda m: console.print(m, markup=False, highlight=False),
     )
@@ -202,12 +203,9 @@ def preference_stage(out: Path, budget: str) -> list[str]:
             method="dpo",
             data=str(out / "pairs.jsonl"),
             eval_task="arithmetic",
-            n_val=16,
             budget=budget,
-            forgetting_tasks="reverse",
-            n_forgetting=16,
-            general_tokens=1024,
             out=str(out / "dpo"),
+            **MEASURES,
         ),
         log=lambda m: console.print(m, markup=False, highlight=False),
     )
