@@ -23,8 +23,9 @@ With --answer-tag (DeepSeek-R1's two rule rewards) each prompt asks for the answ
 accuracy reward reads the answer there (no block: 0), and a format reward, 1 when the completion is one answer block
 with nothing after it (any reasoning before), is added to it, each weighted 1 as open-r1 does.
 
-Metrics as trl names them: reward, reward_std, kl, completion_length, clip_ratio, and with --answer-tag each reward's
-mean (rewards/accuracy_reward/mean, rewards/format_reward/mean).
+Metrics as trl names them: reward, reward_std, kl, completion_length, clip_ratio, frac_reward_zero_std (the groups whose
+rewards are all equal: they teach nothing), and each reward's rewards/NAME/mean and /std (accuracy_reward, and with
+--answer-tag format_reward).
 """
 
 from __future__ import annotations
@@ -403,8 +404,8 @@ class GRPO:
         if rows and all(r["frac_reward_zero_std"] == 1.0 for r in rows):
             length = sum(r["completion_length"] for r in rows) / len(rows)
             self.log(
-                f"      warning: at every step each group's rewards were equal (all {rows[-1]['reward']:.2f}): the advantages "
-                f"were 0 and nothing was learned. Completions averaged {length:.1f} tokens of --max-new-tokens "
+                "      warning: at every step the completions of each group scored alike: the advantages were 0 and nothing "
+                f"was learned. Completions averaged {length:.1f} tokens of --max-new-tokens "
                 f"{cfg.max_new_tokens}: raise it if they were cut off, give larger --group-size, or start from a model "
                 "that gets some answers right (SFT first)"
             )
