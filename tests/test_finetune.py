@@ -444,7 +444,6 @@ def test_compare_chains_preference_training_after_sft_on_pairs_the_model_makes(t
     calls = []
     fake = {"before": {"exact_match": 0.0}, "after": {"exact_match": 0.5}, "trainable_share": 0.1, "seconds": 1, "peak_memory_mb": 1}
     monkeypatch.setattr(C, "run_method", lambda base, method, out, extra=None: calls.append((method, extra)) or {**fake, "method": method})
-    monkeypatch.setattr(C, "load_model", lambda name: torch.nn.Linear(1, 1))
     made = [{"prompt": f"q{i}", "chosen": "1", "rejected": "2"} for i in range(5)]
     monkeypatch.setattr(preference, "build_pairs", lambda model, task, **kw: (made, {"right": 5, "answers": 20}))
     summary = C.compare(

@@ -183,10 +183,7 @@ def preference_stage(out: Path, budget: str) -> list[str]:
     wrong); DPO trains a LoRA of the SFT model on them; exact match, reward accuracy and forgetting before and after."""
     from llmkit.finetune.preference import MIN_PAIRS, build_pairs
 
-    sft = load_model(out / "finetune")
-    sft.requires_grad_(False)
-    pairs, counts = build_pairs(sft, "arithmetic", prompts=64, samples=4, max_new_tokens=8, log=console.print)
-    del sft
+    pairs, counts = build_pairs(out / "finetune", "arithmetic", prompts=64, samples=4, max_new_tokens=8, log=console.print)
     head = ["## Preference training: DPO on the model's own answers", ""]
     said = (
         f"The fine-tuned model answered {counts['questions']} arithmetic questions (training split) 4 times each, sampled "

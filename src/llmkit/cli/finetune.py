@@ -215,19 +215,17 @@ def register_pairs(commands) -> None:
 def cmd_finetune_pairs(args) -> None:
     from llmkit import io
     from llmkit.finetune.preference import build_pairs
-    from llmkit.model.weights import load
 
     con = console()
-    model = load(args.model, device=args.device)
-    model.requires_grad_(False)
     pairs, counts = build_pairs(
-        model,
+        args.model,
         args.task,
         prompts=args.prompts,
         samples=args.samples,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        device=args.device,
         log=lambda m: con.print(m, markup=False, highlight=False),
     )
     if not pairs:

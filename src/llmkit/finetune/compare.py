@@ -74,9 +74,7 @@ def preference_flags(method: str, start: str, task: str, out: Path, seed: int, l
         return []
     from llmkit.finetune.preference import MIN_PAIRS, build_pairs
 
-    model = load_model(start)
-    model.requires_grad_(False)
-    pairs, counts = build_pairs(model, task, seed=seed, log=log)
+    pairs, counts = build_pairs(start, task, seed=seed, log=log)
     if len(pairs) < MIN_PAIRS:
         raise LlmkitError(
             f"{start} answered {counts['right']} of {counts['answers']} sampled answers right: {len(pairs)} pairs are too few for {method}",

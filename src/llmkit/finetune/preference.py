@@ -23,6 +23,7 @@ right and wrong by the task's verifier (`llmkit finetune pairs`, and the pairs o
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -258,9 +259,11 @@ def build_pairs(
     max_new_tokens: int = 16,
     seed: int = 0,
     batch: int = 16,
+    device=None,
     log=print,
 ) -> tuple[list[dict], dict]:
-    """Preference pairs judged by a program, no human: `model` samples `samples` answers (through its chat template) to
+    """Preference pairs judged by a program, no human: `model` (a loaded model, or a name or folder `llmkit.load` takes,
+    loaded on `device`) samples `samples` answers (through its chat template) to
     each of `prompts` questions of a built-in task with a verifier (its training split), the verifier (the exact
     answer) sorts them into right and wrong, and each question with both gives one pair {"prompt", "chosen" (a right
     one), "rejected" (a wrong one)}. Returns the pairs and the counts (questions, answers, right, pairs)."""
@@ -275,6 +278,10 @@ def build_pairs(
         raise LlmkitError(f"--task {task} has no verifier to judge answers", f"use one of {', '.join(T.VERIFIED)}")
     if samples < 2:
         raise LlmkitError(f"--samples {samples}: a pair needs two answers to one question", "use --samples 4 (or more)")
+    if isinstance(model, (str, os.PathLike)):
+        from llmkit.model.weights import load
+
+        model = load(model, device=device)
     tok = model.tokenizer
     examples = T.task_examples(task, prompts, "train", seed)
     questions = [ex.messages or [] for ex in examples]  # the built-in tasks' examples are chats

@@ -224,7 +224,8 @@ def _start(state, base: str | None, steps: int, beta: float) -> TrainingJob:
             "A or B was better and both answered",
             code="too_few_pairs",
         )
-    kept = [r for r, ok in zip(pairs, _usable(pairs)) if ok]
+    used = {p.meta["battle_id"] for p in usable}  # each exported pair names its battle
+    kept = [r for r in pairs if r["battle_id"] in used]
     try:  # the run's own split: whole prompts held out, so at least two distinct prompts
         train, val = split_pairs_by_prompt(kept, seed=0)
     except LlmkitError as e:
@@ -242,8 +243,3 @@ def _start(state, base: str | None, steps: int, beta: float) -> TrainingJob:
     state.arena.training = job
     log.info("arena: DPO of %s on %d pairs from the votes (%d more held out) -> %s (%s)", base, len(train), len(val), name, run_dir)
     return job
-
-
-def _usable(rows: list[dict]) -> list[bool]:
-    """Which rows the DPO run would train on (the recipe's reader, row by row)."""
-    return [bool(read_pairs([r])[0]) for r in rows]

@@ -258,7 +258,6 @@ async def board(state: AppState):
 @router.post("/arena/train", status_code=202)
 async def train(body: TrainRequest, state: AppState):
     votes(state)
-    state.check_ready()
     job = await asyncio.to_thread(start_training, state, body.model, body.steps, body.beta)
     return job.view()
 
