@@ -455,7 +455,7 @@ function describeTraining(job) {
   const num2 = (v) => (v === undefined ? "–" : Number(v).toFixed(2));
   // before training the policy is its reference: margins 0, accuracy 0 by definition; the held-out values after say what moved
   return job.model + " is served: " + job.pairs + " pairs, " + job.step + " steps in " + Math.round(job.seconds)
-    + " s; on the " + job.held_out + " held-out pair(s) it prefers the chosen answer by a reward margin of "
+    + " s; on the " + job.held_out + " held-out pair(s), the chosen answer's reward margin over the rejected one is "
     + num2(after["rewards/margins"]) + " (accuracy " + num2(after["rewards/accuracies"]) + "). The arena now draws it too.";
 }
 
